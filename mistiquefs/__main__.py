@@ -1,0 +1,3 @@
+from mistiquefs.cli.main import entry
+
+entry()

@@ -1,0 +1,70 @@
+"""The framework adapter interface: the only thing the capture loop knows about a model.
+
+An adapter wraps one fitted model (a scikit-learn estimator, a Keras model, later a PyTorch module) and
+its inputs. The capture loop (``capture/run.py``) asks it for the number of rows, slices the inputs into
+batches, and for each batch gets every stage's output with the seconds that stage took. Adapters import
+their framework lazily: importing this module never imports scikit-learn or TensorFlow.
+
+Contract for ``run_batch``: the returned list holds the stages in execution order, the same names and
+sample shapes for every batch, and each ``array`` is a dense ``numpy.ndarray`` of ``len(batch)`` rows with
+a numeric, bool or fixed-width string/structured dtype (never ``object``). ``seconds`` is the wall time of
+that stage alone on this batch (for a stage that contains others, its whole time).
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, ClassVar
+
+import numpy as np
+
+
+@dataclass(frozen=True)
+class StageOutput:
+    """One stage's output for one batch."""
+
+    name: str
+    array: np.ndarray
+    seconds: float
+
+
+class Adapter(ABC):
+    """Wraps one fitted model and knows how to feed it batches of its inputs."""
+
+    framework: ClassVar[str]
+    #: extension of the saved model file, e.g. ".keras" or ".skops"
+    model_suffix: ClassVar[str]
+    #: rows per batch when the caller gives none
+    default_batch_size: ClassVar[int] = 1024
+    #: True for frameworks whose 2-D outputs are tables (stored column by column so equal columns dedup)
+    table: ClassVar[bool] = False
+
+    def __init__(self, model: Any) -> None:
+        self.model = model
+
+    @abstractmethod
+    def n_rows(self, inputs: Any) -> int:
+        """Number of examples in ``inputs``; raises CaptureError for inputs the model cannot take."""
+
+    @abstractmethod
+    def slice_inputs(self, inputs: Any, start: int, stop: int) -> Any:
+        """Rows ``[start, stop)`` of ``inputs`` in the form the model takes them."""
+
+    @abstractmethod
+    def input_array(self, batch: Any) -> np.ndarray:
+        """The batch as it is stored for the ``input`` intermediate: lossless, never ``object`` dtype
+        (mixed-type tables become structured arrays with fixed-width unicode strings)."""
+
+    @abstractmethod
+    def run_batch(self, batch: Any) -> list[StageOutput]:
+        """Every stage's output for ``batch``, in execution order (see the module docstring)."""
+
+    @abstractmethod
+    def save_model(self, path: Path) -> None:
+        """Write the model to ``path`` in a format that does not execute arbitrary code when loaded."""
+
+    def describe(self) -> dict[str, Any]:
+        """Framework-specific facts for the model's ``info.json`` (class name, versions...)."""
+        return {"class": f"{type(self.model).__module__}.{type(self.model).__qualname__}"}

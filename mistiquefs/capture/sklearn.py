@@ -1,0 +1,567 @@
+"""The scikit-learn adapter: every pipeline stage's output, batch by batch.
+
+Stages and their names (fixed once, when the adapter is built, so every batch yields the same list):
+
+* A ``Pipeline``'s steps are stages named by their step names, in execution order; ``None`` and
+  ``"passthrough"`` steps produce no stage. Every step but the last runs ``transform``; the last step of
+  the *model* runs ``predict`` when it has one (the model's predictions are its last stage), otherwise
+  ``transform``.
+* ``Pipeline``, ``ColumnTransformer`` and ``FeatureUnion`` are containers and are recursed into, also
+  when nested: each child is a stage named ``outer__inner`` (scikit-learn's own parameter convention),
+  emitted before the container's own output, which is the stage named by the container's own name.
+  Children of ``ColumnTransformer``/``FeatureUnion`` always run ``transform``, on the columns the
+  container selects for them (``ColumnTransformer``) or on the whole input (``FeatureUnion``), without
+  the transformer weights; the container's own output comes from its own ``transform`` call, so it is
+  exactly what scikit-learn computes (weights, stacking, sparse threshold and all). ``"drop"`` children
+  and children with an empty column selection produce no stage.
+* A bare estimator (not a ``Pipeline``) is a model of one stage named by its lowercase class name; a
+  bare ``ColumnTransformer``/``FeatureUnion`` is recursed into under that name.
+* Names are file names: ``/`` and NUL become ``_``; ``input`` and ``info.json`` get a ``_`` suffix,
+  names starting with ``.`` a ``_`` prefix; a name already taken gets more ``_`` suffixes.
+
+Outputs are dense ``numpy`` arrays (sparse matrices and pandas/polars frames are converted, dtypes
+kept); string predictions become ``U{w}`` with ``w`` from the estimator's ``classes_`` so every batch
+has the same dtype. Any other ``object`` output is a CaptureError.
+
+Inputs are a 2-D numpy array or a pandas DataFrame. A DataFrame is stored as a 1-D structured array,
+one field per column; text and categorical columns become ``U{w}`` with ``w`` measured once over the
+whole column (in ``n_rows``, which the capture loop calls first with the full inputs), because every
+batch must have the same dtype. Stored inputs are never lossy: text columns with missing values, mixed
+objects and timezone-aware datetimes are refused with a message saying what to fix.
+
+pandas is imported lazily: it is not a dependency of mistiquefs, only of DataFrame inputs.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+import scipy.sparse
+import sklearn
+from sklearn.compose import ColumnTransformer
+from sklearn.exceptions import NotFittedError
+from sklearn.pipeline import FeatureUnion, Pipeline
+from sklearn.utils import _safe_indexing
+from sklearn.utils.validation import check_is_fitted
+
+from mistiquefs.capture.base import Adapter, StageOutput
+from mistiquefs.errors import CaptureError
+
+Method = Literal["transform", "predict"]
+Kind = Literal["leaf", "pipeline", "columns", "union", "passthrough"]
+
+_RESERVED_NAMES = frozenset({"input", "info.json"})
+# Builtin types skops does not trust by default but that only hold data (no callables, no code).
+_SAFE_BUILTIN_TYPES = frozenset(
+    {f"builtins.{t}" for t in ("frozenset", "set", "range", "slice", "bytes", "bytearray", "complex")}
+)
+_TRUSTED_PREFIXES = ("sklearn.", "numpy.", "scipy.")
+# Modules under the trusted prefixes that can compile or execute code; a model never needs them.
+_UNSAFE_MODULE_PARTS = frozenset({"testing", "_testing", "f2py", "distutils", "ctypeslib"})
+
+
+@dataclass(frozen=True)
+class _Node:
+    """One stage of the plan: an estimator, how it is called, and the stages inside it."""
+
+    name: str | None  # None only for the top-level Pipeline, which is no stage of its own
+    estimator: Any
+    kind: Kind
+    method: Method
+    children: tuple[_Node, ...] = ()
+    columns: Any = None  # a ColumnTransformer child's column selection, as in ``transformers_``
+
+
+class _Namer:
+    """Turns ``outer__inner`` paths into unique names that are safe as file names."""
+
+    def __init__(self) -> None:
+        self._taken: set[str] = set()
+
+    def claim(self, raw: str) -> str:
+        name = raw.replace("/", "_").replace("\0", "_") or "_"
+        if name.startswith("."):
+            name = "_" + name
+        if name in _RESERVED_NAMES:
+            name += "_"
+        while name in self._taken:
+            name += "_"
+        self._taken.add(name)
+        return name
+
+
+# --------------------------------------------------------------------------------------------- plan
+
+
+def _join(prefix: str | None, name: str) -> str:
+    return name if prefix is None else f"{prefix}__{name}"
+
+
+def _describe_class(estimator: Any) -> str:
+    if isinstance(estimator, str):
+        return estimator
+    return f"{type(estimator).__module__}.{type(estimator).__qualname__}"
+
+
+def _check_fitted(estimator: Any, raw_name: str) -> None:
+    if not hasattr(estimator, "fit") or isinstance(estimator, Pipeline):
+        # Duck-typed models without fit cannot be checked; a Pipeline's steps are checked one by
+        # one, which names the step that is not fitted.
+        return
+    try:
+        check_is_fitted(estimator)
+    except NotFittedError as exc:
+        raise CaptureError(
+            f"stage {raw_name!r} ({type(estimator).__name__}) is not fitted: fit the model "
+            "before capturing it"
+        ) from exc
+
+
+def _plan(estimator: Any, raw_name: str, namer: _Namer, final: bool) -> _Node:
+    """The node for ``estimator``; ``final`` says its output is the model's output (use predict)."""
+    _check_fitted(estimator, raw_name)
+    if isinstance(estimator, Pipeline):
+        children = _plan_steps(estimator, raw_name, namer, final)
+        return _Node(namer.claim(raw_name), estimator, "pipeline", "transform", children)
+    if isinstance(estimator, ColumnTransformer):
+        children = _plan_column_children(estimator, raw_name, namer)
+        return _Node(namer.claim(raw_name), estimator, "columns", "transform", children)
+    if isinstance(estimator, FeatureUnion):
+        children = _plan_union_children(estimator, raw_name, namer)
+        return _Node(namer.claim(raw_name), estimator, "union", "transform", children)
+    return _Node(namer.claim(raw_name), estimator, "leaf", _method_of(estimator, raw_name, final))
+
+
+def _method_of(estimator: Any, raw_name: str, final: bool) -> Method:
+    if final and hasattr(estimator, "predict"):
+        return "predict"
+    if hasattr(estimator, "transform"):
+        return "transform"
+    wanted = "predict or transform" if final else "transform"
+    raise CaptureError(
+        f"stage {raw_name!r} ({type(estimator).__name__}) has no {wanted} method, so it cannot be "
+        "run on new rows; capture a model whose steps can"
+    )
+
+
+def _plan_steps(pipe: Pipeline, prefix: str | None, namer: _Namer, final: bool) -> tuple[_Node, ...]:
+    steps = [(name, step) for name, step in pipe.steps if step is not None and step != "passthrough"]
+    return tuple(
+        _plan(step, _join(prefix, name), namer, final and i == len(steps) - 1)
+        for i, (name, step) in enumerate(steps)
+    )
+
+
+def _plan_column_children(ct: ColumnTransformer, prefix: str, namer: _Namer) -> tuple[_Node, ...]:
+    children = []
+    for name, trans, columns in ct.transformers_:
+        if (isinstance(trans, str) and trans == "drop") or _is_empty_selection(columns):
+            continue  # ColumnTransformer.transform skips these too
+        if isinstance(trans, str):  # "passthrough" (recent versions store a FunctionTransformer)
+            node = _Node(namer.claim(_join(prefix, name)), trans, "passthrough", "transform")
+        else:
+            node = _plan(trans, _join(prefix, name), namer, final=False)
+        children.append(_with_columns(node, columns))
+    return tuple(children)
+
+
+def _with_columns(node: _Node, columns: Any) -> _Node:
+    return _Node(node.name, node.estimator, node.kind, node.method, node.children, columns)
+
+
+def _is_empty_selection(columns: Any) -> bool:
+    if isinstance(columns, (str, int, np.integer, slice)) or callable(columns):
+        return False
+    selection = np.asarray(columns)
+    return selection.size == 0 or (selection.dtype == bool and not selection.any())
+
+
+def _plan_union_children(fu: FeatureUnion, prefix: str, namer: _Namer) -> tuple[_Node, ...]:
+    children = []
+    for name, trans in fu.transformer_list:
+        if isinstance(trans, str) and trans == "drop":
+            continue
+        if isinstance(trans, str):  # "passthrough"
+            children.append(_Node(namer.claim(_join(prefix, name)), trans, "passthrough", "transform"))
+        else:
+            children.append(_plan(trans, _join(prefix, name), namer, final=False))
+    return tuple(children)
+
+
+def _build_plan(model: Any) -> _Node:
+    """The root node; a top-level Pipeline has no name (its steps are the top-level stages)."""
+    namer = _Namer()
+    if isinstance(model, Pipeline):
+        children = _plan_steps(model, None, namer, final=True)
+        if not children:
+            raise CaptureError("the pipeline has only passthrough steps: there is nothing to capture")
+        return _Node(None, model, "pipeline", "transform", children)
+    return _plan(model, type(model).__name__.lower(), namer, final=True)
+
+
+def _iter_stages(node: _Node) -> list[_Node]:
+    """The nodes that produce stages, in the order ``run_batch`` emits them."""
+    stages = [stage for child in node.children for stage in _iter_stages(child)]
+    return stages if node.name is None else [*stages, node]
+
+
+# ---------------------------------------------------------------------------------------------- run
+
+
+def _call(node: _Node, X: Any, out: list[StageOutput]) -> Any:
+    """Runs ``node`` on ``X``, appends its stages to ``out`` and returns its raw output."""
+    if node.kind == "pipeline":
+        return _call_pipeline(node, X, out)
+    if node.kind in ("columns", "union"):
+        for child in node.children:
+            _call(child, _select(node.estimator, child.columns, X), out)
+    if node.kind == "passthrough":
+        started, result = time.perf_counter(), X
+    else:
+        started = time.perf_counter()
+        result = _invoke(node, X)
+    seconds = time.perf_counter() - started
+    out.append(StageOutput(node.name or "", _to_array(result, node, _num_rows(X)), seconds))
+    return result
+
+
+def _call_pipeline(node: _Node, X: Any, out: list[StageOutput]) -> Any:
+    first, Xt = len(out), X
+    for child in node.children:
+        Xt = _call(child, Xt, out)
+    if node.name is not None:
+        seconds = sum(stage.seconds for stage in out[first:] if stage.name in _direct_names(node))
+        # The last stage appended is the last child's own output, which is this pipeline's output.
+        array = out[-1].array if node.children else _to_array(Xt, node, _num_rows(X))
+        out.append(StageOutput(node.name, array, seconds))
+    return Xt
+
+
+def _direct_names(node: _Node) -> set[str | None]:
+    return {child.name for child in node.children}
+
+
+def _invoke(node: _Node, X: Any) -> Any:
+    try:
+        return getattr(node.estimator, node.method)(X)
+    except (ValueError, TypeError, KeyError, IndexError, AttributeError) as exc:
+        raise CaptureError(
+            f"stage {node.name!r} ({type(node.estimator).__name__}.{node.method}) failed: {exc}"
+        ) from exc
+
+
+def _select(container: Any, columns: Any, X: Any) -> Any:
+    """The columns a ColumnTransformer hands to one child; a FeatureUnion hands over all of X."""
+    if not isinstance(container, ColumnTransformer):
+        return X
+    if _is_dataframe(X) and hasattr(container, "feature_names_in_"):
+        # Like ColumnTransformer.transform: select by name, so column order at transform time is free.
+        columns = _as_labels(columns, container.feature_names_in_)
+    return _safe_indexing(X, columns, axis=1)
+
+
+def _as_labels(columns: Any, names: np.ndarray) -> Any:
+    if isinstance(columns, (str, slice)):
+        return columns
+    if isinstance(columns, (int, np.integer)):
+        return names[columns]
+    selection = np.asarray(columns)
+    if selection.dtype.kind in "biu":
+        return list(names[selection])
+    return columns
+
+
+def _num_rows(X: Any) -> int:
+    return int(X.shape[0])
+
+
+def _to_array(result: Any, node: _Node, rows: int) -> np.ndarray:
+    """``result`` as a dense array with a dtype every batch shares (see the module docstring)."""
+    if scipy.sparse.issparse(result):
+        array = result.toarray()
+    elif hasattr(result, "to_numpy"):  # pandas or polars output (set_output)
+        array = result.to_numpy()
+    else:
+        array = np.asarray(result)
+    if array.ndim == 0 or array.shape[0] != rows:
+        raise CaptureError(
+            f"stage {node.name!r} returned shape {array.shape} for a batch of {rows} rows; "
+            "mistiquefs captures stages that return one output row per input row"
+        )
+    if node.method == "predict" and array.dtype.kind in "OU":
+        array = _labels_as_unicode(array, node)
+    if array.dtype.kind == "O":
+        raise CaptureError(
+            f"stage {node.name!r} ({type(node.estimator).__name__}) returns Python objects "
+            f"(dtype object), which cannot be stored; make it return numbers, e.g. encode string "
+            "columns inside the pipeline"
+        )
+    return np.ascontiguousarray(array)
+
+
+def _labels_as_unicode(array: np.ndarray, node: _Node) -> np.ndarray:
+    classes = getattr(node.estimator, "classes_", None)
+    if classes is None:
+        return array
+    labels = np.concatenate([np.ravel(c) for c in classes]) if isinstance(classes, list) else classes
+    if not all(isinstance(label, str) for label in np.ravel(labels)):
+        return array
+    width = max((len(label) for label in np.ravel(labels)), default=1) or 1
+    return array.astype(f"U{width}")
+
+
+# ------------------------------------------------------------------------------------------- inputs
+
+
+def _is_dataframe(obj: Any) -> bool:
+    # By module name, so that checking never imports pandas.
+    return type(obj).__name__ == "DataFrame" and type(obj).__module__.split(".")[0] == "pandas"
+
+
+@dataclass(frozen=True)
+class _Field:
+    """How one DataFrame column is stored: its field dtype and which conversion produces it."""
+
+    column: str
+    dtype: np.dtype
+    kind: Literal["number", "datetime", "text"]
+
+
+def _field_for(df: Any, column: Any) -> _Field:
+    """The stored field of ``df[column]``, measured over the whole column (see ``n_rows``)."""
+    import pandas as pd
+
+    series = df[column]
+    dtype = series.dtype
+    if isinstance(dtype, pd.CategoricalDtype) or pd.api.types.is_string_dtype(dtype):
+        return _Field(column, np.dtype(f"U{_text_width(series, column)}"), "text")
+    if isinstance(dtype, pd.DatetimeTZDtype):
+        raise CaptureError(
+            f"column {column!r} holds timezone-aware datetimes; convert it to naive UTC first "
+            f"(df[{column!r}].dt.tz_convert(None))"
+        )
+    if pd.api.types.is_datetime64_dtype(dtype):
+        return _Field(column, np.dtype("datetime64[ns]"), "datetime")
+    if isinstance(dtype, np.dtype) and dtype.kind in "biufcm":
+        return _Field(column, dtype, "number")
+    if pd.api.types.is_numeric_dtype(dtype) and hasattr(dtype, "numpy_dtype"):  # Int64, Float64...
+        return _Field(column, np.dtype(dtype.numpy_dtype), "number")
+    raise CaptureError(
+        f"column {column!r} has dtype {dtype}, which mistiquefs cannot store; convert it to a "
+        "number, datetime, category or string column"
+    )
+
+
+def _text_width(series: Any, column: Any) -> int:
+    """Characters of the longest value; refuses missing and non-string values (never lossy)."""
+    import pandas as pd
+
+    if series.isna().any():
+        raise CaptureError(
+            f"column {column!r} holds missing values (None/NaN); fill them first, e.g. "
+            f"df[{column!r}] = df[{column!r}].fillna('missing'), so the stored input is exact"
+        )
+    if isinstance(series.dtype, pd.CategoricalDtype):
+        # The categories, not the values: the same width for every slice of the column.
+        values = series.cat.categories.astype(str)
+    elif pd.api.types.infer_dtype(series, skipna=False) in ("string", "empty"):
+        values = series
+    else:
+        raise CaptureError(
+            f"column {column!r} holds Python objects other than strings; convert it to one type "
+            f"first, e.g. df[{column!r}] = df[{column!r}].astype(str)"
+        )
+    return max(int(values.str.len().max()) if len(values) else 0, 1)
+
+
+def _field_values(df: Any, field: _Field) -> np.ndarray:
+    series = df[field.column]
+    if field.kind == "text":
+        if _text_width(series, field.column) > field.dtype.itemsize // 4:
+            raise CaptureError(
+                f"column {field.column!r} of this batch holds longer strings than the inputs "
+                "measured by n_rows; call n_rows with the full inputs before slicing them"
+            )
+        return series.to_numpy(dtype=object).astype(field.dtype)
+    try:
+        return series.to_numpy(dtype=field.dtype)
+    except (ValueError, TypeError, OverflowError) as exc:
+        raise CaptureError(
+            f"column {field.column!r} cannot be stored as {field.dtype} without loss ({exc}); "
+            "fill missing values or cast the column first"
+        ) from exc
+
+
+def _dataframe_fields(df: Any) -> tuple[_Field, ...]:
+    names = [str(column) for column in df.columns]
+    if len(set(names)) != len(names):
+        raise CaptureError("the DataFrame has duplicate column names; rename them before capturing")
+    return tuple(_field_for(df, column) for column in df.columns)
+
+
+def _structured(df: Any, fields: tuple[_Field, ...]) -> np.ndarray:
+    dtype = np.dtype([(str(field.column), field.dtype) for field in fields])
+    array = np.empty(len(df), dtype=dtype)
+    for field in fields:
+        array[str(field.column)] = _field_values(df, field)
+    return array
+
+
+def inputs_from_stored(stored: np.ndarray, model: Any) -> Any:
+    """What ``model`` takes, rebuilt from stored ``input`` rows (a structured array or a plain one).
+
+    A structured array becomes a DataFrame with the original column names; unicode fields become
+    ``object`` columns of ``str`` so encoders see the same values as at capture time. A categorical
+    column comes back as strings (its categories are not stored). ``model`` is unused by this
+    adapter: the stored dtype carries everything; it is taken so every framework has one signature.
+    """
+    del model
+    if stored.dtype.names is None:
+        return stored.reshape(1, -1) if stored.ndim == 1 else stored
+    import pandas as pd
+
+    rows = np.atleast_1d(stored)
+    columns = {}
+    for name in rows.dtype.names:
+        field = rows[name]
+        columns[name] = pd.Series(field.tolist(), dtype=object) if field.dtype.kind == "U" else field
+    return pd.DataFrame(columns)
+
+
+# -------------------------------------------------------------------------------------- the adapter
+
+
+class SklearnAdapter(Adapter):
+    """A fitted scikit-learn estimator or pipeline; its stages are described in the module docstring."""
+
+    framework = "sklearn"
+    model_suffix = ".skops"
+    # Pipelines are cheap per row; big batches amortise the per-call overhead of every stage.
+    default_batch_size = 4096
+
+    def __init__(self, model: Any) -> None:
+        super().__init__(model)
+        self._plan = _build_plan(model)
+        self._stages = _iter_stages(self._plan)
+        # (id, rows, columns) of the DataFrame last measured by n_rows, and its stored fields
+        self._fields_key: tuple[int, int, tuple[Any, ...]] | None = None
+        self._fields: tuple[_Field, ...] | None = None
+
+    def n_rows(self, inputs: Any) -> int:
+        if _is_dataframe(inputs):
+            self._check_dataframe_columns(inputs)
+            key = (id(inputs), len(inputs), tuple(inputs.columns))
+            if key != self._fields_key:
+                self._fields, self._fields_key = _dataframe_fields(inputs), key
+            rows = len(inputs)
+        elif isinstance(inputs, np.ndarray):
+            self._check_array(inputs)
+            rows = inputs.shape[0]
+        else:
+            raise CaptureError(
+                f"cannot capture inputs of type {type(inputs).__name__}: pass a 2-D numpy array or "
+                "a pandas DataFrame"
+            )
+        if rows == 0:
+            raise CaptureError("the inputs have 0 rows: there is nothing to capture")
+        return rows
+
+    def _check_array(self, inputs: np.ndarray) -> None:
+        if inputs.ndim != 2:
+            raise CaptureError(f"inputs must be 2-D (rows, columns), got shape {inputs.shape}")
+        if inputs.dtype.kind in "OV":
+            raise CaptureError(
+                "inputs of dtype object cannot be stored exactly; pass a numeric array, or a "
+                "pandas DataFrame for tables with text columns"
+            )
+        self._check_width(inputs.shape[1])
+
+    def _check_dataframe_columns(self, df: Any) -> None:
+        expected = getattr(self.model, "feature_names_in_", None)
+        if expected is None:
+            self._check_width(df.shape[1])
+            return
+        missing = [name for name in expected if name not in df.columns]
+        if missing:
+            raise CaptureError(
+                f"the inputs lack column(s) {missing} that the model was fitted on; pass a "
+                "DataFrame with the same columns as at fit time"
+            )
+
+    def _check_width(self, columns: int) -> None:
+        expected = getattr(self.model, "n_features_in_", None)
+        if expected is not None and columns != expected:
+            raise CaptureError(
+                f"the inputs have {columns} columns but the model was fitted on {expected}; pass "
+                "inputs with the same columns as at fit time"
+            )
+
+    def slice_inputs(self, inputs: Any, start: int, stop: int) -> Any:
+        # .iloc keeps a DataFrame a DataFrame, so name-based column selections keep working.
+        return inputs.iloc[start:stop] if _is_dataframe(inputs) else inputs[start:stop]
+
+    def input_array(self, batch: Any) -> np.ndarray:
+        if not _is_dataframe(batch):
+            return np.ascontiguousarray(batch)
+        fields = self._fields
+        if fields is None or [f.column for f in fields] != list(batch.columns):
+            fields = _dataframe_fields(batch)  # n_rows was not called: widths of this batch alone
+        return _structured(batch, fields)
+
+    def run_batch(self, batch: Any) -> list[StageOutput]:
+        out: list[StageOutput] = []
+        _call(self._plan, batch, out)
+        return out
+
+    def save_model(self, path: Path) -> None:
+        import skops.io
+
+        try:
+            skops.io.dump(self.model, path)
+        except (TypeError, ValueError, AttributeError) as exc:
+            raise CaptureError(f"cannot save the model with skops: {exc}") from exc
+
+    def describe(self) -> dict[str, Any]:
+        return {
+            **super().describe(),
+            "sklearn_version": sklearn.__version__,
+            "stages": [
+                {"name": node.name, "estimator": _describe_class(node.estimator), "method": node.method}
+                for node in self._stages
+            ],
+        }
+
+
+# ------------------------------------------------------------------------------------------ loading
+
+
+def _is_trusted(type_name: str) -> bool:
+    if type_name in _SAFE_BUILTIN_TYPES:
+        return True
+    parts = set(type_name.split("."))
+    return type_name.startswith(_TRUSTED_PREFIXES) and not parts & _UNSAFE_MODULE_PARTS
+
+
+def load_model(path: Path | str) -> Any:
+    """The estimator saved at ``path`` by ``save_model``; refuses any type outside scikit-learn,
+    numpy, scipy and plain builtin data, so loading never runs code from an unknown module."""
+    import skops.io
+
+    try:
+        untrusted = skops.io.get_untrusted_types(file=path)
+    except FileNotFoundError as exc:
+        raise CaptureError(f"no saved model at {path}") from exc
+    except Exception as exc:  # skops raises zipfile/json/key errors for files it did not write
+        raise CaptureError(f"{path} is not a skops model file: {exc}") from exc
+    refused = [name for name in untrusted if not _is_trusted(name)]
+    if refused:
+        raise CaptureError(
+            f"refusing to load {path}: it holds untrusted type(s) {', '.join(refused)}; only "
+            "scikit-learn, numpy and scipy types are loaded (inspect the file with "
+            "skops.io.get_untrusted_types and load it yourself if you trust it)"
+        )
+    return skops.io.load(path, trusted=untrusted)

@@ -1,0 +1,130 @@
+"""The ``mistiquefs`` command. ``main(argv) -> int`` is callable from tests; heavy imports are late so
+``mistiquefs --help`` and ``mistiquefs umount`` start fast and never import TensorFlow."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+import tempfile
+from pathlib import Path
+
+from mistiquefs.errors import MistiqueError
+
+SIZE_UNITS = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
+
+
+def parse_size(text: str) -> int:
+    """'512M' -> 536870912; also '2GB', '1.5G', '4096'."""
+    value = text.strip().upper().removesuffix("B").removesuffix("I")
+    unit = value[-1:] if value[-1:] in SIZE_UNITS and value[-1:] else ""
+    try:
+        return int(float(value[: len(value) - len(unit)]) * SIZE_UNITS[unit])
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a size: {text!r} (e.g. 512M, 2G)") from None
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="mistiquefs", description="A model's intermediates as .npy files.")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    cap = sub.add_parser("capture", help="capture every intermediate of a saved model into a store")
+    cap.add_argument("store", type=Path)
+    cap.add_argument("--model", type=Path, required=True, help="a .keras model or a .skops scikit-learn pipeline")
+    cap.add_argument("--inputs", type=Path, required=True, help="the examples: .npy or .csv")
+    cap.add_argument("--name", required=True, help="the model's directory name in the mount")
+    cap.add_argument("--batch-size", type=int, default=None)
+    cap.add_argument("--trust-pickle", action="store_true", help="allow a .pkl/.joblib model (runs its code)")
+    cap.add_argument("--no-progress", action="store_true")
+
+    mnt = sub.add_parser("mount", help="mount a store (returns once mounted; -f stays in the foreground)")
+    mnt.add_argument("store", type=Path)
+    mnt.add_argument("mountpoint", type=Path)
+    mnt.add_argument("-f", "--foreground", action="store_true")
+    mnt.add_argument("--log", type=Path, default=None, help="daemon log file")
+    mnt.add_argument("--allow-other", action="store_true", help="let other users read the mount")
+    mnt.add_argument("--cache-size", type=parse_size, default=None, help="decoded-chunk cache (default 512M)")
+    mnt.add_argument("--debug", action="store_true")
+
+    umnt = sub.add_parser("umount", help="unmount a mistiquefs mount")
+    umnt.add_argument("mountpoint", type=Path)
+
+    ls = sub.add_parser("ls", help="list the models of a store")
+    ls.add_argument("store", type=Path)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return COMMANDS[args.command](args)
+    except MistiqueError as exc:
+        print(f"mistiquefs: error: {exc}", file=sys.stderr)
+        return exc.exit_code
+    except KeyboardInterrupt:
+        return 130
+
+
+def cmd_capture(args: argparse.Namespace) -> int:
+    from mistiquefs.api import open_store
+    from mistiquefs.capture.files import load_inputs_file, load_model_file
+
+    model = load_model_file(args.model, trust_pickle=args.trust_pickle)
+    inputs = load_inputs_file(args.inputs)
+    with open_store(args.store) as store:
+        summary = store.capture(model, inputs, name=args.name, batch_size=args.batch_size,
+                                progress=False if args.no_progress else None)
+    print(f"captured {summary.name}: {summary.n_rows} examples, {len(summary.layers)} intermediates, "
+          f"{summary.raw_bytes / 1e6:.1f} MB raw -> {summary.stored_bytes / 1e6:.1f} MB stored "
+          f"({summary.new_bytes / 1e6:.1f} MB new) in {summary.seconds:.1f} s")
+    return 0
+
+
+def cmd_mount(args: argparse.Namespace) -> int:
+    from mistiquefs.fs.mount import mount_background, serve
+
+    store, mountpoint = args.store.resolve(), args.mountpoint.resolve()
+    if args.foreground:
+        _setup_logging(args.log, args.debug)
+        serve(store, mountpoint, allow_other=args.allow_other, debug=args.debug, cache_bytes=args.cache_size)
+        return 0
+    log_file = args.log or Path(tempfile.gettempdir()) / f"mistiquefs-{mountpoint.name or 'mount'}.log"
+    extra = (["--allow-other"] if args.allow_other else []) + (["--debug"] if args.debug else [])
+    if args.cache_size:
+        extra += ["--cache-size", str(args.cache_size)]
+    pid = mount_background(store, mountpoint, log_file=log_file.resolve(), extra=extra)
+    print(f"mounted {store} on {mountpoint} (daemon pid {pid}, log {log_file})")
+    return 0
+
+
+def cmd_umount(args: argparse.Namespace) -> int:
+    from mistiquefs.fs.mount import unmount
+
+    unmount(args.mountpoint)
+    return 0
+
+
+def cmd_ls(args: argparse.Namespace) -> int:
+    from mistiquefs.api import open_store
+
+    with open_store(args.store, create=False) as store:
+        for name in store.models():
+            info = store.info(name)
+            print(f"{name}\t{info['framework']}\t{info['examples']} examples\t{len(info['layers'])} layers\t"
+                  f"{info['raw_bytes'] / 1e6:.1f} MB raw\t{info['stored_bytes'] / 1e6:.1f} MB stored")
+    return 0
+
+
+def _setup_logging(log_file: Path | None, debug: bool) -> None:
+    handler: logging.Handler = logging.FileHandler(log_file) if log_file else logging.StreamHandler()
+    handler.setFormatter(logging.Formatter("%(asctime)s %(name)s %(levelname)s %(message)s"))
+    root = logging.getLogger()
+    root.addHandler(handler)
+    root.setLevel(logging.DEBUG if debug else logging.INFO)
+
+
+COMMANDS = {"capture": cmd_capture, "mount": cmd_mount, "umount": cmd_umount, "ls": cmd_ls}
+
+
+def entry() -> None:
+    sys.exit(main())

@@ -1,0 +1,59 @@
+"""One error hierarchy for the whole package.
+
+Every error knows the errno the FUSE adapter answers with and the exit code the CLI returns, so both
+convert in exactly one place (``fs/fuse.py`` and ``cli/main.py``).
+"""
+
+from __future__ import annotations
+
+import errno
+
+
+class MistiqueError(Exception):
+    """Base of every error mistiquefs raises on purpose."""
+
+    errno: int = errno.EIO
+    exit_code: int = 1
+
+
+class NotFound(MistiqueError):
+    """A model, layer, example or path that does not exist."""
+
+    errno = errno.ENOENT
+    exit_code = 2
+
+
+class ReadOnly(MistiqueError):
+    """An attempt to change the mounted tree."""
+
+    errno = errno.EROFS
+    exit_code = 2
+
+
+class StoreError(MistiqueError):
+    """The store on disk is missing, unreadable or of an unknown format."""
+
+    exit_code = 3
+
+
+class CorruptChunk(StoreError):
+    """A chunk whose bytes do not match its id, or whose pack header is damaged."""
+
+    errno = errno.EIO
+
+
+class CaptureError(MistiqueError):
+    """A model or input that cannot be captured; the store is left as it was."""
+
+    errno = errno.EINVAL
+    exit_code = 4
+
+
+class UnsupportedModel(CaptureError):
+    """A model of a framework or shape mistiquefs has no adapter for."""
+
+
+class MountError(MistiqueError):
+    """Mounting or unmounting failed."""
+
+    exit_code = 5

@@ -1,0 +1,141 @@
+"""The pyfuse3 protocol adapter: translates FUSE requests to ``Tree`` calls, and nothing else.
+
+pyfuse3 runs every handler as a trio task in ONE thread. Handlers therefore do only cheap work inline:
+lookups, attributes, listings, and reads whose pieces are already decoded in the cache. A read that must
+decode chunks goes to a worker thread (``trio.to_thread.run_sync``) under a capacity limiter, so a large
+cold read never stalls other readers. Errors are converted in one place (``_answer``): a MistiqueError
+becomes its errno, anything else becomes EIO plus a log line; no request can end the daemon.
+"""
+
+from __future__ import annotations
+
+import errno
+import functools
+import logging
+import os
+from collections.abc import Awaitable, Callable
+from typing import Any, TypeVar
+
+import pyfuse3
+import trio
+
+from mistiquefs.errors import MistiqueError, ReadOnly
+from mistiquefs.fs.tree import BLOCK_SIZE, Attr, Tree
+
+log = logging.getLogger("mistiquefs.fuse")
+T = TypeVar("T")
+#: contents never change, so the kernel may cache names and attributes for long
+ENTRY_TIMEOUT = 300.0
+#: the root lists models, which a capture may add while mounted
+ROOT_TIMEOUT = 1.0
+
+
+def _answer(handler: Callable[..., Awaitable[T]]) -> Callable[..., Awaitable[T]]:
+    @functools.wraps(handler)
+    async def wrapper(*args: Any, **kwargs: Any) -> T:
+        try:
+            return await handler(*args, **kwargs)
+        except pyfuse3.FUSEError:
+            raise
+        except MistiqueError as exc:
+            if exc.errno not in (errno.ENOENT, errno.EROFS):
+                log.error("%s failed: %s", handler.__name__, exc)
+            raise pyfuse3.FUSEError(exc.errno) from None
+        except Exception:
+            log.exception("internal error in %s%r", handler.__name__, args[1:])
+            raise pyfuse3.FUSEError(errno.EIO) from None
+
+    return wrapper
+
+
+class FuseOps(pyfuse3.Operations):
+    def __init__(self, tree: Tree, *, workers: int | None = None) -> None:
+        super().__init__()
+        self.tree = tree
+        self.limiter = trio.CapacityLimiter(workers or max(4, 2 * (os.cpu_count() or 1)))
+        self.uid, self.gid = os.getuid(), os.getgid()
+
+    def _entry(self, attr: Attr) -> pyfuse3.EntryAttributes:
+        entry = pyfuse3.EntryAttributes()
+        entry.st_ino = attr.inode
+        entry.generation = 0
+        timeout = ROOT_TIMEOUT if attr.inode == pyfuse3.ROOT_INODE else ENTRY_TIMEOUT
+        entry.entry_timeout = timeout
+        entry.attr_timeout = timeout
+        entry.st_mode = attr.mode
+        entry.st_nlink = 2 if attr.is_dir else 1
+        entry.st_uid, entry.st_gid = self.uid, self.gid
+        entry.st_size = attr.size
+        entry.st_blksize = BLOCK_SIZE
+        entry.st_blocks = -(-attr.size // 512)
+        ns = int(attr.mtime * 1e9)
+        entry.st_atime_ns = entry.st_mtime_ns = entry.st_ctime_ns = ns
+        return entry
+
+    @_answer
+    async def lookup(self, parent_inode: int, name: bytes, ctx: Any = None) -> pyfuse3.EntryAttributes:
+        if name == b".":
+            return self._entry(self.tree.attr(parent_inode))
+        return self._entry(self.tree.attr(self.tree.lookup(parent_inode, name)))
+
+    @_answer
+    async def getattr(self, inode: int, ctx: Any = None) -> pyfuse3.EntryAttributes:
+        return self._entry(self.tree.attr(inode))
+
+    @_answer
+    async def opendir(self, inode: int, ctx: Any) -> int:
+        if not self.tree.is_dir(inode):
+            raise pyfuse3.FUSEError(errno.ENOTDIR)
+        return inode
+
+    @_answer
+    async def readdir(self, fh: int, start_id: int, token: pyfuse3.ReaddirToken) -> None:
+        for name, inode, next_id in self.tree.entries(fh, start_id):
+            if not pyfuse3.readdir_reply(token, name, self._entry(self.tree.attr(inode)), next_id):
+                return
+
+    @_answer
+    async def open(self, inode: int, flags: int, ctx: Any) -> pyfuse3.FileInfo:
+        if flags & (os.O_WRONLY | os.O_RDWR | os.O_TRUNC | os.O_APPEND | os.O_CREAT):
+            await self._refuse()
+        if self.tree.is_dir(inode):
+            raise pyfuse3.FUSEError(errno.EISDIR)
+        self.tree.attr(inode)
+        # keep_cache: contents are immutable, so pages cached by an earlier open stay valid
+        return pyfuse3.FileInfo(fh=inode, keep_cache=True)
+
+    @_answer
+    async def read(self, fh: int, off: int, size: int) -> bytes:
+        data = self.tree.read(fh, off, size, cached_only=True)
+        if data is None:
+            data = await trio.to_thread.run_sync(
+                functools.partial(self.tree.read, fh, off, size), limiter=self.limiter
+            )
+        return data
+
+    async def release(self, fh: int) -> None:
+        return None
+
+    async def releasedir(self, fh: int) -> None:
+        return None
+
+    @_answer
+    async def statfs(self, ctx: Any) -> pyfuse3.StatvfsData:
+        stats = pyfuse3.StatvfsData()
+        stats.f_bsize = stats.f_frsize = BLOCK_SIZE
+        stats.f_namemax = 255
+        return stats
+
+    @_answer
+    async def access(self, inode: int, mode: int, ctx: Any) -> bool:
+        self.tree.attr(inode)
+        return not (mode & os.W_OK)
+
+    # Everything that would change the tree is refused; the "ro" mount option makes the kernel refuse
+    # most of it first, this answers whatever still reaches the daemon.
+    @_answer
+    async def _refuse(self, *args: Any, **kwargs: Any) -> Any:
+        raise ReadOnly("mistiquefs is read-only")
+
+    setattr = mknod = mkdir = unlink = rmdir = symlink = rename = link = create = write = _refuse
+    setxattr = removexattr = _refuse

@@ -1,0 +1,124 @@
+"""Mount lifecycle: serve a store in the foreground, start a background daemon, unmount.
+
+``serve`` follows pyfuse3's lifecycle: ``init`` -> ``trio.run(main)`` -> ``close``. SIGTERM and SIGINT
+make ``main`` return, and ``close(unmount=True)`` then unmounts cleanly. ``mount_background`` starts
+``python -m mistiquefs mount -f`` in its own session and returns once the kernel shows the mount (or
+reports the daemon's own error message if it exits first).
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from mistiquefs.errors import MountError
+from mistiquefs.store.repository import Repository
+
+log = logging.getLogger("mistiquefs.mount")
+#: how long ``mount_background`` waits for the daemon (opening a store and mounting take well under 1 s)
+MOUNT_WAIT_SECONDS = 60.0
+
+
+def check_mountpoint(mountpoint: Path) -> None:
+    if os.path.ismount(mountpoint):
+        raise MountError(f"{mountpoint} is already a mount point; unmount it first (mistiquefs umount {mountpoint})")
+    if not mountpoint.is_dir():
+        raise MountError(f"mount point {mountpoint} does not exist or is not a directory")
+    if any(mountpoint.iterdir()):
+        raise MountError(f"mount point {mountpoint} is not empty; mounting would hide its files")
+
+
+def serve(store: Path, mountpoint: Path, *, allow_other: bool = False, debug: bool = False,
+          cache_bytes: int | None = None) -> None:
+    """Mount ``store`` on ``mountpoint`` and serve until unmounted or signalled."""
+    import pyfuse3
+    import trio
+
+    from mistiquefs.fs.fuse import FuseOps
+    from mistiquefs.fs.tree import Tree
+
+    check_mountpoint(mountpoint)
+    repo = Repository(store, create=False, **({"cache_bytes": cache_bytes} if cache_bytes else {}))
+    ops = FuseOps(Tree(repo))
+    options = set(pyfuse3.default_options) | {"fsname=mistiquefs", "subtype=mistiquefs", "ro"}
+    if allow_other:
+        options.add("allow_other")
+    if debug:
+        options.add("debug")
+    pyfuse3.init(ops, str(mountpoint), options)
+    log.info("serving %s on %s (pid %d)", store, mountpoint, os.getpid())
+    try:
+        trio.run(_main)
+    finally:
+        pyfuse3.close(unmount=True)
+        repo.close()
+        log.info("unmounted %s", mountpoint)
+
+
+async def _main() -> None:
+    import pyfuse3
+    import trio
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(_terminate_on_signals)
+        await pyfuse3.main()
+        nursery.cancel_scope.cancel()
+
+
+async def _terminate_on_signals() -> None:
+    import pyfuse3
+    import trio
+
+    with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as signals:
+        async for signum in signals:
+            log.info("signal %d: unmounting", signum)
+            pyfuse3.terminate()
+            return
+
+
+def mount_background(store: Path, mountpoint: Path, *, log_file: Path, extra: list[str]) -> int:
+    """Start a daemon serving ``store`` and wait until it is mounted; returns the daemon's pid."""
+    Repository(store, create=False).close()  # a wrong store path fails here, with its own message
+    check_mountpoint(mountpoint)
+    command = [sys.executable, "-m", "mistiquefs", "mount", "--foreground", "--log", str(log_file),
+               *extra, str(store), str(mountpoint)]
+    with open(os.devnull, "rb") as devnull, open(log_file, "ab") as out:
+        proc = subprocess.Popen(command, stdin=devnull, stdout=out, stderr=subprocess.STDOUT,
+                                start_new_session=True)
+    deadline = time.monotonic() + MOUNT_WAIT_SECONDS
+    while time.monotonic() < deadline:
+        if os.path.ismount(mountpoint):
+            return proc.pid
+        if proc.poll() is not None:
+            raise MountError(f"the mount daemon exited ({proc.returncode}): {_tail(log_file)}")
+        time.sleep(0.02)
+    proc.terminate()
+    raise MountError(f"{mountpoint} did not appear within {MOUNT_WAIT_SECONDS:.0f} s; see {log_file}")
+
+
+def _tail(path: Path, lines: int = 5) -> str:
+    try:
+        return " | ".join(path.read_text(errors="replace").strip().splitlines()[-lines:])
+    except OSError:
+        return "(no log)"
+
+
+def unmount(mountpoint: Path) -> None:
+    """Unmount with fusermount3; a mount whose daemon died is detached lazily."""
+    try:
+        os.stat(mountpoint)
+        dead = False
+    except OSError as exc:
+        dead = exc.errno == errno.ENOTCONN  # "Transport endpoint is not connected"
+    if not dead and not os.path.ismount(mountpoint):
+        raise MountError(f"{mountpoint} is not mounted")
+    command = ["fusermount3", "-u", *(["-z"] if dead else []), str(mountpoint)]
+    result = subprocess.run(command, capture_output=True, text=True)
+    if result.returncode != 0:
+        raise MountError(f"cannot unmount {mountpoint}: {result.stderr.strip()}")

@@ -1,0 +1,242 @@
+"""The mounted tree as a pure model: names, inodes, attributes, directory listings and file bytes.
+
+This module never imports pyfuse3 or trio (``fs/fuse.py`` adapts it to FUSE), so every path rule of the
+file contract is testable without a mount::
+
+    /<model>/info.json
+    /<model>/<layer>/{info.json, all.npy, columns/, 0.npy .. N-1.npy}
+    /<model>/<layer>/columns/{0.npy .. F-1.npy}
+
+Inodes are computed, not allocated: ``kind << 60 | id << 40 | index`` with the catalog's model or
+intermediate id and the example/column index. Lookups therefore need no table that grows with what was
+listed, ``forget`` has nothing to do, and an inode stays valid across catalog reloads.
+
+Thread rules: ``lookup``/``attr``/``entries`` are cheap and called on the event loop; ``read`` may decode
+chunks and is called from worker threads, except with ``cached_only=True`` (never blocks on I/O).
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import stat
+import threading
+from collections.abc import Iterator
+from dataclasses import dataclass
+from enum import IntEnum
+from typing import NewType
+
+from mistiquefs.errors import NotFound
+from mistiquefs.store.describe import layer_info, model_info
+from mistiquefs.store.reader import LayerReader, NpyView
+from mistiquefs.store.records import IntermediateRecord, ModelRecord
+from mistiquefs.store.repository import Repository
+
+Inode = NewType("Inode", int)
+ROOT = Inode(1)
+_NUMBERED = re.compile(rb"(0|[1-9][0-9]{0,15})\.npy")
+#: reads ask for big ranges when st_blksize is large (the kernel uses it for readahead hints and `cp`)
+BLOCK_SIZE = 1 << 18
+
+
+class Kind(IntEnum):
+    MODEL = 1
+    MODEL_INFO = 2
+    LAYER = 3
+    LAYER_INFO = 4
+    ALL = 5
+    COLUMNS = 6
+    ROW = 7
+    COLUMN = 8
+
+
+DIRECTORIES = {Kind.MODEL, Kind.LAYER, Kind.COLUMNS}
+
+
+def make_inode(kind: Kind, ident: int, index: int = 0) -> Inode:
+    return Inode(int(kind) << 60 | ident << 40 | index)
+
+
+def split_inode(inode: int) -> tuple[Kind, int, int]:
+    try:
+        return Kind(inode >> 60), (inode >> 40) & 0xFFFFF, inode & 0xFFFFFFFFFF
+    except ValueError:
+        raise NotFound(f"no inode {inode}") from None
+
+
+@dataclass(frozen=True)
+class Attr:
+    inode: Inode
+    is_dir: bool
+    size: int
+    mtime: float
+
+    @property
+    def mode(self) -> int:
+        return (stat.S_IFDIR | 0o555) if self.is_dir else (stat.S_IFREG | 0o444)
+
+
+class Tree:
+    def __init__(self, repo: Repository) -> None:
+        self.repo = repo
+        self._lock = threading.Lock()
+        self._version = -1
+        self._json: dict[Inode, bytes] = {}
+        self.refresh()
+
+    # ---- catalog state -------------------------------------------------------------------------------
+    def refresh(self) -> None:
+        """Reload models and layers if a capture committed since the last look (cheap otherwise)."""
+        version = self.repo.catalog.data_version()
+        if version == self._version:
+            return
+        models = self.repo.models()
+        layers = self.repo.intermediates()
+        with self._lock:
+            self.models = {m.id: m for m in models}
+            self.model_ids = {m.name.encode(): m.id for m in models}
+            self.layers = {rec.id: rec for rec in layers}
+            self.layers_of: dict[int, dict[bytes, int]] = {m.id: {} for m in models}
+            for rec in layers:
+                self.layers_of[rec.model_id][rec.name.encode()] = rec.id
+            self._version = version
+
+    def _model(self, ident: int) -> ModelRecord:
+        try:
+            return self.models[ident]
+        except KeyError:
+            raise NotFound(f"no model id {ident}") from None
+
+    def _layer(self, ident: int) -> IntermediateRecord:
+        try:
+            return self.layers[ident]
+        except KeyError:
+            raise NotFound(f"no layer id {ident}") from None
+
+    def reader(self, ident: int) -> LayerReader:
+        return self.repo.reader(self._layer(ident))
+
+    # ---- lookup ----------------------------------------------------------------------------------
+    def lookup(self, parent: int, name: bytes) -> Inode:
+        if parent == ROOT:
+            self.refresh()
+            if name in self.model_ids:
+                return make_inode(Kind.MODEL, self.model_ids[name])
+            raise NotFound(f"no model {name!r}")
+        kind, ident, _ = split_inode(parent)
+        if kind == Kind.MODEL:
+            if name == b"info.json":
+                return make_inode(Kind.MODEL_INFO, self._model(ident).id)
+            layers = self.layers_of.get(ident, {})
+            if name in layers:
+                return make_inode(Kind.LAYER, layers[name])
+        elif kind == Kind.LAYER:
+            return self._lookup_in_layer(self._layer(ident), name)
+        elif kind == Kind.COLUMNS:
+            rec = self._layer(ident)
+            index = _numbered(name)
+            if index is not None and index < rec.n_columns:
+                return make_inode(Kind.COLUMN, rec.id, index)
+        raise NotFound(f"no {name!r} in inode {parent}")
+
+    def _lookup_in_layer(self, rec: IntermediateRecord, name: bytes) -> Inode:
+        fixed = {b"info.json": Kind.LAYER_INFO, b"all.npy": Kind.ALL, b"columns": Kind.COLUMNS}
+        if name in fixed:
+            return make_inode(fixed[name], rec.id)
+        index = _numbered(name)
+        if index is not None and index < rec.n_rows:
+            return make_inode(Kind.ROW, rec.id, index)
+        raise NotFound(f"no {name!r} in layer {rec.name}")
+
+    # ---- attributes ------------------------------------------------------------------------------
+    def attr(self, inode: int) -> Attr:
+        if inode == ROOT:
+            newest = max((m.created for m in self.models.values()), default=0.0)
+            return Attr(ROOT, True, 0, newest)
+        kind, ident, _ = split_inode(inode)
+        if kind in (Kind.MODEL, Kind.MODEL_INFO):
+            model = self._model(ident)
+        else:
+            model = self._model(self._layer(ident).model_id)
+        if kind in DIRECTORIES:
+            return Attr(Inode(inode), True, 0, model.created)
+        return Attr(Inode(inode), False, self.size(inode), model.created)
+
+    def size(self, inode: int) -> int:
+        kind, _ident, _index = split_inode(inode)
+        if kind in (Kind.MODEL_INFO, Kind.LAYER_INFO):
+            return len(self._json_bytes(Inode(inode)))
+        return self.view(inode).size
+
+    def view(self, inode: int) -> NpyView:
+        kind, ident, index = split_inode(inode)
+        reader = self.reader(ident)
+        if kind == Kind.ALL:
+            return reader.all_view()
+        if kind == Kind.ROW:
+            return reader.row_view(index)
+        if kind == Kind.COLUMN:
+            return reader.column_view(index)
+        raise NotFound(f"inode {inode} is not an array file")
+
+    def is_dir(self, inode: int) -> bool:
+        return inode == ROOT or split_inode(inode)[0] in DIRECTORIES
+
+    # ---- listings --------------------------------------------------------------------------------
+    def entries(self, inode: int, start: int = 0) -> Iterator[tuple[bytes, Inode, int]]:
+        """(name, inode, next offset) from offset ``start``; offsets are positions in the listing."""
+        if inode == ROOT:
+            self.refresh()
+            names = [(m.name.encode(), make_inode(Kind.MODEL, m.id)) for m in self.models.values()]
+            yield from _from(names, start)
+            return
+        kind, ident, _ = split_inode(inode)
+        if kind == Kind.MODEL:
+            self._model(ident)
+            head = [(b"info.json", make_inode(Kind.MODEL_INFO, ident))]
+            layers = [(name, make_inode(Kind.LAYER, lid)) for name, lid in self.layers_of[ident].items()]
+            yield from _from(head + layers, start)
+        elif kind == Kind.LAYER:
+            rec = self._layer(ident)
+            head = [(b"info.json", make_inode(Kind.LAYER_INFO, ident)), (b"all.npy", make_inode(Kind.ALL, ident)),
+                    (b"columns", make_inode(Kind.COLUMNS, ident))]
+            yield from _from(head, start)
+            yield from _numbered_entries(Kind.ROW, ident, rec.n_rows, start, len(head))
+        elif kind == Kind.COLUMNS:
+            yield from _numbered_entries(Kind.COLUMN, ident, self._layer(ident).n_columns, start, 0)
+        else:
+            raise NotFound(f"inode {inode} is not a directory")
+
+    # ---- contents --------------------------------------------------------------------------------
+    def read(self, inode: int, offset: int, size: int, *, cached_only: bool = False) -> bytes | None:
+        kind, ident, _ = split_inode(inode)
+        if kind in (Kind.MODEL_INFO, Kind.LAYER_INFO):
+            return self._json_bytes(Inode(inode))[offset:offset + size]
+        return self.reader(ident).read(self.view(inode), offset, size, cached_only=cached_only)
+
+    def _json_bytes(self, inode: Inode) -> bytes:
+        data = self._json.get(inode)
+        if data is None:
+            kind, ident, _ = split_inode(inode)
+            if kind == Kind.MODEL_INFO:
+                layers = [self.layers[lid] for lid in self.layers_of[ident].values()]
+                doc = model_info(self._model(ident), layers)
+            else:
+                doc = layer_info(self._layer(ident))
+            data = self._json[inode] = (json.dumps(doc, indent=2) + "\n").encode()
+        return data
+
+
+def _numbered(name: bytes) -> int | None:
+    match = _NUMBERED.fullmatch(name)
+    return int(match.group(1)) if match else None
+
+
+def _from(items: list[tuple[bytes, Inode]], start: int) -> Iterator[tuple[bytes, Inode, int]]:
+    for position in range(start, len(items)):
+        yield items[position][0], items[position][1], position + 1
+
+
+def _numbered_entries(kind: Kind, ident: int, count: int, start: int, skip: int) -> Iterator[tuple[bytes, Inode, int]]:
+    for index in range(max(start - skip, 0), count):
+        yield f"{index}.npy".encode(), make_inode(kind, ident, index), skip + index + 1

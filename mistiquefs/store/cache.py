@@ -1,0 +1,65 @@
+"""A byte-budgeted LRU of decoded chunks and assembled blocks, safe to use from any thread."""
+
+from __future__ import annotations
+
+import threading
+from collections import OrderedDict
+from collections.abc import Hashable
+
+import numpy as np
+
+#: default budget; a conv layer's row block is ~1 MiB, so this keeps a few hundred of them
+DEFAULT_CACHE_BYTES = 512 << 20
+
+Buffer = bytes | np.ndarray
+
+
+def _nbytes(value: Buffer) -> int:
+    return value.nbytes if isinstance(value, np.ndarray) else len(value)
+
+
+class ByteLRU:
+    def __init__(self, budget: int = DEFAULT_CACHE_BYTES) -> None:
+        self.budget = budget
+        self._items: OrderedDict[Hashable, Buffer] = OrderedDict()
+        self._size = 0
+        self._lock = threading.Lock()
+        self.hits = 0
+        self.misses = 0
+
+    def get(self, key: Hashable) -> Buffer | None:
+        with self._lock:
+            value = self._items.get(key)
+            if value is None:
+                self.misses += 1
+                return None
+            self._items.move_to_end(key)
+            self.hits += 1
+            return value
+
+    def __contains__(self, key: Hashable) -> bool:
+        with self._lock:
+            return key in self._items
+
+    def put(self, key: Hashable, value: Buffer) -> None:
+        size = _nbytes(value)
+        if size > self.budget:
+            return
+        with self._lock:
+            old = self._items.pop(key, None)
+            if old is not None:
+                self._size -= _nbytes(old)
+            self._items[key] = value
+            self._size += size
+            while self._size > self.budget:
+                _, evicted = self._items.popitem(last=False)
+                self._size -= _nbytes(evicted)
+
+    def clear(self) -> None:
+        with self._lock:
+            self._items.clear()
+            self._size = 0
+
+    @property
+    def size(self) -> int:
+        return self._size

@@ -1,0 +1,188 @@
+"""The SQLite catalog: models, intermediates, the chunk map, chunk locations, timings.
+
+One connection per ``Catalog``, guarded by a lock so worker threads of the mount may share it (reads are
+rare there: metadata is loaded once, a layer's chunk map once when first touched). A capture writes
+everything it adds in a single transaction (``commit_capture``): readers see all of it or none of it.
+"""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+import threading
+import time
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+from mistiquefs.errors import StoreError
+from mistiquefs.store.packs import ChunkLocation
+from mistiquefs.store.records import IntermediateRecord, ModelRecord, dtype_from_json
+
+FORMAT_VERSION = 1
+
+
+@dataclass
+class NewIntermediate:
+    """What a capture hands the catalog for one intermediate."""
+
+    name: str
+    shape: tuple[int, ...]
+    dtype_json: str
+    layout: str
+    block_rows: int
+    codec: list[dict[str, Any]]
+    raw_bytes: int
+    stored_bytes: int
+    new_bytes: int
+    seconds: float
+    tiles: list[tuple[int, bytes]]
+    timings: list[tuple[int, int, float]]
+
+
+class Catalog:
+    def __init__(self, path: Path, *, create: bool) -> None:
+        if not create and not path.exists():
+            raise StoreError(f"{path.parent} is not a mistiquefs store (no {path.name})")
+        try:
+            self._db = sqlite3.connect(path, check_same_thread=False, isolation_level=None)
+            self._db.execute("PRAGMA busy_timeout = 10000")
+            self._lock = threading.Lock()
+            self._prepare()
+        except sqlite3.DatabaseError as exc:
+            raise StoreError(f"cannot open the catalog {path}: {exc}") from exc
+
+    def _prepare(self) -> None:
+        version = self._meta_version()
+        if version is not None and version > FORMAT_VERSION:
+            raise StoreError(
+                f"this store has format version {version}; this mistiquefs reads up to {FORMAT_VERSION}: "
+                "upgrade mistiquefs to open it"
+            )
+        if version is None:
+            schema = resources.files("mistiquefs.store").joinpath("schema.sql").read_text()
+            self._db.executescript(schema)
+            self._db.execute("INSERT OR IGNORE INTO meta VALUES ('format_version', ?)", (str(FORMAT_VERSION),))
+        self._db.execute("PRAGMA synchronous = FULL")
+
+    def _meta_version(self) -> int | None:
+        try:
+            row = self._db.execute("SELECT value FROM meta WHERE key = 'format_version'").fetchone()
+        except sqlite3.OperationalError:
+            return None
+        return int(row[0]) if row else None
+
+    def _query(self, sql: str, args: Sequence[Any] = ()) -> list[tuple]:
+        with self._lock:
+            return self._db.execute(sql, args).fetchall()
+
+    def data_version(self) -> int:
+        """Changes whenever another connection commits (PRAGMA data_version)."""
+        return self._query("PRAGMA data_version")[0][0]
+
+    def model_exists(self, name: str) -> bool:
+        return bool(self._query("SELECT 1 FROM models WHERE name = ?", (name,)))
+
+    def models(self) -> list[ModelRecord]:
+        rows = self._query(
+            "SELECT id, name, framework, n_rows, created, capture_seconds, model_file, info FROM models ORDER BY id"
+        )
+        return [ModelRecord(*row[:7], info=json.loads(row[7])) for row in rows]
+
+    def intermediates(self) -> list[IntermediateRecord]:
+        rows = self._query(
+            "SELECT i.id, i.model_id, i.position, i.name, m.n_rows, i.shape, i.dtype, i.layout, i.block_rows,"
+            " i.codec, i.raw_bytes, i.stored_bytes, i.new_bytes, i.seconds"
+            " FROM intermediates i JOIN models m ON m.id = i.model_id ORDER BY i.model_id, i.position"
+        )
+        return [
+            IntermediateRecord(
+                id=r[0], model_id=r[1], position=r[2], name=r[3], n_rows=r[4], shape=tuple(json.loads(r[5])),
+                dtype=dtype_from_json(r[6]), layout=r[7], block_rows=r[8], codec=json.loads(r[9]),
+                raw_bytes=r[10], stored_bytes=r[11], new_bytes=r[12], seconds=r[13],
+            )
+            for r in rows
+        ]
+
+    def tiles(self, intermediate_id: int) -> list[tuple[int, bytes, ChunkLocation]]:
+        """(tile, chunk id, location) of one intermediate, in tile order."""
+        rows = self._query(
+            "SELECT t.tile, t.chunk_id, c.pack, c.offset, c.stored_length, c.raw_length, c.compression"
+            " FROM tiles t JOIN chunks c ON c.id = t.chunk_id WHERE t.intermediate_id = ? ORDER BY t.tile",
+            (intermediate_id,),
+        )
+        return [(r[0], r[1], ChunkLocation(*r[2:])) for r in rows]
+
+    def timings(self, intermediate_id: int) -> list[tuple[int, int, float]]:
+        return self._query(
+            "SELECT batch, rows, seconds FROM timings WHERE intermediate_id = ? ORDER BY batch", (intermediate_id,)
+        )
+
+    def chunk_location(self, cid: bytes) -> ChunkLocation | None:
+        rows = self._query(
+            "SELECT pack, offset, stored_length, raw_length, compression FROM chunks WHERE id = ?", (cid,)
+        )
+        return ChunkLocation(*rows[0]) if rows else None
+
+    def commit_capture(
+        self,
+        *,
+        name: str,
+        framework: str,
+        n_rows: int,
+        capture_seconds: float,
+        model_file: str,
+        info: dict[str, Any],
+        intermediates: Iterable[NewIntermediate],
+        new_chunks: dict[bytes, ChunkLocation],
+    ) -> int:
+        """Add one captured model and everything it references, atomically. Returns the model id."""
+        with self._lock:
+            db = self._db
+            db.execute("BEGIN IMMEDIATE")
+            try:
+                model_id = self._insert_model(db, name, framework, n_rows, capture_seconds, model_file, info)
+                db.executemany(
+                    "INSERT OR IGNORE INTO chunks VALUES (?, ?, ?, ?, ?, ?)",
+                    [(cid, l.pack, l.offset, l.stored_length, l.raw_length, l.compression)
+                     for cid, l in new_chunks.items()],
+                )
+                for position, inter in enumerate(intermediates):
+                    self._insert_intermediate(db, model_id, position, inter)
+                db.execute("COMMIT")
+            except BaseException:
+                db.execute("ROLLBACK")
+                raise
+        return model_id
+
+    @staticmethod
+    def _insert_model(db: sqlite3.Connection, name: str, framework: str, n_rows: int, seconds: float,
+                      model_file: str, info: dict[str, Any]) -> int:
+        try:
+            cur = db.execute(
+                "INSERT INTO models (name, framework, n_rows, created, capture_seconds, model_file, info)"
+                " VALUES (?, ?, ?, ?, ?, ?, ?)",
+                (name, framework, n_rows, time.time(), seconds, model_file, json.dumps(info)),
+            )
+        except sqlite3.IntegrityError as exc:
+            raise StoreError(f"a model named {name!r} is already in this store") from exc
+        return int(cur.lastrowid)
+
+    @staticmethod
+    def _insert_intermediate(db: sqlite3.Connection, model_id: int, position: int, inter: NewIntermediate) -> None:
+        cur = db.execute(
+            "INSERT INTO intermediates (model_id, position, name, shape, dtype, layout, block_rows, codec,"
+            " raw_bytes, stored_bytes, new_bytes, seconds) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            (model_id, position, inter.name, json.dumps(list(inter.shape)), inter.dtype_json, inter.layout,
+             inter.block_rows, json.dumps(inter.codec), inter.raw_bytes, inter.stored_bytes, inter.new_bytes,
+             inter.seconds),
+        )
+        iid = cur.lastrowid
+        db.executemany("INSERT INTO tiles VALUES (?, ?, ?)", [(iid, t, cid) for t, cid in inter.tiles])
+        db.executemany("INSERT INTO timings VALUES (?, ?, ?, ?)", [(iid, b, r, s) for b, r, s in inter.timings])
+
+    def close(self) -> None:
+        with self._lock:
+            self._db.close()

@@ -1,0 +1,48 @@
+"""The JSON documents a store shows about its models and layers (``info.json`` in the mount)."""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+from mistiquefs.store.records import IntermediateRecord, ModelRecord
+
+
+def layer_info(rec: IntermediateRecord) -> dict[str, Any]:
+    return {
+        "name": rec.name,
+        "shape": [rec.n_rows, *rec.shape],
+        "example_shape": list(rec.shape),
+        "dtype": rec.dtype.str if rec.dtype.names is None else rec.dtype.descr,
+        "columns": rec.n_columns,
+        "layout": rec.layout,
+        "block_rows": rec.block_rows,
+        "scheme": "lossless",
+        "codec": rec.codec,
+        "fidelity": {"exact": True},
+        "raw_bytes": rec.raw_bytes,
+        "stored_bytes": rec.stored_bytes,
+        "new_bytes": rec.new_bytes,
+        "stage_seconds": rec.seconds,
+        "stage_seconds_per_example": rec.seconds / rec.n_rows if rec.n_rows else 0.0,
+        "plan": {"choice": "read", "why": "stored losslessly"},
+    }
+
+
+def model_info(model: ModelRecord, layers: list[IntermediateRecord]) -> dict[str, Any]:
+    raw = sum(rec.raw_bytes for rec in layers)
+    stored = sum(rec.stored_bytes for rec in layers)
+    return {
+        "name": model.name,
+        "framework": model.framework,
+        "examples": model.n_rows,
+        "layers": [rec.name for rec in layers],
+        "captured": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(model.created)),
+        "capture_seconds": round(model.capture_seconds, 6),
+        "raw_bytes": raw,
+        "stored_bytes": stored,
+        "new_bytes": sum(rec.new_bytes for rec in layers),
+        "ratio": round(raw / stored, 3) if stored else None,
+        "model_file": model.model_file,
+        "model": model.info,
+    }

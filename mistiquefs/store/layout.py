@@ -1,0 +1,60 @@
+"""How an intermediate is cut into chunks (tiles), and how tiles are put back together.
+
+Two layouts, chosen once per intermediate from its per-example shape S and dtype:
+
+- ``rows``: a chunk is a block of ``block_rows`` consecutive examples, C order, about ``CHUNK_BYTES`` of raw
+  data. Best for tensors (conv maps, dense activations): one example is one chunk decode.
+- ``columns``: for tables (2-D ``(N, F)`` outputs of table frameworks, and structured inputs): a tile is one
+  column (feature or field) of a block of ``TABLE_BLOCK_ROWS`` examples. Block boundaries depend only on the
+  row number, so an identical column in two pipeline variants gives identical tiles and is stored once.
+
+A tile's bytes are its values in C order and native dtype; the chunk id is the hash of those bytes.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+from mistiquefs.store.records import COLUMNS, ROWS
+
+#: raw bytes per row-layout chunk: large enough that zstd and the per-chunk overhead amortize, small
+#: enough that one example decodes in well under a millisecond
+CHUNK_BYTES = 1 << 20
+#: rows per column tile; fixed (never derived from N) so tiles of equal columns line up across captures
+TABLE_BLOCK_ROWS = 8192
+#: a table whose block would exceed this is stored in rows layout instead (bounds capture memory)
+MAX_TABLE_BLOCK_BYTES = 64 << 20
+
+
+def choose_layout(shape: tuple[int, ...], dtype: np.dtype, table: bool) -> tuple[str, int]:
+    """(layout, block_rows) for an intermediate with per-example ``shape`` and ``dtype``."""
+    row_size = max(1, math.prod(shape) * dtype.itemsize)
+    if dtype.names is not None or (table and len(shape) == 1 and shape[0] > 1):
+        if TABLE_BLOCK_ROWS * row_size <= MAX_TABLE_BLOCK_BYTES:
+            return COLUMNS, TABLE_BLOCK_ROWS
+    return ROWS, max(1, CHUNK_BYTES // row_size)
+
+
+def split_block(block: np.ndarray, layout: str) -> list[memoryview]:
+    """The tiles of one block of rows, in column order (one tile for ``rows``)."""
+    if layout == ROWS:
+        return [memoryview(np.ascontiguousarray(block)).cast("B")]
+    if block.dtype.names is not None:
+        return [memoryview(np.ascontiguousarray(block[name])).cast("B") for name in block.dtype.names]
+    transposed = np.ascontiguousarray(block.T)
+    return [memoryview(col).cast("B") for col in transposed]
+
+
+def join_columns(tiles: list[bytes], dtype: np.dtype, n_rows: int) -> np.ndarray:
+    """A block of rows, row-major, from its column tiles (the inverse of ``split_block`` for ``columns``)."""
+    if dtype.names is not None:
+        out = np.empty(n_rows, dtype=dtype)
+        for name, tile in zip(dtype.names, tiles):
+            out[name] = np.frombuffer(tile, dtype=dtype.fields[name][0])
+        return out
+    out = np.empty((n_rows, len(tiles)), dtype=dtype)
+    for j, tile in enumerate(tiles):
+        out[:, j] = np.frombuffer(tile, dtype=dtype)
+    return out

@@ -1,0 +1,176 @@
+"""Reading intermediates: the ``.npy`` views of one layer as byte ranges over cached pieces.
+
+Every view is a header followed by a *stream* of equally sized pieces (the last may be shorter):
+
+- the row stream (``all.npy`` and ``<i>.npy``): piece b = rows ``[b*block_rows, (b+1)*block_rows)`` in C
+  order: a decoded chunk (rows layout) or a block joined from its column tiles (columns layout);
+- a column stream (``columns/<j>.npy``): piece b = column j's tile of block b (columns layout), or, for the
+  rows layout, a single piece holding the whole column gathered from every chunk.
+
+Pieces are cached in a shared ``ByteLRU`` (chunks by chunk id, so deduplicated chunks share one entry).
+``read(..., cached_only=True)`` answers only from the cache and returns None otherwise: the FUSE adapter
+uses it to serve hot reads inline and sends the rest to a worker thread. All methods are thread-safe.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable, Hashable
+from dataclasses import dataclass
+
+import numpy as np
+
+from mistiquefs.npy import npy_header
+from mistiquefs.store.cache import ByteLRU, Buffer
+from mistiquefs.store.catalog import Catalog
+from mistiquefs.store.layout import join_columns
+from mistiquefs.store.packs import ChunkLocation, PackReader
+from mistiquefs.store.records import COLUMNS, IntermediateRecord
+
+
+@dataclass(frozen=True)
+class Stream:
+    """``count`` pieces of ``piece_size`` bytes (the last may be shorter), ``length`` bytes in all."""
+
+    piece_size: int
+    length: int
+    key: Callable[[int], Hashable]
+    load: Callable[[int], Buffer]
+
+    @property
+    def count(self) -> int:
+        return -(-self.length // self.piece_size) if self.piece_size else 0
+
+
+@dataclass(frozen=True)
+class NpyView:
+    """One ``.npy`` file: a header, then ``length`` bytes of ``stream`` from ``start``."""
+
+    header: bytes
+    stream: Stream
+    start: int
+    length: int
+
+    @property
+    def size(self) -> int:
+        return len(self.header) + self.length
+
+
+class LayerReader:
+    def __init__(self, rec: IntermediateRecord, catalog: Catalog, packs: PackReader, cache: ByteLRU) -> None:
+        self.rec = rec
+        self._catalog = catalog
+        self._packs = packs
+        self._cache = cache
+        self._tiles: list[tuple[bytes, ChunkLocation]] | None = None
+        self._lock = threading.Lock()
+        self._row_header = npy_header(rec.dtype, rec.shape)
+        self._row_stream = Stream(rec.block_rows * rec.row_size, rec.n_rows * rec.row_size,
+                                  self._row_key, self._load_row_block)
+
+    # ---- views -------------------------------------------------------------------------------------
+    def all_view(self) -> NpyView:
+        header = npy_header(self.rec.dtype, (self.rec.n_rows, *self.rec.shape))
+        return NpyView(header, self._row_stream, 0, self._row_stream.length)
+
+    def row_view(self, i: int) -> NpyView:
+        return NpyView(self._row_header, self._row_stream, i * self.rec.row_size, self.rec.row_size)
+
+    def column_view(self, j: int) -> NpyView:
+        dtype = self.rec.column_dtype(j)
+        stream = self._column_stream(j, dtype)
+        return NpyView(npy_header(dtype, (self.rec.n_rows,)), stream, 0, stream.length)
+
+    def _column_stream(self, j: int, dtype: np.dtype) -> Stream:
+        length = self.rec.n_rows * dtype.itemsize
+        if self.rec.layout == COLUMNS:
+            n_cols = self.rec.n_columns
+            return Stream(self.rec.block_rows * dtype.itemsize, length,
+                          lambda b: self._tile(b * n_cols + j)[0], lambda b: self._chunk(b * n_cols + j))
+        return Stream(length, length, lambda _b: ("column", self.rec.id, j), lambda _b: self._gather_column(j))
+
+    # ---- reading -------------------------------------------------------------------------------------
+    def read(self, view: NpyView, offset: int, size: int, *, cached_only: bool = False) -> bytes | None:
+        """Bytes ``[offset, offset+size)`` of ``view`` (short at the end of the file)."""
+        end = min(offset + size, view.size)
+        if offset >= end:
+            return b""
+        parts: list[bytes | memoryview] = []
+        head = len(view.header)
+        if offset < head:
+            parts.append(view.header[offset:min(end, head)])
+        first, last = max(offset - head, 0) + view.start, end - head + view.start
+        if last > first:
+            data = self._read_stream(view.stream, first, last, cached_only)
+            if data is None:
+                return None
+            parts.extend(data)
+        return b"".join(parts)
+
+    def _read_stream(self, stream: Stream, first: int, last: int, cached_only: bool) -> list[memoryview] | None:
+        size = stream.piece_size
+        out = []
+        for b in range(first // size, (last - 1) // size + 1):
+            piece = self._cache.get(stream.key(b))
+            if piece is None:
+                if cached_only:
+                    return None
+                piece = stream.load(b)
+                self._cache.put(stream.key(b), piece)
+            view = memoryview(piece).cast("B") if isinstance(piece, np.ndarray) else memoryview(piece)
+            lo, hi = max(first - b * size, 0), min(last - b * size, size)
+            out.append(view[lo:hi])
+        return out
+
+    def rows(self, start: int, stop: int) -> np.ndarray:
+        """Examples ``[start, stop)`` as an array (copied out of the cache)."""
+        view = self.all_view()
+        data = self.read(view, len(view.header) + start * self.rec.row_size, (stop - start) * self.rec.row_size)
+        return np.frombuffer(data, dtype=self.rec.dtype).reshape((stop - start, *self.rec.shape))
+
+    # ---- pieces --------------------------------------------------------------------------------------
+    def tile_index(self) -> list[tuple[bytes, ChunkLocation]]:
+        if self._tiles is None:
+            with self._lock:
+                if self._tiles is None:
+                    self._tiles = [(cid, loc) for _t, cid, loc in self._catalog.tiles(self.rec.id)]
+        return self._tiles
+
+    def _tile(self, tile: int) -> tuple[bytes, ChunkLocation]:
+        return self.tile_index()[tile]
+
+    def _chunk(self, tile: int) -> bytes:
+        cid, loc = self._tile(tile)
+        return self._packs.read(cid, loc)
+
+    def _row_key(self, b: int) -> Hashable:
+        if self.rec.layout == COLUMNS:
+            return ("rows", self.rec.id, b)
+        return self._tile(b)[0]
+
+    def _block_rows(self, b: int) -> int:
+        return min(self.rec.block_rows, self.rec.n_rows - b * self.rec.block_rows)
+
+    def _load_row_block(self, b: int) -> Buffer:
+        if self.rec.layout != COLUMNS:
+            return self._chunk(b)
+        n_cols = self.rec.n_columns
+        tiles = [self._cached_chunk(b * n_cols + j) for j in range(n_cols)]
+        return join_columns(tiles, self.rec.dtype, self._block_rows(b))
+
+    def _cached_chunk(self, tile: int) -> Buffer:
+        cid = self._tile(tile)[0]
+        data = self._cache.get(cid)
+        if data is None:
+            data = self._chunk(tile)
+            self._cache.put(cid, data)
+        return data
+
+    def _gather_column(self, j: int) -> np.ndarray:
+        """Column j of a rows-layout intermediate: one strided pass over every chunk."""
+        out = np.empty(self.rec.n_rows, dtype=self.rec.dtype)
+        per_row = self.rec.n_columns
+        for b in range(self.rec.n_blocks):
+            block = np.frombuffer(self._cached_chunk(b), dtype=self.rec.dtype).reshape(-1, per_row)
+            out[b * self.rec.block_rows:b * self.rec.block_rows + len(block)] = block[:, j]
+        return out

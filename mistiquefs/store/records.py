@@ -1,0 +1,82 @@
+"""Plain records of what the catalog holds, shared by the writer, the reader and the file tree."""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+ROWS, COLUMNS = "rows", "columns"
+
+
+def dtype_to_json(dtype: np.dtype) -> str:
+    return json.dumps(np.lib.format.dtype_to_descr(dtype))
+
+
+def dtype_from_json(text: str) -> np.dtype:
+    return np.lib.format.descr_to_dtype(_descr_from_json(json.loads(text)))
+
+
+def _descr_from_json(descr: Any) -> Any:
+    # JSON turns the tuples of a structured descr into lists: (name, descr[, shape]), nested for sub-structs
+    if isinstance(descr, str):
+        return descr
+    return [
+        (fld[0], _descr_from_json(fld[1])) + ((tuple(fld[2]),) if len(fld) == 3 else ())
+        for fld in descr
+    ]
+
+
+@dataclass(frozen=True)
+class ModelRecord:
+    id: int
+    name: str
+    framework: str
+    n_rows: int
+    created: float
+    capture_seconds: float
+    model_file: str
+    info: dict[str, Any]
+
+
+@dataclass(frozen=True)
+class IntermediateRecord:
+    id: int
+    model_id: int
+    position: int
+    name: str
+    n_rows: int
+    shape: tuple[int, ...]
+    dtype: np.dtype
+    layout: str
+    block_rows: int
+    codec: list[dict[str, Any]]
+    raw_bytes: int
+    stored_bytes: int
+    new_bytes: int
+    seconds: float
+    _derived: dict[str, int] = field(default_factory=dict, compare=False, repr=False)
+
+    @property
+    def row_size(self) -> int:
+        """Bytes of one example."""
+        return math.prod(self.shape) * self.dtype.itemsize
+
+    @property
+    def n_columns(self) -> int:
+        """Columns as the ``columns/`` view numbers them: fields of a structured dtype, else prod(S)."""
+        if self.dtype.names is not None:
+            return len(self.dtype.names)
+        return math.prod(self.shape)
+
+    def column_dtype(self, j: int) -> np.dtype:
+        if self.dtype.names is not None:
+            return self.dtype.fields[self.dtype.names[j]][0]
+        return self.dtype
+
+    @property
+    def n_blocks(self) -> int:
+        return -(-self.n_rows // self.block_rows) if self.n_rows else 0

@@ -1,0 +1,264 @@
+"""KerasAdapter: stage names and order, fidelity to the model's own computation, input checks, safe saving.
+
+Tiny seeded models built here (no training), no FUSE mount. Bit-for-bit comparisons rely on what
+``mistiquefs/capture/keras.py`` measured on TF CPU: the captured stages run the same eager kernels as a
+sub-model call, and batches of two or more rows give the same bits whatever the batch size.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+pytest.importorskip("tensorflow")
+keras = pytest.importorskip("keras")
+
+from mistiquefs.capture import adapter_for  # noqa: E402
+from mistiquefs.capture.keras import KerasAdapter, load_model, stage_file_name  # noqa: E402
+from mistiquefs.errors import CaptureError, NotFound, UnsupportedModel  # noqa: E402
+
+pytestmark = pytest.mark.keras
+
+layers = keras.layers
+
+
+# -- models ---------------------------------------------------------------------------------------------
+
+
+def _set_batchnorm_stats(bn: keras.layers.BatchNormalization, rng: np.random.Generator) -> None:
+    """Moving statistics far from the (0, 1) defaults, so using batch statistics would show."""
+    channels = bn.gamma.shape[0]
+    gamma, beta = rng.uniform(0.5, 2.0, channels), rng.normal(0, 1, channels)
+    mean, var = rng.normal(0, 1, channels), rng.uniform(0.5, 3.0, channels)
+    bn.set_weights([w.astype(np.float32) for w in (gamma, beta, mean, var)])
+
+
+@pytest.fixture(scope="module")
+def cnn() -> keras.Model:
+    keras.utils.set_random_seed(0)
+    model = keras.Sequential(
+        [
+            keras.Input((8, 8, 1)),
+            layers.Conv2D(4, 3, padding="same", activation="relu", name="conv"),
+            layers.BatchNormalization(name="bn"),
+            layers.MaxPooling2D(2, name="pool"),
+            layers.Flatten(name="flatten"),
+            layers.Dense(6, activation="relu", name="dense"),
+            layers.Dropout(0.5, name="dropout"),
+            layers.Dense(3, activation="softmax", name="probs"),
+        ],
+        name="tiny_cnn",
+    )
+    _set_batchnorm_stats(model.get_layer("bn"), np.random.default_rng(1))
+    return model
+
+
+@pytest.fixture(scope="module")
+def branchy() -> keras.Model:
+    """Functional: two Dense branches joined by Add, then Concatenate with one branch."""
+    keras.utils.set_random_seed(0)
+    x = keras.Input((5,), name="features")
+    a = layers.Dense(4, activation="tanh", name="a")(x)
+    b = layers.Dense(4, name="b")(x)
+    total = layers.Add(name="sum")([a, b])
+    joined = layers.Concatenate(name="cat")([total, a])
+    out = layers.Dense(2, name="out")(joined)
+    return keras.Model(x, out, name="branchy")
+
+
+def _images(n: int, seed: int = 0) -> np.ndarray:
+    return np.random.default_rng(seed).random((n, 8, 8, 1), dtype=np.float32)
+
+
+def _features(n: int, seed: int = 0) -> np.ndarray:
+    return np.random.default_rng(seed).normal(size=(n, 5)).astype(np.float32)
+
+
+def _direct(model: keras.Model, name: str, batch: np.ndarray) -> np.ndarray:
+    sub = keras.Model(model.inputs[0], model.get_layer(name).output)
+    return sub(batch, training=False).numpy()
+
+
+# -- stages ---------------------------------------------------------------------------------------------
+
+
+def test_dispatch_picks_keras_adapter(cnn: keras.Model) -> None:
+    adapter = adapter_for(cnn)
+    assert isinstance(adapter, KerasAdapter)
+    assert (adapter.framework, adapter.model_suffix, adapter.default_batch_size) == ("keras", ".keras", 256)
+
+
+def test_sequential_stage_names_order_and_rows(cnn: keras.Model) -> None:
+    stages = KerasAdapter(cnn).run_batch(_images(7))
+    assert [s.name for s in stages] == ["conv", "bn", "pool", "flatten", "dense", "dropout", "probs"]
+    assert [s.array.shape for s in stages][:4] == [(7, 8, 8, 4), (7, 8, 8, 4), (7, 4, 4, 4), (7, 64)]
+    assert all(s.array.dtype == np.float32 and s.seconds >= 0 for s in stages)
+
+
+def test_functional_stage_names_follow_the_graph(branchy: keras.Model) -> None:
+    names = [s.name for s in KerasAdapter(branchy).run_batch(_features(3))]
+    assert sorted(names[:2]) == ["a", "b"]  # same depth: either order is a valid execution order
+    assert names[2:] == ["sum", "cat", "out"]
+
+
+@pytest.mark.parametrize("fixture, make_batch", [("cnn", _images), ("branchy", _features)])
+def test_every_stage_is_bit_identical_to_the_sub_model(
+    request: pytest.FixtureRequest, fixture: str, make_batch: object
+) -> None:
+    # assert_array_equal, not allclose: measured bit-identical on TF CPU (same eager kernels, same tensors).
+    model = request.getfixturevalue(fixture)
+    batch = make_batch(16)  # type: ignore[operator]
+    for stage in KerasAdapter(model).run_batch(batch):
+        np.testing.assert_array_equal(stage.array, _direct(model, stage.name, batch), err_msg=stage.name)
+
+
+def test_inference_semantics_dropout_off_batchnorm_moving_stats(cnn: keras.Model) -> None:
+    stages = {s.name: s.array for s in KerasAdapter(cnn).run_batch(_images(9))}
+    np.testing.assert_array_equal(stages["dropout"], stages["dense"])
+    gamma, beta, mean, var = cnn.get_layer("bn").get_weights()
+    expected = (stages["conv"] - mean) / np.sqrt(var + cnn.get_layer("bn").epsilon) * gamma + beta
+    np.testing.assert_allclose(stages["bn"], expected, rtol=1e-5, atol=1e-5)
+
+
+def test_last_stage_matches_predict(cnn: keras.Model) -> None:
+    batch = _images(40)
+    last = KerasAdapter(cnn).run_batch(batch)[-1].array
+    # Bit-identical on the reference CPU, but predict runs a tf.function graph whose op fusions may
+    # round differently elsewhere, so allow float32 rounding here.
+    np.testing.assert_allclose(last, cnn.predict(batch, verbose=0), rtol=1e-6, atol=1e-7)
+
+
+def test_two_batches_concatenated_equal_one_batch(cnn: keras.Model) -> None:
+    # Bit-identical for batches of >= 2 rows (measured); a lone row may use other oneDNN kernels.
+    adapter, batch = KerasAdapter(cnn), _images(12)
+    whole = adapter.run_batch(batch)
+    parts = [adapter.run_batch(adapter.slice_inputs(batch, start, stop)) for start, stop in ((0, 5), (5, 12))]
+    for k, stage in enumerate(whole):
+        np.testing.assert_array_equal(np.concatenate([p[k].array for p in parts]), stage.array)
+
+
+def test_names_for_shared_multi_output_nested_ops_and_reserved() -> None:
+    class Halves(layers.Layer):
+        def call(self, x):
+            return [x[:, :2], x[:, 2:]]
+
+    inner = keras.Sequential([keras.Input((4,)), layers.Dense(4, name="inner_dense")], name="inner")
+    shared = layers.Dense(4, name="shared")
+    x = keras.Input((4,))
+    h = shared(layers.Dense(4, name="input")(x))
+    h = shared(keras.ops.add(h, inner(h)))
+    lo, hi = Halves(name=".hidden")(h)
+    model = keras.Model(x, layers.Concatenate(name="info.json")([lo, hi]))
+
+    names = [s.name for s in KerasAdapter(model).run_batch(np.ones((2, 4), np.float32))]
+    assert names[:3] == ["input_", "shared", "inner"]  # nested model: one stage
+    assert names[3].startswith("add")  # raw keras.ops call: auto-named by Keras
+    assert names[4:] == ["shared.call1", "_.hidden.0", "_.hidden.1", "info.json_"]
+
+
+@pytest.mark.parametrize(
+    "raw, safe", [("a/b", "a_b"), ("input", "input_"), ("info.json", "info.json_"), (".x", "_.x"), ("c", "c")]
+)
+def test_stage_file_name(raw: str, safe: str) -> None:
+    assert stage_file_name(raw) == safe
+
+
+# -- inputs ---------------------------------------------------------------------------------------------
+
+
+def test_list_with_one_array_and_uint8_inputs(cnn: keras.Model) -> None:
+    adapter = KerasAdapter(cnn)
+    pixels = np.random.default_rng(2).integers(0, 256, (6, 8, 8, 1), dtype=np.uint8)
+    assert adapter.n_rows([pixels]) == 6
+    stored = adapter.input_array(adapter.slice_inputs([pixels], 1, 4))
+    assert stored.dtype == np.uint8 and stored.flags.c_contiguous and stored.shape == (3, 8, 8, 1)
+    from_uint8 = adapter.run_batch(pixels)
+    from_float = adapter.run_batch(pixels.astype(np.float32))
+    for a, b in zip(from_uint8, from_float):
+        np.testing.assert_array_equal(a.array, b.array)
+
+
+def test_shape_mismatch_names_both_shapes(cnn: keras.Model) -> None:
+    with pytest.raises(CaptureError, match=r"\(8, 8\).*\(8, 8, 1\)"):
+        KerasAdapter(cnn).n_rows(np.zeros((3, 8, 8), np.float32))
+
+
+def test_zero_rows_refused(cnn: keras.Model) -> None:
+    with pytest.raises(CaptureError, match="0 rows"):
+        KerasAdapter(cnn).n_rows(np.zeros((0, 8, 8, 1), np.float32))
+
+
+@pytest.mark.parametrize("bad", [[np.zeros((2, 5)), np.zeros((2, 5))], [[0.0] * 5], np.array(["x"] * 5, object)])
+def test_other_input_kinds_refused(branchy: keras.Model, bad: object) -> None:
+    with pytest.raises(CaptureError):
+        KerasAdapter(branchy).n_rows(bad)
+
+
+def test_several_inputs_refused() -> None:
+    x1, x2 = keras.Input((2,)), keras.Input((3,))
+    model = keras.Model([x1, x2], layers.Concatenate()([x1, x2]))
+    with pytest.raises(CaptureError, match="several inputs are not supported yet"):
+        KerasAdapter(model)
+
+
+def test_subclassed_model_refused() -> None:
+    class Custom(keras.Model):
+        def call(self, x):
+            return x * 2
+
+    model = Custom()
+    model(np.ones((1, 2), np.float32))
+    with pytest.raises(UnsupportedModel):
+        KerasAdapter(model)
+
+
+# -- saving, describing ---------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("fixture, make_batch", [("cnn", _images), ("branchy", _features)])
+def test_save_load_round_trip_gives_identical_stages(
+    request: pytest.FixtureRequest, tmp_path: Path, fixture: str, make_batch: object
+) -> None:
+    model = request.getfixturevalue(fixture)
+    batch = make_batch(10)  # type: ignore[operator]
+    path = tmp_path / "model.keras"
+    KerasAdapter(model).save_model(path)
+    before, after = KerasAdapter(model).run_batch(batch), KerasAdapter(load_model(path)).run_batch(batch)
+    assert [s.name for s in after] == [s.name for s in before]
+    for a, b in zip(before, after):
+        np.testing.assert_array_equal(a.array, b.array, err_msg=a.name)
+
+
+def test_lambda_model_refused_by_safe_mode(tmp_path: Path) -> None:
+    x = keras.Input((3,))
+    model = keras.Model(x, layers.Lambda(lambda t: t * 2)(x))
+    path = tmp_path / "lambda.keras"
+    KerasAdapter(model).save_model(path)
+    with pytest.raises(CaptureError, match="bytecode"):
+        load_model(path)
+
+
+def test_load_missing_or_garbage_file(tmp_path: Path) -> None:
+    with pytest.raises(NotFound):
+        load_model(tmp_path / "missing.keras")
+    (tmp_path / "junk.keras").write_bytes(b"not a zip")
+    with pytest.raises(CaptureError):
+        load_model(tmp_path / "junk.keras")
+
+
+def test_describe(cnn: keras.Model) -> None:
+    info = KerasAdapter(cnn).describe()
+    assert info["keras_version"] == keras.__version__ and info["tensorflow_version"]
+    assert info["input_shape"] == [None, 8, 8, 1]
+    first = info["layers"][0]
+    assert first == {"name": "conv", "class": "Conv2D", "output_shape": [None, 8, 8, 4], "params": 40}
+    assert [layer["name"] for layer in info["layers"]][-1] == "probs"
+
+
+def test_importing_the_module_does_not_import_tensorflow() -> None:
+    code = "import sys, mistiquefs.capture.keras; sys.exit('tensorflow' in sys.modules or 'keras' in sys.modules)"
+    assert subprocess.run([sys.executable, "-c", code], check=False).returncode == 0
