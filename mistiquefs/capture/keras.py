@@ -19,9 +19,9 @@ graph and are refused with UnsupportedModel.
 Timing. Each stage's ``seconds`` is ``time.perf_counter`` around the layer call AND the conversion of its
 outputs to numpy; the conversion blocks until the values exist, so the time is real even on an
 asynchronous backend (TF CPU eager is synchronous anyway). The first batch includes one-time kernel
-setup. A multi-output layer's sub-stages each carry the whole layer's time (that is what recomputing
-any one of them costs). Downstream layers receive the layer's own output tensors, never the numpy
-copies, so capturing changes nothing in what is computed.
+setup. A multi-output layer's time goes to its first sub-stage (``<layer>.0``) and the others get 0.0,
+so a sum of stage times counts every layer call once. Downstream layers receive the layer's own output
+tensors, never the numpy copies, so capturing changes nothing in what is computed.
 
 Fidelity, measured on TF 2.21 CPU (oneDNN on, an AVX-512/AMX Xeon, 2 cores), Keras 3.15, float32, with
 the digits CNN of ``examples/digits_cnn.py`` plus a BatchNormalization and a separate Softmax (stages
@@ -31,14 +31,16 @@ conv/bn/conv/maxpool/conv/maxpool/flatten/dense/dropout/dense/softmax), as Seque
   BIT-identical, 11/11 stages (max abs diff 0.0): both run the same eager kernels on the same tensors.
 * last stage vs ``model.predict(batch)`` (tf.function graph; batch_size 32 and 64, 50/64/300 rows):
   BIT-identical (max abs diff 0.0), and so were the logits of a sub-model's ``predict``.
-* batch size: rows captured in batches of 2, 3, 4, 5, 7, 8, 9, 15, 16, 17, 31, 32, 33, 63, 64, 100,
-  128 or 200 are BIT-identical to the same rows captured in one batch of 256, and two batches of 32
-  concatenated equal one batch of 64. A batch of ONE row differs (oneDNN picks other conv/GEMV kernels
-  for a single example): 0/64 rows bit-equal, max abs diff 7.5e-8 on the first conv growing to 1.6e-6
-  (64 rows) and 1.8e-5 (256 rows, cnn_e1) on the 128-unit dense layer, about 2e-6 relative to the
-  row's largest value. So compare recomputations bit for bit only when neither side ran a lone row;
-  otherwise use ``rtol=1e-5``. These are properties of this CPU's kernels, not guarantees: another CPU
-  or a GPU may differ.
+* batch size: a batch of ONE row takes other oneDNN kernels than bigger batches. Run alone, 0/64 rows
+  were bit-equal to the same rows inside a batch of 64: max abs diff 7.5e-8 on the first conv, up to
+  1.6e-6 (64 rows) and 1.8e-5 (256 rows, cnn_e1) on the 128-unit dense layer, about 2e-6 relative to
+  the row's largest value; a 64-512-300-10 MLP showed the same (1.3e-6). Every other size tried (2..33,
+  48, 63..65, 100, 128, 200, 256, 1000, all 1797 rows) gave the same bits. So ``run_batch`` runs a
+  1-row batch as two copies of the row and keeps the first (``MIN_ROWS_PER_CALL``): with that, single
+  rows, batches of 256 and one batch of 1797 all gave bit-identical stages, and a re-run of one example
+  reproduces the captured row exactly. (It also means a 1-row capture is not bit-identical to a plain
+  ``model(x[i:i+1])``, which is the odd one out.) These are properties of this CPU's kernels, not
+  guarantees: another CPU or a GPU may differ, so compare across machines with ``rtol=1e-5``.
 
 Inputs. One numpy array ``(N, *example_shape)`` or a list/tuple holding exactly one; its example shape
 must match the model's input shape (``None`` matches any size). Models with several inputs are refused.
@@ -68,6 +70,9 @@ if TYPE_CHECKING:
 
 #: names the store uses for its own entries next to the stages
 RESERVED_NAMES = frozenset({"input", "info.json"})
+#: batches smaller than this are run with their rows repeated: a 1-row batch gave values differing from
+#: the same row in any batch of 2..256 rows by up to 2e-6 relative on TF 2.21 CPU (module docstring)
+MIN_ROWS_PER_CALL = 2
 
 __all__ = ["KerasAdapter", "load_model", "stage_file_name"]
 
@@ -107,8 +112,8 @@ class KerasAdapter(Adapter):
 
     framework: ClassVar[str] = "keras"
     model_suffix: ClassVar[str] = ".keras"
-    # 256 images of 32x32x64 float32 activations are 64 MiB per conv stage: big enough to keep oneDNN
-    # kernels efficient, small enough that a batch of all stages stays in memory.
+    # Digits CNN on 2 cores: 1137/785/681/538 us per row at batches of 16/64/256/1024. 256 gets most of
+    # the speed while one stage of 256 32x32x64 float32 maps is 64 MiB, so a batch of all stages fits.
     default_batch_size: ClassVar[int] = 256
 
     def __init__(self, model: Any) -> None:
@@ -147,6 +152,11 @@ class KerasAdapter(Adapter):
         import keras
 
         array = self._checked_array(batch)
+        n_rows = len(array)
+        if n_rows < MIN_ROWS_PER_CALL:
+            # A lone row takes other oneDNN kernels than any bigger batch (see the module docstring);
+            # running it twice keeps its values bit-identical to the same row captured in a batch.
+            array = np.concatenate([array] * MIN_ROWS_PER_CALL)
         recorder = _StageRecorder(n_rows=len(array))
         x = keras.ops.convert_to_tensor(array, dtype=self._input.dtype)
         if self._sequential:
@@ -154,7 +164,7 @@ class KerasAdapter(Adapter):
                 x = recorder.wrap(layer)(x)
         else:
             self.model._run_through_graph([x], operation_fn=recorder.wrap)
-        return recorder.stages
+        return [_first_rows(stage, n_rows) for stage in recorder.stages]
 
     # -- saving and describing ------------------------------------------------------------------------
 
@@ -207,14 +217,16 @@ class _StageRecorder:
         call_index = self._calls.get(id(operation), 0)
         self._calls[id(operation)] = call_index + 1
         base = operation.name if call_index == 0 else f"{operation.name}.call{call_index}"
-        for suffix, array in arrays:
+        for position, (suffix, array) in enumerate(arrays):
             name = self._unique(stage_file_name(base + suffix))
             if array.ndim == 0 or array.shape[0] != self.n_rows:
                 raise CaptureError(
                     f"stage {name!r} ({type(operation).__name__}) returned shape {array.shape}, not one "
                     f"row per example ({self.n_rows} rows); only per-example outputs can be captured"
                 )
-            self.stages.append(StageOutput(name=name, array=array, seconds=seconds))
+            # The layer's time goes to its first output only, so that summing the stages up to any
+            # layer (the planner's re-run cost) counts each layer call once.
+            self.stages.append(StageOutput(name=name, array=array, seconds=seconds if position == 0 else 0.0))
 
     def _unique(self, name: str) -> str:
         candidate, n = name, 1
@@ -223,6 +235,12 @@ class _StageRecorder:
             candidate = f"{name}_{n}"
         self._names.add(candidate)
         return candidate
+
+
+def _first_rows(stage: StageOutput, n_rows: int) -> StageOutput:
+    if len(stage.array) == n_rows:
+        return stage
+    return StageOutput(name=stage.name, array=stage.array[:n_rows].copy(), seconds=stage.seconds)
 
 
 def _numpy_leaves(outputs: Any) -> list[tuple[str, np.ndarray]]:

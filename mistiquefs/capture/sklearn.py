@@ -51,6 +51,8 @@ from sklearn.utils.validation import check_is_fitted
 from mistiquefs.capture.base import Adapter, StageOutput
 from mistiquefs.errors import CaptureError
 
+__all__ = ["SklearnAdapter", "inputs_from_stored", "load_model"]
+
 Method = Literal["transform", "predict"]
 Kind = Literal["leaf", "pipeline", "columns", "union", "passthrough"]
 
@@ -218,7 +220,7 @@ def _call(node: _Node, X: Any, out: list[StageOutput]) -> Any:
         return _call_pipeline(node, X, out)
     if node.kind in ("columns", "union"):
         for child in node.children:
-            _call(child, _select(node.estimator, child.columns, X), out)
+            _call(child, _select(node.estimator, child, X), out)
     if node.kind == "passthrough":
         started, result = time.perf_counter(), X
     else:
@@ -234,15 +236,12 @@ def _call_pipeline(node: _Node, X: Any, out: list[StageOutput]) -> Any:
     for child in node.children:
         Xt = _call(child, Xt, out)
     if node.name is not None:
-        seconds = sum(stage.seconds for stage in out[first:] if stage.name in _direct_names(node))
+        direct = {child.name for child in node.children}  # their times include their children's
+        seconds = sum(stage.seconds for stage in out[first:] if stage.name in direct)
         # The last stage appended is the last child's own output, which is this pipeline's output.
         array = out[-1].array if node.children else _to_array(Xt, node, _num_rows(X))
         out.append(StageOutput(node.name, array, seconds))
     return Xt
-
-
-def _direct_names(node: _Node) -> set[str | None]:
-    return {child.name for child in node.children}
 
 
 def _invoke(node: _Node, X: Any) -> Any:
@@ -254,14 +253,21 @@ def _invoke(node: _Node, X: Any) -> Any:
         ) from exc
 
 
-def _select(container: Any, columns: Any, X: Any) -> Any:
+def _select(container: Any, child: _Node, X: Any) -> Any:
     """The columns a ColumnTransformer hands to one child; a FeatureUnion hands over all of X."""
     if not isinstance(container, ColumnTransformer):
         return X
+    columns = child.columns
     if _is_dataframe(X) and hasattr(container, "feature_names_in_"):
         # Like ColumnTransformer.transform: select by name, so column order at transform time is free.
         columns = _as_labels(columns, container.feature_names_in_)
-    return _safe_indexing(X, columns, axis=1)
+    try:
+        return _safe_indexing(X, columns, axis=1)
+    except (ValueError, KeyError, IndexError) as exc:
+        raise CaptureError(
+            f"cannot select the columns {columns!r} of stage {child.name!r} from the inputs: {exc}; "
+            "pass inputs with the same columns (and the same type) as at fit time"
+        ) from exc
 
 
 def _as_labels(columns: Any, names: np.ndarray) -> Any:
@@ -442,6 +448,7 @@ class SklearnAdapter(Adapter):
     model_suffix = ".skops"
     # Pipelines are cheap per row; big batches amortise the per-call overhead of every stage.
     default_batch_size = 4096
+    table = True
 
     def __init__(self, model: Any) -> None:
         super().__init__(model)

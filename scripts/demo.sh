@@ -1,0 +1,25 @@
+#!/usr/bin/env bash
+# The main job: install, capture the bundled examples (scikit-learn pipeline variants over the NYC flights
+# table, a CNN trained on scikit-learn's digits at three checkpoints) into runs/store, mount it on
+# runs/mnt, and show it with ls and numpy.load. Unmount with: mistiquefs umount runs/mnt
+set -euo pipefail
+cd "$(dirname "$0")/.."
+bash scripts/install.sh
+store=runs/store
+mnt=runs/mnt
+if mountpoint -q "$mnt" 2>/dev/null; then mistiquefs umount "$mnt"; fi
+python3 examples/capture_all.py "$store"
+mkdir -p "$mnt"
+mistiquefs mount "$store" "$mnt"
+echo "\$ ls $mnt"; ls "$mnt"
+echo "\$ ls $mnt/cnn_e3"; ls "$mnt/cnn_e3"
+echo "\$ ls $mnt/cnn_e3/conv1 | head"; ls "$mnt/cnn_e3/conv1" | head
+python3 - "$mnt" <<'PY'
+import sys
+import numpy as np
+mnt = sys.argv[1]
+for path in (f"{mnt}/cnn_e3/conv1/17.npy", f"{mnt}/cnn_e3/conv1/all.npy", f"{mnt}/flights_logreg/preprocess/all.npy"):
+    a = np.load(path, mmap_mode="r")
+    print(f"np.load({path!r}): shape {a.shape}, dtype {a.dtype}, mean {float(np.mean(a)):.4f}")
+PY
+echo "mounted on $mnt; unmount with: mistiquefs umount $mnt"

@@ -1,0 +1,66 @@
+"""Shared fixtures: stores captured once per session, and real FUSE mounts that are always unmounted."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import subprocess
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+
+from mistiquefs.fs.mount import mount_background, unmount
+
+FUSE_OK = os.path.exists("/dev/fuse") and shutil.which("fusermount3") is not None
+
+
+def _stop(mountpoint: Path, pid: int) -> None:
+    """Unmount and make sure the daemon is gone, whatever state the test left it in."""
+    try:
+        if os.path.ismount(mountpoint):
+            unmount(mountpoint)
+    except Exception:
+        subprocess.run(["fusermount3", "-u", "-z", str(mountpoint)], capture_output=True)
+    deadline = time.monotonic() + 15
+    while time.monotonic() < deadline:
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return
+        try:
+            if os.waitpid(pid, os.WNOHANG)[0] == pid:
+                return
+        except ChildProcessError:
+            pass
+        time.sleep(0.05)
+    os.kill(pid, signal.SIGKILL)
+
+
+@pytest.fixture
+def mount(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Callable[..., Path]]:
+    """``mount(store) -> mountpoint``: a real mistiquefs daemon, unmounted at teardown even on failure."""
+    if not FUSE_OK:
+        pytest.skip("FUSE is not available here (/dev/fuse or fusermount3 missing)")
+    live: list[tuple[Path, int]] = []
+
+    def _mount(store: Path, *extra: str) -> Path:
+        mountpoint = tmp_path_factory.mktemp("mnt")
+        log_file = mountpoint.parent / f"{mountpoint.name}.log"
+        pid = mount_background(Path(store), mountpoint, log_file=log_file, extra=list(extra))
+        live.append((mountpoint, pid))
+        return mountpoint
+
+    try:
+        yield _mount
+    finally:
+        for mountpoint, pid in live:
+            _stop(mountpoint, pid)
+
+
+# The bundled examples are scripts, not an installed package; the tests use them as real workloads.
+import sys  # noqa: E402
+
+sys.path.append(str(Path(__file__).resolve().parent.parent / "examples"))

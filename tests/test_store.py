@@ -1,0 +1,178 @@
+"""The store below the capture loop: chunking, dedup, atomic commits, integrity, format checks."""
+
+from __future__ import annotations
+
+import io
+import sqlite3
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from mistiquefs.errors import CaptureError, CorruptChunk, StoreError
+from mistiquefs.store.layout import CHUNK_BYTES, TABLE_BLOCK_ROWS
+from mistiquefs.store.packs import iter_objects
+from mistiquefs.store.records import COLUMNS, ROWS
+from mistiquefs.store.repository import Repository
+
+
+CHUNK_ROWS_OF_3_FLOATS = CHUNK_BYTES // 24 + 5
+
+
+def npy_bytes(array: np.ndarray) -> bytes:
+    buf = io.BytesIO()
+    np.save(buf, array)
+    return buf.getvalue()
+
+
+def capture_arrays(repo: Repository, name: str, arrays: dict[str, np.ndarray], *, table: bool,
+                   batch: int = 1000) -> None:
+    n_rows = len(next(iter(arrays.values())))
+    with repo.capture_lock():
+        writer = repo.begin_capture(name, table=table)
+        try:
+            for index, start in enumerate(range(0, n_rows, batch)):
+                for stage, array in arrays.items():
+                    writer.add(stage, array[start:start + batch], 0.001, index)
+            model_file = writer.new_file(".bin")
+            model_file.write_bytes(b"model")
+            writer.commit(framework="test", n_rows=n_rows, seconds=0.1, model_file=model_file, info={})
+        except BaseException:
+            writer.abort()
+            raise
+
+
+@pytest.fixture
+def rng() -> np.random.Generator:
+    return np.random.default_rng(7)
+
+
+def layer(repo: Repository, model: str, name: str):
+    model_id = next(m.id for m in repo.models() if m.name == model)
+    return next(r for r in repo.intermediates() if r.model_id == model_id and r.name == name)
+
+
+def test_views_are_numpy_save_bytes(tmp_path: Path, rng: np.random.Generator) -> None:
+    images = rng.standard_normal((700, 9, 9, 5)).astype(np.float32)
+    table = rng.standard_normal((TABLE_BLOCK_ROWS + 300, 6))
+    records = np.zeros(len(table), dtype=[("x", "<f8"), ("city", "<U9"), ("ok", "?")])
+    records["x"], records["city"], records["ok"] = table[:, 0], np.where(table[:, 1] > 0, "Ann Arbor", "NYC"), table[:, 2] > 0
+    repo = Repository(tmp_path / "s")
+    capture_arrays(repo, "cnn", {"conv": images}, table=False, batch=64)
+    capture_arrays(repo, "pipe", {"input": records, "scaled": table}, table=True, batch=4000)
+    for model, name, original in [("cnn", "conv", images), ("pipe", "input", records), ("pipe", "scaled", table)]:
+        rec = layer(repo, model, name)
+        reader = repo.reader(rec)
+        view = reader.all_view()
+        assert reader.read(view, 0, view.size) == npy_bytes(original)
+        for i in (0, 1, len(original) // 2, len(original) - 1):
+            view = reader.row_view(i)
+            assert reader.read(view, 0, view.size) == npy_bytes(original[i])
+        flat = original if original.dtype.names else original.reshape(len(original), -1)
+        for j in (0, rec.n_columns - 1):
+            column = flat[flat.dtype.names[j]] if flat.dtype.names else flat[:, j]
+            view = reader.column_view(j)
+            assert reader.read(view, 0, view.size) == npy_bytes(np.ascontiguousarray(column))
+    assert layer(repo, "cnn", "conv").layout == ROWS
+    assert layer(repo, "pipe", "scaled").layout == COLUMNS
+
+
+def test_partial_reads_at_every_boundary(tmp_path: Path, rng: np.random.Generator) -> None:
+    data = rng.standard_normal((3000, 100)).astype(np.float32)
+    repo = Repository(tmp_path / "s")
+    capture_arrays(repo, "m", {"dense": data}, table=False)
+    reader = repo.reader(layer(repo, "m", "dense"))
+    view = reader.all_view()
+    whole = npy_bytes(data)
+    chunk = reader.rec.block_rows * reader.rec.row_size
+    for offset in (0, 1, 127, 128, chunk + 128 - 3, len(whole) - 5, len(whole), len(whole) + 10):
+        for size in (1, 7, 4096, chunk + 11, 10 * chunk):
+            assert reader.read(view, offset, size) == whole[offset:offset + size], (offset, size)
+
+
+def test_identical_columns_and_layers_are_stored_once(tmp_path: Path, rng: np.random.Generator) -> None:
+    table = rng.standard_normal((20_000, 5))
+    other = table.copy()
+    other[:, 4] += 1.0  # a pipeline variant that changes one column
+    repo = Repository(tmp_path / "s")
+    capture_arrays(repo, "v1", {"scaled": table}, table=True)
+    capture_arrays(repo, "v2", {"scaled": other, "copy": other}, table=True)
+    v1, v2, copy = layer(repo, "v1", "scaled"), layer(repo, "v2", "scaled"), layer(repo, "v2", "copy")
+    assert v1.new_bytes == v1.stored_bytes > 0
+    blocks = v2.n_blocks
+    assert v2.new_bytes < v2.stored_bytes * 0.3  # only column 4's tiles are new
+    assert copy.new_bytes == 0
+    chunks = repo.catalog._query("SELECT count(*) FROM chunks")[0][0]
+    assert chunks == 5 * blocks + blocks
+    assert np.array_equal(repo.reader(v2).rows(0, 20_000), other)
+
+
+def test_a_failed_capture_leaves_the_store_as_it_was(tmp_path: Path, rng: np.random.Generator) -> None:
+    repo = Repository(tmp_path / "s")
+    capture_arrays(repo, "good", {"a": rng.standard_normal((500, 3))}, table=False)
+    packs_before = sorted((tmp_path / "s" / "packs").iterdir())
+    writer = repo.begin_capture("bad", table=False)
+    writer.add("a", rng.standard_normal((CHUNK_ROWS_OF_3_FLOATS, 3)))  # a full chunk reaches a pack
+    with pytest.raises(CaptureError, match="changed its output"):
+        writer.add("a", rng.standard_normal((10, 4)))
+    writer.abort()
+    assert [m.name for m in repo.models()] == ["good"]
+    assert sorted((tmp_path / "s" / "packs").iterdir()) == packs_before
+    assert len(list((tmp_path / "s" / "models").iterdir())) == 1
+    with pytest.raises(StoreError, match="already"):
+        capture_arrays(repo, "good", {"a": np.zeros((10, 3))}, table=False)
+
+
+def test_corrupt_chunk_is_detected(tmp_path: Path, rng: np.random.Generator) -> None:
+    data = rng.standard_normal((10_000, 64)).astype(np.float32)
+    repo = Repository(tmp_path / "s")
+    capture_arrays(repo, "m", {"dense": data}, table=False)
+    rec = layer(repo, "m", "dense")
+    _tile, cid, loc = repo.catalog.tiles(rec.id)[1]
+    with open(tmp_path / "s" / "packs" / loc.pack, "r+b") as f:
+        f.seek(loc.offset + loc.stored_length // 2)
+        byte = f.read(1)
+        f.seek(-1, 1)
+        f.write(bytes([byte[0] ^ 0x40]))
+    fresh = Repository(tmp_path / "s", create=False)
+    reader = fresh.reader(rec)
+    assert np.array_equal(reader.rows(0, rec.block_rows), data[:rec.block_rows])  # chunk 0 is intact
+    with pytest.raises(CorruptChunk, match=cid.hex()):
+        reader.rows(rec.block_rows, rec.block_rows + 1)
+
+
+def test_packs_describe_themselves(tmp_path: Path, rng: np.random.Generator) -> None:
+    repo = Repository(tmp_path / "s")
+    capture_arrays(repo, "m", {"a": rng.standard_normal((3000, 50))}, table=False)
+    from_packs = {cid: loc for pack in (tmp_path / "s" / "packs").iterdir() for cid, loc in iter_objects(pack)}
+    rows = repo.catalog._query("SELECT id, pack, offset, stored_length, raw_length, compression FROM chunks")
+    assert {r[0]: tuple(r[1:]) for r in rows} == {
+        cid: (l.pack, l.offset, l.stored_length, l.raw_length, l.compression) for cid, l in from_packs.items()
+    }
+
+
+def test_store_format_and_location_checks(tmp_path: Path) -> None:
+    with pytest.raises(StoreError, match="not a mistiquefs store"):
+        Repository(tmp_path / "missing", create=False)
+    (tmp_path / "busy").mkdir()
+    (tmp_path / "busy" / "notes.txt").write_text("mine")
+    with pytest.raises(StoreError, match="non-empty"):
+        Repository(tmp_path / "busy")
+    Repository(tmp_path / "s").close()
+    db = sqlite3.connect(tmp_path / "s" / "catalog.sqlite")
+    db.execute("UPDATE meta SET value = '99' WHERE key = 'format_version'")
+    db.commit()
+    db.close()
+    with pytest.raises(StoreError, match="format version 99"):
+        Repository(tmp_path / "s", create=False)
+
+
+def test_only_one_capture_at_a_time(tmp_path: Path) -> None:
+    repo = Repository(tmp_path / "s")
+    other = Repository(tmp_path / "s")
+    with repo.capture_lock():
+        with pytest.raises(StoreError, match="another capture"):
+            with other.capture_lock():
+                pass
+    with other.capture_lock():
+        pass
