@@ -23,6 +23,8 @@ from mistiquefs.store.repository import Repository
 log = logging.getLogger("mistiquefs.mount")
 #: how long ``mount_background`` waits for the daemon (opening a store and mounting take well under 1 s)
 MOUNT_WAIT_SECONDS = 60.0
+#: kernel read-ahead for the mount, in KiB (see _raise_read_ahead)
+READ_AHEAD_KB = 1024
 
 
 def check_mountpoint(mountpoint: Path) -> None:
@@ -54,19 +56,38 @@ def serve(store: Path, mountpoint: Path, *, allow_other: bool = False, debug: bo
     pyfuse3.init(ops, str(mountpoint), options)
     log.info("serving %s on %s (pid %d)", store, mountpoint, os.getpid())
     try:
-        trio.run(_main)
+        trio.run(_main, mountpoint)
     finally:
         pyfuse3.close(unmount=True)
         repo.close()
         log.info("unmounted %s", mountpoint)
 
 
-async def _main() -> None:
+def _raise_read_ahead(mountpoint: Path) -> None:
+    """Let the kernel ask for 1 MiB per read instead of 128 KiB (root only; harmless where it fails).
+
+    Each FUSE request costs a round trip through the daemon's event loop, so fewer, larger requests
+    raise throughput: on the demo CNN's conv1 (235 MB) page-cache reads went from ~1.1 to ~1.8 GB/s
+    with np.load. Runs in a worker thread once the loop serves: the kernel resets read-ahead when the
+    FUSE handshake completes, and the stat() below waits for that handshake.
+    """
+    try:
+        os.stat(mountpoint)
+        with open("/proc/self/mountinfo") as table:
+            devices = [line.split()[2] for line in table if line.split()[4] == str(mountpoint)]
+        if devices:
+            Path(f"/sys/class/bdi/{devices[-1]}/read_ahead_kb").write_text(str(READ_AHEAD_KB))
+    except OSError as exc:
+        log.debug("cannot raise read-ahead on %s: %s", mountpoint, exc)
+
+
+async def _main(mountpoint: Path) -> None:
     import pyfuse3
     import trio
 
     async with trio.open_nursery() as nursery:
         nursery.start_soon(_terminate_on_signals)
+        nursery.start_soon(trio.to_thread.run_sync, _raise_read_ahead, mountpoint)
         await pyfuse3.main()
         nursery.cancel_scope.cancel()
 

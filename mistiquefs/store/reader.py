@@ -14,9 +14,14 @@ uses it to serve hot reads inline and sends the rest to a worker thread. All met
 
 from __future__ import annotations
 
+import logging
+import os
 import threading
 from collections.abc import Callable, Hashable
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
+from functools import cache
+from typing import TypeVar
 
 import numpy as np
 
@@ -26,6 +31,57 @@ from mistiquefs.store.catalog import Catalog
 from mistiquefs.store.layout import join_columns
 from mistiquefs.store.packs import ChunkLocation, PackReader
 from mistiquefs.store.records import COLUMNS, IntermediateRecord
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
+#: pieces decoded ahead of a sequential reader (4 x 1 MiB): enough to keep both cores decoding while the
+#: kernel copies pages out; measured on conv1 of the demo CNN, 2 gave 0.55 GB/s cold and 4 gave more
+READ_AHEAD_PIECES = 4
+
+
+@cache
+def _prefetcher() -> ThreadPoolExecutor:
+    return ThreadPoolExecutor(max(2, os.cpu_count() or 1), thread_name_prefix="mistiquefs-prefetch")
+
+
+class SingleFlight:
+    """Concurrent requests for the same key share one computation (readers of one chunk decode it once)."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._running: dict[Hashable, Future] = {}
+        self._queued: set[Hashable] = set()
+
+    def claim_ahead(self, key: Hashable) -> bool:
+        """True once per key until ``release_ahead``: keeps one read-ahead task per piece in the queue."""
+        with self._lock:
+            if key in self._queued or key in self._running:
+                return False
+            self._queued.add(key)
+            return True
+
+    def release_ahead(self, key: Hashable) -> None:
+        with self._lock:
+            self._queued.discard(key)
+
+    def run(self, key: Hashable, compute: Callable[[], T]) -> T:
+        with self._lock:
+            future = self._running.get(key)
+            owner = future is None
+            if owner:
+                future = self._running[key] = Future()
+        if not owner:
+            return future.result()
+        try:
+            result = compute()
+            future.set_result(result)
+            return result
+        except BaseException as exc:
+            future.set_exception(exc)
+            raise
+        finally:
+            with self._lock:
+                del self._running[key]
 
 
 @dataclass(frozen=True)
@@ -63,6 +119,7 @@ class LayerReader:
         self._packs = packs
         self._cache = cache
         self._tiles: list[tuple[bytes, ChunkLocation]] | None = None
+        self._flights = SingleFlight()
         self._lock = threading.Lock()
         self._row_header = npy_header(rec.dtype, rec.shape)
         self._row_stream = Stream(rec.block_rows * rec.row_size, rec.n_rows * rec.row_size,
@@ -111,16 +168,44 @@ class LayerReader:
         size = stream.piece_size
         out = []
         for b in range(first // size, (last - 1) // size + 1):
-            piece = self._cache.get(stream.key(b))
-            if piece is None:
-                if cached_only:
-                    return None
-                piece = stream.load(b)
-                self._cache.put(stream.key(b), piece)
-            view = memoryview(piece).cast("B") if isinstance(piece, np.ndarray) else memoryview(piece)
             lo, hi = max(first - b * size, 0), min(last - b * size, size)
+            if lo == 0 and b > 0 and stream.key(b - 1) in self._cache:
+                self._read_ahead(stream, b)  # a read from a piece's start after its predecessor: a scan
+            piece = self._cache.get(stream.key(b)) if cached_only else self._piece(stream, b)
+            if piece is None:
+                return None
+            view = memoryview(piece).cast("B") if isinstance(piece, np.ndarray) else memoryview(piece)
             out.append(view[lo:hi])
         return out
+
+    def _piece(self, stream: Stream, b: int) -> Buffer:
+        piece = self._cache.get(stream.key(b))
+        if piece is None:
+            piece = self._flights.run(stream.key(b), lambda: self._load_into_cache(stream, b))
+        return piece
+
+    def _load_into_cache(self, stream: Stream, b: int) -> Buffer:
+        piece = stream.load(b)
+        self._cache.put(stream.key(b), piece)
+        return piece
+
+    def _read_ahead(self, stream: Stream, b: int) -> None:
+        """Decode the pieces after ``b`` in the background, so a sequential reader finds them ready."""
+        for ahead in range(b + 1, min(b + 1 + READ_AHEAD_PIECES, stream.count)):
+            key = stream.key(ahead)
+            if key in self._cache or not self._flights.claim_ahead(key):
+                continue
+            _prefetcher().submit(self._prefetch, stream, ahead)
+
+    def _prefetch(self, stream: Stream, b: int) -> None:
+        key = stream.key(b)
+        try:
+            if key not in self._cache:
+                self._flights.run(key, lambda: self._load_into_cache(stream, b))
+        except Exception:  # the reader that needs this piece will load it again and report the error
+            log.debug("read-ahead of piece %d of %s failed", b, self.rec.name, exc_info=True)
+        finally:
+            self._flights.release_ahead(key)
 
     def rows(self, start: int, stop: int) -> np.ndarray:
         """Examples ``[start, stop)`` as an array (copied out of the cache)."""
@@ -162,7 +247,7 @@ class LayerReader:
         cid = self._tile(tile)[0]
         data = self._cache.get(cid)
         if data is None:
-            data = self._chunk(tile)
+            data = self._flights.run(cid, lambda: self._chunk(tile))
             self._cache.put(cid, data)
         return data
 
