@@ -1,0 +1,124 @@
+"""The ``mistiquefs`` command: capture from files, mount/umount as a user runs them, clear errors."""
+
+from __future__ import annotations
+
+import io
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import skops.io
+from sklearn.linear_model import LogisticRegression
+from sklearn.pipeline import Pipeline
+from sklearn.preprocessing import StandardScaler
+
+import mistiquefs
+from mistiquefs.cli.main import main
+from conftest import FUSE_OK
+
+pd = pytest.importorskip("pandas")
+
+
+def test_import_and_cli_stay_light() -> None:
+    code = ("import sys, mistiquefs, mistiquefs.cli.main, mistiquefs.fs.tree, mistiquefs.fs.mount;"
+            "heavy = {'tensorflow', 'keras', 'sklearn'} & set(sys.modules); assert not heavy, heavy")
+    subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_help_lists_the_commands(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as done:
+        main(["--help"])
+    assert done.value.code == 0
+    out = capsys.readouterr().out
+    for command in ("capture", "mount", "umount", "ls"):
+        assert command in out
+
+
+@pytest.fixture
+def saved_pipeline(tmp_path: Path) -> tuple[Path, Path, Pipeline, pd.DataFrame]:
+    rng = np.random.default_rng(1)
+    frame = pd.DataFrame({"a": rng.standard_normal(500), "b": rng.integers(0, 9, 500).astype(float)})
+    labels = (frame["a"] > 0).astype(int)
+    pipe = Pipeline([("scale", StandardScaler()), ("clf", LogisticRegression())]).fit(frame, labels)
+    model_path, inputs_path = tmp_path / "pipe.skops", tmp_path / "rows.csv"
+    skops.io.dump(pipe, model_path)
+    frame.to_csv(inputs_path, index=False)
+    return model_path, inputs_path, pipe, pd.read_csv(inputs_path)
+
+
+def test_capture_a_saved_pipeline_from_csv(tmp_path: Path, saved_pipeline, capsys) -> None:
+    model_path, inputs_path, pipe, frame = saved_pipeline
+    store = tmp_path / "store"
+    assert main(["capture", str(store), "--model", str(model_path), "--inputs", str(inputs_path),
+                 "--name", "p1", "--no-progress"]) == 0
+    assert "captured p1: 500 examples" in capsys.readouterr().out
+    with mistiquefs.open_store(store, create=False) as opened:
+        np.testing.assert_array_equal(opened.read("p1", "scale"), pipe.named_steps["scale"].transform(frame))
+        np.testing.assert_array_equal(opened.read("p1", "clf"), pipe.predict(frame))
+    assert main(["ls", str(store)]) == 0
+    assert "p1\tsklearn\t500 examples" in capsys.readouterr().out
+
+
+@pytest.mark.keras
+def test_capture_a_saved_keras_model_from_npy(tmp_path: Path) -> None:
+    keras = pytest.importorskip("keras")
+    keras.utils.set_random_seed(0)
+    model = keras.Sequential([keras.Input((6,)), keras.layers.Dense(4, activation="relu", name="hidden"),
+                              keras.layers.Dense(2, name="out")])
+    model.save(tmp_path / "m.keras")
+    x = np.random.default_rng(0).standard_normal((90, 6)).astype(np.float32)
+    np.save(tmp_path / "x.npy", x)
+    assert main(["capture", str(tmp_path / "s"), "--model", str(tmp_path / "m.keras"), "--inputs",
+                 str(tmp_path / "x.npy"), "--name", "mlp", "--no-progress"]) == 0
+    with mistiquefs.open_store(tmp_path / "s", create=False) as store:
+        assert store.layers("mlp") == ["input", "hidden", "out"]
+        np.testing.assert_array_equal(store.read("mlp", "out"), np.asarray(model(x, training=False)))
+
+
+def test_bad_inputs_are_readable_errors(tmp_path: Path, saved_pipeline, capsys) -> None:
+    model_path, inputs_path, pipe, _ = saved_pipeline
+    import joblib
+
+    joblib.dump(pipe, tmp_path / "pipe.joblib")
+    np.save(tmp_path / "objects.npy", np.array([{"a": 1}], dtype=object), allow_pickle=True)
+    cases = [
+        (["capture", str(tmp_path / "s"), "--model", str(tmp_path / "pipe.joblib"), "--inputs",
+          str(inputs_path), "--name", "x"], "is a pickle"),
+        (["capture", str(tmp_path / "s"), "--model", str(tmp_path / "nope.keras"), "--inputs", str(inputs_path),
+          "--name", "x"], "does not exist"),
+        (["capture", str(tmp_path / "s"), "--model", str(model_path), "--inputs", str(tmp_path / "objects.npy"),
+          "--name", "x"], "Python objects"),
+        (["capture", str(tmp_path / "s"), "--model", str(model_path), "--inputs", str(inputs_path),
+          "--name", "a/b"], "cannot be a model name"),
+        (["mount", str(tmp_path / "not-a-store"), str(tmp_path)], "not a mistiquefs store"),
+        (["umount", str(tmp_path)], "not mounted"),
+    ]
+    for argv, message in cases:
+        assert main(argv) != 0, argv
+        assert message in capsys.readouterr().err, argv
+    assert not (tmp_path / "s").exists() or mistiquefs.open_store(tmp_path / "s").models() == []
+
+
+@pytest.mark.skipif(not FUSE_OK, reason="FUSE is not available here")
+def test_mount_and_umount_commands(tmp_path: Path, saved_pipeline) -> None:
+    model_path, inputs_path, pipe, frame = saved_pipeline
+    store, mnt = tmp_path / "store", tmp_path / "mnt"
+    mnt.mkdir()
+    assert main(["capture", str(store), "--model", str(model_path), "--inputs", str(inputs_path),
+                 "--name", "p1", "--no-progress"]) == 0
+    subprocess.run(["mistiquefs", "mount", str(store), str(mnt)], check=True, timeout=60)
+    try:
+        buf = io.BytesIO()
+        np.save(buf, pipe.predict(frame))
+        assert (mnt / "p1" / "clf" / "all.npy").read_bytes() == buf.getvalue()
+        again = subprocess.run(["mistiquefs", "mount", str(store), str(mnt)], capture_output=True, text=True)
+        assert again.returncode != 0 and "already a mount point" in again.stderr
+    finally:
+        result = subprocess.run(["mistiquefs", "umount", str(mnt)], capture_output=True, text=True)
+        if os.path.ismount(mnt):
+            subprocess.run(["fusermount3", "-u", "-z", str(mnt)])
+    assert result.returncode == 0, result.stderr
+    assert not os.path.ismount(mnt)

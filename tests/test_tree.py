@@ -1,0 +1,108 @@
+"""The file tree and the FUSE adapter without a mount: names, inodes, listings, errno mapping."""
+
+from __future__ import annotations
+
+import errno
+import logging
+from pathlib import Path
+
+import numpy as np
+import pyfuse3
+import pytest
+import trio
+
+from mistiquefs.errors import NotFound
+from mistiquefs.fs.fuse import FuseOps
+from mistiquefs.fs.tree import ROOT, Kind, Tree, make_inode, split_inode
+from mistiquefs.store.repository import Repository
+from test_store import capture_arrays, npy_bytes
+
+N = 2500
+
+
+@pytest.fixture
+def tree(tmp_path: Path) -> Tree:
+    repo = Repository(tmp_path / "s")
+    rng = np.random.default_rng(0)
+    capture_arrays(repo, "net", {"conv": rng.standard_normal((N, 4, 4, 3)).astype(np.float32)}, table=False)
+    return Tree(repo)
+
+
+def test_inodes_round_trip() -> None:
+    for kind in Kind:
+        for ident, index in ((1, 0), (0xFFFFF, 0xFFFFFFFFFF), (77, 12345)):
+            assert split_inode(make_inode(kind, ident, index)) == (kind, ident, index)
+    with pytest.raises(NotFound):
+        split_inode(15 << 60)
+
+
+def test_lookup_follows_the_file_contract(tree: Tree) -> None:
+    model = tree.lookup(ROOT, b"net")
+    layer = tree.lookup(model, b"conv")
+    for name in (b"info.json", b"all.npy", b"columns", b"0.npy", f"{N - 1}.npy".encode()):
+        tree.lookup(layer, name)
+    columns = tree.lookup(layer, b"columns")
+    assert split_inode(tree.lookup(columns, b"47.npy")) == (Kind.COLUMN, split_inode(layer)[1], 47)
+    bad = [b"..", b".", b"", b"017.npy", b"-1.npy", b"1.0.npy", f"{N}.npy".encode(), b"\xff\xfe.npy",
+           b"99999999999999999999999.npy", b"0.npy\x00", b"a" * 300, b"all.npy/"]
+    for name in bad:
+        with pytest.raises(NotFound):
+            tree.lookup(layer, name)
+    with pytest.raises(NotFound):
+        tree.lookup(columns, b"48.npy")
+    with pytest.raises(NotFound):
+        tree.lookup(ROOT, b"other")
+
+
+def test_listing_resumes_from_any_offset(tree: Tree) -> None:
+    layer = tree.lookup(tree.lookup(ROOT, b"net"), b"conv")
+    everything = list(tree.entries(layer))
+    assert len(everything) == N + 3
+    assert [e[2] for e in everything] == list(range(1, N + 4))
+    for start in (0, 1, 3, 4, 1000, N + 2, N + 3):
+        assert list(tree.entries(layer, start)) == everything[start:]
+
+
+def test_sizes_are_exact_before_any_data_is_read(tree: Tree) -> None:
+    layer = tree.lookup(tree.lookup(ROOT, b"net"), b"conv")
+    whole = tree.lookup(layer, b"all.npy")
+    reader = tree.reader(split_inode(layer)[1])
+    assert reader._tiles is None  # noqa: SLF001 - the point: no chunk map was loaded
+    values = np.zeros((N, 4, 4, 3), np.float32)
+    assert tree.attr(whole).size == len(npy_bytes(values))
+    assert tree.attr(tree.lookup(layer, b"5.npy")).size == len(npy_bytes(values[5]))
+    assert reader._tiles is None  # noqa: SLF001
+
+
+def ask(method, *args):
+    async def call():
+        return await method(*args)
+
+    return trio.run(call)
+
+
+def test_adapter_maps_errors_to_errno(tree: Tree, caplog: pytest.LogCaptureFixture) -> None:
+    ops = FuseOps(tree)
+    with pytest.raises(pyfuse3.FUSEError) as err:
+        ask(ops.lookup, ROOT, b"missing", None)
+    assert err.value.errno == errno.ENOENT
+    layer = tree.lookup(tree.lookup(ROOT, b"net"), b"conv")
+    for refused in (ops.mkdir, ops.unlink, ops.write, ops.setattr, ops.rename, ops.create):
+        with pytest.raises(pyfuse3.FUSEError) as err:
+            ask(refused, layer, b"x", 0, None)
+        assert err.value.errno == errno.EROFS
+    import os
+
+    with pytest.raises(pyfuse3.FUSEError) as err:
+        ask(ops.open, tree.lookup(layer, b"0.npy"), os.O_RDWR, None)
+    assert err.value.errno == errno.EROFS
+
+    def explode(*_args, **_kwargs):
+        raise RuntimeError("a bug")
+
+    tree.read = explode
+    with caplog.at_level(logging.ERROR, logger="mistiquefs.fuse"):
+        with pytest.raises(pyfuse3.FUSEError) as err:
+            ask(ops.read, tree.lookup(layer, b"0.npy"), 0, 100)
+    assert err.value.errno == errno.EIO
+    assert "a bug" in caplog.text
