@@ -18,7 +18,8 @@ pytest.importorskip("tensorflow")
 keras = pytest.importorskip("keras")
 
 from mistiquefs.capture import adapter_for  # noqa: E402
-from mistiquefs.capture.keras import KerasAdapter, load_model, stage_file_name  # noqa: E402
+from mistiquefs.capture.base import stage_file_name  # noqa: E402
+from mistiquefs.capture.keras import KerasAdapter, load_model  # noqa: E402
 from mistiquefs.errors import CaptureError, NotFound, UnsupportedModel  # noqa: E402
 
 pytestmark = pytest.mark.keras

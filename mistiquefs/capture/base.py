@@ -21,6 +21,20 @@ from typing import Any, ClassVar
 import numpy as np
 
 
+#: names the store uses for its own entries beside the stages of a model
+RESERVED_NAMES = frozenset({"input", "info.json"})
+
+
+def stage_file_name(name: str) -> str:
+    """``name`` made safe as a file name beside the store's own entries (no '/', NUL, leading '.')."""
+    name = name.replace("/", "_").replace("\0", "_") or "_"
+    if name.startswith("."):
+        name = "_" + name
+    if name in RESERVED_NAMES:
+        name += "_"
+    return name
+
+
 @dataclass(frozen=True)
 class StageOutput:
     """One stage's output for one batch."""

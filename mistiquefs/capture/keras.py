@@ -62,29 +62,17 @@ from typing import TYPE_CHECKING, Any, ClassVar
 
 import numpy as np
 
-from mistiquefs.capture.base import Adapter, StageOutput
+from mistiquefs.capture.base import Adapter, StageOutput, stage_file_name
 from mistiquefs.errors import CaptureError, NotFound, UnsupportedModel
 
 if TYPE_CHECKING:
     import keras
 
-#: names the store uses for its own entries next to the stages
-RESERVED_NAMES = frozenset({"input", "info.json"})
 #: batches smaller than this are run with their rows repeated: a 1-row batch gave values differing from
 #: the same row in any batch of 2..256 rows by up to 2e-6 relative on TF 2.21 CPU (module docstring)
 MIN_ROWS_PER_CALL = 2
 
-__all__ = ["KerasAdapter", "load_model", "stage_file_name"]
-
-
-def stage_file_name(name: str) -> str:
-    """``name`` made safe to use as a file name next to the store's own entries."""
-    name = name.replace("/", "_") or "_"
-    if name.startswith("."):
-        name = "_" + name
-    if name in RESERVED_NAMES:
-        name += "_"
-    return name
+__all__ = ["KerasAdapter", "load_model"]
 
 
 def load_model(path: Path | str) -> keras.Model:

@@ -48,7 +48,7 @@ from sklearn.pipeline import FeatureUnion, Pipeline
 from sklearn.utils import _safe_indexing
 from sklearn.utils.validation import check_is_fitted
 
-from mistiquefs.capture.base import Adapter, StageOutput
+from mistiquefs.capture.base import Adapter, StageOutput, stage_file_name
 from mistiquefs.errors import CaptureError
 
 __all__ = ["SklearnAdapter", "inputs_from_stored", "load_model"]
@@ -56,7 +56,6 @@ __all__ = ["SklearnAdapter", "inputs_from_stored", "load_model"]
 Method = Literal["transform", "predict"]
 Kind = Literal["leaf", "pipeline", "columns", "union", "passthrough"]
 
-_RESERVED_NAMES = frozenset({"input", "info.json"})
 # Builtin types skops does not trust by default but that only hold data (no callables, no code).
 _SAFE_BUILTIN_TYPES = frozenset(
     {f"builtins.{t}" for t in ("frozenset", "set", "range", "slice", "bytes", "bytearray", "complex")}
@@ -85,11 +84,7 @@ class _Namer:
         self._taken: set[str] = set()
 
     def claim(self, raw: str) -> str:
-        name = raw.replace("/", "_").replace("\0", "_") or "_"
-        if name.startswith("."):
-            name = "_" + name
-        if name in _RESERVED_NAMES:
-            name += "_"
+        name = stage_file_name(raw)
         while name in self._taken:
             name += "_"
         self._taken.add(name)
