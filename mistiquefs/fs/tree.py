@@ -51,6 +51,7 @@ class Kind(IntEnum):
 
 
 DIRECTORIES = {Kind.MODEL, Kind.LAYER, Kind.COLUMNS}
+_DIRECTORY_KINDS = frozenset(int(kind) for kind in DIRECTORIES)
 
 
 def make_inode(kind: Kind, ident: int, index: int = 0) -> Inode:
@@ -180,7 +181,7 @@ class Tree:
         raise NotFound(f"inode {inode} is not an array file")
 
     def is_dir(self, inode: int) -> bool:
-        return inode == ROOT or split_inode(inode)[0] in DIRECTORIES
+        return inode == ROOT or (inode >> 60) in _DIRECTORY_KINDS
 
     # ---- listings --------------------------------------------------------------------------------
     def entries(self, inode: int, start: int = 0) -> Iterator[tuple[bytes, Inode, int]]:

@@ -106,12 +106,13 @@ class Catalog:
             for r in rows
         ]
 
-    def tiles(self, intermediate_id: int) -> list[tuple[int, bytes, ChunkLocation]]:
-        """(tile, chunk id, location) of one intermediate, in tile order."""
+    def tiles(self, intermediate_id: int, first: int = 0, stop: int = 1 << 62) -> list[tuple[int, bytes, ChunkLocation]]:
+        """(tile, chunk id, location) of one intermediate's tiles ``first <= tile < stop``, in tile order."""
         rows = self._query(
             "SELECT t.tile, t.chunk_id, c.pack, c.offset, c.stored_length, c.raw_length, c.compression"
-            " FROM tiles t JOIN chunks c ON c.id = t.chunk_id WHERE t.intermediate_id = ? ORDER BY t.tile",
-            (intermediate_id,),
+            " FROM tiles t JOIN chunks c ON c.id = t.chunk_id"
+            " WHERE t.intermediate_id = ? AND t.tile >= ? AND t.tile < ? ORDER BY t.tile",
+            (intermediate_id, first, stop),
         )
         return [(r[0], r[1], ChunkLocation(*r[2:])) for r in rows]
 

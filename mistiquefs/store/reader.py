@@ -34,9 +34,13 @@ from mistiquefs.store.records import COLUMNS, IntermediateRecord
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
-#: pieces decoded ahead of a sequential reader (4 x 1 MiB): enough to keep both cores decoding while the
-#: kernel copies pages out; measured on conv1 of the demo CNN, 2 gave 0.55 GB/s cold and 4 gave more
-READ_AHEAD_PIECES = 4
+#: tiles looked up one query at a time before the reader loads the layer's whole chunk map at once
+FULL_INDEX_AFTER = 256
+#: rows-layout tiles fetched by one such query (the next few chunks of a short sequential read)
+TILES_PER_QUERY = 8
+#: bytes decoded ahead of a sequential reader: enough to keep both cores decoding while the kernel copies
+#: pages out (on the demo CNN's conv1, 2 MiB ahead gave 0.55 GB/s cold, 4 MiB more)
+READ_AHEAD_BYTES = 4 << 20
 
 
 @cache
@@ -119,6 +123,7 @@ class LayerReader:
         self._packs = packs
         self._cache = cache
         self._tiles: list[tuple[bytes, ChunkLocation]] | None = None
+        self._some_tiles: dict[int, tuple[bytes, ChunkLocation]] = {}
         self._flights = SingleFlight()
         self._lock = threading.Lock()
         self._row_header = npy_header(rec.dtype, rec.shape)
@@ -143,7 +148,7 @@ class LayerReader:
         if self.rec.layout == COLUMNS:
             n_cols = self.rec.n_columns
             return Stream(self.rec.block_rows * dtype.itemsize, length,
-                          lambda b: self._tile(b * n_cols + j)[0], lambda b: self._chunk(b * n_cols + j))
+                          lambda b: ("tile", self.rec.id, b * n_cols + j), lambda b: self._chunk(b * n_cols + j))
         return Stream(length, length, lambda _b: ("column", self.rec.id, j), lambda _b: self._gather_column(j))
 
     # ---- reading -------------------------------------------------------------------------------------
@@ -191,7 +196,8 @@ class LayerReader:
 
     def _read_ahead(self, stream: Stream, b: int) -> None:
         """Decode the pieces after ``b`` in the background, so a sequential reader finds them ready."""
-        for ahead in range(b + 1, min(b + 1 + READ_AHEAD_PIECES, stream.count)):
+        pieces = max(1, READ_AHEAD_BYTES // max(1, stream.piece_size))
+        for ahead in range(b + 1, min(b + 1 + pieces, stream.count)):
             key = stream.key(ahead)
             if key in self._cache or not self._flights.claim_ahead(key):
                 continue
@@ -215,6 +221,7 @@ class LayerReader:
 
     # ---- pieces --------------------------------------------------------------------------------------
     def tile_index(self) -> list[tuple[bytes, ChunkLocation]]:
+        """The whole chunk map (one catalog query; loaded when a reader touches many chunks)."""
         if self._tiles is None:
             with self._lock:
                 if self._tiles is None:
@@ -222,16 +229,30 @@ class LayerReader:
         return self._tiles
 
     def _tile(self, tile: int) -> tuple[bytes, ChunkLocation]:
-        return self.tile_index()[tile]
+        if self._tiles is not None:
+            return self._tiles[tile]
+        found = self._some_tiles.get(tile)
+        if found is None:
+            if len(self._some_tiles) >= FULL_INDEX_AFTER:
+                return self.tile_index()[tile]
+            # One indexed query for this tile's neighbourhood (its block's tiles for the columns layout): the
+            # first read of a layer must not wait for the layer's whole chunk map.
+            if self.rec.layout == COLUMNS:
+                first = tile - tile % self.rec.n_columns
+                stop = first + self.rec.n_columns
+            else:
+                first, stop = tile, tile + TILES_PER_QUERY
+            for t, cid, loc in self._catalog.tiles(self.rec.id, first, stop):
+                self._some_tiles[t] = (cid, loc)
+            found = self._some_tiles[tile]
+        return found
 
     def _chunk(self, tile: int) -> bytes:
         cid, loc = self._tile(tile)
         return self._packs.read(cid, loc)
 
     def _row_key(self, b: int) -> Hashable:
-        if self.rec.layout == COLUMNS:
-            return ("rows", self.rec.id, b)
-        return self._tile(b)[0]
+        return ("rows", self.rec.id, b)
 
     def _block_rows(self, b: int) -> int:
         return min(self.rec.block_rows, self.rec.n_rows - b * self.rec.block_rows)
@@ -244,11 +265,11 @@ class LayerReader:
         return join_columns(tiles, self.rec.dtype, self._block_rows(b))
 
     def _cached_chunk(self, tile: int) -> Buffer:
-        cid = self._tile(tile)[0]
-        data = self._cache.get(cid)
+        key = ("tile", self.rec.id, tile)
+        data = self._cache.get(key)
         if data is None:
-            data = self._flights.run(cid, lambda: self._chunk(tile))
-            self._cache.put(cid, data)
+            data = self._flights.run(key, lambda: self._chunk(tile))
+            self._cache.put(key, data)
         return data
 
     def _gather_column(self, j: int) -> np.ndarray:
