@@ -17,6 +17,8 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from mistiquefs.errors import StoreError
 from mistiquefs.store.packs import ChunkLocation
 from mistiquefs.store.records import IntermediateRecord, ModelRecord, dtype_from_json
@@ -40,6 +42,38 @@ class NewIntermediate:
     seconds: float
     tiles: list[tuple[int, bytes]]
     timings: list[tuple[int, int, float]]
+
+
+TILE_DTYPE = np.dtype([("cid", "V16"), ("pack", "<i4"), ("offset", "<i8"), ("stored", "<i8"),
+                       ("raw", "<i8"), ("compression", "u1")])
+
+
+class TileIndex:
+    """An intermediate's chunk map in numpy arrays: a mount keeps every layer's in memory."""
+
+    def __init__(self, table: np.ndarray, packs: list[str]) -> None:
+        self._table = table
+        self._packs = packs
+
+    @classmethod
+    def from_rows(cls, rows: list[tuple[int, bytes, ChunkLocation]]) -> TileIndex:
+        packs = sorted({loc.pack for _t, _cid, loc in rows})
+        number = {name: i for i, name in enumerate(packs)}
+        table = np.array(
+            [(cid, number[l.pack], l.offset, l.stored_length, l.raw_length, l.compression) for _t, cid, l in rows],
+            dtype=TILE_DTYPE,
+        )
+        if any(t != i for i, (t, _c, _l) in enumerate(rows)):
+            raise StoreError("the chunk map has gaps: run mistiquefs fsck")
+        return cls(table, packs)
+
+    def __len__(self) -> int:
+        return len(self._table)
+
+    def __getitem__(self, tile: int) -> tuple[bytes, ChunkLocation]:
+        row = self._table[tile]
+        return bytes(row["cid"]), ChunkLocation(self._packs[row["pack"]], int(row["offset"]), int(row["stored"]),
+                                                int(row["raw"]), int(row["compression"]))
 
 
 class Catalog:
@@ -115,6 +149,10 @@ class Catalog:
             (intermediate_id, first, stop),
         )
         return [(r[0], r[1], ChunkLocation(*r[2:])) for r in rows]
+
+    def tile_index(self, intermediate_id: int) -> TileIndex:
+        """The whole chunk map of one intermediate, packed into arrays (~45 bytes a tile)."""
+        return TileIndex.from_rows(self.tiles(intermediate_id))
 
     def timings(self, intermediate_id: int) -> list[tuple[int, int, float]]:
         return self._query(

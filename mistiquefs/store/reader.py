@@ -27,7 +27,7 @@ import numpy as np
 
 from mistiquefs.npy import npy_header
 from mistiquefs.store.cache import ByteLRU, Buffer
-from mistiquefs.store.catalog import Catalog
+from mistiquefs.store.catalog import Catalog, TileIndex
 from mistiquefs.store.layout import join_columns
 from mistiquefs.store.packs import ChunkLocation, PackReader
 from mistiquefs.store.records import COLUMNS, IntermediateRecord
@@ -122,7 +122,7 @@ class LayerReader:
         self._catalog = catalog
         self._packs = packs
         self._cache = cache
-        self._tiles: list[tuple[bytes, ChunkLocation]] | None = None
+        self._tiles: TileIndex | None = None
         self._some_tiles: dict[int, tuple[bytes, ChunkLocation]] = {}
         self._flights = SingleFlight()
         self._lock = threading.Lock()
@@ -220,12 +220,12 @@ class LayerReader:
         return np.frombuffer(data, dtype=self.rec.dtype).reshape((stop - start, *self.rec.shape))
 
     # ---- pieces --------------------------------------------------------------------------------------
-    def tile_index(self) -> list[tuple[bytes, ChunkLocation]]:
+    def tile_index(self) -> TileIndex:
         """The whole chunk map (one catalog query; loaded when a reader touches many chunks)."""
         if self._tiles is None:
             with self._lock:
                 if self._tiles is None:
-                    self._tiles = [(cid, loc) for _t, cid, loc in self._catalog.tiles(self.rec.id)]
+                    self._tiles = self._catalog.tile_index(self.rec.id)
         return self._tiles
 
     def _tile(self, tile: int) -> tuple[bytes, ChunkLocation]:
