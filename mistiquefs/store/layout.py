@@ -19,9 +19,11 @@ import numpy as np
 
 from mistiquefs.store.records import COLUMNS, ROWS
 
-#: raw bytes per row-layout chunk: large enough that zstd and the per-chunk overhead amortize, small
-#: enough that one example's chunk decodes in ~0.2 ms (1 MiB took ~0.8 ms; whole-layer scans lost <10%)
-CHUNK_BYTES = 256 << 10
+#: raw bytes per row-layout chunk. Measured on the demo CNN (scripts/bench_read.py): 1 MiB chunks
+#: compress conv1 8.4X (256 KiB: 6.8X) and decode faster, and cold whole-layer reads ran at 0.62 GB/s
+#: (256 KiB: 0.42); 256 KiB saves ~0.5 ms of decoding on a cold single example, whose ~3 ms go mostly
+#: to disk latency and thread hand-offs. Whole layers are the common read, so 1 MiB.
+CHUNK_BYTES = 1 << 20
 #: rows per column tile; fixed (never derived from N) so tiles of equal columns line up across captures
 TABLE_BLOCK_ROWS = 8192
 #: a table whose block would exceed this is stored in rows layout instead (bounds capture memory)

@@ -163,19 +163,22 @@ class LayerReader:
             parts.append(view.header[offset:min(end, head)])
         first, last = max(offset - head, 0) + view.start, end - head + view.start
         if last > first:
-            data = self._read_stream(view.stream, first, last, cached_only)
+            data = self._read_stream(view.stream, first, last, cached_only, view.start + view.length)
             if data is None:
                 return None
             parts.extend(data)
         return b"".join(parts)
 
-    def _read_stream(self, stream: Stream, first: int, last: int, cached_only: bool) -> list[memoryview] | None:
+    def _read_stream(self, stream: Stream, first: int, last: int, cached_only: bool,
+                     view_end: int) -> list[memoryview] | None:
         size = stream.piece_size
         out = []
         for b in range(first // size, (last - 1) // size + 1):
             lo, hi = max(first - b * size, 0), min(last - b * size, size)
-            if lo == 0 and b > 0 and stream.key(b - 1) in self._cache:
-                self._read_ahead(stream, b)  # a read from a piece's start after its predecessor: a scan
+            # A read to a piece's end, or from its start after its predecessor, is a scan: decode the
+            # view's next pieces in the background so that they are ready when the reader gets there.
+            if (b + 1) * size < view_end and (hi == size or (lo == 0 and b > 0 and stream.key(b - 1) in self._cache)):
+                self._read_ahead(stream, b, view_end)
             piece = self._cache.get(stream.key(b)) if cached_only else self._piece(stream, b)
             if piece is None:
                 return None
@@ -194,10 +197,11 @@ class LayerReader:
         self._cache.put(stream.key(b), piece)
         return piece
 
-    def _read_ahead(self, stream: Stream, b: int) -> None:
-        """Decode the pieces after ``b`` in the background, so a sequential reader finds them ready."""
+    def _read_ahead(self, stream: Stream, b: int, view_end: int) -> None:
+        """Decode the view's pieces after ``b`` in the background."""
         pieces = max(1, READ_AHEAD_BYTES // max(1, stream.piece_size))
-        for ahead in range(b + 1, min(b + 1 + pieces, stream.count)):
+        last = min(b + 1 + pieces, -(-view_end // stream.piece_size))
+        for ahead in range(b + 1, last):
             key = stream.key(ahead)
             if key in self._cache or not self._flights.claim_ahead(key):
                 continue
