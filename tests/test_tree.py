@@ -17,7 +17,7 @@ from mistiquefs.fs.tree import ROOT, Kind, Tree, make_inode, split_inode
 from mistiquefs.store.repository import Repository
 from test_store import capture_arrays, npy_bytes
 
-N = 2500
+N = 30_000  # a layer directory of tens of thousands of entries
 
 
 @pytest.fixture
