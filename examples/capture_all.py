@@ -8,12 +8,10 @@ Models already in the store are skipped, so a second run only adds what is missi
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 import time
 from pathlib import Path
 
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # TensorFlow's start-up chatter hides the summary
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import digits_cnn  # noqa: E402
