@@ -30,10 +30,12 @@ def tree(tmp_path: Path) -> Tree:
 
 def test_inodes_round_trip() -> None:
     for kind in Kind:
-        for ident, index in ((1, 0), (0xFFFFF, 0xFFFFFFFFFF), (77, 12345)):
+        for ident, index in ((1, 0), ((1 << 24) - 1, (1 << 36) - 1), (77, 12345)):
             assert split_inode(make_inode(kind, ident, index)) == (kind, ident, index)
     with pytest.raises(NotFound):
         split_inode(15 << 60)
+    with pytest.raises(NotFound):
+        make_inode(Kind.LAYER, 1 << 24)
 
 
 def test_lookup_follows_the_file_contract(tree: Tree) -> None:

@@ -50,11 +50,16 @@ def load_inputs_file(path: Path) -> Any:
         try:
             return np.load(path, allow_pickle=False)
         except ValueError as exc:
-            raise CaptureError(f"{path} holds Python objects, which mistiquefs does not load: {exc}") from exc
+            if "allow_pickle" in str(exc):
+                raise CaptureError(f"{path} holds Python objects, which mistiquefs does not load") from exc
+            raise CaptureError(f"{path} is not a readable .npy file: {exc}") from exc
     if suffix == ".csv":
         try:
             import pandas
         except ImportError:
             return np.genfromtxt(path, delimiter=",", names=True, dtype=None, encoding="utf-8")
-        return pandas.read_csv(path)
+        try:
+            return pandas.read_csv(path)
+        except (ValueError, pandas.errors.ParserError) as exc:
+            raise CaptureError(f"{path} is not a readable CSV file: {exc}") from exc
     raise CaptureError(f"unknown inputs format {suffix!r}: use .npy or .csv")

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import sqlite3
 import sys
 import tempfile
 from pathlib import Path
@@ -19,9 +20,12 @@ def parse_size(text: str) -> int:
     value = text.strip().upper().removesuffix("B").removesuffix("I")
     unit = value[-1:] if value[-1:] in SIZE_UNITS and value[-1:] else ""
     try:
-        return int(float(value[: len(value) - len(unit)]) * SIZE_UNITS[unit])
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not a size: {text!r} (e.g. 512M, 2G)") from None
+        size = int(float(value[: len(value) - len(unit)]) * SIZE_UNITS[unit])
+    except (ValueError, OverflowError):
+        size = 0
+    if size <= 0:
+        raise argparse.ArgumentTypeError(f"not a size: {text!r} (e.g. 512M, 2G)")
+    return size
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -63,6 +67,9 @@ def main(argv: list[str] | None = None) -> int:
         return exc.exit_code
     except KeyboardInterrupt:
         return 130
+    except (OSError, sqlite3.Error) as exc:  # a full disk, a permission, a damaged catalog: say which
+        print(f"mistiquefs: error: {exc}", file=sys.stderr)
+        return 1
 
 
 def cmd_capture(args: argparse.Namespace) -> int:

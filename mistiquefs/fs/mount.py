@@ -62,7 +62,13 @@ def serve(store: Path, mountpoint: Path, *, allow_other: bool = False, debug: bo
         options.add("allow_other")
     if debug:
         options.add("debug")
-    pyfuse3.init(ops, str(mountpoint), options)
+    try:
+        pyfuse3.init(ops, str(mountpoint), options)
+    except RuntimeError as exc:
+        repo.close()
+        raise MountError(f"cannot mount on {mountpoint}: {exc} (is /dev/fuse there, and fusermount3?)") from exc
+    # a plain daemon thread, not a trio one: it must never hold up the loop's shutdown
+    threading.Thread(target=_raise_read_ahead, args=(mountpoint,), daemon=True).start()
     log.info("serving %s on %s (pid %d)", store, mountpoint, os.getpid())
     try:
         trio.run(_main, mountpoint)
@@ -96,7 +102,6 @@ async def _main(mountpoint: Path) -> None:
 
     async with trio.open_nursery() as nursery:
         nursery.start_soon(_terminate_on_signals)
-        nursery.start_soon(trio.to_thread.run_sync, _raise_read_ahead, mountpoint)
         await pyfuse3.main()
         nursery.cancel_scope.cancel()
 
@@ -118,7 +123,11 @@ def mount_background(store: Path, mountpoint: Path, *, log_file: Path, extra: li
     check_mountpoint(mountpoint)
     command = [sys.executable, "-m", "mistiquefs", "mount", "--foreground", "--log", str(log_file),
                *extra, str(store), str(mountpoint)]
-    with open(os.devnull, "rb") as devnull, open(log_file, "ab") as out:
+    try:
+        out = open(log_file, "ab")
+    except OSError as exc:
+        raise MountError(f"cannot write the daemon log {log_file}: {exc.strerror}") from None
+    with open(os.devnull, "rb") as devnull, out:
         proc = subprocess.Popen(command, stdin=devnull, stdout=out, stderr=subprocess.STDOUT,
                                 start_new_session=True)
     deadline = time.monotonic() + MOUNT_WAIT_SECONDS
@@ -149,6 +158,9 @@ def unmount(mountpoint: Path) -> None:
     if not dead and not os.path.ismount(mountpoint):
         raise MountError(f"{mountpoint} is not mounted")
     command = ["fusermount3", "-u", *(["-z"] if dead else []), str(mountpoint)]
-    result = subprocess.run(command, capture_output=True, text=True)
+    try:
+        result = subprocess.run(command, capture_output=True, text=True)
+    except FileNotFoundError:
+        raise MountError("fusermount3 is not installed (Debian: apt-get install fuse3)") from None
     if result.returncode != 0:
         raise MountError(f"cannot unmount {mountpoint}: {result.stderr.strip()}")

@@ -7,7 +7,7 @@ file contract is testable without a mount::
     /<model>/<layer>/{info.json, all.npy, columns/, 0.npy .. N-1.npy}
     /<model>/<layer>/columns/{0.npy .. F-1.npy}
 
-Inodes are computed, not allocated: ``kind << 60 | id << 40 | index`` with the catalog's model or
+Inodes are computed, not allocated: ``kind << 60 | id << 36 | index`` (ids < 2**24, indexes < 2**36) with the catalog's model or
 intermediate id and the example/column index. Lookups therefore need no table that grows with what was
 listed, ``forget`` has nothing to do, and an inode stays valid across catalog reloads.
 
@@ -18,6 +18,7 @@ chunks and is called from worker threads, except with ``cached_only=True`` (neve
 from __future__ import annotations
 
 import json
+import logging
 import math
 import re
 import stat
@@ -34,6 +35,7 @@ from mistiquefs.store.reader import LayerReader, NpyView
 from mistiquefs.store.records import IntermediateRecord, ModelRecord
 from mistiquefs.store.repository import Repository
 
+log = logging.getLogger(__name__)
 Inode = NewType("Inode", int)
 ROOT = Inode(1)
 _NUMBERED = re.compile(rb"(0|[1-9][0-9]{0,15})\.npy")
@@ -58,15 +60,21 @@ DIRECTORIES = {Kind.MODEL, Kind.LAYER, Kind.COLUMNS}
 _DIRECTORY_KINDS = frozenset(int(kind) for kind in DIRECTORIES)
 
 
+ID_BITS, INDEX_BITS = 24, 36
+
+
 def make_inode(kind: Kind, ident: int, index: int = 0) -> Inode:
-    return Inode(int(kind) << 60 | ident << 40 | index)
+    if ident >> ID_BITS or index >> INDEX_BITS:
+        raise NotFound(f"id {ident} or index {index} is beyond what an inode can name")
+    return Inode(int(kind) << 60 | ident << INDEX_BITS | index)
 
 
 def split_inode(inode: int) -> tuple[Kind, int, int]:
     try:
-        return Kind(inode >> 60), (inode >> 40) & 0xFFFFF, inode & 0xFFFFFFFFFF
+        kind = Kind(inode >> 60)
     except ValueError:
         raise NotFound(f"no inode {inode}") from None
+    return kind, (inode >> INDEX_BITS) & ((1 << ID_BITS) - 1), inode & ((1 << INDEX_BITS) - 1)
 
 
 @dataclass(frozen=True)
@@ -135,7 +143,10 @@ class Tree:
         for rec in sorted(self.layers.values(), key=lambda r: (-r.model_id, r.position)):
             if time.monotonic() > deadline:
                 return False
-            self.repo.reader(rec).tile_index()
+            try:
+                self.repo.reader(rec).tile_index()
+            except Exception:  # a damaged catalog: that layer's reads will fail (EIO) and say why
+                log.exception("cannot load the chunk map of %s", rec.name)
         return True
 
     def warm_up(self) -> None:
@@ -155,9 +166,12 @@ class Tree:
                 if name.endswith(b".npy") and name != b"all.npy":
                     break
             reader = self.repo.reader(rec)
-            for view in (reader.all_view(), reader.row_view(rec.n_rows - 1), reader.column_view(0)):
-                reader.read(view, 0, 1 << 16)
-                reader.read(view, 0, 1 << 16, cached_only=True)
+            try:
+                for view in (reader.all_view(), reader.row_view(rec.n_rows - 1), reader.column_view(0)):
+                    reader.read(view, 0, 1 << 16)
+                    reader.read(view, 0, 1 << 16, cached_only=True)
+            except Exception:  # a damaged chunk must not stop the rest of the store from mounting
+                log.exception("warm-up read of %s failed", rec.name)
 
     # ---- lookup ----------------------------------------------------------------------------------
     def lookup(self, parent: int, name: bytes) -> Inode:

@@ -80,13 +80,28 @@ class Catalog:
     def __init__(self, path: Path, *, create: bool) -> None:
         if not create and not path.exists():
             raise StoreError(f"{path.parent} is not a mistiquefs store (no {path.name})")
+        self._lock = threading.Lock()
         try:
-            self._db = sqlite3.connect(path, check_same_thread=False, isolation_level=None)
-            self._db.execute("PRAGMA busy_timeout = 10000")
-            self._lock = threading.Lock()
-            self._prepare()
+            self._db = self._connect(str(path), uri=False)
+        except sqlite3.OperationalError as exc:
+            if create:
+                raise StoreError(f"cannot open the catalog {path}: {exc}") from exc
+            # A store on read-only media (a shared snapshot, a read-only bind mount): WAL needs to write
+            # its -shm file, so read it as an immutable database instead.
+            self._db = self._connect(f"file:{path}?mode=ro&immutable=1", uri=True)
         except sqlite3.DatabaseError as exc:
             raise StoreError(f"cannot open the catalog {path}: {exc}") from exc
+
+    def _connect(self, target: str, *, uri: bool) -> sqlite3.Connection:
+        db = sqlite3.connect(target, uri=uri, check_same_thread=False, isolation_level=None)
+        try:
+            db.execute("PRAGMA busy_timeout = 10000")
+            self._db = db
+            self._prepare()
+        except BaseException:
+            db.close()
+            raise
+        return db
 
     def _prepare(self) -> None:
         version = self._meta_version()
@@ -192,7 +207,8 @@ class Catalog:
                     self._insert_intermediate(db, model_id, position, inter)
                 db.execute("COMMIT")
             except BaseException:
-                db.execute("ROLLBACK")
+                if db.in_transaction:
+                    db.execute("ROLLBACK")
                 raise
         return model_id
 

@@ -42,11 +42,16 @@ def choose_layout(shape: tuple[int, ...], dtype: np.dtype, table: bool) -> tuple
 def split_block(block: np.ndarray, layout: str) -> list[memoryview]:
     """The tiles of one block of rows, in column order (one tile for ``rows``)."""
     if layout == ROWS:
-        return [memoryview(np.ascontiguousarray(block)).cast("B")]
+        return [_byte_view(block)]
     if block.dtype.names is not None:
-        return [memoryview(np.ascontiguousarray(block[name])).cast("B") for name in block.dtype.names]
+        return [_byte_view(block[name]) for name in block.dtype.names]
     transposed = np.ascontiguousarray(block.T)
-    return [memoryview(col).cast("B") for col in transposed]
+    return [_byte_view(col) for col in transposed]
+
+
+def _byte_view(array: np.ndarray) -> memoryview:
+    # via uint8: memoryview cannot export datetime64 or structured dtypes holding them
+    return memoryview(np.ascontiguousarray(array).reshape(-1).view(np.uint8))
 
 
 def join_columns(tiles: list[bytes], dtype: np.dtype, n_rows: int) -> np.ndarray:

@@ -97,6 +97,8 @@ class PackWriter:
         self.written: list[Path] = []
 
     def _open_new(self) -> None:
+        if self._file is not None:  # a full pack: durable now, since sync() only sees the current one
+            self._sync_file()
         self.close()
         self._name = f"{uuid.uuid4().hex}.pack"
         path = self.packs_dir / self._name
@@ -119,14 +121,17 @@ class PackWriter:
     def sync(self) -> None:
         """Make everything appended so far durable (before the catalog may reference it)."""
         if self._file is not None:
-            self._file.flush()
-            os.fsync(self._file.fileno())
+            self._sync_file()
         fsync_dir(self.packs_dir)
 
+    def _sync_file(self) -> None:
+        self._file.flush()
+        os.fsync(self._file.fileno())
+
     def close(self) -> None:
-        if self._file is not None:
-            self._file.close()
-            self._file = None
+        file, self._file = self._file, None
+        if file is not None:
+            file.close()
 
 
 def fsync_dir(path: Path) -> None:

@@ -89,6 +89,11 @@ class SingleFlight:
                 del self._running[key]
 
 
+def as_bytes(piece: Buffer) -> Buffer:
+    """A piece as a flat byte buffer (memoryview cannot export datetime64 and some structured dtypes)."""
+    return piece.reshape(-1).view(np.uint8) if isinstance(piece, np.ndarray) else piece
+
+
 @dataclass(frozen=True)
 class Stream:
     """``count`` pieces of ``piece_size`` bytes (the last may be shorter), ``length`` bytes in all."""
@@ -183,7 +188,7 @@ class LayerReader:
             piece = self._cache.get(stream.key(b)) if cached_only else self._piece(stream, b)
             if piece is None:
                 return None
-            view = memoryview(piece).cast("B") if isinstance(piece, np.ndarray) else memoryview(piece)
+            view = memoryview(as_bytes(piece))
             out.append(view[lo:hi])
         return out
 
@@ -279,9 +284,10 @@ class LayerReader:
 
     def _gather_column(self, j: int) -> np.ndarray:
         """Column j of a rows-layout intermediate: one strided pass over every chunk."""
-        out = np.empty(self.rec.n_rows, dtype=self.rec.dtype)
-        per_row = self.rec.n_columns
-        for b in range(self.rec.n_blocks):
-            block = np.frombuffer(self._cached_chunk(b), dtype=self.rec.dtype).reshape(-1, per_row)
-            out[b * self.rec.block_rows:b * self.rec.block_rows + len(block)] = block[:, j]
+        rec = self.rec
+        out = np.empty(rec.n_rows, dtype=rec.column_dtype(j))
+        for b in range(rec.n_blocks):
+            rows = np.frombuffer(self._cached_chunk(b), dtype=rec.dtype)
+            column = rows[rec.dtype.names[j]] if rec.dtype.names else rows.reshape(-1, rec.n_columns)[:, j]
+            out[b * rec.block_rows:b * rec.block_rows + len(column)] = column
         return out

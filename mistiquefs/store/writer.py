@@ -20,7 +20,7 @@ import numpy as np
 from mistiquefs.errors import CaptureError
 from mistiquefs.store.catalog import Catalog, NewIntermediate
 from mistiquefs.store.layout import choose_layout, split_block
-from mistiquefs.store.packs import ChunkLocation, PackWriter, chunk_id
+from mistiquefs.store.packs import ChunkLocation, PackWriter, chunk_id, fsync_dir
 from mistiquefs.store.records import dtype_to_json
 
 LOSSLESS_CODEC: list[dict[str, Any]] = [
@@ -122,6 +122,7 @@ class CaptureWriter:
         self.sink = ChunkSink(catalog, self.packs)
         self.layers: dict[str, LayerWriter] = {}
         self._files: list[Path] = []
+        self.committed = False
 
     def add(self, stage: str, array: np.ndarray, seconds: float | None = None, batch: int = 0) -> None:
         """Append one batch of one stage's output (``seconds``: that stage's time on this batch)."""
@@ -146,17 +147,25 @@ class CaptureWriter:
         intermediates = [w.finish() for w in self.layers.values()]
         self.packs.sync()
         _fsync_file(model_file)
+        fsync_dir(model_file.parent)
         model_id = self.catalog.commit_capture(
             name=self.name, framework=framework, n_rows=n_rows, capture_seconds=seconds,
             model_file=str(model_file.relative_to(self.root)), info=info, intermediates=intermediates,
             new_chunks=self.sink.new_chunks,
         )
+        self.committed = True  # from here on the catalog references the packs: abort must keep them
         self.packs.close()
         return model_id
 
     def abort(self) -> None:
-        """Forget this capture: remove the packs and files it wrote (nothing references them)."""
-        self.packs.close()
+        """Forget this capture: remove the packs and files it wrote (nothing references them).
+        A no-op after a successful commit (an interrupt can land between the commit and its return)."""
+        if self.committed:
+            return
+        try:
+            self.packs.close()
+        except OSError:  # e.g. ENOSPC again while flushing the buffer: the file goes anyway
+            pass
         for path in [*self.packs.written, *self._files]:
             path.unlink(missing_ok=True)
 
