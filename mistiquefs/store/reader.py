@@ -7,7 +7,8 @@ Every view is a header followed by a *stream* of equally sized pieces (the last 
 - a column stream (``columns/<j>.npy``): piece b = column j's tile of block b (columns layout), or, for the
   rows layout, a single piece holding the whole column gathered from every chunk.
 
-Pieces are cached in a shared ``ByteLRU`` (chunks by chunk id, so deduplicated chunks share one entry).
+Pieces are cached in a shared ``ByteLRU`` under per-layer keys (``("rows", layer, b)``, ``("tile", layer,
+t)``, ``("column", layer, j)``), so no cache check needs the chunk map.
 ``read(..., cached_only=True)`` answers only from the cache and returns None otherwise: the FUSE adapter
 uses it to serve hot reads inline and sends the rest to a worker thread. All methods are thread-safe.
 """
