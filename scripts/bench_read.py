@@ -326,7 +326,7 @@ def report_sizes(store: Any, npy_sizes: dict[str, int], image: Path | None, stor
     if image:
         level_text = f"-Xcompression-level {level}" if level else "its default level 15"
         notes.append(f"squashfs: {ratio(squash, raw)} of raw; mksquashfs -comp zstd ({level_text}, 128 KiB blocks) "
-                     f"took {squash_s:.1f} s; mistiquefs uses zstd level 3 on ~256 KiB chunks")
+                     f"took {squash_s:.1f} s; mistiquefs uses zstd level 3 on ~1 MiB chunks")
     print_table("size: raw .npy files (baseline) vs squashfs image vs mistiquefs store (MB = 1e6 bytes)",
                 ["layer", "shape", "raw .npy MB", "squashfs MB", "mistiquefs MB", "mistiquefs/raw"], rows, notes)
 
