@@ -96,12 +96,12 @@ class Store:
         info = {**adapter.describe(), "batch_size": size}
         writer.commit(framework=adapter.framework, n_rows=n_rows, seconds=seconds, model_file=model_path,
                       info=info)
-        layers = list(writer.layers.values())
+        layers = writer.committed_layers
         return CaptureSummary(
-            name=writer.name, n_rows=n_rows, layers=[w.name for w in layers],
-            raw_bytes=sum(w.rows * w.row_size for w in layers),
-            stored_bytes=sum(w.stored_bytes for w in layers), new_bytes=sum(w.new_bytes for w in layers),
-            seconds=seconds,
+            name=writer.name, n_rows=n_rows, layers=[layer.name for layer in layers],
+            raw_bytes=sum(layer.raw_bytes for layer in layers),
+            stored_bytes=sum(layer.stored_bytes for layer in layers),
+            new_bytes=sum(layer.new_bytes for layer in layers), seconds=seconds,
         )
 
     # ---- reading ---------------------------------------------------------------------------------

@@ -107,16 +107,15 @@ class PackWriter:
         self._size = len(PACK_MAGIC)
         self.written.append(path)
 
-    def append(self, cid: bytes, encoded: bytes | memoryview) -> ChunkLocation:
-        """Compress and append one chunk; returns where its payload lies."""
+    def append(self, cid: bytes, payload: bytes, compression: int, raw_length: int) -> ChunkLocation:
+        """Append one chunk's payload (from ``compress``); returns where it lies."""
         if self._file is None or self._size >= PACK_LIMIT:
             self._open_new()
-        payload, compression = compress(encoded)
-        self._file.write(pack_header(cid, compression, len(encoded), len(payload)))
+        self._file.write(pack_header(cid, compression, raw_length, len(payload)))
         self._file.write(payload)
         offset = self._size + OBJECT_HEADER.size
         self._size = offset + len(payload)
-        return ChunkLocation(self._name, offset, len(payload), len(encoded), compression)
+        return ChunkLocation(self._name, offset, len(payload), raw_length, compression)
 
     def sync(self) -> None:
         """Make everything appended so far durable (before the catalog may reference it)."""
