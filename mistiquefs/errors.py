@@ -42,6 +42,12 @@ class CorruptChunk(StoreError):
     errno = errno.EIO
 
 
+class DamageFound(StoreError):
+    """fsck found damage (a store that cannot be opened at all is a plain StoreError, exit code 3)."""
+
+    exit_code = 6
+
+
 class CaptureError(MistiqueError):
     """A model or input that cannot be captured; the store is left as it was."""
 

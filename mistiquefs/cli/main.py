@@ -55,6 +55,21 @@ def build_parser() -> argparse.ArgumentParser:
 
     ls = sub.add_parser("ls", help="list the models of a store")
     ls.add_argument("store", type=Path)
+
+    fsck = sub.add_parser("fsck", help="verify every chunk, pack and catalog row; exit 0 only when clean",
+                          description="Verify a store; name the models, layers and examples any damage "
+                                      "affects. Exit status 0: clean; 3: damage found.")
+    fsck.add_argument("store", type=Path)
+    fsck.add_argument("--repair", action="store_true",
+                      help="rebuild the chunk index from the packs (under the capture lock), then report the "
+                           "models still incomplete")
+
+    rm = sub.add_parser("rm", help="remove a model from a store (its space comes back with gc)")
+    rm.add_argument("store", type=Path)
+    rm.add_argument("model")
+
+    gc = sub.add_parser("gc", help="reclaim the chunks, packs and model files nothing refers to")
+    gc.add_argument("store", type=Path)
     return parser
 
 
@@ -122,6 +137,51 @@ def cmd_ls(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_fsck(args: argparse.Namespace) -> int:
+    from mistiquefs.errors import DamageFound
+    from mistiquefs.store.check import check_store, repair_store
+    from mistiquefs.store.repository import Repository
+
+    repo = Repository(args.store, create=False)
+    try:
+        report = repair_store(repo) if args.repair else check_store(repo)
+    finally:
+        repo.close()
+    print(report.summary())
+    if report.clean:
+        return 0
+    hint = "" if args.repair else "; mistiquefs fsck --repair rebuilds the chunk index from the packs"
+    found = len(report.problems)
+    print(f"mistiquefs: error: {args.store} is damaged ({found} problem{'s' * (found != 1)}){hint}", file=sys.stderr)
+    return DamageFound.exit_code
+
+
+def cmd_rm(args: argparse.Namespace) -> int:
+    from mistiquefs.store.maintenance import remove_model
+    from mistiquefs.store.repository import Repository
+
+    repo = Repository(args.store, create=False)
+    try:
+        remove_model(repo, args.model)
+    finally:
+        repo.close()
+    print(f"removed {args.model}; mistiquefs gc {args.store} reclaims its space")
+    return 0
+
+
+def cmd_gc(args: argparse.Namespace) -> int:
+    from mistiquefs.store.maintenance import collect_garbage
+    from mistiquefs.store.repository import Repository
+
+    repo = Repository(args.store, create=False)
+    try:
+        report = collect_garbage(repo)
+    finally:
+        repo.close()
+    print(report.summary())
+    return 0
+
+
 def _setup_logging(log_file: Path | None, debug: bool) -> None:
     handler: logging.Handler = logging.FileHandler(log_file) if log_file else logging.StreamHandler()
     handler.setFormatter(logging.Formatter("%(asctime)s %(name)s %(levelname)s %(message)s"))
@@ -130,7 +190,8 @@ def _setup_logging(log_file: Path | None, debug: bool) -> None:
     root.setLevel(logging.DEBUG if debug else logging.INFO)
 
 
-COMMANDS = {"capture": cmd_capture, "mount": cmd_mount, "umount": cmd_umount, "ls": cmd_ls}
+COMMANDS = {"capture": cmd_capture, "mount": cmd_mount, "umount": cmd_umount, "ls": cmd_ls, "fsck": cmd_fsck,
+            "rm": cmd_rm, "gc": cmd_gc}
 
 
 def entry() -> None:

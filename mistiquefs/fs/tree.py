@@ -13,6 +13,10 @@ listed, ``forget`` has nothing to do, and an inode stays valid across catalog re
 
 Thread rules: ``lookup``/``attr``/``entries`` are cheap and called on the event loop; ``read`` may decode
 chunks and is called from worker threads, except with ``cached_only=True`` (never blocks on I/O).
+
+Other processes may capture, ``rm`` and ``gc`` while the tree is mounted. ``refresh`` notices (the catalog's
+data_version, at most once a second, on root lookups and before a read that must decode) and reloads the
+models, and the repository drops readers of removed layers and chunk maps into deleted packs.
 """
 
 from __future__ import annotations
@@ -93,6 +97,7 @@ class Tree:
     def __init__(self, repo: Repository) -> None:
         self.repo = repo
         self._lock = threading.Lock()
+        self._refreshing = threading.Lock()
         self._version = -1
         self._checked = -REFRESH_SECONDS
         self._json: dict[Inode, bytes] = {}
@@ -100,15 +105,21 @@ class Tree:
 
     # ---- catalog state -------------------------------------------------------------------------------
     def refresh(self) -> None:
-        """Reload models and layers if a capture committed since the last look (at most once a second:
-        a cold catalog check costs a disk read, and the kernel caches the root for a second anyway)."""
-        now = time.monotonic()
-        if now - self._checked < REFRESH_SECONDS:
+        """Reload models and layers if another process changed the catalog since the last look (at most
+        once a second: a cold catalog check costs a disk read, and the kernel caches the root for a second
+        anyway). A thread that finds another one refreshing goes on without waiting."""
+        if time.monotonic() - self._checked < REFRESH_SECONDS or not self._refreshing.acquire(blocking=False):
             return
-        self._checked = now
-        version = self.repo.catalog.data_version()
-        if version == self._version:
-            return
+        try:
+            self._checked = time.monotonic()
+            version = self.repo.catalog.data_version()
+            if version != self._version:
+                self._reload(version)
+        finally:
+            self._refreshing.release()
+
+    def _reload(self, version: int) -> None:
+        self.repo.forget_stale()
         models = self.repo.models()
         layers = self.repo.intermediates()
         with self._lock:
@@ -230,9 +241,9 @@ class Tree:
         reader = self.reader(ident)
         if kind == Kind.ALL:
             return reader.all_view()
-        if kind == Kind.ROW:
+        if kind == Kind.ROW and index < reader.rec.n_rows:
             return reader.row_view(index)
-        if kind == Kind.COLUMN:
+        if kind == Kind.COLUMN and index < reader.rec.n_columns:
             return reader.column_view(index)
         raise NotFound(f"inode {inode} is not an array file")
 
@@ -269,6 +280,8 @@ class Tree:
         kind, ident, _ = split_inode(inode)
         if kind in (Kind.MODEL_INFO, Kind.LAYER_INFO):
             return self._json_bytes(Inode(inode))[offset:offset + size]
+        if not cached_only:  # about to decode: make sure no gc moved the chunks (cheap: once a second)
+            self.refresh()
         return self.reader(ident).read(self.view(inode), offset, size, cached_only=cached_only)
 
     def _json_bytes(self, inode: Inode) -> bytes:

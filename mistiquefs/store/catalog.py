@@ -3,6 +3,13 @@
 One connection per ``Catalog``, guarded by a lock so worker threads of the mount may share it (reads are
 rare there: metadata is loaded once, a layer's chunk map once when first touched). A capture writes
 everything it adds in a single transaction (``commit_capture``): readers see all of it or none of it.
+Maintenance (``remove_model``, ``relocate_chunks``, ``replace_chunks``) is one transaction per change too.
+
+Invariants:
+- model and intermediate ids are never reused, even after ``remove_model``: a mount's piece cache and the
+  kernel's inode cache key on them. ``remove_model`` records the highest id it removed in ``meta`` and
+  inserts number above it.
+- a capture only inserts rows; only gc and ``fsck --repair`` change where a chunk lives.
 """
 
 from __future__ import annotations
@@ -11,7 +18,8 @@ import json
 import sqlite3
 import threading
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
@@ -19,11 +27,15 @@ from typing import Any
 
 import numpy as np
 
-from mistiquefs.errors import StoreError
+from mistiquefs.errors import NotFound, StoreError
 from mistiquefs.store.packs import ChunkLocation
 from mistiquefs.store.records import IntermediateRecord, ModelRecord, dtype_from_json
 
 FORMAT_VERSION = 1
+#: meta keys holding the highest model / intermediate id ever used (ids are never reused)
+_HIGH_WATER = {"models": "max_model_id", "intermediates": "max_intermediate_id"}
+#: bound parameters per query (SQLite's default limit is 32766; well under it)
+_BATCH = 500
 
 
 @dataclass
@@ -69,6 +81,11 @@ class TileIndex:
 
     def __len__(self) -> int:
         return len(self._table)
+
+    @property
+    def packs(self) -> list[str]:
+        """The packs this map points into."""
+        return list(self._packs)
 
     def __getitem__(self, tile: int) -> tuple[bytes, ChunkLocation]:
         row = self._table[tile]
@@ -180,6 +197,20 @@ class Catalog:
         )
         return ChunkLocation(*rows[0]) if rows else None
 
+    @contextmanager
+    def _transaction(self) -> Iterator[sqlite3.Connection]:
+        """One write transaction: committed when the block ends, rolled back if it raises."""
+        with self._lock:
+            db = self._db
+            db.execute("BEGIN IMMEDIATE")
+            try:
+                yield db
+                db.execute("COMMIT")
+            except BaseException:
+                if db.in_transaction:
+                    db.execute("ROLLBACK")
+                raise
+
     def commit_capture(
         self,
         *,
@@ -193,23 +224,15 @@ class Catalog:
         new_chunks: dict[bytes, ChunkLocation],
     ) -> int:
         """Add one captured model and everything it references, atomically. Returns the model id."""
-        with self._lock:
-            db = self._db
-            db.execute("BEGIN IMMEDIATE")
-            try:
-                model_id = self._insert_model(db, name, framework, n_rows, capture_seconds, model_file, info)
-                db.executemany(
-                    "INSERT OR IGNORE INTO chunks VALUES (?, ?, ?, ?, ?, ?)",
-                    [(cid, l.pack, l.offset, l.stored_length, l.raw_length, l.compression)
-                     for cid, l in new_chunks.items()],
-                )
-                for position, inter in enumerate(intermediates):
-                    self._insert_intermediate(db, model_id, position, inter)
-                db.execute("COMMIT")
-            except BaseException:
-                if db.in_transaction:
-                    db.execute("ROLLBACK")
-                raise
+        with self._transaction() as db:
+            model_id = self._insert_model(db, name, framework, n_rows, capture_seconds, model_file, info)
+            db.executemany(
+                "INSERT OR IGNORE INTO chunks VALUES (?, ?, ?, ?, ?, ?)",
+                [(cid, l.pack, l.offset, l.stored_length, l.raw_length, l.compression)
+                 for cid, l in new_chunks.items()],
+            )
+            for position, inter in enumerate(intermediates):
+                self._insert_intermediate(db, model_id, position, inter)
         return model_id
 
     @staticmethod
@@ -217,9 +240,9 @@ class Catalog:
                       model_file: str, info: dict[str, Any]) -> int:
         try:
             cur = db.execute(
-                "INSERT INTO models (name, framework, n_rows, created, capture_seconds, model_file, info)"
-                " VALUES (?, ?, ?, ?, ?, ?, ?)",
-                (name, framework, n_rows, time.time(), seconds, model_file, json.dumps(info)),
+                "INSERT INTO models (id, name, framework, n_rows, created, capture_seconds, model_file, info)"
+                " VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                (_next_id(db, "models"), name, framework, n_rows, time.time(), seconds, model_file, json.dumps(info)),
             )
         except sqlite3.IntegrityError as exc:
             raise StoreError(f"a model named {name!r} is already in this store") from exc
@@ -228,16 +251,133 @@ class Catalog:
     @staticmethod
     def _insert_intermediate(db: sqlite3.Connection, model_id: int, position: int, inter: NewIntermediate) -> None:
         cur = db.execute(
-            "INSERT INTO intermediates (model_id, position, name, shape, dtype, layout, block_rows, codec,"
-            " raw_bytes, stored_bytes, new_bytes, seconds) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-            (model_id, position, inter.name, json.dumps(list(inter.shape)), inter.dtype_json, inter.layout,
-             inter.block_rows, json.dumps(inter.codec), inter.raw_bytes, inter.stored_bytes, inter.new_bytes,
-             inter.seconds),
+            "INSERT INTO intermediates (id, model_id, position, name, shape, dtype, layout, block_rows, codec,"
+            " raw_bytes, stored_bytes, new_bytes, seconds) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            (_next_id(db, "intermediates"), model_id, position, inter.name, json.dumps(list(inter.shape)),
+             inter.dtype_json, inter.layout, inter.block_rows, json.dumps(inter.codec), inter.raw_bytes,
+             inter.stored_bytes, inter.new_bytes, inter.seconds),
         )
         iid = cur.lastrowid
         db.executemany("INSERT INTO tiles VALUES (?, ?, ?)", [(iid, t, cid) for t, cid in inter.tiles])
         db.executemany("INSERT INTO timings VALUES (?, ?, ?, ?)", [(iid, b, r, s) for b, r, s in inter.timings])
 
+    # ---- maintenance (fsck, rm, gc) -------------------------------------------------------------------
+    def intermediate_ids(self) -> set[int]:
+        return {row[0] for row in self._query("SELECT id FROM intermediates")}
+
+    def chunk_rows(self) -> dict[bytes, ChunkLocation]:
+        """Every chunk row: id -> location."""
+        rows = self._query("SELECT id, pack, offset, stored_length, raw_length, compression FROM chunks")
+        return {row[0]: ChunkLocation(*row[1:]) for row in rows}
+
+    def referenced_chunk_ids(self) -> set[bytes]:
+        """Ids of the chunks some tile refers to (the live ones)."""
+        return {row[0] for row in self._query("SELECT DISTINCT chunk_id FROM tiles")}
+
+    def tiles_using(self, cids: Iterable[bytes]) -> list[tuple[int, int, bytes]]:
+        """(intermediate id, tile, chunk id) of every tile that refers to one of ``cids``."""
+        wanted = list(cids)
+        found: list[tuple[int, int, bytes]] = []
+        for start in range(0, len(wanted), _BATCH):
+            batch = wanted[start:start + _BATCH]
+            found += self._query(
+                "SELECT intermediate_id, tile, chunk_id FROM tiles"
+                f" WHERE chunk_id IN ({','.join('?' * len(batch))})", batch,
+            )
+        return found
+
+    def tiles_without_chunks(self) -> list[tuple[int, int, bytes]]:
+        """(intermediate id, tile, chunk id) of tiles whose chunk has no row: data that exists nowhere."""
+        return self._query(
+            "SELECT t.intermediate_id, t.tile, t.chunk_id FROM tiles t"
+            " WHERE NOT EXISTS (SELECT 1 FROM chunks c WHERE c.id = t.chunk_id)"
+        )
+
+    def tile_stats(self) -> dict[int, tuple[int, int, int]]:
+        """intermediate id -> (tiles, lowest tile, highest tile)."""
+        rows = self._query("SELECT intermediate_id, count(*), min(tile), max(tile) FROM tiles GROUP BY intermediate_id")
+        return {row[0]: (row[1], row[2], row[3]) for row in rows}
+
+    def tile_numbers(self, intermediate_id: int) -> list[int]:
+        return [row[0] for row in self._query(
+            "SELECT tile FROM tiles WHERE intermediate_id = ? ORDER BY tile", (intermediate_id,))]
+
+    def orphan_rows(self) -> dict[str, int]:
+        """Rows whose parent row is gone (never made by rm, which removes a model in one transaction)."""
+        queries = {
+            "intermediates without a model":
+                "SELECT count(*) FROM intermediates WHERE model_id NOT IN (SELECT id FROM models)",
+            "tiles without an intermediate":
+                "SELECT count(*) FROM tiles WHERE intermediate_id NOT IN (SELECT id FROM intermediates)",
+            "timings without an intermediate":
+                "SELECT count(*) FROM timings WHERE intermediate_id NOT IN (SELECT id FROM intermediates)",
+        }
+        counts = {what: self._query(sql)[0][0] for what, sql in queries.items()}
+        return {what: count for what, count in counts.items() if count}
+
+    def remove_model(self, name: str) -> ModelRecord:
+        """Delete a model's rows (model, intermediates, tiles, timings) in one transaction; its chunks stay
+        until gc. Returns the removed model's record."""
+        with self._transaction() as db:
+            row = db.execute(
+                "SELECT id, name, framework, n_rows, created, capture_seconds, model_file, info FROM models"
+                " WHERE name = ?", (name,),
+            ).fetchone()
+            if row is None:
+                raise NotFound(f"no model {name!r} in this store")
+            model = ModelRecord(*row[:7], info=json.loads(row[7]))
+            layers = [r[0] for r in db.execute("SELECT id FROM intermediates WHERE model_id = ?", (model.id,))]
+            for table in ("tiles", "timings"):
+                db.executemany(f"DELETE FROM {table} WHERE intermediate_id = ?", [(lid,) for lid in layers])
+            db.execute("DELETE FROM intermediates WHERE model_id = ?", (model.id,))
+            db.execute("DELETE FROM models WHERE id = ?", (model.id,))
+            _raise_high_water(db, "models", model.id)
+            _raise_high_water(db, "intermediates", max(layers, default=0))
+        return model
+
+    def relocate_chunks(self, moves: dict[bytes, ChunkLocation], dead: Iterable[bytes]) -> int:
+        """gc's one commit: point moved chunks at their new copies and drop rows of unreferenced chunks (a
+        row some tile refers to is kept whatever ``dead`` says). Returns the number of rows dropped."""
+        with self._transaction() as db:
+            db.executemany(
+                "UPDATE chunks SET pack = ?, offset = ?, stored_length = ?, raw_length = ?, compression = ?"
+                " WHERE id = ?",
+                [(l.pack, l.offset, l.stored_length, l.raw_length, l.compression, cid) for cid, l in moves.items()],
+            )
+            before = db.total_changes
+            db.executemany(
+                "DELETE FROM chunks WHERE id = ? AND NOT EXISTS (SELECT 1 FROM tiles WHERE chunk_id = ?)",
+                [(cid, cid) for cid in dead],
+            )
+            return db.total_changes - before
+
+    def replace_chunks(self, rows: dict[bytes, ChunkLocation]) -> None:
+        """fsck --repair: the whole chunk index, replaced in one transaction."""
+        with self._transaction() as db:
+            db.execute("DELETE FROM chunks")
+            db.executemany(
+                "INSERT INTO chunks VALUES (?, ?, ?, ?, ?, ?)",
+                [(cid, l.pack, l.offset, l.stored_length, l.raw_length, l.compression) for cid, l in rows.items()],
+            )
+
+    def note_gc(self) -> None:
+        """A commit after gc deleted packs: running mounts see the catalog change and let go of them."""
+        with self._transaction() as db:
+            db.execute("INSERT OR REPLACE INTO meta VALUES ('last_gc', ?)", (repr(time.time()),))
+
     def close(self) -> None:
         with self._lock:
             self._db.close()
+
+
+def _next_id(db: sqlite3.Connection, table: str) -> int:
+    """An id above every one ``table`` holds or ever held."""
+    current = db.execute(f"SELECT coalesce(max(id), 0) FROM {table}").fetchone()[0]
+    row = db.execute("SELECT value FROM meta WHERE key = ?", (_HIGH_WATER[table],)).fetchone()
+    return max(current, int(row[0]) if row else 0) + 1
+
+
+def _raise_high_water(db: sqlite3.Connection, table: str, removed: int) -> None:
+    row = db.execute("SELECT value FROM meta WHERE key = ?", (_HIGH_WATER[table],)).fetchone()
+    if removed > (int(row[0]) if row else 0):
+        db.execute("INSERT OR REPLACE INTO meta VALUES (?, ?)", (_HIGH_WATER[table], str(removed)))

@@ -13,9 +13,14 @@ On-disk format (little endian). A pack starts with the 16-byte ``PACK_MAGIC``; t
     check   I   xxh32 of the 40 bytes before it
 
 The header makes every pack self-describing, so the catalog's chunk index can be rebuilt from packs
-alone (``iter_objects``). A pack is written by one capture at a time and never rewritten; a crash leaves a
-torn tail that no catalog row references. Readers use ``os.pread`` on shared descriptors, which is safe
-from any thread.
+alone (``scan_pack``/``iter_objects``; a damaged header is skipped by searching for the next intact one).
+A pack is written once (by a capture, or by gc compacting another pack) and never modified; it may only be
+deleted, by gc, once no catalog row points into it. Pack names are random (uuid4) and never reused, so a
+stale location either still reads the right bytes or finds its pack gone (FileNotFoundError). A crash
+leaves a torn tail that no catalog row references.
+
+Readers use ``os.pread`` on shared descriptors, which is safe from any thread; a descriptor of a deleted
+pack is closed once no read uses it (``PackReader.retire_missing``), so a mount gives its space back.
 """
 
 from __future__ import annotations
@@ -27,6 +32,7 @@ import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import BinaryIO
 
 import xxhash
 import zstandard
@@ -72,6 +78,7 @@ def compress(data: bytes | memoryview) -> tuple[bytes, int]:
 
 
 def pack_header(cid: bytes, compression: int, raw_length: int, stored_length: int) -> bytes:
+    """The object header that precedes a payload in a pack."""
     head = OBJECT_HEADER.pack(OBJECT_MAGIC, 1, compression, 0, cid, raw_length, stored_length, 0)
     check = xxhash.xxh32_intdigest(head[:-4])
     return head[:-4] + struct.pack("<I", check)
@@ -141,61 +148,174 @@ def fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
+@dataclass
+class _Handle:
+    fd: int
+    users: int = 0
+    retired: bool = False
+
+
 class PackReader:
-    """Reads and verifies chunks; keeps one descriptor per pack, shared by all threads."""
+    """Reads and verifies chunks; keeps one descriptor per pack, shared by all threads.
+
+    A descriptor is counted while a read uses it, so ``retire_missing`` can close those of deleted packs
+    without pulling one from under a ``pread`` (a reused descriptor number would read another file)."""
 
     def __init__(self, packs_dir: Path) -> None:
         self.packs_dir = packs_dir
-        self._fds: dict[str, int] = {}
+        self._handles: dict[str, _Handle] = {}
         self._lock = threading.Lock()
 
-    def _fd(self, pack: str) -> int:
-        fd = self._fds.get(pack)
-        if fd is None:
-            with self._lock:
-                fd = self._fds.get(pack)
-                if fd is None:
-                    fd = os.open(self.packs_dir / pack, os.O_RDONLY)
-                    self._fds[pack] = fd
-        return fd
+    def _acquire(self, pack: str) -> _Handle:
+        with self._lock:
+            handle = self._handles.get(pack)
+            if handle is None:
+                handle = self._handles[pack] = _Handle(os.open(self.packs_dir / pack, os.O_RDONLY))
+            handle.users += 1
+            return handle
+
+    def _release(self, handle: _Handle) -> None:
+        with self._lock:
+            handle.users -= 1
+            if handle.retired and not handle.users:
+                os.close(handle.fd)
+
+    def read_payload(self, cid: bytes, loc: ChunkLocation) -> bytes:
+        """The chunk's stored (maybe compressed) bytes, unverified; FileNotFoundError if its pack is gone."""
+        handle = self._acquire(loc.pack)
+        try:
+            payload = os.pread(handle.fd, loc.stored_length, loc.offset)
+        finally:
+            self._release(handle)
+        if len(payload) != loc.stored_length:
+            raise CorruptChunk(f"chunk {cid.hex()} in {loc.pack} is truncated")
+        return payload
 
     def read(self, cid: bytes, loc: ChunkLocation) -> bytes:
         """The chunk's encoded bytes, verified against its id; CorruptChunk if they do not match."""
-        payload = os.pread(self._fd(loc.pack), loc.stored_length, loc.offset)
-        if len(payload) != loc.stored_length:
-            raise CorruptChunk(f"chunk {cid.hex()} in {loc.pack} is truncated")
-        if loc.compression == ZSTD:
-            try:
-                data = _decompressor().decompress(payload, max_output_size=loc.raw_length)
-            except zstandard.ZstdError as exc:
-                raise CorruptChunk(f"chunk {cid.hex()} in {loc.pack} does not decompress: {exc}") from exc
-        else:
-            data = payload
-        if len(data) != loc.raw_length or chunk_id(data) != cid:
-            raise CorruptChunk(f"chunk {cid.hex()} in {loc.pack} at {loc.offset} fails its checksum")
-        return data
+        return decode_payload(cid, loc, self.read_payload(cid, loc))
+
+    def open_packs(self) -> list[str]:
+        with self._lock:
+            return list(self._handles)
+
+    def retire_missing(self) -> list[str]:
+        """Close the descriptors of packs that were deleted (by gc); returns their names."""
+        with self._lock:
+            gone = [name for name in self._handles if not (self.packs_dir / name).exists()]
+            for name in gone:
+                handle = self._handles.pop(name)
+                handle.retired = True
+                if not handle.users:
+                    os.close(handle.fd)
+        return gone
 
     def close(self) -> None:
         with self._lock:
-            for fd in self._fds.values():
-                os.close(fd)
-            self._fds.clear()
+            for handle in self._handles.values():
+                handle.retired = True
+                if not handle.users:
+                    os.close(handle.fd)
+            self._handles.clear()
+
+
+def decode_payload(cid: bytes, loc: ChunkLocation, payload: bytes) -> bytes:
+    """A stored payload's encoded bytes, verified against the chunk id; CorruptChunk if they do not match."""
+    if loc.compression == ZSTD:
+        try:
+            data = _decompressor().decompress(payload, max_output_size=loc.raw_length)
+        except zstandard.ZstdError as exc:
+            raise CorruptChunk(f"chunk {cid.hex()} in {loc.pack} does not decompress: {exc}") from exc
+    else:
+        data = payload
+    if len(data) != loc.raw_length or chunk_id(data) != cid:
+        raise CorruptChunk(f"chunk {cid.hex()} in {loc.pack} at {loc.offset} fails its checksum")
+    return data
+
+
+@dataclass
+class PackScan:
+    """What a walk over one pack's object headers found.
+
+    ``damaged``: byte ranges ``[start, end)`` between intact objects that hold no intact header (a damaged
+    header and the payload after it). ``tail``: where the bytes after the last intact object begin (``size``
+    when the pack ends cleanly): a torn append, or a damaged last object."""
+
+    name: str
+    size: int
+    has_magic: bool
+    objects: list[tuple[bytes, ChunkLocation]]
+    damaged: list[tuple[int, int]]
+    tail: int
+
+
+def scan_pack(path: Path) -> PackScan:
+    """Walk every object header of one pack, skipping damaged ones (by searching for the next intact
+    header). Checks magic, version, compression and the header's xxh32; payloads are not read."""
+    size = path.stat().st_size
+    with open(path, "rb") as f:
+        if f.read(len(PACK_MAGIC)) != PACK_MAGIC:
+            return PackScan(path.name, size, False, [], [], 0)
+        objects: list[tuple[bytes, ChunkLocation]] = []
+        damaged: list[tuple[int, int]] = []
+        offset = len(PACK_MAGIC)
+        while offset < size:
+            found = _object_at(f, path.name, offset, size)
+            if found is None:
+                following = _next_object(f, path.name, offset + 1, size)
+                if following is None:
+                    break
+                damaged.append((offset, following))
+                offset = following
+                continue
+            objects.append(found)
+            offset = found[1].offset + found[1].stored_length
+        return PackScan(path.name, size, True, objects, damaged, offset)
+
+
+def object_at(path: Path, payload_offset: int) -> tuple[bytes, ChunkLocation] | None:
+    """The object whose payload starts at ``payload_offset`` in the pack at ``path``, if its header is
+    intact (None too when the pack is missing)."""
+    if payload_offset < len(PACK_MAGIC) + OBJECT_HEADER.size:
+        return None
+    try:
+        with open(path, "rb") as f:
+            return _object_at(f, path.name, payload_offset - OBJECT_HEADER.size, os.fstat(f.fileno()).st_size)
+    except FileNotFoundError:
+        return None
+
+
+def _object_at(f: BinaryIO, pack: str, offset: int, size: int) -> tuple[bytes, ChunkLocation] | None:
+    """The object whose header starts at ``offset``, if the header is intact and its payload fits."""
+    f.seek(offset)
+    head = f.read(OBJECT_HEADER.size)
+    if len(head) < OBJECT_HEADER.size:
+        return None
+    magic, version, comp, _r, cid, raw, stored, check = OBJECT_HEADER.unpack(head)
+    if magic != OBJECT_MAGIC or xxhash.xxh32_intdigest(head[:-4]) != check:
+        return None
+    payload = offset + OBJECT_HEADER.size
+    if version != 1 or comp not in (NO_COMPRESSION, ZSTD) or payload + stored > size:
+        return None
+    return cid, ChunkLocation(pack, payload, stored, raw, comp)
+
+
+def _next_object(f: BinaryIO, pack: str, start: int, size: int) -> int | None:
+    """The offset of the first intact object header at or after ``start``."""
+    block = 1 << 20
+    position = start
+    while position < size:
+        f.seek(position)
+        data = f.read(block + len(OBJECT_MAGIC) - 1)
+        found = data.find(OBJECT_MAGIC)
+        while found >= 0:
+            if _object_at(f, pack, position + found, size) is not None:
+                return position + found
+            found = data.find(OBJECT_MAGIC, found + 1)
+        position += block
+    return None
 
 
 def iter_objects(path: Path) -> Iterator[tuple[bytes, ChunkLocation]]:
-    """Every intact object of one pack, in order; stops at the first torn or damaged header."""
-    with open(path, "rb") as f:
-        if f.read(len(PACK_MAGIC)) != PACK_MAGIC:
-            return
-        offset = len(PACK_MAGIC)
-        while True:
-            head = f.read(OBJECT_HEADER.size)
-            if len(head) < OBJECT_HEADER.size:
-                return
-            magic, _version, comp, _r, cid, raw, stored, check = OBJECT_HEADER.unpack(head)
-            if magic != OBJECT_MAGIC or xxhash.xxh32_intdigest(head[:-4]) != check:
-                return
-            offset += OBJECT_HEADER.size
-            yield cid, ChunkLocation(path.name, offset, stored, raw, comp)
-            offset += stored
-            f.seek(offset)
+    """Every object of one pack with an intact header, in order (damaged headers are skipped)."""
+    yield from scan_pack(path).objects

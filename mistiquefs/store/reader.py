@@ -11,6 +11,11 @@ Pieces are cached in a shared ``ByteLRU`` under per-layer keys (``("rows", layer
 t)``, ``("column", layer, j)``), so no cache check needs the chunk map.
 ``read(..., cached_only=True)`` answers only from the cache and returns None otherwise: the FUSE adapter
 uses it to serve hot reads inline and sends the rest to a worker thread. All methods are thread-safe.
+
+The chunk map (where each tile's chunk lives) may go stale while a mount runs: gc moves live chunks out of
+mostly-garbage packs and deletes those. Packs are never modified, so a stale location either still reads
+the right bytes or fails (pack gone, or a copy fsck --repair no longer trusts); ``_chunk`` then looks the
+tile up again and retries once. ``forget_chunk_map`` drops the map so that it reloads.
 """
 
 from __future__ import annotations
@@ -26,6 +31,7 @@ from typing import TypeVar
 
 import numpy as np
 
+from mistiquefs.errors import CorruptChunk, StoreError
 from mistiquefs.npy import npy_header
 from mistiquefs.store.cache import ByteLRU, Buffer
 from mistiquefs.store.catalog import Catalog, TileIndex
@@ -233,18 +239,34 @@ class LayerReader:
     # ---- pieces --------------------------------------------------------------------------------------
     def tile_index(self) -> TileIndex:
         """The whole chunk map (one catalog query; loaded when a reader touches many chunks)."""
-        if self._tiles is None:
+        tiles = self._tiles
+        if tiles is None:
             with self._lock:
                 if self._tiles is None:
                     self._tiles = self._catalog.tile_index(self.rec.id)
-        return self._tiles
+                tiles = self._tiles
+        return tiles
+
+    def forget_chunk_map(self) -> None:
+        """Drop the chunk map and the per-tile lookups; the next reads look locations up again."""
+        with self._lock:
+            self._tiles = None
+            self._some_tiles = {}
+
+    def packs_in_use(self) -> set[str]:
+        """The packs the loaded parts of the chunk map point into."""
+        tiles, some = self._tiles, self._some_tiles
+        packs = set(tiles.packs) if tiles is not None else set()
+        return packs | {loc.pack for _cid, loc in list(some.values())}
 
     def _tile(self, tile: int) -> tuple[bytes, ChunkLocation]:
-        if self._tiles is not None:
-            return self._tiles[tile]
-        found = self._some_tiles.get(tile)
+        tiles = self._tiles
+        if tiles is not None:
+            return tiles[tile]
+        some = self._some_tiles
+        found = some.get(tile)
         if found is None:
-            if len(self._some_tiles) >= FULL_INDEX_AFTER:
+            if len(some) >= FULL_INDEX_AFTER:
                 return self.tile_index()[tile]
             # One indexed query for this tile's neighbourhood (its block's tiles for the columns layout): the
             # first read of a layer must not wait for the layer's whole chunk map.
@@ -254,12 +276,27 @@ class LayerReader:
             else:
                 first, stop = tile, tile + TILES_PER_QUERY
             for t, cid, loc in self._catalog.tiles(self.rec.id, first, stop):
-                self._some_tiles[t] = (cid, loc)
-            found = self._some_tiles[tile]
+                some[t] = (cid, loc)
+            found = some.get(tile)
+            if found is None:
+                raise StoreError(f"layer {self.rec.name!r} has no chunk for tile {tile} (removed, or a damaged "
+                                 "catalog: run mistiquefs fsck)")
         return found
 
     def _chunk(self, tile: int) -> bytes:
         cid, loc = self._tile(tile)
+        try:
+            return self._packs.read(cid, loc)
+        except (FileNotFoundError, CorruptChunk) as exc:
+            fresh = self._catalog.tiles(self.rec.id, tile, tile + 1)
+            if not fresh or fresh[0][1:] == (cid, loc):
+                if isinstance(exc, CorruptChunk):
+                    raise
+                raise CorruptChunk(f"chunk {cid.hex()} of {self.rec.name!r}: its pack {loc.pack} is missing "
+                                   "(run mistiquefs fsck)") from exc
+        # the chunk moved since the map was loaded (a gc, a repair): so did others, most likely
+        self.forget_chunk_map()
+        _t, cid, loc = fresh[0]
         return self._packs.read(cid, loc)
 
     def _row_key(self, b: int) -> Hashable:

@@ -5,7 +5,14 @@ Layout::
     STORE/catalog.sqlite   the catalog (SQLite, WAL)
     STORE/packs/*.pack     append-only chunk packs
     STORE/models/*         saved models (.keras, .skops), referenced by the catalog
-    STORE/capture.lock     flock'ed by the one capture that may write at a time
+    STORE/capture.lock     flock'ed by the one capture (or gc, or fsck --repair) that may write at a time
+
+Only the holder of the capture lock adds chunks or moves them, so a capture's dedup lookups and gc never
+race. ``rm`` needs no lock: it only deletes catalog rows, in one transaction, and never chunks.
+
+A repository opened by a mount outlives other processes' captures, rm and gc: ``forget_stale`` (called
+when the catalog's data_version changes) drops what those may have invalidated. Pieces in the decoded
+cache stay valid: they are keyed by layer id, ids are never reused, and a layer's data never changes.
 """
 
 from __future__ import annotations
@@ -48,15 +55,19 @@ class Repository:
             (self.root / sub).mkdir(parents=True, exist_ok=True)
 
     @contextmanager
-    def capture_lock(self) -> Iterator[None]:
-        """Held for the whole of a capture; a second capture into the same store is refused, not queued."""
+    def capture_lock(self, holder: str = "capture") -> Iterator[None]:
+        """Held for the whole of a capture (or a gc, or a repair: ``holder`` says which, for the message
+        another one gets); a second one on the same store is refused, not queued."""
         fd = os.open(self.root / "capture.lock", os.O_RDWR | os.O_CREAT, 0o644)
         try:
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except BlockingIOError:
-                raise StoreError(f"another capture is writing to {self.root}; try again when it has finished") \
+                other = os.pread(fd, 64, 0).decode(errors="replace").strip() or "capture"
+                raise StoreError(f"another {other} is writing to {self.root}; try again when it has finished") \
                     from None
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, holder.encode(), 0)
             yield
         finally:
             os.close(fd)
@@ -77,6 +88,23 @@ class Repository:
         if reader is None:
             reader = self._readers.setdefault(rec.id, LayerReader(rec, self.catalog, self.packs, self.cache))
         return reader
+
+    def forget_stale(self) -> None:
+        """After another process changed the catalog: drop the readers of removed layers, the chunk maps
+        that point into packs gc deleted (they reload on the next read), and descriptors of deleted packs.
+
+        Stale maps are safe until then: a pack is never modified, so an old location reads the right bytes
+        or finds its pack gone, and the reader retries that once with a fresh location."""
+        live = self.catalog.intermediate_ids()
+        for ident in [i for i in list(self._readers) if i not in live]:
+            self._readers.pop(ident, None)
+        readers = list(self._readers.values())
+        in_use = {pack for reader in readers for pack in reader.packs_in_use()}
+        gone = {pack for pack in in_use if not (self.root / "packs" / pack).exists()}
+        for reader in readers:
+            if gone & reader.packs_in_use():
+                reader.forget_chunk_map()
+        self.packs.retire_missing()
 
     def close(self) -> None:
         self.packs.close()

@@ -1,0 +1,421 @@
+"""fsck: verify a store end to end and say exactly which examples any damage affects; rebuild the chunk
+index from the packs alone.
+
+``check_store`` verifies:
+
+- every pack's object headers (magic, version, compression, xxh32 of the header). Bytes after the last
+  intact object that no chunk row points into are a torn write (reclaimable by gc), not damage;
+- every chunk row points at an intact object at that offset with the same id and lengths, and the bytes
+  there decompress and hash to the id (what every read checks);
+- every tile refers to an existing chunk; every intermediate has all its tiles (rows layout: one a block;
+  columns layout: one a block and column) numbered without gaps; no row has lost its parent row;
+- every model's kept model file exists.
+
+Every damaged or missing chunk is traced to what it holds: "model M, layer L, examples a..b" (columns
+layout: "model M, layer L, column j, examples a..b"). Unreferenced bytes (packs of torn captures, torn
+tails, chunks of removed models, duplicates, orphan model files) are listed as reclaimable by gc.
+
+``repair_store`` (``fsck --repair``) rebuilds the chunks table from the packs: for each id it keeps the copy
+the catalog already points at if its bytes verify (so running mounts need not move), else the first
+intact copy in pack-name and offset order. All in one transaction, under the capture lock. It then reports
+which models are still incomplete: tiles whose chunk exists nowhere.
+
+Concurrency: a plain check takes no lock and only reads. A gc may move chunks between its reads, so every
+chunk problem is checked again against the catalog as it is at the end, and dropped if gc explains it.
+"""
+
+from __future__ import annotations
+
+import os
+from collections import deque
+from collections.abc import Callable, Iterable, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TypeVar
+
+from mistiquefs.errors import CorruptChunk
+from mistiquefs.store.packs import OBJECT_HEADER, ChunkLocation, PackReader, PackScan, object_at, scan_pack
+from mistiquefs.store.records import COLUMNS
+from mistiquefs.store.repository import Repository
+
+T = TypeVar("T")
+#: threads that decompress and hash chunks (zstd releases the GIL)
+VERIFY_WORKERS = max(2, os.cpu_count() or 1)
+#: lines of affected examples a summary prints per problem (the report keeps them all)
+SUMMARY_LINES = 12
+MISSING_PACK = "its pack is missing"
+Chunks = dict[bytes, ChunkLocation]
+
+
+@dataclass(frozen=True)
+class Problem:
+    """One finding that means data is damaged, missing or inconsistent, and what it affects."""
+
+    what: str
+    affects: tuple[str, ...] = ()
+
+
+@dataclass
+class FsckReport:
+    packs: int = 0
+    chunks: int = 0
+    bytes_verified: int = 0
+    problems: list[Problem] = field(default_factory=list)
+    reclaimable: list[str] = field(default_factory=list)
+    reclaimable_bytes: int = 0
+    #: models some problem affects (after a repair: the models still incomplete)
+    affected_models: set[str] = field(default_factory=set)
+    #: what a repair changed ("" for a plain check)
+    repaired: str = ""
+
+    @property
+    def clean(self) -> bool:
+        return not self.problems
+
+    def summary(self) -> str:
+        lines = [f"checked {_count(self.packs, 'pack')}, {_count(self.chunks, 'chunk')}: "
+                 f"{_mb(self.bytes_verified)} of chunk data verified"]
+        if self.repaired:
+            lines.append(self.repaired)
+        if self.reclaimable:
+            lines.append(f"reclaimable by gc: {_mb(self.reclaimable_bytes)}")
+            lines += [f"  {note}" for note in self.reclaimable]
+        for problem in self.problems:
+            lines.append(f"PROBLEM: {problem.what}")
+            lines += [f"    affects {line}" for line in problem.affects[:SUMMARY_LINES]]
+            if len(problem.affects) > SUMMARY_LINES:
+                lines.append(f"    ... and {len(problem.affects) - SUMMARY_LINES} more ranges")
+        if self.clean:
+            lines.append("the store is clean")
+        else:
+            models = ", ".join(sorted(self.affected_models)) or "none"
+            verb = "still incomplete" if self.repaired else "affected"
+            lines.append(f"{_count(len(self.problems), 'problem')} found; models {verb}: {models}")
+        return "\n".join(lines)
+
+
+def check_store(repo: Repository) -> FsckReport:
+    """Verify everything in the store (reads every chunk); never writes."""
+    report = FsckReport()
+    rows = repo.catalog.chunk_rows()
+    scans = _scan_packs(repo.root / "packs")
+    report.packs = len(scans)
+    packs = PackReader(repo.root / "packs")
+    try:
+        bad = _check_chunk_rows(packs, rows, scans, report)
+        bad = _recheck(repo, packs, bad)
+    finally:
+        packs.close()
+    tracer = _Tracer(repo)
+    _report_bad_chunks(repo, bad, tracer, report)
+    _check_catalog(repo, tracer, report)
+    _note_reclaimable(repo, rows, scans, report)
+    return report
+
+
+def repair_store(repo: Repository) -> FsckReport:
+    """Rebuild the chunk index from the packs alone (one transaction, under the capture lock), then check
+    the catalog against it: the problems left are data that exists nowhere."""
+    with repo.capture_lock("fsck --repair"):
+        report = FsckReport()
+        old = repo.catalog.chunk_rows()
+        scans = _scan_packs(repo.root / "packs")
+        report.packs = len(scans)
+        rows = _intact_copies(repo.root / "packs", old, scans, report)
+        repo.catalog.replace_chunks(rows)
+        report.repaired = _describe_repair(old, rows, len(scans))
+        _check_catalog(repo, _Tracer(repo), report)
+        _note_reclaimable(repo, rows, scans, report)
+    return report
+
+
+# ---- packs and chunk rows ----------------------------------------------------------------------------
+def _scan_packs(packs_dir: Path) -> dict[str, PackScan]:
+    scans = {}
+    for path in sorted(packs_dir.glob("*.pack")):
+        try:
+            scans[path.name] = scan_pack(path)
+        except FileNotFoundError:  # deleted by a gc since the listing
+            continue
+    return scans
+
+
+def _check_chunk_rows(packs: PackReader, rows: Chunks, scans: dict[str, PackScan],
+                      report: FsckReport) -> dict[bytes, tuple[ChunkLocation, str]]:
+    """Chunk id -> (location, what is wrong) for every row that does not lead to verified bytes."""
+    objects = {(scan.name, loc.offset): (cid, loc) for scan in scans.values() for cid, loc in scan.objects}
+    bad: dict[bytes, tuple[ChunkLocation, str]] = {}
+    present = []
+    for cid, loc in rows.items():
+        if loc.pack not in scans:
+            bad[cid] = (loc, MISSING_PACK)
+            continue
+        present.append((cid, loc))
+        header = _header_problem(objects.get((loc.pack, loc.offset)), cid, loc)
+        if header:
+            bad[cid] = (loc, header)
+    present.sort(key=lambda item: (item[1].pack, item[1].offset))
+    for (cid, loc), error in zip(present, _parallel(_verify(packs), present)):
+        report.chunks += 1
+        report.bytes_verified += loc.stored_length
+        if error:
+            bad[cid] = (loc, error)
+        elif cid in bad:
+            bad[cid] = (loc, f"{bad[cid][1]} (its bytes still verify)")
+    return bad
+
+
+def _header_problem(found: tuple[bytes, ChunkLocation] | None, cid: bytes, loc: ChunkLocation) -> str:
+    if found is None:
+        return "no intact object header at its offset"
+    if found != (cid, loc):
+        return "the object header at its offset names another chunk or other lengths"
+    return ""
+
+
+def _verify(packs: PackReader) -> Callable[[bytes, ChunkLocation], str]:
+    def verify(cid: bytes, loc: ChunkLocation) -> str:
+        try:
+            packs.read(cid, loc)
+        except CorruptChunk as exc:  # its message names the chunk and pack, which the problem says already
+            return str(exc).replace(f"chunk {cid.hex()} in {loc.pack} at {loc.offset} ", "") \
+                .replace(f"chunk {cid.hex()} in {loc.pack} ", "")
+        except OSError as exc:
+            return f"cannot be read: {exc}"
+        return ""
+    return verify
+
+
+def _recheck(repo: Repository, packs: PackReader,
+             bad: dict[bytes, tuple[ChunkLocation, str]]) -> dict[bytes, tuple[ChunkLocation, str]]:
+    """Drop problems that a gc running meanwhile explains: the row moved to a copy that verifies, or went
+    (a tile still referring to a vanished chunk is reported by the tile checks)."""
+    still: dict[bytes, tuple[ChunkLocation, str]] = {}
+    for cid, (loc, reason) in bad.items():
+        now = repo.catalog.chunk_location(cid)
+        if now is None:
+            continue
+        if now == loc:
+            still[cid] = (loc, reason)
+            continue
+        problem = _header_problem(object_at(repo.root / "packs" / now.pack, now.offset), cid, now)
+        problem = _verify(packs)(cid, now) or problem
+        if problem:
+            still[cid] = (now, problem)
+    return still
+
+
+def _parallel(fn: Callable[..., T], items: list[tuple]) -> Iterator[T]:
+    """``fn(*item)`` for each item, in order, on a thread pool; at most a few items wait at a time."""
+    with ThreadPoolExecutor(VERIFY_WORKERS, thread_name_prefix="mistiquefs-fsck") as pool:
+        pending: deque = deque()
+        for item in items:
+            pending.append(pool.submit(fn, *item))
+            if len(pending) >= 4 * VERIFY_WORKERS:
+                yield pending.popleft().result()
+        while pending:
+            yield pending.popleft().result()
+
+
+def _intact_copies(packs_dir: Path, old: Chunks, scans: dict[str, PackScan], report: FsckReport) -> Chunks:
+    """For every chunk id found in the packs (or in the old index), the first copy whose bytes verify."""
+    candidates: dict[bytes, list[ChunkLocation]] = {}
+    for cid, loc in old.items():
+        candidates[cid] = [loc]
+    for scan in scans.values():
+        for cid, loc in scan.objects:
+            copies = candidates.setdefault(cid, [])
+            if loc not in copies:
+                copies.append(loc)
+    items = list(candidates.items())
+    rows: Chunks = {}
+    packs = PackReader(packs_dir)
+    try:
+        for (cid, _copies), (loc, tried) in zip(items, _parallel(_first_intact(packs), items)):
+            report.chunks += 1
+            report.bytes_verified += tried
+            if loc is not None:
+                rows[cid] = loc
+    finally:
+        packs.close()
+    return rows
+
+
+def _first_intact(packs: PackReader) -> Callable[[bytes, list[ChunkLocation]], tuple[ChunkLocation | None, int]]:
+    def first(cid: bytes, copies: list[ChunkLocation]) -> tuple[ChunkLocation | None, int]:
+        tried = 0
+        for loc in copies:
+            tried += loc.stored_length
+            if not _verify(packs)(cid, loc):
+                return loc, tried
+        return None, tried
+    return first
+
+
+def _describe_repair(old: Chunks, new: Chunks, n_packs: int) -> str:
+    same = sum(1 for cid, loc in new.items() if old.get(cid) == loc)
+    moved = sum(1 for cid, loc in new.items() if cid in old and old[cid] != loc)
+    dropped = sum(1 for cid in old if cid not in new)
+    return (f"repaired: rebuilt the chunk index from {n_packs} packs: {len(new)} intact chunks ({same} as "
+            f"before, {moved} moved to an intact copy, {len(new) - same - moved} re-indexed from the packs), "
+            f"{dropped} rows dropped (damaged or missing)")
+
+
+# ---- tracing damage to examples ------------------------------------------------------------------------
+class _Tracer:
+    """Names the examples that tiles hold: "model M, layer L[, column j], examples a..b"."""
+
+    def __init__(self, repo: Repository) -> None:
+        self.models = {m.id: m.name for m in repo.models()}
+        self.layers = {rec.id: rec for rec in repo.intermediates()}
+        self.affected: set[str] = set()
+
+    def describe(self, tiles: Iterable[tuple[int, int]]) -> tuple[str, ...]:
+        spans: dict[tuple[int, int, int, int], list[tuple[int, int]]] = {}
+        for iid, tile in tiles:
+            rec = self.layers.get(iid)
+            if rec is None:
+                continue
+            block, column = divmod(tile, rec.n_columns) if rec.layout == COLUMNS else (tile, -1)
+            first = block * rec.block_rows
+            last = min(first + rec.block_rows, rec.n_rows) - 1
+            if 0 <= first <= last:
+                spans.setdefault((rec.model_id, rec.position, column, iid), []).append((first, last))
+        lines = []
+        for (model_id, _position, column, iid), ranges in sorted(spans.items()):
+            lines += [f"{self._where(model_id, iid, column)}, examples {a}..{b}" for a, b in _merge(ranges)]
+        return tuple(lines)
+
+    def _where(self, model_id: int, iid: int, column: int) -> str:
+        rec = self.layers[iid]
+        model = self.models.get(model_id, f"#{model_id}")
+        self.affected.add(model)
+        where = f"model {model}, layer {rec.name}"
+        if column >= 0:
+            where += f", column {column}" + (f" ({rec.dtype.names[column]})" if rec.dtype.names else "")
+        return where
+
+
+def _merge(ranges: list[tuple[int, int]]) -> list[tuple[int, int]]:
+    merged: list[tuple[int, int]] = []
+    for first, last in sorted(ranges):
+        if merged and first <= merged[-1][1] + 1:
+            merged[-1] = (merged[-1][0], max(last, merged[-1][1]))
+        else:
+            merged.append((first, last))
+    return merged
+
+
+def _report_bad_chunks(repo: Repository, bad: dict[bytes, tuple[ChunkLocation, str]], tracer: _Tracer,
+                       report: FsckReport) -> None:
+    """One problem per damaged chunk, one per missing pack, each with the examples it affects."""
+    users: dict[bytes, list[tuple[int, int]]] = {}
+    for iid, tile, cid in repo.catalog.tiles_using(bad):
+        users.setdefault(cid, []).append((iid, tile))
+    missing: dict[str, list[bytes]] = {}
+    for cid, (loc, reason) in sorted(bad.items(), key=lambda item: (item[1][0].pack, item[1][0].offset)):
+        if reason == MISSING_PACK:
+            missing.setdefault(loc.pack, []).append(cid)
+            continue
+        unused = "" if users.get(cid) else " (no tile uses it, but a capture could reuse it: fsck --repair)"
+        report.problems.append(Problem(f"chunk {cid.hex()} in pack {loc.pack} at offset {loc.offset}: "
+                                       f"{reason}{unused}", tracer.describe(users.get(cid, ()))))
+    for pack, cids in missing.items():
+        report.problems.append(Problem(
+            f"pack {pack} is missing: {_count(len(cids), 'chunk')} lost",
+            tracer.describe(t for cid in cids for t in users.get(cid, ())),
+        ))
+    report.affected_models |= tracer.affected
+
+
+# ---- catalog consistency ----------------------------------------------------------------------------
+def _check_catalog(repo: Repository, tracer: _Tracer, report: FsckReport) -> None:
+    catalog = repo.catalog
+    lost = catalog.tiles_without_chunks()
+    if lost:
+        chunks = len({cid for _i, _t, cid in lost})
+        report.problems.append(Problem(f"{chunks} chunks that tiles refer to exist nowhere (no chunk row)",
+                                       tracer.describe((iid, tile) for iid, tile, _cid in lost)))
+    stats = catalog.tile_stats()
+    for rec in tracer.layers.values():
+        expected = rec.n_blocks * (rec.n_columns if rec.layout == COLUMNS else 1)
+        count, low, high = stats.get(rec.id, (0, 0, -1))
+        if count == expected and (not count or (low == 0 and high == expected - 1)):
+            continue
+        numbers = set(catalog.tile_numbers(rec.id))
+        gaps = sorted(set(range(expected)) - numbers)
+        extra = sorted(t for t in numbers if not 0 <= t < expected)
+        model = tracer.models.get(rec.model_id, f"#{rec.model_id}")
+        report.problems.append(Problem(
+            f"model {model}, layer {rec.name}: {count} tiles where {expected} are expected "
+            f"({len(gaps)} missing, {len(extra)} out of range)", tracer.describe((rec.id, t) for t in gaps),
+        ))
+        tracer.affected.add(model)
+    for what, count in catalog.orphan_rows().items():
+        report.problems.append(Problem(f"{count} {what} (the catalog is inconsistent)"))
+    for model in repo.models():
+        if not (repo.root / model.model_file).is_file():
+            report.problems.append(Problem(f"model {model.name}: its model file {model.model_file} is missing"))
+            tracer.affected.add(model.name)
+    report.affected_models |= tracer.affected
+
+
+# ---- reclaimable space ------------------------------------------------------------------------------
+def _note_reclaimable(repo: Repository, rows: Chunks, scans: dict[str, PackScan], report: FsckReport) -> None:
+    by_pack: dict[str, list[ChunkLocation]] = {}
+    for loc in rows.values():
+        by_pack.setdefault(loc.pack, []).append(loc)
+    indexed = {(loc.pack, loc.offset) for loc in rows.values()}
+    duplicates = duplicate_bytes = 0
+    for scan in scans.values():
+        referenced = by_pack.get(scan.name)
+        if not referenced:
+            _reclaim(report, scan.size, f"pack {scan.name}: no chunk row refers to it (a torn capture or an "
+                                        "interrupted gc)")
+            continue
+        last = max(loc.offset + loc.stored_length for loc in referenced)
+        if scan.tail < scan.size and last <= scan.tail:
+            _reclaim(report, scan.size - scan.tail, f"pack {scan.name}: the bytes after its last intact object "
+                                                    "(a torn write)")
+        for start, end in scan.damaged:
+            if not any(start <= loc.offset < end for loc in referenced):
+                _reclaim(report, end - start, f"pack {scan.name}: unreadable bytes at offset {start} that no "
+                                              "chunk row refers to")
+        for _cid, loc in scan.objects:
+            if (scan.name, loc.offset) not in indexed:
+                duplicates += 1
+                duplicate_bytes += OBJECT_HEADER.size + loc.stored_length
+    if duplicates:
+        _reclaim(report, duplicate_bytes, f"{duplicates} objects no chunk row refers to (duplicates, or "
+                                          "chunks of removed models)")
+    _note_unreferenced_chunks(repo, rows, report)
+    _note_orphan_model_files(repo, report)
+
+
+def _note_unreferenced_chunks(repo: Repository, rows: Chunks, report: FsckReport) -> None:
+    live = repo.catalog.referenced_chunk_ids()
+    dead = [loc for cid, loc in rows.items() if cid not in live]
+    if dead:
+        size = sum(OBJECT_HEADER.size + loc.stored_length for loc in dead)
+        _reclaim(report, size, f"{len(dead)} chunks that no tile refers to (models removed with rm)")
+
+
+def _note_orphan_model_files(repo: Repository, report: FsckReport) -> None:
+    kept = {(repo.root / m.model_file).resolve() for m in repo.models()}
+    for path in sorted((repo.root / "models").glob("*")):
+        if path.is_file() and path.resolve() not in kept:
+            _reclaim(report, path.stat().st_size, f"model file {path.name}: no model refers to it")
+
+
+def _reclaim(report: FsckReport, size: int, note: str) -> None:
+    report.reclaimable.append(f"{note}: {size} bytes")
+    report.reclaimable_bytes += size
+
+
+def _count(n: int, noun: str) -> str:
+    return f"{n} {noun}" + ("" if n == 1 else "s")
+
+
+def _mb(size: int) -> str:
+    return f"{size / 1e6:.1f} MB"

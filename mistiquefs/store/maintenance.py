@@ -1,0 +1,206 @@
+"""rm and gc: removing a model, and reclaiming the space that nothing references.
+
+``remove_model`` (``mistiquefs rm``) deletes the model's catalog rows (model, intermediates, tiles, timings)
+in one transaction, then its model file. Its chunks stay, since other models may share them, until gc.
+
+``collect_garbage`` (``mistiquefs gc``) runs under the capture lock, so no capture adds references to (or
+deduplicates against) a chunk while gc drops it. A chunk is live while some tile refers to it.
+
+- A pack holding no live chunk is deleted (chunks of removed models, torn captures, interrupted gcs).
+- A pack whose garbage (every byte that is not a live chunk's object: removed models' chunks, duplicates,
+  torn tails) exceeds ``COMPACT_FRACTION`` of its size is compacted: its live objects are copied, verified,
+  into a new pack. Below that the pack stays as it is, unreferenced chunk rows included (a later capture
+  may still deduplicate against them): rewriting 80% of a pack to win back 20% is not worth the I/O.
+- Model files that no model refers to are deleted (a crash between rm's commit and its unlink, a torn
+  capture).
+
+Crash safety. The steps run in this order, each a module function (the crash tests stop at each):
+
+1. ``copy_live_chunks``: new packs are written, fsynced, and the packs directory fsynced;
+2. ``commit_relocations``: ONE transaction points every moved chunk at its new copy and drops the rows of
+   garbage chunks in deleted and compacted packs;
+3. ``remove_files``: only then are old packs (those no row points into any more) and orphan model files
+   deleted, and the directories fsynced;
+4. a last commit (``Catalog.note_gc``) tells running mounts to let go of the deleted packs.
+
+A crash before step 2 leaves new packs that no row refers to; a crash before step 3 leaves old packs that
+no row refers to. Either way every live chunk is in a durable pack that the catalog points at, fsck calls
+the leftovers reclaimable, and the next gc deletes them.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from mistiquefs.errors import CorruptChunk
+from mistiquefs.store.packs import OBJECT_HEADER, PACK_MAGIC, ChunkLocation, PackWriter, decode_payload, fsync_dir
+from mistiquefs.store.records import ModelRecord
+from mistiquefs.store.repository import Repository
+
+log = logging.getLogger(__name__)
+#: a pack is compacted when more than this fraction of its bytes is garbage
+COMPACT_FRACTION = 0.2
+
+
+@dataclass
+class GcReport:
+    bytes: int = 0
+    chunks: int = 0
+    packs_deleted: int = 0
+    packs_compacted: int = 0
+    model_files: int = 0
+    #: packs left as they were, and why (a live chunk in them is damaged, a write failed)
+    skipped: list[str] = field(default_factory=list)
+
+    def summary(self) -> str:
+        lines = [f"reclaimed {self.bytes / 1e6:.1f} MB: {self.chunks} chunks; packs: {self.packs_deleted} deleted, "
+                 f"{self.packs_compacted} compacted; model files: {self.model_files} deleted"]
+        return "\n".join(lines + [f"kept {note}" for note in self.skipped])
+
+
+@dataclass
+class PackUse:
+    """One pack as gc sees it: its live chunks and the rows of its unreferenced ones."""
+
+    name: str
+    size: int
+    live: list[tuple[bytes, ChunkLocation]] = field(default_factory=list)
+    dead: list[bytes] = field(default_factory=list)
+    new_size: int = 0  # of its compacted copy
+
+    @property
+    def garbage(self) -> int:
+        return self.size - len(PACK_MAGIC) - sum(OBJECT_HEADER.size + loc.stored_length for _c, loc in self.live)
+
+
+@dataclass
+class GcPlan:
+    delete: list[PackUse]
+    compact: list[PackUse]
+    lost_rows: list[bytes]  # unreferenced chunk rows whose pack is gone anyway
+    orphan_files: list[Path]
+
+    def dead_rows(self) -> list[bytes]:
+        return [cid for use in self.delete + self.compact for cid in use.dead] + self.lost_rows
+
+
+def remove_model(repo: Repository, name: str) -> ModelRecord:
+    """Remove a model from the catalog (one transaction), then its model file. NotFound if absent."""
+    model = repo.catalog.remove_model(name)
+    path = _model_file(repo, model.model_file)
+    if path is not None:
+        path.unlink(missing_ok=True)
+        fsync_dir(path.parent)
+    return model
+
+
+def collect_garbage(repo: Repository, *, compact_fraction: float = COMPACT_FRACTION) -> GcReport:
+    """Reclaim unreferenced chunks, packs and model files (see the module docstring for the protocol)."""
+    report = GcReport()
+    with repo.capture_lock("gc"):
+        plan = plan_gc(repo, compact_fraction)
+        moves = copy_live_chunks(repo, plan, report)
+        report.chunks = commit_relocations(repo, plan, moves)
+        remove_files(repo, plan, report)
+        repo.catalog.note_gc()
+        repo.packs.retire_missing()
+    return report
+
+
+def plan_gc(repo: Repository, compact_fraction: float = COMPACT_FRACTION) -> GcPlan:
+    """Which packs to delete and to compact, and which model files are orphans; changes nothing."""
+    rows = repo.catalog.chunk_rows()
+    live = repo.catalog.referenced_chunk_ids()
+    uses = {path.name: PackUse(path.name, path.stat().st_size) for path in sorted(_packs_dir(repo).glob("*.pack"))}
+    lost = []
+    for cid, loc in rows.items():
+        use = uses.get(loc.pack)
+        if use is None:
+            if cid not in live:
+                lost.append(cid)
+        elif cid in live:
+            use.live.append((cid, loc))
+        else:
+            use.dead.append(cid)
+    delete = [use for use in uses.values() if not use.live]
+    compact = [use for use in uses.values() if use.live and use.garbage > compact_fraction * use.size]
+    return GcPlan(delete, compact, lost, _orphan_model_files(repo))
+
+
+def copy_live_chunks(repo: Repository, plan: GcPlan, report: GcReport) -> dict[bytes, ChunkLocation]:
+    """Step 1: copy the live chunks of every pack to compact into a new, fsynced pack. A pack that cannot
+    be copied whole (a damaged live chunk, a failed write) is dropped from the plan and left as it is."""
+    moves: dict[bytes, ChunkLocation] = {}
+    for use in list(plan.compact):
+        try:
+            moves.update(_compact(repo, use))
+        except (CorruptChunk, OSError) as exc:
+            log.warning("not compacting %s: %s", use.name, exc)
+            plan.compact.remove(use)
+            report.skipped.append(f"pack {use.name} as it was: {exc}")
+    return moves
+
+
+def _compact(repo: Repository, use: PackUse) -> dict[bytes, ChunkLocation]:
+    writer = PackWriter(_packs_dir(repo))
+    try:
+        copied = {}
+        for cid, loc in sorted(use.live, key=lambda item: item[1].offset):
+            payload = repo.packs.read_payload(cid, loc)
+            decode_payload(cid, loc, payload)  # never pass a damaged chunk off as a sound copy
+            copied[cid] = writer.append(cid, payload, loc.compression, loc.raw_length)
+        writer.sync()
+        writer.close()
+    except BaseException:
+        writer.close()
+        for path in writer.written:  # nothing refers to them yet
+            path.unlink(missing_ok=True)
+        raise
+    use.new_size = sum(path.stat().st_size for path in writer.written)
+    return copied
+
+
+def commit_relocations(repo: Repository, plan: GcPlan, moves: dict[bytes, ChunkLocation]) -> int:
+    """Step 2, the one commit: moved chunks point at their copies, garbage rows go. Returns rows dropped."""
+    return repo.catalog.relocate_chunks(moves, plan.dead_rows())
+
+
+def remove_files(repo: Repository, plan: GcPlan, report: GcReport) -> None:
+    """Step 3: delete the old packs no chunk row points into any more, and orphan model files."""
+    in_use = {loc.pack for loc in repo.catalog.chunk_rows().values()}
+    compacted = {use.name for use in plan.compact}
+    for use in plan.delete + plan.compact:
+        if use.name in in_use:  # cannot happen under the capture lock; never delete a referenced pack
+            report.skipped.append(f"pack {use.name}: a chunk row still points into it")
+            continue
+        (_packs_dir(repo) / use.name).unlink(missing_ok=True)
+        report.bytes += use.size - use.new_size
+        if use.name in compacted:
+            report.packs_compacted += 1
+        else:
+            report.packs_deleted += 1
+    fsync_dir(_packs_dir(repo))
+    for path in plan.orphan_files:
+        report.bytes += path.stat().st_size
+        path.unlink(missing_ok=True)
+        report.model_files += 1
+    fsync_dir(repo.root / "models")
+
+
+def _orphan_model_files(repo: Repository) -> list[Path]:
+    kept = {Path(model.model_file) for model in repo.models()}
+    models_dir = repo.root / "models"
+    return [path for path in sorted(models_dir.iterdir())
+            if path.is_file() and path.relative_to(repo.root) not in kept]
+
+
+def _model_file(repo: Repository, relative: str) -> Path | None:
+    """A model's file, if it lies in the store's models/ directory (never unlink what a row says elsewhere)."""
+    path = repo.root / relative
+    return path if path.parent.resolve() == (repo.root / "models").resolve() else None
+
+
+def _packs_dir(repo: Repository) -> Path:
+    return repo.root / "packs"

@@ -1,0 +1,439 @@
+"""fsck, rm and gc: damage injected on disk is found and traced to examples, a repair rebuilds the chunk
+index, gc reclaims space and survives a crash at every step, and readers (a mount included) follow along."""
+
+from __future__ import annotations
+
+import os
+import sqlite3
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from mistiquefs.cli.main import main
+from mistiquefs.errors import DamageFound, NotFound, StoreError
+from mistiquefs.fs import tree as tree_module
+from mistiquefs.fs.tree import ROOT, Tree
+from mistiquefs.store.check import FsckReport, check_store, repair_store
+from mistiquefs.store.maintenance import collect_garbage, remove_model
+from mistiquefs.store.packs import OBJECT_HEADER, PackWriter, iter_objects
+from mistiquefs.store.repository import Repository
+from test_store import capture_arrays, layer, npy_bytes
+
+N = 6000
+
+
+@pytest.fixture
+def store(tmp_path: Path) -> tuple[Path, dict[tuple[str, str], np.ndarray]]:
+    """A store with a tensor model (rows layout, 1024 rows a chunk) and a table model (columns layout)."""
+    rng = np.random.default_rng(11)
+    arrays = {
+        ("cnn", "conv"): rng.standard_normal((N, 8, 8, 4)).astype(np.float32),
+        ("cnn", "dense"): rng.standard_normal((N, 16)).astype(np.float32),
+        ("pipe", "scaled"): rng.standard_normal((10_000, 5)),
+    }
+    repo = Repository(tmp_path / "s")
+    capture_arrays(repo, "cnn", {"conv": arrays["cnn", "conv"], "dense": arrays["cnn", "dense"]}, table=False)
+    capture_arrays(repo, "pipe", {"scaled": arrays["pipe", "scaled"]}, table=True, batch=4000)
+    repo.close()
+    return tmp_path / "s", arrays
+
+
+def check(path: Path) -> FsckReport:
+    repo = Repository(path, create=False)
+    try:
+        return check_store(repo)
+    finally:
+        repo.close()
+
+
+def tile_location(path: Path, model: str, name: str, tile: int):
+    repo = Repository(path, create=False)
+    try:
+        _t, cid, loc = repo.catalog.tiles(layer(repo, model, name).id)[tile]
+        return cid, loc
+    finally:
+        repo.close()
+
+
+def flip(path: Path, offset: int) -> None:
+    with open(path, "r+b") as f:
+        f.seek(offset)
+        byte = f.read(1)
+        f.seek(offset)
+        f.write(bytes([byte[0] ^ 0x5A]))
+
+
+def assert_bit_identical(path: Path, arrays: dict[tuple[str, str], np.ndarray]) -> None:
+    repo = Repository(path, create=False)
+    try:
+        for (model, name), original in arrays.items():
+            reader = repo.reader(layer(repo, model, name))
+            view = reader.all_view()
+            assert reader.read(view, 0, view.size) == npy_bytes(original), (model, name)
+    finally:
+        repo.close()
+
+
+def store_size(path: Path) -> int:
+    return sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
+
+
+def packs(path: Path) -> list[str]:
+    return sorted(p.name for p in (path / "packs").iterdir())
+
+
+# ---- fsck ---------------------------------------------------------------------------------------------
+def test_a_clean_store_is_clean(store, capsys) -> None:
+    path, _ = store
+    report = check(path)
+    assert report.clean and not report.reclaimable, report.summary()
+    assert report.packs == 2 and report.chunks == 6 + 1 + 2 * 5 and report.bytes_verified > 1_000_000
+    assert main(["fsck", str(path)]) == 0
+    out = capsys.readouterr().out
+    assert "checked 2 packs, 17 chunks" in out and "the store is clean" in out
+
+
+def test_a_flipped_byte_names_the_model_layer_and_examples(store, capsys) -> None:
+    path, arrays = store
+    repo = Repository(path, create=False)
+    capture_arrays(repo, "cnn2", {"conv": arrays["cnn", "conv"]}, table=False)  # shares every conv chunk
+    repo.close()
+    _cid, loc = tile_location(path, "cnn", "conv", 2)
+    flip(path / "packs" / loc.pack, loc.offset + loc.stored_length // 2)
+    _cid, loc = tile_location(path, "pipe", "scaled", 1 * 5 + 3)  # block 1, column 3
+    flip(path / "packs" / loc.pack, loc.offset + 7)
+    report = check(path)
+    assert {p.affects for p in report.problems} == {
+        ("model cnn, layer conv, examples 2048..3071", "model cnn2, layer conv, examples 2048..3071"),
+        ("model pipe, layer scaled, column 3, examples 8192..9999",),
+    }
+    assert report.affected_models == {"cnn", "cnn2", "pipe"}
+    assert main(["fsck", str(path)]) == DamageFound.exit_code
+    out, err = capsys.readouterr()
+    assert "affects model cnn, layer conv, examples 2048..3071" in out
+    assert "fails its checksum" in out or "does not decompress" in out
+    assert "is damaged (2 problems)" in err
+
+
+def test_a_damaged_header_is_named_and_the_objects_after_it_still_found(store) -> None:
+    path, _ = store
+    _cid, loc = tile_location(path, "cnn", "conv", 1)
+    objects = len(list(iter_objects(path / "packs" / loc.pack)))
+    flip(path / "packs" / loc.pack, loc.offset - OBJECT_HEADER.size + 10)  # inside the header's chunk id
+    assert len(list(iter_objects(path / "packs" / loc.pack))) == objects - 1
+    (problem,) = check(path).problems
+    assert "no intact object header" in problem.what and "its bytes still verify" in problem.what
+    assert problem.affects == ("model cnn, layer conv, examples 1024..2047",)
+
+
+def test_a_truncated_pack_is_reported(store) -> None:
+    path, _ = store
+    _cid, loc = tile_location(path, "cnn", "conv", 5)  # the last conv chunk: rows 5120..5999
+    lost = [other for _c, other in iter_objects(path / "packs" / loc.pack) if other.offset >= loc.offset]
+    os.truncate(path / "packs" / loc.pack, loc.offset + loc.stored_length // 2)
+    report = check(path)
+    affected = {a for p in report.problems for a in p.affects}
+    assert "model cnn, layer conv, examples 5120..5999" in affected
+    assert any("truncated" in p.what for p in report.problems)
+    assert len(report.problems) == len(lost)
+    assert not any("torn write" in note for note in report.reclaimable)  # referenced bytes: damage, not a tail
+
+
+def test_a_torn_tail_is_reclaimable_not_damage(store) -> None:
+    path, arrays = store
+    pack = path / "packs" / packs(path)[0]
+    with open(pack, "ab") as f:
+        f.write(b"MQCH\x01\x01\x00\x00" + b"half a header")
+    report = check(path)
+    assert report.clean, report.summary()
+    assert any("torn write" in note for note in report.reclaimable)
+    assert report.reclaimable_bytes == 21
+    assert_bit_identical(path, arrays)
+
+
+def test_a_deleted_pack_is_reported(store) -> None:
+    path, arrays = store
+    _cid, loc = tile_location(path, "pipe", "scaled", 0)
+    os.unlink(path / "packs" / loc.pack)
+    (problem,) = check(path).problems
+    assert problem.what == f"pack {loc.pack} is missing: 10 chunks lost"
+    assert problem.affects == tuple(f"model pipe, layer scaled, column {j}, examples 0..9999" for j in range(5))
+    del arrays["pipe", "scaled"]
+    assert_bit_identical(path, arrays)
+
+
+def test_a_missing_model_file_is_reported(store) -> None:
+    path, _ = store
+    repo = Repository(path, create=False)
+    model_file = next(m.model_file for m in repo.models() if m.name == "pipe")
+    repo.close()
+    os.unlink(path / model_file)
+    report = check(path)
+    assert [p.what for p in report.problems] == [f"model pipe: its model file {model_file} is missing"]
+    assert report.affected_models == {"pipe"}
+
+
+def test_repair_rebuilds_a_lost_chunk_index(store, capsys) -> None:
+    path, arrays = store
+    db = sqlite3.connect(path / "catalog.sqlite")
+    db.execute("DELETE FROM chunks")
+    db.commit()
+    db.close()
+    (problem,) = check(path).problems
+    assert problem.what == "17 chunks that tiles refer to exist nowhere (no chunk row)"
+    assert "model cnn, layer dense, examples 0..5999" in problem.affects
+    assert main(["fsck", str(path), "--repair"]) == 0
+    assert "17 intact chunks (0 as before, 0 moved to an intact copy, 17 re-indexed" in capsys.readouterr().out
+    assert check(path).clean
+    assert_bit_identical(path, arrays)
+
+
+def test_repair_moves_a_damaged_chunk_to_an_intact_copy(store) -> None:
+    path, arrays = store
+    cid, loc = tile_location(path, "cnn", "dense", 0)
+    with open(path / "packs" / loc.pack, "rb") as f:
+        f.seek(loc.offset)
+        payload = f.read(loc.stored_length)
+    copy = PackWriter(path / "packs")  # e.g. what a gc that crashed before its commit leaves behind
+    copy.append(cid, payload, loc.compression, loc.raw_length)
+    copy.sync()
+    copy.close()
+    flip(path / "packs" / loc.pack, loc.offset + 3)
+    assert not check(path).clean
+    repo = Repository(path, create=False)
+    report = repair_store(repo)
+    repo.close()
+    assert report.clean and "1 moved to an intact copy" in report.repaired
+    assert check(path).clean
+    assert_bit_identical(path, arrays)
+
+
+def test_repair_names_the_models_still_incomplete(store, capsys) -> None:
+    path, _ = store
+    _cid, loc = tile_location(path, "cnn", "dense", 0)
+    flip(path / "packs" / loc.pack, loc.offset + 3)
+    assert main(["fsck", "--repair", str(path)]) == DamageFound.exit_code
+    out, err = capsys.readouterr()
+    assert "1 rows dropped" in out
+    assert "affects model cnn, layer dense, examples 0..5999" in out
+    assert "models still incomplete: cnn" in out and "is damaged" in err
+
+
+# ---- rm and gc ------------------------------------------------------------------------------------------
+def test_rm_and_gc_reclaim_the_space_and_keep_the_rest(store, capsys) -> None:
+    path, arrays = store
+    before = store_size(path)
+    assert main(["rm", str(path), "cnn"]) == 0
+    assert "removed cnn" in capsys.readouterr().out
+    assert len(list((path / "models").iterdir())) == 1
+    report = check(path)
+    assert report.clean and any("no tile refers to" in note for note in report.reclaimable)
+    assert main(["gc", str(path)]) == 0
+    assert "7 chunks; packs: 1 deleted, 0 compacted" in capsys.readouterr().out
+    assert store_size(path) < before - 1_000_000
+    report = check(path)
+    assert report.clean and not report.reclaimable, report.summary()
+    assert_bit_identical(path, {("pipe", "scaled"): arrays["pipe", "scaled"]})
+    assert main(["rm", str(path), "cnn"]) == 2
+    assert "no model 'cnn'" in capsys.readouterr().err
+
+
+def shared_store(tmp_path: Path, garbage_rows: int) -> tuple[Path, np.ndarray]:
+    """Model a = {x, y}, then b = {x}: b's chunks all live in a's pack, so rm a leaves y's as garbage."""
+    rng = np.random.default_rng(3)
+    x = rng.standard_normal((4096, 256)).astype(np.float32)  # 4 chunks of 1 MiB
+    repo = Repository(tmp_path / "s")
+    capture_arrays(repo, "a", {"x": x, "y": rng.standard_normal((garbage_rows, 256)).astype(np.float32)[
+        np.arange(4096) % garbage_rows]}, table=False, batch=4096)
+    capture_arrays(repo, "b", {"x": x}, table=False)
+    remove_model(repo, "a")
+    repo.close()
+    return tmp_path / "s", x
+
+
+def test_gc_compacts_a_pack_that_is_mostly_garbage(tmp_path: Path) -> None:
+    path, x = shared_store(tmp_path, 4096)
+    old = packs(path)
+    repo = Repository(path, create=False)
+    report = collect_garbage(repo)
+    repo.close()
+    assert (report.packs_compacted, report.packs_deleted, report.chunks) == (1, 0, 4)
+    assert report.bytes > 3_000_000 and packs(path) != old and len(packs(path)) == 1
+    report = check(path)
+    assert report.clean and not report.reclaimable, report.summary()
+    assert_bit_identical(path, {("b", "x"): x})
+
+
+def test_gc_leaves_a_pack_with_little_garbage(tmp_path: Path) -> None:
+    path, x = shared_store(tmp_path, 1)  # y is 4096 equal rows: it compresses to almost nothing
+    old = packs(path)
+    repo = Repository(path, create=False)
+    report = collect_garbage(repo)
+    repo.close()
+    assert (report.packs_compacted, report.packs_deleted, report.bytes) == (0, 0, 0)
+    assert packs(path) == old
+    assert_bit_identical(path, {("b", "x"): x})
+
+
+CRASH = """
+import os, sys
+from pathlib import Path
+from mistiquefs.store import maintenance
+from mistiquefs.store.repository import Repository
+
+setattr(maintenance, sys.argv[2], lambda *args, **kwargs: os._exit(17))
+maintenance.collect_garbage(Repository(Path(sys.argv[1]), create=False))
+"""
+
+
+@pytest.mark.parametrize("step", ["commit_relocations", "remove_files"])
+def test_a_gc_that_crashes_loses_nothing(tmp_path: Path, step: str) -> None:
+    """A crash after the new pack is fsynced (before the commit), or after the commit (before the old pack
+    is deleted): the store checks clean, every byte reads back, and a second gc finishes the job."""
+    path, x = shared_store(tmp_path, 4096)
+    old = packs(path)
+    crashed = subprocess.run([sys.executable, "-c", CRASH, str(path), step], capture_output=True, text=True)
+    assert crashed.returncode == 17, crashed.stderr
+    assert len(packs(path)) == 2  # the old pack and its compacted copy
+    report = check(path)
+    assert report.clean, report.summary()
+    assert any("no chunk row refers to it" in note for note in report.reclaimable)
+    assert_bit_identical(path, {("b", "x"): x})
+    repo = Repository(path, create=False)
+    collect_garbage(repo)
+    repo.close()
+    assert len(packs(path)) == 1 and packs(path) != old
+    report = check(path)
+    assert report.clean and not report.reclaimable, report.summary()
+    assert_bit_identical(path, {("b", "x"): x})
+
+
+def test_gc_deletes_what_a_torn_capture_left(store) -> None:
+    path, arrays = store
+    repo = Repository(path, create=False)
+    writer = repo.begin_capture("torn", table=False)
+    writer.add("a", np.random.default_rng(0).standard_normal((5000, 64)))
+    writer.layers["a"].flush()
+    writer.sink.flush()
+    writer.packs.sync()
+    writer.new_file(".bin").write_bytes(b"model")
+    writer.sink.close()  # ... and the process dies here, before its commit
+    report = check(path)
+    assert report.clean
+    notes = " | ".join(report.reclaimable)
+    assert "no chunk row refers to it" in notes and "no model refers to it" in notes
+    report = collect_garbage(repo)
+    assert (report.packs_deleted, report.model_files) == (1, 1)
+    repo.close()
+    assert check(path).reclaimable == []
+    assert_bit_identical(path, arrays)
+
+
+def test_gc_waits_for_no_capture(store) -> None:
+    path, _ = store
+    repo = Repository(path, create=False)
+    other = Repository(path, create=False)
+    with repo.capture_lock():
+        with pytest.raises(StoreError, match="another capture is writing"):
+            collect_garbage(other)
+        with pytest.raises(StoreError, match="another capture is writing"):
+            repair_store(other)
+    with other.capture_lock("gc"):
+        with pytest.raises(StoreError, match="another gc is writing"):
+            with repo.capture_lock():
+                pass
+    repo.close()
+    other.close()
+
+
+def test_ids_are_never_reused(store) -> None:
+    path, arrays = store
+    repo = Repository(path, create=False)
+    last_model = max(m.id for m in repo.models())
+    last_layer = max(r.id for r in repo.intermediates())
+    remove_model(repo, "pipe")
+    capture_arrays(repo, "again", {"scaled": arrays["pipe", "scaled"]}, table=True)
+    assert min(m.id for m in repo.models() if m.name == "again") > last_model
+    assert layer(repo, "again", "scaled").id > last_layer
+    with pytest.raises(NotFound):
+        remove_model(repo, "pipe")
+    repo.close()
+
+
+# ---- readers that outlive a gc ------------------------------------------------------------------------
+def test_a_reader_with_a_stale_chunk_map_rereads_after_gc(tmp_path: Path) -> None:
+    path, x = shared_store(tmp_path, 4096)
+    stale = Repository(path, create=False)
+    opened = Repository(path, create=False)
+    cold = stale.reader(layer(stale, "b", "x"))
+    cold.tile_index()  # the chunk map, loaded before the gc; no pack opened yet
+    warm = opened.reader(layer(opened, "b", "x"))
+    assert np.array_equal(warm.rows(0, 10), x[:10])  # its descriptor of the old pack is open
+    repo = Repository(path, create=False)
+    assert collect_garbage(repo).packs_compacted == 1
+    repo.close()
+    assert np.array_equal(cold.rows(0, 4096), x)  # the old pack is gone: looked up again, read again
+    assert np.array_equal(warm.rows(1000, 4096), x[1000:])  # read through the still open descriptor
+    opened.forget_stale()  # what a mount does when it sees the catalog change
+    assert opened.packs.open_packs() == []
+    opened.cache.clear()
+    assert np.array_equal(warm.rows(0, 4096), x)
+    assert opened.packs.open_packs() == packs(path)
+    stale.close()
+    opened.close()
+
+
+def test_the_tree_follows_rm_and_gc(tmp_path: Path, monkeypatch) -> None:
+    path, x = shared_store(tmp_path, 4096)
+    repo = Repository(path)
+    capture_arrays(repo, "c", {"z": x[:100]}, table=False)
+    tree = Tree(Repository(path, create=False))
+    tree.load_chunk_maps()
+    model = tree.lookup(ROOT, b"c")
+    remove_model(repo, "c")
+    collect_garbage(repo)
+    repo.close()
+    monkeypatch.setattr(tree_module, "REFRESH_SECONDS", 0.0)
+    with pytest.raises(NotFound):
+        tree.lookup(ROOT, b"c")
+    with pytest.raises(NotFound):
+        tree.attr(model)
+    all_npy = tree.lookup(tree.lookup(tree.lookup(ROOT, b"b"), b"x"), b"all.npy")
+    assert tree.read(all_npy, 0, tree.size(all_npy)) == npy_bytes(x)
+
+
+def test_a_mount_stays_correct_across_rm_and_gc(tmp_path: Path, mount) -> None:
+    path, x = shared_store(tmp_path, 4096)
+    repo = Repository(path, create=False)
+    capture_arrays(repo, "a2", {"w": x[:2000] * 2}, table=False)
+    mnt = mount(path)
+    files = mnt / "b" / "x"
+    assert (files / "0.npy").read_bytes() == npy_bytes(x[0])  # the daemon opens the pack gc compacts
+    old = packs(path)
+    remove_model(repo, "a2")
+    report = collect_garbage(repo)
+    repo.close()
+    assert report.packs_compacted == 1 and report.packs_deleted == 1
+    time.sleep(1.1)  # the daemon looks at the catalog at most once a second
+    assert (files / "all.npy").read_bytes() == npy_bytes(x)
+    assert (files / "4095.npy").read_bytes() == npy_bytes(x[4095])
+    assert np.array_equal(np.load(files / "columns" / "17.npy"), x[:, 17])
+    assert sorted(os.listdir(mnt)) == ["b"]
+    assert not _deleted_packs_held_open(mnt, old)
+
+
+def _deleted_packs_held_open(mountpoint: Path, names: list[str]) -> list[str]:
+    """Descriptors that the mount daemon still holds on deleted packs (their space would not come back)."""
+    held = []
+    for proc in Path("/proc").glob("[0-9]*"):
+        try:
+            if str(mountpoint).encode() not in (proc / "cmdline").read_bytes():
+                continue
+            held += [os.readlink(fd) for fd in (proc / "fd").iterdir()]
+        except OSError:
+            continue
+    return [link for link in held if link.endswith("(deleted)") and any(name in link for name in names)]
