@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from mistiquefs.fs.mount import mount_background, unmount
+from mistiquefs.fs.mount import is_dead_mount, mount_background, unmount
 
 FUSE_OK = os.path.exists("/dev/fuse") and shutil.which("fusermount3") is not None
 
@@ -20,7 +20,7 @@ FUSE_OK = os.path.exists("/dev/fuse") and shutil.which("fusermount3") is not Non
 def _stop(mountpoint: Path, pid: int) -> None:
     """Unmount and make sure the daemon is gone, whatever state the test left it in."""
     try:
-        if os.path.ismount(mountpoint):
+        if os.path.ismount(mountpoint) or is_dead_mount(mountpoint):
             unmount(mountpoint)
     except Exception:
         subprocess.run(["fusermount3", "-u", "-z", str(mountpoint)], capture_output=True)

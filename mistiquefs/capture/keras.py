@@ -193,7 +193,10 @@ class _StageRecorder:
             if "training" in getattr(operation, "_call_context_args", ()):
                 kwargs["training"] = False
             start = time.perf_counter()
-            outputs = operation(*args, **kwargs)
+            try:
+                outputs = operation(*args, **kwargs)
+            except Exception as exc:
+                raise _layer_failed(operation, exc) from exc
             arrays = _numpy_leaves(outputs)
             seconds = time.perf_counter() - start
             self._record(operation, arrays, seconds)
@@ -223,6 +226,22 @@ class _StageRecorder:
             candidate = f"{name}_{n}"
         self._names.add(candidate)
         return candidate
+
+
+def _layer_failed(operation: Any, exc: Exception) -> CaptureError:
+    """A CaptureError naming the layer and the error it raised, without Keras's decoration.
+
+    Keras re-raises a layer's exception with the message wrapped in terminal escape codes and a dump of
+    the call's arguments (``traceback_utils.inject_argument_info_in_traceback``); the original is kept
+    as the new exception's ``__context__``, so the message shows what the layer itself said."""
+    if isinstance(exc, CaptureError):
+        return exc
+    original = exc.__context__ if getattr(exc, "_keras_call_info_injected", False) and exc.__context__ else exc
+    message = getattr(original, "message", None) or str(original)  # tf.errors.OpError keeps it apart
+    return CaptureError(
+        f"layer {getattr(operation, 'name', operation)!r} ({type(operation).__name__}) raised "
+        f"{type(original).__name__}: {message}"
+    )
 
 
 def _first_rows(stage: StageOutput, n_rows: int) -> StageOutput:

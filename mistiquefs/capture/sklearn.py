@@ -49,20 +49,13 @@ from sklearn.utils import _safe_indexing
 from sklearn.utils.validation import check_is_fitted
 
 from mistiquefs.capture.base import Adapter, StageOutput, stage_file_name
+from mistiquefs.capture.skops_trust import loaders_by_type, refusal
 from mistiquefs.errors import CaptureError
 
 __all__ = ["SklearnAdapter", "inputs_from_stored", "load_model"]
 
 Method = Literal["transform", "predict"]
 Kind = Literal["leaf", "pipeline", "columns", "union", "passthrough"]
-
-# Builtin types skops does not trust by default but that only hold data (no callables, no code).
-_SAFE_BUILTIN_TYPES = frozenset(
-    {f"builtins.{t}" for t in ("frozenset", "set", "range", "slice", "bytes", "bytearray", "complex")}
-)
-_TRUSTED_PREFIXES = ("sklearn.", "numpy.", "scipy.")
-# Modules under the trusted prefixes that can compile or execute code; a model never needs them.
-_UNSAFE_MODULE_PARTS = frozenset({"testing", "_testing", "f2py", "distutils", "ctypeslib"})
 
 
 @dataclass(frozen=True)
@@ -541,29 +534,30 @@ class SklearnAdapter(Adapter):
 # ------------------------------------------------------------------------------------------ loading
 
 
-def _is_trusted(type_name: str) -> bool:
-    if type_name in _SAFE_BUILTIN_TYPES:
-        return True
-    parts = set(type_name.split("."))
-    return type_name.startswith(_TRUSTED_PREFIXES) and not parts & _UNSAFE_MODULE_PARTS
-
-
 def load_model(path: Path | str) -> Any:
-    """The estimator saved at ``path`` by ``save_model``; refuses any type outside scikit-learn,
-    numpy, scipy and plain builtin data, so loading never runs code from an unknown module."""
+    """The estimator saved at ``path`` by ``save_model``. Types skops does not trust by default are
+    loaded only where ``skops_trust`` finds that loading them runs no code (a function referenced,
+    never called; a plain scikit-learn estimator); anything else is a CaptureError naming the type."""
     import skops.io
 
     try:
-        untrusted = skops.io.get_untrusted_types(file=path)
+        # Read once: the bytes checked are the bytes loaded, even if the file is replaced meanwhile.
+        data = Path(path).read_bytes()
     except FileNotFoundError as exc:
         raise CaptureError(f"no saved model at {path}") from exc
+    except OSError as exc:
+        raise CaptureError(f"cannot read the model file {path}: {exc.strerror}") from exc
+    try:
+        untrusted = skops.io.get_untrusted_types(data=data)
+        uses = loaders_by_type(data)
     except Exception as exc:  # skops raises zipfile/json/key errors for files it did not write
         raise CaptureError(f"{path} is not a skops model file: {exc}") from exc
-    refused = [name for name in untrusted if not _is_trusted(name)]
+    refused = [why for name in untrusted if (why := refusal(name, uses.get(name, set()))) is not None]
     if refused:
         raise CaptureError(
-            f"refusing to load {path}: it holds untrusted type(s) {', '.join(refused)}; only "
-            "scikit-learn, numpy and scipy types are loaded (inspect the file with "
-            "skops.io.get_untrusted_types and load it yourself if you trust it)"
+            f"refusing to load {path}: it holds untrusted type(s) {'; '.join(refused)}; only "
+            "scikit-learn estimators and numpy/scipy data are loaded, and no function is called while "
+            "loading (inspect the file with skops.io.get_untrusted_types and load it yourself if you "
+            "trust it)"
         )
-    return skops.io.load(path, trusted=untrusted)
+    return skops.io.loads(data, trusted=untrusted)

@@ -28,6 +28,8 @@ T = TypeVar("T")
 ENTRY_TIMEOUT = 300.0
 #: the root lists models, which a capture may add while mounted
 ROOT_TIMEOUT = 1.0
+#: longest name in bytes, as on local filesystems (statfs f_namemax; longer lookups are ENAMETOOLONG)
+NAME_MAX = 255
 
 
 def _answer(handler: Callable[..., Awaitable[T]]) -> Callable[..., Awaitable[T]]:
@@ -74,6 +76,9 @@ class FuseOps(pyfuse3.Operations):
 
     @_answer
     async def lookup(self, parent_inode: int, name: bytes, ctx: Any = None) -> pyfuse3.EntryAttributes:
+        if len(name) > NAME_MAX:
+            # The FUSE kernel module passes names up to 1024 bytes; say what statfs promises (f_namemax).
+            raise pyfuse3.FUSEError(errno.ENAMETOOLONG)
         if name == b".":
             return self._entry(self.tree.attr(parent_inode))
         return self._entry(self.tree.attr(self.tree.lookup(parent_inode, name)))
@@ -123,7 +128,7 @@ class FuseOps(pyfuse3.Operations):
     async def statfs(self, ctx: Any) -> pyfuse3.StatvfsData:
         stats = pyfuse3.StatvfsData()
         stats.f_bsize = stats.f_frsize = BLOCK_SIZE
-        stats.f_namemax = 255
+        stats.f_namemax = NAME_MAX
         return stats
 
     @_answer

@@ -1,7 +1,8 @@
 """Mount lifecycle: serve a store in the foreground, start a background daemon, unmount.
 
-``serve`` follows pyfuse3's lifecycle: ``init`` -> ``trio.run(main)`` -> ``close``. SIGTERM and SIGINT
-make ``main`` return, and ``close(unmount=True)`` then unmounts cleanly. ``mount_background`` starts
+``serve`` follows pyfuse3's lifecycle: ``init`` -> ``trio.run(main)`` -> ``close``. SIGTERM, SIGINT and
+SIGHUP make ``main`` return, and ``close(unmount=True)`` then unmounts cleanly (exit status 0), also when
+they arrive while the mount is still starting. ``mount_background`` starts
 ``python -m mistiquefs mount -f`` in its own session and returns once the kernel shows the mount (or
 reports the daemon's own error message if it exits first).
 """
@@ -17,6 +18,7 @@ import sys
 import threading
 import time
 from pathlib import Path
+from typing import Any
 
 from mistiquefs.errors import MountError
 from mistiquefs.store.repository import Repository
@@ -28,9 +30,26 @@ MOUNT_WAIT_SECONDS = 60.0
 CHUNK_MAP_SECONDS = 1.0
 #: kernel read-ahead for the mount, in KiB (see _raise_read_ahead)
 READ_AHEAD_KB = 1024
+#: signals that unmount cleanly and end the daemon with exit status 0
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
+
+
+def is_dead_mount(mountpoint: Path) -> bool:
+    """True for a FUSE mount whose daemon is gone ("Transport endpoint is not connected").
+
+    Asks with statvfs, not stat: the kernel may answer stat from attributes it cached (for a second on
+    our root) after the daemon died, but it sends every statfs to the daemon."""
+    try:
+        os.statvfs(mountpoint)
+    except OSError as exc:
+        return exc.errno == errno.ENOTCONN
+    return False
 
 
 def check_mountpoint(mountpoint: Path) -> None:
+    if is_dead_mount(mountpoint):  # os.path.ismount is False there (its stat fails): say what it is
+        raise MountError(f"{mountpoint} is a mount whose daemon is gone (transport endpoint is not "
+                         f"connected); clear it with mistiquefs umount {mountpoint}")
     if os.path.ismount(mountpoint):
         raise MountError(f"{mountpoint} is already a mount point; unmount it first (mistiquefs umount {mountpoint})")
     if not mountpoint.is_dir():
@@ -62,20 +81,38 @@ def serve(store: Path, mountpoint: Path, *, allow_other: bool = False, debug: bo
         options.add("allow_other")
     if debug:
         options.add("debug")
+    # The kernel shows the mount as soon as init returns, before the event loop listens for signals: a
+    # SIGTERM in that gap killed the daemon and left a dead mount ("Transport endpoint is not
+    # connected"), a SIGINT skipped the unmount. Until the loop listens, stop signals are only noted.
+    pending, previous = _defer_stop_signals()
     try:
-        pyfuse3.init(ops, str(mountpoint), options)
-    except RuntimeError as exc:
-        repo.close()
-        raise MountError(f"cannot mount on {mountpoint}: {exc} (is /dev/fuse there, and fusermount3?)") from exc
-    # a plain daemon thread, not a trio one: it must never hold up the loop's shutdown
-    threading.Thread(target=_raise_read_ahead, args=(mountpoint,), daemon=True).start()
-    log.info("serving %s on %s (pid %d)", store, mountpoint, os.getpid())
-    try:
-        trio.run(_main, mountpoint)
+        try:
+            pyfuse3.init(ops, str(mountpoint), options)
+        except RuntimeError as exc:
+            repo.close()
+            raise MountError(f"cannot mount on {mountpoint}: {exc} (is /dev/fuse there, and fusermount3?)") \
+                from exc
+        try:
+            # a plain daemon thread, not a trio one: it must never hold up the loop's shutdown
+            threading.Thread(target=_raise_read_ahead, args=(mountpoint,), daemon=True).start()
+            log.info("serving %s on %s (pid %d)", store, mountpoint, os.getpid())
+            trio.run(_main, mountpoint, pending)
+        finally:
+            pyfuse3.close(unmount=True)
+            repo.close()
+            log.info("unmounted %s", mountpoint)
     finally:
-        pyfuse3.close(unmount=True)
-        repo.close()
-        log.info("unmounted %s", mountpoint)
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
+
+
+def _defer_stop_signals() -> tuple[list[int], dict[int, Any]]:
+    """Note STOP_SIGNALS in a list instead of acting on them; returns it and the handlers replaced."""
+    pending: list[int] = []
+    previous = {signum: signal.getsignal(signum) for signum in STOP_SIGNALS}
+    for signum in STOP_SIGNALS:
+        signal.signal(signum, lambda signum, _frame: pending.append(signum))
+    return pending, previous
 
 
 def _raise_read_ahead(mountpoint: Path) -> None:
@@ -96,21 +133,25 @@ def _raise_read_ahead(mountpoint: Path) -> None:
         log.debug("cannot raise read-ahead on %s: %s", mountpoint, exc)
 
 
-async def _main(mountpoint: Path) -> None:
+async def _main(mountpoint: Path, pending: list[int]) -> None:
     import pyfuse3
     import trio
 
     async with trio.open_nursery() as nursery:
-        nursery.start_soon(_terminate_on_signals)
+        nursery.start_soon(_terminate_on_signals, pending)
         await pyfuse3.main()
         nursery.cancel_scope.cancel()
 
 
-async def _terminate_on_signals() -> None:
+async def _terminate_on_signals(pending: list[int]) -> None:
     import pyfuse3
     import trio
 
-    with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as signals:
+    with trio.open_signal_receiver(*STOP_SIGNALS) as signals:
+        if pending:  # arrived before this receiver existed (see serve)
+            log.info("signal %d: unmounting", pending[0])
+            pyfuse3.terminate()
+            return
         async for signum in signals:
             log.info("signal %d: unmounting", signum)
             pyfuse3.terminate()
@@ -150,11 +191,7 @@ def _tail(path: Path, lines: int = 5) -> str:
 
 def unmount(mountpoint: Path) -> None:
     """Unmount with fusermount3; a mount whose daemon died is detached lazily."""
-    try:
-        os.stat(mountpoint)
-        dead = False
-    except OSError as exc:
-        dead = exc.errno == errno.ENOTCONN  # "Transport endpoint is not connected"
+    dead = is_dead_mount(mountpoint)
     if not dead and not os.path.ismount(mountpoint):
         raise MountError(f"{mountpoint} is not mounted")
     command = ["fusermount3", "-u", *(["-z"] if dead else []), str(mountpoint)]

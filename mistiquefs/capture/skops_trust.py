@@ -1,0 +1,83 @@
+"""Which types of a ``.skops`` file may be loaded: the trust policy behind ``sklearn.load_model``.
+
+skops refuses every type outside its own default list unless the caller trusts it by name. A name alone
+says too little: skops looks a name up with different *loaders* (the ``__loader__`` of each node in the
+file's ``schema.json``), and some of them call what they find with arguments taken from the file
+(``ConstructorFromReduceNode`` calls ``numpy.save(path, array)`` as readily as it calls a class), or
+create an object and run its ``__setstate__``/``__del__`` (``ObjectNode``). So trusting, say, every
+name under ``numpy.`` lets a crafted file write files while it loads. A name skops does not trust by
+default is accepted here only when *every* node that uses it is safe:
+
+* a reference loader (``FunctionNode``, ``TypeNode``, ``DTypeNode``): the object is looked up and kept,
+  never called, e.g. ``SelectKBest(score_func=f_classif)``;
+* an ``ObjectNode`` of a scikit-learn estimator class that keeps ``BaseEstimator.__setstate__`` and has
+  no ``__del__`` or own ``__new__``: building it only fills its ``__dict__``;
+* a builtin container of plain data (``set``, ``frozenset``, ``bytes``...).
+
+Names under ``sklearn.``, ``numpy.`` and ``scipy.`` only, and never from their testing or compiler
+modules. What a model does when it is *run* (a ``FunctionTransformer`` calling its function) is not a
+loading matter: capture runs the model by design, mounting and reading a store never do.
+"""
+
+from __future__ import annotations
+
+import importlib
+import json
+import zipfile
+from collections import defaultdict
+from io import BytesIO
+from typing import Any
+
+# Builtin types skops does not trust by default but that only hold data (no callables, no code).
+SAFE_BUILTIN_TYPES = frozenset(
+    {f"builtins.{t}" for t in ("frozenset", "set", "range", "slice", "bytes", "bytearray", "complex")}
+)
+TRUSTED_PREFIXES = ("sklearn.", "numpy.", "scipy.")
+# Modules under the trusted prefixes that can compile or execute code; a model never needs them.
+UNSAFE_MODULE_PARTS = frozenset({"testing", "_testing", "f2py", "distutils", "ctypeslib"})
+# skops loaders (0.16: io/_general.py, io/_numpy.py) that look a name up and never call the result.
+REFERENCE_LOADERS = frozenset({"FunctionNode", "TypeNode", "DTypeNode"})
+
+
+def loaders_by_type(data: bytes) -> dict[str, set[str]]:
+    """``{"module.Class": {loader, ...}}`` for every node of the skops file ``data``."""
+    with zipfile.ZipFile(BytesIO(data)) as archive:
+        schema = json.loads(archive.read("schema.json"))
+    uses: dict[str, set[str]] = defaultdict(set)
+    stack: list[Any] = [schema]
+    while stack:  # every dict in the schema, nested anywhere: skops builds a node from each one
+        item = stack.pop()
+        if isinstance(item, dict):
+            if "__loader__" in item:
+                uses[f"{item.get('__module__')}.{item.get('__class__')}"].add(str(item["__loader__"]))
+            stack.extend(item.values())
+        elif isinstance(item, list):
+            stack.extend(item)
+    return uses
+
+
+def refusal(type_name: str, loaders: set[str]) -> str | None:
+    """Why ``type_name`` must not be loaded through ``loaders``, or None when it is safe."""
+    if type_name in SAFE_BUILTIN_TYPES:
+        return None
+    if not type_name.startswith(TRUSTED_PREFIXES) or set(type_name.split(".")) & UNSAFE_MODULE_PARTS:
+        return f"{type_name} (not a scikit-learn, numpy or scipy type)"
+    unsafe = sorted(loaders - REFERENCE_LOADERS)
+    if not unsafe or (unsafe == ["ObjectNode"] and _is_plain_estimator(type_name)):
+        return None
+    return f"{type_name} (would be called or built while loading: {', '.join(unsafe)})"
+
+
+def _is_plain_estimator(type_name: str) -> bool:
+    """A scikit-learn estimator class whose construction by skops only fills its ``__dict__``."""
+    module_name, _, class_name = type_name.rpartition(".")
+    if not module_name.startswith("sklearn."):
+        return False
+    try:  # importing an installed scikit-learn module runs only scikit-learn's own code
+        cls = getattr(importlib.import_module(module_name), class_name)
+    except (ImportError, AttributeError):
+        return False
+    from sklearn.base import BaseEstimator
+
+    return (isinstance(cls, type) and issubclass(cls, BaseEstimator) and cls.__new__ is object.__new__
+            and getattr(cls, "__setstate__", None) is BaseEstimator.__setstate__ and not hasattr(cls, "__del__"))

@@ -1,0 +1,303 @@
+"""Bad input: special floats are stored bit for bit; bad inputs and failing models are refused with a
+CaptureError that names the problem, and leave the store exactly as it was (same models, same catalog
+rows, same pack files byte for byte, no new model file). A store of a newer format is refused.
+
+Complements tests/test_capture_{sklearn,keras}.py (the adapters' own checks, without a store) and
+tests/test_store.py (the writer's abort, the catalog's version check) by going through ``Store.capture``,
+the CLI and a real mount.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import os
+import sqlite3
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import pytest
+import skops.io
+from sklearn.base import BaseEstimator, TransformerMixin
+from sklearn.pipeline import Pipeline
+from sklearn.preprocessing import FunctionTransformer, StandardScaler
+
+import mistiquefs
+from mistiquefs.cli.main import main
+from mistiquefs.errors import CaptureError, StoreError
+from mistiquefs.store.layout import TABLE_BLOCK_ROWS
+
+# NaNs with distinct payloads (quiet, signalling, negative, all ones), +/-Inf, -0.0, +0.0, subnormals
+SPECIAL32 = np.array([0x7FC00000, 0xFFC00000, 0x7F800001, 0x7FBFFFFF, 0x7FC12345, 0xFFFFFFFF, 0x7F800000,
+                      0xFF800000, 0x80000000, 0x00000000, 0x00000001, 0x807FFFFF], np.uint32).view(np.float32)
+SPECIAL64 = np.array([0x7FF8000000000000, 0xFFF8000000000000, 0x7FF0000000000001, 0x7FF7FFFFFFFFFFFF,
+                      0x7FF8DEAD0000BEEF, 0xFFFFFFFFFFFFFFFF, 0x7FF0000000000000, 0xFFF0000000000000,
+                      0x8000000000000000, 0, 1, 0x800FFFFFFFFFFFFF], np.uint64).view(np.float64)
+N_TABLE = TABLE_BLOCK_ROWS + 808  # two column blocks
+N_IMAGES = 600
+
+
+def npy_bytes(array: np.ndarray) -> bytes:
+    buf = io.BytesIO()
+    np.save(buf, np.asarray(array, order="C"))  # not ascontiguousarray: it makes 0-d arrays 1-d
+    return buf.getvalue()
+
+
+def bits(array: np.ndarray) -> np.ndarray:
+    """The raw bit patterns (NaN == NaN here, and -0.0 != 0.0)."""
+    array = np.ascontiguousarray(array)
+    return array.view({2: np.uint16, 4: np.uint32, 8: np.uint64}[array.dtype.itemsize])
+
+
+def with_specials(values: np.ndarray, specials: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """``values`` with every special value at random places (and a run of them at the start)."""
+    flat = values.reshape(-1).copy()
+    flat[:len(specials)] = specials
+    places = rng.choice(flat.size, size=flat.size // 5, replace=False)
+    flat[places] = rng.choice(specials, size=len(places))
+    return flat.reshape(values.shape)
+
+
+# -------------------------------------------------------------------------------- special float values
+
+
+@pytest.fixture(scope="module")
+def specials_store(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict[str, dict[str, np.ndarray]]]:
+    """A store with a pipeline (ndarray and DataFrame inputs) and a Keras model over special floats."""
+    rng = np.random.default_rng(11)
+    table = with_specials(rng.standard_normal((N_TABLE, 4)), SPECIAL64, rng)
+    singles = with_specials(rng.standard_normal(N_TABLE).astype(np.float32), SPECIAL32, rng)
+    frame = pd.DataFrame({"a": table[:, 0], "b": singles, "c": table[:, 2]})
+    pipe = Pipeline([("ident", FunctionTransformer()), ("neg", FunctionTransformer(np.negative))]).fit(table)
+    frame_pipe = Pipeline([("ident", FunctionTransformer())]).fit(frame)
+    path = tmp_path_factory.mktemp("specials") / "store"
+    # Mixing float32 and float64 columns widens the signalling NaNs, which raises "invalid" (as it should).
+    with np.errstate(invalid="ignore"), mistiquefs.open_store(path) as store:
+        expected: dict[str, dict[str, np.ndarray]] = {
+            "table": {"input": table, "ident": table, "neg": np.negative(table)},
+            "frame": {"ident": frame.to_numpy()},
+        }
+        store.capture(pipe, table, name="table", batch_size=3001)
+        store.capture(frame_pipe, frame, name="frame", batch_size=3001)
+    keras = pytest.importorskip("keras")
+    images = with_specials(rng.standard_normal((N_IMAGES, 3, 4)).astype(np.float32), SPECIAL32, rng)
+    model = keras.Sequential([keras.Input((3, 4)), keras.layers.Flatten(name="flat"),
+                              keras.layers.Reshape((4, 3), name="reshape"), keras.layers.Identity(name="ident")])
+    with mistiquefs.open_store(path) as store:
+        store.capture(model, images, name="keras", batch_size=97)
+    expected["keras"] = {"input": images, "flat": images.reshape(N_IMAGES, 12),
+                         "reshape": images.reshape(N_IMAGES, 4, 3), "ident": images.reshape(N_IMAGES, 4, 3)}
+    expected["frame_input"] = {name: frame[name].to_numpy() for name in frame.columns}
+    return path, expected
+
+
+@pytest.mark.keras
+def test_special_floats_survive_store_read_bit_for_bit(specials_store) -> None:
+    path, expected = specials_store
+    with mistiquefs.open_store(path, create=False) as store:
+        for model in ("table", "frame", "keras"):
+            for layer, values in expected[model].items():
+                got = store.read(model, layer)
+                assert got.dtype == values.dtype and got.shape == values.shape, (model, layer)
+                np.testing.assert_array_equal(bits(got), bits(values), err_msg=f"{model}/{layer}")
+            got = store.read(model, layer, slice(N_IMAGES - 5, N_IMAGES + 3))
+            np.testing.assert_array_equal(bits(got), bits(values[N_IMAGES - 5:N_IMAGES + 3]))
+        stored_frame = store.read("frame", "input")
+        assert stored_frame.dtype.names == ("a", "b", "c")
+        for name, column in expected["frame_input"].items():
+            assert stored_frame.dtype[name] == column.dtype
+            np.testing.assert_array_equal(bits(stored_frame[name]), bits(column), err_msg=name)
+
+
+@pytest.mark.keras
+def test_special_floats_survive_a_mount_bit_for_bit(specials_store, mount) -> None:
+    path, expected = specials_store
+    mnt = mount(path)
+    for model in ("table", "keras"):
+        for layer, values in expected[model].items():
+            directory = mnt / model / layer
+            assert (directory / "all.npy").read_bytes() == npy_bytes(values), (model, layer)
+            np.testing.assert_array_equal(bits(np.load(directory / "all.npy")), bits(values))
+            for i in (0, 1, len(values) // 2, len(values) - 1):
+                assert (directory / f"{i}.npy").read_bytes() == npy_bytes(values[i]), (model, layer, i)
+            flat = values.reshape(len(values), -1)
+            for j in (0, flat.shape[1] - 1):
+                assert (directory / "columns" / f"{j}.npy").read_bytes() == npy_bytes(flat[:, j]), (layer, j)
+    for j, column in enumerate(expected["frame_input"].values()):
+        got = np.load(mnt / "frame" / "input" / "columns" / f"{j}.npy")
+        np.testing.assert_array_equal(bits(got), bits(column))
+
+
+# ------------------------------------------------------------------- refusals leave the store as it was
+
+
+def store_state(path: Path) -> dict[str, Any]:
+    """Everything a failed capture could leave behind: catalog rows, pack bytes, model files."""
+    db = sqlite3.connect(f"file:{path / 'catalog.sqlite'}?mode=ro", uri=True)
+    try:
+        rows = {t: db.execute(f"SELECT count(*) FROM {t}").fetchone()[0]  # noqa: S608 - fixed names
+                for t in ("models", "intermediates", "tiles", "chunks", "timings")}
+        models = [name for (name,) in db.execute("SELECT name FROM models ORDER BY id")]
+    finally:
+        db.close()
+    packs = {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in (path / "packs").iterdir()}
+    return {"models": models, "rows": rows, "packs": packs,
+            "model_files": sorted(p.name for p in (path / "models").iterdir())}
+
+
+@pytest.fixture
+def store(tmp_path: Path):
+    """A store that already holds one model, so 'as before' is not merely 'empty'."""
+    with mistiquefs.open_store(tmp_path / "store") as opened:
+        rng = np.random.default_rng(2)
+        opened.capture(StandardScaler().fit(rng.standard_normal((50, 3))), rng.standard_normal((300, 3)),
+                       name="good", progress=False)
+        yield opened
+
+
+class _FailsOnBatch(TransformerMixin, BaseEstimator):
+    """Transforms like ``np.abs`` until its ``fail_on``-th call, then does ``what``."""
+
+    def __init__(self, fail_on: int = 3, what: str = "raise", packs: Path | None = None) -> None:
+        self.fail_on = fail_on
+        self.what = what
+        self.packs = packs
+
+    def fit(self, X: Any, y: Any = None) -> _FailsOnBatch:
+        self.calls_ = 0
+        self.packs_at_failure_: list[str] = []
+        return self
+
+    def transform(self, X: Any) -> Any:
+        self.calls_ += 1
+        if self.calls_ < self.fail_on:
+            return np.abs(X)
+        if self.packs is not None:  # proves the failure comes after chunks reached a pack
+            self.packs_at_failure_ = sorted(os.listdir(self.packs))
+        if self.what == "raise":
+            raise RuntimeError("sensor offline")
+        if self.what == "value_error":
+            raise ValueError("bad value in row 7")
+        if self.what == "interrupt":
+            raise KeyboardInterrupt
+        if self.what == "objects":
+            return np.array([{"row": i} for i in range(len(X))], dtype=object).reshape(-1, 1)
+        if self.what == "wider":
+            return np.hstack([np.abs(X), np.abs(X)])
+        if self.what == "fewer_rows":
+            return np.abs(X)[:-1]
+        raise AssertionError(self.what)
+
+
+REFUSED_INPUTS = [
+    (np.zeros((0, 3)), "0 rows"),
+    (pd.DataFrame({"x0": [], "x1": [], "x2": []}, dtype=float), "0 rows"),
+    (np.ones((20, 4)), "4 columns but the model was fitted on 3"),
+    (np.ones(20), r"must be 2-D .*\(20,\)"),
+    (np.ones((20, 3), dtype=object), "dtype object"),
+    ([[1.0, 2.0, 3.0]], "inputs of type list"),
+    (pd.DataFrame({"x0": [1.0], "x1": [2.0]}), r"lack column.*'x2'"),
+    (pd.DataFrame({"x0": [1.0], "x1": [2.0], "x2": [{"a": 1}]}), r"column 'x2' has dtype object|Python objects"),
+]
+
+
+@pytest.mark.parametrize("inputs, message", REFUSED_INPUTS, ids=[m for _i, m in REFUSED_INPUTS])
+def test_bad_pipeline_inputs_are_refused_and_change_nothing(store, inputs: Any, message: str) -> None:
+    fitted_on = pd.DataFrame(np.ones((5, 3)), columns=["x0", "x1", "x2"])
+    model = Pipeline([("scale", StandardScaler())]).fit(fitted_on if isinstance(inputs, pd.DataFrame)
+                                                        else fitted_on.to_numpy())
+    before = store_state(store.path)
+    with pytest.raises(CaptureError, match=message):
+        store.capture(model, inputs, name="bad", progress=False)
+    assert store_state(store.path) == before
+    assert store.models() == ["good"]
+
+
+MID_CAPTURE = [
+    ("raise", CaptureError, r"the model raised RuntimeError on examples 10000\.\.14999: sensor offline"),
+    ("value_error", CaptureError, r"stage 'flaky' \(_FailsOnBatch\.transform\) failed: bad value in row 7"),
+    ("objects", CaptureError, r"stage 'flaky' \(_FailsOnBatch\) returns Python objects \(dtype object\)"),
+    ("wider", CaptureError, r"stage 'flaky' changed its output from \(3,\) float64 to \(6,\) float64 at example 10000"),
+    ("fewer_rows", CaptureError, r"stage 'flaky' returned shape \(4999, 3\) for a batch of 5000 rows"),
+    ("interrupt", KeyboardInterrupt, None),
+]
+
+
+@pytest.mark.parametrize("what, error, message", MID_CAPTURE, ids=[m[0] for m in MID_CAPTURE])
+def test_a_model_failing_on_its_third_batch_changes_nothing(store, what: str, error: type,
+                                                            message: str | None) -> None:
+    flaky = _FailsOnBatch(fail_on=3, what=what, packs=store.path / "packs")
+    model = Pipeline([("scale", StandardScaler()), ("flaky", flaky)]).fit(np.ones((5, 3)))
+    inputs = np.random.default_rng(4).standard_normal((15_000, 3))
+    before = store_state(store.path)
+    with pytest.raises(error, match=message):
+        store.capture(model, inputs, name="bad", batch_size=5000, progress=False)
+    # the first 8192 rows of each column were already in a new pack when the model failed
+    assert set(flaky.packs_at_failure_) - set(before["packs"]), "the failure came before any pack was written"
+    assert store_state(store.path) == before
+    assert store.models() == ["good"]
+
+
+@pytest.mark.keras
+def test_bad_keras_inputs_and_a_failing_layer_change_nothing(store) -> None:
+    keras = pytest.importorskip("keras")
+
+    class Flaky(keras.layers.Layer):
+        """Doubles its input, and raises on its third call with real values."""
+
+        def __init__(self, **kwargs: Any) -> None:
+            super().__init__(**kwargs)
+            self.calls = 0
+
+        def call(self, x: Any) -> Any:
+            if hasattr(x, "numpy"):  # eager values, not the symbolic call that builds the model
+                self.calls += 1
+                if self.calls == 3:
+                    raise RuntimeError("GPU fell off the bus")
+            return x * 2
+
+    model = keras.Sequential([keras.Input((4, 4)), keras.layers.Flatten(name="flat"), Flaky(name="flaky")])
+    cases = [
+        (np.zeros((0, 4, 4), np.float32), "0 rows"),
+        (np.zeros((10, 4, 5), np.float32), r"per-example shape \(4, 5\).*expects per-example shape \(4, 4\)"),
+        (np.array([["a"] * 4] * 4 * 10, dtype=object).reshape(10, 4, 4), "dtype object but the model takes float32"),
+        ([np.zeros((10, 4, 4)), np.zeros((10, 4, 4))], "list of 2 items"),
+        (np.ones((700, 4, 4), np.float32), r"^layer 'flaky' \(Flaky\) raised RuntimeError: GPU fell off the bus$"),
+    ]
+    for inputs, message in cases:
+        before = store_state(store.path)
+        with pytest.raises(CaptureError, match=message):
+            store.capture(model, inputs, name="bad", batch_size=256, progress=False)
+        assert store_state(store.path) == before, message
+    assert store.models() == ["good"]
+
+
+# ------------------------------------------------------------------------------ a newer store format
+
+
+def test_a_store_of_a_newer_format_is_refused_and_left_alone(tmp_path: Path, capsys) -> None:
+    path = tmp_path / "store"
+    with mistiquefs.open_store(path) as opened:
+        opened.capture(StandardScaler().fit(np.ones((4, 2))), np.ones((10, 2)), name="old", progress=False)
+    db = sqlite3.connect(path / "catalog.sqlite")
+    db.execute("UPDATE meta SET value = '2' WHERE key = 'format_version'")
+    db.commit()
+    db.close()
+    before = store_state(path)
+    catalog = (path / "catalog.sqlite").read_bytes()
+    model_path, inputs_path = tmp_path / "m.skops", tmp_path / "x.npy"
+    skops.io.dump(StandardScaler().fit(np.ones((4, 2))), model_path)
+    np.save(inputs_path, np.ones((10, 2)))
+    for create in (False, True):
+        with pytest.raises(StoreError, match=r"format version 2; this mistiquefs reads up to 1: upgrade"):
+            mistiquefs.open_store(path, create=create)
+    for argv in (["ls", str(path)], ["mount", str(path), str(tmp_path / "mnt")],
+                 ["capture", str(path), "--model", str(model_path), "--inputs", str(inputs_path), "--name", "new",
+                  "--no-progress"]):
+        (tmp_path / "mnt").mkdir(exist_ok=True)
+        assert main(argv) == StoreError.exit_code, argv
+        assert "format version 2" in capsys.readouterr().err, argv
+    assert store_state(path) == before
+    assert (path / "catalog.sqlite").read_bytes() == catalog

@@ -1,0 +1,215 @@
+"""Mount hygiene with real daemons: where a mount is refused, how signals end it, how a dead one is
+cleared, and which mount options it carries.
+
+Every daemon is a process this test starts (``mistiquefs mount -f`` via subprocess, or
+``mount_background``); each test unmounts (``fusermount3 -u -z`` as a last resort) and ends its own
+daemons by pid in ``finally``. Mounts are checked in /proc/mounts: ``os.path.ismount`` is False for a
+mount whose daemon died (its stat fails with ENOTCONN).
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from conftest import FUSE_OK
+from mistiquefs.cli.main import main
+from mistiquefs.errors import MountError
+from mistiquefs.fs.mount import mount_background
+from mistiquefs.store.repository import Repository
+from test_store import capture_arrays, npy_bytes
+
+pytestmark = [pytest.mark.mount, pytest.mark.skipif(not FUSE_OK, reason="FUSE is not available here")]
+VALUES = np.arange(600, dtype=np.float32).reshape(200, 3)
+
+
+def mount_options(mountpoint: Path) -> list[str] | None:
+    """The mount's options from /proc/mounts, or None when nothing is mounted there."""
+    for line in Path("/proc/mounts").read_text().splitlines():
+        fields = line.split()
+        if fields[1] == str(mountpoint):
+            return fields[3].split(",")
+    return None
+
+
+def wait_for(condition, seconds: float = 30.0) -> None:
+    deadline = time.monotonic() + seconds
+    while not condition():
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.005)
+
+
+def pid_alive(pid: int) -> bool:
+    try:
+        if os.waitpid(pid, os.WNOHANG)[0] == pid:
+            return False  # reaped just now: it was our child
+    except ChildProcessError:  # not our child (or reaped already): is the pid still there?
+        pass
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    return True
+
+
+def cleanup(mountpoint: Path, pids: list[int]) -> None:
+    """Unmount whatever is left and end the daemons this test started, by pid."""
+    if mount_options(mountpoint) is not None:
+        subprocess.run(["fusermount3", "-u", "-z", str(mountpoint)], capture_output=True)
+    for pid in pids:
+        try:
+            wait_for(lambda: not pid_alive(pid), 10)
+        except AssertionError:
+            os.kill(pid, signal.SIGKILL)
+            wait_for(lambda: not pid_alive(pid), 10)
+
+
+@pytest.fixture(scope="module")
+def store(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    path = tmp_path_factory.mktemp("hygiene") / "store"
+    repo = Repository(path)
+    capture_arrays(repo, "m", {"dense": VALUES}, table=False)
+    repo.close()
+    return path
+
+
+@pytest.fixture
+def mnt(tmp_path: Path) -> Path:
+    path = tmp_path / "mnt"
+    path.mkdir()
+    return path
+
+
+@contextmanager
+def foreground(store: Path, mountpoint: Path, *extra: str) -> Iterator[subprocess.Popen[bytes]]:
+    """``mistiquefs mount -f`` as our own child process; always unmounted and ended afterwards."""
+    log = mountpoint.parent / "daemon.log"
+    proc = subprocess.Popen([sys.executable, "-m", "mistiquefs", "mount", "-f", "--log", str(log), *extra,
+                             str(store), str(mountpoint)], stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE)
+    try:
+        yield proc
+    finally:
+        if proc.poll() is None and mount_options(mountpoint) is None:
+            proc.terminate()  # still starting: SIGTERM before the mount exists ends it
+        try:
+            proc.wait(15)
+        except subprocess.TimeoutExpired:
+            pass
+        cleanup(mountpoint, [proc.pid])
+        proc.wait(15)
+        if proc.stderr:
+            proc.stderr.close()
+
+
+# ---------------------------------------------------------------------------------- refused mounts
+
+
+def test_a_non_empty_directory_is_refused(store: Path, mnt: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    (mnt / "notes.txt").write_text("mine")
+    assert main(["mount", str(store), str(mnt)]) == MountError.exit_code
+    assert f"mount point {mnt} is not empty; mounting would hide its files" in capsys.readouterr().err
+    assert mount_options(mnt) is None
+    assert (mnt / "notes.txt").read_text() == "mine"
+
+
+def test_an_already_mounted_directory_is_refused(store: Path, mnt: Path, capsys) -> None:
+    pid = mount_background(store, mnt, log_file=mnt.parent / "first.log", extra=[])
+    try:
+        assert main(["mount", str(store), str(mnt)]) == MountError.exit_code
+        assert f"{mnt} is already a mount point; unmount it first" in capsys.readouterr().err
+        again = subprocess.run([sys.executable, "-m", "mistiquefs", "mount", "-f", str(store), str(mnt)],
+                               capture_output=True, text=True, timeout=60)
+        assert again.returncode == MountError.exit_code and "already a mount point" in again.stderr
+        assert (mnt / "m" / "dense" / "all.npy").read_bytes() == npy_bytes(VALUES)  # the first still serves
+    finally:
+        subprocess.run(["mistiquefs", "umount", str(mnt)], capture_output=True)
+        cleanup(mnt, [pid])
+
+
+# ------------------------------------------------------------------------------------------ signals
+
+
+@pytest.mark.parametrize("signum, when", [(signal.SIGTERM, "serving"), (signal.SIGINT, "serving"),
+                                          (signal.SIGHUP, "serving"), (signal.SIGTERM, "starting"),
+                                          (signal.SIGINT, "starting")],
+                         ids=["TERM-serving", "INT-serving", "HUP-serving", "TERM-starting", "INT-starting"])
+def test_a_signal_unmounts_cleanly_and_exits_0(store: Path, mnt: Path, signum: int, when: str) -> None:
+    with foreground(store, mnt) as daemon:
+        if when == "serving":
+            wait_for(lambda: os.path.ismount(mnt) or daemon.poll() is not None)
+            assert (mnt / "m" / "dense" / "all.npy").read_bytes() == npy_bytes(VALUES)
+        else:  # the kernel lists the mount before the daemon's event loop listens for signals
+            wait_for(lambda: mount_options(mnt) is not None or daemon.poll() is not None, 60)
+        assert daemon.poll() is None, daemon.stderr.read() if daemon.stderr else ""
+        daemon.send_signal(signum)
+        assert daemon.wait(30) == 0, daemon.stderr.read() if daemon.stderr else ""
+        assert mount_options(mnt) is None
+        assert os.listdir(mnt) == []  # the plain directory again, not a dead mount
+    log = (mnt.parent / "daemon.log").read_text()
+    assert f"signal {int(signum)}: unmounting" in log and "unmounted" in log
+
+
+# ------------------------------------------------------------------------------------- dead mounts
+
+
+def test_umount_clears_the_mount_of_a_killed_daemon(store: Path, mnt: Path, capsys) -> None:
+    pids = [mount_background(store, mnt, log_file=mnt.parent / "killed.log", extra=[])]
+    try:
+        os.kill(pids[0], signal.SIGKILL)
+        wait_for(lambda: not pid_alive(pids[0]))
+        with pytest.raises(OSError) as err:
+            os.listdir(mnt)  # (stat may still be answered from attributes the kernel cached)
+        assert err.value.errno == errno.ENOTCONN  # "Transport endpoint is not connected"
+        assert main(["mount", str(store), str(mnt)]) == MountError.exit_code
+        refused = capsys.readouterr().err
+        assert f"{mnt} is a mount whose daemon is gone" in refused and f"mistiquefs umount {mnt}" in refused
+        result = subprocess.run(["mistiquefs", "umount", str(mnt)], capture_output=True, text=True, timeout=60)
+        assert result.returncode == 0, result.stderr
+        assert mount_options(mnt) is None and os.listdir(mnt) == []
+        pids.append(mount_background(store, mnt, log_file=mnt.parent / "again.log", extra=[]))
+        assert (mnt / "m" / "dense" / "0.npy").read_bytes() == npy_bytes(VALUES[0])
+        assert main(["umount", str(mnt)]) == 0
+    finally:
+        cleanup(mnt, pids)
+
+
+# ------------------------------------------------------------------------------------ mount options
+
+
+@pytest.mark.parametrize("allow_other", [False, True], ids=["default", "allow-other"])
+def test_allow_other_only_when_asked(store: Path, mnt: Path, allow_other: bool) -> None:
+    if allow_other and os.geteuid() != 0 and not _user_allow_other():
+        pytest.skip("--allow-other needs root or user_allow_other in /etc/fuse.conf")
+    extra = ["--allow-other"] if allow_other else []
+    result = subprocess.run(["mistiquefs", "mount", *extra, "--log", str(mnt.parent / "opt.log"), str(store),
+                             str(mnt)], capture_output=True, text=True, timeout=60)
+    found = re.search(r"daemon pid (\d+)", result.stdout)
+    pids = [int(found.group(1))] if found else []
+    try:
+        assert result.returncode == 0, result.stderr
+        options = mount_options(mnt)
+        assert options is not None and "ro" in options
+        assert ("allow_other" in options) == allow_other, options
+    finally:
+        subprocess.run(["mistiquefs", "umount", str(mnt)], capture_output=True)
+        cleanup(mnt, pids)
+
+
+def _user_allow_other() -> bool:
+    try:
+        lines = Path("/etc/fuse.conf").read_text().splitlines()
+    except OSError:
+        return False
+    return any(line.split("#")[0].strip() == "user_allow_other" for line in lines)

@@ -1,0 +1,217 @@
+"""Untrusted stores: a kept model file with a malicious payload never runs, whatever reads the store.
+
+Each payload is crafted into a real model file of a real store (the captured model's file is rewritten):
+skops files that call ``numpy.save``/``os.system`` while loading (``ConstructorFromReduceNode``), that
+import a module of ours and run its ``__setstate__`` (``ObjectNode``), or that build a numpy object whose
+``__del__`` deletes a directory; a ``.keras`` file with a ``Lambda`` holding Python bytecode. Opening,
+listing, ``info``, ``ls``, mounting and reading must not run them, and ``load_model`` must refuse them
+with a CaptureError naming the type. Last, each payload is loaded *trusting* it, to prove it is live.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import uuid
+import zipfile
+from io import BytesIO
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import skops.io
+from sklearn.linear_model import LogisticRegression
+from sklearn.pipeline import Pipeline
+from sklearn.preprocessing import StandardScaler
+
+import mistiquefs
+from mistiquefs.capture.sklearn import load_model as load_sklearn
+from mistiquefs.cli.main import main
+from mistiquefs.errors import CaptureError
+
+# ------------------------------------------------------------------------------- crafting skops files
+
+_ids = iter(range(10**6, 10**7))
+
+
+def _str(value: Any) -> dict[str, Any]:
+    return {"__class__": "str", "__module__": "builtins", "__loader__": "JsonNode", "content": json.dumps(value),
+            "is_json": True, "__id__": next(_ids)}
+
+
+def _tuple(*items: dict[str, Any]) -> dict[str, Any]:
+    return {"__class__": "tuple", "__module__": "builtins", "__loader__": "TupleNode", "content": list(items),
+            "__id__": next(_ids)}
+
+
+def _dict(values: dict[str, dict[str, Any]]) -> dict[str, Any]:
+    key_type = {"__class__": "str", "__module__": "builtins", "__loader__": "TypeNode", "__id__": next(_ids)}
+    return {"__class__": "dict", "__module__": "builtins", "__loader__": "DictNode", "content": values,
+            "key_types": {"__class__": "list", "__module__": "builtins", "__loader__": "ListNode",
+                          "content": [key_type] * len(values), "__id__": next(_ids)}, "__id__": next(_ids)}
+
+
+def call_node(module: str, name: str, *args: Any) -> dict[str, Any]:
+    """A node skops builds by calling ``module.name(*args)``."""
+    return {"__class__": name, "__module__": module, "__loader__": "ConstructorFromReduceNode",
+            "content": _tuple(*(_str(a) for a in args)), "__id__": next(_ids)}
+
+
+def object_node(module: str, name: str, attrs: dict[str, Any]) -> dict[str, Any]:
+    """A node skops builds with ``cls.__new__`` then ``__setstate__(attrs)`` or ``__dict__.update``."""
+    return {"__class__": name, "__module__": module, "__loader__": "ObjectNode",
+            "content": _dict({k: _str(v) for k, v in attrs.items()}), "__id__": next(_ids)}
+
+
+def inject(skops_file: bytes, payload: dict[str, Any]) -> bytes:
+    """The skops file with ``payload`` in place of the model's first plain (JSON) attribute."""
+    with zipfile.ZipFile(BytesIO(skops_file)) as archive:
+        members = {name: archive.read(name) for name in archive.namelist()}
+    schema = json.loads(members["schema.json"])
+    attrs = schema["content"]["content"]
+    key = next(k for k, v in attrs.items() if v.get("__loader__") == "JsonNode")
+    attrs[key] = payload
+    members["schema.json"] = json.dumps(schema).encode()
+    out = BytesIO()
+    with zipfile.ZipFile(out, "w") as archive:
+        for name, data in members.items():
+            archive.writestr(name, data)
+    return out.getvalue()
+
+
+EVIL_MODULE = '''
+from pathlib import Path
+Path({import_marker!r}).touch()  # runs on import
+
+
+class Payload:
+    def __setstate__(self, state):
+        Path({state_marker!r}).touch()
+'''
+
+
+@pytest.fixture
+def sklearn_store(tmp_path: Path) -> tuple[Path, Path, np.ndarray]:
+    """A store holding a captured pipeline; returns (store, the pipeline's kept model file, inputs)."""
+    rng = np.random.default_rng(3)
+    X = rng.standard_normal((300, 4))
+    pipe = Pipeline([("scale", StandardScaler()), ("clf", LogisticRegression())]).fit(X, X[:, 0] > 0)
+    with mistiquefs.open_store(tmp_path / "store") as store:
+        store.capture(pipe, X, name="pipe", progress=False)
+        model_file = tmp_path / "store" / store.info("pipe")["model_file"]
+    assert model_file.suffix == ".skops"
+    load_sklearn(model_file)  # the genuine file loads
+    return tmp_path / "store", model_file, X
+
+
+def _touch_everything(store: Path, mount, capsys: pytest.CaptureFixture[str]) -> None:
+    """What a user does with a store, none of which may load its model files."""
+    with mistiquefs.open_store(store, create=False) as opened:
+        for name in opened.models():
+            opened.info(name)
+            for layer in opened.layers(name):
+                opened.info(name, layer)
+                opened.read(name, layer, slice(0, 3))
+    assert main(["ls", str(store)]) == 0
+    capsys.readouterr()
+    mnt = mount(store)
+    for model in os.listdir(mnt):
+        json.loads((mnt / model / "info.json").read_text())
+        for layer in os.listdir(mnt / model):
+            if layer != "info.json":
+                np.load(mnt / model / layer / "all.npy")
+                np.load(mnt / model / layer / "0.npy")
+                json.loads((mnt / model / layer / "info.json").read_text())
+
+
+def test_malicious_skops_model_files_never_run(sklearn_store, tmp_path: Path, mount, capsys,
+                                               monkeypatch: pytest.MonkeyPatch) -> None:
+    store, model_file, _X = sklearn_store
+    genuine = model_file.read_bytes()
+    markers = tmp_path / "markers"
+    markers.mkdir()
+    victim = tmp_path / "victim"  # a directory the DataSource payload would delete
+    victim.mkdir()
+    (victim / "keep.txt").write_text("precious")
+    module = f"evil_{uuid.uuid4().hex}"
+    (tmp_path / f"{module}.py").write_text(EVIL_MODULE.format(import_marker=str(markers / "imported"),
+                                                              state_marker=str(markers / "setstate")))
+    monkeypatch.syspath_prepend(str(tmp_path))  # so that a load *could* import it
+    payloads = {
+        "numpy.save": call_node("numpy", "save", str(markers / "saved.npy"), [1, 2, 3]),
+        "os.system": call_node("os", "system", f"touch {markers / 'shell'}"),
+        f"{module}.Payload": object_node(module, "Payload", {"x": 1}),
+        "numpy.lib._datasource.DataSource": object_node("numpy.lib._datasource", "DataSource",
+                                                        {"_istmpdest": True, "_destpath": str(victim)}),
+    }
+    crafted = {type_name: inject(genuine, node) for type_name, node in payloads.items()}
+    try:
+        for type_name, data in crafted.items():
+            model_file.write_bytes(data)
+            assert type_name in skops.io.get_untrusted_types(file=model_file)
+            _touch_everything(store, mount, capsys)
+            with pytest.raises(CaptureError, match=rf"refusing to load .*untrusted type\(s\) {type_name} "):
+                load_sklearn(model_file)
+            assert main(["capture", str(tmp_path / "other"), "--model", str(model_file), "--inputs",
+                         str(_inputs_file(tmp_path)), "--name", "again"]) == CaptureError.exit_code
+            assert type_name in capsys.readouterr().err
+            assert os.listdir(markers) == [], type_name
+            assert module not in sys.modules
+            assert (victim / "keep.txt").read_text() == "precious"
+    finally:
+        model_file.write_bytes(genuine)
+    # The payloads are live: trusting them runs them.
+    for type_name, data in crafted.items():
+        skops.io.loads(data, trusted=skops.io.get_untrusted_types(data=data))
+    import gc
+
+    gc.collect()  # DataSource.__del__
+    assert sorted(os.listdir(markers)) == ["imported", "saved.npy", "setstate", "shell"]
+    assert not victim.exists()
+    sys.modules.pop(module, None)
+
+
+def _inputs_file(tmp_path: Path) -> Path:
+    path = tmp_path / "rows.npy"
+    if not path.exists():
+        np.save(path, np.zeros((5, 4)))
+    return path
+
+
+def test_trusted_types_stay_loadable(tmp_path: Path) -> None:
+    """The policy still loads what scikit-learn pipelines hold: referenced functions, numpy dtypes."""
+    from sklearn.feature_selection import SelectKBest, f_classif
+    from sklearn.preprocessing import FunctionTransformer
+
+    X = np.random.default_rng(0).standard_normal((50, 5))
+    pipe = Pipeline([("log", FunctionTransformer(np.log1p)), ("best", SelectKBest(f_classif, k=2)),
+                     ("clf", LogisticRegression())]).fit(np.abs(X), X[:, 0] > 0)
+    path = tmp_path / "ok.skops"
+    skops.io.dump(pipe, path)
+    assert any("f_classif" in name for name in skops.io.get_untrusted_types(file=path))
+    np.testing.assert_array_equal(load_sklearn(path).predict(np.abs(X)), pipe.predict(np.abs(X)))
+
+
+@pytest.mark.keras
+def test_a_keras_lambda_in_a_kept_model_never_runs(tmp_path: Path, mount, capsys) -> None:
+    keras = pytest.importorskip("keras")
+    from mistiquefs.capture.keras import load_model as load_keras
+
+    x = np.random.default_rng(1).standard_normal((40, 3)).astype(np.float32)
+    benign = keras.Sequential([keras.Input((3,)), keras.layers.Dense(2, name="dense")])
+    with mistiquefs.open_store(tmp_path / "store") as store:
+        store.capture(benign, x, name="net", progress=False)
+        model_file = tmp_path / "store" / store.info("net")["model_file"]
+    marker = tmp_path / "lambda-ran"
+    payload = eval(f"lambda t: (open({str(marker)!r}, 'a').close(), t)[1]")  # noqa: S307 - the payload
+    evil = keras.Sequential([keras.Input((3,)), keras.layers.Lambda(payload, name="evil")])
+    evil.save(model_file)  # building the model called the lambda once, here
+    marker.unlink()
+    _touch_everything(tmp_path / "store", mount, capsys)
+    with pytest.raises(CaptureError, match=r"refusing to load .*Python bytecode"):
+        load_keras(model_file)
+    assert not marker.exists()
+    keras.saving.load_model(model_file, safe_mode=False)  # the payload is live: trusting it runs it
+    assert marker.exists()
