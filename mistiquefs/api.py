@@ -8,7 +8,6 @@ it was.
 
 from __future__ import annotations
 
-import re
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,6 +19,7 @@ from tqdm import tqdm
 from mistiquefs.capture import Adapter, adapter_for
 from mistiquefs.errors import CaptureError, MistiqueError, NotFound
 from mistiquefs.store.describe import layer_info, model_info
+from mistiquefs.store.records import IntermediateRecord
 from mistiquefs.store.repository import Repository
 from mistiquefs.store.writer import CaptureWriter
 
@@ -35,6 +35,9 @@ class CaptureSummary:
     stored_bytes: int
     new_bytes: int
     seconds: float
+    #: True when ``skip_existing`` found the model already in the store: nothing ran, the figures are
+    #: those of the capture that stored it
+    skipped: bool = False
 
 
 def check_model_name(name: str) -> str:
@@ -47,29 +50,40 @@ def check_model_name(name: str) -> str:
 class Store:
     """A mistiquefs store on local disk. Create or open one with ``open_store``."""
 
-    def __init__(self, path: str | Path, *, create: bool = True) -> None:
+    def __init__(self, path: str | Path, *, create: bool = True, cache_bytes: int | None = None) -> None:
         self.path = Path(path)
-        self.repo = Repository(self.path, create=create)
+        self.repo = Repository(self.path, create=create,
+                               **({"cache_bytes": cache_bytes} if cache_bytes is not None else {}))
+        self._layers_of: dict[int, dict[int, IntermediateRecord]] = {}  # model id -> layer id -> layer
 
     def __repr__(self) -> str:
         return f"Store({str(self.path)!r})"
 
     # ---- capture ---------------------------------------------------------------------------------
     def capture(self, model: Any, inputs: Any, name: str, *, batch_size: int | None = None,
-                progress: bool | None = None) -> CaptureSummary:
+                progress: bool | None = None, skip_existing: bool = False) -> CaptureSummary:
         """Run ``model`` over ``inputs`` and store every intermediate under ``name``.
 
         ``model``: a fitted scikit-learn estimator or pipeline, or a Keras model. ``inputs``: what the model
         takes (a 2-D array or DataFrame; an array of images...). ``progress``: a progress bar on stderr;
-        None shows it when stderr is a terminal.
+        None shows it when stderr is a terminal. ``skip_existing``: when ``name`` is already in the store,
+        return its summary (``skipped=True``) without running the model, so an interrupted series of
+        captures can simply be run again; the stored capture is not compared with ``model`` or ``inputs``.
+        Otherwise an existing name is a StoreError.
         """
         check_model_name(name)
+        # Committed captures never change, so this needs no lock; the check under the lock below covers
+        # a capture of the same name that commits in between.
+        if skip_existing and self.repo.catalog.model_exists(name):
+            return self._existing_summary(name)
         adapter = adapter_for(model)
         n_rows = adapter.n_rows(inputs)
         size = int(batch_size or adapter.default_batch_size)
         if size < 1:
             raise CaptureError(f"batch_size must be at least 1, not {batch_size}")
         with self.repo.capture_lock():
+            if skip_existing and self.repo.catalog.model_exists(name):
+                return self._existing_summary(name)
             writer = self.repo.begin_capture(name, table=adapter.table)
             try:
                 return self._capture(adapter, writer, inputs, n_rows, size, progress)
@@ -104,6 +118,16 @@ class Store:
             new_bytes=sum(layer.new_bytes for layer in layers), seconds=seconds,
         )
 
+    def _existing_summary(self, name: str) -> CaptureSummary:
+        rec = self._model(name)
+        layers = self._layers(name)
+        return CaptureSummary(
+            name=rec.name, n_rows=rec.n_rows, layers=[layer.name for layer in layers],
+            raw_bytes=sum(layer.raw_bytes for layer in layers),
+            stored_bytes=sum(layer.stored_bytes for layer in layers),
+            new_bytes=sum(layer.new_bytes for layer in layers), seconds=rec.capture_seconds, skipped=True,
+        )
+
     # ---- reading ---------------------------------------------------------------------------------
     def models(self) -> list[str]:
         return [m.name for m in self.repo.models()]
@@ -132,9 +156,14 @@ class Store:
                 return rec
         raise NotFound(f"no model {name!r} in {self.path}")
 
-    def _layers(self, model: str):
+    def _layers(self, model: str) -> list[IntermediateRecord]:
         model_id = self._model(model).id
-        return [rec for rec in self.repo.intermediates() if rec.model_id == model_id]
+        if model_id not in self._layers_of:
+            # A model's layers never change and its id is never reused, so they are loaded once (a read
+            # used to load every layer of the store: quadratic in the number of models).
+            for rec in self.repo.intermediates():
+                self._layers_of.setdefault(rec.model_id, {})[rec.id] = rec
+        return list(self._layers_of.get(model_id, {}).values())
 
     def _layer(self, model: str, layer: str):
         for rec in self._layers(model):
@@ -162,6 +191,8 @@ def _run_batch(adapter: Adapter, batch: Any, start: int, stop: int):
             from exc
 
 
-def open_store(path: str | Path, *, create: bool = True) -> Store:
-    """Open the store at ``path``, creating an empty one if the directory is missing or empty."""
-    return Store(path, create=create)
+def open_store(path: str | Path, *, create: bool = True, cache_bytes: int | None = None) -> Store:
+    """Open the store at ``path``, creating an empty one if the directory is missing or empty.
+
+    ``cache_bytes``: memory for decoded chunks (default 512 MiB), worth lowering when many processes read."""
+    return Store(path, create=create, cache_bytes=cache_bytes)
