@@ -60,6 +60,9 @@ def test_capture_a_saved_pipeline_from_csv(tmp_path: Path, saved_pipeline, capsy
         np.testing.assert_array_equal(opened.read("p1", "clf"), pipe.predict(frame))
     assert main(["ls", str(store)]) == 0
     assert "p1\tsklearn\t500 examples" in capsys.readouterr().out
+    again = ["capture", str(store), "--model", str(model_path), "--inputs", str(inputs_path), "--name", "p1"]
+    assert main(again) != 0 and "already" in capsys.readouterr().err
+    assert main([*again, "--skip-existing"]) == 0 and "skipped" in capsys.readouterr().out
 
 
 @pytest.mark.keras

@@ -40,6 +40,8 @@ def build_parser() -> argparse.ArgumentParser:
     cap.add_argument("--batch-size", type=int, default=None)
     cap.add_argument("--trust-pickle", action="store_true", help="allow a .pkl/.joblib model (runs its code)")
     cap.add_argument("--no-progress", action="store_true")
+    cap.add_argument("--skip-existing", action="store_true",
+                     help="a model of that name already in the store is left as it is (restart a series)")
 
     mnt = sub.add_parser("mount", help="mount a store (returns once mounted; -f stays in the foreground)")
     mnt.add_argument("store", type=Path)
@@ -95,7 +97,10 @@ def cmd_capture(args: argparse.Namespace) -> int:
     inputs = load_inputs_file(args.inputs)
     with open_store(args.store) as store:
         summary = store.capture(model, inputs, name=args.name, batch_size=args.batch_size,
-                                progress=False if args.no_progress else None)
+                                progress=False if args.no_progress else None, skip_existing=args.skip_existing)
+    if summary.skipped:
+        print(f"{summary.name} is already in {args.store}: skipped")
+        return 0
     print(f"captured {summary.name}: {summary.n_rows} examples, {len(summary.layers)} intermediates, "
           f"{summary.raw_bytes / 1e6:.1f} MB raw -> {summary.stored_bytes / 1e6:.1f} MB stored "
           f"({summary.new_bytes / 1e6:.1f} MB new) in {summary.seconds:.1f} s")
