@@ -32,7 +32,6 @@ import random
 import shutil
 import signal
 import statistics
-import subprocess
 import sys
 import tempfile
 import threading
@@ -287,7 +286,7 @@ class Stress:
     def run(self) -> Report:
         import multiprocessing
 
-        from mistiquefs.fs.mount import mount_background
+        from mistiquefs.fs.mount import mount_background, stop_mount
 
         ctx = multiprocessing.get_context("spawn")  # readers import only numpy and mistiquefs
         ready, start, stop, results = ctx.Queue(), ctx.Event(), ctx.Event(), ctx.Queue()
@@ -377,27 +376,6 @@ def _stop_readers(readers: list[Any], start: Any, stop: Any) -> None:
         if reader.is_alive():
             reader.kill()
             reader.join()
-
-
-def stop_mount(mnt: Path, pid: int) -> None:
-    """Unmount and wait for our daemon to exit (SIGKILL and a lazy unmount if it hangs)."""
-    from mistiquefs.fs.mount import unmount
-
-    try:
-        unmount(mnt)
-    except Exception as exc:
-        print(f"stress: {exc}; detaching lazily", file=sys.stderr)
-        subprocess.run(["fusermount3", "-u", "-z", str(mnt)], capture_output=True)
-    deadline = time.monotonic() + 15
-    while time.monotonic() < deadline:
-        try:
-            if os.waitpid(pid, os.WNOHANG)[0] == pid:
-                return
-        except ChildProcessError:
-            return
-        time.sleep(0.05)
-    os.kill(pid, signal.SIGKILL)
-    os.waitpid(pid, 0)
 
 
 if __name__ == "__main__":

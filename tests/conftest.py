@@ -4,39 +4,14 @@ from __future__ import annotations
 
 import os
 import shutil
-import signal
-import subprocess
-import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
 
-from mistiquefs.fs.mount import is_dead_mount, mount_background, unmount
+from mistiquefs.fs.mount import mount_background, stop_mount
 
 FUSE_OK = os.path.exists("/dev/fuse") and shutil.which("fusermount3") is not None
-
-
-def _stop(mountpoint: Path, pid: int) -> None:
-    """Unmount and make sure the daemon is gone, whatever state the test left it in."""
-    try:
-        if os.path.ismount(mountpoint) or is_dead_mount(mountpoint):
-            unmount(mountpoint)
-    except Exception:
-        subprocess.run(["fusermount3", "-u", "-z", str(mountpoint)], capture_output=True)
-    deadline = time.monotonic() + 15
-    while time.monotonic() < deadline:
-        try:
-            os.kill(pid, 0)
-        except ProcessLookupError:
-            return
-        try:
-            if os.waitpid(pid, os.WNOHANG)[0] == pid:
-                return
-        except ChildProcessError:
-            pass
-        time.sleep(0.05)
-    os.kill(pid, signal.SIGKILL)
 
 
 @pytest.fixture
@@ -57,7 +32,7 @@ def mount(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Callable[..., Pa
         yield _mount
     finally:
         for mountpoint, pid in live:
-            _stop(mountpoint, pid)
+            stop_mount(mountpoint, pid)
 
 
 # The bundled examples are scripts, not an installed package; the tests use them as real workloads.

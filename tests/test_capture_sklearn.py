@@ -81,7 +81,7 @@ def pipe(wine: tuple[pd.DataFrame, np.ndarray]) -> Pipeline:
 
 def _expected_stages(pipe: Pipeline, X: pd.DataFrame) -> dict[str, np.ndarray]:
     """Every stage computed directly with scikit-learn, independently of the adapter."""
-    prep, union, clf = pipe["prep"], pipe["union"], pipe["clf"]
+    prep, union = pipe["prep"], pipe["union"]
     num = prep.named_transformers_["num"]
     imputed = num["impute"].transform(X[NUMERIC])
     prepped = prep.transform(X)

@@ -201,3 +201,32 @@ def unmount(mountpoint: Path) -> None:
         raise MountError("fusermount3 is not installed (Debian: apt-get install fuse3)") from None
     if result.returncode != 0:
         raise MountError(f"cannot unmount {mountpoint}: {result.stderr.strip()}")
+
+
+def stop_mount(mountpoint: Path, pid: int, *, wait: float = 15.0) -> None:
+    """Unmount a mount whose daemon we started as ``pid`` and wait for that daemon to exit.
+
+    For scripts and tests that must leave nothing behind, whatever state the mount is in: a busy or dead
+    mount is detached lazily, and a daemon still alive after ``wait`` seconds is killed."""
+    try:
+        if os.path.ismount(mountpoint) or is_dead_mount(mountpoint):
+            unmount(mountpoint)
+    except (MountError, OSError) as exc:
+        log.warning("%s; detaching %s lazily", exc, mountpoint)
+        subprocess.run(["fusermount3", "-u", "-z", str(mountpoint)], capture_output=True)
+    deadline = time.monotonic() + wait
+    while time.monotonic() < deadline:
+        try:
+            if os.waitpid(pid, os.WNOHANG)[0] == pid:
+                return
+        except ChildProcessError:  # not our child: poll for its exit instead
+            try:
+                os.kill(pid, 0)
+            except ProcessLookupError:
+                return
+        time.sleep(0.05)
+    os.kill(pid, signal.SIGKILL)
+    try:
+        os.waitpid(pid, 0)
+    except ChildProcessError:
+        pass
