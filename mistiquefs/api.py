@@ -8,6 +8,8 @@ it was.
 
 from __future__ import annotations
 
+import errno
+import sqlite3
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -87,8 +89,13 @@ class Store:
             writer = self.repo.begin_capture(name, table=adapter.table)
             try:
                 return self._capture(adapter, writer, inputs, n_rows, size, progress)
-            except BaseException:
+            except BaseException as exc:
                 writer.abort()
+                if _disk_full(exc):
+                    raise CaptureError(
+                        f"the disk holding {self.path} is full: the capture of {name!r} was abandoned and the "
+                        "store is as it was; free some space (mistiquefs gc reclaims unreferenced chunks) and "
+                        "capture again") from exc
                 raise
 
     def _capture(self, adapter: Adapter, writer: CaptureWriter, inputs: Any, n_rows: int, size: int,
@@ -189,6 +196,20 @@ def _run_batch(adapter: Adapter, batch: Any, start: int, stop: int):
     except Exception as exc:
         raise CaptureError(f"the model raised {type(exc).__name__} on examples {start}..{stop - 1}: {exc}") \
             from exc
+
+
+def _disk_full(exc: BaseException | None) -> bool:
+    """Whether ENOSPC/EDQUOT (or SQLite's "disk is full") is anywhere in an exception's chain: model
+    savers wrap the OSError in their own errors."""
+    seen = 0
+    while exc is not None and seen < 20:
+        if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT):
+            return True
+        if isinstance(exc, sqlite3.OperationalError) and "full" in str(exc):
+            return True
+        exc = exc.__cause__ or exc.__context__
+        seen += 1
+    return False
 
 
 def open_store(path: str | Path, *, create: bool = True, cache_bytes: int | None = None) -> Store:

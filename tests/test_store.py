@@ -228,3 +228,30 @@ def test_an_interrupt_after_the_commit_loses_nothing(tmp_path: Path, rng: np.ran
     assert model_file.exists() and list((tmp_path / "s" / "packs").iterdir())
     fresh = Repository(tmp_path / "s", create=False)
     np.testing.assert_array_equal(fresh.reader(layer(fresh, "m", "a")).rows(0, 3000), data)
+
+
+def test_a_full_disk_stops_the_capture_and_keeps_the_store(tmp_path: Path, rng: np.random.Generator) -> None:
+    import subprocess
+
+    import mistiquefs
+    from sklearn.preprocessing import StandardScaler
+
+    small = tmp_path / "small"
+    small.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=6m", "tmpfs", str(small)],
+                      capture_output=True).returncode:
+        pytest.skip("cannot mount a small tmpfs here")
+    try:
+        first = rng.standard_normal((2000, 20))
+        scaler = StandardScaler().fit(first)
+        with mistiquefs.open_store(small / "s") as store:
+            store.capture(scaler, first, name="fits", progress=False)
+            before = (sorted((small / "s" / "packs").iterdir()), sorted((small / "s" / "models").iterdir()))
+            huge = rng.standard_normal((200_000, 20))  # 32 MB of incompressible input and output
+            with pytest.raises(CaptureError, match="disk holding .* is full"):
+                store.capture(scaler, huge, name="too_big", progress=False)
+            assert store.models() == ["fits"]
+            assert (sorted((small / "s" / "packs").iterdir()), sorted((small / "s" / "models").iterdir())) == before
+            np.testing.assert_array_equal(store.read("fits", "standardscaler"), scaler.transform(first))
+    finally:
+        subprocess.run(["umount", "-l", str(small)], check=True)
