@@ -186,6 +186,9 @@ def test_repair_rebuilds_a_lost_chunk_index(store, capsys) -> None:
     (problem,) = check(path).problems
     assert problem.what == "17 chunks that tiles refer to exist nowhere (no chunk row)"
     assert "model cnn, layer dense, examples 0..5999" in problem.affects
+    # gc must not run now: the packs it would call garbage hold the only copies of those chunks
+    assert main(["gc", str(path)]) == StoreError.exit_code
+    assert "fsck --repair before gc" in capsys.readouterr().err
     assert main(["fsck", str(path), "--repair"]) == 0
     assert "17 intact chunks (0 as before, 0 moved to an intact copy, 17 re-indexed" in capsys.readouterr().out
     assert check(path).clean

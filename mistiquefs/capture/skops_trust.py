@@ -62,6 +62,8 @@ def refusal(type_name: str, loaders: set[str]) -> str | None:
         return None
     if not type_name.startswith(TRUSTED_PREFIXES) or set(type_name.split(".")) & UNSAFE_MODULE_PARTS:
         return f"{type_name} (not a scikit-learn, numpy or scipy type)"
+    if not loaders:  # fail closed: a name the schema does not show us how it is loaded is not loaded
+        return f"{type_name} (its use in the file could not be determined)"
     unsafe = sorted(loaders - REFERENCE_LOADERS)
     if not unsafe or (unsafe == ["ObjectNode"] and _is_plain_estimator(type_name)):
         return None

@@ -119,9 +119,10 @@ class Tree:
             self._refreshing.release()
 
     def _reload(self, version: int) -> None:
-        self.repo.forget_stale()
         models = self.repo.models()
-        layers = self.repo.intermediates()
+        # two queries: a capture committing between them adds layers of a model not listed yet; they
+        # appear with that model at the next reload
+        layers = [rec for rec in self.repo.intermediates() if rec.model_id in {m.id for m in models}]
         with self._lock:
             self.models = {m.id: m for m in models}
             self.model_ids = {m.name.encode(): m.id for m in models}
@@ -130,6 +131,8 @@ class Tree:
             for rec in layers:
                 self.layers_of[rec.model_id][rec.name.encode()] = rec.id
             self._version = version
+        # after the swap: a reader created meanwhile for a removed layer would otherwise stay cached
+        self.repo.forget_stale()
 
     def _model(self, ident: int) -> ModelRecord:
         try:

@@ -15,6 +15,7 @@ Invariants:
 from __future__ import annotations
 
 import json
+import os
 import sqlite3
 import threading
 import time
@@ -101,11 +102,14 @@ class Catalog:
         try:
             self._db = self._connect(str(path), uri=False)
         except sqlite3.OperationalError as exc:
-            if create:
+            if create or os.access(path.parent, os.W_OK):
                 raise StoreError(f"cannot open the catalog {path}: {exc}") from exc
             # A store on read-only media (a shared snapshot, a read-only bind mount): WAL needs to write
-            # its -shm file, so read it as an immutable database instead.
-            self._db = self._connect(f"file:{path}?mode=ro&immutable=1", uri=True)
+            # its -shm file, so read it as an immutable database instead (nothing can change it there).
+            try:
+                self._db = self._connect(f"file:{path}?mode=ro&immutable=1", uri=True)
+            except sqlite3.DatabaseError as again:
+                raise StoreError(f"cannot open the catalog {path}: {again}") from again
         except sqlite3.DatabaseError as exc:
             raise StoreError(f"cannot open the catalog {path}: {exc}") from exc
 

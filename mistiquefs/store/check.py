@@ -247,8 +247,15 @@ def _first_intact(packs: PackReader) -> Callable[[bytes, list[ChunkLocation]], t
         tried = 0
         for loc in copies:
             tried += loc.stored_length
-            if not _verify(packs)(cid, loc):
-                return loc, tried
+            try:
+                packs.read(cid, loc)
+            except CorruptChunk:
+                continue
+            except FileNotFoundError:  # a vanished pack: that copy is gone for good
+                continue
+            # Any other OSError (EIO, EMFILE...) may pass: repair must not drop a row for it, so it
+            # propagates and the repair transaction never starts.
+            return loc, tried
         return None, tried
     return first
 

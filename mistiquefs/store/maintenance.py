@@ -34,7 +34,7 @@ import logging
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from mistiquefs.errors import CorruptChunk
+from mistiquefs.errors import StoreError, CorruptChunk
 from mistiquefs.store.packs import OBJECT_HEADER, PACK_MAGIC, ChunkLocation, PackWriter, decode_payload, fsync_dir
 from mistiquefs.store.records import ModelRecord
 from mistiquefs.store.repository import Repository
@@ -100,6 +100,10 @@ def collect_garbage(repo: Repository, *, compact_fraction: float = COMPACT_FRACT
     """Reclaim unreferenced chunks, packs and model files (see the module docstring for the protocol)."""
     report = GcReport()
     with repo.capture_lock("gc"):
+        # With tiles pointing at chunks the index lost, an unindexed pack may hold their only good copy:
+        # deleting it would make `fsck --repair` unable to bring them back.
+        if repo.catalog.tiles_without_chunks():
+            raise StoreError(f"{repo.root} has chunks its index lost: run mistiquefs fsck --repair before gc")
         plan = plan_gc(repo, compact_fraction)
         moves = copy_live_chunks(repo, plan, report)
         report.chunks = commit_relocations(repo, plan, moves)

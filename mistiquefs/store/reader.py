@@ -300,7 +300,8 @@ class LayerReader:
         return self._packs.read(cid, loc)
 
     def _row_key(self, b: int) -> Hashable:
-        return ("rows", self.rec.id, b)
+        # rows layout: row block b IS chunk b, so it shares the key the column gather uses for that chunk
+        return ("rows", self.rec.id, b) if self.rec.layout == COLUMNS else ("tile", self.rec.id, b)
 
     def _block_rows(self, b: int) -> int:
         return min(self.rec.block_rows, self.rec.n_rows - b * self.rec.block_rows)
