@@ -176,21 +176,23 @@ class LayerReader:
             parts.append(view.header[offset:min(end, head)])
         first, last = max(offset - head, 0) + view.start, end - head + view.start
         if last > first:
-            data = self._read_stream(view.stream, first, last, cached_only, view.start + view.length)
+            data = self._read_stream(view.stream, first, last, cached_only, view.start, view.start + view.length)
             if data is None:
                 return None
             parts.extend(data)
         return b"".join(parts)
 
     def _read_stream(self, stream: Stream, first: int, last: int, cached_only: bool,
-                     view_end: int) -> list[memoryview] | None:
+                     view_start: int, view_end: int) -> list[memoryview] | None:
         size = stream.piece_size
         out = []
         for b in range(first // size, (last - 1) // size + 1):
             lo, hi = max(first - b * size, 0), min(last - b * size, size)
-            # A read to a piece's end, or from its start after its predecessor, is a scan: decode the
-            # view's next pieces in the background so that they are ready when the reader gets there.
-            if (b + 1) * size < view_end and (hi == size or (lo == 0 and b > 0 and stream.key(b - 1) in self._cache)):
+            # A read from the file's start (np.load, cat, cp), to a piece's end, or from a piece's start
+            # after its predecessor is a scan: decode the file's next pieces in the background, so that
+            # their disk reads overlap (np.load of a cold 2.8 MB layer: 24 ms piece after piece, 16.5 ms).
+            scan = first == view_start or hi == size or (lo == 0 and b > 0 and stream.key(b - 1) in self._cache)
+            if scan and (b + 1) * size < view_end:
                 self._read_ahead(stream, b, view_end)
             piece = self._cache.get(stream.key(b)) if cached_only else self._piece(stream, b)
             if piece is None:
