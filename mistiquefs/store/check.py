@@ -409,10 +409,8 @@ def _note_unreferenced_chunks(repo: Repository, rows: Chunks, report: FsckReport
 
 
 def _note_orphan_model_files(repo: Repository, report: FsckReport) -> None:
-    kept = {(repo.root / m.model_file).resolve() for m in repo.models()}
-    for path in sorted((repo.root / "models").glob("*")):
-        if path.is_file() and path.resolve() not in kept:
-            _reclaim(report, path.stat().st_size, f"model file {path.name}: no model refers to it")
+    for path in repo.orphan_model_files():
+        _reclaim(report, path.stat().st_size, f"model file {path.name}: no model refers to it")
 
 
 def _reclaim(report: FsckReport, size: int, note: str) -> None:

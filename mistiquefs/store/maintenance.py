@@ -130,7 +130,7 @@ def plan_gc(repo: Repository, compact_fraction: float = COMPACT_FRACTION) -> GcP
             use.dead.append(cid)
     delete = [use for use in uses.values() if not use.live]
     compact = [use for use in uses.values() if use.live and use.garbage > compact_fraction * use.size]
-    return GcPlan(delete, compact, lost, _orphan_model_files(repo))
+    return GcPlan(delete, compact, lost, repo.orphan_model_files())
 
 
 def copy_live_chunks(repo: Repository, plan: GcPlan, report: GcReport) -> dict[bytes, ChunkLocation]:
@@ -191,13 +191,6 @@ def remove_files(repo: Repository, plan: GcPlan, report: GcReport) -> None:
         path.unlink(missing_ok=True)
         report.model_files += 1
     fsync_dir(repo.root / "models")
-
-
-def _orphan_model_files(repo: Repository) -> list[Path]:
-    kept = {Path(model.model_file) for model in repo.models()}
-    models_dir = repo.root / "models"
-    return [path for path in sorted(models_dir.iterdir())
-            if path.is_file() and path.relative_to(repo.root) not in kept]
 
 
 def _model_file(repo: Repository, relative: str) -> Path | None:

@@ -83,6 +83,12 @@ class Repository:
     def intermediates(self) -> list[IntermediateRecord]:
         return self.catalog.intermediates()
 
+    def orphan_model_files(self) -> list[Path]:
+        """Files in models/ that no model row refers to (left by a capture that never committed)."""
+        kept = {(self.root / model.model_file).resolve() for model in self.models()}
+        return [path for path in sorted((self.root / "models").iterdir())
+                if path.is_file() and path.resolve() not in kept]
+
     def reader(self, rec: IntermediateRecord) -> LayerReader:
         reader = self._readers.get(rec.id)
         if reader is None:
