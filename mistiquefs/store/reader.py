@@ -202,14 +202,17 @@ class LayerReader:
         return out
 
     def _piece(self, stream: Stream, b: int) -> Buffer:
-        piece = self._cache.get(stream.key(b))
+        return self._cached(stream.key(b), lambda: stream.load(b))
+
+    def _cached(self, key: Hashable, load: Callable[[], Buffer]) -> Buffer:
+        """The cached piece under ``key``, else ``load()`` once however many threads ask, then cached."""
+        piece = self._cache.get(key)
         if piece is None:
-            piece = self._flights.run(stream.key(b), lambda: self._load_into_cache(stream, b))
+            piece = self._flights.run(key, lambda: self._put(key, load()))
         return piece
 
-    def _load_into_cache(self, stream: Stream, b: int) -> Buffer:
-        piece = stream.load(b)
-        self._cache.put(stream.key(b), piece)
+    def _put(self, key: Hashable, piece: Buffer) -> Buffer:
+        self._cache.put(key, piece)
         return piece
 
     def _read_ahead(self, stream: Stream, b: int, view_end: int) -> None:
@@ -225,8 +228,7 @@ class LayerReader:
     def _prefetch(self, stream: Stream, b: int) -> None:
         key = stream.key(b)
         try:
-            if key not in self._cache:
-                self._flights.run(key, lambda: self._load_into_cache(stream, b))
+            self._piece(stream, b)
         except Exception:  # the reader that needs this piece will load it again and report the error
             log.debug("read-ahead of piece %d of %s failed", b, self.rec.name, exc_info=True)
         finally:
@@ -316,12 +318,7 @@ class LayerReader:
         return join_columns(tiles, self.rec.dtype, self._block_rows(b))
 
     def _cached_chunk(self, tile: int) -> Buffer:
-        key = ("tile", self.rec.id, tile)
-        data = self._cache.get(key)
-        if data is None:
-            data = self._flights.run(key, lambda: self._chunk(tile))
-            self._cache.put(key, data)
-        return data
+        return self._cached(("tile", self.rec.id, tile), lambda: self._chunk(tile))
 
     def _gather_column(self, j: int) -> np.ndarray:
         """Column j of a rows-layout intermediate: one strided pass over every chunk."""
