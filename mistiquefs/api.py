@@ -13,6 +13,7 @@ import sqlite3
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
@@ -21,6 +22,7 @@ from tqdm import tqdm
 from mistiquefs.capture import Adapter, adapter_for
 from mistiquefs.errors import CaptureError, MistiqueError, NotFound
 from mistiquefs.store.describe import layer_info, model_info
+from mistiquefs.store.catalog import NewIntermediate
 from mistiquefs.store.records import IntermediateRecord
 from mistiquefs.store.repository import Repository
 from mistiquefs.store.writer import CaptureWriter
@@ -117,23 +119,11 @@ class Store:
         info = {**adapter.describe(), "batch_size": size}
         writer.commit(framework=adapter.framework, n_rows=n_rows, seconds=seconds, model_file=model_path,
                       info=info)
-        layers = writer.committed_layers
-        return CaptureSummary(
-            name=writer.name, n_rows=n_rows, layers=[layer.name for layer in layers],
-            raw_bytes=sum(layer.raw_bytes for layer in layers),
-            stored_bytes=sum(layer.stored_bytes for layer in layers),
-            new_bytes=sum(layer.new_bytes for layer in layers), seconds=seconds,
-        )
+        return _summary(writer.name, n_rows, writer.committed_layers, seconds)
 
     def _existing_summary(self, name: str) -> CaptureSummary:
         rec = self._model(name)
-        layers = self._layers(name)
-        return CaptureSummary(
-            name=rec.name, n_rows=rec.n_rows, layers=[layer.name for layer in layers],
-            raw_bytes=sum(layer.raw_bytes for layer in layers),
-            stored_bytes=sum(layer.stored_bytes for layer in layers),
-            new_bytes=sum(layer.new_bytes for layer in layers), seconds=rec.capture_seconds, skipped=True,
-        )
+        return _summary(rec.name, rec.n_rows, self._layers(name), rec.capture_seconds, skipped=True)
 
     # ---- reading ---------------------------------------------------------------------------------
     def models(self) -> list[str]:
@@ -196,6 +186,16 @@ def _run_batch(adapter: Adapter, batch: Any, start: int, stop: int):
     except Exception as exc:
         raise CaptureError(f"the model raised {type(exc).__name__} on examples {start}..{stop - 1}: {exc}") \
             from exc
+
+
+def _summary(name: str, n_rows: int, layers: Sequence[NewIntermediate | IntermediateRecord], seconds: float,
+             skipped: bool = False) -> CaptureSummary:
+    return CaptureSummary(
+        name=name, n_rows=n_rows, layers=[layer.name for layer in layers],
+        raw_bytes=sum(layer.raw_bytes for layer in layers),
+        stored_bytes=sum(layer.stored_bytes for layer in layers),
+        new_bytes=sum(layer.new_bytes for layer in layers), seconds=seconds, skipped=skipped,
+    )
 
 
 def _disk_full(exc: BaseException | None) -> bool:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -58,7 +58,6 @@ class IntermediateRecord:
     stored_bytes: int
     new_bytes: int
     seconds: float
-    _derived: dict[str, int] = field(default_factory=dict, compare=False, repr=False)
 
     @property
     def row_size(self) -> int:
