@@ -119,14 +119,11 @@ class LayerWriter:
             self._filled += take
             done += take
             if self._filled == self.block_rows:
-                self._flush()
+                self.flush()
         self.rows += len(array)
 
     def flush(self) -> None:
-        """Hand the rows buffered so far (a last, partial block) to the sink."""
-        self._flush()
-
-    def _flush(self) -> None:
+        """Hand the rows buffered so far (a full block, or the last partial one) to the sink."""
         if not self._filled:
             return
         tiles = split_block(self._buffer[:self._filled], self.layout)
@@ -152,7 +149,7 @@ class LayerWriter:
 
 
 class CaptureWriter:
-    """One capture in progress. Use ``add``/``record`` per batch, then ``commit`` or ``abort``."""
+    """One capture in progress. Use ``add`` per stage and batch, then ``commit`` or ``abort``."""
 
     def __init__(self, catalog: Catalog, root: Path, name: str, *, table: bool) -> None:
         self.catalog = catalog
