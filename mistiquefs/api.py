@@ -13,13 +13,14 @@ import sqlite3
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import numpy as np
 from tqdm import tqdm
 
 from mistiquefs.capture import Adapter, adapter_for
+from mistiquefs.codecs import SchemePolicy
 from mistiquefs.errors import CaptureError, MistiqueError, NotFound
 from mistiquefs.store.describe import layer_info, model_info
 from mistiquefs.store.catalog import NewIntermediate
@@ -28,6 +29,10 @@ from mistiquefs.store.repository import Repository
 from mistiquefs.store.writer import CaptureWriter
 
 _RESERVED = {"", ".", "..", "info.json"}
+#: examples learned codecs (kbit bins, thresholds) fit on: 256 images give a conv layer millions of
+#: values; a table's columns need more rows for 256 stable quantiles
+SAMPLE_ROWS, SAMPLE_ROWS_TABLE = 256, 8192
+SAMPLE_WINDOWS = 8
 
 
 @dataclass(frozen=True)
@@ -65,17 +70,22 @@ class Store:
 
     # ---- capture ---------------------------------------------------------------------------------
     def capture(self, model: Any, inputs: Any, name: str, *, batch_size: int | None = None,
-                progress: bool | None = None, skip_existing: bool = False) -> CaptureSummary:
+                progress: bool | None = None, skip_existing: bool = False,
+                schemes: Mapping[str, str] | str | None = None) -> CaptureSummary:
         """Run ``model`` over ``inputs`` and store every intermediate under ``name``.
 
         ``model``: a fitted scikit-learn estimator or pipeline, or a Keras model. ``inputs``: what the model
-        takes (a 2-D array or DataFrame; an array of images...). ``progress``: a progress bar on stderr;
+        takes (a 2-D array or DataFrame; an array of images...). ``schemes``: how each layer is stored,
+        ``{glob: scheme}`` on layer names, first match wins, e.g. ``{"conv*": "kbit:8", "*": "lossless"}``
+        (one string applies to every layer); unmatched layers and the inputs are lossless (the scheme
+        grammar is in ``mistiquefs.codecs.chain``). ``progress``: a progress bar on stderr;
         None shows it when stderr is a terminal. ``skip_existing``: when ``name`` is already in the store,
         return its summary (``skipped=True``) without running the model, so an interrupted series of
         captures can simply be run again; the stored capture is not compared with ``model`` or ``inputs``.
         Otherwise an existing name is a StoreError.
         """
         check_model_name(name)
+        policy = SchemePolicy.parse(schemes)
         # Committed captures never change, so this needs no lock; the check under the lock below covers
         # a capture of the same name that commits in between.
         if skip_existing and self.repo.catalog.model_exists(name):
@@ -88,8 +98,10 @@ class Store:
         with self.repo.capture_lock():
             if skip_existing and self.repo.catalog.model_exists(name):
                 return self._existing_summary(name)
-            writer = self.repo.begin_capture(name, table=adapter.table)
+            writer = self.repo.begin_capture(name, table=adapter.table, policy=policy)
             try:
+                if policy.learns:
+                    writer.samples = _sample_outputs(adapter, inputs, n_rows, policy)
                 return self._capture(adapter, writer, inputs, n_rows, size, progress)
             except BaseException as exc:
                 writer.abort()
@@ -116,7 +128,7 @@ class Store:
         model_path = writer.new_file(adapter.model_suffix)
         adapter.save_model(model_path)
         seconds = time.perf_counter() - started
-        info = {**adapter.describe(), "batch_size": size}
+        info = {**adapter.describe(), "batch_size": size, "schemes": writer.policy.describe()}
         writer.commit(framework=adapter.framework, n_rows=n_rows, seconds=seconds, model_file=model_path,
                       info=info)
         return _summary(writer.name, n_rows, writer.committed_layers, seconds)
@@ -186,6 +198,22 @@ def _run_batch(adapter: Adapter, batch: Any, start: int, stop: int):
     except Exception as exc:
         raise CaptureError(f"the model raised {type(exc).__name__} on examples {start}..{stop - 1}: {exc}") \
             from exc
+
+
+def _sample_outputs(adapter: Adapter, inputs: Any, n_rows: int, policy: SchemePolicy) -> dict[str, np.ndarray]:
+    """What learned codecs fit on: the outputs of the stages they apply to, for rows from
+    ``SAMPLE_WINDOWS`` windows spread evenly over the inputs (not just the first batch, which may be
+    unrepresentative: inputs are often sorted). Deterministic, so equal captures learn equal bins."""
+    rows = min(n_rows, SAMPLE_ROWS_TABLE if adapter.table else SAMPLE_ROWS)
+    width = max(1, rows // SAMPLE_WINDOWS)
+    starts = sorted({int(s) for s in np.linspace(0, n_rows - width, SAMPLE_WINDOWS)})
+    parts: dict[str, list[np.ndarray]] = {}
+    for start in starts:
+        stop = min(start + width, n_rows)
+        for out in _run_batch(adapter, adapter.slice_inputs(inputs, start, stop), start, stop):
+            if policy.chain_for(out.name).learns:
+                parts.setdefault(out.name, []).append(out.array)
+    return {name: np.concatenate(arrays) for name, arrays in parts.items()}
 
 
 def _summary(name: str, n_rows: int, layers: Sequence[NewIntermediate | IntermediateRecord], seconds: float,

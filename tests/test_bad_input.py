@@ -282,7 +282,7 @@ def test_a_store_of_a_newer_format_is_refused_and_left_alone(tmp_path: Path, cap
     with mistiquefs.open_store(path) as opened:
         opened.capture(StandardScaler().fit(np.ones((4, 2))), np.ones((10, 2)), name="old", progress=False)
     db = sqlite3.connect(path / "catalog.sqlite")
-    db.execute("UPDATE meta SET value = '2' WHERE key = 'format_version'")
+    db.execute("UPDATE meta SET value = '3' WHERE key = 'format_version'")
     db.commit()
     db.close()
     before = store_state(path)
@@ -291,13 +291,13 @@ def test_a_store_of_a_newer_format_is_refused_and_left_alone(tmp_path: Path, cap
     skops.io.dump(StandardScaler().fit(np.ones((4, 2))), model_path)
     np.save(inputs_path, np.ones((10, 2)))
     for create in (False, True):
-        with pytest.raises(StoreError, match=r"format version 2; this mistiquefs reads up to 1: upgrade"):
+        with pytest.raises(StoreError, match=r"format version 3; this mistiquefs reads up to 2: upgrade"):
             mistiquefs.open_store(path, create=create)
     for argv in (["ls", str(path)], ["mount", str(path), str(tmp_path / "mnt")],
                  ["capture", str(path), "--model", str(model_path), "--inputs", str(inputs_path), "--name", "new",
                   "--no-progress"]):
         (tmp_path / "mnt").mkdir(exist_ok=True)
         assert main(argv) == StoreError.exit_code, argv
-        assert "format version 2" in capsys.readouterr().err, argv
+        assert "format version 3" in capsys.readouterr().err, argv
     assert store_state(path) == before
     assert (path / "catalog.sqlite").read_bytes() == catalog

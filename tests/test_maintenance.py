@@ -320,7 +320,7 @@ def test_gc_deletes_what_a_torn_capture_left(store) -> None:
     repo = Repository(path, create=False)
     writer = repo.begin_capture("torn", table=False)
     writer.add("a", np.random.default_rng(0).standard_normal((5000, 64)))
-    writer.layers["a"].flush()
+    writer.layers["a"][0][0].flush()
     writer.sink.flush()
     writer.packs.sync()
     writer.new_file(".bin").write_bytes(b"model")

@@ -32,7 +32,12 @@ from mistiquefs.errors import NotFound, StoreError
 from mistiquefs.store.packs import ChunkLocation
 from mistiquefs.store.records import IntermediateRecord, ModelRecord, dtype_from_json
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
+#: format version -> statements that bring a store of that version to the next one
+_MIGRATIONS = {
+    1: ["ALTER TABLE intermediates ADD COLUMN stored INTEGER NOT NULL DEFAULT 1",
+        "ALTER TABLE intermediates ADD COLUMN fidelity TEXT"],
+}
 #: meta keys holding the highest model / intermediate id ever used (ids are never reused)
 _HIGH_WATER = {"models": "max_model_id", "intermediates": "max_intermediate_id"}
 #: bound parameters per query (SQLite's default limit is 32766; well under it)
@@ -55,6 +60,8 @@ class NewIntermediate:
     seconds: float
     tiles: list[tuple[int, bytes]]
     timings: list[tuple[int, int, float]]
+    stored: bool = True
+    fidelity: dict[str, Any] | None = None
 
 
 TILE_DTYPE = np.dtype([("cid", "V16"), ("pack", "<i4"), ("offset", "<i8"), ("stored", "<i8"),
@@ -135,7 +142,27 @@ class Catalog:
             schema = resources.files("mistiquefs.store").joinpath("schema.sql").read_text()
             self._db.executescript(schema)
             self._db.execute("INSERT OR IGNORE INTO meta VALUES ('format_version', ?)", (str(FORMAT_VERSION),))
+        elif version < FORMAT_VERSION:
+            self._migrate(version)
         self._db.execute("PRAGMA synchronous = FULL")
+
+    def _migrate(self, version: int) -> None:
+        """Bring an older store up to FORMAT_VERSION, one transaction per step. A store on read-only
+        media cannot be migrated: it is read as it is (``intermediates`` fills in the missing columns)."""
+        while version < FORMAT_VERSION:
+            try:
+                self._db.execute("BEGIN IMMEDIATE")
+            except sqlite3.OperationalError:
+                return
+            try:
+                for statement in _MIGRATIONS[version]:
+                    self._db.execute(statement)
+                version += 1
+                self._db.execute("UPDATE meta SET value = ? WHERE key = 'format_version'", (str(version),))
+                self._db.execute("COMMIT")
+            except BaseException:
+                self._db.execute("ROLLBACK")
+                raise
 
     def _meta_version(self) -> int | None:
         try:
@@ -162,16 +189,19 @@ class Catalog:
         return [ModelRecord(*row[:7], info=json.loads(row[7])) for row in rows]
 
     def intermediates(self) -> list[IntermediateRecord]:
+        has_v2 = any(r[1] == "fidelity" for r in self._query("PRAGMA table_info(intermediates)"))
         rows = self._query(
             "SELECT i.id, i.model_id, i.position, i.name, m.n_rows, i.shape, i.dtype, i.layout, i.block_rows,"
-            " i.codec, i.raw_bytes, i.stored_bytes, i.new_bytes, i.seconds"
-            " FROM intermediates i JOIN models m ON m.id = i.model_id ORDER BY i.model_id, i.position"
+            " i.codec, i.raw_bytes, i.stored_bytes, i.new_bytes, i.seconds, "
+            + ("i.stored, i.fidelity" if has_v2 else "1, NULL")
+            + " FROM intermediates i JOIN models m ON m.id = i.model_id ORDER BY i.model_id, i.position"
         )
         return [
             IntermediateRecord(
                 id=r[0], model_id=r[1], position=r[2], name=r[3], n_rows=r[4], shape=tuple(json.loads(r[5])),
                 dtype=dtype_from_json(r[6]), layout=r[7], block_rows=r[8], codec=json.loads(r[9]),
-                raw_bytes=r[10], stored_bytes=r[11], new_bytes=r[12], seconds=r[13],
+                raw_bytes=r[10], stored_bytes=r[11], new_bytes=r[12], seconds=r[13], stored=bool(r[14]),
+                fidelity=json.loads(r[15]) if r[15] else None,
             )
             for r in rows
         ]
@@ -256,10 +286,12 @@ class Catalog:
     def _insert_intermediate(db: sqlite3.Connection, model_id: int, position: int, inter: NewIntermediate) -> None:
         cur = db.execute(
             "INSERT INTO intermediates (id, model_id, position, name, shape, dtype, layout, block_rows, codec,"
-            " raw_bytes, stored_bytes, new_bytes, seconds) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            " raw_bytes, stored_bytes, new_bytes, seconds, stored, fidelity)"
+            " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
             (_next_id(db, "intermediates"), model_id, position, inter.name, json.dumps(list(inter.shape)),
              inter.dtype_json, inter.layout, inter.block_rows, json.dumps(inter.codec), inter.raw_bytes,
-             inter.stored_bytes, inter.new_bytes, inter.seconds),
+             inter.stored_bytes, inter.new_bytes, inter.seconds, int(inter.stored),
+             json.dumps(inter.fidelity) if inter.fidelity is not None else None),
         )
         iid = cur.lastrowid
         db.executemany("INSERT INTO tiles VALUES (?, ?, ?)", [(iid, t, cid) for t, cid in inter.tiles])

@@ -17,16 +17,25 @@ def layer_info(rec: IntermediateRecord) -> dict[str, Any]:
         "columns": rec.n_columns,
         "layout": rec.layout,
         "block_rows": rec.block_rows,
-        "scheme": "lossless",
+        "stored": rec.stored,
+        "scheme": rec.chain.describe() if rec.stored else "not stored (read by re-running the model)",
         "codec": rec.codec,
-        "fidelity": {"exact": True},
+        "fidelity": rec.fidelity if rec.fidelity is not None else {"exact": rec.stored},
         "raw_bytes": rec.raw_bytes,
         "stored_bytes": rec.stored_bytes,
         "new_bytes": rec.new_bytes,
         "stage_seconds": rec.seconds,
         "stage_seconds_per_example": rec.seconds / rec.n_rows if rec.n_rows else 0.0,
-        "plan": {"choice": "read", "why": "stored losslessly"},
+        "plan": _plan(rec),
     }
+
+
+def _plan(rec: IntermediateRecord) -> dict[str, str]:
+    if not rec.stored:
+        return {"choice": "rerun", "why": "not stored"}
+    if rec.chain.lossy:
+        return {"choice": "read", "why": f"stored as {rec.chain.describe()}: reads give the approximation"}
+    return {"choice": "read", "why": "stored losslessly"}
 
 
 def model_info(model: ModelRecord, layers: list[IntermediateRecord]) -> dict[str, Any]:

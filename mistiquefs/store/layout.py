@@ -8,7 +8,8 @@ Two layouts, chosen once per intermediate from its per-example shape S and dtype
   column (feature or field) of a block of ``TABLE_BLOCK_ROWS`` examples. Block boundaries depend only on the
   row number, so an identical column in two pipeline variants gives identical tiles and is stored once.
 
-A tile's bytes are its values in C order and native dtype; the chunk id is the hash of those bytes.
+A tile is encoded by the intermediate's codec chain (``mistiquefs.codecs``); the chunk id is the hash of
+the encoded bytes before compression.
 """
 
 from __future__ import annotations
@@ -39,29 +40,24 @@ def choose_layout(shape: tuple[int, ...], dtype: np.dtype, table: bool) -> tuple
     return ROWS, max(1, CHUNK_BYTES // row_size)
 
 
-def split_block(block: np.ndarray, layout: str) -> list[memoryview]:
-    """The tiles of one block of rows, in column order (one tile for ``rows``)."""
+def split_block(block: np.ndarray, layout: str) -> list[np.ndarray]:
+    """The tiles of one block of rows, in column order (one tile for ``rows``), as arrays that own their
+    memory (the caller reuses ``block``'s buffer while the tiles are encoded in other threads)."""
     if layout == ROWS:
-        return [_byte_view(block)]
+        return [block.copy()]
     if block.dtype.names is not None:
-        return [_byte_view(block[name]) for name in block.dtype.names]
-    transposed = np.ascontiguousarray(block.T)
-    return [_byte_view(col) for col in transposed]
+        return [np.ascontiguousarray(block[name]) for name in block.dtype.names]
+    return list(np.ascontiguousarray(block.T))
 
 
-def _byte_view(array: np.ndarray) -> memoryview:
-    # via uint8: memoryview cannot export datetime64 or structured dtypes holding them
-    return memoryview(np.ascontiguousarray(array).reshape(-1).view(np.uint8))
-
-
-def join_columns(tiles: list[bytes], dtype: np.dtype, n_rows: int) -> np.ndarray:
-    """A block of rows, row-major, from its column tiles (the inverse of ``split_block`` for ``columns``)."""
+def join_columns(tiles: list[np.ndarray], dtype: np.dtype, n_rows: int) -> np.ndarray:
+    """A block of rows, row-major, from its decoded column tiles (the inverse of ``split_block``)."""
     if dtype.names is not None:
         out = np.empty(n_rows, dtype=dtype)
         for name, tile in zip(dtype.names, tiles):
-            out[name] = np.frombuffer(tile, dtype=dtype.fields[name][0])
+            out[name] = tile
         return out
     out = np.empty((n_rows, len(tiles)), dtype=dtype)
     for j, tile in enumerate(tiles):
-        out[:, j] = np.frombuffer(tile, dtype=dtype)
+        out[:, j] = tile
     return out

@@ -45,7 +45,8 @@ OBJECT_HEADER = struct.Struct("<4sBBH16sQQI")
 NO_COMPRESSION, ZSTD = 0, 1
 #: a pack is closed and a new one started past this size, so no file grows without bound
 PACK_LIMIT = 1 << 30
-#: zstd level 3: on float32 activations it is within a few percent of level 9's ratio at ~4X the speed
+#: the default zstd level (a chain's ``zstd:L`` picks another): on float32 activations within a few
+#: percent of level 9's ratio at ~4X the speed
 ZSTD_LEVEL = 3
 
 _local = threading.local()
@@ -56,11 +57,14 @@ def chunk_id(data: bytes | memoryview) -> bytes:
     return xxhash.xxh3_128_digest(data)
 
 
-def _compressor() -> zstandard.ZstdCompressor:
+def _compressor(level: int) -> zstandard.ZstdCompressor:
     # zstandard compressor/decompressor objects must not be shared between threads
     if not hasattr(_local, "cctx"):
-        _local.cctx = zstandard.ZstdCompressor(level=ZSTD_LEVEL)
-    return _local.cctx
+        _local.cctx = {}
+    cctx = _local.cctx.get(level)
+    if cctx is None:
+        cctx = _local.cctx[level] = zstandard.ZstdCompressor(level=level)
+    return cctx
 
 
 def _decompressor() -> zstandard.ZstdDecompressor:
@@ -69,9 +73,9 @@ def _decompressor() -> zstandard.ZstdDecompressor:
     return _local.dctx
 
 
-def compress(data: bytes | memoryview) -> tuple[bytes, int]:
+def compress(data: bytes | memoryview, level: int = ZSTD_LEVEL) -> tuple[bytes, int]:
     """(payload, compression) for encoded bytes; incompressible data is stored as is."""
-    packed = _compressor().compress(data)
+    packed = _compressor(level).compress(data)
     if len(packed) >= len(data):
         return bytes(data), NO_COMPRESSION
     return packed, ZSTD

@@ -31,6 +31,7 @@ from typing import TypeVar
 
 import numpy as np
 
+from mistiquefs.codecs import TileSpec
 from mistiquefs.errors import CorruptChunk, StoreError
 from mistiquefs.npy import npy_header
 from mistiquefs.store.cache import ByteLRU, Buffer
@@ -161,7 +162,7 @@ class LayerReader:
         if self.rec.layout == COLUMNS:
             n_cols = self.rec.n_columns
             return Stream(self.rec.block_rows * dtype.itemsize, length,
-                          lambda b: ("tile", self.rec.id, b * n_cols + j), lambda b: self._chunk(b * n_cols + j))
+                          lambda b: ("tile", self.rec.id, b * n_cols + j), lambda b: self._decoded(b * n_cols + j))
         return Stream(length, length, lambda _b: ("column", self.rec.id, j), lambda _b: self._gather_column(j))
 
     # ---- reading -------------------------------------------------------------------------------------
@@ -287,6 +288,22 @@ class LayerReader:
                                  "catalog: run mistiquefs fsck)")
         return found
 
+    def _decoded(self, tile: int) -> np.ndarray:
+        """Tile ``tile`` decoded by the layer's codec chain: rows ``(rows, *S)``, or one column's block."""
+        rec = self.rec
+        if not rec.stored:
+            raise StoreError(f"layer {rec.name!r} is not stored (a summary or the model's re-run stands in "
+                             "for it), so it has no chunks to read")
+        if rec.layout == COLUMNS:
+            block, unit = divmod(tile, rec.n_columns)
+            spec = TileSpec((self._block_rows(block),), rec.column_dtype(unit), unit)
+        else:
+            spec = TileSpec((self._block_rows(tile), *rec.shape), rec.dtype)
+        try:
+            return rec.chain.decode(self._chunk(tile), spec)
+        except ValueError as exc:  # bytes that verify but do not fit the chain: a catalog/pack mismatch
+            raise CorruptChunk(f"tile {tile} of {rec.name!r} does not decode with its codec: {exc}") from exc
+
     def _chunk(self, tile: int) -> bytes:
         cid, loc = self._tile(tile)
         try:
@@ -312,20 +329,20 @@ class LayerReader:
 
     def _load_row_block(self, b: int) -> Buffer:
         if self.rec.layout != COLUMNS:
-            return self._chunk(b)
+            return self._decoded(b)
         n_cols = self.rec.n_columns
         tiles = [self._cached_chunk(b * n_cols + j) for j in range(n_cols)]
         return join_columns(tiles, self.rec.dtype, self._block_rows(b))
 
     def _cached_chunk(self, tile: int) -> Buffer:
-        return self._cached(("tile", self.rec.id, tile), lambda: self._chunk(tile))
+        return self._cached(("tile", self.rec.id, tile), lambda: self._decoded(tile))
 
     def _gather_column(self, j: int) -> np.ndarray:
         """Column j of a rows-layout intermediate: one strided pass over every chunk."""
         rec = self.rec
         out = np.empty(rec.n_rows, dtype=rec.column_dtype(j))
         for b in range(rec.n_blocks):
-            rows = np.frombuffer(self._cached_chunk(b), dtype=rec.dtype)
+            rows = np.asarray(self._cached_chunk(b)).reshape(-1)
             column = rows[rec.dtype.names[j]] if rec.dtype.names else rows.reshape(-1, rec.n_columns)[:, j]
             out[b * rec.block_rows:b * rec.block_rows + len(column)] = column
         return out

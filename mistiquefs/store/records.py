@@ -5,9 +5,12 @@ from __future__ import annotations
 import json
 import math
 from dataclasses import dataclass
+from functools import cached_property
 from typing import Any
 
 import numpy as np
+
+from mistiquefs.codecs import Chain
 
 ROWS, COLUMNS = "rows", "columns"
 
@@ -58,6 +61,13 @@ class IntermediateRecord:
     stored_bytes: int
     new_bytes: int
     seconds: float
+    stored: bool = True
+    fidelity: dict[str, Any] | None = None
+
+    @cached_property
+    def chain(self) -> Chain:
+        """The codec chain that decodes this intermediate's chunks."""
+        return Chain.from_json(self.codec)
 
     @property
     def row_size(self) -> int:

@@ -24,6 +24,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from mistiquefs.errors import StoreError
+from mistiquefs.codecs import SchemePolicy
 from mistiquefs.store.cache import DEFAULT_CACHE_BYTES, ByteLRU
 from mistiquefs.store.catalog import Catalog
 from mistiquefs.store.packs import PackReader
@@ -72,10 +73,10 @@ class Repository:
         finally:
             os.close(fd)
 
-    def begin_capture(self, name: str, *, table: bool) -> CaptureWriter:
+    def begin_capture(self, name: str, *, table: bool, policy: SchemePolicy | None = None) -> CaptureWriter:
         if self.catalog.model_exists(name):
             raise StoreError(f"a model named {name!r} is already in {self.root}")
-        return CaptureWriter(self.catalog, self.root, name, table=table)
+        return CaptureWriter(self.catalog, self.root, name, table=table, policy=policy)
 
     def models(self) -> list[ModelRecord]:
         return self.catalog.models()

@@ -34,6 +34,8 @@ CREATE TABLE IF NOT EXISTS intermediates (
     stored_bytes INTEGER NOT NULL,      -- compressed bytes of the chunks it references
     new_bytes    INTEGER NOT NULL,      -- of which this capture wrote (the rest was deduplicated)
     seconds      REAL NOT NULL,         -- total measured stage time over all batches
+    stored       INTEGER NOT NULL DEFAULT 1,  -- 0: no chunks; the mount re-runs the model to read it
+    fidelity     TEXT,                  -- JSON: measured error of a lossy codec (NULL: exact)
     UNIQUE (model_id, name)
 );
 

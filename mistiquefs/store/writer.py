@@ -10,71 +10,96 @@ from __future__ import annotations
 
 import math
 import os
+import threading
 import uuid
 from collections import deque
+from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, replace
+from functools import partial
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from mistiquefs.codecs import Chain, SchemePolicy, TileSpec
+from mistiquefs.codecs.fidelity import ErrorStats
+from mistiquefs.codecs.lossless import BytesCodec
 from mistiquefs.errors import CaptureError
 from mistiquefs.store.catalog import Catalog, NewIntermediate
 from mistiquefs.store.layout import choose_layout, split_block
 from mistiquefs.store.packs import ChunkLocation, PackWriter, chunk_id, compress, fsync_dir
-from mistiquefs.store.records import dtype_to_json
+from mistiquefs.store.records import COLUMNS, dtype_to_json
 
-#: compression threads: zstd level 3 runs at ~0.37 GB/s a core on activations and was 65% of a capture
+#: encoding + compression threads: zstd level 3 runs at ~0.37 GB/s a core on activations and was 65% of
+#: a lossless capture; numpy's table lookups (kbit) release the GIL too (1.2 GB/s a core, 2.2 on two)
 COMPRESS_WORKERS = max(2, os.cpu_count() or 1)
-#: chunks waiting for compression at most (each ~1 MiB): the memory this pipeline may add
+#: tiles waiting for encoding at most (each <= ~1 MiB): the memory this pipeline may add
 MAX_PENDING = 2 * COMPRESS_WORKERS + 2
 
-LOSSLESS_CODEC: list[dict[str, Any]] = [
-    {"name": "bytes", "configuration": {"endian": "native"}},
-    {"name": "zstd", "configuration": {"level": 3}},
-]
+
+@dataclass
+class EncodedTile:
+    cid: bytes
+    raw_length: int
+    payload: bytes | None      # compressed bytes, until appended to a pack
+    compression: int
+    new: bool                  # whether this tile is the first to store its chunk
+    stats: ErrorStats | None   # a lossy chain's error on this tile
 
 
 class ChunkSink:
-    """Deduplicates chunks against the catalog and this capture; compresses new ones in worker threads
-    (zstd releases the GIL, so this overlaps the model's own work) and appends them to packs in order.
+    """Encodes tiles in worker threads (codec chain, hash, dedup check, zstd: all release the GIL, so
+    this overlaps the model's own work) and appends new chunks to packs in submission order.
 
-    At most ``MAX_PENDING`` chunks wait for compression, which bounds the memory this adds."""
+    Dedup: a chunk already in the catalog, or claimed by an earlier tile of this capture, is not stored
+    again. At most ``MAX_PENDING`` tiles are in flight, which bounds the memory this adds."""
 
     def __init__(self, catalog: Catalog, packs: PackWriter) -> None:
         self.catalog = catalog
         self.packs = packs
         self.new_chunks: dict[bytes, ChunkLocation] = {}
         self._known: dict[bytes, int] = {}  # stored length of chunks that were already in the store
-        self._pending: deque[tuple[bytes, int, Future[tuple[bytes, int]]]] = deque()
-        self._queued: set[bytes] = set()
-        self._pool = ThreadPoolExecutor(COMPRESS_WORKERS, thread_name_prefix="mistiquefs-compress")
+        self._claimed: set[bytes] = set()
+        self._lock = threading.Lock()
+        self._pending: deque[tuple[Future[EncodedTile], Callable[[EncodedTile], None]]] = deque()
+        self._pool = ThreadPoolExecutor(COMPRESS_WORKERS, thread_name_prefix="mistiquefs-encode")
 
-    def put(self, encoded: memoryview) -> tuple[bytes, bool]:
-        """(chunk id, whether this capture stores it new) of one encoded tile."""
-        cid = chunk_id(encoded)
-        if cid in self.new_chunks or cid in self._queued or cid in self._known:
-            return cid, False
-        existing = self.catalog.chunk_location(cid)
-        if existing is not None:
-            self._known[cid] = existing.stored_length
-            return cid, False
-        data = bytes(encoded)  # the caller reuses its buffer
-        self._pending.append((cid, len(data), self._pool.submit(compress, data)))
-        self._queued.add(cid)
+    def submit(self, tile: np.ndarray, spec: TileSpec, chain: Chain, done: Callable[[EncodedTile], None]) -> None:
+        """Encode and store ``tile`` (an array the caller no longer touches); ``done`` is called with the
+        result on this thread, in submission order."""
+        self._pending.append((self._pool.submit(self._encode, tile, spec, chain), done))
         while len(self._pending) > MAX_PENDING:
-            self._write_oldest()
-        return cid, True
+            self._finish_oldest()
 
-    def _write_oldest(self) -> None:
-        cid, raw_length, future = self._pending.popleft()
-        payload, compression = future.result()
-        self.new_chunks[cid] = self.packs.append(cid, payload, compression, raw_length)
-        self._queued.discard(cid)
+    def _encode(self, tile: np.ndarray, spec: TileSpec, chain: Chain) -> EncodedTile:
+        data = chain.encode(tile, spec)
+        stats = ErrorStats.measure(tile, chain.decode(data, spec)) if chain.lossy else None
+        cid = chunk_id(data)
+        existing = None if cid in self._claimed or cid in self._known else self.catalog.chunk_location(cid)
+        with self._lock:
+            if existing is not None:
+                self._known[cid] = existing.stored_length
+            first = existing is None and cid not in self._claimed and cid not in self._known
+            if first:
+                self._claimed.add(cid)
+        if not first:
+            return EncodedTile(cid, len(data), None, 0, False, stats)
+        payload, compression = compress(data, chain.zstd.level)
+        return EncodedTile(cid, len(data), payload, compression, True, stats)
+
+    def _finish_oldest(self) -> None:
+        future, done = self._pending.popleft()
+        result = future.result()
+        if result.payload is not None:
+            self.new_chunks[result.cid] = self.packs.append(result.cid, result.payload, result.compression,
+                                                            result.raw_length)
+            result.payload = None
+        done(result)
 
     def flush(self) -> None:
         while self._pending:
-            self._write_oldest()
+            self._finish_oldest()
 
     def stored_length(self, cid: bytes) -> int:
         loc = self.new_chunks.get(cid)
@@ -85,20 +110,29 @@ class ChunkSink:
 
 
 class LayerWriter:
-    """Accumulates one intermediate's rows and flushes them block by block."""
+    """Accumulates one intermediate's rows and hands them to the sink block by block.
 
-    def __init__(self, name: str, first: np.ndarray, table: bool, sink: ChunkSink) -> None:
+    ``summarize`` (a pool) turns each batch into the summary this writer stores; ``chain`` may still need
+    fitting, which happens on ``sample`` (or, failing that, on the first block) before anything is encoded."""
+
+    def __init__(self, name: str, first: np.ndarray, table: bool, sink: ChunkSink, chain: Chain,
+                 sample: np.ndarray | None = None) -> None:
         self.name = name
         self.shape: tuple[int, ...] = tuple(first.shape[1:])
         self.dtype = first.dtype
         self.layout, self.block_rows = choose_layout(self.shape, self.dtype, table)
+        self.chain = chain
+        self._sample = sample
+        self._needs_fit = chain.learns
         self._sink = sink
         self._buffer = np.empty((self.block_rows, *self.shape), dtype=self.dtype)
         self._filled = 0
         self.rows = 0
+        self._tiles = 0
         self.tiles: list[tuple[int, bytes]] = []
         self._introduced: list[bytes] = []  # chunks this layer was the first to store
         self.timings: list[tuple[int, int, float]] = []
+        self.errors: ErrorStats | None = ErrorStats() if chain.lossy else None
 
     @property
     def row_size(self) -> int:
@@ -126,51 +160,118 @@ class LayerWriter:
         """Hand the rows buffered so far (a full block, or the last partial one) to the sink."""
         if not self._filled:
             return
-        tiles = split_block(self._buffer[:self._filled], self.layout)
-        first_tile = len(self.tiles)
-        for offset, encoded in enumerate(tiles):
-            cid, new = self._sink.put(encoded)
-            self.tiles.append((first_tile + offset, cid))
-            if new:
-                self._introduced.append(cid)
+        block = self._buffer[:self._filled]
+        if self._needs_fit:
+            self.chain = self.chain.fit(self._sample if self._sample is not None else block, self._units)
+            self._sample, self._needs_fit = None, False
+        for j, tile in enumerate(split_block(block, self.layout)):
+            unit = j if self.layout == COLUMNS else None
+            spec = TileSpec(tile.shape, tile.dtype, unit)
+            self.tiles.append((self._tiles, b""))
+            self._sink.submit(tile, spec, self.chain, partial(self._stored, self._tiles))
+            self._tiles += 1
         self._filled = 0
+
+    @property
+    def _units(self) -> int | None:
+        return self.shape[-1] if self.shape else None
+
+    def _stored(self, tile: int, result: EncodedTile) -> None:
+        self.tiles[tile] = (tile, result.cid)
+        if result.new:
+            self._introduced.append(result.cid)
+        if result.stats is not None and self.errors is not None:
+            self.errors.merge(result.stats)
 
     def finish(self) -> NewIntermediate:
         """The catalog rows of this layer; call after the sink is flushed."""
         stored = self._sink.stored_length
         return NewIntermediate(
             name=self.name, shape=self.shape, dtype_json=dtype_to_json(self.dtype), layout=self.layout,
-            block_rows=self.block_rows, codec=LOSSLESS_CODEC,
+            block_rows=self.block_rows, codec=self.chain.to_json(),
             raw_bytes=self.rows * self.row_size,
             stored_bytes=sum(stored(cid) for _t, cid in self.tiles),
             new_bytes=sum(stored(cid) for cid in self._introduced),
             seconds=sum(s for _, _, s in self.timings), tiles=self.tiles, timings=self.timings,
+            fidelity=self.errors.report() if self.errors is not None else None,
+        )
+
+
+class UnstoredLayer:
+    """A stage whose full output is not kept (only its summary, or nothing): the catalog records its shape,
+    dtype and timings, and a mount reads it by re-running the model."""
+
+    def __init__(self, name: str, first: np.ndarray, table: bool) -> None:
+        self.name = name
+        self.shape: tuple[int, ...] = tuple(first.shape[1:])
+        self.dtype = first.dtype
+        self.layout, self.block_rows = choose_layout(self.shape, self.dtype, table)
+        self.rows = 0
+        self.timings: list[tuple[int, int, float]] = []
+
+    def append(self, array: np.ndarray) -> None:
+        self.rows += len(array)
+
+    def flush(self) -> None:
+        pass
+
+    def finish(self) -> NewIntermediate:
+        return NewIntermediate(
+            name=self.name, shape=self.shape, dtype_json=dtype_to_json(self.dtype), layout=self.layout,
+            block_rows=self.block_rows, codec=Chain(BytesCodec()).to_json(),
+            raw_bytes=self.rows * math.prod(self.shape) * self.dtype.itemsize, stored_bytes=0, new_bytes=0,
+            seconds=sum(s for _, _, s in self.timings), tiles=[], timings=self.timings, stored=False,
         )
 
 
 class CaptureWriter:
-    """One capture in progress. Use ``add`` per stage and batch, then ``commit`` or ``abort``."""
+    """One capture in progress. Use ``add`` per stage and batch, then ``commit`` or ``abort``.
 
-    def __init__(self, catalog: Catalog, root: Path, name: str, *, table: bool) -> None:
+    ``policy`` picks each stage's codec chain; ``samples`` (stage -> a bounded sample of its output,
+    spread over the inputs) is what learned codecs fit on. A chain with a summary (pool) stores the
+    summary as ``<stage><suffix>`` and records the stage itself as not stored."""
+
+    def __init__(self, catalog: Catalog, root: Path, name: str, *, table: bool,
+                 policy: SchemePolicy | None = None, samples: dict[str, np.ndarray] | None = None) -> None:
         self.catalog = catalog
         self.root = root
         self.name = name
         self.table = table
+        self.policy = policy or SchemePolicy()
+        self.samples = samples or {}
         self.packs = PackWriter(root / "packs")
         self.sink = ChunkSink(catalog, self.packs)
-        self.layers: dict[str, LayerWriter] = {}
+        #: stage -> its writers, each with the summary function it stores (None: the stage's own output)
+        self.layers: dict[str, list[tuple[LayerWriter | UnstoredLayer, Any]]] = {}
         self._files: list[Path] = []
         self.committed = False
         self.committed_layers: list[NewIntermediate] = []
 
     def add(self, stage: str, array: np.ndarray, seconds: float | None = None, batch: int = 0) -> None:
         """Append one batch of one stage's output (``seconds``: that stage's time on this batch)."""
-        writer = self.layers.get(stage)
-        if writer is None:
-            writer = self.layers[stage] = LayerWriter(stage, array, self.table, self.sink)
+        writers = self.layers.get(stage)
+        if writers is None:
+            writers = self.layers[stage] = self._writers_for(stage, array)
         if seconds is not None:
-            writer.timings.append((batch, len(array), seconds))
-        writer.append(array)
+            writers[0][0].timings.append((batch, len(array), seconds))
+        for writer, summarize in writers:
+            writer.append(summarize(array) if summarize is not None else array)
+
+    def _writers_for(self, stage: str, first: np.ndarray) -> list[tuple[LayerWriter | UnstoredLayer, Any]]:
+        chain = self.policy.chain_for(stage).for_layer(tuple(first.shape[1:]), first.dtype)
+        sample = self.samples.get(stage)
+        if chain.summary is None:
+            return [(LayerWriter(stage, first, self.table, self.sink, chain, sample), None)]
+        summary = chain.summary
+        name = stage + summary.suffix
+        if name in self.layers:
+            raise CaptureError(f"the summary {name!r} of stage {stage!r} clashes with a stage of that name")
+        pooled = summary.summarize(first)
+        rest = replace(chain, summary=None).for_layer(tuple(pooled.shape[1:]), pooled.dtype)
+        summary_chain = replace(rest, summary=summary, note="; ".join(n for n in (chain.note, rest.note) if n))
+        writer = LayerWriter(name, pooled, self.table, self.sink, summary_chain,
+                             summary.summarize(sample) if sample is not None else None)
+        return [(UnstoredLayer(stage, first, self.table), None), (writer, summary.summarize)]
 
     def new_file(self, suffix: str) -> Path:
         """A fresh path under ``models/`` for the model file (removed again on abort)."""
@@ -180,14 +281,15 @@ class CaptureWriter:
 
     def commit(self, *, framework: str, n_rows: int, seconds: float, model_file: Path,
                info: dict[str, Any]) -> int:
-        for name, writer in self.layers.items():
+        writers = [w for stage in self.layers.values() for w, _summarize in stage]
+        for writer in writers:
             if writer.rows != n_rows:
-                raise CaptureError(f"stage {name!r} produced {writer.rows} rows for {n_rows} inputs")
-        for writer in self.layers.values():
+                raise CaptureError(f"stage {writer.name!r} produced {writer.rows} rows for {n_rows} inputs")
+        for writer in writers:
             writer.flush()
         self.sink.flush()
         self.sink.close()
-        intermediates = [w.finish() for w in self.layers.values()]
+        intermediates = [w.finish() for w in writers]
         self.packs.sync()
         _fsync_file(model_file)
         fsync_dir(model_file.parent)
