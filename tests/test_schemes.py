@@ -1,0 +1,237 @@
+"""Storage schemes end to end: lossy layers read back exactly their dequantized values through a real
+mount, info.json's error figures match a recomputation, pooled summaries appear beside their layer, and
+dedup shares chunks across layers, checkpoints and pipeline variants."""
+
+from __future__ import annotations
+
+import errno
+import json
+import math
+import sqlite3
+from pathlib import Path
+
+import numpy as np
+import pytest
+from sklearn.compose import ColumnTransformer
+from sklearn.linear_model import Ridge
+from sklearn.pipeline import Pipeline
+from sklearn.preprocessing import MinMaxScaler, StandardScaler
+
+import mistiquefs
+from mistiquefs.cli.main import main
+from mistiquefs.codecs import Chain, TileSpec
+from mistiquefs.codecs.pool import PoolCodec
+
+N_IMAGES = 200
+
+
+def decoded(codec_json: list, original: np.ndarray, *, columns: bool = False) -> np.ndarray:
+    """What a reader must see for ``original`` stored with ``codec_json``: the chain's round trip, tile by
+    tile as the store cuts them (a column per tile for tables, which may carry per-unit tables)."""
+    chain = Chain.from_json(codec_json)
+    if not columns:
+        spec = TileSpec(original.shape, original.dtype)
+        return chain.decode(bytes(chain.encode(original, spec)), spec)
+    out = np.empty_like(original)
+    for j in range(original.shape[1]):
+        col = np.ascontiguousarray(original[:, j])
+        spec = TileSpec(col.shape, col.dtype, j)
+        out[:, j] = chain.decode(bytes(chain.encode(col, spec)), spec)
+    return out
+
+
+def error_figures(read: np.ndarray, original: np.ndarray) -> dict[str, float]:
+    err = read.astype(np.float64) - original.astype(np.float64)
+    rmse = math.sqrt(float(np.mean(err ** 2)))
+    return {"max_abs_error": float(np.abs(err).max()), "rmse": rmse, "rmse_over_std": rmse / float(original.std())}
+
+
+# ---------------------------------------------------------------------------------------- a Keras CNN
+
+@pytest.fixture(scope="module")
+def cnn_store(tmp_path_factory: pytest.TempPathFactory):
+    keras = pytest.importorskip("keras")
+    import digits_cnn
+
+    keras.utils.set_random_seed(5)
+    images = digits_cnn.load_images()[0][:N_IMAGES]
+    model = digits_cnn.build_model()
+    layers = [layer for layer in model.layers if not isinstance(layer, keras.layers.InputLayer)]
+    probe = keras.Model(model.inputs, [layer.output for layer in layers])
+    expected = {layer.name: np.asarray(out) for layer, out in zip(layers, probe(images, training=False))}
+    path = tmp_path_factory.mktemp("schemes") / "store"
+    schemes = {"conv1": "kbit:8", "conv2": "kbit:4:unit", "conv3": "pool:2+kbit:8", "pool1": "float16",
+               "dense1": "threshold:90", "flatten": "kbit:3", "*": "lossless"}
+    with mistiquefs.open_store(path) as store:
+        store.capture(model, images, name="cnn", batch_size=64, schemes=schemes, progress=False)
+    return path, expected
+
+
+@pytest.mark.keras
+def test_lossy_layers_read_their_dequantized_values_through_the_mount(cnn_store, mount) -> None:
+    path, expected = cnn_store
+    mnt = mount(path)
+    model_dir = mnt / "cnn"
+    info = json.loads((model_dir / "info.json").read_text())
+    assert info["layers"][:6] == ["input", "conv1", "conv2", "pool1", "conv3", "conv3.pool2"]
+    for layer in ("conv1", "conv2", "pool1", "dense1", "flatten", "pool2", "probs"):
+        layer_info = json.loads((model_dir / layer / "info.json").read_text())
+        want = decoded(layer_info["codec"], expected[layer])
+        got = np.load(model_dir / layer / "all.npy")
+        assert got.dtype == expected[layer].dtype and got.shape == expected[layer].shape, layer
+        assert np.array_equal(got, want), layer
+        for i in (0, 77, N_IMAGES - 1):
+            assert np.array_equal(np.load(model_dir / layer / f"{i}.npy", mmap_mode="r"), want[i]), (layer, i)
+        assert np.array_equal(np.load(model_dir / layer / "columns" / "5.npy"), want.reshape(N_IMAGES, -1)[:, 5])
+        lossy = layer not in ("pool2", "probs")
+        assert layer_info["fidelity"]["exact"] is (not lossy), layer
+        if lossy:
+            assert layer_info["scheme"].split("+")[0] in ("kbit:8", "kbit:4:unit", "float16", "threshold:90", "kbit:3")
+            for key, value in error_figures(got, expected[layer]).items():
+                assert layer_info["fidelity"][key] == pytest.approx(value, rel=1e-4, abs=1e-9), (layer, key)
+        else:
+            assert np.array_equal(got, expected[layer]), layer
+    # threshold: ones exactly where the value exceeds its channel's threshold
+    dense = np.load(model_dir / "dense1" / "all.npy")
+    assert set(np.unique(dense)) <= {0.0, 1.0} and 0.02 < dense.mean() < 0.3
+
+
+@pytest.mark.keras
+def test_a_pooled_layer_shows_its_summary_beside_it(cnn_store, mount) -> None:
+    path, expected = cnn_store
+    mnt = mount(path)
+    summary_dir = mnt / "cnn" / "conv3.pool2"
+    layer_info = json.loads((summary_dir / "info.json").read_text())
+    assert layer_info["shape"] == [N_IMAGES, 8, 8, 64] and layer_info["scheme"] == "pool:2+kbit:8+zstd:3"
+    pooled = PoolCodec(2).summarize(expected["conv3"])
+    want = decoded(layer_info["codec"], pooled)
+    assert np.array_equal(np.load(summary_dir / "all.npy"), want)
+    assert error_figures(want, pooled)["rmse_over_std"] < 0.05
+    full = json.loads((mnt / "cnn" / "conv3" / "info.json").read_text())
+    assert full["stored"] is False and full["stored_bytes"] == 0 and full["shape"] == [N_IMAGES, 16, 16, 64]
+
+
+@pytest.mark.keras
+def test_kbit_8_keeps_what_diagnosis_sees(cnn_store) -> None:
+    """Nearest neighbours of conv1 activations barely move under kbit:8."""
+    path, expected = cnn_store
+    with mistiquefs.open_store(path) as store:
+        approx = store.read("cnn", "conv1").reshape(N_IMAGES, -1)
+    exact = expected["conv1"].reshape(N_IMAGES, -1)
+
+    def neighbours(x: np.ndarray) -> np.ndarray:
+        sq = (x * x).sum(1)
+        d = sq[:, None] + sq[None, :] - 2 * x @ x.T
+        np.fill_diagonal(d, np.inf)
+        return np.argsort(d, axis=1)[:, :10]
+
+    a, b = neighbours(exact.astype(np.float64)), neighbours(approx.astype(np.float64))
+    overlap = np.mean([len(set(x) & set(y)) / 10 for x, y in zip(a, b)])
+    assert overlap >= 0.9
+
+
+@pytest.mark.keras
+def test_frozen_layers_cost_nothing_in_the_next_checkpoint(tmp_path: Path) -> None:
+    keras = pytest.importorskip("keras")
+    import digits_cnn
+
+    keras.utils.set_random_seed(1)
+    images = digits_cnn.load_images()[0][:64]
+    first = digits_cnn.build_model()
+    second = digits_cnn.snapshot(first, "second")
+    head = second.get_layer("dense1")
+    head.set_weights([w + 0.01 for w in head.get_weights()])  # "fine-tuned" head, frozen convolutions
+    with mistiquefs.open_store(tmp_path / "s") as store:
+        for scheme in ("lossless", "kbit:8"):
+            store.capture(first, images, name=f"a_{scheme[:4]}", schemes=scheme, progress=False)
+            store.capture(second, images, name=f"b_{scheme[:4]}", schemes=scheme, progress=False)
+            for layer in ("input", "conv1", "conv2", "pool1", "conv3", "pool2", "flatten"):
+                assert store.info(f"b_{scheme[:4]}", layer)["new_bytes"] == 0, (scheme, layer)
+                assert store.info(f"b_{scheme[:4]}", layer)["stored_bytes"] > 0
+            assert store.info(f"b_{scheme[:4]}", "dense1")["new_bytes"] > 0
+
+
+# ------------------------------------------------------------------------------- pipelines (tables)
+
+def _pipelines() -> tuple[np.ndarray, list[Pipeline]]:
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((20000, 6)) * [1, 10, 100, 1, 1, 5] + [0, 3, -50, 0, 2, 0]
+    y = x @ rng.standard_normal(6)
+    pipes = []
+    for alpha in (1.0, 10.0):
+        for second in (StandardScaler(), MinMaxScaler()):
+            ct = ColumnTransformer([("std", StandardScaler(), [0, 1, 2]), ("other", second, [3, 4, 5])])
+            pipes.append(Pipeline([("prep", ct), ("ridge", Ridge(alpha=alpha))]).fit(x, y))
+    return x, pipes
+
+
+def test_identical_columns_of_pipeline_variants_are_stored_once(tmp_path: Path) -> None:
+    x, pipes = _pipelines()
+    path = tmp_path / "s"
+    with mistiquefs.open_store(path) as store:
+        for i, pipe in enumerate(pipes):
+            store.capture(pipe, x, name=f"v{i}", progress=False)
+        # variant 1 changes only the scaler of columns 3..5: the other three columns cost nothing new
+        db = sqlite3.connect(path / "catalog.sqlite")
+        rows = db.execute("SELECT m.name, t.tile, t.chunk_id FROM tiles t JOIN intermediates i ON i.id ="
+                          " t.intermediate_id JOIN models m ON m.id = i.model_id WHERE i.name = 'prep'").fetchall()
+        db.close()
+        tiles = {(name, tile): cid for name, tile, cid in rows}
+        n_cols = 6
+        for block in range(3):
+            for j in range(n_cols):
+                same = tiles[("v0", block * n_cols + j)] == tiles[("v1", block * n_cols + j)]
+                assert same is (j < 3), (block, j)
+                assert tiles[("v0", block * n_cols + j)] == tiles[("v2", block * n_cols + j)]
+        assert store.info("v2", "prep")["new_bytes"] == 0 and store.info("v2", "input")["new_bytes"] == 0
+        assert store.info("v2", "ridge")["new_bytes"] > 0
+
+
+def test_kbit_per_unit_on_a_table_dedups_equal_columns_and_reads_back_decoded(tmp_path: Path, mount) -> None:
+    x, pipes = _pipelines()
+    path = tmp_path / "s"
+    with mistiquefs.open_store(path) as store:
+        for i in (0, 1):
+            store.capture(pipes[i], x, name=f"v{i}", schemes={"prep": "kbit:8:unit"}, progress=False)
+        assert 0 < store.info("v1", "prep")["new_bytes"] < store.info("v0", "prep")["new_bytes"]
+    mnt = mount(path)
+    for i in (0, 1):
+        original = pipes[i][0].transform(x)
+        layer_info = json.loads((mnt / f"v{i}" / "prep" / "info.json").read_text())
+        want = decoded(layer_info["codec"], original, columns=True)
+        assert np.array_equal(np.load(mnt / f"v{i}" / "prep" / "all.npy"), want)
+        assert np.array_equal(np.load(mnt / f"v{i}" / "prep" / "columns" / "4.npy"), want[:, 4])
+        assert layer_info["fidelity"]["rmse_over_std"] < 0.02
+        assert np.array_equal(np.load(mnt / f"v{i}" / "input" / "all.npy"), x)
+
+
+def test_the_cli_takes_schemes_and_refuses_bad_ones(tmp_path: Path, capsys) -> None:
+    import skops.io
+
+    x, pipes = _pipelines()
+    model, inputs = tmp_path / "p.skops", tmp_path / "x.npy"
+    skops.io.dump(pipes[0], model)
+    np.save(inputs, x[:3000])
+    store = tmp_path / "s"
+    argv = ["capture", str(store), "--model", str(model), "--inputs", str(inputs), "--name", "p", "--no-progress"]
+    assert main([*argv, "--scheme", "prep=kbit:9"]) == 2
+    assert "kbit:9: K must be 1..8" in capsys.readouterr().err
+    assert not (store / "catalog.sqlite").exists() or not mistiquefs.open_store(store).models()
+    assert main([*argv, "--scheme", "prep=float16", "--scheme", "ridge=kbit:6"]) == 0
+    with mistiquefs.open_store(store) as opened:
+        assert opened.info("p", "prep")["scheme"] == "float16+zstd:3"
+        assert opened.info("p", "ridge")["scheme"] == "kbit:6+zstd:3"
+        assert opened.info("p", "input")["scheme"] == "lossless+zstd:3"
+        assert opened.info("p")["model"]["schemes"] == {"prep": "float16+zstd:3", "ridge": "kbit:6+zstd:3"}
+
+
+def test_reading_a_layer_that_is_not_stored_is_an_io_error_not_a_crash(cnn_store, mount) -> None:
+    pytest.importorskip("keras")
+    path, _ = cnn_store
+    mnt = mount(path)
+    target = mnt / "cnn" / "conv3" / "0.npy"
+    assert target.stat().st_size == 128 + 16 * 16 * 64 * 4
+    with pytest.raises(OSError) as caught:
+        target.read_bytes()
+    assert caught.value.errno == errno.EIO
+    assert np.load(mnt / "cnn" / "conv1" / "0.npy").shape == (32, 32, 32)  # the daemon is still serving
