@@ -23,6 +23,16 @@ Outputs are dense ``numpy`` arrays (sparse matrices and pandas/polars frames are
 kept); string predictions become ``U{w}`` with ``w`` from the estimator's ``classes_`` so every batch
 has the same dtype. Any other ``object`` output is a CaptureError.
 
+Re-running one stage (``run_stage``) follows the plan from the root to that stage only: the steps of a
+``Pipeline`` before it (their ``transform``, each run as ``run_batch`` runs it), the column selection of a
+``ColumnTransformer`` or the whole input of a ``FeatureUnion`` for a child, never the siblings of a
+container's child nor anything after the stage. The stage's value is converted exactly as ``run_batch``
+converts it. For the same batch it is bit-identical to ``run_batch``'s: the same calls on the same
+arrays. Floating-point stages that go through BLAS (PCA, linear models, ...) can differ in the last bits
+for another grouping of the same rows (OpenBLAS picks kernels by the matrix's row count and numpy uses
+gemv for one row); re-running the capture's own batches (``batch_size`` in the model's info, batches
+starting at multiples of it) and slicing gives the captured bytes.
+
 Inputs are a 2-D numpy array or a pandas DataFrame. A DataFrame is stored as a 1-D structured array,
 one field per column; text and categorical columns become ``U{w}`` with ``w`` measured once over the
 whole column (in ``n_rows``, which the capture loop calls first with the full inputs), because every
@@ -50,7 +60,7 @@ from sklearn.utils.validation import check_is_fitted
 
 from mistiquefs.capture.base import Adapter, StageOutput, stage_file_name
 from mistiquefs.capture.skops_trust import loaders_by_type, refusal
-from mistiquefs.errors import CaptureError
+from mistiquefs.errors import CaptureError, NotFound
 
 __all__ = ["SklearnAdapter", "inputs_from_stored", "load_model"]
 
@@ -308,6 +318,67 @@ def _labels_as_unicode(array: np.ndarray, node: _Node) -> np.ndarray:
     return array.astype(f"U{width}")
 
 
+# ------------------------------------------------------------------------------------------- re-run
+
+
+@dataclass(frozen=True)
+class _Hop:
+    """One step down the plan towards a stage: from ``container`` into its child ``child``, after
+    running ``before`` (the Pipeline steps ahead of the child; empty for ColumnTransformer/FeatureUnion,
+    whose child gets the container's input, column-selected)."""
+
+    container: _Node
+    before: tuple[_Node, ...]
+    child: _Node
+
+
+def _stage_paths(root: _Node) -> dict[str, tuple[_Hop, ...]]:
+    """Every stage's name and the hops from ``root`` down to its node (empty for the root itself)."""
+    paths: dict[str, tuple[_Hop, ...]] = {}
+
+    def walk(node: _Node, hops: tuple[_Hop, ...]) -> None:
+        for index, child in enumerate(node.children):
+            before = node.children[:index] if node.kind == "pipeline" else ()
+            walk(child, (*hops, _Hop(node, before, child)))
+        if node.name is not None:
+            paths[node.name] = hops
+
+    walk(root, ())
+    return paths
+
+
+def _raw(node: _Node, X: Any) -> Any:
+    """What ``_call`` returns for ``node`` on ``X``, without computing the stages inside it."""
+    if node.kind == "pipeline":
+        for child in node.children:
+            X = _raw(child, X)
+        return X
+    if node.kind == "passthrough":
+        return X
+    return _invoke(node, X)  # leaves, and containers through their own transform (as ``_call`` does)
+
+
+def _stage_array(node: _Node, X: Any, rows: int) -> np.ndarray:
+    """The array ``run_batch`` emits for ``node``'s stage when ``node`` gets ``X``."""
+    if node.kind == "pipeline":
+        if not node.children:
+            return _to_array(X, node, rows)
+        for child in node.children[:-1]:
+            X = _raw(child, X)
+        # A Pipeline's stage is its last child's stage (see ``_call_pipeline``), converted as that child.
+        return _stage_array(node.children[-1], X, rows)
+    return _to_array(X if node.kind == "passthrough" else _invoke(node, X), node, rows)
+
+
+def _rerun(target: _Node, hops: tuple[_Hop, ...], X: Any) -> np.ndarray:
+    rows = _num_rows(X)
+    for hop in hops:
+        for step in hop.before:
+            X = _raw(step, X)
+        X = _select(hop.container.estimator, hop.child, X)
+    return _stage_array(target, X, rows)
+
+
 # ------------------------------------------------------------------------------------------- inputs
 
 
@@ -442,6 +513,8 @@ class SklearnAdapter(Adapter):
         super().__init__(model)
         self._plan = _build_plan(model)
         self._stages = _iter_stages(self._plan)
+        self._nodes = {node.name: node for node in self._stages}
+        self._paths = _stage_paths(self._plan)
         # (id, rows, columns) of the DataFrame last measured by n_rows, and its stored fields
         self._fields_key: tuple[int, int, tuple[Any, ...]] | None = None
         self._fields: tuple[_Field, ...] | None = None
@@ -511,6 +584,19 @@ class SklearnAdapter(Adapter):
         out: list[StageOutput] = []
         _call(self._plan, batch, out)
         return out
+
+    def run_stage(self, batch: Any, name: str) -> np.ndarray:
+        """Stage ``name``'s output for ``batch``, running only the steps it depends on (see the module
+        docstring: bit-identical to ``run_batch`` on the same batch)."""
+        node = self._nodes.get(name)
+        if node is None:
+            names = [stage.name for stage in self._stages]
+            shown = ", ".join(repr(n) for n in names[:8]) + (", ..." if len(names) > 8 else "")
+            raise NotFound(f"the model has no stage {name!r}; its {len(names)} stages are {shown}")
+        return _rerun(node, self._paths[name], batch)
+
+    def inputs_from_stored(self, stored: np.ndarray) -> Any:
+        return inputs_from_stored(stored, self.model)
 
     def save_model(self, path: Path) -> None:
         import skops.io
