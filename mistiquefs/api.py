@@ -9,6 +9,7 @@ it was.
 from __future__ import annotations
 
 import errno
+from functools import partial
 import sqlite3
 import time
 from dataclasses import dataclass
@@ -21,6 +22,8 @@ from tqdm import tqdm
 
 from mistiquefs.capture import Adapter, adapter_for
 from mistiquefs.codecs import SchemePolicy
+from mistiquefs.planner.policy import POLICIES, choose_kept
+from mistiquefs.sizes import size_in_bytes
 from mistiquefs.errors import CaptureError, MistiqueError, NotFound
 from mistiquefs.store.describe import layer_info, model_info
 from mistiquefs.store.catalog import NewIntermediate
@@ -71,21 +74,32 @@ class Store:
     # ---- capture ---------------------------------------------------------------------------------
     def capture(self, model: Any, inputs: Any, name: str, *, batch_size: int | None = None,
                 progress: bool | None = None, skip_existing: bool = False,
-                schemes: Mapping[str, str] | str | None = None) -> CaptureSummary:
+                schemes: Mapping[str, str] | str | None = None, policy: str = "all",
+                budget: int | str | None = None) -> CaptureSummary:
         """Run ``model`` over ``inputs`` and store every intermediate under ``name``.
 
         ``model``: a fitted scikit-learn estimator or pipeline, or a Keras model. ``inputs``: what the model
         takes (a 2-D array or DataFrame; an array of images...). ``schemes``: how each layer is stored,
         ``{glob: scheme}`` on layer names, first match wins, e.g. ``{"conv*": "kbit:8", "*": "lossless"}``
         (one string applies to every layer); unmatched layers and the inputs are lossless (the scheme
-        grammar is in ``mistiquefs.codecs.chain``). ``progress``: a progress bar on stderr;
+        grammar is in ``mistiquefs.codecs.chain``). ``policy``: which intermediates to store, "all",
+        "none" (only the inputs and the model) or "auto" (those that read faster than they re-run);
+        ``budget`` (bytes, or "2G"): what the store's chunks may add up to, filled with the layers that
+        save the most time per byte (``mistiquefs.planner.policy``). Layers not stored are read by
+        re-running the model. ``progress``: a progress bar on stderr;
         None shows it when stderr is a terminal. ``skip_existing``: when ``name`` is already in the store,
         return its summary (``skipped=True``) without running the model, so an interrupted series of
         captures can simply be run again; the stored capture is not compared with ``model`` or ``inputs``.
         Otherwise an existing name is a StoreError.
         """
         check_model_name(name)
-        policy = SchemePolicy.parse(schemes)
+        schemes_policy = SchemePolicy.parse(schemes)
+        if policy not in POLICIES:
+            raise CaptureError(f"policy {policy!r}: one of {', '.join(POLICIES)}")
+        try:
+            budget_bytes = size_in_bytes(budget) if budget is not None else None
+        except ValueError as exc:
+            raise CaptureError(f"budget: {exc}") from None
         # Committed captures never change, so this needs no lock; the check under the lock below covers
         # a capture of the same name that commits in between.
         if skip_existing and self.repo.catalog.model_exists(name):
@@ -98,11 +112,17 @@ class Store:
         with self.repo.capture_lock():
             if skip_existing and self.repo.catalog.model_exists(name):
                 return self._existing_summary(name)
-            writer = self.repo.begin_capture(name, table=adapter.table, policy=policy)
+            writer = self.repo.begin_capture(name, table=adapter.table, policy=schemes_policy,
+                                             store_nothing=policy == "none")
+            keep = None
+            if policy == "auto" or budget_bytes is not None:
+                keep = partial(choose_kept, policy=policy, budget=budget_bytes, framework=adapter.framework,
+                               batch_size=size, n_rows=n_rows,
+                               existing_bytes=self.repo.catalog.referenced_bytes() if budget_bytes else 0)
             try:
-                if policy.learns:
-                    writer.samples = _sample_outputs(adapter, inputs, n_rows, policy)
-                return self._capture(adapter, writer, inputs, n_rows, size, progress)
+                if schemes_policy.learns and policy != "none":
+                    writer.samples = _sample_outputs(adapter, inputs, n_rows, schemes_policy)
+                return self._capture(adapter, writer, inputs, n_rows, size, progress, keep, budget_bytes)
             except BaseException as exc:
                 writer.abort()
                 if _disk_full(exc):
@@ -113,7 +133,7 @@ class Store:
                 raise
 
     def _capture(self, adapter: Adapter, writer: CaptureWriter, inputs: Any, n_rows: int, size: int,
-                 progress: bool | None) -> CaptureSummary:
+                 progress: bool | None, keep: Any, budget: int | None) -> CaptureSummary:
         started = time.perf_counter()
         bar = tqdm(total=n_rows, unit="ex", desc=f"capture {writer.name}", leave=False,
                    disable=None if progress is None else not progress)
@@ -130,7 +150,7 @@ class Store:
         seconds = time.perf_counter() - started
         info = {**adapter.describe(), "batch_size": size, "schemes": writer.policy.describe()}
         writer.commit(framework=adapter.framework, n_rows=n_rows, seconds=seconds, model_file=model_path,
-                      info=info)
+                      info=info, keep=keep, budget=budget)
         return _summary(writer.name, n_rows, writer.committed_layers, seconds)
 
     def _existing_summary(self, name: str) -> CaptureSummary:

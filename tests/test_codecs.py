@@ -369,10 +369,6 @@ def test_kbit_heavy_atom_on_the_grid_gets_its_own_bin() -> None:
             assert not np.any(out[~at] == atom)  # the bin holds the atom alone
 
 
-@pytest.mark.xfail(strict=True, raises=AssertionError, reason=(
-    "quantize.py _code_table/_bin_means: an edge that is not on the 16-bit grid acts at the NEXT 16-bit "
-    "bucket (searchsorted(edges, prefix, 'right') with prefix < edge), so the smallest positive value joins "
-    "the zero atom's bin and zeros read back as a tiny positive number"))
 def test_kbit_relu_zeros_read_back_exactly() -> None:
     rng = np.random.default_rng(0)
     sample = rng.standard_normal((1000, 1)).astype(np.float32)
@@ -383,10 +379,6 @@ def test_kbit_relu_zeros_read_back_exactly() -> None:
         assert np.all(out[:600] == 0.0), (k, np.unique(out[:600]))
 
 
-@pytest.mark.xfail(strict=True, raises=AssertionError, reason=(
-    "quantize.py _code_table: with <= 2^K distinct values (edges = the values), a value off the 16-bit grid "
-    "gets the code of the bin below it; e.g. kbit:8 on [0.1, 0.2, 0.3] reads 0.2 as 0.15, and grey levels "
-    "i/255 are not all exact"))
 @pytest.mark.parametrize("values", [np.array([0.1, 0.2, 0.3]), np.arange(256) / 255],
                          ids=["tenths", "grey-levels"])
 def test_kbit_few_distinct_values_read_back_exactly(values) -> None:
@@ -395,10 +387,6 @@ def test_kbit_few_distinct_values_read_back_exactly(values) -> None:
     assert np.array_equal(out, sample), sample[out != sample]
 
 
-@pytest.mark.xfail(strict=True, raises=AssertionError, reason=(
-    "quantize.py _bin_means: np.resize pads the empty bins beyond the last edge by repeating the fallback "
-    "edges cyclically, so the top code (where +inf and NaN land) reads as an arbitrary edge, not the top "
-    "bin's value; kbit:8 fitted on [0, 1, 2] decodes +inf and NaN as 1.0, on [5] as 0.0"))
 @pytest.mark.parametrize("distinct", [[0.0, 1.0, 2.0], [5.0]], ids=["three", "one"])
 def test_kbit_nan_and_inf_read_as_the_top_and_bottom_values(distinct) -> None:
     sample = np.array(distinct * 4, dtype=np.float32).reshape(-1, 1)
@@ -408,11 +396,6 @@ def test_kbit_nan_and_inf_read_as_the_top_and_bottom_values(distinct) -> None:
     assert out.reshape(-1).tolist() == [max(distinct), max(distinct), min(distinct)]
 
 
-@pytest.mark.xfail(strict=True, raises=AssertionError, reason=(
-    "quantize.py _code_table/_bin_means: an off-grid edge e (here 1.3) acts at the next 16-bit bucket, so "
-    "the sample value e falls in the bin below and the bin [1.3046875, 2.0) holds no sample value; it reads "
-    "as its fallback edge 1.3, which lies outside it: x just below 2.0 is off by 0.6999999 > the bin's "
-    "width 0.6953124"))
 def test_kbit_error_within_the_bin_of_a_sample_empty_bin() -> None:
     sample = np.array([1.0, 1.3, 2.0] * 3, dtype=np.float32).reshape(-1, 1)
     chain = layer_chain("kbit:2", sample)

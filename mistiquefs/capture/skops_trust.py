@@ -12,7 +12,8 @@ default is accepted here only when *every* node that uses it is safe:
   never called, e.g. ``SelectKBest(score_func=f_classif)``;
 * an ``ObjectNode`` of a scikit-learn estimator class that keeps ``BaseEstimator.__setstate__`` and has
   no ``__del__`` or own ``__new__``: building it only fills its ``__dict__``;
-* a builtin container of plain data (``set``, ``frozenset``, ``bytes``...).
+* a builtin container of plain data (``set``, ``frozenset``, ``bytes``...);
+* scikit-learn's fitted ``Tree`` through skops's ``TreeNode`` (see ``TREE_TYPE``), which tree models need.
 
 Names under ``sklearn.``, ``numpy.`` and ``scipy.`` only, and never from their testing or compiler
 modules. What a model does when it is *run* (a ``FunctionTransformer`` calling its function) is not a
@@ -35,6 +36,11 @@ SAFE_BUILTIN_TYPES = frozenset(
 TRUSTED_PREFIXES = ("sklearn.", "numpy.", "scipy.")
 # Modules under the trusted prefixes that can compile or execute code; a model never needs them.
 UNSAFE_MODULE_PARTS = frozenset({"testing", "_testing", "f2py", "distutils", "ctypeslib"})
+# The fitted tree of every tree model (forests, boosting). skops 0.16's TreeNode builds it as
+# ``Tree(n_features, n_classes, n_outputs)`` from integers and arrays of the file, then ``__setstate__``
+# with node and value arrays, which scikit-learn's Cython code checks for shape and dtype: no name from
+# the file is looked up or called.
+TREE_TYPE = "sklearn.tree._tree.Tree"
 # skops loaders (0.16: io/_general.py, io/_numpy.py) that look a name up and never call the result.
 REFERENCE_LOADERS = frozenset({"FunctionNode", "TypeNode", "DTypeNode"})
 
@@ -66,6 +72,8 @@ def refusal(type_name: str, loaders: set[str]) -> str | None:
         return f"{type_name} (its use in the file could not be determined)"
     unsafe = sorted(loaders - REFERENCE_LOADERS)
     if not unsafe or (unsafe == ["ObjectNode"] and _is_plain_estimator(type_name)):
+        return None
+    if unsafe == ["TreeNode"] and type_name == TREE_TYPE:
         return None
     return f"{type_name} (would be called or built while loading: {', '.join(unsafe)})"
 

@@ -12,20 +12,14 @@ from pathlib import Path
 
 from mistiquefs.errors import MistiqueError
 
-SIZE_UNITS = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
-
-
 def parse_size(text: str) -> int:
     """'512M' -> 536870912; also '2GB', '1.5G', '4096'."""
-    value = text.strip().upper().removesuffix("B").removesuffix("I")
-    unit = value[-1:] if value[-1:] in SIZE_UNITS and value[-1:] else ""
+    from mistiquefs.sizes import size_in_bytes
+
     try:
-        size = int(float(value[: len(value) - len(unit)]) * SIZE_UNITS[unit])
-    except (ValueError, OverflowError):
-        size = 0
-    if size <= 0:
-        raise argparse.ArgumentTypeError(f"not a size: {text!r} (e.g. 512M, 2G)")
-    return size
+        return size_in_bytes(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -42,6 +36,12 @@ def build_parser() -> argparse.ArgumentParser:
     cap.add_argument("--no-progress", action="store_true")
     cap.add_argument("--skip-existing", action="store_true",
                      help="a model of that name already in the store is left as it is (restart a series)")
+    cap.add_argument("--policy", choices=("all", "none", "auto"), default="all",
+                     help="which intermediates to store: all, none (only the inputs and the model; reads re-run "
+                          "it) or auto (those that read faster than they re-run)")
+    cap.add_argument("--budget", type=parse_size, default=None,
+                     help="bytes of chunks the whole store may reference (e.g. 2G): the layers with the most "
+                          "time saved per byte are kept first")
     cap.add_argument("--scheme", action="append", default=[], metavar="GLOB=SCHEME",
                      help="how layers matching GLOB are stored, e.g. 'conv*=kbit:8' or 'pool:2+kbit:8' (all "
                           "layers); repeatable, first match wins, the rest are lossless. Schemes: lossless, "
@@ -55,6 +55,10 @@ def build_parser() -> argparse.ArgumentParser:
     mnt.add_argument("--log", type=Path, default=None, help="daemon log file")
     mnt.add_argument("--allow-other", action="store_true", help="let other users read the mount")
     mnt.add_argument("--cache-size", type=parse_size, default=None, help="decoded-chunk cache (default 512M)")
+    mnt.add_argument("--plan", choices=("auto", "read", "rerun", "exact"), default="auto",
+                     help="read or re-run: auto (the cost model; lossy layers read as stored), read (stored data "
+                          "wherever there is some), rerun (re-run every layer), exact (auto, but lossy layers "
+                          "are re-run: exact values everywhere)")
     mnt.add_argument("--debug", action="store_true")
 
     umnt = sub.add_parser("umount", help="unmount a mistiquefs mount")
@@ -106,7 +110,7 @@ def cmd_capture(args: argparse.Namespace) -> int:
     with open_store(args.store) as store:
         summary = store.capture(model, inputs, name=args.name, batch_size=args.batch_size,
                                 progress=False if args.no_progress else None, skip_existing=args.skip_existing,
-                                schemes=schemes or None)
+                                schemes=schemes or None, policy=args.policy, budget=args.budget)
     if summary.skipped:
         print(f"{summary.name} is already in {args.store}: skipped")
         return 0
@@ -122,10 +126,12 @@ def cmd_mount(args: argparse.Namespace) -> int:
     store, mountpoint = args.store.resolve(), args.mountpoint.resolve()
     if args.foreground:
         _setup_logging(args.log, args.debug)
-        serve(store, mountpoint, allow_other=args.allow_other, debug=args.debug, cache_bytes=args.cache_size)
+        serve(store, mountpoint, allow_other=args.allow_other, debug=args.debug, cache_bytes=args.cache_size,
+              plan=args.plan)
         return 0
     log_file = args.log or Path(tempfile.gettempdir()) / f"mistiquefs-{mountpoint.name or 'mount'}.log"
     extra = (["--allow-other"] if args.allow_other else []) + (["--debug"] if args.debug else [])
+    extra += ["--plan", args.plan]
     if args.cache_size:
         extra += ["--cache-size", str(args.cache_size)]
     pid = mount_background(store, mountpoint, log_file=log_file.resolve(), extra=extra)

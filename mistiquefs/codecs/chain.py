@@ -68,7 +68,11 @@ class Chain:
             kind = CODECS.get(entry.get("name", ""))
             if kind is None:
                 raise SchemeError(f"unknown codec {entry.get('name')!r} (written by a newer mistiquefs?)")
-            built.append(kind.from_configuration(entry.get("configuration", {})))
+            try:
+                built.append(kind.from_configuration(entry.get("configuration", {})))
+            except (KeyError, TypeError, ValueError) as exc:
+                raise SchemeError(f"codec {entry.get('name')!r} has a configuration this version cannot read: "
+                                  f"{exc!r}") from exc
             note = note or entry.get("note", "")
         return _assemble(built, note=note, source=str(codecs))
 

@@ -20,7 +20,7 @@ import pyfuse3
 import trio
 
 from mistiquefs.errors import MistiqueError, ReadOnly
-from mistiquefs.fs.tree import BLOCK_SIZE, Attr, Tree
+from mistiquefs.fs.tree import BLOCK_SIZE, Attr, Kind, Tree
 
 log = logging.getLogger("mistiquefs.fuse")
 T = TypeVar("T")
@@ -30,6 +30,9 @@ ENTRY_TIMEOUT = 300.0
 ROOT_TIMEOUT = 1.0
 #: longest name in bytes, as on local filesystems (statfs f_namemax; longer lookups are ENAMETOOLONG)
 NAME_MAX = 255
+#: threads for reads that re-run a model (runs are serialized per model; two models may run at once)
+RERUN_WORKERS = 2
+JSON_KINDS = {Kind.MODEL_INFO, Kind.LAYER_INFO}
 
 
 def _answer(handler: Callable[..., Awaitable[T]]) -> Callable[..., Awaitable[T]]:
@@ -55,6 +58,9 @@ class FuseOps(pyfuse3.Operations):
         super().__init__()
         self.tree = tree
         self.limiter = trio.CapacityLimiter(workers or max(4, 2 * (os.cpu_count() or 1)))
+        # Re-runs take their own threads: a long model run never holds the threads stored files need
+        # (the re-runner serializes calls per model anyway).
+        self.rerun_limiter = trio.CapacityLimiter(RERUN_WORKERS)
         self.uid, self.gid = os.getuid(), os.getgid()
 
     def _entry(self, attr: Attr) -> pyfuse3.EntryAttributes:
@@ -106,6 +112,13 @@ class FuseOps(pyfuse3.Operations):
             raise pyfuse3.FUSEError(errno.EROFS)
         if self.tree.is_dir(inode):
             raise pyfuse3.FUSEError(errno.EISDIR)
+        try:
+            self.tree.opened(inode)
+        except MistiqueError as exc:
+            raise pyfuse3.FUSEError(exc.errno) from None
+        if (inode >> 60) in JSON_KINDS:
+            # info.json shows live planner figures: its size may change, so the kernel must not trust it
+            return pyfuse3.FileInfo(fh=inode, direct_io=True)
         # keep_cache: contents are immutable, so pages cached by an earlier open stay valid
         return pyfuse3.FileInfo(fh=inode, keep_cache=True)
 
@@ -113,13 +126,12 @@ class FuseOps(pyfuse3.Operations):
     async def read(self, fh: int, off: int, size: int) -> bytes:
         data = self.tree.read(fh, off, size, cached_only=True)
         if data is None:
-            data = await trio.to_thread.run_sync(
-                functools.partial(self.tree.read, fh, off, size), limiter=self.limiter
-            )
+            limiter = self.rerun_limiter if self.tree.reruns(fh) else self.limiter
+            data = await trio.to_thread.run_sync(functools.partial(self.tree.read, fh, off, size), limiter=limiter)
         return data
 
     async def release(self, fh: int) -> None:
-        return None
+        self.tree.released(fh)
 
     async def releasedir(self, fh: int) -> None:
         return None

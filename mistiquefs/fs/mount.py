@@ -59,17 +59,18 @@ def check_mountpoint(mountpoint: Path) -> None:
 
 
 def serve(store: Path, mountpoint: Path, *, allow_other: bool = False, debug: bool = False,
-          cache_bytes: int | None = None) -> None:
+          cache_bytes: int | None = None, plan: str = "auto") -> None:
     """Mount ``store`` on ``mountpoint`` and serve until unmounted or signalled."""
     import pyfuse3
     import trio
 
     from mistiquefs.fs.fuse import FuseOps
     from mistiquefs.fs.tree import Tree
+    from mistiquefs.planner.planner import Planner
 
     check_mountpoint(mountpoint)
     repo = Repository(store, create=False, **({"cache_bytes": cache_bytes} if cache_bytes else {}))
-    tree = Tree(repo)
+    tree = Tree(repo, Planner(repo, mode=plan))
     ops = FuseOps(tree)
     # Chunk maps (~45 bytes a chunk) load before the mount appears, up to a second's worth (about a
     # million chunks), the rest in the background: then no first read of a layer waits on the catalog.

@@ -34,6 +34,7 @@ from enum import IntEnum
 from typing import NewType
 
 from mistiquefs.errors import NotFound
+from mistiquefs.planner.planner import Plan, Planner
 from mistiquefs.store.describe import layer_info, model_info
 from mistiquefs.store.reader import LayerReader, NpyView
 from mistiquefs.store.records import IntermediateRecord, ModelRecord
@@ -47,6 +48,9 @@ _NUMBERED = re.compile(rb"(0|[1-9][0-9]{0,15})\.npy")
 REFRESH_SECONDS = 1.0
 #: reads ask for big ranges when st_blksize is large (the kernel uses it for readahead hints and `cp`)
 BLOCK_SIZE = 1 << 18
+#: a file's plan is reused for this long (opens of hot files skip the cost model), and at most this many
+PLAN_SECONDS, MAX_PLANS = 1.0, 4096
+
 
 
 class Kind(IntEnum):
@@ -94,8 +98,10 @@ class Attr:
 
 
 class Tree:
-    def __init__(self, repo: Repository) -> None:
+    def __init__(self, repo: Repository, planner: Planner | None = None) -> None:
         self.repo = repo
+        self.planner = planner or Planner(repo)
+        self._plans: dict[int, tuple[float, Plan]] = {}
         self._lock = threading.Lock()
         self._refreshing = threading.Lock()
         self._version = -1
@@ -170,7 +176,7 @@ class Tree:
         in from disk on its first read (~10 ms measured right after drop_caches). Costs ~1 ms at mount."""
         seen: set[str] = set()
         for rec in sorted(self.layers.values(), key=lambda r: r.raw_bytes):  # smallest: a column of a
-            if rec.layout in seen or not rec.n_rows:                            # rows layout reads it all
+            if rec.layout in seen or not rec.n_rows or not rec.stored:          # rows layout reads it all
                 continue
             seen.add(rec.layout)
             model = self.lookup(ROOT, self._model(rec.model_id).name.encode())
@@ -279,13 +285,48 @@ class Tree:
             raise NotFound(f"inode {inode} is not a directory")
 
     # ---- contents --------------------------------------------------------------------------------
+    def plan(self, inode: int) -> Plan:
+        """How ``inode``'s bytes are produced: read from the store or re-run (see planner/planner.py)."""
+        found = self._plans.get(inode)
+        now = time.monotonic()
+        if found is not None and now - found[0] < PLAN_SECONDS:
+            return found[1]
+        kind, ident, index = split_inode(inode)
+        if kind not in _PLANNED or (kind == Kind.ROW and index >= self._layer(ident).n_rows) or \
+                (kind == Kind.COLUMN and index >= self._layer(ident).n_columns):
+            raise NotFound(f"inode {inode} is not an array file")
+        plan = self.planner.plan(self._layer(ident), _PLANNED[kind], index)
+        if len(self._plans) >= MAX_PLANS:
+            self._plans.clear()
+        self._plans[inode] = (now, plan)
+        return plan
+
+    def opened(self, inode: int) -> None:
+        """A file was opened: count the query (array files) or take a fresh snapshot (info.json)."""
+        kind, ident, _ = split_inode(inode)
+        if kind in (Kind.MODEL_INFO, Kind.LAYER_INFO):
+            self._json.pop(Inode(inode), None)
+        elif kind in _PLANNED:
+            self.planner.opened(inode, self._layer(ident), self.plan(inode))
+
+    def released(self, inode: int) -> None:
+        self.planner.released(inode)
+
+    def reruns(self, inode: int) -> bool:
+        """Whether reading ``inode`` runs the model (such reads get their own worker threads)."""
+        return split_inode(inode)[0] in _PLANNED and self.plan(inode).choice == "rerun"
+
     def read(self, inode: int, offset: int, size: int, *, cached_only: bool = False) -> bytes | None:
         kind, ident, _ = split_inode(inode)
         if kind in (Kind.MODEL_INFO, Kind.LAYER_INFO):
             return self._json_bytes(Inode(inode))[offset:offset + size]
         if not cached_only:  # about to decode: make sure no gc moved the chunks (cheap: once a second)
             self.refresh()
-        return self.reader(ident).read(self.view(inode), offset, size, cached_only=cached_only)
+        started = time.perf_counter()
+        data = self.reader(ident).read(self.plan(inode).view, offset, size, cached_only=cached_only)
+        if not cached_only:
+            self.planner.spent(inode, time.perf_counter() - started)
+        return data
 
     def _json_bytes(self, inode: Inode) -> bytes:
         data = self._json.get(inode)
@@ -295,9 +336,15 @@ class Tree:
                 layers = [self.layers[lid] for lid in self.layers_of[ident].values()]
                 doc = model_info(self._model(ident), layers)
             else:
-                doc = layer_info(self._layer(ident))
+                rec = self._layer(ident)
+                doc = layer_info(rec)
+                if rec.n_rows:
+                    doc["plan"] = self.planner.describe(rec)
             data = self._json[inode] = (json.dumps(doc, indent=2) + "\n").encode()
         return data
+
+
+_PLANNED = {Kind.ALL: "all", Kind.ROW: "row", Kind.COLUMN: "column"}
 
 
 def _numbered(name: bytes) -> int | None:

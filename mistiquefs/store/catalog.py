@@ -225,6 +225,12 @@ class Catalog:
             "SELECT batch, rows, seconds FROM timings WHERE intermediate_id = ? ORDER BY batch", (intermediate_id,)
         )
 
+    def referenced_bytes(self) -> int:
+        """Stored bytes of the chunks some layer references (what a storage budget counts)."""
+        row = self._query("SELECT COALESCE(SUM(stored_length), 0) FROM chunks"
+                          " WHERE id IN (SELECT chunk_id FROM tiles)")
+        return int(row[0][0])
+
     def chunk_location(self, cid: bytes) -> ChunkLocation | None:
         rows = self._query(
             "SELECT pack, offset, stored_length, raw_length, compression FROM chunks WHERE id = ?", (cid,)

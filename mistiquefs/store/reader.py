@@ -23,6 +23,7 @@ from __future__ import annotations
 import logging
 import os
 import threading
+import time
 from collections.abc import Callable, Hashable
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
@@ -140,6 +141,8 @@ class LayerReader:
         self._some_tiles: dict[int, tuple[bytes, ChunkLocation]] = {}
         self._flights = SingleFlight()
         self._lock = threading.Lock()
+        #: ``observer(rec, key, nbytes, seconds)`` hears every piece this reader loads (the cost model)
+        self.observer: Callable[[IntermediateRecord, Hashable, int, float], None] | None = None
         self._row_header = npy_header(rec.dtype, rec.shape)
         self._row_stream = Stream(rec.block_rows * rec.row_size, rec.n_rows * rec.row_size,
                                   self._row_key, self._load_row_block)
@@ -205,11 +208,33 @@ class LayerReader:
     def _piece(self, stream: Stream, b: int) -> Buffer:
         return self._cached(stream.key(b), lambda: stream.load(b))
 
+    def piece(self, stream: Stream, b: int) -> np.ndarray:
+        """Piece ``b`` of ``stream`` as an array (cached, loaded once)."""
+        return np.asarray(self._piece(stream, b))
+
+    def cached_share(self, view: NpyView) -> float:
+        """The share of ``view``'s pieces already in the cache (0.0 .. 1.0)."""
+        size = view.stream.piece_size
+        if not size or not view.length:
+            return 1.0
+        first, last = view.start // size, (view.start + view.length - 1) // size
+        hits = sum(1 for b in range(first, last + 1) if view.stream.key(b) in self._cache)
+        return hits / (last - first + 1)
+
     def _cached(self, key: Hashable, load: Callable[[], Buffer]) -> Buffer:
         """The cached piece under ``key``, else ``load()`` once however many threads ask, then cached."""
         piece = self._cache.get(key)
         if piece is None:
-            piece = self._flights.run(key, lambda: self._put(key, load()))
+            piece = self._flights.run(key, lambda: self._put(key, self._timed(key, load)))
+        return piece
+
+    def _timed(self, key: Hashable, load: Callable[[], Buffer]) -> Buffer:
+        observer = self.observer
+        if observer is None:
+            return load()
+        started = time.perf_counter()
+        piece = load()
+        observer(self.rec, key, len(as_bytes(piece)), time.perf_counter() - started)
         return piece
 
     def _put(self, key: Hashable, piece: Buffer) -> Buffer:

@@ -46,6 +46,7 @@ class Repository:
         self.packs = PackReader(self.root / "packs")
         self.cache = ByteLRU(cache_bytes)
         self._readers: dict[int, LayerReader] = {}
+        self._records: tuple[list[ModelRecord], dict[int, list[IntermediateRecord]]] | None = None
 
     def _create_layout(self) -> None:
         if self.root.exists() and not self.root.is_dir():
@@ -73,16 +74,34 @@ class Repository:
         finally:
             os.close(fd)
 
-    def begin_capture(self, name: str, *, table: bool, policy: SchemePolicy | None = None) -> CaptureWriter:
+    def begin_capture(self, name: str, *, table: bool, policy: SchemePolicy | None = None,
+                      store_nothing: bool = False) -> CaptureWriter:
         if self.catalog.model_exists(name):
             raise StoreError(f"a model named {name!r} is already in {self.root}")
-        return CaptureWriter(self.catalog, self.root, name, table=table, policy=policy)
+        return CaptureWriter(self.catalog, self.root, name, table=table, policy=policy, store_nothing=store_nothing)
 
     def models(self) -> list[ModelRecord]:
         return self.catalog.models()
 
     def intermediates(self) -> list[IntermediateRecord]:
         return self.catalog.intermediates()
+
+    def models_cached(self) -> list[ModelRecord]:
+        """The models as last loaded (reloaded after ``forget_stale``)."""
+        return self._loaded()[0]
+
+    def layers_of(self, model_id: int) -> list[IntermediateRecord]:
+        """A model's intermediates in execution order, as last loaded."""
+        return self._loaded()[1].get(model_id, [])
+
+    def _loaded(self) -> tuple[list[ModelRecord], dict[int, list[IntermediateRecord]]]:
+        records = self._records
+        if records is None:
+            by_model: dict[int, list[IntermediateRecord]] = {}
+            for rec in self.intermediates():
+                by_model.setdefault(rec.model_id, []).append(rec)
+            records = self._records = (self.models(), by_model)
+        return records
 
     def orphan_model_files(self) -> list[Path]:
         """Files in models/ that no model row refers to (left by a capture that never committed)."""
@@ -102,6 +121,7 @@ class Repository:
 
         Stale maps are safe until then: a pack is never modified, so an old location reads the right bytes
         or finds its pack gone, and the reader retries that once with a fresh location."""
+        self._records = None
         live = self.catalog.intermediate_ids()
         for ident in [i for i in list(self._readers) if i not in live]:
             self._readers.pop(ident, None)

@@ -232,13 +232,15 @@ class CaptureWriter:
     summary as ``<stage><suffix>`` and records the stage itself as not stored."""
 
     def __init__(self, catalog: Catalog, root: Path, name: str, *, table: bool,
-                 policy: SchemePolicy | None = None, samples: dict[str, np.ndarray] | None = None) -> None:
+                 policy: SchemePolicy | None = None, samples: dict[str, np.ndarray] | None = None,
+                 store_nothing: bool = False) -> None:
         self.catalog = catalog
         self.root = root
         self.name = name
         self.table = table
         self.policy = policy or SchemePolicy()
         self.samples = samples or {}
+        self.store_nothing = store_nothing  # policy "none": only the inputs (and the model) are kept
         self.packs = PackWriter(root / "packs")
         self.sink = ChunkSink(catalog, self.packs)
         #: stage -> its writers, each with the summary function it stores (None: the stage's own output)
@@ -258,6 +260,8 @@ class CaptureWriter:
             writer.append(summarize(array) if summarize is not None else array)
 
     def _writers_for(self, stage: str, first: np.ndarray) -> list[tuple[LayerWriter | UnstoredLayer, Any]]:
+        if self.store_nothing and stage != "input":
+            return [(UnstoredLayer(stage, first, self.table), None)]
         chain = self.policy.chain_for(stage).for_layer(tuple(first.shape[1:]), first.dtype)
         sample = self.samples.get(stage)
         if chain.summary is None:
@@ -279,8 +283,11 @@ class CaptureWriter:
         self._files.append(path)
         return path
 
-    def commit(self, *, framework: str, n_rows: int, seconds: float, model_file: Path,
-               info: dict[str, Any]) -> int:
+    def commit(self, *, framework: str, n_rows: int, seconds: float, model_file: Path, info: dict[str, Any],
+               keep: Callable[[list[NewIntermediate]], list[str]] | None = None, budget: int | None = None) -> int:
+        """Make the capture visible. ``keep(layers)`` names the stored layers to keep, most valuable first;
+        the others are recorded as not stored, and ``budget`` (bytes of chunks the store may reference)
+        drops kept layers from the end while the exact total would exceed it."""
         writers = [w for stage in self.layers.values() for w, _summarize in stage]
         for writer in writers:
             if writer.rows != n_rows:
@@ -290,18 +297,41 @@ class CaptureWriter:
         self.sink.flush()
         self.sink.close()
         intermediates = [w.finish() for w in writers]
+        new_chunks = self.sink.new_chunks
+        if keep is not None:
+            intermediates, new_chunks = self._keep(intermediates, keep(intermediates), budget)
         self.packs.sync()
         _fsync_file(model_file)
         fsync_dir(model_file.parent)
         model_id = self.catalog.commit_capture(
             name=self.name, framework=framework, n_rows=n_rows, capture_seconds=seconds,
             model_file=str(model_file.relative_to(self.root)), info=info, intermediates=intermediates,
-            new_chunks=self.sink.new_chunks,
+            new_chunks=new_chunks,
         )
         self.committed = True  # from here on the catalog references the packs: abort must keep them
         self.committed_layers = intermediates
         self.packs.close()
         return model_id
+
+    def _keep(self, layers: list[NewIntermediate], kept: list[str], budget: int | None
+               ) -> tuple[list[NewIntermediate], dict[bytes, ChunkLocation]]:
+        """The layers with all but ``kept`` turned into not-stored records, and the new chunks they use."""
+        existing = self.catalog.referenced_bytes() if budget is not None else 0
+        while True:
+            chosen = set(kept)
+            used = {cid for layer in layers if layer.name in chosen for _t, cid in layer.tiles}
+            new = {cid: loc for cid, loc in self.sink.new_chunks.items() if cid in used}
+            total = existing + sum(loc.stored_length for loc in new.values())
+            if budget is None or total <= budget or len(kept) <= 1:
+                break
+            kept = kept[:-1]
+        out = []
+        for layer in layers:
+            if layer.stored and layer.name not in chosen:
+                layer = replace(layer, tiles=[], stored=False, stored_bytes=0, new_bytes=0, fidelity=None,
+                                codec=Chain(BytesCodec()).to_json())
+            out.append(layer)
+        return out, new
 
     def abort(self) -> None:
         """Forget this capture: remove the packs and files it wrote (nothing references them).

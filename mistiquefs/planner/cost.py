@@ -1,0 +1,112 @@
+"""The cost model: how long reading a view from the store would take, and how long re-running it.
+
+read   = tiles x TILE_SECONDS + raw bytes x (seconds per decoded byte of the layer's codec)
+rerun  = model load (0 when warm) + read of the input rows + calls x the model's per-call overhead
+         + rows x (capture-measured seconds per row of the stages up to the layer) x (learned factor)
+
+Every constant starts from a measurement on this kind of machine (below) and is then updated from what
+the mount observes (exponential moving averages, ``ALPHA``): seconds per decoded byte per codec from
+each piece a reader decodes, a model's per-call overhead and per-layer correction factor from each
+re-run. Thread-safe.
+"""
+
+from __future__ import annotations
+
+import threading
+from dataclasses import dataclass
+
+from mistiquefs.store.records import IntermediateRecord, ModelRecord
+
+#: weight of a new observation in the moving averages
+ALPHA = 0.3
+#: per tile touched: a pread of a cold chunk plus a thread hand-off (~0.3 ms measured cold, 0.05 warm)
+TILE_SECONDS = 2e-4
+#: seconds per decoded byte, by array codec, before any observation (2 cores, 1 MiB chunks, cold):
+#: lossless ~0.8 GB/s (zstd + disk), kbit 1.1 GB/s, float16 0.8 GB/s, threshold 3.9 GB/s
+DECODE_SECONDS_PER_BYTE = {"bytes": 1 / 0.8e9, "kbit": 1 / 1.1e9, "float16": 1 / 0.8e9, "threshold": 1 / 3.9e9}
+#: a framework call's fixed cost before observation: Keras eager sub-model ~3 ms, a pipeline prefix ~0.3 ms
+CALL_SECONDS = {"keras": 3e-3, "sklearn": 3e-4}
+#: model load before it was seen: a .keras CNN loads in ~0.5-1 s, a .skops pipeline in ~50 ms
+LOAD_SECONDS = {"keras": 1.0, "sklearn": 0.05}
+
+
+@dataclass(frozen=True)
+class Estimate:
+    read_seconds: float | None     # None: not readable from the store (not stored)
+    rerun_seconds: float
+
+    @property
+    def best(self) -> str:
+        if self.read_seconds is None:
+            return "rerun"
+        return "read" if self.read_seconds <= self.rerun_seconds else "rerun"
+
+
+def stage_seconds_per_row(layers: list[IntermediateRecord], target: IntermediateRecord) -> float:
+    """Capture-measured seconds per row of the stages a re-run of ``target`` repeats (``prefix_seconds``)."""
+    n_rows = max(target.n_rows, 1)
+    stages = [(rec.name, rec.seconds) for rec in sorted(layers, key=lambda r: r.position)]
+    return prefix_seconds(stages, target.name) / n_rows
+
+
+def prefix_seconds(stages: list[tuple[str, float]], target: str) -> float:
+    """Of ``(name, seconds)`` in execution order: the stages before ``target`` (not the inputs; not its own
+    sub-stages, counted in its time) and ``target`` itself. A stage that contains others (``outer`` of
+    ``outer__inner``) is left out where its parts are counted."""
+    names = [name for name, _ in stages]
+    total = 0.0
+    for name, seconds in stages:
+        if name == target:
+            return total + seconds
+        if name == "input" or name.startswith(target + "__") or any(o.startswith(name + "__") for o in names):
+            continue
+        total += seconds
+    raise KeyError(target)
+
+
+class CostModel:
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self.decode_seconds_per_byte = dict(DECODE_SECONDS_PER_BYTE)
+        self.call_seconds: dict[int, float] = {}      # model id -> per-call overhead
+        self.factor: dict[int, float] = {}            # layer id -> observed / predicted row time
+        self.observations = 0
+
+    # ---- estimates ---------------------------------------------------------------------------------
+    def read_seconds(self, rec: IntermediateRecord, tiles: int, raw_bytes: int) -> float:
+        per_byte = self.decode_seconds_per_byte.get(rec.chain.array.name, DECODE_SECONDS_PER_BYTE["bytes"])
+        return tiles * TILE_SECONDS + raw_bytes * per_byte
+
+    def rerun_seconds(self, model: ModelRecord, layers: list[IntermediateRecord], rec: IntermediateRecord,
+                      rows: int, *, warm: bool, input_seconds: float) -> float:
+        batch = int(model.info.get("batch_size") or 256)
+        calls = -(-rows // batch)
+        overhead = self.call_seconds.get(model.id, CALL_SECONDS.get(model.framework, 1e-3))
+        load = 0.0 if warm else LOAD_SECONDS.get(model.framework, 1.0)
+        per_row = stage_seconds_per_row(layers, rec) * self.factor.get(rec.id, 1.0)
+        return load + input_seconds + calls * overhead + rows * per_row
+
+    # ---- observations ------------------------------------------------------------------------------
+    def observe_read(self, rec: IntermediateRecord, raw_bytes: int, seconds: float) -> None:
+        if raw_bytes <= 0:
+            return
+        codec = rec.chain.array.name
+        per_byte = max(seconds - TILE_SECONDS, 0.0) / raw_bytes
+        with self._lock:
+            old = self.decode_seconds_per_byte.get(codec, per_byte)
+            self.decode_seconds_per_byte[codec] = (1 - ALPHA) * old + ALPHA * per_byte
+            self.observations += 1
+
+    def observe_rerun(self, model: ModelRecord, layers: list[IntermediateRecord], rec: IntermediateRecord,
+                      rows: int, seconds: float) -> None:
+        """One model call for ``rows`` rows took ``seconds`` (model load and input read excluded)."""
+        per_row = stage_seconds_per_row(layers, rec)
+        with self._lock:
+            self.observations += 1
+            overhead = self.call_seconds.get(model.id, CALL_SECONDS.get(model.framework, 1e-3))
+            if rows <= 2 or per_row <= 0:  # a tiny call measures the overhead
+                self.call_seconds[model.id] = (1 - ALPHA) * overhead + ALPHA * max(seconds - rows * per_row, 0.0)
+                return
+            factor = max(seconds - overhead, 0.0) / (rows * per_row)
+            old = self.factor.get(rec.id, factor)
+            self.factor[rec.id] = (1 - ALPHA) * old + ALPHA * factor

@@ -1,0 +1,253 @@
+"""Read or re-run: the plan behind every array file of the mount.
+
+For each file (``all.npy``, ``<i>.npy``, ``columns/<j>.npy``) the planner builds the view a reader gets:
+from the store's chunks (``read``) or computed by the model (``rerun``). Both give the same bytes for a
+layer stored losslessly (re-runs are bit-identical on the machine that captured), so the cost model may
+pick either, per file. A layer stored lossily reads as its approximation unless the mount asks for
+``exact`` values; a layer that is not stored is always re-run. Modes (``mistiquefs mount --plan``):
+
+- ``auto``: the cheaper plan by the cost model (lossy layers: read);
+- ``read``: read whatever is stored (re-run only what is not);
+- ``rerun``: re-run every layer but the inputs (exact values);
+- ``exact``: like auto, but lossy layers are re-run, so every file holds exact values.
+
+Re-run views stream: ``all.npy`` is cut into pieces of at most ``RERUN_PIECE_BYTES`` (a capture batch or
+less), computed as the reader reaches them with read-ahead; ``<i>.npy`` runs its one example;
+``columns/<j>.npy`` gathers column j from the ``all.npy`` pieces. Pieces go through the same decoded
+cache and single-flight as chunks, so two readers of the same data share one computation.
+
+Every open is counted per layer; each file's prediction and measured time (the seconds its reads spent
+producing data) go to a bounded query log, and ``info.json`` shows both.
+"""
+
+from __future__ import annotations
+
+import math
+import threading
+import time
+from collections import deque
+from collections.abc import Hashable
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from mistiquefs.errors import MistiqueError
+from mistiquefs.npy import npy_header
+from mistiquefs.planner.cost import CostModel, Estimate
+from mistiquefs.planner.rerun import ReRunner
+from mistiquefs.store.reader import LayerReader, NpyView, Stream
+from mistiquefs.store.records import COLUMNS, IntermediateRecord, ModelRecord
+from mistiquefs.store.repository import Repository
+
+MODES = ("auto", "read", "rerun", "exact")
+#: frameworks whose re-run of any batch (of 2 rows or more) gives the bits of the capture's batches; others
+#: (BLAS under scikit-learn: a row's last bits depend on the rows computed with it, tests/test_rerun_sklearn.py)
+#: match only when run in the capture's own batches, so their re-runs are aligned to those, and a single
+#: example of a layer that is stored is read rather than re-run
+EXACT_ANY_BATCH = {"keras": True, "sklearn": False}
+#: bytes of one re-run piece of all.npy: big enough to amortize a model call, small enough to stream
+RERUN_PIECE_BYTES = 8 << 20
+#: query log entries kept
+LOG_ENTRIES = 10000
+
+
+@dataclass
+class Plan:
+    choice: str               # "read" | "rerun"
+    why: str
+    estimate: Estimate
+    view: NpyView
+    kind: str                 # "all" | "row" | "column"
+    rows: int
+
+
+@dataclass
+class LayerStats:
+    queries: int = 0
+    by_choice: dict[str, int] = field(default_factory=lambda: {"read": 0, "rerun": 0})
+    last: dict[str, Any] | None = None
+
+
+class Planner:
+    def __init__(self, repo: Repository, *, mode: str = "auto", rerunner: ReRunner | None = None,
+                 cost: CostModel | None = None) -> None:
+        if mode not in MODES:
+            raise MistiqueError(f"plan mode {mode!r}: one of {', '.join(MODES)}")
+        self.repo = repo
+        self.mode = mode
+        self.rerunner = rerunner or ReRunner(repo)
+        self.cost = cost or CostModel()
+        self._lock = threading.Lock()
+        self.stats: dict[int, LayerStats] = {}
+        self.log: deque[dict[str, Any]] = deque(maxlen=LOG_ENTRIES)
+        self._open: dict[Hashable, tuple[Plan, IntermediateRecord, float]] = {}
+
+    # ---- catalog helpers ---------------------------------------------------------------------------
+    def _model_and_layers(self, rec: IntermediateRecord) -> tuple[ModelRecord, list[IntermediateRecord]]:
+        model = next(m for m in self.repo.models_cached() if m.id == rec.model_id)
+        return model, self.repo.layers_of(rec.model_id)
+
+    def _input_of(self, rec: IntermediateRecord) -> IntermediateRecord:
+        return next(r for r in self.repo.layers_of(rec.model_id) if r.name == "input")
+
+    # ---- choosing ----------------------------------------------------------------------------------
+    def plan(self, rec: IntermediateRecord, kind: str, index: int = 0) -> Plan:
+        reader = self.repo.reader(rec)
+        reader.observer = self._observe_read
+        rows = 1 if kind == "row" else rec.n_rows
+        read_view = self._stored_view(reader, kind, index) if rec.stored else None
+        rerun_view = self._rerun_view(rec, kind, index) if rec.name != "input" else None
+        estimate = self.estimate(rec, kind, read_view, rerun_view, rows)
+        choice, why = self._choose(rec, estimate, rerun_view is not None)
+        if choice == "rerun" and read_view is not None and kind == "row" and not rec.chain.lossy and \
+                not EXACT_ANY_BATCH.get(self._model_and_layers(rec)[0].framework, False):
+            choice, why = "read", "one example re-run alone may differ from the capture in its last bits"
+        view = read_view if choice == "read" else rerun_view
+        assert view is not None
+        return Plan(choice, why, estimate, view, kind, rows)
+
+    def _choose(self, rec: IntermediateRecord, estimate: Estimate, can_rerun: bool) -> tuple[str, str]:
+        if not can_rerun:
+            return "read", "the inputs are always read"
+        if not rec.stored:
+            return "rerun", "not stored"
+        if rec.chain.lossy:
+            if self.mode in ("exact", "rerun"):
+                return "rerun", f"stored as {rec.chain.describe()}; the mount asks for exact values"
+            return "read", f"stored as {rec.chain.describe()}: reads give the approximation"
+        if self.mode in ("read", "rerun"):
+            return self.mode, f"the mount's plan mode is {self.mode!r}"
+        return estimate.best, "the cost model's cheaper plan"
+
+    def estimate(self, rec: IntermediateRecord, kind: str, read_view: NpyView | None,
+                 rerun_view: NpyView | None, rows: int) -> Estimate:
+        reader = self.repo.reader(rec)
+        read_s = None
+        if read_view is not None:
+            tiles, raw = self._tiles_touched(rec, kind)
+            read_s = self.cost.read_seconds(rec, tiles, raw) * (1 - reader.cached_share(read_view))
+        rerun_s = math.inf
+        if rerun_view is not None:
+            model, layers = self._model_and_layers(rec)
+            inp = self._input_of(rec)
+            tiles, raw = self._tiles_touched(inp, "row" if rows == 1 else "all")
+            rerun_s = self.cost.rerun_seconds(
+                model, layers, rec, rows, warm=self.rerunner.is_warm(model),
+                input_seconds=self.cost.read_seconds(inp, tiles, raw)) * (1 - reader.cached_share(rerun_view))
+        return Estimate(read_s, rerun_s)
+
+    @staticmethod
+    def _tiles_touched(rec: IntermediateRecord, kind: str) -> tuple[int, int]:
+        """(tiles decoded, raw bytes decoded) to read a view of ``rec`` from the store."""
+        blocks = max(rec.n_blocks, 1)
+        if kind == "row":
+            tiles = rec.n_columns if rec.layout == COLUMNS else 1
+            return tiles, rec.block_rows * rec.row_size
+        if kind == "column" and rec.layout == COLUMNS:
+            return blocks, rec.n_rows * rec.column_dtype(0).itemsize
+        tiles = blocks * (rec.n_columns if rec.layout == COLUMNS else 1)
+        return tiles, rec.raw_bytes
+
+    # ---- views -------------------------------------------------------------------------------------
+    @staticmethod
+    def _stored_view(reader: LayerReader, kind: str, index: int) -> NpyView:
+        if kind == "all":
+            return reader.all_view()
+        if kind == "row":
+            return reader.row_view(index)
+        return reader.column_view(index)
+
+    def _rerun_view(self, rec: IntermediateRecord, kind: str, index: int) -> NpyView:
+        row_size = rec.row_size
+        length = rec.n_rows * row_size
+        if kind == "row":
+            stream = Stream(row_size, length, lambda b: ("rerun-row", rec.id, b),
+                            lambda b: self._run(rec, b, b + 1))
+            return NpyView(npy_header(rec.dtype, rec.shape), stream, index * row_size, row_size)
+        rows_stream = self._rerun_rows_stream(rec)
+        if kind == "all":
+            return NpyView(npy_header(rec.dtype, (rec.n_rows, *rec.shape)), rows_stream, 0, length)
+        dtype = rec.column_dtype(index)
+        column = Stream(rec.n_rows * dtype.itemsize, rec.n_rows * dtype.itemsize,
+                        lambda _b: ("rerun-column", rec.id, index),
+                        lambda _b: self._rerun_column(rec, rows_stream, index))
+        return NpyView(npy_header(dtype, (rec.n_rows,)), column, 0, column.length)
+
+    def _rerun_rows_stream(self, rec: IntermediateRecord) -> Stream:
+        model, _ = self._model_and_layers(rec)
+        batch = int(model.info.get("batch_size") or 256)
+        piece_rows = batch  # the capture's batches: bit-identical for every framework
+        if EXACT_ANY_BATCH.get(model.framework, False):
+            piece_rows = max(1, min(batch, RERUN_PIECE_BYTES // max(1, rec.row_size)))
+        return Stream(piece_rows * rec.row_size, rec.n_rows * rec.row_size,
+                      lambda b: ("rerun-rows", rec.id, b),
+                      lambda b: self._run(rec, b * piece_rows, min((b + 1) * piece_rows, rec.n_rows)))
+
+    def _rerun_column(self, rec: IntermediateRecord, rows: Stream, j: int) -> np.ndarray:
+        reader = self.repo.reader(rec)
+        out = np.empty(rec.n_rows, dtype=rec.column_dtype(j))
+        piece_rows = rows.piece_size // max(1, rec.row_size)
+        for b in range(rows.count):
+            block = reader.piece(rows, b).reshape(-1)
+            column = block[rec.dtype.names[j]] if rec.dtype.names else block.reshape(-1, rec.n_columns)[:, j]
+            out[b * piece_rows:b * piece_rows + len(column)] = column
+        return out
+
+    def _run(self, rec: IntermediateRecord, start: int, stop: int) -> np.ndarray:
+        model, layers = self._model_and_layers(rec)
+        inp = self.repo.reader(self._input_of(rec))
+        out = self.rerunner.run(model, rec, inp.rows, start, stop,
+                                observe=lambda rows, s: self.cost.observe_rerun(model, layers, rec, rows, s))
+        return out
+
+    def _observe_read(self, rec: IntermediateRecord, key: Hashable, nbytes: int, seconds: float) -> None:
+        if isinstance(key, tuple) and key and key[0] in ("tile", "rows"):
+            self.cost.observe_read(rec, nbytes, seconds)
+
+    # ---- accounting --------------------------------------------------------------------------------
+    def opened(self, handle: Hashable, rec: IntermediateRecord, plan: Plan) -> None:
+        with self._lock:
+            stats = self.stats.setdefault(rec.id, LayerStats())
+            stats.queries += 1
+            stats.by_choice[plan.choice] += 1
+            self._open[handle] = (plan, rec, 0.0)
+
+    def spent(self, handle: Hashable, seconds: float) -> None:
+        with self._lock:
+            entry = self._open.get(handle)
+            if entry is not None:
+                self._open[handle] = (entry[0], entry[1], entry[2] + seconds)
+
+    def released(self, handle: Hashable) -> None:
+        with self._lock:
+            entry = self._open.pop(handle, None)
+            if entry is None:
+                return
+            plan, rec, seconds = entry
+            record = {"time": time.time(), "layer": rec.id, "view": plan.kind, "rows": plan.rows,
+                      "choice": plan.choice, "predicted_read_s": plan.estimate.read_seconds,
+                      "predicted_rerun_s": plan.estimate.rerun_seconds, "measured_s": seconds}
+            self.log.append(record)
+            self.stats.setdefault(rec.id, LayerStats()).last = record
+
+    def describe(self, rec: IntermediateRecord) -> dict[str, Any]:
+        """The planner's state for one layer (its ``info.json`` "plan")."""
+        whole = self.plan(rec, "all")
+        one = self.plan(rec, "row", 0)
+        stats = self.stats.get(rec.id, LayerStats())
+        return {
+            "mode": self.mode,
+            "all_examples": _plan_doc(whole),
+            "one_example": _plan_doc(one),
+            "queries": stats.queries,
+            "by_choice": dict(stats.by_choice),
+            "last_query": stats.last,
+        }
+
+
+def _plan_doc(plan: Plan) -> dict[str, Any]:
+    est = plan.estimate
+    return {"choice": plan.choice, "why": plan.why,
+            "read_seconds": None if est.read_seconds is None else round(est.read_seconds, 6),
+            "rerun_seconds": None if math.isinf(est.rerun_seconds) else round(est.rerun_seconds, 6)}

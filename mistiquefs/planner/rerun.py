@@ -1,0 +1,143 @@
+"""Re-running a stored model for the rows a reader asks for.
+
+The model file kept by the capture is loaded once per model (safe loaders only: Keras safe mode, skops
+with its trust rules) and kept while warm; the rows' inputs are read from the store's lossless ``input``
+intermediate; the framework adapter's ``run_stage`` computes only the sub-graph (Keras) or step prefix
+(pipelines) the stage needs. Results are checked against the catalog's shape and dtype, so a model that
+no longer reproduces its capture is an error, not silently different bytes.
+
+Thread rules: every method may be called from any worker thread. Model runs are serialized per model
+(``run_lock``): frameworks parallelize a batch internally, and two runs at once would only split the
+cores while doubling memory. Loading is single-flight. Counters (``runs``, ``rows_run``, ``loads``) are for
+tests and ``info.json``.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections import OrderedDict
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from mistiquefs.errors import MistiqueError, StoreError
+from mistiquefs.store.records import IntermediateRecord, ModelRecord
+from mistiquefs.store.repository import Repository
+
+log = logging.getLogger(__name__)
+#: models kept loaded at once (a Keras CNN takes ~100 MB with TensorFlow's graph caches)
+WARM_MODELS = 4
+
+
+@dataclass
+class WarmModel:
+    adapter: Any
+    load_seconds: float
+    run_lock: threading.Lock = field(default_factory=threading.Lock)
+
+
+def _load_adapter(framework: str, path: str) -> Any:
+    from mistiquefs.capture import adapter_for
+
+    if framework == "keras":
+        from mistiquefs.capture.keras import load_model
+    elif framework == "sklearn":
+        from mistiquefs.capture.sklearn import load_model
+    else:
+        raise StoreError(f"cannot re-run a {framework!r} model: no loader for that framework")
+    return adapter_for(load_model(path))
+
+
+class ReRunner:
+    def __init__(self, repo: Repository, loader: Callable[[str, str], Any] = _load_adapter) -> None:
+        self.repo = repo
+        self._loader = loader
+        self._lock = threading.Lock()
+        self._loading: dict[int, threading.Event] = {}
+        self._warm: OrderedDict[int, WarmModel] = OrderedDict()
+        self.runs = 0
+        self.rows_run = 0
+        self.loads = 0
+
+    def is_warm(self, model: ModelRecord) -> bool:
+        return model.id in self._warm
+
+    def load_seconds(self, model: ModelRecord) -> float | None:
+        warm = self._warm.get(model.id)
+        return warm.load_seconds if warm else None
+
+    def model(self, model: ModelRecord) -> WarmModel:
+        """The loaded model (loading it once however many threads ask)."""
+        while True:
+            with self._lock:
+                warm = self._warm.get(model.id)
+                if warm is not None:
+                    self._warm.move_to_end(model.id)
+                    return warm
+                event = self._loading.get(model.id)
+                owner = event is None
+                if owner:
+                    event = self._loading[model.id] = threading.Event()
+            if not owner:
+                event.wait()
+                continue
+            try:
+                started = time.perf_counter()
+                try:
+                    adapter = self._loader(model.framework, str(self.repo.root / model.model_file))
+                except MistiqueError as exc:  # a refused or broken model file is this read's I/O error
+                    raise StoreError(f"cannot re-run model {model.name!r}: {exc}") from exc
+                warm = WarmModel(adapter, time.perf_counter() - started)
+                with self._lock:
+                    self._warm[model.id] = warm
+                    self.loads += 1
+                    while len(self._warm) > WARM_MODELS:
+                        self._warm.popitem(last=False)
+                log.info("loaded model %s in %.2f s for re-runs", model.name, warm.load_seconds)
+                return warm
+            finally:
+                with self._lock:
+                    self._loading.pop(model.id, None)
+                event.set()
+
+    def run(self, model: ModelRecord, layer: IntermediateRecord, input_rows: Callable[[int, int], np.ndarray],
+            start: int, stop: int, observe: Callable[[int, float], None] | None = None) -> np.ndarray:
+        """``layer``'s output for examples ``[start, stop)``, computed by the model from the stored inputs
+        (``input_rows(start, stop)``), in batches of the capture's batch size. ``observe(rows, seconds)``
+        hears the time of each model call (without the load and the input read)."""
+        warm = self.model(model)
+        batch = int(model.info.get("batch_size") or 256)
+        parts = []
+        for lo in range(start, stop, batch):
+            hi = min(lo + batch, stop)
+            # A 1-row call takes other BLAS/oneDNN kernels than any bigger batch (a PCA row differed by an
+            # ulp; see capture/keras.py for Keras): run it with a neighbour and keep it.
+            pad = hi - lo == 1 and layer.n_rows > 1
+            first = lo - 1 if pad and hi == layer.n_rows else lo
+            inputs = warm.adapter.inputs_from_stored(input_rows(first, first + 2) if pad else input_rows(lo, hi))
+            with warm.run_lock:
+                started = time.perf_counter()
+                out = warm.adapter.run_stage(inputs, layer.name)
+                seconds = time.perf_counter() - started
+            if observe is not None:
+                observe(hi - lo, seconds)
+            with self._lock:
+                self.runs += 1
+                self.rows_run += hi - lo
+            if pad:
+                out = out[lo - first:lo - first + 1]
+            parts.append(self._checked(out, layer, hi - lo))
+        return parts[0] if len(parts) == 1 else np.concatenate(parts)
+
+    @staticmethod
+    def _checked(out: np.ndarray, layer: IntermediateRecord, rows: int) -> np.ndarray:
+        out = np.ascontiguousarray(out)
+        if out.shape != (rows, *layer.shape) or out.dtype != layer.dtype:
+            raise StoreError(
+                f"re-running {layer.name!r} gave {out.shape} {out.dtype}, but it was captured as "
+                f"{(rows, *layer.shape)} {layer.dtype}: the stored model no longer reproduces its capture")
+        return out
