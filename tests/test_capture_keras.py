@@ -1,8 +1,9 @@
 """KerasAdapter: stage names and order, fidelity to the model's own computation, input checks, safe saving.
 
 Tiny seeded models built here (no training), no FUSE mount. Bit-for-bit comparisons rely on what
-``mistiquefs/capture/keras.py`` measured on TF CPU: the captured stages run the same eager kernels as a
-sub-model call, and batches of two or more rows give the same bits whatever the batch size.
+``mistiquefs/capture/keras.py`` measured on TF CPU: the captured stages run the same compiled kernels as
+a sub-model's ``predict`` (and, with ``run_eagerly``, the same eager kernels as a sub-model call), and
+batches of two or more rows give the same bits whatever the batch size. Re-runs: tests/test_rerun_keras.py.
 """
 
 from __future__ import annotations
@@ -107,14 +108,61 @@ def test_functional_stage_names_follow_the_graph(branchy: keras.Model) -> None:
 
 
 @pytest.mark.parametrize("fixture, make_batch", [("cnn", _images), ("branchy", _features)])
-def test_every_stage_is_bit_identical_to_the_sub_model(
+def test_every_stage_is_bit_identical_to_the_sub_models_predict(
     request: pytest.FixtureRequest, fixture: str, make_batch: object
 ) -> None:
-    # assert_array_equal, not allclose: measured bit-identical on TF CPU (same eager kernels, same tensors).
+    # assert_array_equal: measured bit-identical on TF CPU (both compiled, same fused kernels). The eager
+    # sub-model runs unfused kernels: equal for ReLU/BatchNorm/softmax, 1 ulp off for the tanh Dense.
     model = request.getfixturevalue(fixture)
     batch = make_batch(16)  # type: ignore[operator]
     for stage in KerasAdapter(model).run_batch(batch):
+        sub = keras.Model(model.inputs[0], model.get_layer(stage.name).output)
+        np.testing.assert_array_equal(stage.array, sub.predict(batch, verbose=0), err_msg=stage.name)
+        np.testing.assert_allclose(stage.array, _direct(model, stage.name, batch), rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("fixture, make_batch", [("cnn", _images), ("branchy", _features)])
+def test_run_eagerly_runs_layer_by_layer_like_the_eager_sub_model(
+    request: pytest.FixtureRequest, fixture: str, make_batch: object
+) -> None:
+    model = keras.models.clone_model(request.getfixturevalue(fixture))
+    model.set_weights(request.getfixturevalue(fixture).get_weights())
+    model.run_eagerly = True
+    batch = make_batch(16)  # type: ignore[operator]
+    adapter = KerasAdapter(model)
+    assert adapter.describe()["execution"] == "eager"
+    for stage in adapter.run_batch(batch):
         np.testing.assert_array_equal(stage.array, _direct(model, stage.name, batch), err_msg=stage.name)
+
+
+def test_stage_seconds_split_the_batch_time(cnn: keras.Model) -> None:
+    import time
+
+    adapter = KerasAdapter(cnn)
+    adapter.run_batch(_images(64))
+    start = time.perf_counter()
+    stages = adapter.run_batch(_images(64))
+    wall = time.perf_counter() - start
+    assert all(stage.seconds > 0 for stage in stages)
+    assert sum(stage.seconds for stage in stages) <= wall
+    shares = adapter.graph.shares
+    assert shares is not None and abs(sum(shares) - 1) < 1e-9
+
+
+def test_a_layer_failing_at_run_time_is_named() -> None:
+    import tensorflow as tf
+
+    class Checked(layers.Layer):
+        def call(self, x):
+            tf.debugging.assert_less(x, 100.0, message="value too large")
+            return x * 2
+
+    model = keras.Sequential([keras.Input((4,)), layers.Dense(4, name="dense"), Checked(name="checked")])
+    adapter = KerasAdapter(model)
+    adapter.run_batch(np.ones((3, 4), np.float32))
+    message = r"^layer 'checked' \(Checked\) raised InvalidArgumentError: .*value too large"
+    with pytest.raises(CaptureError, match=message):
+        adapter.run_batch(np.full((3, 4), 1e6, np.float32))
 
 
 def test_inference_semantics_dropout_off_batchnorm_moving_stats(cnn: keras.Model) -> None:

@@ -8,38 +8,69 @@ or key); the second and later calls of a shared layer are ``<layer>.call<i>``. N
 file names (``/`` -> ``_``, a leading ``.`` gets a ``_`` prefix, ``input``/``info.json`` a ``_`` suffix,
 clashes a ``_<n>`` suffix). Names depend only on the model, so every batch yields the same list.
 
-Execution. ``run_batch`` runs the model eagerly once, layer by layer, with inference semantics
-(``training=False`` is passed to every layer, exactly as ``model(x, training=False)`` does: Dropout is
-off, BatchNorm uses its moving statistics). Functional models are walked with Keras's own graph walker
-``Functional._run_through_graph(inputs, operation_fn)`` (PRIVATE API of Keras 3, checked on 3.15), which
-calls our ``operation_fn`` around every node; Sequential models are walked by calling ``model.layers``
-in order (public API, the same loop ``Sequential.call`` falls back to). Subclassed models have no layer
-graph and are refused with UnsupportedModel.
+Execution. ``run_batch`` runs ONE compiled function per batch: a ``tf.function`` (autograph off, no XLA)
+traced over the model's operations in execution order that returns every stage's tensor, so TensorFlow's
+graph optimizer (Grappler: fused Conv2D+BiasAdd+ReLU and MatMul+BiasAdd+activation kernels, no Python
+per layer) runs the batch much as ``model.predict`` does. Every stage's tensor is an output of the
+function, so no fusion crosses a stage boundary. Inference semantics: ``training=False`` is passed to every
+layer, exactly as ``model(x, training=False)`` does (Dropout off, BatchNorm on its moving statistics).
+Functional models are walked over ``Functional._nodes_by_depth`` in the order Keras's own
+``Functional._run_through_graph`` uses (PRIVATE API of Keras 3, checked on 3.15; nodes' ``arguments``,
+``outputs``, ``input_tensors`` likewise); Sequential models by calling ``model.layers`` in order (the
+same loop ``Sequential.call`` falls back to). Subclassed models have no layer graph and are refused with
+UnsupportedModel. The traced functions are kept on the model object (attribute ``_mistiquefs_graph``,
+as Keras keeps ``model.predict_function``), so a second capture of the same model and every re-run reuse
+them; a Sequential model whose layers changed since is traced again. Python code inside a layer's
+``call`` therefore runs when the function is traced, not once per batch (as with ``model.predict``).
+``model.run_eagerly = True`` (Keras's own switch) selects the eager path instead: layer by layer, each
+stage timed on its own, for models that cannot be traced or layers with per-call Python side effects.
 
-Timing. Each stage's ``seconds`` is ``time.perf_counter`` around the layer call AND the conversion of its
-outputs to numpy; the conversion blocks until the values exist, so the time is real even on an
-asynchronous backend (TF CPU eager is synchronous anyway). The first batch includes one-time kernel
-setup. A multi-output layer's time goes to its first sub-stage (``<layer>.0``) and the others get 0.0,
-so a sum of stage times counts every layer call once. Downstream layers receive the layer's own output
-tensors, never the numpy copies, so capturing changes nothing in what is computed.
+Timing. A stage's ``seconds`` estimates the time of that stage alone on the batch, for the planner's
+re-run cost (the sum of the stages up to a layer). On the compiled path it is the measured wall time of
+the batch's compiled call (including the conversion of its outputs to numpy, which waits for the
+values) times the stage's SHARE of the model's time; the shares come from an eager layer-by-layer run on
+the first ``SHARE_SAMPLE_ROWS`` rows of the first batch a model is captured with (the second of two runs,
+the first including one-time kernel setup), kept with the traced functions; the compiled function also
+runs once on those rows then, so its one-time graph optimization is in no batch's time. So the stage
+times of a batch add up to that batch's real model time, and their split follows the eager per-layer
+split (an estimate: fused kernels may shift it). A batch of a size not run before also pays oneDNN's
+one-time kernel setup for that shape.
+On the eager path (``run_eagerly``), ``seconds`` is ``time.perf_counter`` around the layer call and
+the conversion of its outputs. Either way a multi-output layer's time goes to its first sub-stage
+(``<layer>.0``) and the others get 0.0, so a sum of stage times counts every layer call once.
+Downstream layers receive the layer's own output tensors, never numpy copies, so capturing changes
+nothing in what is computed. Output arrays are read-only views of TensorFlow's buffers (no copy).
 
-Fidelity, measured on TF 2.21 CPU (oneDNN on, an AVX-512/AMX Xeon, 2 cores), Keras 3.15, float32, with
-the digits CNN of ``examples/digits_cnn.py`` plus a BatchNormalization and a separate Softmax (stages
-conv/bn/conv/maxpool/conv/maxpool/flatten/dense/dropout/dense/softmax), as Sequential and as functional:
+Re-runs. ``run_stage(batch, name)`` runs a compiled function over only the operations stage ``name``
+depends on (its ancestors in the graph; the first k layers of a Sequential), which returns the tensor of
+EVERY stage among them, as ``run_batch``'s function does: each stage is a fetch point in both, so the
+graph optimizer fuses the same kernels and the values are bit-identical to ``run_batch``'s. The function
+is traced on a stage's first re-run and cached per stage name; a later call costs one function call
+(digits CNN, one row: 0.9-2.1 ms per stage, vs 0.9-1.4 ms for a ``tf.function`` of the sub-model and
+3-11 ms for the eager sub-model ``keras.Model(inputs, layer.output)(x)``). 1-row batches are padded as in
+``run_batch``. Multi-output sub-stages (``<layer>.<k>``), shared-layer calls (``<layer>.call<i>``), raw
+``keras.ops`` stages and nested models re-run like any stage. The stage names are learned by tracing the
+whole model once (no execution). With ``run_eagerly`` the sub-graph runs eagerly.
 
-* every stage vs ``keras.Model(model.inputs, layer.output)(batch, training=False)`` on 64 images:
-  BIT-identical, 11/11 stages (max abs diff 0.0): both run the same eager kernels on the same tensors.
-* last stage vs ``model.predict(batch)`` (tf.function graph; batch_size 32 and 64, 50/64/300 rows):
-  BIT-identical (max abs diff 0.0), and so were the logits of a sub-model's ``predict``.
-* batch size: a batch of ONE row takes other oneDNN kernels than bigger batches. Run alone, 0/64 rows
-  were bit-equal to the same rows inside a batch of 64: max abs diff 7.5e-8 on the first conv, up to
-  1.6e-6 (64 rows) and 1.8e-5 (256 rows, cnn_e1) on the 128-unit dense layer, about 2e-6 relative to
-  the row's largest value; a 64-512-300-10 MLP showed the same (1.3e-6). Every other size tried (2..33,
-  48, 63..65, 100, 128, 200, 256, 1000, all 1797 rows) gave the same bits. So ``run_batch`` runs a
-  1-row batch as two copies of the row and keeps the first (``MIN_ROWS_PER_CALL``): with that, single
-  rows, batches of 256 and one batch of 1797 all gave bit-identical stages, and a re-run of one example
-  reproduces the captured row exactly. (It also means a 1-row capture is not bit-identical to a plain
-  ``model(x[i:i+1])``, which is the odd one out.) These are properties of this CPU's kernels, not
+Fidelity, measured on TF 2.21 CPU (oneDNN on, an AVX-512/AMX Xeon, 2 cores), Keras 3.15, float32:
+
+* ``run_stage`` vs the captured rows of ``run_batch`` (compiled): BIT-identical for every stage of the
+  trained digits CNN (``examples/digits_cnn.py``, 1797 images), the tests' tiny CNN with BatchNorm, a
+  functional CNN with an Add of two conv paths + BatchNorm, and a functional Dense model with a tanh
+  branch, Add and Concatenate; for 1 row, 3 rows, batches of 2/3/7/64/255/256 and all rows at once.
+* compiled vs eager (the previous design, layer by layer): BIT-identical on the three CNNs (ReLU,
+  BatchNorm, max-pool, softmax: every stage, max abs diff 0.0) but NOT for a ``Dense(activation="tanh")``:
+  the fused MatMul+BiasAdd+Tanh kernel differs from the eager Tanh by 1 ulp (1.2e-7), 2.4e-7 after an Add
+  and 3.6e-7 two layers on. Compiled was bit-identical to ``model.predict`` in all four models (eager was
+  not, for the tanh model), and to ``keras.Model(inputs, layer.output).predict`` for every stage.
+* batch size: a batch of ONE row takes other oneDNN kernels than bigger batches, compiled or eager (1-row
+  vs in-batch, compiled: up to 1.2e-7 on a conv, 4.8e-7 on a Dense; eager: 7.5e-8 on the first conv, up to
+  1.8e-5 on the 128-unit dense layer of cnn_e1, about 2e-6 relative to the row's largest value). Every
+  other size tried (2..33, 48, 63..65, 100, 128, 200, 255, 256, 1000, all 1797 rows) gave the same bits.
+  So a 1-row batch runs as two copies of the row and keeps the first (``MIN_ROWS_PER_CALL``): with that,
+  single rows, batches of 256 and one batch of 1797 all gave bit-identical stages, and a re-run of one
+  example reproduces the captured row exactly. (It also means a 1-row capture is not bit-identical to a
+  plain ``model(x[i:i+1])``, which is the odd one out.) These are properties of this CPU's kernels, not
   guarantees: another CPU or a GPU may differ, so compare across machines with ``rtol=1e-5``.
 
 Inputs. One numpy array ``(N, *example_shape)`` or a list/tuple holding exactly one; its example shape
@@ -55,8 +86,11 @@ TensorFlow/Keras are imported inside functions only, so importing this module st
 
 from __future__ import annotations
 
+import re
+import threading
 import time
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar
 
@@ -71,6 +105,11 @@ if TYPE_CHECKING:
 #: batches smaller than this are run with their rows repeated: a 1-row batch gave values differing from
 #: the same row in any batch of 2..256 rows by up to 2e-6 relative on TF 2.21 CPU (module docstring)
 MIN_ROWS_PER_CALL = 2
+#: rows of the eager run that measures each operation's share of the model's time (module docstring)
+SHARE_SAMPLE_ROWS = 64
+#: the attribute of a Keras model that keeps its _Graph (traced functions), as Keras keeps predict_function
+_GRAPH_ATTRIBUTE = "_mistiquefs_graph"
+_GRAPHS_LOCK = threading.Lock()
 
 __all__ = ["KerasAdapter", "load_model"]
 
@@ -100,20 +139,24 @@ class KerasAdapter(Adapter):
 
     framework: ClassVar[str] = "keras"
     model_suffix: ClassVar[str] = ".keras"
-    # Digits CNN on 2 cores: 1137/785/681/538 us per row at batches of 16/64/256/1024. 256 gets most of
-    # the speed while one stage of 256 32x32x64 float32 maps is 64 MiB, so a batch of all stages fits.
+    # Digits CNN on 2 cores: 638/494/381/387 us per row at batches of 16/64/256/1024 compiled (eager, the
+    # earlier design: 1137/785/681/538). 256 gets the speed while one stage of 256 32x32x64 float32 maps
+    # is 64 MiB, so a batch of all stages fits.
     default_batch_size: ClassVar[int] = 256
 
     def __init__(self, model: Any) -> None:
         super().__init__(model)
         self._input = _single_model_input(model)
         self._sequential = _is_sequential(model)
-        if not self._sequential and not callable(getattr(model, "_run_through_graph", None)):
+        if not self._sequential and not hasattr(model, "_nodes_by_depth"):
             raise UnsupportedModel(
                 f"cannot capture the {type(model).__qualname__} model {model.name!r}: it is neither "
                 "Sequential nor functional, so it has no layer graph to walk (subclassed models are not "
                 "supported; build it with keras.Input(...) and keras.Model(inputs, outputs))"
             )
+        #: Keras's own switch (model.predict honours it too): run layer by layer, never compiled
+        self.eager = bool(getattr(model, "run_eagerly", False))
+        self._graph: _Graph | None = None
 
     # -- inputs ---------------------------------------------------------------------------------------
 
@@ -134,9 +177,8 @@ class KerasAdapter(Adapter):
             raise CaptureError("the inputs have 0 rows; pass at least one example")
         return array
 
-    # -- running --------------------------------------------------------------------------------------
-
-    def run_batch(self, batch: Any) -> list[StageOutput]:
+    def _tensor(self, batch: Any) -> tuple[Any, int]:
+        """The batch as the model's input tensor, at least MIN_ROWS_PER_CALL rows, and its own row count."""
         import keras
 
         array = self._checked_array(batch)
@@ -145,14 +187,58 @@ class KerasAdapter(Adapter):
             # A lone row takes other oneDNN kernels than any bigger batch (see the module docstring);
             # running it twice keeps its values bit-identical to the same row captured in a batch.
             array = np.concatenate([array] * MIN_ROWS_PER_CALL)
-        recorder = _StageRecorder(n_rows=len(array))
-        x = keras.ops.convert_to_tensor(array, dtype=self._input.dtype)
-        if self._sequential:
-            for layer in self.model.layers:
-                x = recorder.wrap(layer)(x)
+        return keras.ops.convert_to_tensor(array, dtype=self._input.dtype), n_rows
+
+    @property
+    def graph(self) -> _Graph:
+        """The model's operations and compiled functions (shared by every adapter of this model)."""
+        if self._graph is None:
+            self._graph = _graph_for(self.model, self._sequential, self._input)
+        return self._graph
+
+    # -- running --------------------------------------------------------------------------------------
+
+    def run_batch(self, batch: Any) -> list[StageOutput]:
+        x, n_rows = self._tensor(batch)
+        graph = self.graph
+        if self.eager:
+            arrays, op_seconds = graph.run_eager(x, range(len(graph.ops)))
         else:
-            self.model._run_through_graph([x], operation_fn=recorder.wrap)
-        return [_first_rows(stage, n_rows) for stage in recorder.stages]
+            function = graph.full()
+            if graph.shares is None:
+                graph.measure_shares(x[:SHARE_SAMPLE_ROWS])
+            start = time.perf_counter()
+            arrays = graph.call(function, x)
+            total = time.perf_counter() - start
+            op_seconds = [total * share for share in graph.shares or ()]
+        stages = []
+        for ref, array in zip(graph.stages, arrays):
+            if array.ndim == 0 or array.shape[0] != len(x):
+                raise CaptureError(
+                    f"stage {ref.name!r} ({type(graph.ops[ref.op].operation).__name__}) returned shape "
+                    f"{array.shape}, not one row per example ({len(x)} rows); only per-example outputs can "
+                    "be captured"
+                )
+            if len(array) != n_rows:
+                array = array[:n_rows].copy()
+            # A layer's time goes to its first output only, so that summing the stages up to any layer
+            # (the planner's re-run cost) counts each layer call once.
+            stages.append(StageOutput(ref.name, array, op_seconds[ref.op] if ref.leaf == 0 else 0.0))
+        return stages
+
+    def run_stage(self, batch: Any, name: str) -> np.ndarray:
+        """Stage ``name`` for ``batch``, running only the operations it depends on (module docstring,
+        "Re-runs"). NotFound for a name ``run_batch`` does not produce."""
+        x, n_rows = self._tensor(batch)
+        graph = self.graph
+        if self.eager:
+            array = graph.run_eager_stage(x, name)
+        else:
+            function, position = graph.prefix(name)
+            array = graph.call(function, x, position)
+        if array.ndim == 0 or array.shape[0] != len(x):
+            raise CaptureError(f"stage {name!r} returned shape {array.shape}, not one row per example")
+        return array[:n_rows].copy() if len(array) != n_rows else array
 
     # -- saving and describing ------------------------------------------------------------------------
 
@@ -173,59 +259,331 @@ class KerasAdapter(Adapter):
             "tensorflow_version": _tensorflow_version(),
             "input_shape": list(self._input.shape),
             "input_dtype": str(self._input.dtype),
+            "execution": "eager" if self.eager else "compiled",
             "layers": [_describe_layer(layer) for layer in _non_input_layers(self.model)],
         }
 
 
-class _StageRecorder:
-    """Wraps each operation so that calling it also records its outputs as named, timed stages."""
+# -- the model as a list of operations ------------------------------------------------------------------
 
-    def __init__(self, n_rows: int) -> None:
-        self.n_rows = n_rows
-        self.stages: list[StageOutput] = []
-        self._names: set[str] = set()
-        self._calls: dict[int, int] = {}
 
-    def wrap(self, operation: Any) -> Callable[..., Any]:
-        def timed_call(*args: Any, **kwargs: Any) -> Any:
-            # Same rule as Keras's functional operation_fn for model(x, training=False): every layer
-            # gets training=False, and Layer.__call__ passes it on to the layers nested inside.
-            if "training" in getattr(operation, "_call_context_args", ()):
-                kwargs["training"] = False
-            start = time.perf_counter()
-            try:
-                outputs = operation(*args, **kwargs)
-            except Exception as exc:
-                raise _layer_failed(operation, exc) from exc
-            arrays = _numpy_leaves(outputs)
-            seconds = time.perf_counter() - start
-            self._record(operation, arrays, seconds)
+@dataclass(frozen=True)
+class _Op:
+    """One call of an operation in the model's graph (a functional node, or a Sequential layer)."""
+
+    operation: Any
+    node: Any            # the functional Node; None in a Sequential model
+    deps: tuple[int, ...]  # indices of the operations whose outputs this one reads
+    base: str            # stage name before the output suffix and file-name cleaning
+
+
+@dataclass(frozen=True)
+class _StageRef:
+    name: str
+    op: int    # index in _Graph.ops
+    leaf: int  # index of the tensor in that operation's flattened output
+
+
+class _Graph:
+    """A model's operations in execution order, its stage names, and the compiled functions that run it.
+
+    Built once per model (``_graph_for`` keeps it on the model object, as Keras keeps ``predict_function``),
+    so a second capture and every re-run reuse the traced functions. Thread-safe."""
+
+    def __init__(self, model: Any, sequential: bool, model_input: Any, key: tuple[Any, ...]) -> None:
+        self.model = model
+        self.sequential = sequential
+        self.model_input = model_input
+        self.key = key
+        self.ops = _named(_sequential_ops(model) if sequential else _functional_ops(model, model_input))
+        #: the stages in execution order; known after the first walk (a trace or an eager run)
+        self._stages: list[_StageRef] | None = None
+        self._by_name: dict[str, _StageRef] = {}
+        #: each operation's share of the model's time, measured eagerly once (module docstring, "Timing")
+        self.shares: list[float] | None = None
+        self._full: Any = None
+        self._prefixes: dict[str, tuple[Any, int]] = {}
+        self._lock = threading.RLock()
+
+    def __deepcopy__(self, memo: dict[int, Any]) -> None:
+        # A deep copy of the model has other layers: it builds (and traces) its own _Graph.
+        return None
+
+    # -- names ----------------------------------------------------------------------------------------
+
+    @property
+    def stages(self) -> list[_StageRef]:
+        if self._stages is None:
+            self.full()  # tracing walks the whole graph once, which names every stage
+        assert self._stages is not None
+        return self._stages
+
+    def stage(self, name: str) -> _StageRef:
+        self.stages  # noqa: B018  (learns the names)
+        try:
+            return self._by_name[name]
+        except KeyError:
+            raise NotFound(
+                f"the Keras model {self.model.name!r} has no stage {name!r}; its stages are "
+                f"{', '.join(ref.name for ref in self.stages)}"
+            ) from None
+
+    def _learn_suffixes(self, wanted: Sequence[int], suffixes: list[list[str]]) -> None:
+        """Names the stages from the output structure a walk over ``wanted`` saw, or checks it."""
+        with self._lock:
+            if self._stages is None:
+                if list(wanted) != list(range(len(self.ops))):
+                    raise AssertionError("the first walk must cover every operation")
+                stages, seen = [], set()
+                for index, op_suffixes in enumerate(suffixes):
+                    for leaf, suffix in enumerate(op_suffixes):
+                        name = _unique(stage_file_name(self.ops[index].base + suffix), seen)
+                        stages.append(_StageRef(name, index, leaf))
+                self._by_name = {ref.name: ref for ref in stages}
+                self._stages = stages
+                return
+            leaves: dict[int, int] = {}
+            for ref in self._stages:
+                leaves[ref.op] = leaves.get(ref.op, 0) + 1
+            for index, op_suffixes in zip(wanted, suffixes):
+                if len(op_suffixes) != leaves.get(index, 0):
+                    raise CaptureError(
+                        f"operation {self.ops[index].base!r} returned {len(op_suffixes)} tensors, and "
+                        f"{leaves.get(index, 0)} in an earlier run; its output structure must not change"
+                    )
+
+    def ancestors(self, index: int) -> list[int]:
+        """``index`` and every operation it depends on, in execution order."""
+        needed, todo = {index}, [index]
+        while todo:
+            for dep in self.ops[todo.pop()].deps:
+                if dep not in needed:
+                    needed.add(dep)
+                    todo.append(dep)
+        return sorted(needed)
+
+    # -- walking --------------------------------------------------------------------------------------
+
+    def walk(self, x: Any, wanted: Sequence[int], call: Callable[[int, Any, tuple, dict], Any]) -> list[Any]:
+        """The outputs of the operations ``wanted`` (execution order, closed under dependencies) run on
+        ``x``; each through ``call(index, operation, args, kwargs)``. The same loop as Keras's
+        ``Functional._run_through_graph`` (functional) or ``Sequential.call`` (layers in order)."""
+        outputs = []
+        if self.sequential:
+            for index in wanted:
+                x = call(index, self.ops[index].operation, (x,), {})
+                outputs.append(x)
             return outputs
+        import keras
 
-        return timed_call
+        tensors = {id(self.model_input): x}
+        for index in wanted:
+            node = self.ops[index].node
+            args, kwargs = node.arguments.fill_in(tensors)
+            out = call(index, node.operation, args, kwargs)
+            for ref, value in zip(node.outputs, keras.tree.flatten(out)):
+                tensors[id(ref)] = value
+            outputs.append(out)
+        return outputs
 
-    def _record(self, operation: Any, arrays: list[tuple[str, np.ndarray]], seconds: float) -> None:
-        call_index = self._calls.get(id(operation), 0)
-        self._calls[id(operation)] = call_index + 1
-        base = operation.name if call_index == 0 else f"{operation.name}.call{call_index}"
-        for position, (suffix, array) in enumerate(arrays):
-            name = self._unique(stage_file_name(base + suffix))
-            if array.ndim == 0 or array.shape[0] != self.n_rows:
-                raise CaptureError(
-                    f"stage {name!r} ({type(operation).__name__}) returned shape {array.shape}, not one "
-                    f"row per example ({self.n_rows} rows); only per-example outputs can be captured"
+    def run_eager(self, x: Any, wanted: Sequence[int]) -> tuple[list[np.ndarray], list[float]]:
+        """Eagerly, layer by layer: every leaf of the ``wanted`` operations as numpy, and each
+        operation's wall time (its call and the conversion of its outputs, which waits for the values)."""
+        seconds = [0.0] * len(self.ops)
+        arrays: list[list[np.ndarray]] = []
+        suffixes: list[list[str]] = []
+
+        def timed(index: int, operation: Any, args: tuple, kwargs: dict) -> Any:
+            start = time.perf_counter()
+            out = _call(operation, args, kwargs)
+            leaves = _leaves(out)
+            arrays.append([_array(tensor) for _, tensor in leaves])
+            seconds[index] = time.perf_counter() - start
+            suffixes.append([suffix for suffix, _ in leaves])
+            return out
+
+        self.walk(x, wanted, timed)
+        self._learn_suffixes(wanted, suffixes)
+        return [array for op_arrays in arrays for array in op_arrays], seconds
+
+    def run_eager_stage(self, x: Any, name: str) -> np.ndarray:
+        if self._stages is None:
+            self.run_eager(x[:MIN_ROWS_PER_CALL], range(len(self.ops)))  # learns the names without tracing
+        ref = self.stage(name)
+        wanted = self.ancestors(ref.op)
+        arrays, _ = self.run_eager(x, wanted)
+        return arrays[self._position(wanted, ref)]
+
+    def measure_shares(self, sample: Any) -> None:
+        """Each operation's share of an eager run's time on ``sample``: the second of two runs, as the
+        first includes one-time kernel setup. Also runs the compiled function once on ``sample``, so that
+        its one-time graph optimization is not counted in the first batch's stage times."""
+        self.call(self.full(), sample)
+        for _ in range(2):
+            _, seconds = self.run_eager(sample, range(len(self.ops)))
+        total = sum(seconds)
+        with self._lock:
+            self.shares = [s / total if total > 0 else 1 / len(seconds) for s in seconds]
+
+    # -- compiled functions ---------------------------------------------------------------------------
+
+    def full(self) -> Any:
+        """The compiled function that returns every stage's tensor (traced on first use)."""
+        with self._lock:
+            if self._full is None:
+                self._full = self._compile(list(range(len(self.ops))))
+            return self._full
+
+    def prefix(self, name: str) -> tuple[Any, int]:
+        """The compiled function for stage ``name`` and the position of its tensor among the function's
+        outputs. The function runs only the operations the stage depends on and returns every tensor
+        they output, so each one is a fetch point as in ``full`` (module docstring, "Re-runs")."""
+        found = self._prefixes.get(name)
+        if found is not None:
+            return found
+        ref = self.stage(name)
+        wanted = self.ancestors(ref.op)
+        with self._lock:
+            found = self._prefixes.get(name)
+            if found is None:
+                function = self.full() if len(wanted) == len(self.ops) else self._compile(wanted)
+                found = self._prefixes[name] = (function, self._position(wanted, ref))
+        return found
+
+    def _position(self, wanted: Sequence[int], ref: _StageRef) -> int:
+        wanted_set = set(wanted)
+        return sum(1 for other in self.stages if other.op in wanted_set and other.op < ref.op) + ref.leaf
+
+    def _compile(self, wanted: list[int]) -> Any:
+        """A traced ``tf.function`` (no XLA) over the operations ``wanted``, returning every leaf of
+        their outputs; the concrete function for the model's input signature."""
+        import tensorflow as tf
+
+        graph = self
+
+        def run(x: Any) -> list[Any]:
+            outputs = graph.walk(x, wanted, lambda _i, operation, args, kwargs: _call(operation, args, kwargs))
+            leaves = [_leaves(out) for out in outputs]
+            graph._learn_suffixes(wanted, [[suffix for suffix, _ in op_leaves] for op_leaves in leaves])
+            return [tensor for op_leaves in leaves for _, tensor in op_leaves]
+
+        shape = [None, *self.model_input.shape[1:]]
+        spec = tf.TensorSpec(shape, tf.as_dtype(self.model_input.dtype))
+        function = tf.function(run, input_signature=[spec], autograph=False, jit_compile=False)
+        return function.get_concrete_function()
+
+    def call(self, function: Any, x: Any, position: int | None = None) -> Any:
+        """Runs a compiled function: all its outputs as numpy arrays, or the one at ``position``."""
+        try:
+            outputs = function(x)
+        except Exception as exc:
+            named = self._run_failed(exc)
+            if named is exc:
+                raise
+            raise named from exc
+        if position is not None:
+            return _array(outputs[position])
+        return [_array(tensor) for tensor in outputs]
+
+    def _run_failed(self, exc: Exception) -> Exception:
+        """A TensorFlow error while running a compiled function, naming the layer when its node says
+        (``Detected at node <layer>/...``; TensorFlow may suffix a name scope with ``_<n>``)."""
+        message = getattr(exc, "message", None) or str(exc)
+        found = re.search(r"Detected at node '?([^\s']+)", message)
+        if not found:
+            return exc
+        names = {op.operation.name: op.operation for op in self.ops}
+        for part in found.group(1).split("/"):
+            operation = names.get(part) or names.get(re.sub(r"_\d+$", "", part))
+            if operation is not None:
+                return CaptureError(
+                    f"layer {operation.name!r} ({type(operation).__name__}) raised {type(exc).__name__}: "
+                    f"{_what_failed(message)}"
                 )
-            # The layer's time goes to its first output only, so that summing the stages up to any
-            # layer (the planner's re-run cost) counts each layer call once.
-            self.stages.append(StageOutput(name=name, array=array, seconds=seconds if position == 0 else 0.0))
+        return exc
 
-    def _unique(self, name: str) -> str:
-        candidate, n = name, 1
-        while candidate in self._names:
-            n += 1
-            candidate = f"{name}_{n}"
-        self._names.add(candidate)
-        return candidate
+
+def _what_failed(message: str) -> str:
+    """The op's own message from a graph execution error: without the Python traceback of where the
+    failing node was defined and the trailing ``[[{{node ...}}]]`` line."""
+    lines = message.splitlines()
+    last_frame = max((i for i, line in enumerate(lines) if line.lstrip().startswith('File "')), default=-1)
+    kept = [line for line in lines[last_frame + 1:] if line.strip() and not line.lstrip().startswith("[[")]
+    return " ".join(line.strip() for line in kept) or message
+
+
+def _graph_for(model: Any, sequential: bool, model_input: Any) -> _Graph:
+    """The model's _Graph, kept on the model object (rebuilt if its layers changed since)."""
+    layers = tuple(id(layer) for layer in model.layers)
+    key = (layers, str(model_input.dtype), tuple(model_input.shape))
+    with _GRAPHS_LOCK:
+        graph = model.__dict__.get(_GRAPH_ATTRIBUTE)
+        if graph is None or graph.key != key:
+            graph = _Graph(model, sequential, model_input, key)
+            # object.__setattr__: Keras's own __setattr__ would track the value as part of the model.
+            object.__setattr__(model, _GRAPH_ATTRIBUTE, graph)
+        return graph
+
+
+def _sequential_ops(model: Any) -> list[_Op]:
+    return [_Op(layer, None, (index - 1,) if index else (), "") for index, layer in enumerate(model.layers)]
+
+
+def _functional_ops(model: Any, model_input: Any) -> list[_Op]:
+    """The model's nodes in the order ``Functional._run_through_graph`` runs them (deepest first, then
+    as listed; a node whose inputs are not computed yet is skipped, as Keras skips it)."""
+    producer: dict[int, int | None] = {id(model_input): None}
+    ops: list[_Op] = []
+    for depth in sorted(model._nodes_by_depth, reverse=True):
+        for node in model._nodes_by_depth[depth]:
+            if not node.operation or node.is_input:
+                continue
+            if any(id(tensor) not in producer for tensor in node.input_tensors):
+                continue
+            deps = {producer[id(tensor)] for tensor in node.input_tensors}
+            ops.append(_Op(node.operation, node, tuple(sorted(d for d in deps if d is not None)), ""))
+            for tensor in node.outputs:
+                producer[id(tensor)] = len(ops) - 1
+    return ops
+
+
+def _named(ops: list[_Op]) -> list[_Op]:
+    """``ops`` with their base names: the operation's name, ``<name>.call<i>`` for its later calls."""
+    calls: dict[int, int] = {}
+    named = []
+    for op in ops:
+        index = calls.get(id(op.operation), 0)
+        calls[id(op.operation)] = index + 1
+        base = op.operation.name if index == 0 else f"{op.operation.name}.call{index}"
+        named.append(_Op(op.operation, op.node, op.deps, base))
+    return named
+
+
+def _unique(name: str, seen: set[str]) -> str:
+    candidate, n = name, 1
+    while candidate in seen:
+        n += 1
+        candidate = f"{name}_{n}"
+    seen.add(candidate)
+    return candidate
+
+
+def _call(operation: Any, args: tuple, kwargs: dict) -> Any:
+    # Same rule as Keras's functional operation_fn for model(x, training=False): every layer gets
+    # training=False, and Layer.__call__ passes it on to the layers nested inside.
+    if "training" in getattr(operation, "_call_context_args", ()):
+        kwargs = {**kwargs, "training": False}
+    try:
+        return operation(*args, **kwargs)
+    except Exception as exc:
+        raise _layer_failed(operation, exc) from exc
+
+
+def _leaves(outputs: Any) -> list[tuple[str, Any]]:
+    """(name suffix, tensor) for each tensor in a layer's output; suffix "" for a single tensor."""
+    import keras
+
+    return [("".join(f".{key}" for key in path), tensor) for path, tensor in keras.tree.flatten_with_path(outputs)]
 
 
 def _layer_failed(operation: Any, exc: Exception) -> CaptureError:
@@ -244,21 +602,12 @@ def _layer_failed(operation: Any, exc: Exception) -> CaptureError:
     )
 
 
-def _first_rows(stage: StageOutput, n_rows: int) -> StageOutput:
-    if len(stage.array) == n_rows:
-        return stage
-    return StageOutput(name=stage.name, array=stage.array[:n_rows].copy(), seconds=stage.seconds)
-
-
-def _numpy_leaves(outputs: Any) -> list[tuple[str, np.ndarray]]:
-    """(name suffix, numpy array) for each tensor in a layer's output; suffix "" for a single tensor."""
-    import keras
-
-    leaves = []
-    for path, tensor in keras.tree.flatten_with_path(outputs):
-        suffix = "".join(f".{key}" for key in path)
-        leaves.append((suffix, _to_numpy(tensor)))
-    return leaves
+def _array(tensor: Any) -> np.ndarray:
+    """A layer's output tensor as numpy. Dense CPU tensors are not copied: the array is a read-only view
+    of the tensor's buffer, which it keeps alive."""
+    if type(tensor).__name__ == "EagerTensor" and tensor.dtype.is_numpy_compatible:
+        return np.asarray(tensor)
+    return _to_numpy(tensor)
 
 
 def _to_numpy(tensor: Any) -> np.ndarray:

@@ -1,0 +1,173 @@
+"""KerasAdapter.run_stage: one stage re-run from the inputs, bit-identical to what run_batch captured.
+
+Untrained seeded models (identity needs no training): the digits CNN of ``examples/digits_cnn.py``, a
+functional model whose two paths meet in an Add, and a model with every kind of stage name (a shared
+layer, a multi-output layer, a raw ``keras.ops`` call, a nested model). ``assert_array_equal``, not
+allclose: run_stage runs the same compiled kernels with the same fetch points as run_batch (measured
+bit-identical on TF CPU; see mistiquefs/capture/keras.py).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+pytest.importorskip("tensorflow")
+keras = pytest.importorskip("keras")
+
+from mistiquefs.capture.keras import KerasAdapter, load_model  # noqa: E402
+from mistiquefs.errors import NotFound  # noqa: E402
+
+pytestmark = pytest.mark.keras
+
+layers = keras.layers
+#: the capture's batch size in these tests: run_batch sees batches of 64 and a last one of 22
+BATCH = 64
+N = 150
+
+
+def digits_cnn_model() -> keras.Model:
+    import digits_cnn
+
+    keras.utils.set_random_seed(7)
+    return digits_cnn.build_model()
+
+
+def two_paths_model() -> keras.Model:
+    """conv path and 1x1 path added, then BatchNorm, pool, dense."""
+    keras.utils.set_random_seed(8)
+    x = keras.Input((8, 8, 2), name="pixels")
+    a = layers.Conv2D(4, 3, padding="same", activation="relu", name="path_a")(x)
+    b = layers.Conv2D(4, 1, activation="tanh", name="path_b")(x)
+    h = layers.Add(name="join")([a, b])
+    h = layers.BatchNormalization(name="bn")(h)
+    h = layers.GlobalAveragePooling2D(name="gap")(h)
+    out = layers.Dense(3, activation="softmax", name="probs")(h)
+    model = keras.Model(x, out, name="two_paths")
+    bn = model.get_layer("bn")
+    rng = np.random.default_rng(1)
+    bn.set_weights([rng.uniform(0.5, 2, 4).astype(np.float32), rng.normal(0, 1, 4).astype(np.float32),
+                    rng.normal(0, 1, 4).astype(np.float32), rng.uniform(0.5, 3, 4).astype(np.float32)])
+    return model
+
+
+@keras.saving.register_keras_serializable(package="mistiquefs_tests")
+class Halves(layers.Layer):
+    def call(self, x):
+        return [x[:, :3], x[:, 3:]]
+
+
+def every_kind_model() -> keras.Model:
+    keras.utils.set_random_seed(9)
+    inner = keras.Sequential([keras.Input((6,)), layers.Dense(6, activation="tanh", name="inner_dense")],
+                             name="inner")
+    shared = layers.Dense(6, name="shared")
+    x = keras.Input((5,))
+    h = shared(layers.Dense(6, activation="relu", name="first")(x))
+    h = shared(keras.ops.add(h, inner(h)))
+    lo, hi = Halves(name="halves")(h)
+    out = layers.Concatenate(name="cat")([layers.Dense(2, name="lo_head")(lo), hi])
+    return keras.Model(x, out, name="every_kind")
+
+
+def _digits(n: int) -> np.ndarray:
+    return np.random.default_rng(0).random((n, 32, 32, 1), dtype=np.float32)
+
+
+def _pixels(n: int) -> np.ndarray:
+    return np.random.default_rng(1).normal(size=(n, 8, 8, 2)).astype(np.float32)
+
+
+def _features(n: int) -> np.ndarray:
+    return np.random.default_rng(2).normal(size=(n, 5)).astype(np.float32)
+
+
+MODELS = {"digits_cnn": (digits_cnn_model, _digits), "two_paths": (two_paths_model, _pixels),
+          "every_kind": (every_kind_model, _features)}
+
+
+@pytest.fixture(scope="module", params=sorted(MODELS))
+def captured(request: pytest.FixtureRequest):
+    """(model, inputs, {stage: rows captured batch by batch, as Store.capture runs them})."""
+    build, make = MODELS[request.param]
+    model, inputs = build(), make(N)
+    adapter = KerasAdapter(model)
+    parts: dict[str, list[np.ndarray]] = {}
+    for start in range(0, N, BATCH):
+        for stage in adapter.run_batch(inputs[start:start + BATCH]):
+            parts.setdefault(stage.name, []).append(stage.array)
+    return model, inputs, {name: np.concatenate(arrays) for name, arrays in parts.items()}
+
+
+def test_every_stage_re_runs_bit_identically(captured) -> None:
+    model, inputs, stages = captured
+    adapter = KerasAdapter(model)
+    for name, expected in stages.items():
+        for rows in (slice(0, 1), slice(N - 1, N), slice(70, 71), slice(5, 8), slice(0, BATCH), slice(0, N)):
+            got = adapter.run_stage(inputs[rows], name)
+            assert got.shape == expected[rows].shape and got.dtype == expected.dtype, (name, rows)
+            np.testing.assert_array_equal(got, expected[rows], err_msg=f"{name} rows {rows}")
+
+
+def test_a_reloaded_model_re_runs_bit_identically(captured, tmp_path: Path) -> None:
+    # What the mount does: load the kept .keras file (a new model object, traced afresh) and re-run.
+    model, inputs, stages = captured
+    path = tmp_path / "model.keras"
+    KerasAdapter(model).save_model(path)
+    adapter = KerasAdapter(load_model(path))
+    for name, expected in stages.items():
+        np.testing.assert_array_equal(adapter.run_stage(inputs[40:41], name), expected[40:41], err_msg=name)
+        np.testing.assert_array_equal(adapter.run_stage(inputs[:7], name), expected[:7], err_msg=name)
+
+
+def test_stage_names_cover_every_kind(captured) -> None:
+    model, _, stages = captured
+    if model.name == "every_kind":
+        names = list(stages)
+        assert names[3].startswith("add")  # a raw keras.ops call, auto-named by Keras (add, add_1...)
+        assert names[:3] + names[4:] == ["first", "shared", "inner", "shared.call1", "halves.0", "halves.1",
+                                         "lo_head", "cat"]
+
+
+def test_unknown_stage_is_not_found(captured) -> None:
+    model, inputs, _ = captured
+    adapter = KerasAdapter(model)
+    for name in ("no_such_layer", "input", ""):
+        with pytest.raises(NotFound, match="no stage"):
+            adapter.run_stage(inputs[:2], name)
+
+
+def test_only_the_stages_ancestors_run() -> None:
+    model = two_paths_model()
+    adapter = KerasAdapter(model)
+    adapter.run_batch(_pixels(4))
+
+    def layer_ops(name: str) -> set[str]:
+        function, _ = adapter.graph.prefix(name)
+        scopes = {op.name.split("/")[0] for op in function.graph.get_operations()}
+        return {layer.name for layer in model.layers if any(s.startswith(layer.name) for s in scopes)}
+
+    assert layer_ops("path_b") == {"path_b"}  # not path_a: the other branch
+    assert layer_ops("bn") == {"path_a", "path_b", "join", "bn"}
+    assert layer_ops("probs") >= {"path_a", "path_b", "join", "bn", "gap", "probs"}
+
+
+def test_compiled_functions_are_cached_on_the_model() -> None:
+    model = two_paths_model()
+    first, second = KerasAdapter(model), KerasAdapter(model)
+    assert first.graph is second.graph  # a second capture, or re-runs, reuse the traced functions
+    assert first.graph.prefix("join") is second.graph.prefix("join")
+
+
+def test_eager_models_re_run_eagerly_and_identically() -> None:
+    model = every_kind_model()
+    model.run_eagerly = True
+    adapter = KerasAdapter(model)
+    inputs = _features(9)
+    stages = adapter.run_batch(inputs)
+    assert adapter.describe()["execution"] == "eager"
+    for stage in stages:
+        got = adapter.run_stage(inputs[3:4], stage.name)
+        np.testing.assert_array_equal(got, stage.array[3:4], err_msg=stage.name)
