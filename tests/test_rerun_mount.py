@@ -234,3 +234,59 @@ def test_concurrent_readers_share_one_computation_and_the_mount_stays_responsive
     thread.join()
     assert np.array_equal(got[0], forest.predict(x))
     assert worst and max(worst) < 0.5  # a benchmark measures this; here: never stuck behind the model run
+
+
+def test_a_layer_read_again_and_again_is_materialized_within_the_budget(stores, mount, tmp_path: Path) -> None:
+    import shutil
+
+    path, pipe = stores
+    copy = tmp_path / "store"
+    shutil.copytree(path, copy)
+    x, _ = data()
+    want = expected(pipe, x)
+    mnt = mount(copy, "--budget", "64M")
+    layer = mnt / "none" / "pca"
+    for _ in range(3):
+        assert np.array_equal(np.load(layer / "all.npy"), want["pca"])
+    deadline = time.monotonic() + 20
+    while time.monotonic() < deadline and not json.loads((layer / "info.json").read_text())["stored"]:
+        time.sleep(0.1)
+    info = json.loads((layer / "info.json").read_text())
+    assert info["stored"] and info["stored_bytes"] > 0 and info["plan"]["materialization"]["budget_bytes"] == 64 << 20
+    assert np.array_equal(np.load(layer / "all.npy"), want["pca"])
+    assert np.array_equal(np.load(layer / "11.npy"), want["pca"][11])
+    with mistiquefs.open_store(copy) as store:  # it is in the store itself, for every later reader
+        assert store.info("none", "pca")["stored"] and np.array_equal(store.read("none", "pca"), want["pca"])
+        assert not store.info("none", "scale")["stored"]
+    from mistiquefs.store.check import check_store
+
+    repo = Repository(copy, create=False)
+    report = check_store(repo)
+    repo.close()
+    assert report.clean, report.summary()
+
+
+def test_a_budget_smaller_than_the_store_drops_the_least_valuable_layers(stores, tmp_path: Path) -> None:
+    import shutil
+
+    from mistiquefs.planner.materialize import Materializer
+
+    path, pipe = stores
+    copy = tmp_path / "store"
+    shutil.copytree(path, copy)
+    repo = Repository(copy, create=False)
+    planner = Planner(repo, budget=1)
+    before = repo.catalog.referenced_bytes()
+    with repo.capture_lock("test"):
+        planner.materializer.evict()
+    after = repo.catalog.referenced_bytes()
+    repo.forget_records(set())
+    stored = {(m.name, r.name): r.stored for m in repo.models() for r in repo.layers_of(m.id)}
+    assert after < before and all(stored[(m, "input")] for m in ("none", "all", "lossy"))
+    assert not any(v for (m, layer), v in stored.items() if layer != "input" and m == "all")
+    assert stored[("lossy", "pca")]  # lossy layers are never dropped: re-running would change their bytes
+    repo.close()
+    x, _ = data()
+    with mistiquefs.open_store(copy) as store:  # what was dropped still reads, by re-running (API: stored only)
+        assert store.info("all", "scale")["stored"] is False
+    assert isinstance(planner.materializer, Materializer)

@@ -59,6 +59,9 @@ def build_parser() -> argparse.ArgumentParser:
                      help="read or re-run: auto (the cost model; lossy layers read as stored), read (stored data "
                           "wherever there is some), rerun (re-run every layer), exact (auto, but lossy layers "
                           "are re-run: exact values everywhere)")
+    mnt.add_argument("--budget", type=parse_size, default=None,
+                     help="materialize layers the mount keeps re-running, while the store's chunks stay within "
+                          "this size (e.g. 2G); without it the mount never writes to the store")
     mnt.add_argument("--debug", action="store_true")
 
     umnt = sub.add_parser("umount", help="unmount a mistiquefs mount")
@@ -127,11 +130,11 @@ def cmd_mount(args: argparse.Namespace) -> int:
     if args.foreground:
         _setup_logging(args.log, args.debug)
         serve(store, mountpoint, allow_other=args.allow_other, debug=args.debug, cache_bytes=args.cache_size,
-              plan=args.plan)
+              plan=args.plan, budget=args.budget)
         return 0
     log_file = args.log or Path(tempfile.gettempdir()) / f"mistiquefs-{mountpoint.name or 'mount'}.log"
     extra = (["--allow-other"] if args.allow_other else []) + (["--debug"] if args.debug else [])
-    extra += ["--plan", args.plan]
+    extra += ["--plan", args.plan] + (["--budget", str(args.budget)] if args.budget else [])
     if args.cache_size:
         extra += ["--cache-size", str(args.cache_size)]
     pid = mount_background(store, mountpoint, log_file=log_file.resolve(), extra=extra)

@@ -33,6 +33,8 @@ NAME_MAX = 255
 #: threads for reads that re-run a model (runs are serialized per model; two models may run at once)
 RERUN_WORKERS = 2
 JSON_KINDS = {Kind.MODEL_INFO, Kind.LAYER_INFO}
+#: file handles of info.json snapshots start here, above every computed inode (kinds < 15)
+SNAPSHOT_HANDLES = 15 << 60
 
 
 def _answer(handler: Callable[..., Awaitable[T]]) -> Callable[..., Awaitable[T]]:
@@ -61,6 +63,9 @@ class FuseOps(pyfuse3.Operations):
         # Re-runs take their own threads: a long model run never holds the threads stored files need
         # (the re-runner serializes calls per model anyway).
         self.rerun_limiter = trio.CapacityLimiter(RERUN_WORKERS)
+        # open info.json files: handle -> the bytes that open saw (handles above every inode)
+        self._snapshots: dict[int, bytes] = {}
+        self._next_snapshot = SNAPSHOT_HANDLES
         self.uid, self.gid = os.getuid(), os.getgid()
 
     def _entry(self, attr: Attr) -> pyfuse3.EntryAttributes:
@@ -117,13 +122,19 @@ class FuseOps(pyfuse3.Operations):
         except MistiqueError as exc:
             raise pyfuse3.FUSEError(exc.errno) from None
         if (inode >> 60) in JSON_KINDS:
-            # info.json shows live planner figures: its size may change, so the kernel must not trust it
-            return pyfuse3.FileInfo(fh=inode, direct_io=True)
+            # info.json shows live planner figures: each open reads its own snapshot, and its size may
+            # differ from what getattr said, so the kernel must not trust the size (direct_io)
+            self._next_snapshot += 1
+            self._snapshots[self._next_snapshot] = self.tree.json_bytes(inode)
+            return pyfuse3.FileInfo(fh=self._next_snapshot, direct_io=True)
         # keep_cache: contents are immutable, so pages cached by an earlier open stay valid
         return pyfuse3.FileInfo(fh=inode, keep_cache=True)
 
     @_answer
     async def read(self, fh: int, off: int, size: int) -> bytes:
+        snapshot = self._snapshots.get(fh)
+        if snapshot is not None:
+            return snapshot[off:off + size]
         data = self.tree.read(fh, off, size, cached_only=True)
         if data is None:
             limiter = self.rerun_limiter if self.tree.reruns(fh) else self.limiter
@@ -131,7 +142,8 @@ class FuseOps(pyfuse3.Operations):
         return data
 
     async def release(self, fh: int) -> None:
-        self.tree.released(fh)
+        if self._snapshots.pop(fh, None) is None:
+            self.tree.released(fh)
 
     async def releasedir(self, fh: int) -> None:
         return None

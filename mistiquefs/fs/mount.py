@@ -59,7 +59,7 @@ def check_mountpoint(mountpoint: Path) -> None:
 
 
 def serve(store: Path, mountpoint: Path, *, allow_other: bool = False, debug: bool = False,
-          cache_bytes: int | None = None, plan: str = "auto") -> None:
+          cache_bytes: int | None = None, plan: str = "auto", budget: int | None = None) -> None:
     """Mount ``store`` on ``mountpoint`` and serve until unmounted or signalled."""
     import pyfuse3
     import trio
@@ -70,7 +70,7 @@ def serve(store: Path, mountpoint: Path, *, allow_other: bool = False, debug: bo
 
     check_mountpoint(mountpoint)
     repo = Repository(store, create=False, **({"cache_bytes": cache_bytes} if cache_bytes else {}))
-    tree = Tree(repo, Planner(repo, mode=plan))
+    tree = Tree(repo, Planner(repo, mode=plan, budget=budget))
     ops = FuseOps(tree)
     # Chunk maps (~45 bytes a chunk) load before the mount appears, up to a second's worth (about a
     # million chunks), the rest in the background: then no first read of a layer waits on the catalog.

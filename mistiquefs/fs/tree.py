@@ -101,6 +101,7 @@ class Tree:
     def __init__(self, repo: Repository, planner: Planner | None = None) -> None:
         self.repo = repo
         self.planner = planner or Planner(repo)
+        self.planner.on_change.append(self._planner_changed_catalog)
         self._plans: dict[int, tuple[float, Plan]] = {}
         self._lock = threading.Lock()
         self._refreshing = threading.Lock()
@@ -139,6 +140,13 @@ class Tree:
             self._version = version
         # after the swap: a reader created meanwhile for a removed layer would otherwise stay cached
         self.repo.forget_stale()
+
+    def _planner_changed_catalog(self) -> None:
+        """Our own commits do not change data_version (only other connections' do): reload now."""
+        with self._refreshing:
+            self._plans = {}
+            self._json = {}
+            self._reload(self.repo.catalog.data_version())
 
     def _model(self, ident: int) -> ModelRecord:
         try:
@@ -308,6 +316,11 @@ class Tree:
             self._json.pop(Inode(inode), None)
         elif kind in _PLANNED:
             self.planner.opened(inode, self._layer(ident), self.plan(inode))
+
+    def json_bytes(self, inode: int) -> bytes:
+        """A fresh rendering of an info.json (it shows live planner figures)."""
+        self._json.pop(Inode(inode), None)
+        return self._json_bytes(Inode(inode))
 
     def released(self, inode: int) -> None:
         self.planner.released(inode)

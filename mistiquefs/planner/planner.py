@@ -26,15 +26,16 @@ import math
 import threading
 import time
 from collections import deque
-from collections.abc import Hashable
+from collections.abc import Callable, Hashable
 from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 
-from mistiquefs.errors import MistiqueError
+from mistiquefs.errors import MistiqueError, StoreError
 from mistiquefs.npy import npy_header
 from mistiquefs.planner.cost import CostModel, Estimate
+from mistiquefs.planner.materialize import GAMMA_THRESHOLD, Materializer
 from mistiquefs.planner.rerun import ReRunner
 from mistiquefs.store.reader import LayerReader, NpyView, Stream
 from mistiquefs.store.records import COLUMNS, IntermediateRecord, ModelRecord
@@ -71,7 +72,7 @@ class LayerStats:
 
 class Planner:
     def __init__(self, repo: Repository, *, mode: str = "auto", rerunner: ReRunner | None = None,
-                 cost: CostModel | None = None) -> None:
+                 cost: CostModel | None = None, budget: int | None = None) -> None:
         if mode not in MODES:
             raise MistiqueError(f"plan mode {mode!r}: one of {', '.join(MODES)}")
         self.repo = repo
@@ -82,14 +83,24 @@ class Planner:
         self.stats: dict[int, LayerStats] = {}
         self.log: deque[dict[str, Any]] = deque(maxlen=LOG_ENTRIES)
         self._open: dict[Hashable, tuple[Plan, IntermediateRecord, float]] = {}
+        #: called after this planner changed the catalog (materialized or dropped a layer)
+        self.on_change: list[Callable[[], None]] = []
+        self.materializer = Materializer(self, budget) if budget is not None else None
 
     # ---- catalog helpers ---------------------------------------------------------------------------
-    def _model_and_layers(self, rec: IntermediateRecord) -> tuple[ModelRecord, list[IntermediateRecord]]:
+    def model_and_layers(self, rec: IntermediateRecord) -> tuple[ModelRecord, list[IntermediateRecord]]:
         model = next(m for m in self.repo.models_cached() if m.id == rec.model_id)
         return model, self.repo.layers_of(rec.model_id)
 
     def _input_of(self, rec: IntermediateRecord) -> IntermediateRecord:
         return next(r for r in self.repo.layers_of(rec.model_id) if r.name == "input")
+
+    def can_rerun(self, rec: IntermediateRecord) -> bool:
+        """Whether the model can recompute ``rec``: any stage but the inputs of a model whose inputs are
+        stored, of a framework the re-runner loads."""
+        if rec.name == "input" or not any(r.name == "input" and r.stored for r in self.repo.layers_of(rec.model_id)):
+            return False
+        return self.model_and_layers(rec)[0].framework in EXACT_ANY_BATCH
 
     # ---- choosing ----------------------------------------------------------------------------------
     def plan(self, rec: IntermediateRecord, kind: str, index: int = 0) -> Plan:
@@ -97,11 +108,13 @@ class Planner:
         reader.observer = self._observe_read
         rows = 1 if kind == "row" else rec.n_rows
         read_view = self._stored_view(reader, kind, index) if rec.stored else None
-        rerun_view = self._rerun_view(rec, kind, index) if rec.name != "input" else None
+        rerun_view = self.rerun_view(rec, kind, index) if self.can_rerun(rec) else None
+        if read_view is None and rerun_view is None:
+            raise StoreError(f"layer {rec.name!r} is not stored and its model cannot re-run it")
         estimate = self.estimate(rec, kind, read_view, rerun_view, rows)
         choice, why = self._choose(rec, estimate, rerun_view is not None)
         if choice == "rerun" and read_view is not None and kind == "row" and not rec.chain.lossy and \
-                not EXACT_ANY_BATCH.get(self._model_and_layers(rec)[0].framework, False):
+                not EXACT_ANY_BATCH.get(self.model_and_layers(rec)[0].framework, False):
             choice, why = "read", "one example re-run alone may differ from the capture in its last bits"
         view = read_view if choice == "read" else rerun_view
         assert view is not None
@@ -109,7 +122,7 @@ class Planner:
 
     def _choose(self, rec: IntermediateRecord, estimate: Estimate, can_rerun: bool) -> tuple[str, str]:
         if not can_rerun:
-            return "read", "the inputs are always read"
+            return "read", "the inputs are always read" if rec.name == "input" else "the model cannot re-run it"
         if not rec.stored:
             return "rerun", "not stored"
         if rec.chain.lossy:
@@ -121,24 +134,48 @@ class Planner:
         return estimate.best, "the cost model's cheaper plan"
 
     def estimate(self, rec: IntermediateRecord, kind: str, read_view: NpyView | None,
-                 rerun_view: NpyView | None, rows: int) -> Estimate:
+                 rerun_view: NpyView | None, rows: int, *, use_cache: bool = True) -> Estimate:
+        """Predicted seconds of each plan; what the decoded cache already holds is free (``use_cache``)."""
         reader = self.repo.reader(rec)
+
+        def uncached(view: NpyView) -> float:
+            return 1 - reader.cached_share(view) if use_cache else 1.0
+
         read_s = None
         if read_view is not None:
-            tiles, raw = self._tiles_touched(rec, kind)
-            read_s = self.cost.read_seconds(rec, tiles, raw) * (1 - reader.cached_share(read_view))
+            tiles, raw = self.tiles_touched(rec, kind)
+            read_s = self.cost.read_seconds(rec, tiles, raw) * uncached(read_view)
         rerun_s = math.inf
         if rerun_view is not None:
-            model, layers = self._model_and_layers(rec)
+            model, layers = self.model_and_layers(rec)
             inp = self._input_of(rec)
-            tiles, raw = self._tiles_touched(inp, "row" if rows == 1 else "all")
+            tiles, raw = self.tiles_touched(inp, "row" if rows == 1 else "all")
             rerun_s = self.cost.rerun_seconds(
                 model, layers, rec, rows, warm=self.rerunner.is_warm(model),
-                input_seconds=self.cost.read_seconds(inp, tiles, raw)) * (1 - reader.cached_share(rerun_view))
+                input_seconds=self.cost.read_seconds(inp, tiles, raw)) * uncached(rerun_view)
+        return Estimate(read_s, rerun_s)
+
+    def estimate_rows(self, rec: IntermediateRecord, start: int, stop: int) -> Estimate:
+        """Predicted seconds to get examples ``[start, stop)`` of ``rec`` by reading or by re-running (cold
+        decoded cache), e.g. for a query that needs some rows of a layer."""
+        read_s = None
+        if rec.stored:
+            blocks = (stop - 1) // rec.block_rows - start // rec.block_rows + 1 if stop > start else 0
+            tiles = blocks * (rec.n_columns if rec.layout == COLUMNS else 1)
+            read_s = self.cost.read_seconds(rec, tiles, blocks * rec.block_rows * rec.row_size)
+        rerun_s = math.inf
+        if self.can_rerun(rec):
+            model, layers = self.model_and_layers(rec)
+            inp = self._input_of(rec)
+            in_blocks = (stop - 1) // inp.block_rows - start // inp.block_rows + 1 if stop > start else 0
+            in_tiles = in_blocks * (inp.n_columns if inp.layout == COLUMNS else 1)
+            input_s = self.cost.read_seconds(inp, in_tiles, in_blocks * inp.block_rows * inp.row_size)
+            rerun_s = self.cost.rerun_seconds(model, layers, rec, max(stop - start, 2 if stop > start else 0),
+                                              warm=self.rerunner.is_warm(model), input_seconds=input_s)
         return Estimate(read_s, rerun_s)
 
     @staticmethod
-    def _tiles_touched(rec: IntermediateRecord, kind: str) -> tuple[int, int]:
+    def tiles_touched(rec: IntermediateRecord, kind: str) -> tuple[int, int]:
         """(tiles decoded, raw bytes decoded) to read a view of ``rec`` from the store."""
         blocks = max(rec.n_blocks, 1)
         if kind == "row":
@@ -158,7 +195,7 @@ class Planner:
             return reader.row_view(index)
         return reader.column_view(index)
 
-    def _rerun_view(self, rec: IntermediateRecord, kind: str, index: int) -> NpyView:
+    def rerun_view(self, rec: IntermediateRecord, kind: str, index: int) -> NpyView:
         row_size = rec.row_size
         length = rec.n_rows * row_size
         if kind == "row":
@@ -175,7 +212,7 @@ class Planner:
         return NpyView(npy_header(dtype, (rec.n_rows,)), column, 0, column.length)
 
     def _rerun_rows_stream(self, rec: IntermediateRecord) -> Stream:
-        model, _ = self._model_and_layers(rec)
+        model, _ = self.model_and_layers(rec)
         batch = int(model.info.get("batch_size") or 256)
         piece_rows = batch  # the capture's batches: bit-identical for every framework
         if EXACT_ANY_BATCH.get(model.framework, False):
@@ -195,7 +232,7 @@ class Planner:
         return out
 
     def _run(self, rec: IntermediateRecord, start: int, stop: int) -> np.ndarray:
-        model, layers = self._model_and_layers(rec)
+        model, layers = self.model_and_layers(rec)
         inp = self.repo.reader(self._input_of(rec))
         out = self.rerunner.run(model, rec, inp.rows, start, stop,
                                 observe=lambda rows, s: self.cost.observe_rerun(model, layers, rec, rows, s))
@@ -229,7 +266,29 @@ class Planner:
                       "choice": plan.choice, "predicted_read_s": plan.estimate.read_seconds,
                       "predicted_rerun_s": plan.estimate.rerun_seconds, "measured_s": seconds}
             self.log.append(record)
-            self.stats.setdefault(rec.id, LayerStats()).last = record
+            stats = self.stats.setdefault(rec.id, LayerStats())
+            stats.last = record
+        if self.materializer is not None and plan.kind == "all" and plan.choice == "rerun" and not rec.stored \
+                and self.materializer.wants(rec, stats.queries):
+            pieces = self._cached_pieces(rec, plan.view)
+            if pieces is not None:
+                self.materializer.store_from_cache(rec, pieces)
+
+    def _cached_pieces(self, rec: IntermediateRecord, view: NpyView) -> list[np.ndarray] | None:
+        """The re-run rows of ``view``, piece by piece, if all are still in the decoded cache."""
+        cache = self.repo.cache
+        pieces = []
+        for b in range(view.stream.count):
+            piece = cache.get(view.stream.key(b))
+            if piece is None:
+                return None
+            pieces.append(np.asarray(piece).reshape(-1).view(rec.dtype).reshape(-1, *rec.shape))
+        return pieces
+
+    def records_changed(self) -> None:
+        self.repo.forget_records(set(self.stats))
+        for callback in self.on_change:
+            callback()
 
     def describe(self, rec: IntermediateRecord) -> dict[str, Any]:
         """The planner's state for one layer (its ``info.json`` "plan")."""
@@ -243,6 +302,10 @@ class Planner:
             "queries": stats.queries,
             "by_choice": dict(stats.by_choice),
             "last_query": stats.last,
+            "materialization": None if self.materializer is None else {
+                "budget_bytes": self.materializer.budget,
+                "gamma": None if rec.stored else self.materializer.gamma(rec, stats.queries),
+                "threshold": GAMMA_THRESHOLD},
         }
 
 

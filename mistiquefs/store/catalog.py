@@ -225,6 +225,35 @@ class Catalog:
             "SELECT batch, rows, seconds FROM timings WHERE intermediate_id = ? ORDER BY batch", (intermediate_id,)
         )
 
+    def materialize(self, intermediate_id: int, layer: NewIntermediate, new_chunks: dict[bytes, ChunkLocation]) -> None:
+        """Store a layer that was not stored (adaptive materialization), in one transaction."""
+        with self._transaction() as db:
+            changed = db.execute(
+                "UPDATE intermediates SET stored = 1, layout = ?, block_rows = ?, codec = ?, stored_bytes = ?,"
+                " new_bytes = ?, fidelity = NULL WHERE id = ? AND stored = 0",
+                (layer.layout, layer.block_rows, json.dumps(layer.codec), layer.stored_bytes, layer.new_bytes,
+                 intermediate_id)).rowcount
+            if changed != 1:
+                raise StoreError(f"layer id {intermediate_id} is gone or already stored")
+            db.executemany("INSERT OR IGNORE INTO chunks VALUES (?, ?, ?, ?, ?, ?)",
+                           [(cid, l.pack, l.offset, l.stored_length, l.raw_length, l.compression)
+                            for cid, l in new_chunks.items()])
+            db.executemany("INSERT INTO tiles VALUES (?, ?, ?)", [(intermediate_id, t, cid) for t, cid in layer.tiles])
+
+    def unmaterialize(self, intermediate_id: int) -> int:
+        """Stop storing a layer (its rows only; gc reclaims the chunks). Returns the bytes of chunks that no
+        other layer references, which the store no longer references."""
+        with self._transaction() as db:
+            freed = db.execute(
+                "SELECT COALESCE(SUM(c.stored_length), 0) FROM chunks c WHERE c.id IN"
+                " (SELECT chunk_id FROM tiles WHERE intermediate_id = ?) AND NOT EXISTS"
+                " (SELECT 1 FROM tiles t WHERE t.chunk_id = c.id AND t.intermediate_id != ?)",
+                (intermediate_id, intermediate_id)).fetchone()[0]
+            db.execute("DELETE FROM tiles WHERE intermediate_id = ?", (intermediate_id,))
+            db.execute("UPDATE intermediates SET stored = 0, stored_bytes = 0, new_bytes = 0 WHERE id = ?",
+                       (intermediate_id,))
+        return int(freed)
+
     def referenced_bytes(self) -> int:
         """Stored bytes of the chunks some layer references (what a storage budget counts)."""
         row = self._query("SELECT COALESCE(SUM(stored_length), 0) FROM chunks"

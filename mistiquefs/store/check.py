@@ -346,7 +346,7 @@ def _check_catalog(repo: Repository, tracer: _Tracer, report: FsckReport) -> Non
                                        tracer.describe((iid, tile) for iid, tile, _cid in lost)))
     stats = catalog.tile_stats()
     for rec in tracer.layers.values():
-        expected = rec.n_blocks * (rec.n_columns if rec.layout == COLUMNS else 1)
+        expected = rec.n_blocks * (rec.n_columns if rec.layout == COLUMNS else 1) if rec.stored else 0
         count, low, high = stats.get(rec.id, (0, 0, -1))
         if count == expected and (not count or (low == 0 and high == expected - 1)):
             continue

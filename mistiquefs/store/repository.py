@@ -94,6 +94,16 @@ class Repository:
         """A model's intermediates in execution order, as last loaded."""
         return self._loaded()[1].get(model_id, [])
 
+    def all_layers(self) -> dict[int, list[IntermediateRecord]]:
+        """Every model's intermediates, as last loaded."""
+        return self._loaded()[1]
+
+    def forget_records(self, changed: set[int] = frozenset()) -> None:
+        """Reload records on next use, and rebuild the readers of the layers in ``changed``."""
+        self._records = None
+        for ident in changed:
+            self._readers.pop(ident, None)
+
     def _loaded(self) -> tuple[list[ModelRecord], dict[int, list[IntermediateRecord]]]:
         records = self._records
         if records is None:
