@@ -259,6 +259,9 @@ def test_bad_keras_inputs_and_a_failing_layer_change_nothing(store) -> None:
             return x * 2
 
     model = keras.Sequential([keras.Input((4, 4)), keras.layers.Flatten(name="flat"), Flaky(name="flaky")])
+    # a layer with per-call Python side effects runs on the eager path (a compiled one runs call() once,
+    # when it is traced): Keras's own switch, which capture honours
+    model.run_eagerly = True
     cases = [
         (np.zeros((0, 4, 4), np.float32), "0 rows"),
         (np.zeros((10, 4, 5), np.float32), r"per-example shape \(4, 5\).*expects per-example shape \(4, 4\)"),

@@ -19,13 +19,18 @@ from mistiquefs.store.records import IntermediateRecord, ModelRecord
 
 #: weight of a new observation in the moving averages
 ALPHA = 0.3
+#: pieces smaller than this do not update decode rates (their time is mostly latency)
+MIN_OBSERVED_BYTES = 256 << 10
 #: per tile touched: a pread of a cold chunk plus a thread hand-off (~0.3 ms measured cold, 0.05 warm)
 TILE_SECONDS = 2e-4
 #: seconds per decoded byte, by array codec, before any observation (2 cores, 1 MiB chunks, cold):
 #: lossless ~0.8 GB/s (zstd + disk), kbit 1.1 GB/s, float16 0.8 GB/s, threshold 3.9 GB/s
 DECODE_SECONDS_PER_BYTE = {"bytes": 1 / 0.8e9, "kbit": 1 / 1.1e9, "float16": 1 / 0.8e9, "threshold": 1 / 3.9e9}
-#: a framework call's fixed cost before observation: Keras eager sub-model ~3 ms, a pipeline prefix ~0.3 ms
-CALL_SECONDS = {"keras": 3e-3, "sklearn": 3e-4}
+#: a framework call's fixed cost before observation: a compiled Keras sub-graph ~3 ms a call; under
+#: scikit-learn every step validates and converts its input (~1-3 ms a step on a DataFrame), so there it is
+#: per stage of the prefix (``PER_STAGE``)
+CALL_SECONDS = {"keras": 3e-3, "sklearn": 2e-3}
+PER_STAGE = {"sklearn"}
 #: model load before it was seen: a .keras CNN loads in ~0.5-1 s, a .skops pipeline in ~50 ms
 LOAD_SECONDS = {"keras": 1.0, "sklearn": 0.05}
 
@@ -64,6 +69,14 @@ def prefix_seconds(stages: list[tuple[str, float]], target: str) -> float:
     raise KeyError(target)
 
 
+def _overhead_units(model: ModelRecord, layers: list[IntermediateRecord], rec: IntermediateRecord) -> int:
+    """How many per-call overheads one call of ``rec``'s prefix costs: 1, or its stages (PER_STAGE)."""
+    if model.framework not in PER_STAGE:
+        return 1
+    return max(1, sum(1 for r in layers if r.name != "input" and r.position <= rec.position
+                      and not r.name.startswith(rec.name + "__")))
+
+
 class CostModel:
     def __init__(self) -> None:
         self._lock = threading.Lock()
@@ -71,6 +84,7 @@ class CostModel:
         self.call_seconds: dict[int, float] = {}      # model id -> per-call overhead
         self.factor: dict[int, float] = {}            # layer id -> observed / predicted row time
         self.observations = 0
+        self._seen_codecs: set[str] = set()
 
     # ---- estimates ---------------------------------------------------------------------------------
     def read_seconds(self, rec: IntermediateRecord, tiles: int, raw_bytes: int) -> float:
@@ -80,7 +94,7 @@ class CostModel:
     def rerun_seconds(self, model: ModelRecord, layers: list[IntermediateRecord], rec: IntermediateRecord,
                       rows: int, *, warm: bool, input_seconds: float) -> float:
         batch = int(model.info.get("batch_size") or 256)
-        calls = -(-rows // batch)
+        calls = -(-rows // batch) * _overhead_units(model, layers, rec)
         overhead = self.call_seconds.get(model.id, CALL_SECONDS.get(model.framework, 1e-3))
         load = 0.0 if warm else LOAD_SECONDS.get(model.framework, 1.0)
         per_row = stage_seconds_per_row(layers, rec) * self.factor.get(rec.id, 1.0)
@@ -88,25 +102,30 @@ class CostModel:
 
     # ---- observations ------------------------------------------------------------------------------
     def observe_read(self, rec: IntermediateRecord, raw_bytes: int, seconds: float) -> None:
-        if raw_bytes <= 0:
+        if raw_bytes < MIN_OBSERVED_BYTES:  # a small piece measures latency, not the decode rate
             return
         codec = rec.chain.array.name
         per_byte = max(seconds - TILE_SECONDS, 0.0) / raw_bytes
         with self._lock:
+            first = codec not in self._seen_codecs
+            self._seen_codecs.add(codec)
             old = self.decode_seconds_per_byte.get(codec, per_byte)
-            self.decode_seconds_per_byte[codec] = (1 - ALPHA) * old + ALPHA * per_byte
+            self.decode_seconds_per_byte[codec] = per_byte if first else (1 - ALPHA) * old + ALPHA * per_byte
             self.observations += 1
 
     def observe_rerun(self, model: ModelRecord, layers: list[IntermediateRecord], rec: IntermediateRecord,
                       rows: int, seconds: float) -> None:
         """One model call for ``rows`` rows took ``seconds`` (model load and input read excluded)."""
         per_row = stage_seconds_per_row(layers, rec)
+        units = _overhead_units(model, layers, rec)
         with self._lock:
             self.observations += 1
             overhead = self.call_seconds.get(model.id, CALL_SECONDS.get(model.framework, 1e-3))
-            if rows <= 2 or per_row <= 0:  # a tiny call measures the overhead
-                self.call_seconds[model.id] = (1 - ALPHA) * overhead + ALPHA * max(seconds - rows * per_row, 0.0)
+            if rows <= 2 or per_row <= 0:  # a tiny call measures the overhead (the first one replaces the prior)
+                seen = max(seconds - rows * per_row, 0.0) / units
+                self.call_seconds[model.id] = seen if model.id not in self.call_seconds else \
+                    (1 - ALPHA) * overhead + ALPHA * seen
                 return
-            factor = max(seconds - overhead, 0.0) / (rows * per_row)
+            factor = max(seconds - overhead * units, 0.0) / (rows * per_row)
             old = self.factor.get(rec.id, factor)
             self.factor[rec.id] = (1 - ALPHA) * old + ALPHA * factor
