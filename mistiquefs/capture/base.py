@@ -75,12 +75,12 @@ class Adapter(ABC):
     def run_batch(self, batch: Any) -> list[StageOutput]:
         """Every stage's output for ``batch``, in execution order (see the module docstring)."""
 
+    @abstractmethod
     def run_stage(self, batch: Any, name: str) -> np.ndarray:
         """The output of the one stage called ``name`` for ``batch``, running only what it depends on
         (the re-run on read). Bit-identical to the rows ``run_batch`` gave for that stage at capture,
         whatever the batch's size; where a framework cannot promise that, the adapter documents the
         measured tolerance. NotFound for a name ``run_batch`` does not produce."""
-        raise NotImplementedError(f"{type(self).__name__} cannot re-run a stage")
 
     def inputs_from_stored(self, stored: np.ndarray) -> Any:
         """A batch as the model takes it, rebuilt from rows of the stored ``input`` intermediate (the
