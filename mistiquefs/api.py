@@ -67,6 +67,7 @@ class Store:
         self.repo = Repository(self.path, create=create,
                                **({"cache_bytes": cache_bytes} if cache_bytes is not None else {}))
         self._layers_of: dict[int, dict[int, IntermediateRecord]] = {}  # model id -> layer id -> layer
+        self._planner: Any = None  # loaded on the first read of a layer that is not stored
 
     def __repr__(self) -> str:
         return f"Store({str(self.path)!r})"
@@ -172,12 +173,22 @@ class Store:
         return model_info(rec, self._layers(model))
 
     def read(self, model: str, layer: str, rows: slice | None = None) -> np.ndarray:
-        """The stored values of ``layer`` for the examples in ``rows`` (all by default)."""
+        """The values of ``layer`` for the examples in ``rows`` (all by default): the stored ones (a lossy
+        layer's approximation), or, for a layer that is not stored, computed by re-running the model."""
         rec = self._layer(model, layer)
         start, stop, step = (rows or slice(None)).indices(rec.n_rows)
         if step != 1:
             raise MistiqueError("read() takes a contiguous slice of rows")
-        return self.repo.reader(rec).rows(start, max(start, stop))
+        stop = max(start, stop)
+        if rec.stored:
+            return self.repo.reader(rec).rows(start, stop)
+        if self._planner is None:
+            from mistiquefs.planner.planner import Planner
+
+            self._planner = Planner(self.repo)
+        model_rec = self._model(model)
+        inputs = self._layer(model, "input")
+        return self._planner.rerunner.run(model_rec, rec, self.repo.reader(inputs).rows, start, stop)
 
     def _model(self, name: str):
         for rec in self.repo.models():
