@@ -89,10 +89,14 @@ def calibrate(planner: Planner, repo: Repository) -> None:
             continue
         inp = repo.reader(next(r for r in layers if r.name == "input"))
         planner.rerunner.model(model)
-        for start, stop in ((0, 1), (0, min(last.n_rows, int(model.info.get("batch_size") or 256)))):
-            observe = lambda rows, s, m=model, lay=layers, r=last: planner.cost.observe_rerun(m, lay, r, rows, s)  # noqa: E731
-            planner.rerunner.run(model, last, inp.rows, start, stop, observe=observe)
-        for rec in layers[1:3]:
+        batch = min(last.n_rows, int(model.info.get("batch_size") or 256))
+        # a 1-row call per model (its per-call overhead), one batch per layer (its per-row factor), and one
+        # block read per layer (decode rates, per-tile latency): what a mount learns from its first queries
+        # (each twice: a stage's first call, which traces its function, is not observed)
+        for rec, (start, stop) in 2 * ([(last, (0, 1))] + [(rec, (0, batch)) for rec in layers[1:]]):
+            observe = lambda rows, s, m=model, lay=layers, r=rec: planner.cost.observe_rerun(m, lay, r, rows, s)  # noqa: E731
+            planner.rerunner.run(model, rec, inp.rows, start, stop, observe=observe)
+        for rec in layers[1:]:
             repo.cache.clear()
             reader = repo.reader(rec)
             reader.observer = planner._observe_read  # the mount's planner wires this on first plan

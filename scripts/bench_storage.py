@@ -744,7 +744,7 @@ def bench_cnn(args: argparse.Namespace, workdir: Path, prereqs: Prereqs, mounts:
         train_s, checkpoints = timed(lambda: vf.finetune_checkpoints(n_checkpoints=1, pretrain_epochs=1,
                                                                      train_rows=256))
     else:
-        train_s, checkpoints = timed(vf.finetune_checkpoints)
+        train_s, checkpoints = timed(lambda: vf.finetune_checkpoints(n_checkpoints=args.checkpoints))
     names = list(checkpoints)
     read_ckpt = names[-1]
     n = len(images)
@@ -921,6 +921,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--workdir", type=Path, default=None, help="work directory (default: a new temp dir)")
     parser.add_argument("--keep", action="store_true", help="keep the work directory")
     parser.add_argument("--skip-peers", action="store_true", help="do not write the peer formats")
+    parser.add_argument("--checkpoints", type=int, default=5,
+                        help="fine-tuning checkpoints of the CNN beside its source model (default 5)")
     parser.add_argument("--repeat", type=int, default=None,
                         help="timed runs of predict and mounted reads (default 3; 1 with --quick)")
     args = parser.parse_args(argv)

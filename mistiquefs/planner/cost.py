@@ -1,12 +1,13 @@
 """The cost model: how long reading a view from the store would take, and how long re-running it.
 
-read   = tiles x TILE_SECONDS + raw bytes x (seconds per decoded byte of the layer's codec)
+read   = tiles x (seconds per tile) + raw bytes x (seconds per decoded byte of the layer's codec)
 rerun  = model load (0 when warm) + read of the input rows + calls x the model's per-call overhead
          + rows x (capture-measured seconds per row of the stages up to the layer) x (learned factor)
 
 Every constant starts from a measurement on this kind of machine (below) and is then updated from what
-the mount observes (exponential moving averages, ``ALPHA``): seconds per decoded byte per codec from
-each piece a reader decodes, a model's per-call overhead and per-layer correction factor from each
+the mount observes (exponential moving averages, ``ALPHA``; a first observation replaces the prior):
+seconds per decoded byte per codec from each chunk of 256 KiB or more a reader decodes, the per-tile
+latency from smaller ones, a model's per-call overhead and per-layer correction factor from each
 re-run. Thread-safe.
 """
 
@@ -26,10 +27,10 @@ TILE_SECONDS = 2e-4
 #: seconds per decoded byte, by array codec, before any observation (2 cores, 1 MiB chunks, cold):
 #: lossless ~0.8 GB/s (zstd + disk), kbit 1.1 GB/s, float16 0.8 GB/s, threshold 3.9 GB/s
 DECODE_SECONDS_PER_BYTE = {"bytes": 1 / 0.8e9, "kbit": 1 / 1.1e9, "float16": 1 / 0.8e9, "threshold": 1 / 3.9e9}
-#: a framework call's fixed cost before observation: a compiled Keras sub-graph ~3 ms a call; under
+#: a framework call's fixed cost before observation: a compiled Keras sub-graph ~1.5 ms a call; under
 #: scikit-learn every step validates and converts its input (~1-3 ms a step on a DataFrame), so there it is
 #: per stage of the prefix (``PER_STAGE``)
-CALL_SECONDS = {"keras": 3e-3, "sklearn": 2e-3}
+CALL_SECONDS = {"keras": 1.5e-3, "sklearn": 2e-3}
 PER_STAGE = {"sklearn"}
 #: model load before it was seen: a .keras CNN loads in ~0.5-1 s, a .skops pipeline in ~50 ms
 LOAD_SECONDS = {"keras": 1.0, "sklearn": 0.05}
@@ -70,11 +71,11 @@ def prefix_seconds(stages: list[tuple[str, float]], target: str) -> float:
 
 
 def _overhead_units(model: ModelRecord, layers: list[IntermediateRecord], rec: IntermediateRecord) -> int:
-    """How many per-call overheads one call of ``rec``'s prefix costs: 1, or its stages (PER_STAGE)."""
+    """How many per-call overheads one call of ``rec``'s prefix costs: 1, or its stages (PER_STAGE), a
+    container's own parts included (they all run)."""
     if model.framework not in PER_STAGE:
         return 1
-    return max(1, sum(1 for r in layers if r.name != "input" and r.position <= rec.position
-                      and not r.name.startswith(rec.name + "__")))
+    return max(1, sum(1 for r in layers if r.name != "input" and r.position <= rec.position))
 
 
 class CostModel:
@@ -85,11 +86,13 @@ class CostModel:
         self.factor: dict[int, float] = {}            # layer id -> observed / predicted row time
         self.observations = 0
         self._seen_codecs: set[str] = set()
+        self.tile_seconds = TILE_SECONDS
+        self._seen_tiles = False
 
     # ---- estimates ---------------------------------------------------------------------------------
     def read_seconds(self, rec: IntermediateRecord, tiles: int, raw_bytes: int) -> float:
         per_byte = self.decode_seconds_per_byte.get(rec.chain.array.name, DECODE_SECONDS_PER_BYTE["bytes"])
-        return tiles * TILE_SECONDS + raw_bytes * per_byte
+        return tiles * self.tile_seconds + raw_bytes * per_byte
 
     def rerun_seconds(self, model: ModelRecord, layers: list[IntermediateRecord], rec: IntermediateRecord,
                       rows: int, *, warm: bool, input_seconds: float) -> float:
@@ -102,10 +105,15 @@ class CostModel:
 
     # ---- observations ------------------------------------------------------------------------------
     def observe_read(self, rec: IntermediateRecord, raw_bytes: int, seconds: float) -> None:
-        if raw_bytes < MIN_OBSERVED_BYTES:  # a small piece measures latency, not the decode rate
-            return
         codec = rec.chain.array.name
-        per_byte = max(seconds - TILE_SECONDS, 0.0) / raw_bytes
+        if raw_bytes < MIN_OBSERVED_BYTES:  # a small tile measures the per-tile latency, not the decode rate
+            per_byte = self.decode_seconds_per_byte.get(codec, DECODE_SECONDS_PER_BYTE["bytes"])
+            seen = max(seconds - raw_bytes * per_byte, 0.0)
+            with self._lock:
+                self.tile_seconds = seen if not self._seen_tiles else (1 - ALPHA) * self.tile_seconds + ALPHA * seen
+                self._seen_tiles = True
+            return
+        per_byte = max(seconds - self.tile_seconds, 0.0) / raw_bytes
         with self._lock:
             first = codec not in self._seen_codecs
             self._seen_codecs.add(codec)

@@ -239,7 +239,7 @@ class Planner:
         return out
 
     def _observe_read(self, rec: IntermediateRecord, key: Hashable, nbytes: int, seconds: float) -> None:
-        if isinstance(key, tuple) and key and key[0] in ("tile", "rows"):
+        if isinstance(key, tuple) and key and key[0] == "tile":  # one chunk decoded (not a joined block)
             self.cost.observe_read(rec, nbytes, seconds)
 
     # ---- accounting --------------------------------------------------------------------------------
