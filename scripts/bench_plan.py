@@ -36,12 +36,13 @@ import numpy as np
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "examples"))
 
+import benchlib  # noqa: E402
 import mistiquefs  # noqa: E402
+from benchlib import DROP_CACHES, timed  # noqa: E402
 from mistiquefs.fs.mount import mount_background, stop_mount  # noqa: E402
 from mistiquefs.planner.planner import Planner  # noqa: E402
 from mistiquefs.store.repository import Repository  # noqa: E402
 
-DROP_CACHES = Path("/proc/sys/vm/drop_caches")
 SIZES = (1, 100, None)  # None: all examples
 PIPELINE_VARIANTS = 3
 #: names of the captures that store only their inputs (for the re-run-through-the-mount measurements)
@@ -50,14 +51,7 @@ RERUN_PREFIX = "none_"
 
 def drop_caches() -> None:
     if os.geteuid() == 0 and DROP_CACHES.exists():
-        os.sync()
-        DROP_CACHES.write_text("3\n")
-
-
-def timed(fn) -> tuple[float, object]:
-    start = time.perf_counter()
-    out = fn()
-    return time.perf_counter() - start, out
+        benchlib.drop_caches()
 
 
 def capture(workdir: Path, rows: int) -> tuple[Path, dict]:

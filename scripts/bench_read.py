@@ -32,7 +32,6 @@ import os
 import random
 import shutil
 import signal
-import statistics
 import subprocess
 import sys
 import tempfile
@@ -47,13 +46,14 @@ import numpy as np
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO / "examples"))  # examples/ is not a package
 
+from benchlib import DROP_CACHES, drop_caches, log, median, print_table, timed  # noqa: E402
+
 MODEL = "cnn_e3"
 #: the biggest layer, a mid-sized one and a small one
 READ_LAYERS = ("conv1", "conv3", "dense1")
 FULL_TEMPERATURES = ("cold", "warm", "warm read")
 PERTURB_STEP = 1e-3
 PREDICT_BATCH = 256
-DROP_CACHES = Path("/proc/sys/vm/drop_caches")
 PATHS = ("local", "squashfs", "mistiquefs")
 #: the targets the summary checks
 WARM_GBPS_TARGET = 4.0
@@ -62,16 +62,6 @@ WARM_EXAMPLE_US_TARGET = 100.0
 
 
 # ---- small helpers ---------------------------------------------------------------------------------------
-def median(samples: Sequence[float]) -> float:
-    return statistics.median(samples) if samples else float("nan")
-
-
-def timed(fn: Callable[[], Any]) -> tuple[float, Any]:
-    start = time.perf_counter()
-    result = fn()
-    return time.perf_counter() - start, result
-
-
 def ratio(value: float, base: float) -> str:
     if not (value == value and base == base) or base == 0:  # NaN-safe
         return "-"
@@ -87,24 +77,6 @@ def with_ratio(value: float, base: float, is_base: bool, digits: int) -> str:
     if is_base or value != value:
         return fmt(value, digits)
     return f"{fmt(value, digits)} ({ratio(value, base)})"
-
-
-def print_table(title: str, headers: Sequence[str], rows: Sequence[Sequence[str]], notes: Sequence[str] = ()) -> None:
-    widths = [max(len(str(h)), *(len(str(r[i])) for r in rows)) for i, h in enumerate(headers)]
-    line = lambda cells: "  ".join(str(c).rjust(w) if i else str(c).ljust(w)  # noqa: E731
-                                   for i, (c, w) in enumerate(zip(cells, widths)))
-    print(f"\n== {title}")
-    print(line(headers))
-    print("  ".join("-" * w for w in widths))
-    for row in rows:
-        print(line(row))
-    for note in notes:
-        print(f"   {note}")
-    sys.stdout.flush()
-
-
-def log(message: str) -> None:
-    print(f"[{time.strftime('%H:%M:%S')}] {message}", file=sys.stderr, flush=True)
 
 
 # ---- prerequisites ---------------------------------------------------------------------------------------
@@ -130,11 +102,6 @@ def check_prereqs() -> Prereqs:
         found.missing.append(f"root with a writable {DROP_CACHES} (cold reads)")
         found.cold = False
     return found
-
-
-def drop_caches() -> None:
-    os.sync()
-    DROP_CACHES.write_text("3\n")
 
 
 # ---- mounts ----------------------------------------------------------------------------------------------

@@ -45,7 +45,6 @@ import os
 import shutil
 import signal
 import sqlite3
-import statistics
 import sys
 import tempfile
 import time
@@ -63,7 +62,9 @@ for _path in (REPO / "examples", REPO / "scripts"):  # neither is a package
     if str(_path) not in sys.path:
         sys.path.insert(0, str(_path))
 
-DROP_CACHES = Path("/proc/sys/vm/drop_caches")
+import benchlib  # noqa: E402
+from benchlib import DROP_CACHES, log, median, print_table, timed  # noqa: E402
+
 MB = 1e6
 
 #: (a) the pipelines
@@ -105,16 +106,6 @@ DICT_TRAININGS = (("default", {}), ("k=1024 d=8", {"k": 1024, "d": 8}))
 
 
 # ---- small helpers ---------------------------------------------------------------------------------------
-def median(samples: Sequence[float]) -> float:
-    return statistics.median(samples) if samples else float("nan")
-
-
-def timed(fn: Callable[[], Any]) -> tuple[float, Any]:
-    start = time.perf_counter()
-    result = fn()
-    return time.perf_counter() - start, result
-
-
 def nan(value: float) -> bool:
     return value != value
 
@@ -134,25 +125,6 @@ def div(a: float, b: float) -> float:
 
 def mb(n: float) -> str:
     return fmt(n / MB, 1)
-
-
-def print_table(title: str, headers: Sequence[str], rows: Sequence[Sequence[Any]], notes: Sequence[str] = ()) -> None:
-    rows = [[str(c) for c in r] for r in rows]
-    widths = [max([len(str(h))] + [len(r[i]) for r in rows]) for i, h in enumerate(headers)]
-    line = lambda cells: "  ".join(str(c).rjust(w) if i else str(c).ljust(w)  # noqa: E731
-                                   for i, (c, w) in enumerate(zip(cells, widths)))
-    print(f"\n== {title}")
-    print(line(headers))
-    print("  ".join("-" * w for w in widths))
-    for row in rows:
-        print(line(row))
-    for note in notes:
-        print(f"   {note}")
-    sys.stdout.flush()
-
-
-def log(message: str) -> None:
-    print(f"[{time.strftime('%H:%M:%S')}] {message}", file=sys.stderr, flush=True)
 
 
 def dir_bytes(path: Path) -> int:
@@ -193,9 +165,8 @@ def check_prereqs() -> Prereqs:
 def drop_caches(prereqs: Prereqs) -> None:
     if not prereqs.cold:
         return
-    os.sync()
     try:
-        DROP_CACHES.write_text("3\n")
+        benchlib.drop_caches()
     except OSError as exc:  # a container may refuse it although the file looks writable
         prereqs.cold = False
         prereqs.notes.append(f"drop_caches failed ({exc.strerror}): reads are first reads on a fresh mount")

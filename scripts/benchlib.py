@@ -1,0 +1,52 @@
+"""Helpers the benchmark scripts share: timing, medians, tables of results, progress lines, dropping the
+page cache. A module beside the scripts (``scripts/`` is not a package: each script runs with its own
+directory first on ``sys.path``)."""
+
+from __future__ import annotations
+
+import os
+import statistics
+import sys
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+DROP_CACHES = Path("/proc/sys/vm/drop_caches")
+
+
+def median(samples: Sequence[float]) -> float:
+    return statistics.median(samples) if samples else float("nan")
+
+
+def timed(fn: Callable[[], Any]) -> tuple[float, Any]:
+    start = time.perf_counter()
+    result = fn()
+    return time.perf_counter() - start, result
+
+
+def print_table(title: str, headers: Sequence[str], rows: Sequence[Sequence[Any]], notes: Sequence[str] = ()) -> None:
+    """A titled table, the first column left-aligned and the others right-aligned, then its notes."""
+    rows = [[str(c) for c in r] for r in rows]
+    widths = [max([len(str(h))] + [len(r[i]) for r in rows]) for i, h in enumerate(headers)]
+    line = lambda cells: "  ".join(str(c).rjust(w) if i else str(c).ljust(w)  # noqa: E731
+                                   for i, (c, w) in enumerate(zip(cells, widths)))
+    print(f"\n== {title}")
+    print(line(headers))
+    print("  ".join("-" * w for w in widths))
+    for row in rows:
+        print(line(row))
+    for note in notes:
+        print(f"   {note}")
+    sys.stdout.flush()
+
+
+def log(message: str) -> None:
+    """A progress line on stderr (the tables go to stdout)."""
+    print(f"[{time.strftime('%H:%M:%S')}] {message}", file=sys.stderr, flush=True)
+
+
+def drop_caches() -> None:
+    """Empty the machine's page cache (root only; OSError where that is refused)."""
+    os.sync()
+    DROP_CACHES.write_text("3\n")
