@@ -35,7 +35,9 @@ def mount(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Callable[..., Pa
             stop_mount(mountpoint, pid)
 
 
-# The bundled examples are scripts, not an installed package; the tests use them as real workloads.
+# The bundled examples and the scripts are folders of scripts, not installed packages; the tests use the
+# examples as real workloads and import the scripts' functions (crash harness, peer formats, benchmarks).
 import sys  # noqa: E402
 
-sys.path.append(str(Path(__file__).resolve().parent.parent / "examples"))
+for _folder in ("examples", "scripts"):
+    sys.path.append(str(Path(__file__).resolve().parent.parent / _folder))

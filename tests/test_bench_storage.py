@@ -7,7 +7,6 @@ themselves are the benchmark's business (printed, never asserted).
 
 from __future__ import annotations
 
-import importlib.util
 import os
 import shutil
 import subprocess
@@ -21,11 +20,9 @@ SCRIPT = Path(__file__).resolve().parent.parent / "scripts" / "bench_storage.py"
 
 
 def _load():
-    spec = importlib.util.spec_from_file_location("bench_storage", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["bench_storage"] = module  # dataclasses look their module up here
-    spec.loader.exec_module(module)
-    return module
+    import bench_storage  # scripts/, on sys.path by conftest
+
+    return bench_storage
 
 
 def test_fidelity_measures_are_exact_on_exact_data() -> None:

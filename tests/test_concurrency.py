@@ -3,7 +3,6 @@ captures are written and SIGKILLed (a short run of ``scripts/stress.py``)."""
 
 from __future__ import annotations
 
-import importlib.util
 import re
 import subprocess
 import sys
@@ -16,17 +15,7 @@ from mistiquefs.errors import StoreError
 
 SCRIPTS = Path(__file__).resolve().parent.parent / "scripts"
 
-
-def _load_script(name: str):
-    """A module of scripts/ (a folder of scripts, not a package)."""
-    spec = importlib.util.spec_from_file_location(name, SCRIPTS / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[name] = module  # dataclasses look their module up here
-    spec.loader.exec_module(module)
-    return module
-
-
-harness = _load_script("crash_harness")
+import crash_harness as harness  # scripts/, on sys.path by conftest
 
 
 @pytest.fixture(scope="module")

@@ -8,9 +8,7 @@ absent or complete, and no catalog row may point at a missing chunk, pack or mod
 
 from __future__ import annotations
 
-import importlib.util
 import random
-import sys
 from collections import Counter
 from pathlib import Path
 
@@ -20,18 +18,7 @@ import mistiquefs
 from mistiquefs.errors import StoreError
 from mistiquefs.store.layout import TABLE_BLOCK_ROWS
 
-
-def _load_script(name: str):
-    """A module of scripts/ (a folder of scripts, not a package)."""
-    path = Path(__file__).resolve().parent.parent / "scripts" / f"{name}.py"
-    spec = importlib.util.spec_from_file_location(name, path)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[name] = module  # dataclasses look their module up here
-    spec.loader.exec_module(module)
-    return module
-
-
-harness = _load_script("crash_harness")
+import crash_harness as harness  # scripts/, on sys.path by conftest
 #: one full column block reaches a pack during the batches, the partial one at the commit
 ROWS = TABLE_BLOCK_ROWS + 808
 KILLS = 20

@@ -7,11 +7,9 @@ collection of arrays); the full-size runs belong to the benchmark.
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import shutil
 import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -19,19 +17,7 @@ import pytest
 
 from mistiquefs.capture import adapter_for
 
-SCRIPTS = Path(__file__).resolve().parent.parent / "scripts"
-
-
-def _load_script(name: str):
-    """A module of scripts/ (a folder of scripts, not a package)."""
-    spec = importlib.util.spec_from_file_location(name, SCRIPTS / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[name] = module  # dataclasses look their module up here
-    spec.loader.exec_module(module)
-    return module
-
-
-peers = _load_script("peers")
+import peers  # scripts/, on sys.path by conftest
 
 
 # -------------------------------------------------------------------------------------- flights variants
