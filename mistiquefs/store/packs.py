@@ -144,12 +144,17 @@ class PackWriter:
             file.close()
 
 
-def fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+def fsync_path(path: Path, *, directory: bool = False) -> None:
+    """Make ``path`` (a file, or a directory's entries) durable."""
+    fd = os.open(path, os.O_RDONLY | (os.O_DIRECTORY if directory else 0))
     try:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+def fsync_dir(path: Path) -> None:
+    fsync_path(path, directory=True)
 
 
 @dataclass

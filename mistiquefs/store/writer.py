@@ -28,7 +28,7 @@ from mistiquefs.codecs.lossless import BytesCodec
 from mistiquefs.errors import CaptureError
 from mistiquefs.store.catalog import Catalog, NewIntermediate
 from mistiquefs.store.layout import choose_layout, split_block
-from mistiquefs.store.packs import ChunkLocation, PackWriter, chunk_id, compress, fsync_dir
+from mistiquefs.store.packs import ChunkLocation, PackWriter, chunk_id, compress, fsync_dir, fsync_path
 from mistiquefs.store.records import COLUMNS, dtype_to_json
 
 #: encoding + compression threads: zstd level 3 runs at ~0.37 GB/s a core on activations and was 65% of
@@ -301,7 +301,7 @@ class CaptureWriter:
         if keep is not None:
             intermediates, new_chunks = self._keep(intermediates, keep(intermediates), budget)
         self.packs.sync()
-        _fsync_file(model_file)
+        fsync_path(model_file)
         fsync_dir(model_file.parent)
         model_id = self.catalog.commit_capture(
             name=self.name, framework=framework, n_rows=n_rows, capture_seconds=seconds,
@@ -345,11 +345,3 @@ class CaptureWriter:
             pass
         for path in [*self.packs.written, *self._files]:
             path.unlink(missing_ok=True)
-
-
-def _fsync_file(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
