@@ -92,9 +92,7 @@ def calibrate(planner: Planner, repo: Repository) -> None:
             planner.rerunner.run(model, rec, inp.rows, start, stop, observe=observe)
         for rec in layers[1:]:
             repo.cache.clear()
-            reader = repo.reader(rec)
-            reader.observer = planner._observe_read  # the mount's planner wires this on first plan
-            reader.rows(0, min(rec.n_rows, rec.block_rows))
+            repo.reader(rec).rows(0, min(rec.n_rows, rec.block_rows))
 
 
 def measure_case(repo: Repository, planner: Planner, model, rec, start: int, stop: int, repeat: int) -> dict:

@@ -54,10 +54,9 @@ class Materializer:
 
     def gamma(self, rec: IntermediateRecord, queries: int) -> float:
         """Seconds saved per stored byte by keeping ``rec``, over ``queries`` whole-layer queries."""
-        rerun = self.planner.estimate(rec, "all", None, self.planner.rerun_view(rec, "all", 0), rec.n_rows,
-                                      use_cache=False).rerun_seconds
-        tiles, raw = self.planner.tiles_touched(rec, "all")
-        saved = rerun - self.planner.cost.read_seconds(rec, tiles, raw)
+        planner = self.planner
+        rerun = planner.rerun_seconds(rec, 0, rec.n_rows, rec.n_rows)  # cold: what a later query would pay
+        saved = rerun - planner.cost.read_seconds(rec, *planner.tiles_touched(rec, "all"))
         return saved * queries / max(rec.raw_bytes / GUESSED_RATIO, 1.0)
 
     def wants(self, rec: IntermediateRecord, queries: int) -> bool:

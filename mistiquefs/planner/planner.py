@@ -86,11 +86,13 @@ class Planner:
         #: called after this planner changed the catalog (materialized or dropped a layer)
         self.on_change: list[Callable[[], None]] = []
         self.materializer = Materializer(self, budget) if budget is not None else None
+        repo.observer = self._observe_read
+        for reader in repo.readers():  # made before this planner
+            reader.observer = self._observe_read
 
     # ---- catalog helpers ---------------------------------------------------------------------------
     def model_and_layers(self, rec: IntermediateRecord) -> tuple[ModelRecord, list[IntermediateRecord]]:
-        model = next(m for m in self.repo.models_cached() if m.id == rec.model_id)
-        return model, self.repo.layers_of(rec.model_id)
+        return self.repo.model(rec.model_id), self.repo.layers_of(rec.model_id)
 
     def _input_of(self, rec: IntermediateRecord) -> IntermediateRecord:
         return next(r for r in self.repo.layers_of(rec.model_id) if r.name == "input")
@@ -105,10 +107,9 @@ class Planner:
     # ---- choosing ----------------------------------------------------------------------------------
     def plan(self, rec: IntermediateRecord, kind: str, index: int = 0) -> Plan:
         reader = self.repo.reader(rec)
-        reader.observer = self._observe_read
         rows = 1 if kind == "row" else rec.n_rows
         read_view = self._stored_view(reader, kind, index) if rec.stored else None
-        rerun_view = self.rerun_view(rec, kind, index) if self.can_rerun(rec) else None
+        rerun_view = self._rerun_view(rec, kind, index) if self.can_rerun(rec) else None
         if read_view is None and rerun_view is None:
             raise StoreError(f"layer {rec.name!r} is not stored and its model cannot re-run it")
         estimate = self.estimate(rec, kind, read_view, rerun_view, rows)
@@ -134,57 +135,54 @@ class Planner:
         return estimate.best, "the cost model's cheaper plan"
 
     def estimate(self, rec: IntermediateRecord, kind: str, read_view: NpyView | None,
-                 rerun_view: NpyView | None, rows: int, *, use_cache: bool = True) -> Estimate:
-        """Predicted seconds of each plan; what the decoded cache already holds is free (``use_cache``)."""
+                 rerun_view: NpyView | None, rows: int) -> Estimate:
+        """Predicted seconds of each plan; what the decoded cache already holds is free."""
         reader = self.repo.reader(rec)
 
         def uncached(view: NpyView) -> float:
-            return 1 - reader.cached_share(view) if use_cache else 1.0
+            return 1 - reader.cached_share(view)
 
+        span = (0, 1) if kind == "row" else (0, rec.n_rows)
         read_s = None
         if read_view is not None:
-            tiles, raw = self.tiles_touched(rec, kind)
-            read_s = self.cost.read_seconds(rec, tiles, raw) * uncached(read_view)
+            read_s = self.cost.read_seconds(rec, *self.tiles_touched(rec, kind)) * uncached(read_view)
         rerun_s = math.inf
         if rerun_view is not None:
-            model, layers = self.model_and_layers(rec)
-            inp = self._input_of(rec)
-            tiles, raw = self.tiles_touched(inp, "row" if rows == 1 else "all")
-            rerun_s = self.cost.rerun_seconds(
-                model, layers, rec, rows, warm=self.rerunner.is_warm(model),
-                input_seconds=self.cost.read_seconds(inp, tiles, raw)) * uncached(rerun_view)
+            rerun_s = self.rerun_seconds(rec, *span, rows) * uncached(rerun_view)
         return Estimate(read_s, rerun_s)
 
     def estimate_rows(self, rec: IntermediateRecord, start: int, stop: int) -> Estimate:
         """Predicted seconds to get examples ``[start, stop)`` of ``rec`` by reading or by re-running (cold
         decoded cache), e.g. for a query that needs some rows of a layer."""
-        read_s = None
-        if rec.stored:
-            blocks = (stop - 1) // rec.block_rows - start // rec.block_rows + 1 if stop > start else 0
-            tiles = blocks * (rec.n_columns if rec.layout == COLUMNS else 1)
-            read_s = self.cost.read_seconds(rec, tiles, blocks * rec.block_rows * rec.row_size)
+        read_s = self.cost.read_seconds(rec, *self.rows_touched(rec, start, stop)) if rec.stored else None
         rerun_s = math.inf
         if self.can_rerun(rec):
-            model, layers = self.model_and_layers(rec)
-            inp = self._input_of(rec)
-            in_blocks = (stop - 1) // inp.block_rows - start // inp.block_rows + 1 if stop > start else 0
-            in_tiles = in_blocks * (inp.n_columns if inp.layout == COLUMNS else 1)
-            input_s = self.cost.read_seconds(inp, in_tiles, in_blocks * inp.block_rows * inp.row_size)
-            rerun_s = self.cost.rerun_seconds(model, layers, rec, max(stop - start, 2 if stop > start else 0),
-                                              warm=self.rerunner.is_warm(model), input_seconds=input_s)
+            rerun_s = self.rerun_seconds(rec, start, stop, max(stop - start, 2 if stop > start else 0))
         return Estimate(read_s, rerun_s)
 
+    def rerun_seconds(self, rec: IntermediateRecord, start: int, stop: int, rows: int) -> float:
+        """Re-running ``rows`` rows of ``rec``, reading the inputs ``[start, stop)`` for it."""
+        model, layers = self.model_and_layers(rec)
+        inp = self._input_of(rec)
+        input_s = self.cost.read_seconds(inp, *self.rows_touched(inp, start, stop))
+        return self.cost.rerun_seconds(model, layers, rec, rows, warm=self.rerunner.is_warm(model),
+                                       input_seconds=input_s)
+
     @staticmethod
-    def tiles_touched(rec: IntermediateRecord, kind: str) -> tuple[int, int]:
+    def rows_touched(rec: IntermediateRecord, start: int, stop: int) -> tuple[int, int]:
+        """(tiles decoded, raw bytes decoded) to read examples ``[start, stop)`` of ``rec``: whole blocks."""
+        if stop <= start:
+            return 0, 0
+        first, last = start // rec.block_rows, (stop - 1) // rec.block_rows
+        rows = min((last + 1) * rec.block_rows, rec.n_rows) - first * rec.block_rows
+        return (last - first + 1) * (rec.n_columns if rec.layout == COLUMNS else 1), rows * rec.row_size
+
+    @classmethod
+    def tiles_touched(cls, rec: IntermediateRecord, kind: str) -> tuple[int, int]:
         """(tiles decoded, raw bytes decoded) to read a view of ``rec`` from the store."""
-        blocks = max(rec.n_blocks, 1)
-        if kind == "row":
-            tiles = rec.n_columns if rec.layout == COLUMNS else 1
-            return tiles, rec.block_rows * rec.row_size
         if kind == "column" and rec.layout == COLUMNS:
-            return blocks, rec.n_rows * rec.column_dtype(0).itemsize
-        tiles = blocks * (rec.n_columns if rec.layout == COLUMNS else 1)
-        return tiles, rec.raw_bytes
+            return max(rec.n_blocks, 1), rec.n_rows * rec.column_dtype(0).itemsize
+        return cls.rows_touched(rec, 0, 1 if kind == "row" else rec.n_rows)
 
     # ---- views -------------------------------------------------------------------------------------
     @staticmethod
@@ -195,7 +193,7 @@ class Planner:
             return reader.row_view(index)
         return reader.column_view(index)
 
-    def rerun_view(self, rec: IntermediateRecord, kind: str, index: int) -> NpyView:
+    def _rerun_view(self, rec: IntermediateRecord, kind: str, index: int) -> NpyView:
         row_size = rec.row_size
         length = rec.n_rows * row_size
         if kind == "row":

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import fcntl
 import os
-from collections.abc import Iterator
+from collections.abc import Callable, Hashable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -46,7 +46,9 @@ class Repository:
         self.packs = PackReader(self.root / "packs")
         self.cache = ByteLRU(cache_bytes)
         self._readers: dict[int, LayerReader] = {}
-        self._records: tuple[list[ModelRecord], dict[int, list[IntermediateRecord]]] | None = None
+        self._records: tuple[dict[int, ModelRecord], dict[int, list[IntermediateRecord]]] | None = None
+        #: given to every reader this repository makes: hears each piece it loads (the planner's cost model)
+        self.observer: Callable[[IntermediateRecord, Hashable, int, float], None] | None = None
 
     def _create_layout(self) -> None:
         if self.root.exists() and not self.root.is_dir():
@@ -86,9 +88,9 @@ class Repository:
     def intermediates(self) -> list[IntermediateRecord]:
         return self.catalog.intermediates()
 
-    def models_cached(self) -> list[ModelRecord]:
-        """The models as last loaded (reloaded after ``forget_stale``)."""
-        return self._loaded()[0]
+    def model(self, model_id: int) -> ModelRecord:
+        """A model as last loaded (records reload after ``forget_stale``/``forget_records``)."""
+        return self._loaded()[0][model_id]
 
     def layers_of(self, model_id: int) -> list[IntermediateRecord]:
         """A model's intermediates in execution order, as last loaded."""
@@ -104,13 +106,13 @@ class Repository:
         for ident in changed:
             self._readers.pop(ident, None)
 
-    def _loaded(self) -> tuple[list[ModelRecord], dict[int, list[IntermediateRecord]]]:
+    def _loaded(self) -> tuple[dict[int, ModelRecord], dict[int, list[IntermediateRecord]]]:
         records = self._records
         if records is None:
             by_model: dict[int, list[IntermediateRecord]] = {}
             for rec in self.intermediates():
                 by_model.setdefault(rec.model_id, []).append(rec)
-            records = self._records = (self.models(), by_model)
+            records = self._records = ({m.id: m for m in self.models()}, by_model)
         return records
 
     def orphan_model_files(self) -> list[Path]:
@@ -119,10 +121,16 @@ class Repository:
         return [path for path in sorted((self.root / "models").iterdir())
                 if path.is_file() and path.resolve() not in kept]
 
+    def readers(self) -> list[LayerReader]:
+        """The layer readers made so far."""
+        return list(self._readers.values())
+
     def reader(self, rec: IntermediateRecord) -> LayerReader:
         reader = self._readers.get(rec.id)
         if reader is None:
-            reader = self._readers.setdefault(rec.id, LayerReader(rec, self.catalog, self.packs, self.cache))
+            made = LayerReader(rec, self.catalog, self.packs, self.cache)
+            made.observer = self.observer
+            reader = self._readers.setdefault(rec.id, made)
         return reader
 
     def forget_stale(self) -> None:
