@@ -255,7 +255,8 @@ def test_odd_names_and_ranges_through_a_real_mount(fuzz_store, tree: Tree, dirs,
         else:
             assert wanted is None, target
             inode = dirs[directory][name]
-            assert st_.st_size == tree.attr(inode).size
+            if name != b"info.json":  # info.json shows live planner figures (their own process's: sizes vary)
+                assert st_.st_size == tree.attr(inode).size
         with pytest.raises(OSError) as err:
             os.close(os.open(target, flags, 0o644))
         allowed = {errno.EROFS} if wanted is None or flags & os.O_CREAT else {wanted}
