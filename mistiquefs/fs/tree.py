@@ -52,7 +52,6 @@ BLOCK_SIZE = 1 << 18
 PLAN_SECONDS, MAX_PLANS = 1.0, 4096
 
 
-
 class Kind(IntEnum):
     MODEL = 1
     MODEL_INFO = 2
@@ -310,11 +309,9 @@ class Tree:
         return plan
 
     def opened(self, inode: int) -> None:
-        """A file was opened: count the query (array files) or take a fresh snapshot (info.json)."""
+        """An array file was opened: count the query (``json_bytes`` renders an info.json afresh)."""
         kind, ident, _ = split_inode(inode)
-        if kind in (Kind.MODEL_INFO, Kind.LAYER_INFO):
-            self._json.pop(Inode(inode), None)
-        elif kind in _PLANNED:
+        if kind in _PLANNED:
             self.planner.opened(inode, self._layer(ident), self.plan(inode))
 
     def json_bytes(self, inode: int) -> bytes:

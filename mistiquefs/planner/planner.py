@@ -206,7 +206,7 @@ class Planner:
         dtype = rec.column_dtype(index)
         column = Stream(rec.n_rows * dtype.itemsize, rec.n_rows * dtype.itemsize,
                         lambda _b: ("rerun-column", rec.id, index),
-                        lambda _b: self._rerun_column(rec, rows_stream, index))
+                        lambda _b: self.repo.reader(rec).gather_column(index, rows_stream))
         return NpyView(npy_header(dtype, (rec.n_rows,)), column, 0, column.length)
 
     def _rerun_rows_stream(self, rec: IntermediateRecord) -> Stream:
@@ -218,16 +218,6 @@ class Planner:
         return Stream(piece_rows * rec.row_size, rec.n_rows * rec.row_size,
                       lambda b: ("rerun-rows", rec.id, b),
                       lambda b: self._run(rec, b * piece_rows, min((b + 1) * piece_rows, rec.n_rows)))
-
-    def _rerun_column(self, rec: IntermediateRecord, rows: Stream, j: int) -> np.ndarray:
-        reader = self.repo.reader(rec)
-        out = np.empty(rec.n_rows, dtype=rec.column_dtype(j))
-        piece_rows = rows.piece_size // max(1, rec.row_size)
-        for b in range(rows.count):
-            block = reader.piece(rows, b).reshape(-1)
-            column = block[rec.dtype.names[j]] if rec.dtype.names else block.reshape(-1, rec.n_columns)[:, j]
-            out[b * piece_rows:b * piece_rows + len(column)] = column
-        return out
 
     def _run(self, rec: IntermediateRecord, start: int, stop: int) -> np.ndarray:
         model, layers = self.model_and_layers(rec)

@@ -208,10 +208,6 @@ class LayerReader:
     def _piece(self, stream: Stream, b: int) -> Buffer:
         return self._cached(stream.key(b), lambda: stream.load(b))
 
-    def piece(self, stream: Stream, b: int) -> np.ndarray:
-        """Piece ``b`` of ``stream`` as an array (cached, loaded once)."""
-        return np.asarray(self._piece(stream, b))
-
     def cached_share(self, view: NpyView) -> float:
         """The share of ``view``'s pieces already in the cache (0.0 .. 1.0)."""
         size = view.stream.piece_size
@@ -364,10 +360,16 @@ class LayerReader:
 
     def _gather_column(self, j: int) -> np.ndarray:
         """Column j of a rows-layout intermediate: one strided pass over every chunk."""
+        return self.gather_column(j, self._row_stream)
+
+    def gather_column(self, j: int, rows: Stream) -> np.ndarray:
+        """Column j gathered from ``rows``, a stream whose pieces are whole rows of this layer (its stored
+        row blocks, or the planner's re-run pieces), each loaded once through the cache."""
         rec = self.rec
         out = np.empty(rec.n_rows, dtype=rec.column_dtype(j))
-        for b in range(rec.n_blocks):
-            rows = np.asarray(self._cached_chunk(b)).reshape(-1)
-            column = rows[rec.dtype.names[j]] if rec.dtype.names else rows.reshape(-1, rec.n_columns)[:, j]
-            out[b * rec.block_rows:b * rec.block_rows + len(column)] = column
+        piece_rows = rows.piece_size // max(1, rec.row_size)
+        for b in range(rows.count):
+            block = np.asarray(self._piece(rows, b)).reshape(-1)
+            column = block[rec.dtype.names[j]] if rec.dtype.names else block.reshape(-1, rec.n_columns)[:, j]
+            out[b * piece_rows:b * piece_rows + len(column)] = column
         return out
