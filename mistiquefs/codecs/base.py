@@ -122,8 +122,3 @@ def array_from_json(obj: dict[str, Any]) -> np.ndarray:
     raw = base64.b64decode(obj["base64"])
     return np.frombuffer(raw, dtype=np.dtype(obj["dtype"])).reshape(obj["shape"]).astype(
         np.dtype(obj["dtype"]).newbyteorder("="))
-
-
-def unit_count(shape: tuple[int, ...]) -> int:
-    """Units of a per-example shape: the length of its last axis (1 for a scalar)."""
-    return shape[-1] if shape else 1

@@ -253,14 +253,20 @@ class Tree:
         return self.view(inode).size
 
     def view(self, inode: int) -> NpyView:
-        kind, ident, index = split_inode(inode)
-        reader = self.reader(ident)
+        """The stored layout of an array file (its size, whatever plan produces its bytes)."""
+        rec, kind, index = self._array_file(inode)
+        reader = self.repo.reader(rec)
         if kind == Kind.ALL:
             return reader.all_view()
-        if kind == Kind.ROW and index < reader.rec.n_rows:
-            return reader.row_view(index)
-        if kind == Kind.COLUMN and index < reader.rec.n_columns:
-            return reader.column_view(index)
+        return reader.row_view(index) if kind == Kind.ROW else reader.column_view(index)
+
+    def _array_file(self, inode: int) -> tuple[IntermediateRecord, Kind, int]:
+        """(layer, kind, index) of an array file; NotFound for any other inode."""
+        kind, ident, index = split_inode(inode)
+        if kind in _PLANNED:
+            rec = self._layer(ident)
+            if kind == Kind.ALL or index < (rec.n_rows if kind == Kind.ROW else rec.n_columns):
+                return rec, kind, index
         raise NotFound(f"inode {inode} is not an array file")
 
     def is_dir(self, inode: int) -> bool:
@@ -298,11 +304,8 @@ class Tree:
         now = time.monotonic()
         if found is not None and now - found[0] < PLAN_SECONDS:
             return found[1]
-        kind, ident, index = split_inode(inode)
-        if kind not in _PLANNED or (kind == Kind.ROW and index >= self._layer(ident).n_rows) or \
-                (kind == Kind.COLUMN and index >= self._layer(ident).n_columns):
-            raise NotFound(f"inode {inode} is not an array file")
-        plan = self.planner.plan(self._layer(ident), _PLANNED[kind], index)
+        rec, kind, index = self._array_file(inode)
+        plan = self.planner.plan(rec, _PLANNED[kind], index)
         if len(self._plans) >= MAX_PLANS:
             self._plans.clear()
         self._plans[inode] = (now, plan)
