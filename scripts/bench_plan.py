@@ -92,7 +92,9 @@ def calibrate(planner: Planner, repo: Repository) -> None:
             planner.rerunner.run(model, rec, inp.rows, start, stop, observe=observe)
         for rec in layers[1:]:
             repo.cache.clear()
-            repo.reader(rec).rows(0, min(rec.n_rows, rec.block_rows))
+            reader = repo.reader(rec)
+            reader.observer = planner._observe_read  # as a mount's planner does for the layers it plans
+            reader.rows(0, min(rec.n_rows, rec.block_rows))
 
 
 def measure_case(repo: Repository, planner: Planner, model, rec, start: int, stop: int, repeat: int) -> dict:

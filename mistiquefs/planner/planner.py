@@ -86,9 +86,6 @@ class Planner:
         #: called after this planner changed the catalog (materialized or dropped a layer)
         self.on_change: list[Callable[[], None]] = []
         self.materializer = Materializer(self, budget) if budget is not None else None
-        repo.observer = self._observe_read
-        for reader in repo.readers():  # made before this planner
-            reader.observer = self._observe_read
 
     # ---- catalog helpers ---------------------------------------------------------------------------
     def model_and_layers(self, rec: IntermediateRecord) -> tuple[ModelRecord, list[IntermediateRecord]]:
@@ -107,6 +104,9 @@ class Planner:
     # ---- choosing ----------------------------------------------------------------------------------
     def plan(self, rec: IntermediateRecord, kind: str, index: int = 0) -> Plan:
         reader = self.repo.reader(rec)
+        # the cost model learns from the layers files are planned for (the inputs a re-run reads are not
+        # among them unless their own files are read: their cold tiles would skew the per-tile latency)
+        reader.observer = self._observe_read
         rows = 1 if kind == "row" else rec.n_rows
         read_view = self._stored_view(reader, kind, index) if rec.stored else None
         rerun_view = self._rerun_view(rec, kind, index) if self.can_rerun(rec) else None

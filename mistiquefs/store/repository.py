@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import fcntl
 import os
-from collections.abc import Callable, Hashable, Iterator
+from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -47,8 +47,6 @@ class Repository:
         self.cache = ByteLRU(cache_bytes)
         self._readers: dict[int, LayerReader] = {}
         self._records: tuple[dict[int, ModelRecord], dict[int, list[IntermediateRecord]]] | None = None
-        #: given to every reader this repository makes: hears each piece it loads (the planner's cost model)
-        self.observer: Callable[[IntermediateRecord, Hashable, int, float], None] | None = None
 
     def _create_layout(self) -> None:
         if self.root.exists() and not self.root.is_dir():
@@ -121,16 +119,10 @@ class Repository:
         return [path for path in sorted((self.root / "models").iterdir())
                 if path.is_file() and path.resolve() not in kept]
 
-    def readers(self) -> list[LayerReader]:
-        """The layer readers made so far."""
-        return list(self._readers.values())
-
     def reader(self, rec: IntermediateRecord) -> LayerReader:
         reader = self._readers.get(rec.id)
         if reader is None:
-            made = LayerReader(rec, self.catalog, self.packs, self.cache)
-            made.observer = self.observer
-            reader = self._readers.setdefault(rec.id, made)
+            reader = self._readers.setdefault(rec.id, LayerReader(rec, self.catalog, self.packs, self.cache))
         return reader
 
     def forget_stale(self) -> None:
