@@ -140,16 +140,23 @@ def victim_main(workdir: Path) -> int:
             unreaped = None
         if command["do"] == "quit":
             break
+        go_read, go_write = os.pipe()  # the child starts only after the parent said "pid": its events follow it
         pid = os.fork()
         if pid == 0:
             status = 1
             try:
+                os.close(go_write)
+                os.read(go_read, 1)
+                os.close(go_read)
                 status = _run_job(X, pipes, command)
             except BaseException:
                 traceback.print_exc()
             finally:
                 os._exit(status)
         _say(f"pid {pid}")
+        os.close(go_read)
+        os.write(go_write, b"g")
+        os.close(go_write)
         info = os.waitid(os.P_PID, pid, os.WEXITED | os.WNOWAIT)
         killed = info.si_code in (os.CLD_KILLED, os.CLD_DUMPED)
         _say(f"exit {pid} {-info.si_status if killed else info.si_status}")
