@@ -23,6 +23,7 @@ import mistiquefs
 from mistiquefs.capture import adapter_for
 from mistiquefs.errors import CaptureError
 from mistiquefs.fs.tree import Kind, Tree, make_inode
+from mistiquefs.planner import cost
 from mistiquefs.planner.planner import Planner
 from mistiquefs.planner.rerun import ReRunner
 from mistiquefs.store.repository import Repository
@@ -158,6 +159,32 @@ def test_the_planner_picks_each_way(tmp_path: Path) -> None:
     assert planner.plan(layers[("cheap", "wide")], "all").choice == "rerun"
     assert planner.plan(layers[("slow", "slow")], "all").choice == "read"
     repo.close()
+
+
+def test_a_cold_daemon_counts_the_framework_import_the_load_and_the_first_trace(stores, monkeypatch) -> None:
+    """A fresh daemon pays the framework's import and the model's load before a first re-run, and a stage's
+    first call traces it: a 1 s guess for all of it (TensorFlow alone takes 5-7 s cold) made a cold mount
+    re-run a layer it reads 50x faster."""
+    path, pipe = stores
+    repo = Repository(path, create=False)
+    try:
+        planner = in_memory_planner(repo, pipe)
+        model = next(m for m in repo.models() if m.name == "all")
+        rec = next(r for r in repo.layers_of(model.id) if r.name == "pca")
+        monkeypatch.setitem(cost.TRACE_SECONDS, "sklearn", 0.5)
+        monkeypatch.setitem(cost.FRAMEWORK_MODULES, "sklearn", "a_module_nobody_imported")
+        not_imported = planner.rerun_seconds(rec, 0, rec.n_rows, rec.n_rows)
+        monkeypatch.setitem(cost.FRAMEWORK_MODULES, "sklearn", "sklearn")
+        cold = planner.rerun_seconds(rec, 0, rec.n_rows, rec.n_rows)
+        assert not_imported - cold == pytest.approx(cost.IMPORT_SECONDS["sklearn"])
+        planner.rerunner.model(model)  # the framework was imported: this load's time is learned
+        assert planner.cost.load_seconds["sklearn"] == planner.rerunner.load_seconds(model)
+        loaded = planner.rerun_seconds(rec, 0, rec.n_rows, rec.n_rows)
+        assert cold - loaded == pytest.approx(cost.LOAD_SECONDS["sklearn"])
+        planner._run(rec, 0, 10)  # the stage's first call: traced from now on
+        assert loaded - planner.rerun_seconds(rec, 0, rec.n_rows, rec.n_rows) == pytest.approx(0.5)
+    finally:
+        repo.close()
 
 
 def test_policies_and_budgets(tmp_path: Path) -> None:

@@ -1,18 +1,21 @@
 """The cost model: how long reading a view from the store would take, and how long re-running it.
 
 read   = tiles x (seconds per tile) + raw bytes x (seconds per decoded byte of the layer's codec)
-rerun  = model load (0 when warm) + read of the input rows + calls x the model's per-call overhead
+rerun  = model load (0 when warm; plus the framework's import when the daemon has not imported it yet)
+         + the stage's first-call tracing (Keras, once per stage) + read of the input rows
+         + calls x the model's per-call overhead
          + rows x (capture-measured seconds per row of the stages up to the layer) x (learned factor)
 
 Every constant starts from a measurement on this kind of machine (below) and is then updated from what
 the mount observes (exponential moving averages, ``ALPHA``; a first observation replaces the prior):
 seconds per decoded byte per codec from each chunk of 256 KiB or more a reader decodes, the per-tile
 latency from smaller ones, a model's per-call overhead and per-layer correction factor from each
-re-run. Thread-safe.
+re-run, a framework's load time from each load of a model once the framework was imported. Thread-safe.
 """
 
 from __future__ import annotations
 
+import sys
 import threading
 from dataclasses import dataclass
 
@@ -34,6 +37,17 @@ CALL_SECONDS = {"keras": 1.5e-3, "sklearn": 2e-3}
 PER_STAGE = {"sklearn"}
 #: model load before it was seen: a .keras CNN loads in ~0.5-1 s, a .skops pipeline in ~50 ms
 LOAD_SECONDS = {"keras": 1.0, "sklearn": 0.05}
+#: a fresh daemon imports the framework with its first model: TensorFlow took 2-3 s from the page cache and
+#: 5-7 s after drop_caches (bench_read's cold mounts, where a 1 s guess made conv1 re-run at 0.1 GB/s)
+IMPORT_SECONDS = {"keras": 4.0, "sklearn": 0.3}
+FRAMEWORK_MODULES = {"keras": "tensorflow", "sklearn": "sklearn"}
+#: a stage's first call traces and optimizes its function (Keras: 0.1-0.4 s measured)
+TRACE_SECONDS = {"keras": 0.3, "sklearn": 0.0}
+
+
+def imported(framework: str) -> bool:
+    """Whether this process has imported ``framework``'s module (then loading a model costs no import)."""
+    return FRAMEWORK_MODULES.get(framework, framework) in sys.modules
 
 
 @dataclass(frozen=True)
@@ -88,6 +102,7 @@ class CostModel:
         self._seen_codecs: set[str] = set()
         self.tile_seconds = TILE_SECONDS
         self._seen_tiles = False
+        self.load_seconds: dict[str, float] = {}      # framework -> observed model load (import excluded)
 
     # ---- estimates ---------------------------------------------------------------------------------
     def read_seconds(self, rec: IntermediateRecord, tiles: int, raw_bytes: int) -> float:
@@ -95,13 +110,19 @@ class CostModel:
         return tiles * self.tile_seconds + raw_bytes * per_byte
 
     def rerun_seconds(self, model: ModelRecord, layers: list[IntermediateRecord], rec: IntermediateRecord,
-                      rows: int, *, warm: bool, input_seconds: float) -> float:
+                      rows: int, *, warm: bool, traced: bool, input_seconds: float) -> float:
         batch = int(model.info.get("batch_size") or 256)
         calls = -(-rows // batch) * _overhead_units(model, layers, rec)
         overhead = self.call_seconds.get(model.id, CALL_SECONDS.get(model.framework, 1e-3))
-        load = 0.0 if warm else LOAD_SECONDS.get(model.framework, 1.0)
+        load = 0.0 if warm else self.load_estimate(model.framework)
+        trace = 0.0 if traced else TRACE_SECONDS.get(model.framework, 0.0)
         per_row = stage_seconds_per_row(layers, rec) * self.factor.get(rec.id, 1.0)
-        return load + input_seconds + calls * overhead + rows * per_row
+        return load + trace + input_seconds + calls * overhead + rows * per_row
+
+    def load_estimate(self, framework: str) -> float:
+        """Loading a model of ``framework`` now: what loads took (or the prior), plus the import if due."""
+        load = self.load_seconds.get(framework, LOAD_SECONDS.get(framework, 1.0))
+        return load + (0.0 if imported(framework) else IMPORT_SECONDS.get(framework, 1.0))
 
     # ---- observations ------------------------------------------------------------------------------
     def observe_read(self, rec: IntermediateRecord, raw_bytes: int, seconds: float) -> None:
@@ -120,6 +141,15 @@ class CostModel:
             old = self.decode_seconds_per_byte.get(codec, per_byte)
             self.decode_seconds_per_byte[codec] = per_byte if first else (1 - ALPHA) * old + ALPHA * per_byte
             self.observations += 1
+
+    def observe_load(self, framework: str, seconds: float, *, with_import: bool) -> None:
+        """A model of ``framework`` loaded in ``seconds`` (a load that imported the framework teaches
+        nothing about later loads: the import is paid once)."""
+        if with_import:
+            return
+        with self._lock:
+            old = self.load_seconds.get(framework)
+            self.load_seconds[framework] = seconds if old is None else (1 - ALPHA) * old + ALPHA * seconds
 
     def observe_rerun(self, model: ModelRecord, layers: list[IntermediateRecord], rec: IntermediateRecord,
                       rows: int, seconds: float) -> None:

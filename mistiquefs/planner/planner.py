@@ -79,6 +79,8 @@ class Planner:
         self.mode = mode
         self.rerunner = rerunner or ReRunner(repo)
         self.cost = cost or CostModel()
+        self.rerunner.on_load = lambda framework, seconds, with_import: \
+            self.cost.observe_load(framework, seconds, with_import=with_import)
         self._lock = threading.Lock()
         self.stats: dict[int, LayerStats] = {}
         self.log: deque[dict[str, Any]] = deque(maxlen=LOG_ENTRIES)
@@ -166,7 +168,7 @@ class Planner:
         inp = self._input_of(rec)
         input_s = self.cost.read_seconds(inp, *self.rows_touched(inp, start, stop))
         return self.cost.rerun_seconds(model, layers, rec, rows, warm=self.rerunner.is_warm(model),
-                                       input_seconds=input_s)
+                                       traced=self.rerunner.traced(model, rec), input_seconds=input_s)
 
     @staticmethod
     def rows_touched(rec: IntermediateRecord, start: int, stop: int) -> tuple[int, int]:

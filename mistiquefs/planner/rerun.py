@@ -25,6 +25,7 @@ from typing import Any
 import numpy as np
 
 from mistiquefs.errors import MistiqueError, StoreError
+from mistiquefs.planner.cost import imported
 from mistiquefs.store.records import IntermediateRecord, ModelRecord
 from mistiquefs.store.repository import Repository
 
@@ -63,6 +64,8 @@ class ReRunner:
         self.rows_run = 0
         self.loads = 0
         self._ran: set[tuple[int, str]] = set()  # (model, stage) run before: later calls are timed
+        #: hears each load: (framework, seconds, whether it imported the framework)
+        self.on_load: Callable[[str, float, bool], None] | None = None
 
     def is_warm(self, model: ModelRecord) -> bool:
         return model.id in self._warm
@@ -70,6 +73,10 @@ class ReRunner:
     def load_seconds(self, model: ModelRecord) -> float | None:
         warm = self._warm.get(model.id)
         return warm.load_seconds if warm else None
+
+    def traced(self, model: ModelRecord, layer: IntermediateRecord) -> bool:
+        """Whether ``layer``'s stage ran before in this process (its first call also traces it)."""
+        return (model.id, layer.name) in self._ran
 
     def model(self, model: ModelRecord) -> WarmModel:
         """The loaded model (loading it once however many threads ask)."""
@@ -88,6 +95,7 @@ class ReRunner:
                 continue
             try:
                 started = time.perf_counter()
+                with_import = not imported(model.framework)
                 try:
                     adapter = self._loader(model.framework, str(self.repo.root / model.model_file))
                 except MistiqueError as exc:  # a refused or broken model file is this read's I/O error
@@ -98,7 +106,10 @@ class ReRunner:
                     self.loads += 1
                     while len(self._warm) > WARM_MODELS:
                         self._warm.popitem(last=False)
-                log.info("loaded model %s in %.2f s for re-runs", model.name, warm.load_seconds)
+                log.info("loaded model %s in %.2f s for re-runs%s", model.name, warm.load_seconds,
+                         f" (importing {model.framework})" if with_import else "")
+                if self.on_load is not None:
+                    self.on_load(model.framework, warm.load_seconds, with_import)
                 return warm
             finally:
                 with self._lock:
