@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import sqlite3
+import time
 from pathlib import Path
 
 import numpy as np
@@ -88,6 +89,27 @@ def test_partial_reads_at_every_boundary(tmp_path: Path, rng: np.random.Generato
     for offset in (0, 1, 127, 128, chunk + 128 - 3, len(whole) - 5, len(whole), len(whole) + 10):
         for size in (1, 7, 4096, chunk + 11, 10 * chunk):
             assert reader.read(view, offset, size) == whole[offset:offset + size], (offset, size)
+
+
+def test_a_read_of_some_rows_decodes_those_and_a_scan_reads_ahead(tmp_path: Path, rng: np.random.Generator) -> None:
+    """rows() (in-process: it wants those rows and no more) decodes only their blocks; a read from the file's
+    start (the kernel: it will ask for what follows) also decodes the next blocks in the background."""
+    data = rng.standard_normal((20000, 100)).astype(np.float32)
+    repo = Repository(tmp_path / "s")
+    capture_arrays(repo, "m", {"dense": data}, table=False, batch=5000)
+    rec = layer(repo, "m", "dense")
+    reader = repo.reader(rec)
+    assert rec.n_blocks >= 4
+    np.testing.assert_array_equal(reader.rows(0, rec.block_rows + 1), data[:rec.block_rows + 1])
+    time.sleep(0.5)  # what a read-ahead would have decoded by now
+    assert [b for b in range(rec.n_blocks) if ("tile", rec.id, b) in repo.cache] == [0, 1]
+    repo.cache.clear()
+    view = reader.all_view()
+    assert reader.read(view, 0, 4096) == npy_bytes(data)[:4096]
+    deadline = time.monotonic() + 10
+    while ("tile", rec.id, 2) not in repo.cache and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert ("tile", rec.id, 2) in repo.cache
 
 
 def test_identical_columns_and_layers_are_stored_once(tmp_path: Path, rng: np.random.Generator) -> None:

@@ -169,8 +169,11 @@ class LayerReader:
         return Stream(length, length, lambda _b: ("column", self.rec.id, j), lambda _b: self._gather_column(j))
 
     # ---- reading -------------------------------------------------------------------------------------
-    def read(self, view: NpyView, offset: int, size: int, *, cached_only: bool = False) -> bytes | None:
-        """Bytes ``[offset, offset+size)`` of ``view`` (short at the end of the file)."""
+    def read(self, view: NpyView, offset: int, size: int, *, cached_only: bool = False,
+             exact: bool = False) -> bytes | None:
+        """Bytes ``[offset, offset+size)`` of ``view`` (short at the end of the file). ``exact``: the caller
+        wants these bytes and no more (an in-process read), so read-ahead stays within them instead of
+        running on into the file for a reader that will ask for the next bytes (the kernel)."""
         end = min(offset + size, view.size)
         if offset >= end:
             return b""
@@ -180,7 +183,8 @@ class LayerReader:
             parts.append(view.header[offset:min(end, head)])
         first, last = max(offset - head, 0) + view.start, end - head + view.start
         if last > first:
-            data = self._read_stream(view.stream, first, last, cached_only, view.start, view.start + view.length)
+            data = self._read_stream(view.stream, first, last, cached_only, view.start,
+                                     last if exact else view.start + view.length)
             if data is None:
                 return None
             parts.extend(data)
@@ -259,7 +263,8 @@ class LayerReader:
     def rows(self, start: int, stop: int) -> np.ndarray:
         """Examples ``[start, stop)`` as an array (copied out of the cache)."""
         view = self.all_view()
-        data = self.read(view, len(view.header) + start * self.rec.row_size, (stop - start) * self.rec.row_size)
+        data = self.read(view, len(view.header) + start * self.rec.row_size, (stop - start) * self.rec.row_size,
+                         exact=True)
         return np.frombuffer(data, dtype=self.rec.dtype).reshape((stop - start, *self.rec.shape))
 
     # ---- pieces --------------------------------------------------------------------------------------
