@@ -120,7 +120,7 @@ class ReRunner:
             start: int, stop: int, observe: Callable[[int, float], None] | None = None) -> np.ndarray:
         """``layer``'s output for examples ``[start, stop)``, computed by the model from the stored inputs
         (``input_rows(start, stop)``), in batches of the capture's batch size. ``observe(rows, seconds)``
-        hears the time of each model call (without the load and the input read)."""
+        hears the time of each model call (with making its inputs; without the load and the input read)."""
         warm = self.model(model)
         batch = int(model.info.get("batch_size") or 256)
         parts = []
@@ -130,10 +130,12 @@ class ReRunner:
             # ulp; see capture/keras.py for Keras): run it with a neighbour and keep it.
             pad = hi - lo == 1 and layer.n_rows > 1
             first = lo - 1 if pad and hi == layer.n_rows else lo
-            inputs = warm.adapter.inputs_from_stored(input_rows(first, first + 2) if pad else input_rows(lo, hi))
+            rows = input_rows(first, first + 2) if pad else input_rows(lo, hi)
             with warm.run_lock:
+                # the call's time includes making the framework's inputs (a DataFrame for a pipeline:
+                # ~1 ms a call, part of its per-call overhead)
                 started = time.perf_counter()
-                out = warm.adapter.run_stage(inputs, layer.name)
+                out = warm.adapter.run_stage(warm.adapter.inputs_from_stored(rows), layer.name)
                 seconds = time.perf_counter() - started
             # a stage's first call traces and optimizes its function (0.1-0.4 s for Keras): not its cost
             traced_now = (model.id, layer.name) not in self._ran
