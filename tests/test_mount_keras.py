@@ -83,8 +83,14 @@ def test_listing_pages_through_every_example(captured, mount) -> None:
     columns = os.listdir(mnt / "cnn" / "conv_a" / "columns")
     assert len(columns) == expected["conv_a"][0].size == 32 * 32 * 8
     with os.scandir(mnt / "cnn" / "probs") as entries:
-        sizes = {e.name: e.stat().st_size for e in entries if e.name.endswith(".npy")}
-    assert sizes["0.npy"] == len(npy_bytes(expected["probs"][0]))
+        listed = {e.name: (e.inode(), e.stat().st_size) for e in entries if e.name.endswith(".npy")}
+    # every example's entry carries its own inode (the listing re-stamps one set of attributes), the same
+    # one a lookup by name gives
+    assert len({inode for inode, _size in listed.values()}) == len(listed)
+    for name in ("0.npy", f"{N_IMAGES - 1}.npy", "all.npy"):
+        assert listed[name][0] == os.stat(mnt / "cnn" / "probs" / name).st_ino
+    assert listed["0.npy"][1] == listed[f"{N_IMAGES - 1}.npy"][1] == len(npy_bytes(expected["probs"][0]))
+    assert listed["all.npy"][1] == len(npy_bytes(expected["probs"]))
 
 
 def test_the_model_is_kept_and_loads_safely(captured) -> None:
