@@ -186,9 +186,7 @@ class Store:
             from mistiquefs.planner.planner import Planner
 
             self._planner = Planner(self.repo)
-        model_rec = self._model(model)
-        inputs = self._layer(model, "input")
-        return self._planner.rerunner.run(model_rec, rec, self.repo.reader(inputs).rows, start, stop)
+        return self._planner.run_rows(rec, start, stop)
 
     def _model(self, name: str):
         for rec in self.repo.models():

@@ -181,8 +181,18 @@ def test_a_cold_daemon_counts_the_framework_import_the_load_and_the_first_trace(
         assert planner.cost.load_seconds["sklearn"] == planner.rerunner.load_seconds(model)
         loaded = planner.rerun_seconds(rec, 0, rec.n_rows, rec.n_rows)
         assert cold - loaded == pytest.approx(cost.LOAD_SECONDS["sklearn"])
-        planner._run(rec, 0, 10)  # the stage's first call: traced from now on
+        planner.run_rows(rec, 0, 10)  # the stage's first call: traced from now on
         assert loaded - planner.rerun_seconds(rec, 0, rec.n_rows, rec.n_rows) == pytest.approx(0.5)
+        # several batches are joined into one array: a cost per output byte, learned from each join
+        scale = next(r for r in repo.layers_of(model.id) if r.name == "scale")
+        joined = []
+        monkeypatch.setattr(planner.cost, "observe_assembly", lambda nbytes, s: joined.append(nbytes))
+        np.testing.assert_array_equal(planner.run_rows(scale, 0, scale.n_rows), pipe[:1].transform(data()[0]))
+        assert joined == [scale.n_rows * scale.row_size]
+        with_join = planner.rerun_seconds(scale, 0, scale.n_rows, scale.n_rows)
+        planner.cost.assemble_seconds_per_byte = 0.0
+        assert with_join - planner.rerun_seconds(scale, 0, scale.n_rows, scale.n_rows) == \
+            pytest.approx(scale.n_rows * scale.row_size * cost.ASSEMBLE_SECONDS_PER_BYTE)
     finally:
         repo.close()
 

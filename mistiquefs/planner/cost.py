@@ -5,6 +5,7 @@ rerun  = model load (0 when warm; plus the framework's import when the daemon ha
          + the stage's first-call tracing (Keras, once per stage) + read of the input rows
          + calls x the model's per-call overhead
          + rows x (capture-measured seconds per row of the stages up to the layer) x (learned factor)
+         + output bytes x (seconds per byte to assemble them into one array, when several calls make them)
 
 Every constant starts from a measurement on this kind of machine (below) and is then updated from what
 the mount observes (exponential moving averages, ``ALPHA``; a first observation replaces the prior):
@@ -41,6 +42,10 @@ LOAD_SECONDS = {"keras": 1.0, "sklearn": 0.05}
 #: 5-7 s after drop_caches (bench_read's cold mounts, where a 1 s guess made conv1 re-run at 0.1 GB/s)
 IMPORT_SECONDS = {"keras": 4.0, "sklearn": 0.3}
 FRAMEWORK_MODULES = {"keras": "tensorflow", "sklearn": "sklearn"}
+#: assembling a re-run of several batches into one array, per output byte: an allocation (page faults, and
+#: with transparent huge pages on madvise, compaction) and a copy. 268 MB measured 90 ms into memory freed
+#: just before, 430 ms into fresh memory; bench_plan's whole-layer re-runs showed ~2 ns/B. Learned from runs.
+ASSEMBLE_SECONDS_PER_BYTE = 1e-9
 #: a stage's first call traces and optimizes its function (Keras: 0.1-0.4 s measured)
 TRACE_SECONDS = {"keras": 0.3, "sklearn": 0.0}
 
@@ -103,6 +108,8 @@ class CostModel:
         self.tile_seconds = TILE_SECONDS
         self._seen_tiles = False
         self.load_seconds: dict[str, float] = {}      # framework -> observed model load (import excluded)
+        self.assemble_seconds_per_byte = ASSEMBLE_SECONDS_PER_BYTE
+        self._seen_assembly = False
 
     # ---- estimates ---------------------------------------------------------------------------------
     def read_seconds(self, rec: IntermediateRecord, tiles: int, raw_bytes: int) -> float:
@@ -117,7 +124,8 @@ class CostModel:
         load = 0.0 if warm else self.load_estimate(model.framework)
         trace = 0.0 if traced else TRACE_SECONDS.get(model.framework, 0.0)
         per_row = stage_seconds_per_row(layers, rec) * self.factor.get(rec.id, 1.0)
-        return load + trace + input_seconds + calls * overhead + rows * per_row
+        assemble = rows * rec.row_size * self.assemble_seconds_per_byte if rows > batch else 0.0
+        return load + trace + input_seconds + calls * overhead + rows * per_row + assemble
 
     def load_estimate(self, framework: str) -> float:
         """Loading a model of ``framework`` now: what loads took (or the prior), plus the import if due."""
@@ -150,6 +158,16 @@ class CostModel:
         with self._lock:
             old = self.load_seconds.get(framework)
             self.load_seconds[framework] = seconds if old is None else (1 - ALPHA) * old + ALPHA * seconds
+
+    def observe_assembly(self, nbytes: int, seconds: float) -> None:
+        """Several calls' outputs, ``nbytes`` in all, were joined into one array in ``seconds``."""
+        if nbytes < MIN_OBSERVED_BYTES:
+            return
+        with self._lock:
+            seen = seconds / nbytes
+            self.assemble_seconds_per_byte = seen if not self._seen_assembly else \
+                (1 - ALPHA) * self.assemble_seconds_per_byte + ALPHA * seen
+            self._seen_assembly = True
 
     def observe_rerun(self, model: ModelRecord, layers: list[IntermediateRecord], rec: IntermediateRecord,
                       rows: int, seconds: float) -> None:

@@ -200,7 +200,7 @@ class Planner:
         length = rec.n_rows * row_size
         if kind == "row":
             stream = Stream(row_size, length, lambda b: ("rerun-row", rec.id, b),
-                            lambda b: self._run(rec, b, b + 1))
+                            lambda b: self.run_rows(rec, b, b + 1))
             return NpyView(npy_header(rec.dtype, rec.shape), stream, index * row_size, row_size)
         rows_stream = self._rerun_rows_stream(rec)
         if kind == "all":
@@ -219,13 +219,15 @@ class Planner:
             piece_rows = max(1, min(batch, RERUN_PIECE_BYTES // max(1, rec.row_size)))
         return Stream(piece_rows * rec.row_size, rec.n_rows * rec.row_size,
                       lambda b: ("rerun-rows", rec.id, b),
-                      lambda b: self._run(rec, b * piece_rows, min((b + 1) * piece_rows, rec.n_rows)))
+                      lambda b: self.run_rows(rec, b * piece_rows, min((b + 1) * piece_rows, rec.n_rows)))
 
-    def _run(self, rec: IntermediateRecord, start: int, stop: int) -> np.ndarray:
+    def run_rows(self, rec: IntermediateRecord, start: int, stop: int) -> np.ndarray:
+        """Examples ``[start, stop)`` of ``rec`` computed by its model (the cost model learns from it)."""
         model, layers = self.model_and_layers(rec)
         inp = self.repo.reader(self._input_of(rec))
         out = self.rerunner.run(model, rec, inp.rows, start, stop,
-                                observe=lambda rows, s: self.cost.observe_rerun(model, layers, rec, rows, s))
+                                observe=lambda rows, s: self.cost.observe_rerun(model, layers, rec, rows, s),
+                                assembled=self.cost.observe_assembly)
         return out
 
     def _observe_read(self, rec: IntermediateRecord, key: Hashable, nbytes: int, seconds: float) -> None:

@@ -117,10 +117,12 @@ class ReRunner:
                 event.set()
 
     def run(self, model: ModelRecord, layer: IntermediateRecord, input_rows: Callable[[int, int], np.ndarray],
-            start: int, stop: int, observe: Callable[[int, float], None] | None = None) -> np.ndarray:
+            start: int, stop: int, observe: Callable[[int, float], None] | None = None,
+            assembled: Callable[[int, float], None] | None = None) -> np.ndarray:
         """``layer``'s output for examples ``[start, stop)``, computed by the model from the stored inputs
         (``input_rows(start, stop)``), in batches of the capture's batch size. ``observe(rows, seconds)``
-        hears the time of each model call (with making its inputs; without the load and the input read)."""
+        hears the time of each model call (with making its inputs; without the load and the input read);
+        ``assembled(nbytes, seconds)`` the time to join several calls' outputs into one array."""
         warm = self.model(model)
         batch = int(model.info.get("batch_size") or 256)
         parts = []
@@ -148,7 +150,13 @@ class ReRunner:
             if pad:
                 out = out[lo - first:lo - first + 1]
             parts.append(self._checked(out, layer, hi - lo))
-        return parts[0] if len(parts) == 1 else np.concatenate(parts)
+        if len(parts) == 1:
+            return parts[0]
+        started = time.perf_counter()
+        out = np.concatenate(parts)
+        if assembled is not None:
+            assembled(out.nbytes, time.perf_counter() - started)
+        return out
 
     @staticmethod
     def _checked(out: np.ndarray, layer: IntermediateRecord, rows: int) -> np.ndarray:
