@@ -53,6 +53,34 @@ TILES_PER_QUERY = 8
 READ_AHEAD_BYTES = 8 << 20
 
 
+class _Overlap:
+    """How many timed piece loads run at once (process-wide): a load that shared the cores with others
+    took longer than it costs alone, and the cost model must not learn the contended time."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self.running = 0
+        self.cores = os.cpu_count() or 1
+
+    def begin(self) -> int:
+        with self._lock:
+            self.running += 1
+            return self.running
+
+    def end(self) -> int:
+        with self._lock:
+            self.running -= 1
+            return self.running + 1
+
+    def alone(self, seconds: float, at_start: int, at_end: int) -> float:
+        """``seconds`` of a load that overlapped ``max(at_start, at_end)`` loads (itself included), as it
+        would have taken with the cores to itself (loads beyond the core count slow each other down)."""
+        return seconds * min(1.0, self.cores / max(at_start, at_end, 1))
+
+
+_OVERLAP = _Overlap()
+
+
 @cache
 def _prefetcher() -> ThreadPoolExecutor:
     return ThreadPoolExecutor(max(2, os.cpu_count() or 1), thread_name_prefix="mistiquefs-prefetch")
@@ -141,7 +169,8 @@ class LayerReader:
         self._some_tiles: dict[int, tuple[bytes, ChunkLocation]] = {}
         self._flights = SingleFlight()
         self._lock = threading.Lock()
-        #: ``observer(rec, key, nbytes, seconds)`` hears every piece this reader loads (the cost model)
+        #: ``observer(rec, key, nbytes, seconds)`` hears every piece this reader loads (the cost model), its
+        #: time as it would have been with the cores to itself
         self.observer: Callable[[IntermediateRecord, Hashable, int, float], None] | None = None
         self._row_header = npy_header(rec.dtype, rec.shape)
         self._row_stream = Stream(rec.block_rows * rec.row_size, rec.n_rows * rec.row_size,
@@ -230,11 +259,14 @@ class LayerReader:
 
     def _timed(self, key: Hashable, load: Callable[[], Buffer]) -> Buffer:
         observer = self.observer
-        if observer is None:
-            return load()
+        at_start = _OVERLAP.begin()  # every load counts: an unobserved one contends all the same
         started = time.perf_counter()
-        piece = load()
-        observer(self.rec, key, len(as_bytes(piece)), time.perf_counter() - started)
+        try:
+            piece = load()
+        finally:
+            seconds, at_end = time.perf_counter() - started, _OVERLAP.end()
+        if observer is not None:
+            observer(self.rec, key, len(as_bytes(piece)), _OVERLAP.alone(seconds, at_start, at_end))
         return piece
 
     def _put(self, key: Hashable, piece: Buffer) -> Buffer:
