@@ -29,7 +29,7 @@ from mistiquefs.codecs.base import array_from_json, array_to_json
 from mistiquefs.codecs.fidelity import ErrorStats
 from mistiquefs.codecs.lossless import BytesCodec, ShuffleCodec
 from mistiquefs.codecs.pool import PoolCodec
-from mistiquefs.codecs.quantize import MAX_UNITS, KBitCodec, ThresholdCodec, quantile_edges
+from mistiquefs.codecs.quantize import MAX_UNITS, KBitCodec, ThresholdCodec, _unpack_codes, quantile_edges
 from mistiquefs.errors import MistiqueError
 
 FAST = settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow])
@@ -914,3 +914,20 @@ def test_pool_crops_trailing_rows_and_columns() -> None:
     seq = np.arange(1 * 7 * 1, dtype=np.float64).reshape(1, 7, 1)
     assert PoolCodec(size=3).summarize(seq).reshape(-1).tolist() == [1.0, 4.0]
     assert PoolCodec(size=3, mode="max").summarize(seq).reshape(-1).tolist() == [2.0, 5.0]
+
+
+@pytest.mark.parametrize("dtype", [np.float16, np.float32, np.float64])
+@pytest.mark.parametrize("k", [1, 3, 4, 8])
+def test_kbit_decodes_two_codes_at_a_time_exactly_like_one(dtype, k: int) -> None:
+    """Per-layer kbit tiles decode through a table of code pairs (float16/32); every value is the one a
+    lookup of its own code gives, odd counts and the last code included."""
+    rng = np.random.default_rng(k)
+    x = rng.standard_normal((9, 37)).astype(dtype)
+    codec = KBitCodec(k=k).fit(x, 37)
+    for rows in (9, 8, 1):
+        spec = TileSpec((rows, 37), np.dtype(dtype))
+        data = codec.encode(x[:rows], spec)
+        expected = codec.values[0].astype(dtype)[_unpack_codes(data, k, spec.count)].reshape(spec.shape)
+        decoded = codec.decode(data, spec)
+        assert decoded.dtype == dtype
+        np.testing.assert_array_equal(decoded, expected)

@@ -146,6 +146,23 @@ def _unpack_codes(data: bytes | memoryview, k: int, count: int) -> np.ndarray:
     return np.packbits(padded, axis=1).reshape(-1)
 
 
+#: per value size, the unsigned type holding two values: what a pair table's entries are copied as
+PAIR_UNITS = {2: np.dtype("<u4"), 4: np.dtype("<u8")}
+
+
+def _decode_pairs(pairs: np.ndarray, codes: np.ndarray, dtype: np.dtype) -> np.ndarray:
+    """``codes`` (uint8) looked up two at a time in a pair table: half the indices of a one-code lookup,
+    each copying two values (6.3 vs 4.2 GB/s of float32 out on a 1 MiB tile)."""
+    out = np.empty(len(codes), dtype=dtype)
+    even = len(codes) & ~1
+    if even:
+        np.take(pairs, codes[:even].view("<u2"), mode="wrap", out=out[:even].view(pairs.dtype))
+    if even < len(codes):
+        last = int(codes[-1])
+        out[-1] = pairs[last:last + 1].view(dtype)[0]  # entry (code, 0): its first value is this code's
+    return out
+
+
 @dataclass(frozen=True, eq=False)
 class Float16Codec(ArrayCodec):
     """Values cast to IEEE half precision (MISTIQUE's LP_QT): 2 bytes a value, ~3 significant digits."""
@@ -229,6 +246,23 @@ class KBitCodec(ArrayCodec):
             raise SchemeError("kbit codec used before fit() learned its bins")
         return self.edges, self.values
 
+    def _pair_table(self, dtype: np.dtype) -> np.ndarray | None:
+        """For a per-layer codec: the values of every pair of codes, one 65536-entry table (512 KiB for
+        float32) indexed by two codes at once; None for values wider than 4 bytes."""
+        dtype = np.dtype(dtype)
+        if dtype.itemsize not in PAIR_UNITS:
+            return None
+        tables = self.__dict__.setdefault("_pairs", {})
+        table = tables.get(dtype.str)
+        if table is None:
+            single = np.zeros(256, dtype=dtype)
+            single[:self.bins] = self._fitted()[1][0].astype(dtype)
+            index = np.arange(1 << 16)
+            pair = np.empty((1 << 16, 2), dtype=dtype)
+            pair[:, 0], pair[:, 1] = single[index & 0xFF], single[index >> 8]  # first code in the low byte
+            table = tables[dtype.str] = pair.view(PAIR_UNITS[dtype.itemsize]).reshape(-1)
+        return table
+
     @cached_property
     def _encode_tables(self) -> np.ndarray:
         edges, _ = self._fitted()
@@ -250,16 +284,21 @@ class KBitCodec(ArrayCodec):
     def decode(self, data: bytes | memoryview, spec: TileSpec) -> np.ndarray:
         _, values = self._fitted()
         codes = _unpack_codes(data, self.k, spec.count)
+        # np.take without bounds checks (mode="wrap": every code is below 2^K, the table's length) runs
+        # ~2x faster than fancy indexing, which checks each index: 2.75 vs 1.39 GB/s of float32 out
         if self.per == "layer":
-            out = values[0].astype(spec.dtype, copy=False)[codes]
+            pairs = self._pair_table(spec.dtype)
+            if pairs is not None:
+                return _decode_pairs(pairs, codes, spec.dtype).reshape(spec.shape)
+            out = np.take(values[0].astype(spec.dtype, copy=False), codes, mode="wrap")
         elif spec.unit is not None:
-            out = values[spec.unit].astype(spec.dtype, copy=False)[codes]
+            out = np.take(values[spec.unit].astype(spec.dtype, copy=False), codes, mode="wrap")
         else:
             units = len(values)
             index_type = np.uint16 if units * self.bins <= 1 << 16 else np.uint32
             offsets = (np.arange(units) * self.bins).astype(index_type)
             flat = values.astype(spec.dtype, copy=False).reshape(-1)
-            out = flat[codes.reshape(-1, units).astype(index_type) + offsets]
+            out = np.take(flat, codes.reshape(-1, units).astype(index_type) + offsets, mode="wrap")
         return out.reshape(spec.shape)
 
 
