@@ -271,14 +271,16 @@ class KBitCodec(ArrayCodec):
     def encode(self, tile: np.ndarray, spec: TileSpec) -> bytes | memoryview:
         tables = self._encode_tables
         top = _top16(_as_f32(tile))
+        # mode="wrap": no bounds checks (every index is below the table's 2^16 or units x 2^16 entries);
+        # 2.5x faster than fancy indexing (3.2 vs 1.3 GB/s of float32 in)
         if self.per == "layer":
-            codes = tables[0][top]
+            codes = np.take(tables[0], top, mode="wrap")
         elif spec.unit is not None:
-            codes = tables[spec.unit][top]
+            codes = np.take(tables[spec.unit], top, mode="wrap")
         else:
             units = len(tables)
             index = top.reshape(-1, units).astype(np.uint32) | (np.arange(units, dtype=np.uint32) << 16)
-            codes = tables.reshape(-1)[index].reshape(-1)
+            codes = np.take(tables.reshape(-1), index, mode="wrap").reshape(-1)
         return _pack_codes(codes, self.k)
 
     def decode(self, data: bytes | memoryview, spec: TileSpec) -> np.ndarray:
