@@ -517,19 +517,19 @@ def test_array_json_is_bit_exact(dtype, shape, seed) -> None:
     ("lossless", "lossless+zstd:3"),
     ("bytes", "lossless+zstd:3"),
     ("float16", "float16+zstd:3"),
-    ("kbit:8", "kbit:8+zstd:3"),
-    ("kbit:1:unit", "kbit:1:unit+zstd:3"),
-    ("kbit:3:layer", "kbit:3+zstd:3"),
+    ("kbit:8", "kbit:8+zstd:1"),
+    ("kbit:1:unit", "kbit:1:unit+zstd:1"),
+    ("kbit:3:layer", "kbit:3+zstd:1"),
     ("threshold:99", "threshold:99+zstd:3"),
     ("threshold:12.5", "threshold:12.5+zstd:3"),
     ("pool:2", "pool:2+lossless+zstd:3"),
     ("pool:3:max+float16", "pool:3:max+float16+zstd:3"),
-    ("pool:2:avg+kbit:8", "pool:2+kbit:8+zstd:3"),
+    ("pool:2:avg+kbit:8", "pool:2+kbit:8+zstd:1"),
     ("lossless+shuffle+zstd:9", "lossless+shuffle+zstd:9"),
     ("zstd:1", "lossless+zstd:1"),
     ("zstd:22", "lossless+zstd:22"),
     ("shuffle", "lossless+shuffle+zstd:3"),
-    (" kbit:4 + shuffle ", "kbit:4+shuffle+zstd:3"),
+    (" kbit:4 + shuffle ", "kbit:4+shuffle+zstd:1"),
 ])
 def test_parse_scheme_accepts_the_grammar(text, described) -> None:
     chain = parse_scheme(text)
@@ -597,7 +597,8 @@ def test_valid_schemes_parse_and_describe_stably(pool, array, shuffle, zstd) -> 
     assert parse_scheme(chain.describe()).describe() == chain.describe()
     assert (chain.summary is not None) == (pool is not None)
     assert len(chain.filters) == shuffle
-    assert chain.describe().endswith(zstd if zstd and ":" in zstd else "zstd:3")
+    default = "zstd:1" if chain.array.name == "kbit" else "zstd:3"  # a level named wins; else the codec's
+    assert chain.describe().endswith(zstd if zstd and ":" in zstd else default)
 
 
 @settings(max_examples=300, deadline=None)
@@ -618,19 +619,19 @@ def test_scheme_policy_first_match_wins_and_input_stays_lossless() -> None:
     lossless = "lossless+zstd:3"
     assert SchemePolicy.parse(None).chain_for("conv1").describe() == lossless
     everything = SchemePolicy.parse("kbit:8")
-    assert everything.chain_for("conv1").describe() == "kbit:8+zstd:3"
+    assert everything.chain_for("conv1").describe() == "kbit:8+zstd:1"
     assert everything.chain_for("input").describe() == lossless
     assert everything.learns
 
     policy = SchemePolicy.parse({"input": "kbit:8", "conv*": "kbit:4", "conv2": "float16",
                                  "dense[12]": "threshold:90"})
     assert policy.chain_for("input").describe() == lossless
-    assert policy.chain_for("conv2").describe() == "kbit:4+zstd:3"  # the first matching rule, not the exact one
-    assert policy.chain_for("conv1").describe() == "kbit:4+zstd:3"
+    assert policy.chain_for("conv2").describe() == "kbit:4+zstd:1"  # the first matching rule, not the exact one
+    assert policy.chain_for("conv1").describe() == "kbit:4+zstd:1"
     assert policy.chain_for("dense1").describe() == "threshold:90+zstd:3"
     assert policy.chain_for("dense3").describe() == lossless  # unmatched
     assert policy.chain_for("Conv1").describe() == lossless   # globs are case-sensitive
-    assert policy.describe() == {"input": "kbit:8+zstd:3", "conv*": "kbit:4+zstd:3", "conv2": "float16+zstd:3",
+    assert policy.describe() == {"input": "kbit:8+zstd:1", "conv*": "kbit:4+zstd:1", "conv2": "float16+zstd:3",
                                  "dense[12]": "threshold:90+zstd:3"}
 
     ordered = SchemePolicy.parse({"*": "float16", "conv*": "kbit:4"})

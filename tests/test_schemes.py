@@ -101,7 +101,7 @@ def test_a_pooled_layer_shows_its_summary_beside_it(cnn_store, mount) -> None:
     mnt = mount(path)
     summary_dir = mnt / "cnn" / "conv3.pool2"
     layer_info = json.loads((summary_dir / "info.json").read_text())
-    assert layer_info["shape"] == [N_IMAGES, 8, 8, 64] and layer_info["scheme"] == "pool:2+kbit:8+zstd:3"
+    assert layer_info["shape"] == [N_IMAGES, 8, 8, 64] and layer_info["scheme"] == "pool:2+kbit:8+zstd:1"
     pooled = PoolCodec(2).summarize(expected["conv3"])
     want = decoded(layer_info["codec"], pooled)
     assert np.array_equal(np.load(summary_dir / "all.npy"), want)
@@ -219,9 +219,9 @@ def test_the_cli_takes_schemes_and_refuses_bad_ones(tmp_path: Path, capsys) -> N
     assert main([*argv, "--scheme", "prep=float16", "--scheme", "ridge=kbit:6"]) == 0
     with mistiquefs.open_store(store) as opened:
         assert opened.info("p", "prep")["scheme"] == "float16+zstd:3"
-        assert opened.info("p", "ridge")["scheme"] == "kbit:6+zstd:3"
+        assert opened.info("p", "ridge")["scheme"] == "kbit:6+zstd:1"
         assert opened.info("p", "input")["scheme"] == "lossless+zstd:3"
-        assert opened.info("p")["model"]["schemes"] == {"prep": "float16+zstd:3", "ridge": "kbit:6+zstd:3"}
+        assert opened.info("p")["model"]["schemes"] == {"prep": "float16+zstd:3", "ridge": "kbit:6+zstd:1"}
 
 
 @pytest.mark.keras

@@ -87,7 +87,7 @@ class ZstdCodec(FilterCodec):
     within 3% of level 9's ratio at 4X its speed (conv1 6.42X vs 6.61X; 0.70 vs 0.17 GB/s)."""
 
     name: ClassVar[str] = "zstd"
-    level: int = 3
+    level: int | None = 3  # None only while a scheme is parsed: "zstd" without a level (chain.py)
 
     def configuration(self) -> dict[str, Any]:
         return {"level": self.level}
