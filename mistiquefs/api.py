@@ -121,9 +121,10 @@ class Store:
                                batch_size=size, n_rows=n_rows,
                                existing_bytes=self.repo.catalog.referenced_bytes() if budget_bytes else 0)
             try:
+                started = time.perf_counter()  # the capture's time includes the sampling pass
                 if schemes_policy.learns and policy != "none":
-                    writer.samples = _sample_outputs(adapter, inputs, n_rows, schemes_policy)
-                return self._capture(adapter, writer, inputs, n_rows, size, progress, keep, budget_bytes)
+                    writer.learn(_sample_outputs(adapter, inputs, n_rows, schemes_policy))
+                return self._capture(adapter, writer, inputs, n_rows, size, progress, keep, budget_bytes, started)
             except BaseException as exc:
                 writer.abort()
                 if _disk_full(exc):
@@ -134,8 +135,7 @@ class Store:
                 raise
 
     def _capture(self, adapter: Adapter, writer: CaptureWriter, inputs: Any, n_rows: int, size: int,
-                 progress: bool | None, keep: Any, budget: int | None) -> CaptureSummary:
-        started = time.perf_counter()
+                 progress: bool | None, keep: Any, budget: int | None, started: float) -> CaptureSummary:
         bar = tqdm(total=n_rows, unit="ex", desc=f"capture {writer.name}", leave=False,
                    disable=None if progress is None else not progress)
         with bar:

@@ -72,6 +72,10 @@ class ChunkSink:
         while len(self._pending) > MAX_PENDING:
             self._finish_oldest()
 
+    def fit(self, chain: Chain, sample: np.ndarray, units: int | None) -> Future[Chain]:
+        """``chain`` fitted to ``sample`` in a worker thread (fits of several layers run side by side)."""
+        return self._pool.submit(chain.fit, sample, units)
+
     def _encode(self, tile: np.ndarray, spec: TileSpec, chain: Chain) -> EncodedTile:
         data = chain.encode(tile, spec)
         stats = ErrorStats.measure(tile, chain.decode(data, spec)) if chain.lossy else None
@@ -109,6 +113,11 @@ class ChunkSink:
         self._pool.shutdown(wait=True, cancel_futures=True)
 
 
+def units_of(shape: tuple[int, ...]) -> int | None:
+    """The units (channels, features) per-unit codecs fit on: the last axis of an example."""
+    return shape[-1] if shape else None
+
+
 class LayerWriter:
     """Accumulates one intermediate's rows and hands them to the sink block by block.
 
@@ -116,13 +125,14 @@ class LayerWriter:
     fitting, which happens on ``sample`` (or, failing that, on the first block) before anything is encoded."""
 
     def __init__(self, name: str, first: np.ndarray, table: bool, sink: ChunkSink, chain: Chain,
-                 sample: np.ndarray | None = None) -> None:
+                 sample: np.ndarray | None = None, fitted: Future[Chain] | None = None) -> None:
         self.name = name
         self.shape: tuple[int, ...] = tuple(first.shape[1:])
         self.dtype = first.dtype
         self.layout, self.block_rows = choose_layout(self.shape, self.dtype, table)
         self.chain = chain
         self._sample = sample
+        self._fitted = fitted  # the chain fitted to ``sample`` ahead, by CaptureWriter.learn
         self._needs_fit = chain.learns
         self._sink = sink
         self._buffer = np.empty((self.block_rows, *self.shape), dtype=self.dtype)
@@ -162,8 +172,11 @@ class LayerWriter:
             return
         block = self._buffer[:self._filled]
         if self._needs_fit:
-            self.chain = self.chain.fit(self._sample if self._sample is not None else block, self._units)
-            self._sample, self._needs_fit = None, False
+            if self._fitted is not None:
+                self.chain = self._fitted.result()
+            else:
+                self.chain = self.chain.fit(self._sample if self._sample is not None else block, self._units)
+            self._sample, self._fitted, self._needs_fit = None, None, False
         for j, tile in enumerate(split_block(block, self.layout)):
             unit = j if self.layout == COLUMNS else None
             spec = TileSpec(tile.shape, tile.dtype, unit)
@@ -174,7 +187,7 @@ class LayerWriter:
 
     @property
     def _units(self) -> int | None:
-        return self.shape[-1] if self.shape else None
+        return units_of(self.shape)
 
     def _stored(self, tile: int, result: EncodedTile) -> None:
         self.tiles[tile] = (tile, result.cid)
@@ -227,9 +240,10 @@ class UnstoredLayer:
 class CaptureWriter:
     """One capture in progress. Use ``add`` per stage and batch, then ``commit`` or ``abort``.
 
-    ``policy`` picks each stage's codec chain; ``samples`` (stage -> a bounded sample of its output,
-    spread over the inputs) is what learned codecs fit on. A chain with a summary (pool) stores the
-    summary as ``<stage><suffix>`` and records the stage itself as not stored."""
+    ``policy`` picks each stage's codec chain; ``learn(samples)`` (stage -> a bounded sample of its
+    output, spread over the inputs) gives learned codecs what they fit on, and fits them at once in the
+    encode workers. A chain with a summary (pool) stores the summary as ``<stage><suffix>`` and records
+    the stage itself as not stored."""
 
     def __init__(self, catalog: Catalog, root: Path, name: str, *, table: bool,
                  policy: SchemePolicy | None = None, samples: dict[str, np.ndarray] | None = None,
@@ -239,7 +253,8 @@ class CaptureWriter:
         self.name = name
         self.table = table
         self.policy = policy or SchemePolicy()
-        self.samples = samples or {}
+        self.samples: dict[str, np.ndarray] = {}
+        self._fits: dict[str, Future[Chain]] = {}  # layer -> its chain being fitted to its sample
         self.store_nothing = store_nothing  # policy "none": only the inputs (and the model) are kept
         self.packs = PackWriter(root / "packs")
         self.sink = ChunkSink(catalog, self.packs)
@@ -248,6 +263,19 @@ class CaptureWriter:
         self._files: list[Path] = []
         self.committed = False
         self.committed_layers: list[NewIntermediate] = []
+        if samples:
+            self.learn(samples)
+
+    def learn(self, samples: dict[str, np.ndarray]) -> None:
+        """Take each stage's sample and fit its learned codecs in the encode workers, all at once (one
+        after another on this thread, they held up the first batch: ~0.1 s for 13 VGG layers)."""
+        self.samples = dict(samples)
+        if self.store_nothing:
+            return
+        for stage, sample in self.samples.items():
+            for name, chain, layer_sample in self._chains(stage, sample):
+                if chain.learns and layer_sample is not None and name not in self._fits:
+                    self._fits[name] = self.sink.fit(chain, layer_sample, units_of(tuple(layer_sample.shape[1:])))
 
     def add(self, stage: str, array: np.ndarray, seconds: float | None = None, batch: int = 0) -> None:
         """Append one batch of one stage's output (``seconds``: that stage's time on this batch)."""
@@ -262,20 +290,30 @@ class CaptureWriter:
     def _writers_for(self, stage: str, first: np.ndarray) -> list[tuple[LayerWriter | UnstoredLayer, Any]]:
         if self.store_nothing and stage != "input":
             return [(UnstoredLayer(stage, first, self.table), None)]
-        chain = self.policy.chain_for(stage).for_layer(tuple(first.shape[1:]), first.dtype)
-        sample = self.samples.get(stage)
+        (name, chain, sample), = self._chains(stage, self.samples.get(stage), first)
         if chain.summary is None:
-            return [(LayerWriter(stage, first, self.table, self.sink, chain, sample), None)]
+            return [(LayerWriter(stage, first, self.table, self.sink, chain, sample, self._fits.get(name)), None)]
         summary = chain.summary
-        name = stage + summary.suffix
         if name in self.layers:
             raise CaptureError(f"the summary {name!r} of stage {stage!r} clashes with a stage of that name")
-        pooled = summary.summarize(first)
+        writer = LayerWriter(name, summary.summarize(first), self.table, self.sink, chain, sample,
+                             self._fits.get(name))
+        return [(UnstoredLayer(stage, first, self.table), None), (writer, summary.summarize)]
+
+    def _chains(self, stage: str, sample: np.ndarray | None,
+                first: np.ndarray | None = None) -> list[tuple[str, Chain, np.ndarray | None]]:
+        """(layer, chain, its sample) that ``stage`` stores: itself, or its summary ``<stage><suffix>``
+        (then with the summarized sample). ``first``: a batch of the stage's output (default: the sample)."""
+        first = sample if first is None else first
+        assert first is not None
+        chain = self.policy.chain_for(stage).for_layer(tuple(first.shape[1:]), first.dtype)
+        if chain.summary is None:
+            return [(stage, chain, sample)]
+        summary = chain.summary
+        pooled = summary.summarize(first[:1])
         rest = replace(chain, summary=None).for_layer(tuple(pooled.shape[1:]), pooled.dtype)
         summary_chain = replace(rest, summary=summary, note="; ".join(n for n in (chain.note, rest.note) if n))
-        writer = LayerWriter(name, pooled, self.table, self.sink, summary_chain,
-                             summary.summarize(sample) if sample is not None else None)
-        return [(UnstoredLayer(stage, first, self.table), None), (writer, summary.summarize)]
+        return [(stage + summary.suffix, summary_chain, summary.summarize(sample) if sample is not None else None)]
 
     def new_file(self, suffix: str) -> Path:
         """A fresh path under ``models/`` for the model file (removed again on abort)."""
