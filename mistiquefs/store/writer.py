@@ -254,7 +254,7 @@ class CaptureWriter:
         self.table = table
         self.policy = policy or SchemePolicy()
         self.samples: dict[str, np.ndarray] = {}
-        self._fits: dict[str, Future[Chain]] = {}  # layer -> its chain being fitted to its sample
+        self._fits: dict[str, tuple[str, Future[Chain]]] = {}  # layer -> (its chain, that chain being fitted)
         self.store_nothing = store_nothing  # policy "none": only the inputs (and the model) are kept
         self.packs = PackWriter(root / "packs")
         self.sink = ChunkSink(catalog, self.packs)
@@ -273,9 +273,15 @@ class CaptureWriter:
         if self.store_nothing:
             return
         for stage, sample in self.samples.items():
-            for name, chain, layer_sample in self._chains(stage, sample):
-                if chain.learns and layer_sample is not None and name not in self._fits:
-                    self._fits[name] = self.sink.fit(chain, layer_sample, units_of(tuple(layer_sample.shape[1:])))
+            name, chain, layer_sample = self._chain(stage, sample)
+            if chain.learns and layer_sample is not None:
+                units = units_of(tuple(layer_sample.shape[1:]))
+                self._fits[name] = (chain.describe(), self.sink.fit(chain, layer_sample, units))
+
+    def _fitted(self, name: str, chain: Chain) -> Future[Chain] | None:
+        """The fit ``learn`` started for layer ``name``, if it was for this very chain."""
+        described, future = self._fits.get(name, ("", None))
+        return future if described == chain.describe() else None
 
     def add(self, stage: str, array: np.ndarray, seconds: float | None = None, batch: int = 0) -> None:
         """Append one batch of one stage's output (``seconds``: that stage's time on this batch)."""
@@ -290,30 +296,30 @@ class CaptureWriter:
     def _writers_for(self, stage: str, first: np.ndarray) -> list[tuple[LayerWriter | UnstoredLayer, Any]]:
         if self.store_nothing and stage != "input":
             return [(UnstoredLayer(stage, first, self.table), None)]
-        (name, chain, sample), = self._chains(stage, self.samples.get(stage), first)
+        name, chain, sample = self._chain(stage, self.samples.get(stage), first)
+        fitted = self._fitted(name, chain)
         if chain.summary is None:
-            return [(LayerWriter(stage, first, self.table, self.sink, chain, sample, self._fits.get(name)), None)]
+            return [(LayerWriter(stage, first, self.table, self.sink, chain, sample, fitted), None)]
         summary = chain.summary
         if name in self.layers:
             raise CaptureError(f"the summary {name!r} of stage {stage!r} clashes with a stage of that name")
-        writer = LayerWriter(name, summary.summarize(first), self.table, self.sink, chain, sample,
-                             self._fits.get(name))
+        writer = LayerWriter(name, summary.summarize(first), self.table, self.sink, chain, sample, fitted)
         return [(UnstoredLayer(stage, first, self.table), None), (writer, summary.summarize)]
 
-    def _chains(self, stage: str, sample: np.ndarray | None,
-                first: np.ndarray | None = None) -> list[tuple[str, Chain, np.ndarray | None]]:
-        """(layer, chain, its sample) that ``stage`` stores: itself, or its summary ``<stage><suffix>``
+    def _chain(self, stage: str, sample: np.ndarray | None,
+               first: np.ndarray | None = None) -> tuple[str, Chain, np.ndarray | None]:
+        """(layer, chain, its sample) of what ``stage`` stores: itself, or its summary ``<stage><suffix>``
         (then with the summarized sample). ``first``: a batch of the stage's output (default: the sample)."""
         first = sample if first is None else first
         assert first is not None
         chain = self.policy.chain_for(stage).for_layer(tuple(first.shape[1:]), first.dtype)
         if chain.summary is None:
-            return [(stage, chain, sample)]
+            return stage, chain, sample
         summary = chain.summary
         pooled = summary.summarize(first[:1])
         rest = replace(chain, summary=None).for_layer(tuple(pooled.shape[1:]), pooled.dtype)
         summary_chain = replace(rest, summary=summary, note="; ".join(n for n in (chain.note, rest.note) if n))
-        return [(stage + summary.suffix, summary_chain, summary.summarize(sample) if sample is not None else None)]
+        return stage + summary.suffix, summary_chain, summary.summarize(sample) if sample is not None else None
 
     def new_file(self, suffix: str) -> Path:
         """A fresh path under ``models/`` for the model file (removed again on abort)."""
