@@ -25,24 +25,32 @@ class ErrorStats:
     m2: float = 0.0         # their sum of squared deviations from ``mean``
 
     @classmethod
-    def measure(cls, original: np.ndarray, decoded: np.ndarray) -> ErrorStats:
+    def measure(cls, original: np.ndarray, decoded: np.ndarray, *, scratch: bool = False) -> ErrorStats:
         """The error of ``decoded`` against ``original`` (same shape). Works in the layer's own precision
-        (float32 passes cost a quarter of float64 ones); sums of squares of a float32 tile accumulate in
-        float32 (relative error ~1e-5 at a million values), everything across tiles in float64."""
+        (float32 passes cost a quarter of float64 ones): sums of a float32 tile accumulate in float32
+        (pairwise; sums of squares through BLAS: relative error ~1e-5 at a million values), everything
+        across tiles in float64. ``scratch``: ``decoded`` is the caller's temporary (a fresh, contiguous
+        array), used as the work buffer instead of two new ones (a kbit:8 capture spent a quarter of its
+        time here: 0.63 -> 0.35 ms per 1 MiB tile)."""
         o = original.reshape(-1)
-        err = decoded.reshape(-1) - o
-        max_abs = float(np.abs(err).max()) if len(o) else 0.0
+        if o.dtype.itemsize < 4:  # float16 sums and squares would overflow and round: measure in float32
+            o, decoded, scratch = o.astype(np.float32), decoded.astype(np.float32), True
+        if scratch and decoded.flags.c_contiguous and decoded.flags.writeable and decoded.dtype == o.dtype:
+            err = np.subtract(decoded.reshape(-1), o, out=decoded.reshape(-1))
+        else:
+            err = decoded.reshape(-1) - o
+        max_abs = float(max(err.max(), -err.min())) if len(o) else 0.0  # no |err| array
         squared = float(np.dot(err, err))
         nonfinite = 0
         if not (math.isfinite(max_abs) and math.isfinite(squared)):
             finite = np.isfinite(o)
             nonfinite = int(len(o) - finite.sum())
             o, err = o[finite], err[finite]
-            max_abs = float(np.abs(err).max()) if len(o) else 0.0
+            max_abs = float(max(err.max(), -err.min())) if len(o) else 0.0
             squared = float(np.dot(err, err))
         n = len(o)
-        mean = float(o.sum(dtype=np.float64) / n) if n else 0.0
-        dev = o - o.dtype.type(mean)
+        mean = float(o.sum()) / n if n else 0.0
+        dev = np.subtract(o, o.dtype.type(mean), out=err)  # err is spent
         return cls(values=n, nonfinite=nonfinite, max_abs=max_abs, squared_error=squared, mean=mean,
                    m2=float(np.dot(dev, dev)))
 

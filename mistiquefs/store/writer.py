@@ -78,7 +78,7 @@ class ChunkSink:
 
     def _encode(self, tile: np.ndarray, spec: TileSpec, chain: Chain) -> EncodedTile:
         data = chain.encode(tile, spec)
-        stats = ErrorStats.measure(tile, chain.decode(data, spec)) if chain.lossy else None
+        stats = ErrorStats.measure(tile, chain.decode(data, spec), scratch=True) if chain.lossy else None
         cid = chunk_id(data)
         existing = None if cid in self._claimed or cid in self._known else self.catalog.chunk_location(cid)
         with self._lock:
