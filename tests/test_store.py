@@ -112,6 +112,19 @@ def test_a_read_of_some_rows_decodes_those_and_a_scan_reads_ahead(tmp_path: Path
     assert ("tile", rec.id, 2) in repo.cache
 
 
+def test_load_times_are_learned_as_if_the_cores_were_free() -> None:
+    """A piece load that overlapped more loads than there are cores is reported scaled back by the excess."""
+    from mistiquefs.store.reader import _Overlap
+
+    overlap = _Overlap()
+    overlap.cores = 2
+    assert [overlap.begin() for _ in range(4)] == [1, 2, 3, 4]
+    assert overlap.end() == 4 and overlap.running == 3
+    assert overlap.alone(1.0, 1, 2) == 1.0      # within the cores: as measured
+    assert overlap.alone(1.0, 4, 3) == 0.5      # four at once on two cores: each took twice its cost
+    assert overlap.alone(0.3, 0, 0) == 0.3
+
+
 def test_identical_columns_and_layers_are_stored_once(tmp_path: Path, rng: np.random.Generator) -> None:
     table = rng.standard_normal((20_000, 5))
     other = table.copy()

@@ -54,8 +54,8 @@ READ_AHEAD_BYTES = 8 << 20
 
 
 class _Overlap:
-    """How many timed piece loads run at once (process-wide): a load that shared the cores with others
-    took longer than it costs alone, and the cost model must not learn the contended time."""
+    """How many piece loads run at once (process-wide): a load that shared the cores with more others
+    than there are cores took longer than it costs alone, and the cost model must not learn that time."""
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
