@@ -64,8 +64,8 @@ class ReRunner:
         self.rows_run = 0
         self.loads = 0
         self._ran: set[tuple[int, str]] = set()  # (model, stage) run before: later calls are timed
-        #: hears each load: (framework, seconds, whether it imported the framework)
-        self.on_load: Callable[[str, float, bool], None] | None = None
+        #: hears each load: ``on_load(framework, seconds, with_import=...)`` (whether it imported the framework)
+        self.on_load: Callable[..., None] | None = None
 
     def is_warm(self, model: ModelRecord) -> bool:
         return model.id in self._warm
@@ -109,7 +109,7 @@ class ReRunner:
                 log.info("loaded model %s in %.2f s for re-runs%s", model.name, warm.load_seconds,
                          f" (importing {model.framework})" if with_import else "")
                 if self.on_load is not None:
-                    self.on_load(model.framework, warm.load_seconds, with_import)
+                    self.on_load(model.framework, warm.load_seconds, with_import=with_import)
                 return warm
             finally:
                 with self._lock:
@@ -133,12 +133,15 @@ class ReRunner:
             pad = hi - lo == 1 and layer.n_rows > 1
             first = lo - 1 if pad and hi == layer.n_rows else lo
             rows = input_rows(first, first + 2) if pad else input_rows(lo, hi)
+            # the call's time includes making the framework's inputs (a DataFrame for a pipeline: ~1 ms a
+            # call, part of its per-call overhead), which needs no model lock
+            started = time.perf_counter()
+            inputs = warm.adapter.inputs_from_stored(rows)
+            seconds = time.perf_counter() - started
             with warm.run_lock:
-                # the call's time includes making the framework's inputs (a DataFrame for a pipeline:
-                # ~1 ms a call, part of its per-call overhead)
                 started = time.perf_counter()
-                out = warm.adapter.run_stage(warm.adapter.inputs_from_stored(rows), layer.name)
-                seconds = time.perf_counter() - started
+                out = warm.adapter.run_stage(inputs, layer.name)
+                seconds += time.perf_counter() - started
             # a stage's first call traces and optimizes its function (0.1-0.4 s for Keras): not its cost
             traced_now = (model.id, layer.name) not in self._ran
             self._ran.add((model.id, layer.name))
