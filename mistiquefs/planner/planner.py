@@ -79,8 +79,7 @@ class Planner:
         self.mode = mode
         self.rerunner = rerunner or ReRunner(repo)
         self.cost = cost or CostModel()
-        self.rerunner.on_load = lambda framework, seconds, with_import: \
-            self.cost.observe_load(framework, seconds, with_import=with_import)
+        self.rerunner.on_load = self.cost.observe_load
         self._lock = threading.Lock()
         self.stats: dict[int, LayerStats] = {}
         self.log: deque[dict[str, Any]] = deque(maxlen=LOG_ENTRIES)

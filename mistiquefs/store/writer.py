@@ -246,7 +246,7 @@ class CaptureWriter:
     the stage itself as not stored."""
 
     def __init__(self, catalog: Catalog, root: Path, name: str, *, table: bool,
-                 policy: SchemePolicy | None = None, samples: dict[str, np.ndarray] | None = None,
+                 policy: SchemePolicy | None = None,
                  store_nothing: bool = False) -> None:
         self.catalog = catalog
         self.root = root
@@ -263,8 +263,6 @@ class CaptureWriter:
         self._files: list[Path] = []
         self.committed = False
         self.committed_layers: list[NewIntermediate] = []
-        if samples:
-            self.learn(samples)
 
     def learn(self, samples: dict[str, np.ndarray]) -> None:
         """Take each stage's sample and fit its learned codecs in the encode workers, all at once (one
