@@ -190,6 +190,57 @@ def test_identical_columns_of_pipeline_variants_are_stored_once(tmp_path: Path) 
         assert store.info("v2", "ridge")["new_bytes"] > 0
 
 
+def _tiles(path: Path, model: str) -> dict[tuple[str, int], bytes]:
+    db = sqlite3.connect(path / "catalog.sqlite")
+    rows = db.execute("SELECT i.name, t.tile, t.chunk_id FROM tiles t JOIN intermediates i ON i.id ="
+                      " t.intermediate_id JOIN models m ON m.id = i.model_id WHERE m.name = ?", (model,)).fetchall()
+    db.close()
+    return {(name, tile): bytes(cid) for name, tile, cid in rows}
+
+
+def test_a_repeated_lossy_tile_is_not_encoded_again_and_reads_the_same(tmp_path: Path, monkeypatch) -> None:
+    from mistiquefs.codecs.quantize import KBitCodec
+    from mistiquefs.store.maintenance import collect_garbage, remove_model
+
+    x, pipes = _pipelines()
+    calls = {"encode": 0, "fit": 0}
+    for name in calls:
+        original = getattr(KBitCodec, name)
+
+        def counted(self, *args, _original=original, _name=name):
+            calls[_name] += 1
+            return _original(self, *args)
+        monkeypatch.setattr(KBitCodec, name, counted)
+    path = tmp_path / "s"
+    with mistiquefs.open_store(path) as store:
+        store.capture(pipes[0], x, name="a", schemes="kbit:8", progress=False)
+        assert calls["encode"] > 0 and calls["fit"] > 0
+        calls.update(encode=0, fit=0)
+        store.capture(pipes[0], x, name="b", schemes="kbit:8", progress=False)
+        assert calls == {"encode": 0, "fit": 0}  # same outputs, same sample: neither encoded nor fitted again
+        assert _tiles(path, "b") == _tiles(path, "a")
+        for layer in store.layers("a"):
+            assert store.info("b", layer)["fidelity"] == store.info("a", layer)["fidelity"], layer
+            assert np.array_equal(store.read("b", layer), store.read("a", layer)), layer
+    with mistiquefs.open_store(path) as fresh:  # another process knows nothing of it: encodes, same chunks
+        fresh.capture(pipes[0], x, name="c", schemes="kbit:8", progress=False)
+        assert calls["encode"] > 0
+        assert _tiles(path, "c") == _tiles(path, "a")
+        assert fresh.info("c", "prep")["fidelity"] == fresh.info("a", "prep")["fidelity"]
+    with mistiquefs.open_store(path) as store:
+        store.capture(pipes[0], x, name="d", schemes="kbit:8", progress=False)
+        expected = {layer: store.read("d", layer) for layer in store.layers("d")}
+        # the chunks the memo points at are deleted behind its back: the next capture must store them again
+        for name in ("a", "b", "c", "d"):
+            remove_model(store.repo, name)
+        collect_garbage(store.repo)
+        store.capture(pipes[0], x, name="e", schemes="kbit:8", progress=False)
+        for layer, values in expected.items():
+            assert np.array_equal(store.read("e", layer), values), layer
+        assert store.info("e", "prep")["new_bytes"] == store.info("e", "prep")["stored_bytes"] > 0
+    assert main(["fsck", str(path)]) == 0
+
+
 def test_kbit_per_unit_on_a_table_dedups_equal_columns_and_reads_back_decoded(tmp_path: Path, mount) -> None:
     x, pipes = _pipelines()
     path = tmp_path / "s"

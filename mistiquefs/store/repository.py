@@ -27,6 +27,7 @@ from mistiquefs.errors import StoreError
 from mistiquefs.codecs import SchemePolicy
 from mistiquefs.store.cache import DEFAULT_CACHE_BYTES, ByteLRU
 from mistiquefs.store.catalog import Catalog
+from mistiquefs.store.memo import EncodeMemo
 from mistiquefs.store.packs import PackReader
 from mistiquefs.store.reader import LayerReader
 from mistiquefs.store.records import IntermediateRecord, ModelRecord
@@ -45,6 +46,8 @@ class Repository:
         self.catalog = Catalog(self.root / CATALOG, create=create)
         self.packs = PackReader(self.root / "packs")
         self.cache = ByteLRU(cache_bytes)
+        #: lossy encodings and fits this process already did (store/memo.py)
+        self.memo = EncodeMemo()
         self._readers: dict[int, LayerReader] = {}
         self._records: tuple[dict[int, ModelRecord], dict[int, list[IntermediateRecord]]] | None = None
 
@@ -78,7 +81,8 @@ class Repository:
                       store_nothing: bool = False) -> CaptureWriter:
         if self.catalog.model_exists(name):
             raise StoreError(f"a model named {name!r} is already in {self.root}")
-        return CaptureWriter(self.catalog, self.root, name, table=table, policy=policy, store_nothing=store_nothing)
+        return CaptureWriter(self.catalog, self.root, name, table=table, policy=policy, store_nothing=store_nothing,
+                             memo=self.memo)
 
     def models(self) -> list[ModelRecord]:
         return self.catalog.models()

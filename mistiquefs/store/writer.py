@@ -28,6 +28,7 @@ from mistiquefs.codecs.lossless import BytesCodec
 from mistiquefs.errors import CaptureError
 from mistiquefs.store.catalog import Catalog, NewIntermediate
 from mistiquefs.store.layout import choose_layout, split_block
+from mistiquefs.store.memo import EncodeMemo, chain_key
 from mistiquefs.store.packs import ChunkLocation, PackWriter, chunk_id, compress, fsync_dir, fsync_path
 from mistiquefs.store.records import COLUMNS, dtype_to_json
 
@@ -55,9 +56,11 @@ class ChunkSink:
     Dedup: a chunk already in the catalog, or claimed by an earlier tile of this capture, is not stored
     again. At most ``MAX_PENDING`` tiles are in flight, which bounds the memory this adds."""
 
-    def __init__(self, catalog: Catalog, packs: PackWriter) -> None:
+    def __init__(self, catalog: Catalog, packs: PackWriter, memo: EncodeMemo | None = None) -> None:
         self.catalog = catalog
         self.packs = packs
+        self.memo = memo
+        self._chain_keys: dict[int, tuple[Chain, bytes]] = {}  # id(chain) -> (chain, chain_key(chain))
         self.new_chunks: dict[bytes, ChunkLocation] = {}
         self._known: dict[bytes, int] = {}  # stored length of chunks that were already in the store
         self._claimed: set[bytes] = set()
@@ -74,12 +77,41 @@ class ChunkSink:
 
     def fit(self, chain: Chain, sample: np.ndarray, units: int | None) -> Future[Chain]:
         """``chain`` fitted to ``sample`` in a worker thread (fits of several layers run side by side)."""
-        return self._pool.submit(chain.fit, sample, units)
+        return self._pool.submit(self._fit, chain, sample, units)
+
+    def _fit(self, chain: Chain, sample: np.ndarray, units: int | None) -> Chain:
+        if self.memo is None:
+            return chain.fit(sample, units)
+        key = self.memo.fit_key(chain, sample, units)
+        fitted = self.memo.fitted(key)
+        if fitted is None:
+            fitted = chain.fit(sample, units)
+            self.memo.remember_fit(key, fitted)
+        return fitted
 
     def _encode(self, tile: np.ndarray, spec: TileSpec, chain: Chain) -> EncodedTile:
+        key = known = None
+        if chain.lossy and self.memo is not None:
+            key = self.memo.tile_key(tile, spec, self._chain_key(chain))
+            known = self.memo.encoded(key)
+            if known is not None and not self._claim(known.cid):
+                stats = replace(known.stats) if known.stats is not None else None
+                return EncodedTile(known.cid, known.raw_length, None, 0, False, stats)
+            # else: not in the store any more (a gc, an aborted capture): this tile stores it again
         data = chain.encode(tile, spec)
         stats = ErrorStats.measure(tile, chain.decode(data, spec), scratch=True) if chain.lossy else None
         cid = chunk_id(data)
+        if key is not None:
+            self.memo.remember(key, cid, len(data), stats)
+        first = True if known is not None and known.cid == cid else self._claim(cid)
+        if not first:
+            return EncodedTile(cid, len(data), None, 0, False, stats)
+        payload, compression = compress(data, chain.zstd.level)
+        return EncodedTile(cid, len(data), payload, compression, True, stats)
+
+    def _claim(self, cid: bytes) -> bool:
+        """Whether this tile is the first to store chunk ``cid`` (not in the store, not claimed by an
+        earlier tile of this capture); if so, the chunk is now claimed."""
         existing = None if cid in self._claimed or cid in self._known else self.catalog.chunk_location(cid)
         with self._lock:
             if existing is not None:
@@ -87,10 +119,13 @@ class ChunkSink:
             first = existing is None and cid not in self._claimed and cid not in self._known
             if first:
                 self._claimed.add(cid)
-        if not first:
-            return EncodedTile(cid, len(data), None, 0, False, stats)
-        payload, compression = compress(data, chain.zstd.level)
-        return EncodedTile(cid, len(data), payload, compression, True, stats)
+        return first
+
+    def _chain_key(self, chain: Chain) -> bytes:
+        found = self._chain_keys.get(id(chain))
+        if found is None:  # the chain is kept with its key, so its id is not reused while this sink lives
+            found = self._chain_keys[id(chain)] = (chain, chain_key(chain))
+        return found[1]
 
     def _finish_oldest(self) -> None:
         future, done = self._pending.popleft()
@@ -247,7 +282,7 @@ class CaptureWriter:
 
     def __init__(self, catalog: Catalog, root: Path, name: str, *, table: bool,
                  policy: SchemePolicy | None = None,
-                 store_nothing: bool = False) -> None:
+                 store_nothing: bool = False, memo: EncodeMemo | None = None) -> None:
         self.catalog = catalog
         self.root = root
         self.name = name
@@ -257,7 +292,7 @@ class CaptureWriter:
         self._fits: dict[str, tuple[str, Future[Chain]]] = {}  # layer -> (its chain, that chain being fitted)
         self.store_nothing = store_nothing  # policy "none": only the inputs (and the model) are kept
         self.packs = PackWriter(root / "packs")
-        self.sink = ChunkSink(catalog, self.packs)
+        self.sink = ChunkSink(catalog, self.packs, memo)
         #: stage -> its writers, each with the summary function it stores (None: the stage's own output)
         self.layers: dict[str, list[tuple[LayerWriter | UnstoredLayer, Any]]] = {}
         self._files: list[Path] = []
