@@ -112,6 +112,35 @@ def test_a_read_of_some_rows_decodes_those_and_a_scan_reads_ahead(tmp_path: Path
     assert ("tile", rec.id, 2) in repo.cache
 
 
+def test_the_cached_share_of_a_large_view_is_judged_from_a_bounded_sample(tmp_path: Path,
+                                                                         rng: np.random.Generator) -> None:
+    """Every open asks how much of its file is decoded already: a layer of many pieces must not make each
+    open check them all."""
+    from mistiquefs.store.reader import SHARE_SAMPLE
+
+    data = rng.integers(0, 4, (160000, 64)).astype(np.float32)  # 41 MB: 40 pieces of 1 MiB
+    repo = Repository(tmp_path / "s")
+    capture_arrays(repo, "m", {"dense": data}, table=False, batch=10000)
+    rec = layer(repo, "m", "dense")
+    reader = repo.reader(rec)
+    view, row = reader.all_view(), reader.row_view(rec.n_rows - 1)
+    assert rec.n_blocks > SHARE_SAMPLE
+    assert reader.cached_share(view) == 0.0 and reader.cached_share(row) == 0.0
+    reader.rows(0, rec.n_rows // 2)  # decodes the first half of the pieces
+    share = reader.cached_share(view)
+    assert 0.4 <= share <= 0.6, share
+    reader.rows(rec.n_rows // 2, rec.n_rows)
+    assert reader.cached_share(view) == 1.0 and reader.cached_share(row) == 1.0
+    checked = []
+    real = type(repo.cache).__contains__
+    try:
+        type(repo.cache).__contains__ = lambda cache, key: checked.append(key) or real(cache, key)
+        reader.cached_share(view)
+    finally:
+        type(repo.cache).__contains__ = real
+    assert 0 < len(checked) <= SHARE_SAMPLE
+
+
 def test_load_times_are_learned_as_if_the_cores_were_free() -> None:
     """A piece load that overlapped more loads than there are cores is reported scaled back by the excess."""
     from mistiquefs.store.reader import _Overlap

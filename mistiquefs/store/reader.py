@@ -51,6 +51,8 @@ TILES_PER_QUERY = 8
 #: Cold np.load of the demo CNN's conv1 / conv3 (GB/s, medians of 3): 4 MiB 0.53 / 0.46, 8 MiB
 #: 0.72 / 0.52, 16 MiB 0.73 / 0.44; one prefetch thread instead of two: 0.54 / 0.35.
 READ_AHEAD_BYTES = 8 << 20
+#: pieces of a view ``cached_share`` checks at most
+SHARE_SAMPLE = 32
 
 
 class _Overlap:
@@ -247,8 +249,13 @@ class LayerReader:
         if not size or not view.length:
             return 1.0
         first, last = view.start // size, (view.start + view.length - 1) // size
-        hits = sum(1 for b in range(first, last + 1) if view.stream.key(b) in self._cache)
-        return hits / (last - first + 1)
+        # Every open plans, so this must stay cheap: a view of many pieces is judged by SHARE_SAMPLE of
+        # them, evenly spaced (checking all 337 pieces of a 353 MB layer took 0.4-0.7 ms of each open)
+        pieces = range(first, last + 1)
+        if len(pieces) > SHARE_SAMPLE:
+            pieces = pieces[::-(-len(pieces) // SHARE_SAMPLE)]
+        hits = sum(1 for b in pieces if view.stream.key(b) in self._cache)
+        return hits / len(pieces)
 
     def _cached(self, key: Hashable, load: Callable[[], Buffer]) -> Buffer:
         """The cached piece under ``key``, else ``load()`` once however many threads ask, then cached."""
