@@ -102,7 +102,7 @@ def test_adapter_maps_errors_to_errno(tree: Tree, caplog: pytest.LogCaptureFixtu
     def explode(*_args, **_kwargs):
         raise RuntimeError("a bug")
 
-    tree.read = explode
+    tree.read_parts = explode
     with caplog.at_level(logging.ERROR, logger="mistiquefs.fuse"):
         with pytest.raises(pyfuse3.FUSEError) as err:
             ask(ops.read, tree.lookup(layer, b"0.npy"), 0, 100)

@@ -67,6 +67,7 @@ class FuseOps(pyfuse3.Operations):
         self._snapshots: dict[int, bytes] = {}
         self._next_snapshot = SNAPSHOT_HANDLES
         self.uid, self.gid = os.getuid(), os.getgid()
+        self._reply_buffer = bytearray(1 << 20)  # see _reply
 
     def _entry(self, attr: Attr) -> pyfuse3.EntryAttributes:
         entry = pyfuse3.EntryAttributes()
@@ -143,15 +144,33 @@ class FuseOps(pyfuse3.Operations):
         return pyfuse3.FileInfo(fh=inode, keep_cache=True)
 
     @_answer
-    async def read(self, fh: int, off: int, size: int) -> bytes:
+    async def read(self, fh: int, off: int, size: int) -> bytes | memoryview:
         snapshot = self._snapshots.get(fh)
         if snapshot is not None:
             return snapshot[off:off + size]
-        data = self.tree.read(fh, off, size, cached_only=True)
-        if data is None:
+        parts = self.tree.read_parts(fh, off, size, cached_only=True)
+        if parts is None:
             limiter = self.rerun_limiter if self.tree.reruns(fh) else self.limiter
-            data = await trio.to_thread.run_sync(functools.partial(self.tree.read, fh, off, size), limiter=limiter)
-        return data
+            parts = await trio.to_thread.run_sync(functools.partial(self.tree.read_parts, fh, off, size),
+                                                  limiter=limiter)
+        return self._reply(parts)
+
+    def _reply(self, parts: list[bytes | memoryview]) -> bytes | memoryview:
+        """The parts as one buffer for pyfuse3, which copies it to the kernel as soon as this handler
+        returns, before any other handler runs on this (the only event-loop) thread. So one part goes as it
+        is (a view into a cached piece) and several are joined into one reply buffer that every read reuses:
+        a fresh 1 MiB bytes object per reply cost its page faults each time (the kernel asks for up to 1 MiB
+        and, past the .npy header, a request almost always spans two pieces)."""
+        if len(parts) == 1:
+            return parts[0]
+        size = sum(len(part) for part in parts)
+        if len(self._reply_buffer) < size:
+            self._reply_buffer = bytearray(size)
+        out, at = memoryview(self._reply_buffer), 0
+        for part in parts:
+            out[at:at + len(part)] = part
+            at += len(part)
+        return out[:size]
 
     async def release(self, fh: int) -> None:
         if self._snapshots.pop(fh, None) is None:

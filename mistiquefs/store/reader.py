@@ -205,9 +205,15 @@ class LayerReader:
         """Bytes ``[offset, offset+size)`` of ``view`` (short at the end of the file). ``exact``: the caller
         wants these bytes and no more (an in-process read), so read-ahead stays within them instead of
         running on into the file for a reader that will ask for the next bytes (the kernel)."""
+        parts = self.read_parts(view, offset, size, cached_only=cached_only, exact=exact)
+        return None if parts is None else b"".join(parts)
+
+    def read_parts(self, view: NpyView, offset: int, size: int, *, cached_only: bool = False,
+                   exact: bool = False) -> list[bytes | memoryview] | None:
+        """``read``'s bytes as the pieces' own buffers, not joined (views into cached pieces: no copy)."""
         end = min(offset + size, view.size)
         if offset >= end:
-            return b""
+            return []
         parts: list[bytes | memoryview] = []
         head = len(view.header)
         if offset < head:
@@ -219,7 +225,7 @@ class LayerReader:
             if data is None:
                 return None
             parts.extend(data)
-        return b"".join(parts)
+        return parts
 
     def _read_stream(self, stream: Stream, first: int, last: int, cached_only: bool,
                      view_start: int, view_end: int) -> list[memoryview] | None:
