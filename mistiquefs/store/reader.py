@@ -83,9 +83,25 @@ class _Overlap:
 _OVERLAP = _Overlap()
 
 
+def started_pool(workers: int, name: str) -> ThreadPoolExecutor:
+    """A thread pool whose threads all run already: a pool starts a thread per task only while none is
+    idle, and a cold read paid those starts (~0.3-0.9 ms on the first read-ahead of a fresh mount)."""
+    pool = ThreadPoolExecutor(workers, thread_name_prefix=name)
+    barrier = threading.Barrier(workers + 1)
+    for _ in range(workers):
+        pool.submit(barrier.wait)
+    barrier.wait()
+    return pool
+
+
 @cache
 def _prefetcher() -> ThreadPoolExecutor:
-    return ThreadPoolExecutor(max(2, os.cpu_count() or 1), thread_name_prefix="mistiquefs-prefetch")
+    return started_pool(max(2, os.cpu_count() or 1), "mistiquefs-prefetch")
+
+
+def start_prefetcher() -> None:
+    """Start the read-ahead threads now (a mount does, before it serves)."""
+    _prefetcher()
 
 
 class SingleFlight:
