@@ -141,6 +141,37 @@ def test_the_cached_share_of_a_large_view_is_judged_from_a_bounded_sample(tmp_pa
     assert 0 < len(checked) <= SHARE_SAMPLE
 
 
+def test_a_scan_for_the_kernel_leaves_no_piece_behind_and_other_reads_keep_theirs(tmp_path: Path,
+                                                                                 rng: np.random.Generator) -> None:
+    """use_once (the mount: the kernel's page cache keeps what it read): a piece a whole-file scan read to
+    its end leaves the decoded cache; a row file's read and in-process reads keep their pieces."""
+    data = rng.integers(0, 4, (40000, 64)).astype(np.float32)  # 10 MB: 10 pieces of 1 MiB
+    repo = Repository(tmp_path / "s")
+    capture_arrays(repo, "m", {"dense": data}, table=False, batch=40000)
+    rec = layer(repo, "m", "dense")
+    reader = repo.reader(rec)
+    view = reader.all_view()
+    cached = lambda: [b for b in range(rec.n_blocks) if ("tile", rec.id, b) in repo.cache]  # noqa: E731
+    got = bytearray()
+    for offset in range(0, view.size, 1 << 20):  # what the kernel asks for, 1 MiB at a time
+        got += b"".join(reader.read_parts(view, offset, 1 << 20, use_once=True))
+    assert bytes(got) == npy_bytes(data)
+    time.sleep(0.2)  # (no read-ahead runs past the end of the file)
+    assert cached() == []
+    row = reader.row_view(3)
+    assert b"".join(reader.read_parts(row, 0, row.size, use_once=True)) == npy_bytes(data[3])
+    assert cached() == [0]
+    # a read of one piece's tail (one example, through all.npy) leaves the rest of the piece cached
+    tail = len(view.header) + rec.block_rows * rec.row_size - rec.row_size
+    got_tail = b"".join(reader.read_parts(view, tail, rec.row_size, use_once=True))
+    assert got_tail == data[rec.block_rows - 1].tobytes()
+    assert cached() == [0]
+    repo.cache.clear()
+    assert reader.read(view, 0, view.size) == npy_bytes(data)
+    np.testing.assert_array_equal(reader.rows(0, rec.n_rows), data)
+    assert cached() == list(range(rec.n_blocks))
+
+
 def test_load_times_are_learned_as_if_the_cores_were_free() -> None:
     """A piece load that overlapped more loads than there are cores is reported scaled back by the excess."""
     from mistiquefs.store.reader import _Overlap

@@ -165,9 +165,9 @@ class FuseOps(pyfuse3.Operations):
         snapshot = self._snapshots.get(fh)
         if snapshot is not None:
             return snapshot[off:off + size]
-        parts = self.tree.read_parts(fh, off, size, cached_only=True)
+        parts = self.tree.read_parts(fh, off, size, cached_only=True, use_once=True)
         if parts is None:
-            read = functools.partial(self.tree.read_parts, fh, off, size)
+            read = functools.partial(self.tree.read_parts, fh, off, size, use_once=True)
             if self.tree.reruns(fh):
                 parts = await trio.to_thread.run_sync(read, limiter=self.rerun_limiter)
             else:

@@ -334,16 +334,18 @@ class Tree:
         parts = self.read_parts(inode, offset, size, cached_only=cached_only)
         return None if parts is None else b"".join(parts)
 
-    def read_parts(self, inode: int, offset: int, size: int, *, cached_only: bool = False
-                   ) -> list[bytes | memoryview] | None:
-        """``read``'s bytes as a list of buffers (views into cached pieces), for the caller to join."""
+    def read_parts(self, inode: int, offset: int, size: int, *, cached_only: bool = False,
+                   use_once: bool = False) -> list[bytes | memoryview] | None:
+        """``read``'s bytes as a list of buffers (views into cached pieces), for the caller to join;
+        ``use_once``: see LayerReader.read_parts (the FUSE adapter: the kernel caches what it reads)."""
         kind, ident, _ = split_inode(inode)
         if kind in (Kind.MODEL_INFO, Kind.LAYER_INFO):
             return [self._json_bytes(Inode(inode))[offset:offset + size]]
         if not cached_only:  # about to decode: make sure no gc moved the chunks (cheap: once a second)
             self.refresh()
         started = time.perf_counter()
-        parts = self.reader(ident).read_parts(self.plan(inode).view, offset, size, cached_only=cached_only)
+        parts = self.reader(ident).read_parts(self.plan(inode).view, offset, size, cached_only=cached_only,
+                                              use_once=use_once)
         if not cached_only:
             self.planner.spent(inode, time.perf_counter() - started)
         return parts

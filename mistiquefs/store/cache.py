@@ -55,6 +55,12 @@ class ByteLRU:
                 _, evicted = self._items.popitem(last=False)
                 self._size -= _nbytes(evicted)
 
+    def discard(self, key: Hashable) -> None:
+        with self._lock:
+            old = self._items.pop(key, None)
+            if old is not None:
+                self._size -= _nbytes(old)
+
     def clear(self) -> None:
         with self._lock:
             self._items.clear()

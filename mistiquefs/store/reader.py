@@ -186,6 +186,8 @@ class LayerReader:
         self._tiles: TileIndex | None = None
         self._some_tiles: dict[int, tuple[bytes, ChunkLocation]] = {}
         self._flights = SingleFlight()
+        #: per whole-file stream (named by its first piece's key): where the last use_once read ended
+        self._served: dict[Hashable, int] = {}
         self._lock = threading.Lock()
         #: ``observer(rec, key, nbytes, seconds)`` hears every piece this reader loads (the cost model), its
         #: time as it would have been with the cores to itself
@@ -225,8 +227,15 @@ class LayerReader:
         return None if parts is None else b"".join(parts)
 
     def read_parts(self, view: NpyView, offset: int, size: int, *, cached_only: bool = False,
-                   exact: bool = False) -> list[bytes | memoryview] | None:
-        """``read``'s bytes as the pieces' own buffers, not joined (views into cached pieces: no copy)."""
+                   exact: bool = False, use_once: bool = False) -> list[bytes | memoryview] | None:
+        """``read``'s bytes as the pieces' own buffers, not joined (views into cached pieces: no copy).
+
+        ``use_once``: the caller keeps what it reads (the kernel's page cache), so a piece of a whole-layer
+        file that reads have delivered from its start to its end, in order, leaves this cache at once: a
+        scan of a large layer then does not hold a second copy of what the kernel caches, and the memory
+        goes to the next piece decoded instead of fresh pages (cold np.load of a 707 MB layer through the
+        mount, 12 runs each: daemon CPU 1.46 -> 1.38 s, throughput unchanged at 0.60 GB/s). Row files
+        (``<i>.npy``), reads of part of a piece and in-process reads keep their pieces."""
         end = min(offset + size, view.size)
         if offset >= end:
             return []
@@ -236,23 +245,27 @@ class LayerReader:
             parts.append(view.header[offset:min(end, head)])
         first, last = max(offset - head, 0) + view.start, end - head + view.start
         if last > first:
+            whole = view.start == 0 and view.length == view.stream.length
             data = self._read_stream(view.stream, first, last, cached_only, view.start,
-                                     last if exact else view.start + view.length)
+                                     last if exact else view.start + view.length, use_once and whole)
             if data is None:
                 return None
             parts.extend(data)
         return parts
 
     def _read_stream(self, stream: Stream, first: int, last: int, cached_only: bool,
-                     view_start: int, view_end: int) -> list[memoryview] | None:
+                     view_start: int, view_end: int, use_once: bool = False) -> list[memoryview] | None:
         size = stream.piece_size
         out = []
         for b in range(first // size, (last - 1) // size + 1):
             lo, hi = max(first - b * size, 0), min(last - b * size, size)
+            piece_end = min(size, stream.length - b * size)
             # A read from the file's start (np.load, cat, cp), to a piece's end, or from a piece's start
-            # after its predecessor is a scan: decode the file's next pieces in the background, so that
-            # their disk reads overlap (np.load of a cold 2.8 MB layer: 24 ms piece after piece, 16.5 ms).
-            scan = first == view_start or hi == size or (lo == 0 and b > 0 and stream.key(b - 1) in self._cache)
+            # after its predecessor (in this read, or cached) is a scan: decode the file's next pieces in
+            # the background, so that their disk reads overlap (np.load of a cold 2.8 MB layer: 24 ms
+            # piece after piece, 16.5 ms).
+            scan = first == view_start or hi == piece_end or (
+                lo == 0 and b > 0 and (b > first // size or stream.key(b - 1) in self._cache))
             if scan and (b + 1) * size < view_end:
                 self._read_ahead(stream, b, view_end)
             piece = self._cache.get(stream.key(b)) if cached_only else self._piece(stream, b)
@@ -260,6 +273,10 @@ class LayerReader:
                 return None
             view = memoryview(as_bytes(piece))
             out.append(view[lo:hi])
+            if use_once and hi == piece_end and (lo == 0 or first == self._served.get(stream.key(0))):
+                self._cache.discard(stream.key(b))  # read from its start to its end (read_parts)
+        if use_once:
+            self._served[stream.key(0)] = last
         return out
 
     def _piece(self, stream: Stream, b: int) -> Buffer:
