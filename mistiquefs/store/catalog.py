@@ -38,6 +38,17 @@ _MIGRATIONS = {
     1: ["ALTER TABLE intermediates ADD COLUMN stored INTEGER NOT NULL DEFAULT 1",
         "ALTER TABLE intermediates ADD COLUMN fidelity TEXT"],
 }
+#: What lossy encodings gave (store/memo.py): advisory, so not part of the format version: a store without
+#: it reads the same, a row may name a chunk that is gone (checked before use; gc prunes such rows), and
+#: older versions ignore it. Created by any writable open.
+MEMO_SCHEMA = """
+CREATE TABLE IF NOT EXISTS encodings (
+    key        BLOB PRIMARY KEY,   -- EncodeMemo.tile_key: a raw tile and the fitted chain that encoded it
+    chunk_id   BLOB NOT NULL,
+    raw_length INTEGER NOT NULL,
+    stats      TEXT                -- JSON ErrorStats of that tile (NULL: exact)
+) WITHOUT ROWID;
+"""
 #: meta keys holding the highest model / intermediate id ever used (ids are never reused)
 _HIGH_WATER = {"models": "max_model_id", "intermediates": "max_intermediate_id"}
 #: bound parameters per query (SQLite's default limit is 32766; well under it)
@@ -145,6 +156,10 @@ class Catalog:
         elif version < FORMAT_VERSION:
             self._migrate(version)
         self._db.execute("PRAGMA synchronous = FULL")
+        try:
+            self._db.executescript(MEMO_SCHEMA)
+        except sqlite3.OperationalError:  # read-only media: nothing is captured there
+            pass
 
     def _migrate(self, version: int) -> None:
         """Bring an older store up to FORMAT_VERSION, one transaction per step. A store on read-only
@@ -260,6 +275,21 @@ class Catalog:
                           " WHERE id IN (SELECT chunk_id FROM tiles)")
         return int(row[0][0])
 
+    def encoding(self, key: bytes) -> tuple[bytes, int, str | None] | None:
+        """(chunk id, raw length, stats JSON) a capture recorded for ``key`` (store/memo.py), if any."""
+        try:
+            rows = self._query("SELECT chunk_id, raw_length, stats FROM encodings WHERE key = ?", (key,))
+        except sqlite3.OperationalError:  # a store opened read-only before any capture made the table
+            return None
+        return (bytes(rows[0][0]), int(rows[0][1]), rows[0][2]) if rows else None
+
+    def prune_encodings(self) -> int:
+        """Drop the recorded encodings whose chunk is gone (after gc). Returns how many."""
+        with self._transaction() as db:
+            before = db.total_changes
+            db.execute("DELETE FROM encodings WHERE chunk_id NOT IN (SELECT id FROM chunks)")
+            return db.total_changes - before
+
     def chunk_location(self, cid: bytes) -> ChunkLocation | None:
         rows = self._query(
             "SELECT pack, offset, stored_length, raw_length, compression FROM chunks WHERE id = ?", (cid,)
@@ -291,9 +321,12 @@ class Catalog:
         info: dict[str, Any],
         intermediates: Iterable[NewIntermediate],
         new_chunks: dict[bytes, ChunkLocation],
+        encodings: Iterable[tuple[bytes, bytes, int, str | None]] = (),
     ) -> int:
-        """Add one captured model and everything it references, atomically. Returns the model id."""
+        """Add one captured model and everything it references, atomically (with what its lossy tiles
+        encoded to: (key, chunk id, raw length, stats JSON)). Returns the model id."""
         with self._transaction() as db:
+            db.executemany("INSERT OR REPLACE INTO encodings VALUES (?, ?, ?, ?)", list(encodings))
             model_id = self._insert_model(db, name, framework, n_rows, capture_seconds, model_file, info)
             db.executemany(
                 "INSERT OR IGNORE INTO chunks VALUES (?, ?, ?, ?, ?, ?)",

@@ -108,6 +108,7 @@ def collect_garbage(repo: Repository, *, compact_fraction: float = COMPACT_FRACT
         moves = copy_live_chunks(repo, plan, report)
         report.chunks = commit_relocations(repo, plan, moves)
         remove_files(repo, plan, report)
+        repo.catalog.prune_encodings()
         repo.catalog.note_gc()
         repo.packs.retire_missing()
     return report

@@ -1,14 +1,19 @@
-"""What this process already encoded with a lossy chain: raw tile -> chunk, sample -> fitted chain.
+"""What lossy chains already encoded: raw tile -> chunk, and (in memory) sample -> fitted chain.
 
 A lossy chunk's id hashes its *encoded* bytes, so dedup alone finds a repeated tile only after encoding
 it again. Checkpoints of a fine-tuning run repeat most of their bytes (the frozen layers' outputs are
 identical), and re-encoding them was most of a kbit:8 capture's cost: per 1 MiB float32 tile, hash
 0.03 ms against encode 0.45 + fidelity decode and measure 0.73 + zstd 1.2 ms (this machine, VGG demo).
-The memo maps (the raw tile's xxh3-128, its shape, dtype and unit, the fitted chain's configuration) to
-the chunk and error figures that encoding gave, and (a sample's hash, the chain, units) to the fitted
-chain, so a later capture by the same process skips both. Encoding is deterministic, so a hit gives
-exactly what encoding would; the chunk must still be in the store (``ChunkSink`` checks), else the tile
-is encoded as usual. The memo lives in memory, per open store, bounded by ``MAX_ENTRIES``.
+
+So each capture records, for every lossy tile it encoded, a key (xxh3-128 over the raw tile's own
+xxh3-128, its shape, dtype and unit, and the fitted chain's full configuration) -> the chunk id, the
+encoded length and the tile's error figures. The records are committed with the capture (the catalog's
+``encodings`` table) and kept in memory by the open store (an LRU of ``MAX_ENTRIES``). A later capture
+that meets the same key skips encoding, measuring and compressing: encoding is deterministic, so the
+result is exactly what it would have computed. The chunk must still be in the store (``ChunkSink``
+checks; gc prunes the records of chunks it removed), else the tile is encoded and stored again.
+Fits are remembered in memory only (sample hash, chain, units -> fitted chain): a fit is cheap next to
+encoding, and equal samples fit equal bins anyway, so a fresh process learns the same keys.
 """
 
 from __future__ import annotations
@@ -17,7 +22,7 @@ import json
 import threading
 from collections import OrderedDict
 from collections.abc import Hashable
-from dataclasses import dataclass, replace
+from dataclasses import asdict, dataclass
 from typing import Any
 
 import numpy as np
@@ -26,7 +31,7 @@ import xxhash
 from mistiquefs.codecs import Chain, TileSpec
 from mistiquefs.codecs.fidelity import ErrorStats
 
-#: remembered tiles and fits at most (~150 bytes each; 65536 tiles of ~1 MiB = 64 GiB of raw tiles)
+#: remembered tiles and fits held in memory at most (~150 bytes each)
 MAX_ENTRIES = 1 << 16
 
 
@@ -38,6 +43,9 @@ class Encoded:
     raw_length: int
     stats: ErrorStats | None
 
+    def stats_json(self) -> str | None:
+        return json.dumps(asdict(self.stats)) if self.stats is not None else None
+
 
 def content_key(array: np.ndarray) -> tuple[Hashable, ...]:
     """An array's identity by content: xxh3-128 of its bytes, with its shape and dtype."""
@@ -46,14 +54,16 @@ def content_key(array: np.ndarray) -> tuple[Hashable, ...]:
 
 
 def chain_key(chain: Chain) -> bytes:
-    """A fitted chain's identity: its full configuration (learned parameters included), hashed."""
+    """A chain's identity: its full configuration (learned parameters included), hashed."""
     return xxhash.xxh3_128_digest(json.dumps(chain.to_json(), sort_keys=True).encode())
 
 
 class EncodeMemo:
-    """A thread-safe LRU of encoded tiles and fitted chains (module docstring)."""
+    """A thread-safe LRU of encoded tiles and fitted chains, backed for tiles by the catalog's records
+    (module docstring). ``catalog``: anything with ``encoding(key)``, or None for memory only."""
 
-    def __init__(self, max_entries: int = MAX_ENTRIES) -> None:
+    def __init__(self, catalog: Any = None, max_entries: int = MAX_ENTRIES) -> None:
+        self.catalog = catalog
         self.max_entries = max_entries
         self._items: OrderedDict[Hashable, Any] = OrderedDict()
         self._lock = threading.Lock()
@@ -75,14 +85,23 @@ class EncodeMemo:
                 self._items.popitem(last=False)
 
     @staticmethod
-    def tile_key(tile: np.ndarray, spec: TileSpec, fitted: bytes) -> Hashable:
-        return ("tile", *content_key(tile), spec.unit, fitted)
+    def tile_key(tile: np.ndarray, spec: TileSpec, fitted: bytes) -> bytes:
+        """The record key of ``tile`` encoded by the chain whose ``chain_key`` is ``fitted``."""
+        raw, shape, dtype = content_key(tile)
+        return xxhash.xxh3_128_digest(repr((raw, shape, dtype, spec.unit, fitted)).encode())
 
-    def encoded(self, key: Hashable) -> Encoded | None:
-        return self._get(key)
+    def encoded(self, key: bytes) -> Encoded | None:
+        found = self._get(key)
+        if found is None and self.catalog is not None:
+            row = self.catalog.encoding(key)
+            if row is not None:
+                cid, raw_length, stats = row
+                found = Encoded(cid, raw_length, ErrorStats(**json.loads(stats)) if stats is not None else None)
+                self._put(key, found)
+        return found
 
-    def remember(self, key: Hashable, cid: bytes, raw_length: int, stats: ErrorStats | None) -> None:
-        self._put(key, Encoded(cid, raw_length, replace(stats) if stats is not None else None))
+    def remember(self, key: bytes, encoded: Encoded) -> None:
+        self._put(key, encoded)
 
     @staticmethod
     def fit_key(chain: Chain, sample: np.ndarray, units: int | None) -> Hashable:

@@ -46,8 +46,8 @@ class Repository:
         self.catalog = Catalog(self.root / CATALOG, create=create)
         self.packs = PackReader(self.root / "packs")
         self.cache = ByteLRU(cache_bytes)
-        #: lossy encodings and fits this process already did (store/memo.py)
-        self.memo = EncodeMemo()
+        #: what lossy chains already encoded (this store's records, and fits done in this process: memo.py)
+        self.memo = EncodeMemo(self.catalog)
         self._readers: dict[int, LayerReader] = {}
         self._records: tuple[dict[int, ModelRecord], dict[int, list[IntermediateRecord]]] | None = None
 

@@ -28,7 +28,7 @@ from mistiquefs.codecs.lossless import BytesCodec
 from mistiquefs.errors import CaptureError
 from mistiquefs.store.catalog import Catalog, NewIntermediate
 from mistiquefs.store.layout import choose_layout, split_block
-from mistiquefs.store.memo import EncodeMemo, chain_key
+from mistiquefs.store.memo import Encoded, EncodeMemo, chain_key
 from mistiquefs.store.packs import ChunkLocation, PackWriter, chunk_id, compress, fsync_dir, fsync_path
 from mistiquefs.store.records import COLUMNS, dtype_to_json
 
@@ -61,6 +61,8 @@ class ChunkSink:
         self.packs = packs
         self.memo = memo
         self._chain_keys: dict[int, tuple[Chain, bytes]] = {}  # id(chain) -> (chain, chain_key(chain))
+        #: what this capture's lossy tiles encoded to, for the catalog: (memo key, chunk, length, stats JSON)
+        self.encodings: list[tuple[bytes, bytes, int, str | None]] = []
         self.new_chunks: dict[bytes, ChunkLocation] = {}
         self._known: dict[bytes, int] = {}  # stored length of chunks that were already in the store
         self._claimed: set[bytes] = set()
@@ -90,11 +92,14 @@ class ChunkSink:
         return fitted
 
     def _encode(self, tile: np.ndarray, spec: TileSpec, chain: Chain) -> EncodedTile:
-        key = known = None
+        """Runs in a worker. Which tile stores a chunk first is decided in submission order, by
+        ``_finish_oldest``: two equal tiles in flight at once may both compress it, the later one's copy is
+        dropped (the first of two equal layers of a capture is the one that stores their chunks)."""
+        key = None
         if chain.lossy and self.memo is not None:
             key = self.memo.tile_key(tile, spec, self._chain_key(chain))
             known = self.memo.encoded(key)
-            if known is not None and not self._claim(known.cid):
+            if known is not None and self._stored(known.cid):
                 stats = replace(known.stats) if known.stats is not None else None
                 return EncodedTile(known.cid, known.raw_length, None, 0, False, stats)
             # else: not in the store any more (a gc, an aborted capture): this tile stores it again
@@ -102,24 +107,25 @@ class ChunkSink:
         stats = ErrorStats.measure(tile, chain.decode(data, spec), scratch=True) if chain.lossy else None
         cid = chunk_id(data)
         if key is not None:
-            self.memo.remember(key, cid, len(data), stats)
-        first = True if known is not None and known.cid == cid else self._claim(cid)
-        if not first:
+            encoded = Encoded(cid, len(data), replace(stats) if stats is not None else None)
+            self.memo.remember(key, encoded)
+            with self._lock:
+                self.encodings.append((key, cid, len(data), encoded.stats_json()))
+        if self._stored(cid):
             return EncodedTile(cid, len(data), None, 0, False, stats)
         payload, compression = compress(data, chain.zstd.level)
         return EncodedTile(cid, len(data), payload, compression, True, stats)
 
-    def _claim(self, cid: bytes) -> bool:
-        """Whether this tile is the first to store chunk ``cid`` (not in the store, not claimed by an
-        earlier tile of this capture); if so, the chunk is now claimed."""
-        existing = None if cid in self._claimed or cid in self._known else self.catalog.chunk_location(cid)
+    def _stored(self, cid: bytes) -> bool:
+        """Whether chunk ``cid`` is in the store already, or stored by an earlier tile of this capture."""
+        if cid in self._claimed or cid in self._known:
+            return True
+        existing = self.catalog.chunk_location(cid)
+        if existing is None:
+            return False
         with self._lock:
-            if existing is not None:
-                self._known[cid] = existing.stored_length
-            first = existing is None and cid not in self._claimed and cid not in self._known
-            if first:
-                self._claimed.add(cid)
-        return first
+            self._known[cid] = existing.stored_length
+        return True
 
     def _chain_key(self, chain: Chain) -> bytes:
         found = self._chain_keys.get(id(chain))
@@ -131,8 +137,13 @@ class ChunkSink:
         future, done = self._pending.popleft()
         result = future.result()
         if result.payload is not None:
-            self.new_chunks[result.cid] = self.packs.append(result.cid, result.payload, result.compression,
-                                                            result.raw_length)
+            if result.cid in self._claimed:  # an earlier tile stored it while this one was encoded
+                result.new = False
+            else:
+                self.new_chunks[result.cid] = self.packs.append(result.cid, result.payload, result.compression,
+                                                                result.raw_length)
+                with self._lock:
+                    self._claimed.add(result.cid)
             result.payload = None
         done(result)
 
@@ -383,7 +394,7 @@ class CaptureWriter:
         model_id = self.catalog.commit_capture(
             name=self.name, framework=framework, n_rows=n_rows, capture_seconds=seconds,
             model_file=str(model_file.relative_to(self.root)), info=info, intermediates=intermediates,
-            new_chunks=new_chunks,
+            new_chunks=new_chunks, encodings=self.sink.encodings,
         )
         self.committed = True  # from here on the catalog references the packs: abort must keep them
         self.committed_layers = intermediates
