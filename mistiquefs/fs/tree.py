@@ -344,8 +344,10 @@ class Tree:
         if not cached_only:  # about to decode: make sure no gc moved the chunks (cheap: once a second)
             self.refresh()
         started = time.perf_counter()
-        parts = self.reader(ident).read_parts(self.plan(inode).view, offset, size, cached_only=cached_only,
-                                              use_once=use_once)
+        plan = self.plan(inode)
+        # re-run pieces stay: they cost a model run to get back, and materialization stores them from the cache
+        parts = self.reader(ident).read_parts(plan.view, offset, size, cached_only=cached_only,
+                                              use_once=use_once and plan.choice == "read")
         if not cached_only:
             self.planner.spent(inode, time.perf_counter() - started)
         return parts
