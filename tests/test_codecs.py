@@ -824,6 +824,7 @@ def test_error_stats_merge_equals_measure_of_the_whole(dtype, n, cuts, nonfinite
         merged.merge(ErrorStats.measure(original[a:b], decoded[a:b]))
     rtol = 1e-9 if dtype == np.float64 else 1e-5
     want = direct_report(original, decoded)
+    mean_tol = 1e-12 * scale if dtype == np.float64 else 1e-5 * (abs(want["mean"]) + want["std"]) + 1e-12 * scale
     for stats in (whole, merged):
         assert stats.values == want["values"] and stats.nonfinite == want["nonfinite"]
         assert stats.max_abs == whole.max_abs
@@ -838,12 +839,12 @@ def test_error_stats_merge_equals_measure_of_the_whole(dtype, n, cuts, nonfinite
         if want["std"] > 0:
             assert report["rmse_over_std"] == pytest.approx(want["rmse"] / want["std"],
                                                             rel=1e-4 if dtype == np.float32 else 1e-8)
-        # (a float32 tile's mean sums in float32, pairwise: it only feeds the merge, not a reported figure)
-        assert stats.mean == pytest.approx(want["mean"], rel=1e-9 if dtype == np.float64 else 1e-6,
-                                           abs=1e-12 * scale)
+        # (a float32 tile's mean sums in float32, pairwise: it only feeds the merge, not a reported figure;
+        # its error is relative to the values' size, which cancellation can leave far above the mean's)
+        assert stats.mean == pytest.approx(want["mean"], rel=1e-9 if dtype == np.float64 else 0, abs=mean_tol)
     assert merged.squared_error == pytest.approx(whole.squared_error, rel=rtol, abs=1e-300)
     assert merged.m2 == pytest.approx(whole.m2, rel=1e-9 if dtype == np.float64 else 1e-4, abs=1e-12 * scale**2)
-    assert merged.mean == pytest.approx(whole.mean, rel=1e-9 if dtype == np.float64 else 1e-6, abs=1e-12 * scale)
+    assert merged.mean == pytest.approx(whole.mean, rel=1e-9 if dtype == np.float64 else 0, abs=2 * mean_tol)
 
 
 def test_error_stats_edge_cases() -> None:
