@@ -114,7 +114,7 @@ class Store:
             if skip_existing and self.repo.catalog.model_exists(name):
                 return self._existing_summary(name)
             writer = self.repo.begin_capture(name, table=adapter.table, policy=schemes_policy,
-                                             store_nothing=policy == "none")
+                                             store_nothing=policy == "none", n_rows=n_rows)
             keep = None
             if policy == "auto" or budget_bytes is not None:
                 keep = partial(choose_kept, policy=policy, budget=budget_bytes, framework=adapter.framework,

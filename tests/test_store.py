@@ -172,6 +172,18 @@ def test_a_scan_for_the_kernel_leaves_no_piece_behind_and_other_reads_keep_their
     assert cached() == list(range(rec.n_blocks))
 
 
+def test_a_small_layer_is_cut_into_several_chunks_and_a_large_one_into_1_mib() -> None:
+    from mistiquefs.store.layout import MIN_CHUNK_BYTES, SMALL_LAYER_SPLIT, choose_layout
+
+    f32 = np.dtype(np.float32)
+    assert choose_layout((32, 32, 32), f32, False, 5391) == (ROWS, CHUNK_BYTES // (32 * 32 * 32 * 4))
+    assert choose_layout((128,), f32, False) == (ROWS, CHUNK_BYTES // 512)  # size unknown: 1 MiB
+    layout, rows = choose_layout((128,), f32, False, 5391)  # 2.8 MB: 8 chunks
+    assert layout == ROWS and -(-5391 // rows) in (SMALL_LAYER_SPLIT, SMALL_LAYER_SPLIT + 1)
+    assert choose_layout((10,), f32, False, 5391) == (ROWS, MIN_CHUNK_BYTES // 40)  # 216 KB: 2 chunks
+    assert choose_layout((5,), np.dtype(np.float64), True, 100)[0] == COLUMNS  # tables keep their tiles
+
+
 def test_load_times_are_learned_as_if_the_cores_were_free() -> None:
     """A piece load that overlapped more loads than there are cores is reported scaled back by the excess."""
     from mistiquefs.store.reader import _Overlap

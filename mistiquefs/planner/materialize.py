@@ -95,7 +95,8 @@ class Materializer:
         packs = PackWriter(self.repo.root / "packs")
         sink = ChunkSink(self.repo.catalog, packs)
         try:
-            writer = LayerWriter(rec.name, pieces[0], model.framework == "sklearn", sink, Chain(BytesCodec()))
+            writer = LayerWriter(rec.name, pieces[0], model.framework == "sklearn", sink, Chain(BytesCodec()),
+                                 n_rows=rec.n_rows)
             for piece in pieces:
                 writer.append(piece)
             writer.flush()

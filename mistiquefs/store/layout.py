@@ -25,19 +25,30 @@ from mistiquefs.store.records import COLUMNS, ROWS
 #: (256 KiB: 0.42); 256 KiB saves ~0.5 ms of decoding on a cold single example, whose ~3 ms go mostly
 #: to disk latency and thread hand-offs. Whole layers are the common read, so 1 MiB.
 CHUNK_BYTES = 1 << 20
+#: a stored layer smaller than SMALL_LAYER_SPLIT chunks is cut into SMALL_LAYER_SPLIT chunks of at least
+#: MIN_CHUNK_BYTES instead: a 2.8 MB dense layer was 3 chunks, so a cold np.load of it decoded 1 MiB before
+#: its first bytes and used at most 3 threads; such layers compress the same in smaller chunks (demo CNN
+#: dense1: 2.72X at 256 KiB, 2.72X at 1 MiB) and are a sliver of the store's bytes.
+SMALL_LAYER_SPLIT = 8
+MIN_CHUNK_BYTES = 128 << 10
 #: rows per column tile; fixed (never derived from N) so tiles of equal columns line up across captures
 TABLE_BLOCK_ROWS = 8192
 #: a table whose block would exceed this is stored in rows layout instead (bounds capture memory)
 MAX_TABLE_BLOCK_BYTES = 64 << 20
 
 
-def choose_layout(shape: tuple[int, ...], dtype: np.dtype, table: bool) -> tuple[str, int]:
-    """(layout, block_rows) for an intermediate with per-example ``shape`` and ``dtype``."""
+def choose_layout(shape: tuple[int, ...], dtype: np.dtype, table: bool,
+                  n_rows: int | None = None) -> tuple[str, int]:
+    """(layout, block_rows) for an intermediate with per-example ``shape`` and ``dtype``; ``n_rows``: how
+    many examples a stored layer will hold, when known (small layers get smaller chunks)."""
     row_size = max(1, math.prod(shape) * dtype.itemsize)
     if dtype.names is not None or (table and len(shape) == 1 and shape[0] > 1):
         if TABLE_BLOCK_ROWS * row_size <= MAX_TABLE_BLOCK_BYTES:
             return COLUMNS, TABLE_BLOCK_ROWS
-    return ROWS, max(1, CHUNK_BYTES // row_size)
+    chunk = CHUNK_BYTES
+    if n_rows is not None and n_rows * row_size < SMALL_LAYER_SPLIT * CHUNK_BYTES:
+        chunk = max(MIN_CHUNK_BYTES, n_rows * row_size // SMALL_LAYER_SPLIT)
+    return ROWS, max(1, chunk // row_size)
 
 
 def split_block(block: np.ndarray, layout: str) -> list[np.ndarray]:

@@ -78,11 +78,11 @@ class Repository:
             os.close(fd)
 
     def begin_capture(self, name: str, *, table: bool, policy: SchemePolicy | None = None,
-                      store_nothing: bool = False) -> CaptureWriter:
+                      store_nothing: bool = False, n_rows: int | None = None) -> CaptureWriter:
         if self.catalog.model_exists(name):
             raise StoreError(f"a model named {name!r} is already in {self.root}")
         return CaptureWriter(self.catalog, self.root, name, table=table, policy=policy, store_nothing=store_nothing,
-                             memo=self.memo)
+                             memo=self.memo, n_rows=n_rows)
 
     def models(self) -> list[ModelRecord]:
         return self.catalog.models()

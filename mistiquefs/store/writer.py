@@ -171,11 +171,12 @@ class LayerWriter:
     fitting, which happens on ``sample`` (or, failing that, on the first block) before anything is encoded."""
 
     def __init__(self, name: str, first: np.ndarray, table: bool, sink: ChunkSink, chain: Chain,
-                 sample: np.ndarray | None = None, fitted: Future[Chain] | None = None) -> None:
+                 sample: np.ndarray | None = None, fitted: Future[Chain] | None = None,
+                 n_rows: int | None = None) -> None:
         self.name = name
         self.shape: tuple[int, ...] = tuple(first.shape[1:])
         self.dtype = first.dtype
-        self.layout, self.block_rows = choose_layout(self.shape, self.dtype, table)
+        self.layout, self.block_rows = choose_layout(self.shape, self.dtype, table, n_rows)
         self.chain = chain
         self._sample = sample
         self._fitted = fitted  # the chain fitted to ``sample`` ahead, by CaptureWriter.learn
@@ -293,8 +294,10 @@ class CaptureWriter:
 
     def __init__(self, catalog: Catalog, root: Path, name: str, *, table: bool,
                  policy: SchemePolicy | None = None,
-                 store_nothing: bool = False, memo: EncodeMemo | None = None) -> None:
+                 store_nothing: bool = False, memo: EncodeMemo | None = None,
+                 n_rows: int | None = None) -> None:
         self.catalog = catalog
+        self.n_rows = n_rows  # examples the capture will have, when known (layout.choose_layout)
         self.root = root
         self.name = name
         self.table = table
@@ -343,11 +346,12 @@ class CaptureWriter:
         name, chain, sample = self._chain(stage, self.samples.get(stage), first)
         fitted = self._fitted(name, chain)
         if chain.summary is None:
-            return [(LayerWriter(stage, first, self.table, self.sink, chain, sample, fitted), None)]
+            return [(LayerWriter(stage, first, self.table, self.sink, chain, sample, fitted, self.n_rows), None)]
         summary = chain.summary
         if name in self.layers:
             raise CaptureError(f"the summary {name!r} of stage {stage!r} clashes with a stage of that name")
-        writer = LayerWriter(name, summary.summarize(first), self.table, self.sink, chain, sample, fitted)
+        writer = LayerWriter(name, summary.summarize(first), self.table, self.sink, chain, sample, fitted,
+                             self.n_rows)
         return [(UnstoredLayer(stage, first, self.table), None), (writer, summary.summarize)]
 
     def _chain(self, stage: str, sample: np.ndarray | None,
