@@ -104,12 +104,15 @@ def test_a_read_of_some_rows_decodes_those_and_a_scan_reads_ahead(tmp_path: Path
     time.sleep(0.5)  # what a read-ahead would have decoded by now
     assert [b for b in range(rec.n_blocks) if ("tile", rec.id, b) in repo.cache] == [0, 1]
     repo.cache.clear()
+    advised = []
+    repo.packs.advise = advised.append  # the read-ahead asks the kernel for the queued chunks' bytes at once
     view = reader.all_view()
     assert reader.read(view, 0, 4096) == npy_bytes(data)[:4096]
     deadline = time.monotonic() + 10
     while ("tile", rec.id, 2) not in repo.cache and time.monotonic() < deadline:
         time.sleep(0.01)
     assert ("tile", rec.id, 2) in repo.cache
+    assert advised == [reader.tile_index()[b][1] for b in range(1, rec.n_blocks)]
 
 
 def test_the_cached_share_of_a_large_view_is_judged_from_a_bounded_sample(tmp_path: Path,

@@ -157,6 +157,8 @@ class Stream:
     length: int
     key: Callable[[int], Hashable]
     load: Callable[[int], Buffer]
+    #: starts the disk reads piece b will need (stored pieces; read-ahead calls it for the pieces it queues)
+    advise: Callable[[int], None] | None = None
 
     @property
     def count(self) -> int:
@@ -194,7 +196,7 @@ class LayerReader:
         self.observer: Callable[[IntermediateRecord, Hashable, int, float], None] | None = None
         self._row_header = npy_header(rec.dtype, rec.shape)
         self._row_stream = Stream(rec.block_rows * rec.row_size, rec.n_rows * rec.row_size,
-                                  self._row_key, self._load_row_block)
+                                  self._row_key, self._load_row_block, self._advise_row_block)
 
     # ---- views -------------------------------------------------------------------------------------
     def all_view(self) -> NpyView:
@@ -214,7 +216,8 @@ class LayerReader:
         if self.rec.layout == COLUMNS:
             n_cols = self.rec.n_columns
             return Stream(self.rec.block_rows * dtype.itemsize, length,
-                          lambda b: ("tile", self.rec.id, b * n_cols + j), lambda b: self._decoded(b * n_cols + j))
+                          lambda b: ("tile", self.rec.id, b * n_cols + j), lambda b: self._decoded(b * n_cols + j),
+                          lambda b: self._advise(b * n_cols + j))
         return Stream(length, length, lambda _b: ("column", self.rec.id, j), lambda _b: self._gather_column(j))
 
     # ---- reading -------------------------------------------------------------------------------------
@@ -327,6 +330,13 @@ class LayerReader:
             key = stream.key(ahead)
             if key in self._cache or not self._flights.claim_ahead(key):
                 continue
+            if stream.advise is not None:
+                # the disk reads of every piece queued start now, side by side (two threads decode them
+                # one after another): a layer's chunks lie apart in the packs, between other layers'
+                try:
+                    stream.advise(ahead)
+                except Exception:  # a hint only: the load reports what is wrong
+                    log.debug("read-ahead hint for piece %d of %s failed", ahead, self.rec.name, exc_info=True)
             _prefetcher().submit(self._prefetch, stream, ahead)
 
     def _prefetch(self, stream: Stream, b: int) -> None:
@@ -423,6 +433,15 @@ class LayerReader:
         self.forget_chunk_map()
         _t, cid, loc = fresh[0]
         return self._packs.read(cid, loc)
+
+    def _advise(self, tile: int) -> None:
+        if self.rec.stored:
+            self._packs.advise(self._tile(tile)[1])
+
+    def _advise_row_block(self, b: int) -> None:
+        tiles = range(b * self.rec.n_columns, (b + 1) * self.rec.n_columns) if self.rec.layout == COLUMNS else (b,)
+        for tile in tiles:
+            self._advise(tile)
 
     def _row_key(self, b: int) -> Hashable:
         # rows layout: row block b IS chunk b, so it shares the key the column gather uses for that chunk
