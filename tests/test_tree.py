@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import errno
 import logging
+import threading
 from pathlib import Path
 
 import numpy as np
@@ -108,3 +109,24 @@ def test_adapter_maps_errors_to_errno(tree: Tree, caplog: pytest.LogCaptureFixtu
             ask(ops.read, tree.lookup(layer, b"0.npy"), 0, 100)
     assert err.value.errno == errno.EIO
     assert "a bug" in caplog.text
+
+    # a read the cache cannot answer runs on a read thread: its failure is EIO too, its parts one reply
+    def on_a_thread(*_args, cached_only=False, **_kwargs):
+        if cached_only:
+            return None
+        if threading.current_thread() is threading.main_thread():
+            raise AssertionError("decoded on the event loop's thread")
+        if fail:
+            raise RuntimeError("a bug on a read thread")
+        return [b"ab", memoryview(b"cdef")[:2], b"e"]
+
+    tree.read_parts = on_a_thread
+    fail = True
+    caplog.clear()
+    with caplog.at_level(logging.ERROR, logger="mistiquefs.fuse"):
+        with pytest.raises(pyfuse3.FUSEError) as err:
+            ask(ops.read, tree.lookup(layer, b"0.npy"), 0, 100)
+    assert err.value.errno == errno.EIO and "a bug on a read thread" in caplog.text
+    fail = False
+    assert bytes(ask(ops.read, tree.lookup(layer, b"0.npy"), 0, 100)) == b"abcde"
+    ops.close()

@@ -64,7 +64,10 @@ async def _on_pool(pool: ThreadPoolExecutor, fn: Callable[[], T]) -> T:
     token, task = trio.lowlevel.current_trio_token(), trio.lowlevel.current_task()
 
     def done(future: Future[T]) -> None:
-        token.run_sync_soon(trio.lowlevel.reschedule, task, outcome.capture(future.result))
+        try:
+            token.run_sync_soon(trio.lowlevel.reschedule, task, outcome.capture(future.result))
+        except trio.RunFinishedError:  # the loop ended (unmounted) while this read ran: nobody waits for it
+            pass
 
     pool.submit(fn).add_done_callback(done)
     return await trio.lowlevel.wait_task_rescheduled(lambda _raise_cancel: trio.lowlevel.Abort.FAILED)
@@ -173,6 +176,10 @@ class FuseOps(pyfuse3.Operations):
             else:
                 parts = await _on_pool(self.decoders, read)
         return self._reply(parts)
+
+    def close(self) -> None:
+        """Let the read threads go (once the event loop has ended)."""
+        self.decoders.shutdown(wait=False, cancel_futures=True)
 
     def _reply(self, parts: list[bytes | memoryview]) -> bytes | memoryview:
         """The parts as one buffer for pyfuse3, which copies it to the kernel as soon as this handler

@@ -100,6 +100,7 @@ def serve(store: Path, mountpoint: Path, *, allow_other: bool = False, debug: bo
             trio.run(_main, mountpoint, pending)
         finally:
             pyfuse3.close(unmount=True)
+            ops.close()
             repo.close()
             log.info("unmounted %s", mountpoint)
     finally:

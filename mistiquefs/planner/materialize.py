@@ -95,8 +95,9 @@ class Materializer:
         packs = PackWriter(self.repo.root / "packs")
         sink = ChunkSink(self.repo.catalog, packs)
         try:
+            # the record's layout, not a fresh choice: pieces cached under this layer's keys keep their size
             writer = LayerWriter(rec.name, pieces[0], model.framework == "sklearn", sink, Chain(BytesCodec()),
-                                 n_rows=rec.n_rows)
+                                 layout=(rec.layout, rec.block_rows))
             for piece in pieces:
                 writer.append(piece)
             writer.flush()

@@ -40,15 +40,14 @@ _MIGRATIONS = {
 }
 #: What lossy encodings gave (store/memo.py): advisory, so not part of the format version: a store without
 #: it reads the same, a row may name a chunk that is gone (checked before use; gc prunes such rows), and
-#: older versions ignore it. Created by any writable open.
-MEMO_SCHEMA = """
-CREATE TABLE IF NOT EXISTS encodings (
+#: older versions ignore it. Created by a writable open, and again by the transactions that use it (an open
+#: that could not create it, e.g. with the database locked, must not make every capture fail).
+MEMO_SCHEMA = """CREATE TABLE IF NOT EXISTS encodings (
     key        BLOB PRIMARY KEY,   -- EncodeMemo.tile_key: a raw tile and the fitted chain that encoded it
     chunk_id   BLOB NOT NULL,
     raw_length INTEGER NOT NULL,
     stats      TEXT                -- JSON ErrorStats of that tile (NULL: exact)
-) WITHOUT ROWID;
-"""
+) WITHOUT ROWID"""
 #: meta keys holding the highest model / intermediate id ever used (ids are never reused)
 _HIGH_WATER = {"models": "max_model_id", "intermediates": "max_intermediate_id"}
 #: bound parameters per query (SQLite's default limit is 32766; well under it)
@@ -157,8 +156,8 @@ class Catalog:
             self._migrate(version)
         self._db.execute("PRAGMA synchronous = FULL")
         try:
-            self._db.executescript(MEMO_SCHEMA)
-        except sqlite3.OperationalError:  # read-only media: nothing is captured there
+            self._db.execute(MEMO_SCHEMA)
+        except sqlite3.OperationalError:  # read-only media (nothing is captured there), or a busy database
             pass
 
     def _migrate(self, version: int) -> None:
@@ -286,6 +285,7 @@ class Catalog:
     def prune_encodings(self) -> int:
         """Drop the recorded encodings whose chunk is gone (after gc). Returns how many."""
         with self._transaction() as db:
+            db.execute(MEMO_SCHEMA)
             before = db.total_changes
             db.execute("DELETE FROM encodings WHERE chunk_id NOT IN (SELECT id FROM chunks)")
             return db.total_changes - before
@@ -326,6 +326,7 @@ class Catalog:
         """Add one captured model and everything it references, atomically (with what its lossy tiles
         encoded to: (key, chunk id, raw length, stats JSON)). Returns the model id."""
         with self._transaction() as db:
+            db.execute(MEMO_SCHEMA)
             db.executemany("INSERT OR REPLACE INTO encodings VALUES (?, ?, ?, ?)", list(encodings))
             model_id = self._insert_model(db, name, framework, n_rows, capture_seconds, model_file, info)
             db.executemany(

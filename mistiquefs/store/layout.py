@@ -28,7 +28,8 @@ CHUNK_BYTES = 1 << 20
 #: a stored layer smaller than SMALL_LAYER_SPLIT chunks is cut into SMALL_LAYER_SPLIT chunks of at least
 #: MIN_CHUNK_BYTES instead: a 2.8 MB dense layer was 3 chunks, so a cold np.load of it decoded 1 MiB before
 #: its first bytes and used at most 3 threads; such layers compress the same in smaller chunks (demo CNN
-#: dense1: 2.72X at 256 KiB, 2.72X at 1 MiB) and are a sliver of the store's bytes.
+#: dense1: 2.72X at 256 KiB, 2.72X at 1 MiB) and are a sliver of the store's bytes. (Their chunks then
+#: depend on N: equal small layers deduplicate between captures of the same number of examples.)
 SMALL_LAYER_SPLIT = 8
 MIN_CHUNK_BYTES = 128 << 10
 #: rows per column tile; fixed (never derived from N) so tiles of equal columns line up across captures
@@ -45,10 +46,9 @@ def choose_layout(shape: tuple[int, ...], dtype: np.dtype, table: bool,
     if dtype.names is not None or (table and len(shape) == 1 and shape[0] > 1):
         if TABLE_BLOCK_ROWS * row_size <= MAX_TABLE_BLOCK_BYTES:
             return COLUMNS, TABLE_BLOCK_ROWS
-    chunk = CHUNK_BYTES
     if n_rows is not None and n_rows * row_size < SMALL_LAYER_SPLIT * CHUNK_BYTES:
-        chunk = max(MIN_CHUNK_BYTES, n_rows * row_size // SMALL_LAYER_SPLIT)
-    return ROWS, max(1, chunk // row_size)
+        return ROWS, max(1, -(-n_rows // SMALL_LAYER_SPLIT), MIN_CHUNK_BYTES // row_size)
+    return ROWS, max(1, CHUNK_BYTES // row_size)
 
 
 def split_block(block: np.ndarray, layout: str) -> list[np.ndarray]:

@@ -8,7 +8,8 @@ identical), and re-encoding them was most of a kbit:8 capture's cost: per 1 MiB 
 So each capture records, for every lossy tile it encoded, a key (xxh3-128 over the raw tile's own
 xxh3-128, its shape, dtype and unit, and the fitted chain's full configuration) -> the chunk id, the
 encoded length and the tile's error figures. The records are committed with the capture (the catalog's
-``encodings`` table) and kept in memory by the open store (an LRU of ``MAX_ENTRIES``). A later capture
+``encodings`` table) and kept in memory by the open store (an LRU of ``MAX_ENTRIES``). Keys carry
+``MEMO_VERSION``, so records of an encoder that has since changed are not used. A later capture
 that meets the same key skips encoding, measuring and compressing: encoding is deterministic, so the
 result is exactly what it would have computed. The chunk must still be in the store (``ChunkSink``
 checks; gc prunes the records of chunks it removed), else the tile is encoded and stored again.
@@ -31,8 +32,13 @@ import xxhash
 from mistiquefs.codecs import Chain, TileSpec
 from mistiquefs.codecs.fidelity import ErrorStats
 
-#: remembered tiles and fits held in memory at most (~150 bytes each)
+#: tile records held in memory at most (~250 bytes each)
 MAX_ENTRIES = 1 << 16
+#: fits held in memory at most, as their JSON (a per-unit kbit chain of 1024 units is ~3 MB of it)
+MAX_FITS = 32
+#: part of every tile key: a release whose encoders or error figures change must raise it, so that no
+#: record made by another encoder is taken for its own result
+MEMO_VERSION = 1
 
 
 @dataclass(frozen=True)
@@ -64,51 +70,59 @@ class EncodeMemo:
 
     def __init__(self, catalog: Any = None, max_entries: int = MAX_ENTRIES) -> None:
         self.catalog = catalog
-        self.max_entries = max_entries
-        self._items: OrderedDict[Hashable, Any] = OrderedDict()
-        self._lock = threading.Lock()
-        self.hits = 0
-
-    def _get(self, key: Hashable) -> Any:
-        with self._lock:
-            found = self._items.get(key)
-            if found is not None:
-                self._items.move_to_end(key)
-                self.hits += 1
-            return found
-
-    def _put(self, key: Hashable, value: Any) -> None:
-        with self._lock:
-            self._items[key] = value
-            self._items.move_to_end(key)
-            while len(self._items) > self.max_entries:
-                self._items.popitem(last=False)
+        self._tiles = _LRU(max_entries)
+        # fits as JSON: a fitted chain object grows lookup tables as it is used (up to 64 MiB per unit set)
+        self._fits = _LRU(MAX_FITS)
 
     @staticmethod
     def tile_key(tile: np.ndarray, spec: TileSpec, fitted: bytes) -> bytes:
         """The record key of ``tile`` encoded by the chain whose ``chain_key`` is ``fitted``."""
         raw, shape, dtype = content_key(tile)
-        return xxhash.xxh3_128_digest(repr((raw, shape, dtype, spec.unit, fitted)).encode())
+        return xxhash.xxh3_128_digest(repr((MEMO_VERSION, raw, shape, dtype, spec.unit, fitted)).encode())
 
     def encoded(self, key: bytes) -> Encoded | None:
-        found = self._get(key)
+        found = self._tiles.get(key)
         if found is None and self.catalog is not None:
             row = self.catalog.encoding(key)
             if row is not None:
                 cid, raw_length, stats = row
                 found = Encoded(cid, raw_length, ErrorStats(**json.loads(stats)) if stats is not None else None)
-                self._put(key, found)
+                self._tiles.put(key, found)
         return found
 
     def remember(self, key: bytes, encoded: Encoded) -> None:
-        self._put(key, encoded)
+        self._tiles.put(key, encoded)
 
     @staticmethod
     def fit_key(chain: Chain, sample: np.ndarray, units: int | None) -> Hashable:
-        return ("fit", *content_key(sample), units, chain_key(chain))
+        return (*content_key(sample), units, chain_key(chain))
 
     def fitted(self, key: Hashable) -> Chain | None:
-        return self._get(key)
+        found = self._fits.get(key)
+        return Chain.from_json(found) if found is not None else None
 
     def remember_fit(self, key: Hashable, chain: Chain) -> None:
-        self._put(key, chain)
+        self._fits.put(key, chain.to_json())
+
+
+class _LRU:
+    """A thread-safe LRU of at most ``size`` entries."""
+
+    def __init__(self, size: int) -> None:
+        self.size = size
+        self._items: OrderedDict[Hashable, Any] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def get(self, key: Hashable) -> Any:
+        with self._lock:
+            found = self._items.get(key)
+            if found is not None:
+                self._items.move_to_end(key)
+            return found
+
+    def put(self, key: Hashable, value: Any) -> None:
+        with self._lock:
+            self._items[key] = value
+            self._items.move_to_end(key)
+            while len(self._items) > self.size:
+                self._items.popitem(last=False)

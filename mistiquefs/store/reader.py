@@ -9,8 +9,8 @@ Every view is a header followed by a *stream* of equally sized pieces (the last 
 
 Pieces are cached in a shared ``ByteLRU`` under per-layer keys (``("rows", layer, b)``, ``("tile", layer,
 t)``, ``("column", layer, j)``), so no cache check needs the chunk map.
-``read(..., cached_only=True)`` answers only from the cache and returns None otherwise: the FUSE adapter
-uses it to serve hot reads inline and sends the rest to a worker thread. All methods are thread-safe.
+``read_parts(..., cached_only=True)`` answers only from the cache and returns None otherwise: the FUSE
+adapter uses it to serve hot reads inline and sends the rest to a worker thread. All methods are thread-safe.
 
 The chunk map (where each tile's chunk lives) may go stale while a mount runs: gc moves live chunks out of
 mostly-garbage packs and deletes those. Packs are never modified, so a stale location either still reads
@@ -87,11 +87,18 @@ def started_pool(workers: int, name: str) -> ThreadPoolExecutor:
     """A thread pool whose threads all run already: a pool starts a thread per task only while none is
     idle, and a cold read paid those starts (~0.3-0.9 ms on the first read-ahead of a fresh mount)."""
     pool = ThreadPoolExecutor(workers, thread_name_prefix=name)
-    barrier = threading.Barrier(workers + 1)
+    barrier = threading.Barrier(workers + 1, timeout=10)
     for _ in range(workers):
-        pool.submit(barrier.wait)
-    barrier.wait()
+        pool.submit(_meet, barrier)
+    _meet(barrier)
     return pool
+
+
+def _meet(barrier: threading.Barrier) -> None:
+    try:
+        barrier.wait()
+    except threading.BrokenBarrierError:  # a thread did not start: the pool starts it on demand instead
+        barrier.abort()
 
 
 @cache
@@ -111,6 +118,7 @@ class SingleFlight:
         self._lock = threading.Lock()
         self._running: dict[Hashable, Future] = {}
         self._queued: set[Hashable] = set()
+        self._cancelled: set[Hashable] = set()  # queued read-aheads that are no longer needed
 
     def claim_ahead(self, key: Hashable) -> bool:
         """True once per key until ``release_ahead``: keeps one read-ahead task per piece in the queue."""
@@ -123,6 +131,17 @@ class SingleFlight:
     def release_ahead(self, key: Hashable) -> None:
         with self._lock:
             self._queued.discard(key)
+            self._cancelled.discard(key)
+
+    def cancel_ahead(self, key: Hashable) -> None:
+        """The read-ahead task queued for ``key`` (if any) has nothing left to do."""
+        with self._lock:
+            if key in self._queued:
+                self._cancelled.add(key)
+
+    def cancelled(self, key: Hashable) -> bool:
+        with self._lock:
+            return key in self._cancelled
 
     def run(self, key: Hashable, compute: Callable[[], T]) -> T:
         with self._lock:
@@ -217,7 +236,7 @@ class LayerReader:
             n_cols = self.rec.n_columns
             return Stream(self.rec.block_rows * dtype.itemsize, length,
                           lambda b: ("tile", self.rec.id, b * n_cols + j), lambda b: self._decoded(b * n_cols + j),
-                          lambda b: self._advise(b * n_cols + j))
+                          lambda b: self._advise_tile(b * n_cols + j))
         return Stream(length, length, lambda _b: ("column", self.rec.id, j), lambda _b: self._gather_column(j))
 
     # ---- reading -------------------------------------------------------------------------------------
@@ -259,7 +278,7 @@ class LayerReader:
     def _read_stream(self, stream: Stream, first: int, last: int, cached_only: bool,
                      view_start: int, view_end: int, use_once: bool = False) -> list[memoryview] | None:
         size = stream.piece_size
-        out = []
+        out, delivered = [], []
         for b in range(first // size, (last - 1) // size + 1):
             lo, hi = max(first - b * size, 0), min(last - b * size, size)
             piece_end = min(size, stream.length - b * size)
@@ -277,9 +296,12 @@ class LayerReader:
             view = memoryview(as_bytes(piece))
             out.append(view[lo:hi])
             if use_once and hi == piece_end and (lo == 0 or first == self._served.get(stream.key(0))):
-                self._cache.discard(stream.key(b))  # read from its start to its end (read_parts)
-        if use_once:
+                delivered.append(stream.key(b))  # read from its start to its end (read_parts)
+        if use_once:  # (only a read that returns delivers: a cache-only pass that misses is tried again)
             self._served[stream.key(0)] = last
+            for key in delivered:
+                self._cache.discard(key)
+                self._flights.cancel_ahead(key)
         return out
 
     def _piece(self, stream: Stream, b: int) -> Buffer:
@@ -326,22 +348,29 @@ class LayerReader:
         """Decode the view's pieces after ``b`` in the background."""
         pieces = max(1, READ_AHEAD_BYTES // max(1, stream.piece_size))
         last = min(b + 1 + pieces, -(-view_end // stream.piece_size))
-        for ahead in range(b + 1, last):
-            key = stream.key(ahead)
-            if key in self._cache or not self._flights.claim_ahead(key):
-                continue
-            if stream.advise is not None:
-                # the disk reads of every piece queued start now, side by side (two threads decode them
-                # one after another): a layer's chunks lie apart in the packs, between other layers'
-                try:
-                    stream.advise(ahead)
-                except Exception:  # a hint only: the load reports what is wrong
-                    log.debug("read-ahead hint for piece %d of %s failed", ahead, self.rec.name, exc_info=True)
+        queued = [ahead for ahead in range(b + 1, last)
+                  if stream.key(ahead) not in self._cache and self._flights.claim_ahead(stream.key(ahead))]
+        if queued and stream.advise is not None:
+            # first, the disk reads of every piece queued start side by side (two threads decode them one
+            # after another; a layer's chunks lie apart in the packs). On a pool thread: it may query the
+            # catalog, and this caller may be the event loop
+            _prefetcher().submit(self._advise, stream, queued)
+        for ahead in queued:
             _prefetcher().submit(self._prefetch, stream, ahead)
+
+    def _advise(self, stream: Stream, pieces: list[int]) -> None:
+        assert stream.advise is not None
+        try:
+            for b in pieces:
+                stream.advise(b)
+        except Exception:  # a hint only: the loads report what is wrong
+            log.debug("read-ahead hint for %s failed", self.rec.name, exc_info=True)
 
     def _prefetch(self, stream: Stream, b: int) -> None:
         key = stream.key(b)
         try:
+            if self._flights.cancelled(key):  # a reader got there first and has delivered it (use_once)
+                return
             self._piece(stream, b)
         except Exception:  # the reader that needs this piece will load it again and report the error
             log.debug("read-ahead of piece %d of %s failed", b, self.rec.name, exc_info=True)
@@ -434,14 +463,14 @@ class LayerReader:
         _t, cid, loc = fresh[0]
         return self._packs.read(cid, loc)
 
-    def _advise(self, tile: int) -> None:
+    def _advise_tile(self, tile: int) -> None:
         if self.rec.stored:
             self._packs.advise(self._tile(tile)[1])
 
     def _advise_row_block(self, b: int) -> None:
         tiles = range(b * self.rec.n_columns, (b + 1) * self.rec.n_columns) if self.rec.layout == COLUMNS else (b,)
         for tile in tiles:
-            self._advise(tile)
+            self._advise_tile(tile)
 
     def _row_key(self, b: int) -> Hashable:
         # rows layout: row block b IS chunk b, so it shares the key the column gather uses for that chunk

@@ -172,11 +172,12 @@ class LayerWriter:
 
     def __init__(self, name: str, first: np.ndarray, table: bool, sink: ChunkSink, chain: Chain,
                  sample: np.ndarray | None = None, fitted: Future[Chain] | None = None,
-                 n_rows: int | None = None) -> None:
+                 n_rows: int | None = None, layout: tuple[str, int] | None = None) -> None:
         self.name = name
         self.shape: tuple[int, ...] = tuple(first.shape[1:])
         self.dtype = first.dtype
-        self.layout, self.block_rows = choose_layout(self.shape, self.dtype, table, n_rows)
+        # ``layout``: (layout, block_rows) fixed by the caller (a layer stored again keeps its record's)
+        self.layout, self.block_rows = layout or choose_layout(self.shape, self.dtype, table, n_rows)
         self.chain = chain
         self._sample = sample
         self._fitted = fitted  # the chain fitted to ``sample`` ahead, by CaptureWriter.learn
