@@ -13,8 +13,9 @@ encoded length and the tile's error figures. The records are committed with the 
 that meets the same key skips encoding, measuring and compressing: encoding is deterministic, so the
 result is exactly what it would have computed. The chunk must still be in the store (``ChunkSink``
 checks; gc prunes the records of chunks it removed), else the tile is encoded and stored again.
-Fits are remembered in memory only (sample hash, chain, units -> fitted chain): a fit is cheap next to
-encoding, and equal samples fit equal bins anyway, so a fresh process learns the same keys.
+Fits are remembered in memory only, as JSON, the last ``MAX_FITS`` (sample hash, chain, units -> fitted
+chain): a fit is cheap next to encoding, and equal samples fit equal bins anyway, so a fresh process
+learns the same keys.
 """
 
 from __future__ import annotations
