@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import threading
 from collections import OrderedDict
-from collections.abc import Hashable
+from collections.abc import Callable, Hashable
+from typing import Any
 
 import numpy as np
 
@@ -19,15 +20,18 @@ def _nbytes(value: Buffer) -> int:
 
 
 class ByteLRU:
-    def __init__(self, budget: int = DEFAULT_CACHE_BYTES) -> None:
+    """``weigh(value)``: what an entry counts against ``budget`` (its bytes; 1 makes it a count)."""
+
+    def __init__(self, budget: int = DEFAULT_CACHE_BYTES, weigh: Callable[[Any], int] = _nbytes) -> None:
         self.budget = budget
-        self._items: OrderedDict[Hashable, Buffer] = OrderedDict()
+        self._weigh = weigh
+        self._items: OrderedDict[Hashable, Any] = OrderedDict()
         self._size = 0
         self._lock = threading.Lock()
         self.hits = 0
         self.misses = 0
 
-    def get(self, key: Hashable) -> Buffer | None:
+    def get(self, key: Hashable) -> Any:
         with self._lock:
             value = self._items.get(key)
             if value is None:
@@ -41,25 +45,26 @@ class ByteLRU:
         with self._lock:
             return key in self._items
 
-    def put(self, key: Hashable, value: Buffer) -> None:
-        size = _nbytes(value)
+    def put(self, key: Hashable, value: Any) -> None:
+        size = self._weigh(value)
         if size > self.budget:
             return
         with self._lock:
-            old = self._items.pop(key, None)
-            if old is not None:
-                self._size -= _nbytes(old)
+            self._pop(key)
             self._items[key] = value
             self._size += size
             while self._size > self.budget:
                 _, evicted = self._items.popitem(last=False)
-                self._size -= _nbytes(evicted)
+                self._size -= self._weigh(evicted)
 
     def discard(self, key: Hashable) -> None:
         with self._lock:
-            old = self._items.pop(key, None)
-            if old is not None:
-                self._size -= _nbytes(old)
+            self._pop(key)
+
+    def _pop(self, key: Hashable) -> None:
+        old = self._items.pop(key, None)
+        if old is not None:
+            self._size -= self._weigh(old)
 
     def clear(self) -> None:
         with self._lock:

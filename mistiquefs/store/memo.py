@@ -21,8 +21,6 @@ learns the same keys.
 from __future__ import annotations
 
 import json
-import threading
-from collections import OrderedDict
 from collections.abc import Hashable
 from dataclasses import asdict, dataclass
 from typing import Any
@@ -32,6 +30,7 @@ import xxhash
 
 from mistiquefs.codecs import Chain, TileSpec
 from mistiquefs.codecs.fidelity import ErrorStats
+from mistiquefs.store.cache import ByteLRU
 
 #: tile records held in memory at most (~250 bytes each)
 MAX_ENTRIES = 1 << 16
@@ -54,6 +53,10 @@ class Encoded:
         return json.dumps(asdict(self.stats)) if self.stats is not None else None
 
 
+def _one(_value: Any) -> int:
+    return 1
+
+
 def content_key(array: np.ndarray) -> tuple[Hashable, ...]:
     """An array's identity by content: xxh3-128 of its bytes, with its shape and dtype."""
     flat = np.ascontiguousarray(array).reshape(-1).view(np.uint8)
@@ -71,9 +74,9 @@ class EncodeMemo:
 
     def __init__(self, catalog: Any = None, max_entries: int = MAX_ENTRIES) -> None:
         self.catalog = catalog
-        self._tiles = _LRU(max_entries)
+        self._tiles = ByteLRU(max_entries, weigh=_one)
         # fits as JSON: a fitted chain object grows lookup tables as it is used (up to 64 MiB per unit set)
-        self._fits = _LRU(MAX_FITS)
+        self._fits = ByteLRU(MAX_FITS, weigh=_one)
 
     @staticmethod
     def tile_key(tile: np.ndarray, spec: TileSpec, fitted: bytes) -> bytes:
@@ -105,25 +108,3 @@ class EncodeMemo:
     def remember_fit(self, key: Hashable, chain: Chain) -> None:
         self._fits.put(key, chain.to_json())
 
-
-class _LRU:
-    """A thread-safe LRU of at most ``size`` entries."""
-
-    def __init__(self, size: int) -> None:
-        self.size = size
-        self._items: OrderedDict[Hashable, Any] = OrderedDict()
-        self._lock = threading.Lock()
-
-    def get(self, key: Hashable) -> Any:
-        with self._lock:
-            found = self._items.get(key)
-            if found is not None:
-                self._items.move_to_end(key)
-            return found
-
-    def put(self, key: Hashable, value: Any) -> None:
-        with self._lock:
-            self._items[key] = value
-            self._items.move_to_end(key)
-            while len(self._items) > self.size:
-                self._items.popitem(last=False)
