@@ -40,8 +40,7 @@ _MIGRATIONS = {
 }
 #: What lossy encodings gave (store/memo.py): advisory, so not part of the format version: a store without
 #: it reads the same, a row may name a chunk that is gone (checked before use; gc prunes such rows), and
-#: older versions ignore it. Created by a writable open, and again by the transactions that use it (an open
-#: that could not create it, e.g. with the database locked, must not make every capture fail).
+#: older versions ignore it. Created by the transactions that write it; until then lookups find nothing.
 MEMO_SCHEMA = """CREATE TABLE IF NOT EXISTS encodings (
     key        BLOB PRIMARY KEY,   -- EncodeMemo.tile_key: a raw tile and the fitted chain that encoded it
     chunk_id   BLOB NOT NULL,
@@ -155,10 +154,6 @@ class Catalog:
         elif version < FORMAT_VERSION:
             self._migrate(version)
         self._db.execute("PRAGMA synchronous = FULL")
-        try:
-            self._db.execute(MEMO_SCHEMA)
-        except sqlite3.OperationalError:  # read-only media (nothing is captured there), or a busy database
-            pass
 
     def _migrate(self, version: int) -> None:
         """Bring an older store up to FORMAT_VERSION, one transaction per step. A store on read-only
@@ -278,7 +273,7 @@ class Catalog:
         """(chunk id, raw length, stats JSON) a capture recorded for ``key`` (store/memo.py), if any."""
         try:
             rows = self._query("SELECT chunk_id, raw_length, stats FROM encodings WHERE key = ?", (key,))
-        except sqlite3.OperationalError:  # a store opened read-only before any capture made the table
+        except sqlite3.OperationalError:  # no capture has made the table yet
             return None
         return (bytes(rows[0][0]), int(rows[0][1]), rows[0][2]) if rows else None
 

@@ -468,9 +468,14 @@ class LayerReader:
             self._packs.advise(self._tile(tile)[1])
 
     def _advise_row_block(self, b: int) -> None:
-        tiles = range(b * self.rec.n_columns, (b + 1) * self.rec.n_columns) if self.rec.layout == COLUMNS else (b,)
-        for tile in tiles:
+        for tile in self._block_tiles(b):
             self._advise_tile(tile)
+
+    def _block_tiles(self, b: int) -> range:
+        """The tiles of row block ``b``: its columns' (columns layout), or its one chunk."""
+        if self.rec.layout == COLUMNS:
+            return range(b * self.rec.n_columns, (b + 1) * self.rec.n_columns)
+        return range(b, b + 1)
 
     def _row_key(self, b: int) -> Hashable:
         # rows layout: row block b IS chunk b, so it shares the key the column gather uses for that chunk
@@ -482,8 +487,7 @@ class LayerReader:
     def _load_row_block(self, b: int) -> Buffer:
         if self.rec.layout != COLUMNS:
             return self._decoded(b)
-        n_cols = self.rec.n_columns
-        tiles = [self._cached_chunk(b * n_cols + j) for j in range(n_cols)]
+        tiles = [self._cached_chunk(tile) for tile in self._block_tiles(b)]
         return join_columns(tiles, self.rec.dtype, self._block_rows(b))
 
     def _cached_chunk(self, tile: int) -> Buffer:

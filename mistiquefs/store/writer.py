@@ -99,15 +99,14 @@ class ChunkSink:
         if chain.lossy and self.memo is not None:
             key = self.memo.tile_key(tile, spec, self._chain_key(chain))
             known = self.memo.encoded(key)
-            if known is not None and self._stored(known.cid):
-                stats = replace(known.stats) if known.stats is not None else None
-                return EncodedTile(known.cid, known.raw_length, None, 0, False, stats)
+            if known is not None and self._stored(known.cid):  # (its stats are only read: merged)
+                return EncodedTile(known.cid, known.raw_length, None, 0, False, known.stats)
             # else: not in the store any more (a gc, an aborted capture): this tile stores it again
         data = chain.encode(tile, spec)
         stats = ErrorStats.measure(tile, chain.decode(data, spec), scratch=True) if chain.lossy else None
         cid = chunk_id(data)
         if key is not None:
-            encoded = Encoded(cid, len(data), replace(stats) if stats is not None else None)
+            encoded = Encoded(cid, len(data), stats)
             self.memo.remember(key, encoded)
             with self._lock:
                 self.encodings.append((key, cid, len(data), encoded.stats_json()))
