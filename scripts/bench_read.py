@@ -28,6 +28,8 @@ removed unless ``--keep``.
 from __future__ import annotations
 
 import argparse
+import errno
+import fcntl
 import os
 import random
 import shutil
@@ -35,6 +37,7 @@ import signal
 import subprocess
 import sys
 import tempfile
+import termios
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -54,6 +57,8 @@ READ_LAYERS = ("conv1", "conv3", "dense1")
 FULL_TEMPERATURES = ("cold", "warm", "warm read")
 #: back-to-back reads of one example per file system (the "repeated" table)
 REPEATED_READS = 100
+#: samples of each request in the round-trip table
+ROUND_TRIPS = 300
 PERTURB_STEP = 1e-3
 PREDICT_BATCH = 256
 PATHS = ("local", "squashfs", "mistiquefs")
@@ -411,6 +416,43 @@ def bench_example(bench: Bench, layer: str, n_rows: int) -> None:
             bench.add(("example", layer, name, "repeated"), timed(lambda: read(i))[0])
 
 
+def isatty_request(fd: int) -> None:
+    """The ioctl Python's open() makes (isatty): on a FUSE file, a request the server answers ENOSYS
+    (the kernel makes it ENOTTY); on a local file, the kernel answers alone."""
+    try:
+        fcntl.ioctl(fd, termios.TCGETS, bytes(64))
+    except OSError as exc:
+        if exc.errno != errno.ENOTTY:
+            raise
+
+
+def bench_round_trips(bench: Bench) -> None:
+    """Each file system's cost of the two requests np.load of a warm file makes (its bytes come from the page
+    cache): open (+ close), and the isatty ioctl; back to back, the server awake."""
+    for path in bench.paths():
+        file = bench.file(path, READ_LAYERS[-1])
+        fd = os.open(file, os.O_RDONLY)
+        try:
+            for _ in range(ROUND_TRIPS):
+                bench.add(("trip", "ioctl", path, ""), timed(lambda: isatty_request(fd))[0])
+        finally:
+            os.close(fd)
+        for _ in range(ROUND_TRIPS):
+            bench.add(("trip", "open", path, ""), timed(lambda: os.close(os.open(file, os.O_RDONLY)))[0])
+
+
+def report_round_trips(bench: Bench) -> None:
+    rows = [[label, *(fmt(bench.get("trip", request, p, "") * 1e6, 0) for p in bench.paths())]
+            for request, label in (("ioctl", "isatty ioctl"), ("open", "open + close"))]
+    print_table("the requests np.load of a warm file makes: microseconds", ["request", *bench.paths()], rows,
+                [f"median of {ROUND_TRIPS} back to back, on {READ_LAYERS[-1]}'s file; np.load opens the file (a "
+                 "request to a FUSE server), Python's open() asks isatty (another: the kernel passes every ioctl "
+                 "of a FUSE file to its server) and the reads come from the page cache; local = the kernel "
+                 "answers both alone",
+                 "the isatty row is a request the server does nothing for: each file system's cost per request; "
+                 "open + close is two requests (open, release)"])
+
+
 def report_full(bench: Bench, sizes: dict[str, int]) -> None:
     paths = bench.paths()
     gbps = lambda layer, path, t: sizes[layer] / bench.get("full", layer, path, t) / 1e9  # noqa: E731
@@ -567,6 +609,9 @@ def run(args: argparse.Namespace, prereqs: Prereqs, workdir: Path, mounts_box: l
     row_bytes = {layer: (npy_sizes[layer] - npy_data_offset(npy_dir / f"{layer}.npy")) // n_rows[layer]
                  for layer in READ_LAYERS}
     report_examples(bench, row_bytes)
+    log("request round trips")
+    bench_round_trips(bench)
+    report_round_trips(bench)
     if mounts.mq_mount_seconds:
         print(f"\nmistiquefs mount (mount_background, not timed above): median "
               f"{median(mounts.mq_mount_seconds):.2f} s over {len(mounts.mq_mount_seconds)} mounts")
