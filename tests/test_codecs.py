@@ -950,3 +950,37 @@ def test_error_stats_with_a_scratch_buffer_equal_those_without(dtype) -> None:
     exact = direct_report(original.astype(np.float64), decoded.astype(np.float64))
     assert plain.report()["max_abs_error"] == pytest.approx(exact["max_abs_error"], rel=1e-6)
     assert plain.report()["rmse"] == pytest.approx(exact["rmse"], rel=1e-5)
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(k=st.sampled_from([1, 3, 4, 8]), dtype=st.sampled_from([np.float16, np.float32]),
+       rows=st.integers(1, 9), seed=st.integers(0, 2**16), data=st.data())
+def test_a_lazy_kbit_tile_writes_any_byte_range_exactly_as_decode(k, dtype, rows, seed, data) -> None:
+    """Per-layer kbit tiles are kept as their codes and write out the bytes a read asks for: any range,
+    odd starts and ends inside a value or a pair of values included, equals decode's bytes there."""
+    rng = np.random.default_rng(seed)
+    x = rng.standard_normal((rows, 5, 3)).astype(dtype)
+    chain = parse_scheme(f"kbit:{k}").fit(x, 3)
+    spec = TileSpec(x.shape, np.dtype(dtype))
+    encoded = bytes(chain.encode(x, spec))
+    expected = chain.decode(encoded, spec)
+    tile = chain.decode_lazy(encoded, spec)
+    assert tile is not None and tile.size == expected.nbytes and tile.nbytes == x.size
+    np.testing.assert_array_equal(tile.array(), expected)
+    lo = data.draw(st.integers(0, tile.size))
+    hi = data.draw(st.integers(lo, tile.size))
+    out = bytearray(b"\xee" * (hi - lo + 6))
+    tile.render(lo, hi, memoryview(out)[3:3 + hi - lo])
+    assert bytes(out[3:3 + hi - lo]) == expected.tobytes()[lo:hi]
+    assert out[:3] == out[-3:] == b"\xee" * 3  # nothing written outside the range
+
+
+@pytest.mark.parametrize("scheme, dtype", [("kbit:8:unit", np.float32), ("kbit:8", np.float64),
+                                           ("float16", np.float32), ("lossless", np.float32),
+                                           ("kbit:8+shuffle", np.float32)])
+def test_other_chains_decode_eagerly(scheme, dtype) -> None:
+    """Only per-layer kbit with a pair table (2- and 4-byte values) and no filter decodes lazily."""
+    x = np.random.default_rng(1).standard_normal((4, 6)).astype(dtype)
+    chain = parse_scheme(scheme).fit(x, 6)
+    spec = TileSpec(x.shape, np.dtype(dtype))
+    assert chain.decode_lazy(chain.encode(x, spec), spec) is None

@@ -10,9 +10,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from mistiquefs.codecs import SchemePolicy, TileSpec
 from mistiquefs.errors import CaptureError, CorruptChunk, StoreError
 from mistiquefs.store.layout import CHUNK_BYTES, TABLE_BLOCK_ROWS
 from mistiquefs.store.packs import iter_objects
+from mistiquefs.store.reader import LazyPart, join_parts
 from mistiquefs.store.records import COLUMNS, ROWS
 from mistiquefs.store.repository import Repository
 
@@ -27,10 +29,10 @@ def npy_bytes(array: np.ndarray) -> bytes:
 
 
 def capture_arrays(repo: Repository, name: str, arrays: dict[str, np.ndarray], *, table: bool,
-                   batch: int = 1000) -> None:
+                   batch: int = 1000, schemes: str | None = None) -> None:
     n_rows = len(next(iter(arrays.values())))
     with repo.capture_lock():
-        writer = repo.begin_capture(name, table=table)
+        writer = repo.begin_capture(name, table=table, policy=SchemePolicy.parse(schemes))
         try:
             for index, start in enumerate(range(0, n_rows, batch)):
                 for stage, array in arrays.items():
@@ -184,6 +186,36 @@ def test_a_scan_for_the_kernel_leaves_no_piece_behind_and_other_reads_keep_their
     np.testing.assert_array_equal(reader.rows(0, rec.n_rows), data)
     assert cached() == list(range(rec.n_blocks))
 
+
+
+def test_a_kbit_layer_is_cached_as_its_codes_and_reads_the_decoded_bytes(tmp_path: Path,
+                                                                         rng: np.random.Generator) -> None:
+    """Per-layer kbit row blocks stay in the cache as their codes (a quarter of float32) and every read
+    writes out the dequantized values it asks for: all.npy at any offsets, a row file, a column, rows()."""
+    data = np.maximum(rng.standard_normal((3000, 10, 10, 3)), 0).astype(np.float32)  # 3.6 MB, ReLU-like
+    repo = Repository(tmp_path / "s")
+    capture_arrays(repo, "m", {"conv": data}, table=False, batch=1000, schemes="kbit:8")
+    rec = layer(repo, "m", "conv")
+    assert rec.n_blocks > 1
+    want = np.concatenate([rec.chain.decode(repo.reader(rec)._chunk(b),
+                                            TileSpec((min(rec.block_rows, rec.n_rows - b * rec.block_rows),
+                                                      *rec.shape), rec.dtype)) for b in range(rec.n_blocks)])
+    assert 0 < np.sqrt(np.mean((want - data) ** 2)) < 0.05  # lossy, and close
+    repo.cache.clear()
+    reader = repo.reader(rec)
+    view = reader.all_view()
+    whole = npy_bytes(want)
+    for offset, size in [(0, 1 << 20), (129, 4093), (view.size - 7, 100), (len(view.header) + rec.block_rows
+                                                                              * rec.row_size - 5, 13)]:
+        parts = reader.read_parts(view, offset, size)
+        assert any(isinstance(part, LazyPart) for part in parts)
+        assert bytes(join_parts(parts)) == whole[offset:offset + size], (offset, size)
+    time.sleep(0.2)  # (read-ahead)
+    assert repo.cache.size <= rec.n_rows * rec.row_size // 4 + 1024  # codes: one byte a value
+    assert reader.read(reader.row_view(1234), 0, 1 << 20) == npy_bytes(want[1234])
+    column = reader.column_view(7)
+    assert reader.read(column, 0, column.size) == npy_bytes(np.ascontiguousarray(want.reshape(rec.n_rows, -1)[:, 7]))
+    np.testing.assert_array_equal(reader.rows(100, 2900), want[100:2900])
 
 def test_a_small_layer_is_cut_into_several_chunks_and_a_large_one_into_1_mib() -> None:
     from mistiquefs.store.layout import MIN_CHUNK_BYTES, SMALL_LAYER_SPLIT, choose_layout

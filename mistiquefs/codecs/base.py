@@ -96,6 +96,32 @@ class ArrayCodec(Codec):
     @abstractmethod
     def decode(self, data: bytes | memoryview, spec: TileSpec) -> np.ndarray: ...
 
+    def decode_lazy(self, data: bytes | memoryview, spec: TileSpec) -> LazyTile | None:
+        """The tile as a ``LazyTile`` over ``data``, or None where this codec decodes only eagerly."""
+        return None
+
+
+class LazyTile(ABC):
+    """A decoded tile whose values are written out only when read (``ArrayCodec.decode_lazy``).
+
+    A codec whose values are a cheap function of its stored bytes (kbit's table lookups) keeps those
+    bytes, and each read writes the values it asks for straight into the reader's buffer: no decoded copy
+    of the tile is ever made, so a scan touches a quarter of the memory (kbit:8 of float32) and a cache of
+    such tiles holds four times as many."""
+
+    #: the decoded tile's length in bytes (its values in C order, native byte order)
+    size: int
+    #: the memory the tile holds (what a cache counts)
+    nbytes: int
+
+    @abstractmethod
+    def render(self, lo: int, hi: int, out: memoryview) -> None:
+        """Write bytes ``[lo, hi)`` of the decoded tile into ``out`` (``hi - lo`` bytes, writable)."""
+
+    @abstractmethod
+    def array(self) -> np.ndarray:
+        """The whole decoded tile as a new array."""
+
 
 class FilterCodec(Codec):
     """bytes -> bytes, lossless."""

@@ -21,7 +21,7 @@ from typing import Any
 
 import numpy as np
 
-from mistiquefs.codecs.base import ArrayCodec, Codec, FilterCodec, SchemeError, TileSpec
+from mistiquefs.codecs.base import ArrayCodec, Codec, FilterCodec, LazyTile, SchemeError, TileSpec
 from mistiquefs.codecs.lossless import BytesCodec, ShuffleCodec, ZstdCodec
 from mistiquefs.codecs.pool import PoolCodec
 from mistiquefs.codecs.quantize import Float16Codec, KBitCodec, ThresholdCodec
@@ -109,6 +109,10 @@ class Chain:
         for f in reversed(self.filters):
             data = f.decode(data)
         return self.array.decode(data, spec)
+
+    def decode_lazy(self, data: bytes | memoryview, spec: TileSpec) -> LazyTile | None:
+        """``decode``'s tile as a ``LazyTile``, where the array codec has one and no filter stands between."""
+        return None if self.filters else self.array.decode_lazy(data, spec)
 
 
 #: zstd level when a scheme names none, by array codec. kbit codes at level 1 came out as small or smaller

@@ -31,7 +31,7 @@ from typing import Any, ClassVar
 
 import numpy as np
 
-from mistiquefs.codecs.base import ArrayCodec, SchemeError, TileSpec, array_from_json, array_to_json
+from mistiquefs.codecs.base import ArrayCodec, LazyTile, SchemeError, TileSpec, array_from_json, array_to_json
 
 #: values of the sample used to learn one set of bins (a layer's, or one unit's). Fitting is a fixed
 #: cost of every capture (it was 27% of a kbit:8 capture of a small VGG): 64K values fit conv2 of the demo
@@ -161,6 +161,35 @@ def _decode_pairs(pairs: np.ndarray, codes: np.ndarray, dtype: np.dtype) -> np.n
         last = int(codes[-1])
         out[-1] = pairs[last:last + 1].view(dtype)[0]  # entry (code, 0): its first value is this code's
     return out
+
+
+class PairTile(LazyTile):
+    """A per-layer kbit tile kept as its codes (one byte each), values looked up as they are read."""
+
+    def __init__(self, pairs: np.ndarray, codes: np.ndarray, spec: TileSpec) -> None:
+        self._pairs, self._codes, self._spec = pairs, codes, spec
+        self._itemsize = spec.dtype.itemsize
+        self.size = len(codes) * self._itemsize
+        self.nbytes = codes.nbytes
+
+    def render(self, lo: int, hi: int, out: memoryview) -> None:
+        size, step = self._itemsize, 2 * self._itemsize
+        # the whole pairs inside [lo, hi) go straight from the pair table into out; at most one partial
+        # value pair at either end goes through a small array
+        a = min(-(-lo // step) * step, hi)
+        b = max(hi // step * step, a)
+        if a < b:
+            np.take(self._pairs, self._codes[a // size:b // size].view("<u2"), mode="wrap",
+                    out=np.frombuffer(out, dtype=self._pairs.dtype, count=(b - a) // step, offset=a - lo))
+        for start, stop in ((lo, a), (b, hi)):
+            if start < stop:
+                first = start // size
+                values = _decode_pairs(self._pairs, self._codes[first:-(-stop // size)], self._spec.dtype)
+                skip = start - first * size
+                out[start - lo:stop - lo] = values.view(np.uint8)[skip:skip + stop - start]
+
+    def array(self) -> np.ndarray:
+        return _decode_pairs(self._pairs, self._codes, self._spec.dtype).reshape(self._spec.shape)
 
 
 @dataclass(frozen=True, eq=False)
@@ -302,6 +331,12 @@ class KBitCodec(ArrayCodec):
             flat = values.astype(spec.dtype, copy=False).reshape(-1)
             out = np.take(flat, codes.reshape(-1, units).astype(index_type) + offsets, mode="wrap")
         return out.reshape(spec.shape)
+
+    def decode_lazy(self, data: bytes | memoryview, spec: TileSpec) -> PairTile | None:
+        pairs = self._pair_table(spec.dtype) if self.per == "layer" else None
+        if pairs is None:
+            return None
+        return PairTile(pairs, _unpack_codes(data, self.k, spec.count), spec)
 
 
 @dataclass(frozen=True, eq=False)

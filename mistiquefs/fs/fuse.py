@@ -23,7 +23,7 @@ import trio
 
 from mistiquefs.errors import MistiqueError, ReadOnly
 from mistiquefs.fs.tree import BLOCK_SIZE, Attr, Kind, Tree
-from mistiquefs.store.reader import started_pool
+from mistiquefs.store.reader import LazyPart, Part, join_parts, started_pool
 
 log = logging.getLogger("mistiquefs.fuse")
 T = TypeVar("T")
@@ -38,6 +38,9 @@ RERUN_WORKERS = 2
 JSON_KINDS = {Kind.MODEL_INFO, Kind.LAYER_INFO}
 #: file handles of info.json snapshots start here, above every computed inode (kinds < 15)
 SNAPSHOT_HANDLES = 15 << 60
+#: a read whose pieces are cached writes out up to this many bytes of lazy tiles' values on the event loop
+#: (~15 us for kbit); more go to a worker thread, so that a scan's event loop only moves bytes to the kernel
+INLINE_LAZY_BYTES = 64 << 10
 
 
 def _answer(handler: Callable[..., Awaitable[T]]) -> Callable[..., Awaitable[T]]:
@@ -88,6 +91,7 @@ class FuseOps(pyfuse3.Operations):
         self._next_snapshot = SNAPSHOT_HANDLES
         self.uid, self.gid = os.getuid(), os.getgid()
         self._reply_buffer = bytearray(1 << 20)  # see _reply
+        self._buffers: list[bytearray] = []  # see read
 
     def _entry(self, attr: Attr) -> pyfuse3.EntryAttributes:
         entry = pyfuse3.EntryAttributes()
@@ -169,34 +173,43 @@ class FuseOps(pyfuse3.Operations):
         if snapshot is not None:
             return snapshot[off:off + size]
         parts = self.tree.read_parts(fh, off, size, cached_only=True, use_once=True)
-        if parts is None:
-            read = functools.partial(self.tree.read_parts, fh, off, size, use_once=True)
-            if self.tree.reruns(fh):
-                parts = await trio.to_thread.run_sync(read, limiter=self.rerun_limiter)
-            else:
-                parts = await _on_pool(self.decoders, read)
-        return self._reply(parts)
+        if parts is not None and sum(len(p) for p in parts if isinstance(p, LazyPart)) <= INLINE_LAZY_BYTES:
+            return self._reply(parts)
+        # Decoding, and writing out lazy tiles' values, run on a worker thread, into a buffer of their own
+        # that goes back to the free list once pyfuse3 has copied it out (before any other handler runs)
+        buffer = self._buffers.pop() if self._buffers else bytearray(1 << 20)
+        if len(buffer) < size:
+            buffer = bytearray(size)
+
+        def assemble() -> bytes | memoryview:
+            got = parts if parts is not None else self.tree.read_parts(fh, off, size, use_once=True)
+            if len(got) == 1 and not isinstance(got[0], LazyPart):
+                return got[0]
+            return join_parts(got, memoryview(buffer))
+
+        try:
+            if parts is None and self.tree.reruns(fh):
+                return await trio.to_thread.run_sync(assemble, limiter=self.rerun_limiter)
+            return await _on_pool(self.decoders, assemble)
+        finally:
+            self._buffers.append(buffer)
 
     def close(self) -> None:
         """Let the read threads go (once the event loop has ended)."""
         self.decoders.shutdown(wait=False, cancel_futures=True)
 
-    def _reply(self, parts: list[bytes | memoryview]) -> bytes | memoryview:
+    def _reply(self, parts: list[Part]) -> bytes | memoryview:
         """The parts as one buffer for pyfuse3, which copies it to the kernel as soon as this handler
         returns, before any other handler runs on this (the only event-loop) thread. So one part goes as it
         is (a view into a cached piece) and several are joined into one reply buffer that every read reuses:
         a fresh 1 MiB bytes object per reply cost its page faults each time (the kernel asks for up to 1 MiB
         and, past the .npy header, a request almost always spans two pieces)."""
-        if len(parts) == 1:
+        if len(parts) == 1 and not isinstance(parts[0], LazyPart):
             return parts[0]
         size = sum(len(part) for part in parts)
         if len(self._reply_buffer) < size:
             self._reply_buffer = bytearray(size)
-        out, at = memoryview(self._reply_buffer), 0
-        for part in parts:
-            out[at:at + len(part)] = part
-            at += len(part)
-        return out[:size]
+        return join_parts(parts, memoryview(self._reply_buffer))
 
     async def release(self, fh: int) -> None:
         if self._snapshots.pop(fh, None) is None:

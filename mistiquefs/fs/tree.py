@@ -36,7 +36,7 @@ from typing import NewType
 from mistiquefs.errors import NotFound
 from mistiquefs.planner.planner import Plan, Planner
 from mistiquefs.store.describe import layer_info, model_info
-from mistiquefs.store.reader import LayerReader, NpyView, start_prefetcher
+from mistiquefs.store.reader import LayerReader, NpyView, Part, join_parts, start_prefetcher
 from mistiquefs.store.records import IntermediateRecord, ModelRecord
 from mistiquefs.store.repository import Repository
 
@@ -332,10 +332,10 @@ class Tree:
 
     def read(self, inode: int, offset: int, size: int, *, cached_only: bool = False) -> bytes | None:
         parts = self.read_parts(inode, offset, size, cached_only=cached_only)
-        return None if parts is None else b"".join(parts)
+        return None if parts is None else bytes(join_parts(parts))
 
     def read_parts(self, inode: int, offset: int, size: int, *, cached_only: bool = False,
-                   use_once: bool = False) -> list[bytes | memoryview] | None:
+                   use_once: bool = False) -> list[Part] | None:
         """``read``'s bytes as a list of buffers (views into cached pieces), for the caller to join;
         ``use_once``: see LayerReader.read_parts (the FUSE adapter: the kernel caches what it reads)."""
         kind, ident, _ = split_inode(inode)

@@ -15,8 +15,10 @@ DEFAULT_CACHE_BYTES = 512 << 20
 Buffer = bytes | np.ndarray
 
 
-def _nbytes(value: Buffer) -> int:
-    return value.nbytes if isinstance(value, np.ndarray) else len(value)
+def _nbytes(value: Any) -> int:
+    """The memory an entry holds: an array's (or a lazy tile's) ``nbytes``, else its length."""
+    nbytes = getattr(value, "nbytes", None)
+    return len(value) if nbytes is None else nbytes
 
 
 class ByteLRU:

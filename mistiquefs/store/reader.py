@@ -33,6 +33,7 @@ from typing import TypeVar
 import numpy as np
 
 from mistiquefs.codecs import TileSpec
+from mistiquefs.codecs.base import LazyTile
 from mistiquefs.errors import CorruptChunk, StoreError
 from mistiquefs.npy import npy_header
 from mistiquefs.store.cache import ByteLRU, Buffer
@@ -168,6 +169,46 @@ def as_bytes(piece: Buffer) -> Buffer:
     return piece.reshape(-1).view(np.uint8) if isinstance(piece, np.ndarray) else piece
 
 
+def piece_size(piece: Buffer | LazyTile) -> int:
+    """A piece's decoded length in bytes."""
+    return piece.size if isinstance(piece, LazyTile) else len(as_bytes(piece))
+
+
+@dataclass(frozen=True)
+class LazyPart:
+    """Bytes ``[lo, hi)`` of a lazy tile, written out by whoever assembles the reply (``into``)."""
+
+    tile: LazyTile
+    lo: int
+    hi: int
+
+    def __len__(self) -> int:
+        return self.hi - self.lo
+
+    def into(self, out: memoryview) -> None:
+        self.tile.render(self.lo, self.hi, out)
+
+
+Part = bytes | memoryview | LazyPart
+
+
+def join_parts(parts: list[Part], out: memoryview | None = None) -> bytes | memoryview:
+    """The parts one after another, as new bytes or written into ``out`` (then its first bytes, returned)."""
+    if out is None and not any(isinstance(part, LazyPart) for part in parts):
+        return b"".join(parts)  # type: ignore[arg-type]
+    size = sum(len(part) for part in parts)
+    if out is None:
+        out = memoryview(bytearray(size))
+    at = 0
+    for part in parts:
+        if isinstance(part, LazyPart):
+            part.into(out[at:at + len(part)])
+        else:
+            out[at:at + len(part)] = part
+        at += len(part)
+    return out[:size]
+
+
 @dataclass(frozen=True)
 class Stream:
     """``count`` pieces of ``piece_size`` bytes (the last may be shorter), ``length`` bytes in all."""
@@ -246,10 +287,10 @@ class LayerReader:
         wants these bytes and no more (an in-process read), so read-ahead stays within them instead of
         running on into the file for a reader that will ask for the next bytes (the kernel)."""
         parts = self.read_parts(view, offset, size, cached_only=cached_only, exact=exact)
-        return None if parts is None else b"".join(parts)
+        return None if parts is None else bytes(join_parts(parts))
 
     def read_parts(self, view: NpyView, offset: int, size: int, *, cached_only: bool = False,
-                   exact: bool = False, use_once: bool = False) -> list[bytes | memoryview] | None:
+                   exact: bool = False, use_once: bool = False) -> list[Part] | None:
         """``read``'s bytes as the pieces' own buffers, not joined (views into cached pieces: no copy).
 
         ``use_once``: the caller keeps what it reads (the kernel's page cache), so a piece of a whole-layer
@@ -261,7 +302,7 @@ class LayerReader:
         end = min(offset + size, view.size)
         if offset >= end:
             return []
-        parts: list[bytes | memoryview] = []
+        parts: list[Part] = []
         head = len(view.header)
         if offset < head:
             parts.append(view.header[offset:min(end, head)])
@@ -276,9 +317,10 @@ class LayerReader:
         return parts
 
     def _read_stream(self, stream: Stream, first: int, last: int, cached_only: bool,
-                     view_start: int, view_end: int, use_once: bool = False) -> list[memoryview] | None:
+                     view_start: int, view_end: int, use_once: bool = False) -> list[Part] | None:
         size = stream.piece_size
-        out, delivered = [], []
+        out: list[Part] = []
+        delivered = []
         for b in range(first // size, (last - 1) // size + 1):
             lo, hi = max(first - b * size, 0), min(last - b * size, size)
             piece_end = min(size, stream.length - b * size)
@@ -293,8 +335,7 @@ class LayerReader:
             piece = self._cache.get(stream.key(b)) if cached_only else self._piece(stream, b)
             if piece is None:
                 return None
-            view = memoryview(as_bytes(piece))
-            out.append(view[lo:hi])
+            out.append(LazyPart(piece, lo, hi) if isinstance(piece, LazyTile) else memoryview(as_bytes(piece))[lo:hi])
             if use_once and hi == piece_end and (lo == 0 or first == self._served.get(stream.key(0))):
                 delivered.append(stream.key(b))  # read from its start to its end (read_parts)
         if use_once:  # (only a read that returns delivers: a cache-only pass that misses is tried again)
@@ -337,7 +378,7 @@ class LayerReader:
         finally:
             seconds, at_end = time.perf_counter() - started, _OVERLAP.end()
         if observer is not None:
-            observer(self.rec, key, len(as_bytes(piece)), _OVERLAP.alone(seconds, at_start, at_end))
+            observer(self.rec, key, piece_size(piece), _OVERLAP.alone(seconds, at_start, at_end))
         return piece
 
     def _put(self, key: Hashable, piece: Buffer) -> Buffer:
@@ -431,8 +472,9 @@ class LayerReader:
                                  "catalog: run mistiquefs fsck)")
         return found
 
-    def _decoded(self, tile: int) -> np.ndarray:
-        """Tile ``tile`` decoded by the layer's codec chain: rows ``(rows, *S)``, or one column's block."""
+    def _decoded(self, tile: int, lazy: bool = False) -> np.ndarray | LazyTile:
+        """Tile ``tile`` decoded by the layer's codec chain: rows ``(rows, *S)``, or one column's block;
+        ``lazy``: as a LazyTile where the chain has one (rows that readers get as bytes)."""
         rec = self.rec
         if not rec.stored:
             raise StoreError(f"layer {rec.name!r} is not stored (a summary or the model's re-run stands in "
@@ -443,7 +485,8 @@ class LayerReader:
         else:
             spec = TileSpec((self._block_rows(tile), *rec.shape), rec.dtype)
         try:
-            return rec.chain.decode(self._chunk(tile), spec)
+            data = self._chunk(tile)
+            return (lazy and rec.chain.decode_lazy(data, spec)) or rec.chain.decode(data, spec)
         except ValueError as exc:  # bytes that verify but do not fit the chain: a catalog/pack mismatch
             raise CorruptChunk(f"tile {tile} of {rec.name!r} does not decode with its codec: {exc}") from exc
 
@@ -486,7 +529,7 @@ class LayerReader:
 
     def _load_row_block(self, b: int) -> Buffer:
         if self.rec.layout != COLUMNS:
-            return self._decoded(b)
+            return self._decoded(b, lazy=True)
         tiles = [self._cached_chunk(tile) for tile in self._block_tiles(b)]
         return join_columns(tiles, self.rec.dtype, self._block_rows(b))
 
@@ -504,7 +547,8 @@ class LayerReader:
         out = np.empty(rec.n_rows, dtype=rec.column_dtype(j))
         piece_rows = rows.piece_size // max(1, rec.row_size)
         for b in range(rows.count):
-            block = np.asarray(self._piece(rows, b)).reshape(-1)
+            piece = self._piece(rows, b)
+            block = (piece.array() if isinstance(piece, LazyTile) else np.asarray(piece)).reshape(-1)
             column = block[rec.dtype.names[j]] if rec.dtype.names else block.reshape(-1, rec.n_columns)[:, j]
             out[b * piece_rows:b * piece_rows + len(column)] = column
         return out
