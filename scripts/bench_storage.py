@@ -671,7 +671,8 @@ def bench_reads(store: Any, store_path: Path, ckpt: str, workdir: Path, mounts: 
                 repeat: int, tag: str) -> tuple[float, float, float, int, int]:
     """(cold GB/s, warm GB/s, decoded GB/s, bytes, layers): np.load of every stored layer's all.npy of ``ckpt``
     through a fresh mount; cold = drop_caches first; warm = the same loads repeated at once; decoded = cold
-    again, with every piece already decoded in the daemon's cache (what the mount costs without decoding).
+    again, with every piece already decoded in the daemon's cache (kbit: its codes decompressed, the values
+    still written out per read): what the mount costs without decompressing.
     The first mount's arrays are compared with Store.read (untimed)."""
     layers = [l for l in store.layers(ckpt) if store.info(ckpt, l)["stored"]]
     mountpoint = workdir / "mnt"
@@ -842,9 +843,9 @@ def report_cnn(args: argparse.Namespace, results: list[SchemeResult], names: lis
                                               if prereqs.cold else "no drop_caches (not permitted)")
                  + "; warm = the same loads repeated at once; (x) = relative to the same layers (exact values) "
                  "as local .npy files on the work directory's disk, read the same way (baseline row); decoded = "
-                 "cold again with every piece already decoded in the daemon (each file read backwards first, "
-                 "then drop_caches): the mount's cost without decoding, the bound a cold read meets on these "
-                 "cores"])
+                 "cold again with every piece already decoded in the daemon (kbit: its codes decompressed, the "
+                 "values written out per read; each file read backwards first, then drop_caches): the mount's "
+                 "cost without decompressing, the bound a cold read meets on these cores"])
     lossy = [r for r in results if r.fidelity is not None]
     if lossy:
         rows = []
