@@ -96,6 +96,27 @@ def test_lossy_layers_read_their_dequantized_values_through_the_mount(cnn_store,
 
 
 @pytest.mark.keras
+def test_concurrent_readers_of_a_kbit_layer_get_its_values(cnn_store, mount) -> None:
+    """Readers at once, whole files and single examples: each large read writes its values out on a
+    worker thread into a reply buffer of its own (none may see another's)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    path, expected = cnn_store
+    mnt = mount(path)
+    layer_dir = mnt / "cnn" / "conv1"
+    want = decoded(json.loads((layer_dir / "info.json").read_text())["codec"], expected["conv1"])
+
+    def check(k: int) -> None:
+        if k % 2:
+            assert np.array_equal(np.load(layer_dir / "all.npy"), want), k
+        for i in range(k, N_IMAGES, 37):
+            assert np.array_equal(np.load(layer_dir / f"{i}.npy"), want[i]), (k, i)
+
+    with ThreadPoolExecutor(6) as pool:
+        list(pool.map(check, range(6)))
+
+
+@pytest.mark.keras
 def test_a_pooled_layer_shows_its_summary_beside_it(cnn_store, mount) -> None:
     path, expected = cnn_store
     mnt = mount(path)
