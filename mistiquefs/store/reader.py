@@ -12,6 +12,10 @@ t)``, ``("column", layer, j)``), so no cache check needs the chunk map.
 ``read_parts(..., cached_only=True)`` answers only from the cache and returns None otherwise: the FUSE
 adapter uses it to serve hot reads inline and sends the rest to a worker thread. All methods are thread-safe.
 
+A piece whose chain decodes lazily (per-layer kbit row blocks: ``LazyTile``) is cached as its codes, and
+``read_parts`` returns a ``LazyPart`` for it: whoever assembles the bytes (``join_parts``) writes the values
+out, straight into its own buffer.
+
 The chunk map (where each tile's chunk lives) may go stale while a mount runs: gc moves live chunks out of
 mostly-garbage packs and deletes those. Packs are never modified, so a stale location either still reads
 the right bytes or fails (pack gone, or a copy fsck --repair no longer trusts); ``_chunk`` then looks the
