@@ -130,3 +130,31 @@ def test_adapter_maps_errors_to_errno(tree: Tree, caplog: pytest.LogCaptureFixtu
     fail = False
     assert bytes(ask(ops.read, tree.lookup(layer, b"0.npy"), 0, 100)) == b"abcde"
     ops.close()
+
+
+def test_an_open_file_keeps_the_plan_it_was_opened_with(tree: Tree, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A reading that outlasts the plan's reuse time must not switch between stored and re-run bytes
+    halfway (the cost model learns while a large file is read): the plan is pinned from the first open to
+    the last release, and planned afresh after that."""
+    import mistiquefs.fs.tree as tree_module
+
+    monkeypatch.setattr(tree_module, "PLAN_SECONDS", 0.0)  # no reuse: every call would plan again
+    planned = []
+    original = tree.planner.plan
+
+    def counting(*args, **kwargs):
+        planned.append(original(*args, **kwargs))
+        return planned[-1]
+
+    monkeypatch.setattr(tree.planner, "plan", counting)
+    inode = tree.lookup(tree.lookup(tree.lookup(ROOT, b"net"), b"conv"), b"all.npy")
+    tree.opened(inode)
+    first = tree.plan(inode)
+    tree.opened(inode)  # a second reader of the same file shares it
+    whole = b"".join(tree.read(inode, offset, 1 << 20) for offset in range(0, tree.size(inode), 1 << 20))
+    assert tree.plan(inode) is first and len(planned) == 1
+    tree.released(inode)
+    assert tree.plan(inode) is first  # one reader still has it open
+    tree.released(inode)
+    assert tree.plan(inode) is not first and len(planned) == 2
+    assert whole == npy_bytes(np.asarray(tree.repo.reader(tree.layers[split_inode(inode)[1]]).rows(0, N)))

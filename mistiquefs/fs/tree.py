@@ -102,6 +102,10 @@ class Tree:
         self.planner = planner or Planner(repo)
         self.planner.on_change.append(self._planner_changed_catalog)
         self._plans: dict[int, tuple[float, Plan]] = {}
+        #: plans of open files (inode -> [opens, plan]): a file keeps the plan it was opened with until its
+        #: last release, so every byte of one reading comes the same way (stored or re-run) however long
+        #: the reading takes
+        self._pinned: dict[int, list] = {}
         self._lock = threading.Lock()
         self._refreshing = threading.Lock()
         self._version = -1
@@ -300,7 +304,11 @@ class Tree:
 
     # ---- contents --------------------------------------------------------------------------------
     def plan(self, inode: int) -> Plan:
-        """How ``inode``'s bytes are produced: read from the store or re-run (see planner/planner.py)."""
+        """How ``inode``'s bytes are produced: read from the store or re-run (see planner/planner.py). An
+        open file keeps the plan it was opened with (``opened``)."""
+        pinned = self._pinned.get(inode)
+        if pinned is not None:
+            return pinned[1]
         found = self._plans.get(inode)
         now = time.monotonic()
         if found is not None and now - found[0] < PLAN_SECONDS:
@@ -316,7 +324,11 @@ class Tree:
         """An array file was opened: count the query (``json_bytes`` renders an info.json afresh)."""
         kind, ident, _ = split_inode(inode)
         if kind in _PLANNED:
-            self.planner.opened(inode, self._layer(ident), self.plan(inode))
+            plan = self.plan(inode)
+            with self._lock:
+                pinned = self._pinned.setdefault(inode, [0, plan])
+                pinned[0] += 1
+            self.planner.opened(inode, self._layer(ident), pinned[1])
 
     def json_bytes(self, inode: int) -> bytes:
         """A fresh rendering of an info.json (it shows live planner figures)."""
@@ -324,6 +336,12 @@ class Tree:
         return self._json_bytes(Inode(inode))
 
     def released(self, inode: int) -> None:
+        with self._lock:
+            pinned = self._pinned.get(inode)
+            if pinned is not None:
+                pinned[0] -= 1
+                if pinned[0] <= 0:
+                    del self._pinned[inode]
         self.planner.released(inode)
 
     def reruns(self, inode: int) -> bool:
