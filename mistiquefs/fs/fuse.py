@@ -76,6 +76,17 @@ async def _on_pool(pool: ThreadPoolExecutor, fn: Callable[[], T]) -> T:
     return await trio.lowlevel.wait_task_rescheduled(lambda _raise_cancel: trio.lowlevel.Abort.FAILED)
 
 
+def _joined(parts: list[Part], buffer: bytearray | None) -> tuple[bytes | memoryview, bytearray | None]:
+    """(the reply, the buffer it used): one plain part as it is, else every part written into ``buffer``
+    (a new 1 MiB or larger one when it is missing or too small)."""
+    if len(parts) == 1 and not isinstance(parts[0], LazyPart):
+        return parts[0], buffer
+    size = sum(len(part) for part in parts)
+    if buffer is None or len(buffer) < size:
+        buffer = bytearray(max(size, 1 << 20))
+    return join_parts(parts, memoryview(buffer)), buffer
+
+
 class FuseOps(pyfuse3.Operations):
     def __init__(self, tree: Tree, *, workers: int | None = None) -> None:
         super().__init__()
@@ -182,11 +193,8 @@ class FuseOps(pyfuse3.Operations):
         lent = self._buffers.pop() if self._buffers else None
 
         def assemble() -> tuple[bytes | memoryview, bytearray | None]:
-            got = parts if parts is not None else self.tree.read_parts(fh, off, size, use_once=True)
-            if len(got) == 1 and not isinstance(got[0], LazyPart):
-                return got[0], lent
-            buffer = lent if lent is not None and len(lent) >= size else bytearray(max(size, 1 << 20))
-            return join_parts(got, memoryview(buffer)), buffer
+            return _joined(parts if parts is not None else self.tree.read_parts(fh, off, size, use_once=True),
+                           lent)
 
         buffer = lent
         try:
@@ -209,12 +217,8 @@ class FuseOps(pyfuse3.Operations):
         is (a view into a cached piece) and several are joined into one reply buffer that every read reuses:
         a fresh 1 MiB bytes object per reply cost its page faults each time (the kernel asks for up to 1 MiB
         and, past the .npy header, a request almost always spans two pieces)."""
-        if len(parts) == 1 and not isinstance(parts[0], LazyPart):
-            return parts[0]
-        size = sum(len(part) for part in parts)
-        if len(self._reply_buffer) < size:
-            self._reply_buffer = bytearray(size)
-        return join_parts(parts, memoryview(self._reply_buffer))
+        reply, self._reply_buffer = _joined(parts, self._reply_buffer)
+        return reply
 
     async def release(self, fh: int) -> None:
         if self._snapshots.pop(fh, None) is None:
