@@ -423,11 +423,16 @@ class LayerReader:
             self._flights.release_ahead(key)
 
     def rows(self, start: int, stop: int) -> np.ndarray:
-        """Examples ``[start, stop)`` as an array (copied out of the cache)."""
+        """Examples ``[start, stop)`` as a read-only array, copied out of the cache once (lazy tiles write
+        their values straight into it)."""
         view = self.all_view()
-        data = self.read(view, len(view.header) + start * self.rec.row_size, (stop - start) * self.rec.row_size,
-                         exact=True)
-        return np.frombuffer(data, dtype=self.rec.dtype).reshape((stop - start, *self.rec.shape))
+        parts = self.read_parts(view, len(view.header) + start * self.rec.row_size,
+                                (stop - start) * self.rec.row_size, exact=True)
+        assert parts is not None
+        out = np.empty((stop - start, *self.rec.shape), dtype=self.rec.dtype)
+        join_parts(parts, memoryview(as_bytes(out)))
+        out.flags.writeable = False
+        return out
 
     # ---- pieces --------------------------------------------------------------------------------------
     def tile_index(self) -> TileIndex:
