@@ -348,9 +348,9 @@ class Tree:
         """Whether reading ``inode`` runs the model (such reads get their own worker threads)."""
         return split_inode(inode)[0] in _PLANNED and self.plan(inode).choice == "rerun"
 
-    def read(self, inode: int, offset: int, size: int, *, cached_only: bool = False) -> bytes | None:
+    def read(self, inode: int, offset: int, size: int, *, cached_only: bool = False) -> bytes | bytearray | None:
         parts = self.read_parts(inode, offset, size, cached_only=cached_only)
-        return None if parts is None else bytes(join_parts(parts))
+        return None if parts is None else join_parts(parts)
 
     def read_parts(self, inode: int, offset: int, size: int, *, cached_only: bool = False,
                    use_once: bool = False) -> list[Part] | None:

@@ -196,21 +196,23 @@ class LazyPart:
 Part = bytes | memoryview | LazyPart
 
 
-def join_parts(parts: list[Part], out: memoryview | None = None) -> bytes | memoryview:
-    """The parts one after another, as new bytes or written into ``out`` (then its first bytes, returned)."""
+def join_parts(parts: list[Part], out: memoryview | None = None) -> bytes | bytearray | memoryview:
+    """The parts one after another, written into ``out`` (then its first bytes, returned), else as new bytes
+    (a bytearray when lazy parts write into it: no second copy to make it bytes)."""
     if out is None and not any(isinstance(part, LazyPart) for part in parts):
         return b"".join(parts)  # type: ignore[arg-type]
     size = sum(len(part) for part in parts)
-    if out is None:
-        out = memoryview(bytearray(size))
+    fresh = bytearray(size) if out is None else None
+    target = memoryview(fresh) if fresh is not None else out
+    assert target is not None
     at = 0
     for part in parts:
         if isinstance(part, LazyPart):
-            part.into(out[at:at + len(part)])
+            part.into(target[at:at + len(part)])
         else:
-            out[at:at + len(part)] = part
+            target[at:at + len(part)] = part
         at += len(part)
-    return out[:size]
+    return fresh if fresh is not None else target[:size]
 
 
 @dataclass(frozen=True)
@@ -286,12 +288,12 @@ class LayerReader:
 
     # ---- reading -------------------------------------------------------------------------------------
     def read(self, view: NpyView, offset: int, size: int, *, cached_only: bool = False,
-             exact: bool = False) -> bytes | None:
+             exact: bool = False) -> bytes | bytearray | None:
         """Bytes ``[offset, offset+size)`` of ``view`` (short at the end of the file). ``exact``: the caller
         wants these bytes and no more (an in-process read), so read-ahead stays within them instead of
         running on into the file for a reader that will ask for the next bytes (the kernel)."""
         parts = self.read_parts(view, offset, size, cached_only=cached_only, exact=exact)
-        return None if parts is None else bytes(join_parts(parts))
+        return None if parts is None else join_parts(parts)
 
     def read_parts(self, view: NpyView, offset: int, size: int, *, cached_only: bool = False,
                    exact: bool = False, use_once: bool = False) -> list[Part] | None:
