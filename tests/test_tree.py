@@ -158,3 +158,56 @@ def test_an_open_file_keeps_the_plan_it_was_opened_with(tree: Tree, monkeypatch:
     tree.released(inode)
     assert tree.plan(inode) is not first and len(planned) == 2
     assert whole == npy_bytes(np.asarray(tree.repo.reader(tree.layers[split_inode(inode)[1]]).rows(0, N)))
+
+
+def _removed_behind_the_kernel(tree: Tree, name: str) -> None:
+    """Another process removes a model; the daemon's tree notices on its next refresh, while the kernel
+    may still hold the model's names (entries are cached for minutes) and send requests for its inodes."""
+    from mistiquefs.store.maintenance import remove_model
+
+    other = Repository(tree.repo.root, create=False)
+    try:
+        remove_model(other, name)
+    finally:
+        other.close()
+    tree._checked = -10.0  # noqa: SLF001 (the refresh would otherwise wait out its one-second pause)
+    tree.refresh()
+
+
+def test_requests_for_a_removed_model_are_enoent_and_pin_nothing(tree: Tree, caplog: pytest.LogCaptureFixture) -> None:
+    """open, read and release of files whose model was removed meanwhile answer an errno: an exception
+    out of a handler would end pyfuse3's loop (the daemon), and a failed open must leave no plan pinned
+    (no release ever comes for it)."""
+    import os
+
+    ops = FuseOps(tree)
+    model = tree.lookup(ROOT, b"net")
+    info = tree.lookup(model, b"info.json")
+    layer = tree.lookup(model, b"conv")
+    whole, row = tree.lookup(layer, b"all.npy"), tree.lookup(layer, b"3.npy")
+    tree.opened(whole)  # planned and pinned once...
+    tree.released(whole)
+    tree.plan(whole)  # ...and its plan kept for reuse: an open within the second would find it
+    _removed_behind_the_kernel(tree, "net")
+    try:
+        with caplog.at_level(logging.ERROR, logger="mistiquefs.fuse"):
+            for inode in (info, whole, row):
+                with pytest.raises(pyfuse3.FUSEError) as err:
+                    ask(ops.open, inode, os.O_RDONLY, None)
+                assert err.value.errno == errno.ENOENT, inode
+            assert tree._pinned == {}  # noqa: SLF001
+            assert caplog.text == ""  # a wrong name is no internal fault
+            with pytest.raises(pyfuse3.FUSEError) as err:
+                ask(ops.getattr, layer, None)
+            assert err.value.errno == errno.ENOENT
+
+            def explode(*_args):
+                raise RuntimeError("a bug in release")
+
+            tree.released = explode
+            with pytest.raises(pyfuse3.FUSEError) as err:
+                ask(ops.release, row)
+            assert err.value.errno == errno.EIO and "a bug in release" in caplog.text
+    finally:
+        ops.close()
+

@@ -157,24 +157,23 @@ class FuseOps(pyfuse3.Operations):
             if not pyfuse3.readdir_reply(token, name, entry, next_id):
                 return
 
+    @_answer
     async def open(self, inode: int, flags: int, ctx: Any) -> pyfuse3.FileInfo:
         # Every open of a warm example pays this round trip, so it does only what must be done here (the
-        # kernel already checked that the inode exists): count the query, its plan reused for a second.
+        # kernel may still hold the name of a file that is gone: a removed model is ENOENT here): count the
+        # query, its plan reused for a second.
         if flags & (os.O_WRONLY | os.O_RDWR | os.O_TRUNC | os.O_APPEND | os.O_CREAT):
             raise pyfuse3.FUSEError(errno.EROFS)
         if self.tree.is_dir(inode):
             raise pyfuse3.FUSEError(errno.EISDIR)
-        try:
-            if (inode >> 60) in JSON_KINDS:
-                # info.json shows live planner figures: each open reads its own snapshot, and its size may
-                # differ from what getattr said, so the kernel must not trust the size (direct_io)
-                snapshot = self.tree.json_bytes(inode)
-                self._next_snapshot += 1
-                self._snapshots[self._next_snapshot] = snapshot
-                return pyfuse3.FileInfo(fh=self._next_snapshot, direct_io=True)
-            self.tree.opened(inode)
-        except MistiqueError as exc:
-            raise pyfuse3.FUSEError(exc.errno) from None
+        if (inode >> 60) in JSON_KINDS:
+            # info.json shows live planner figures: each open reads its own snapshot, and its size may
+            # differ from what getattr said, so the kernel must not trust the size (direct_io)
+            snapshot = self.tree.json_bytes(inode)
+            self._next_snapshot += 1
+            self._snapshots[self._next_snapshot] = snapshot
+            return pyfuse3.FileInfo(fh=self._next_snapshot, direct_io=True)
+        self.tree.opened(inode)
         # keep_cache: contents are immutable, so pages cached by an earlier open stay valid
         return pyfuse3.FileInfo(fh=inode, keep_cache=True)
 
@@ -220,10 +219,12 @@ class FuseOps(pyfuse3.Operations):
         reply, self._reply_buffer = _joined(parts, self._reply_buffer)
         return reply
 
+    @_answer
     async def release(self, fh: int) -> None:
         if self._snapshots.pop(fh, None) is None:
             self.tree.released(fh)
 
+    @_answer
     async def releasedir(self, fh: int) -> None:
         return None
 

@@ -324,11 +324,12 @@ class Tree:
         """An array file was opened: count the query (``json_bytes`` renders an info.json afresh)."""
         kind, ident, _ = split_inode(inode)
         if kind in _PLANNED:
-            plan = self.plan(inode)
+            rec = self._layer(ident)  # first: a plan reused from the last second may outlive its layer, and
+            plan = self.plan(inode)   # an open that fails here gets no release to unpin it
             with self._lock:
                 pinned = self._pinned.setdefault(inode, [0, plan])
                 pinned[0] += 1
-            self.planner.opened(inode, self._layer(ident), pinned[1])
+            self.planner.opened(inode, rec, pinned[1])
 
     def json_bytes(self, inode: int) -> bytes:
         """A fresh rendering of an info.json (it shows live planner figures)."""
@@ -375,8 +376,9 @@ class Tree:
         if data is None:
             kind, ident, _ = split_inode(inode)
             if kind == Kind.MODEL_INFO:
-                layers = [self.layers[lid] for lid in self.layers_of[ident].values()]
-                doc = model_info(self._model(ident), layers)
+                model = self._model(ident)  # NotFound (ENOENT) for a removed model, before its layers
+                layers = [self.layers[lid] for lid in self.layers_of.get(ident, {}).values()]
+                doc = model_info(model, layers)
             else:
                 rec = self._layer(ident)
                 doc = layer_info(rec)
