@@ -211,3 +211,28 @@ def test_requests_for_a_removed_model_are_enoent_and_pin_nothing(tree: Tree, cap
     finally:
         ops.close()
 
+
+def test_a_layer_changed_by_another_process_gets_a_fresh_reader(tmp_path: Path) -> None:
+    """A reader holds its layer's record (stored or not, chunk layout): after another process changes the
+    layer (materialization stores it, eviction drops its chunks) the tree's refresh must replace it, or
+    reads go on as the layer was. Readers of unchanged layers stay, with their chunk maps."""
+    repo = Repository(tmp_path / "s")
+    rng = np.random.default_rng(1)
+    capture_arrays(repo, "net", {"a": rng.standard_normal((50, 3)).astype(np.float32),
+                                 "b": rng.standard_normal((50, 5)).astype(np.float32)}, table=False)
+    tree = Tree(repo)
+    ids = {rec.name: rec.id for rec in tree.layers.values()}
+    before = {name: repo.reader(tree.layers[ident]) for name, ident in ids.items()}
+    assert before["a"].rec.stored
+    other = Repository(repo.root, create=False)
+    try:
+        other.catalog.unmaterialize(ids["a"])
+    finally:
+        other.close()
+    tree._checked = -10.0  # noqa: SLF001
+    tree.refresh()
+    assert not tree.layers[ids["a"]].stored
+    after = {name: repo.reader(tree.layers[ident]) for name, ident in ids.items()}
+    assert after["a"] is not before["a"] and not after["a"].rec.stored
+    assert after["b"] is before["b"]
+

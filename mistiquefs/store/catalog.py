@@ -362,9 +362,6 @@ class Catalog:
         db.executemany("INSERT INTO timings VALUES (?, ?, ?, ?)", [(iid, b, r, s) for b, r, s in inter.timings])
 
     # ---- maintenance (fsck, rm, gc) -------------------------------------------------------------------
-    def intermediate_ids(self) -> set[int]:
-        return {row[0] for row in self._query("SELECT id FROM intermediates")}
-
     def chunk_rows(self) -> dict[bytes, ChunkLocation]:
         """Every chunk row: id -> location."""
         rows = self._query("SELECT id, pack, offset, stored_length, raw_length, compression FROM chunks")

@@ -130,15 +130,19 @@ class Repository:
         return reader
 
     def forget_stale(self) -> None:
-        """After another process changed the catalog: drop the readers of removed layers, the chunk maps
-        that point into packs gc deleted (they reload on the next read), and descriptors of deleted packs.
+        """After another process changed the catalog: drop the readers of removed or changed layers, the
+        chunk maps that point into packs gc deleted (they reload on the next read), and descriptors of
+        deleted packs.
 
         Stale maps are safe until then: a pack is never modified, so an old location reads the right bytes
         or finds its pack gone, and the reader retries that once with a fresh location."""
         self._records = None
-        live = self.catalog.intermediate_ids()
-        for ident in [i for i in list(self._readers) if i not in live]:
-            self._readers.pop(ident, None)
+        current = {rec.id: rec for rec in self.catalog.intermediates()}
+        for ident, reader in list(self._readers.items()):
+            # removed, or changed: another process stored the layer (materialization) or dropped its chunks,
+            # and the old reader would read it as it was
+            if current.get(ident) != reader.rec:
+                self._readers.pop(ident, None)
         readers = list(self._readers.values())
         in_use = {pack for reader in readers for pack in reader.packs_in_use()}
         gone = {pack for pack in in_use if not (self.root / "packs" / pack).exists()}
