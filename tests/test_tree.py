@@ -236,3 +236,38 @@ def test_a_layer_changed_by_another_process_gets_a_fresh_reader(tmp_path: Path) 
     assert after["a"] is not before["a"] and not after["a"].rec.stored
     assert after["b"] is before["b"]
 
+
+def test_reply_buffers_kept_after_a_burst_are_few(tree: Tree) -> None:
+    """Concurrent cold reads each join their parts into a buffer of their own (1 MiB or more); once the
+    burst is over the adapter keeps only a few of them for later reads, not one per read of the burst."""
+    import mistiquefs.fs.fuse as fuse_module
+
+    ops = FuseOps(tree, workers=8)
+    inode = tree.lookup(tree.lookup(tree.lookup(ROOT, b"net"), b"conv"), b"0.npy")
+    arrived = threading.Barrier(8, timeout=10)
+
+    def slow_parts(*_args, cached_only=False, **_kwargs):
+        if cached_only:
+            return None
+        arrived.wait()  # all eight reads are on threads at once, each holding a buffer
+        return [b"ab", b"cd"]
+
+    tree.read_parts = slow_parts
+
+    async def burst() -> list[bytes]:
+        replies: list[bytes] = []
+
+        async def one() -> None:
+            replies.append(bytes(await ops.read(inode, 0, 4)))
+
+        async with trio.open_nursery() as nursery:
+            for _ in range(8):
+                nursery.start_soon(one)
+        return replies
+
+    try:
+        assert trio.run(burst) == [b"abcd"] * 8
+        assert len(ops._buffers) <= fuse_module.KEPT_BUFFERS  # noqa: SLF001
+    finally:
+        ops.close()
+

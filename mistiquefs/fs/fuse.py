@@ -41,6 +41,8 @@ SNAPSHOT_HANDLES = 15 << 60
 #: a read whose pieces are cached writes out up to this many bytes of lazy tiles' values on the event loop
 #: (~15 us for kbit); more go to a worker thread, so that a scan's event loop only moves bytes to the kernel
 INLINE_LAZY_BYTES = 64 << 10
+#: reply buffers (1 MiB or more each) that worker reads keep for the next ones
+KEPT_BUFFERS = 4
 
 
 def _answer(handler: Callable[..., Awaitable[T]]) -> Callable[..., Awaitable[T]]:
@@ -203,7 +205,8 @@ class FuseOps(pyfuse3.Operations):
                 reply, buffer = await _on_pool(self.decoders, assemble)
             return reply
         finally:
-            if buffer is not None:
+            # a burst of concurrent reads makes buffers of their own; keep no more than a few of them
+            if buffer is not None and len(self._buffers) < KEPT_BUFFERS:
                 self._buffers.append(buffer)
 
     def close(self) -> None:
