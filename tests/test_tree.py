@@ -271,3 +271,9 @@ def test_reply_buffers_kept_after_a_burst_are_few(tree: Tree) -> None:
     finally:
         ops.close()
 
+
+def test_mount_table_paths_are_unescaped() -> None:
+    from mistiquefs.fs.mount import _unescape
+
+    assert _unescape(r"/mnt/my\040runs\011x\134y") == "/mnt/my runs\tx\\y"
+    assert _unescape("/mnt/plain") == "/mnt/plain"

@@ -12,6 +12,7 @@ from __future__ import annotations
 import errno
 import logging
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -117,6 +118,11 @@ def _defer_stop_signals() -> tuple[list[int], dict[int, Any]]:
     return pending, previous
 
 
+def _unescape(field: str) -> str:
+    """A path as /proc/self/mountinfo writes it: space, tab, newline and backslash as octal escapes."""
+    return re.sub(r"\\([0-7]{3})", lambda m: chr(int(m.group(1), 8)), field)
+
+
 def _raise_read_ahead(mountpoint: Path) -> None:
     """Let the kernel ask for 1 MiB per read instead of 128 KiB (root only; harmless where it fails).
 
@@ -128,7 +134,7 @@ def _raise_read_ahead(mountpoint: Path) -> None:
     try:
         os.stat(mountpoint)
         with open("/proc/self/mountinfo") as table:
-            devices = [line.split()[2] for line in table if line.split()[4] == str(mountpoint)]
+            devices = [line.split()[2] for line in table if _unescape(line.split()[4]) == str(mountpoint)]
         if devices:
             Path(f"/sys/class/bdi/{devices[-1]}/read_ahead_kb").write_text(str(READ_AHEAD_KB))
     except OSError as exc:
