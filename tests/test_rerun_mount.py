@@ -302,6 +302,43 @@ def test_a_layer_read_again_and_again_is_materialized_within_the_budget(stores, 
     assert report.clean, report.summary()
 
 
+def test_releasing_a_re_read_layer_leaves_the_budget_check_to_another_thread(stores, tmp_path: Path) -> None:
+    """The release of a re-run all.npy runs on the daemon's event loop: whether to store the layer (a
+    catalog query over every chunk) and the storing itself happen on another thread."""
+    import shutil
+
+    path, pipe = stores
+    copy = tmp_path / "store"
+    shutil.copytree(path, copy)
+    repo = Repository(copy, create=False)
+    tree = Tree(repo, Planner(repo, budget=64 << 20))
+    materializer = tree.planner.materializer
+    asked_on: list[threading.Thread] = []
+    wants = materializer.wants
+
+    def recording(*args, **kwargs):
+        asked_on.append(threading.current_thread())
+        return wants(*args, **kwargs)
+
+    materializer.wants = recording
+    inode = tree.lookup(tree.lookup(tree.lookup(1, b"none"), b"pca"), b"all.npy")
+    for _ in range(3):
+        tree.opened(inode)
+        assert tree.plan(inode).choice == "rerun"
+        tree.read(inode, 0, tree.size(inode))
+        tree.released(inode)
+    deadline = time.monotonic() + 20
+    while time.monotonic() < deadline and "pca" not in materializer.materialized:
+        time.sleep(0.05)
+    assert asked_on and threading.main_thread() not in asked_on
+    assert "pca" in materializer.materialized
+    x, _ = data()
+    with mistiquefs.open_store(copy) as store:
+        assert store.info("none", "pca")["stored"]
+        assert np.array_equal(store.read("none", "pca"), expected(pipe, x)["pca"])
+    repo.close()
+
+
 def test_a_budget_smaller_than_the_store_drops_the_least_valuable_layers(stores, tmp_path: Path) -> None:
     import shutil
 

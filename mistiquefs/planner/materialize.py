@@ -20,6 +20,7 @@ from __future__ import annotations
 import logging
 import os
 import threading
+from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -66,13 +67,37 @@ class Materializer:
             return False
         return self.repo.catalog.referenced_bytes() + rec.raw_bytes / GUESSED_RATIO <= self.budget
 
+    def consider(self, rec: IntermediateRecord, queries: int,
+                 pieces: Callable[[], list[np.ndarray] | None]) -> None:
+        """Whether to store ``rec`` now (``wants``: a catalog query), and if so, store it from ``pieces()``
+        (its re-run rows, if still cached), all on a thread of its own: this is called as a re-read file
+        is released, on the daemon's event loop, which must not wait on the catalog."""
+        threading.Thread(target=self._consider, args=(rec, queries, pieces), name="mistiquefs-materialize",
+                         daemon=True).start()
+
+    def _consider(self, rec: IntermediateRecord, queries: int,
+                  pieces: Callable[[], list[np.ndarray] | None]) -> None:
+        try:
+            found = pieces() if self.wants(rec, queries) else None
+        except Exception:
+            log.exception("deciding whether to materialize %s failed", rec.name)
+            return
+        if found is not None and self._claim(rec):
+            self._store(rec, found)
+
     def store_from_cache(self, rec: IntermediateRecord, pieces: list[np.ndarray]) -> None:
         """Write ``rec`` from the re-run ``pieces`` (its rows in order) in a background thread."""
+        if self._claim(rec):
+            threading.Thread(target=self._store, args=(rec, pieces), name="mistiquefs-materialize",
+                             daemon=True).start()
+
+    def _claim(self, rec: IntermediateRecord) -> bool:
+        """Whether this caller stores ``rec`` (no other thread is storing it); ``_store`` lets it go."""
         with self._lock:
             if rec.id in self._busy:
-                return
+                return False
             self._busy.add(rec.id)
-        threading.Thread(target=self._store, args=(rec, pieces), name="mistiquefs-materialize", daemon=True).start()
+            return True
 
     def _store(self, rec: IntermediateRecord, pieces: list[np.ndarray]) -> None:
         try:

@@ -259,11 +259,8 @@ class Planner:
             self.log.append(record)
             stats = self.stats.setdefault(rec.id, LayerStats())
             stats.last = record
-        if self.materializer is not None and plan.kind == "all" and plan.choice == "rerun" and not rec.stored \
-                and self.materializer.wants(rec, stats.queries):
-            pieces = self._cached_pieces(rec, plan.view)
-            if pieces is not None:
-                self.materializer.store_from_cache(rec, pieces)
+        if self.materializer is not None and plan.kind == "all" and plan.choice == "rerun" and not rec.stored:
+            self.materializer.consider(rec, stats.queries, lambda: self._cached_pieces(rec, plan.view))
 
     def _cached_pieces(self, rec: IntermediateRecord, view: NpyView) -> list[np.ndarray] | None:
         """The re-run rows of ``view``, piece by piece, if all are still in the decoded cache."""
