@@ -317,3 +317,27 @@ def test_the_full_resolution_of_a_pooled_layer_reads_by_re_running(cnn_store, mo
     assert np.array_equal(np.load(target / "all.npy"), expected["conv3"])
     plan = json.loads((target / "info.json").read_text())["plan"]
     assert plan["one_example"]["choice"] == "rerun" and plan["queries"] == 2
+
+
+def test_a_summary_is_never_re_run_nor_dropped(tmp_path: Path) -> None:
+    """``<stage>.pool<S>`` is no stage of the model: the re-runner cannot make it, so a plan must read it
+    whatever the plan mode, and a storage budget must never drop it (its chunks are its only copy)."""
+    from mistiquefs.planner.planner import Planner
+    from mistiquefs.store.repository import Repository
+    from test_store import capture_arrays, layer
+
+    repo = Repository(tmp_path / "s")
+    rng = np.random.default_rng(3)
+    capture_arrays(repo, "net", {"input": rng.random((40, 8), dtype=np.float32),
+                                 "conv": rng.random((40, 4, 4, 3), dtype=np.float32)},
+                   table=False, schemes={"conv": "pool:2"}, framework="keras")
+    summary = layer(repo, "net", "conv.pool2")
+    assert summary.stored and not layer(repo, "net", "conv").stored
+    planner = Planner(repo, mode="rerun", budget=1)
+    assert not planner.can_rerun(summary)
+    assert planner.plan(summary, "all").choice == "read"
+    with repo.capture_lock("test"):
+        planner.materializer.evict()  # far over a 1-byte budget: drops what the model can re-run
+    repo.forget_records(set())
+    assert layer(repo, "net", "conv.pool2").stored and layer(repo, "net", "input").stored
+    repo.close()

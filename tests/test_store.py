@@ -29,7 +29,7 @@ def npy_bytes(array: np.ndarray) -> bytes:
 
 
 def capture_arrays(repo: Repository, name: str, arrays: dict[str, np.ndarray], *, table: bool,
-                   batch: int = 1000, schemes: str | None = None) -> None:
+                   batch: int = 1000, schemes: str | None = None, framework: str = "test") -> None:
     n_rows = len(next(iter(arrays.values())))
     with repo.capture_lock():
         writer = repo.begin_capture(name, table=table, policy=SchemePolicy.parse(schemes))
@@ -39,7 +39,7 @@ def capture_arrays(repo: Repository, name: str, arrays: dict[str, np.ndarray], *
                     writer.add(stage, array[start:start + batch], 0.001, index)
             model_file = writer.new_file(".bin")
             model_file.write_bytes(b"model")
-            writer.commit(framework="test", n_rows=n_rows, seconds=0.1, model_file=model_file, info={})
+            writer.commit(framework=framework, n_rows=n_rows, seconds=0.1, model_file=model_file, info={})
         except BaseException:
             writer.abort()
             raise

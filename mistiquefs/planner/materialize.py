@@ -140,13 +140,14 @@ class Materializer:
         packs.close()
 
     def evict(self) -> None:
-        """Over budget: drop the stored lossless non-input layers with the lowest gamma until it fits."""
+        """Over budget: drop the stored lossless layers the model can re-run (not the inputs, not summaries)
+        with the lowest gamma until it fits."""
         used = self.repo.catalog.referenced_bytes()
         if used <= self.budget:
             return
         stats = self.planner.stats
         candidates = [rec for layers in self.repo.all_layers().values() for rec in layers
-                      if rec.stored and rec.name != "input" and not rec.chain.lossy]
+                      if rec.stored and not rec.chain.lossy and self.planner.can_rerun(rec)]
         ranked = sorted(candidates, key=lambda r: self.gamma(r, stats[r.id].queries if r.id in stats else 0))
         for rec in ranked:
             if used <= self.budget:

@@ -97,8 +97,10 @@ class Planner:
 
     def can_rerun(self, rec: IntermediateRecord) -> bool:
         """Whether the model can recompute ``rec``: any stage but the inputs of a model whose inputs are
-        stored, of a framework the re-runner loads."""
-        if rec.name == "input" or not any(r.name == "input" and r.stored for r in self.repo.layers_of(rec.model_id)):
+        stored, of a framework the re-runner loads. A summary (``<stage>.pool<S>``) is no stage: its stored
+        chunks are its only copy."""
+        if rec.name == "input" or rec.chain.summary is not None \
+                or not any(r.name == "input" and r.stored for r in self.repo.layers_of(rec.model_id)):
             return False
         return self.model_and_layers(rec)[0].framework in EXACT_ANY_BATCH
 
