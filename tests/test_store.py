@@ -407,3 +407,30 @@ def test_a_full_disk_stops_the_capture_and_keeps_the_store(tmp_path: Path, rng: 
             np.testing.assert_array_equal(store.read("fits", "standardscaler"), scaler.transform(first))
     finally:
         subprocess.run(["umount", "-l", str(small)], check=True)
+
+
+@pytest.mark.parametrize("dtype", [np.dtype([("a", "<f8")]), np.dtype([("a", "<f8"), ("b", "<i4")]),
+                                   np.dtype("<f4")])
+@pytest.mark.parametrize("columns", [1, 3])
+def test_tiles_never_share_the_block_buffer(dtype: np.dtype, columns: int) -> None:
+    """Tiles are encoded on other threads while the writer fills its block buffer with the next rows, so
+    each tile must own its memory: a one-field dtype (a one-column DataFrame) once came back as a view,
+    and captures of such tables stored rows of later batches."""
+    from mistiquefs.store.layout import split_block
+
+    shape = (64,) if dtype.names else (64, columns)
+    block = np.zeros(shape, dtype=dtype)
+    for layout in (COLUMNS, ROWS):
+        tiles = split_block(block, layout)
+        assert tiles and not any(np.shares_memory(tile, block) for tile in tiles), layout
+
+
+def test_a_one_column_table_round_trips(tmp_path: Path) -> None:
+    repo = Repository(tmp_path / "s")
+    rng = np.random.default_rng(5)
+    table = np.zeros(100_000, dtype=[("a", "<f8")])
+    table["a"] = rng.standard_normal(len(table))
+    capture_arrays(repo, "t", {"input": table}, table=True, batch=5000)
+    got = repo.reader(layer(repo, "t", "input")).rows(0, len(table))
+    assert np.array_equal(got, table)
+    repo.close()

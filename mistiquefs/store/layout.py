@@ -56,9 +56,11 @@ def split_block(block: np.ndarray, layout: str) -> list[np.ndarray]:
     memory (the caller reuses ``block``'s buffer while the tiles are encoded in other threads)."""
     if layout == ROWS:
         return [block.copy()]
+    # copies, never np.ascontiguousarray: the one field of a one-field dtype (a one-column DataFrame) is
+    # already contiguous, so that returned a view of the buffer the next rows were written into
     if block.dtype.names is not None:
-        return [np.ascontiguousarray(block[name]) for name in block.dtype.names]
-    return list(np.ascontiguousarray(block.T))
+        return [block[name].copy() for name in block.dtype.names]
+    return list(block.T.copy())
 
 
 def join_columns(tiles: list[np.ndarray], dtype: np.dtype, n_rows: int) -> np.ndarray:
