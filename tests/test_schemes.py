@@ -18,7 +18,7 @@ from sklearn.preprocessing import MinMaxScaler, StandardScaler
 
 import mistiquefs
 from mistiquefs.cli.main import main
-from mistiquefs.codecs import Chain, TileSpec
+from mistiquefs.codecs import Chain, SchemePolicy, TileSpec
 from mistiquefs.codecs.pool import PoolCodec
 
 N_IMAGES = 200
@@ -340,4 +340,38 @@ def test_a_summary_is_never_re_run_nor_dropped(tmp_path: Path) -> None:
         planner.materializer.evict()  # far over a 1-byte budget: drops what the model can re-run
     repo.forget_records(set())
     assert layer(repo, "net", "conv.pool2").stored and layer(repo, "net", "input").stored
+    repo.close()
+
+
+@pytest.mark.parametrize("policy", ["all", "auto"])
+def test_a_budget_keeps_summaries_like_inputs(tmp_path: Path, policy: str) -> None:
+    """A capture's budget or "auto" policy drops layers the mount can re-run; a summary is not one of
+    them, so it is kept with the inputs (before: recorded as not stored, and unreadable)."""
+    from functools import partial
+
+    from mistiquefs.planner.policy import choose_kept
+    from mistiquefs.store.repository import Repository
+    from test_store import layer
+
+    repo = Repository(tmp_path / "s")
+    rng = np.random.default_rng(4)
+    # stored sizes: input ~2 KB, conv.pool2 ~16 KB, dense ~10 KB, the layer worth most per byte (10 s to
+    # re-run): a budget of 22 KB holds the inputs and the summary, not dense as well
+    arrays = {"input": (rng.random((64, 8), dtype=np.float32), 0.001),
+              "conv": (rng.random((64, 8, 8, 4), dtype=np.float32), 0.001),
+              "dense": (rng.random((64, 40), dtype=np.float32), 10.0)}
+    budget = 22_000
+    with repo.capture_lock():
+        writer = repo.begin_capture("net", table=False, policy=SchemePolicy.parse({"conv": "pool:2"}))
+        for stage, (array, seconds) in arrays.items():
+            writer.add(stage, array, seconds, 0)
+        model_file = writer.new_file(".keras")
+        model_file.write_bytes(b"model")
+        keep = partial(choose_kept, policy=policy, budget=budget, existing_bytes=0, framework="keras",
+                       batch_size=64, n_rows=64)
+        writer.commit(framework="keras", n_rows=64, seconds=0.1, model_file=model_file, info={}, keep=keep,
+                      budget=budget)
+    assert layer(repo, "net", "conv.pool2").stored and layer(repo, "net", "input").stored
+    assert not layer(repo, "net", "dense").stored
+    assert repo.catalog.referenced_bytes() <= budget
     repo.close()

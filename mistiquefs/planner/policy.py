@@ -5,8 +5,8 @@ it for all examples (the cost model's constants, before any observation), i.e. w
 (re-run - read) is positive. A budget (bytes of chunks the whole store may reference) keeps the
 intermediates with the most time saved per stored byte first, until the next one would not fit; under
 "all" a budget drops the lowest-ranked layers too, so it is never exceeded. The inputs are always kept
-(re-running needs them); a budget they alone exceed is an error. What is not kept stays readable: the
-mount re-runs it.
+(re-running needs them), and so are summaries (``<stage>.pool<S>``: no stage of the model makes them); a
+budget these alone exceed is an error. What is not kept stays readable: the mount re-runs it.
 """
 
 from __future__ import annotations
@@ -37,10 +37,12 @@ def choose_kept(layers: Sequence[NewIntermediate], *, policy: str, budget: int |
     budget."""
     stored = [layer for layer in layers if layer.stored]
     stages = [(layer.name, layer.seconds) for layer in layers]
-    kept = [layer.name for layer in stored if layer.name == "input"]
+    kept = [layer.name for layer in stored if layer.required]
     used = existing_bytes + sum(layer.new_bytes for layer in stored if layer.name in kept)
     if budget is not None and used > budget:
-        raise CaptureError(f"the budget of {budget} bytes cannot hold even this capture's inputs (the store "
+        summaries = [name for name in kept if name != "input"]
+        what = f"inputs and summaries ({', '.join(summaries)})" if summaries else "inputs"
+        raise CaptureError(f"the budget of {budget} bytes cannot hold even this capture's {what} (the store "
                            f"would reference {used} bytes): raise it, or remove models (mistiquefs rm, gc)")
     candidates = []
     for layer in stored:

@@ -72,6 +72,12 @@ class NewIntermediate:
     stored: bool = True
     fidelity: dict[str, Any] | None = None
 
+    @property
+    def required(self) -> bool:
+        """Kept whatever a capture's policy or budget says: the inputs (a re-run reads them) and summaries
+        (``<stage>.pool<S>``: no model stage makes them, so their chunks are their only copy)."""
+        return self.name == "input" or (bool(self.codec) and self.codec[0].get("name") == "pool")
+
 
 TILE_DTYPE = np.dtype([("cid", "V16"), ("pack", "<i4"), ("offset", "<i8"), ("stored", "<i8"),
                        ("raw", "<i8"), ("compression", "u1")])

@@ -409,12 +409,13 @@ class CaptureWriter:
                ) -> tuple[list[NewIntermediate], dict[bytes, ChunkLocation]]:
         """The layers with all but ``kept`` turned into not-stored records, and the new chunks they use."""
         existing = self.catalog.referenced_bytes() if budget is not None else 0
+        required = {layer.name for layer in layers if layer.stored and layer.required}
         while True:
-            chosen = set(kept)
+            chosen = set(kept) | required
             used = {cid for layer in layers if layer.name in chosen for _t, cid in layer.tiles}
             new = {cid: loc for cid, loc in self.sink.new_chunks.items() if cid in used}
             total = existing + sum(loc.stored_length for loc in new.values())
-            if budget is None or total <= budget or len(kept) <= 1:
+            if budget is None or total <= budget or not set(kept) - required:
                 break
             kept = kept[:-1]
         out = []
