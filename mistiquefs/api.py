@@ -107,7 +107,7 @@ class Store:
             return self._existing_summary(name)
         adapter = adapter_for(model)
         n_rows = adapter.n_rows(inputs)
-        size = int(batch_size or adapter.default_batch_size)
+        size = int(adapter.default_batch_size if batch_size is None else batch_size)
         if size < 1:
             raise CaptureError(f"batch_size must be at least 1, not {batch_size}")
         with self.repo.capture_lock():

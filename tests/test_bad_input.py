@@ -280,6 +280,32 @@ def test_bad_keras_inputs_and_a_failing_layer_change_nothing(store) -> None:
 # ------------------------------------------------------------------------------ a newer store format
 
 
+@pytest.mark.parametrize("batch_size", [0, -5])
+def test_a_batch_size_below_one_is_refused(store, batch_size: int) -> None:
+    before = store_state(store.path)
+    with pytest.raises(CaptureError, match=f"batch_size must be at least 1, not {batch_size}"):
+        store.capture(StandardScaler().fit(np.ones((5, 3))), np.ones((20, 3)), name="bad", batch_size=batch_size,
+                      progress=False)
+    assert store_state(store.path) == before
+
+
+def test_an_empty_or_cut_inputs_file_is_a_capture_error(store, tmp_path: Path, capsys) -> None:
+    """An empty .npy file (numpy raises EOFError) or one cut short is exit status 4 with a message, not a
+    traceback."""
+    model = tmp_path / "m.skops"
+    skops.io.dump(Pipeline([("scale", StandardScaler())]).fit(np.ones((5, 3))), model)
+    whole = io.BytesIO()
+    np.save(whole, np.ones((20, 3)))
+    for name, content in (("empty.npy", b""), ("cut.npy", whole.getvalue()[:100])):
+        (tmp_path / name).write_bytes(content)
+        before = store_state(store.path)
+        code = main(["capture", str(store.path), "--model", str(model), "--inputs", str(tmp_path / name),
+                     "--name", "bad"])
+        assert code == CaptureError.exit_code, name
+        assert f"{tmp_path / name} is not a readable .npy file" in capsys.readouterr().err
+        assert store_state(store.path) == before
+
+
 def test_a_store_of_a_newer_format_is_refused_and_left_alone(tmp_path: Path, capsys) -> None:
     path = tmp_path / "store"
     with mistiquefs.open_store(path) as opened:

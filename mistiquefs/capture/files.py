@@ -53,6 +53,8 @@ def load_inputs_file(path: Path) -> Any:
             if "allow_pickle" in str(exc):
                 raise CaptureError(f"{path} holds Python objects, which mistiquefs does not load") from exc
             raise CaptureError(f"{path} is not a readable .npy file: {exc}") from exc
+        except (EOFError, OSError) as exc:  # empty or truncated, or unreadable
+            raise CaptureError(f"{path} is not a readable .npy file: {exc or type(exc).__name__}") from exc
     if suffix == ".csv":
         try:
             import pandas

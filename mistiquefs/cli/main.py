@@ -72,7 +72,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     fsck = sub.add_parser("fsck", help="verify every chunk, pack and catalog row; exit 0 only when clean",
                           description="Verify a store; name the models, layers and examples any damage "
-                                      "affects. Exit status 0: clean; 3: damage found.")
+                                      "affects. Exit status 0: clean; 6: damage found; 3: not a store it can open.")
     fsck.add_argument("store", type=Path)
     fsck.add_argument("--repair", action="store_true",
                       help="rebuild the chunk index from the packs (under the capture lock), then report the "
