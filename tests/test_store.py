@@ -382,6 +382,60 @@ def test_an_interrupt_after_the_commit_loses_nothing(tmp_path: Path, rng: np.ran
     np.testing.assert_array_equal(fresh.reader(layer(fresh, "m", "a")).rows(0, 3000), data)
 
 
+
+def test_an_interrupt_inside_the_commit_after_sqlite_committed_loses_nothing(
+        tmp_path: Path, rng: np.random.Generator, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Ctrl-C can land after SQLite's COMMIT but before commit_capture returns: abort must find the model
+    in the catalog and keep the packs and model file it references (it deleted them)."""
+    from mistiquefs.store.check import check_store
+
+    data = rng.standard_normal((3000, 40))
+    repo = Repository(tmp_path / "s")
+    original = repo.catalog.commit_capture
+
+    def committed_then_interrupted(**kwargs):
+        original(**kwargs)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(repo.catalog, "commit_capture", committed_then_interrupted)
+    writer = repo.begin_capture("m", table=False)
+    writer.add("a", data)
+    model_file = writer.new_file(".bin")
+    model_file.write_bytes(b"model")
+    with pytest.raises(KeyboardInterrupt):
+        try:
+            writer.commit(framework="test", n_rows=3000, seconds=0.1, model_file=model_file, info={})
+        except BaseException:
+            writer.abort()  # what Store.capture does
+            raise
+    assert model_file.exists()
+    fresh = Repository(tmp_path / "s", create=False)
+    np.testing.assert_array_equal(fresh.reader(layer(fresh, "m", "a")).rows(0, 3000), data)
+    assert check_store(fresh).clean
+    fresh.close()
+
+
+def test_an_interrupt_inside_the_commit_before_sqlite_committed_leaves_nothing(
+        tmp_path: Path, rng: np.random.Generator, monkeypatch: pytest.MonkeyPatch) -> None:
+    repo = Repository(tmp_path / "s")
+
+    def interrupted(**_kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(repo.catalog, "commit_capture", interrupted)
+    writer = repo.begin_capture("m", table=False)
+    writer.add("a", rng.standard_normal((3000, 40)))
+    model_file = writer.new_file(".bin")
+    model_file.write_bytes(b"model")
+    with pytest.raises(KeyboardInterrupt):
+        try:
+            writer.commit(framework="test", n_rows=3000, seconds=0.1, model_file=model_file, info={})
+        except BaseException:
+            writer.abort()
+            raise
+    assert not model_file.exists() and not list((tmp_path / "s" / "packs").iterdir())
+    assert repo.models() == []
+
 def test_a_full_disk_stops_the_capture_and_keeps_the_store(tmp_path: Path, rng: np.random.Generator) -> None:
     import subprocess
 

@@ -312,6 +312,7 @@ class CaptureWriter:
         self._files: list[Path] = []
         self.committed = False
         self.committed_layers: list[NewIntermediate] = []
+        self._committing: str | None = None  # the model file a commit under way names
 
     def learn(self, samples: dict[str, np.ndarray]) -> None:
         """Take each stage's sample and fit its learned codecs in the encode workers, all at once (one
@@ -395,9 +396,10 @@ class CaptureWriter:
         self.packs.sync()
         fsync_path(model_file)
         fsync_dir(model_file.parent)
+        self._committing = str(model_file.relative_to(self.root))
         model_id = self.catalog.commit_capture(
             name=self.name, framework=framework, n_rows=n_rows, capture_seconds=seconds,
-            model_file=str(model_file.relative_to(self.root)), info=info, intermediates=intermediates,
+            model_file=self._committing, info=info, intermediates=intermediates,
             new_chunks=new_chunks, encodings=self.sink.encodings,
         )
         self.committed = True  # from here on the catalog references the packs: abort must keep them
@@ -426,15 +428,29 @@ class CaptureWriter:
             out.append(layer)
         return out, new
 
+    def _landed(self) -> bool:
+        """Whether a commit that did not return (an interrupt right after SQLite's COMMIT) is in the
+        catalog all the same: then its packs and model file are referenced and must stay."""
+        if self._committing is None:
+            return False
+        try:
+            return any(m.name == self.name and m.model_file == self._committing for m in self.catalog.models())
+        except Exception:  # cannot tell: keeping the files costs only space (gc reclaims unreferenced ones)
+            return True
+
     def abort(self) -> None:
         """Forget this capture: remove the packs and files it wrote (nothing references them).
         A no-op after a successful commit (an interrupt can land between the commit and its return)."""
         if self.committed:
             return
+        landed = self._landed()
         self.sink.close()
         try:
             self.packs.close()
         except OSError:  # e.g. ENOSPC again while flushing the buffer: the file goes anyway
             pass
+        if landed:
+            self.committed = True
+            return
         for path in [*self.packs.written, *self._files]:
             path.unlink(missing_ok=True)
