@@ -796,7 +796,8 @@ def direct_report(original: np.ndarray, decoded: np.ndarray) -> dict[str, float]
     o = original.reshape(-1).astype(np.float64)
     d = decoded.reshape(-1).astype(np.float64)
     finite = np.isfinite(o)
-    o, d = o[finite], d[finite]
+    kept = finite & np.isfinite(d)
+    o, d = o[kept], d[kept]
     err = d - o
     rmse = math.sqrt(float(np.mean(err ** 2))) if len(o) else 0.0
     std = float(o.std()) if len(o) else 0.0
@@ -850,9 +851,9 @@ def test_error_stats_merge_equals_measure_of_the_whole(dtype, n, cuts, nonfinite
 def test_error_stats_edge_cases() -> None:
     empty = ErrorStats.measure(np.zeros(0, np.float32), np.zeros(0, np.float32))
     assert empty.report() == {"exact": False, "max_abs_error": 0.0, "rmse": 0.0, "rmse_over_std": 0.0,
-                              "std": 0.0, "values": 0, "nonfinite": 0}
+                              "std": 0.0, "values": 0, "nonfinite": 0, "overflowed": 0}
     constant = ErrorStats.measure(np.full(4, 2.0), np.array([2.0, 2.0, 2.0, 3.0]))
-    assert constant.report()["rmse_over_std"] == math.inf and constant.report()["rmse"] == 0.5
+    assert constant.report()["rmse_over_std"] is None and constant.report()["rmse"] == 0.5  # no std to scale by
     exact = ErrorStats.measure(np.full(3, 2.0), np.full(3, 2.0))
     assert exact.report()["rmse_over_std"] == 0.0
     all_nan = ErrorStats.measure(np.full(3, np.nan, np.float32), np.zeros(3, np.float32))
@@ -860,6 +861,30 @@ def test_error_stats_edge_cases() -> None:
     stats = ErrorStats.measure(np.array([1.0, 2.0]), np.array([1.5, 2.0]))
     stats.merge(all_nan)
     assert (stats.values, stats.nonfinite, stats.mean, stats.m2) == (2, 3, 1.5, 0.5)
+
+
+def test_fidelity_figures_stay_finite_json() -> None:
+    """info.json must parse as JSON (no Infinity/NaN) and say what a codec did to every value: finite
+    values float16 turns into inf are counted as overflowed and left out of the error figures; a constant
+    layer has std 0 exactly (its mean sums in float64), so its relative error is null, not 1e3."""
+    import json
+
+    from mistiquefs.codecs.quantize import Float16Codec
+
+    values = np.array([1e5, -1e5, 1.0, 2.0, np.nan], dtype=np.float32)
+    decoded = Float16Codec().decode(Float16Codec().encode(values, TileSpec(values.shape, values.dtype)),
+                                    TileSpec(values.shape, values.dtype))
+    report = ErrorStats.measure(values, decoded).report()
+    assert (report["overflowed"], report["nonfinite"], report["values"]) == (2, 1, 2)
+    assert report["max_abs_error"] == 0.0 and report["rmse"] == 0.0  # 1.0 and 2.0 are exact in float16
+    json.loads(json.dumps(report, allow_nan=False))
+    constant = np.full(10_000, 0.1, dtype=np.float32)
+    report = ErrorStats.measure(constant, constant.astype(np.float16).astype(np.float32)).report()
+    assert report["std"] == 0.0 and report["rmse"] > 0 and report["rmse_over_std"] is None
+    huge = np.array([1e300, -1e300, 0.0])
+    report = ErrorStats.measure(huge, -huge).report()  # errors of 2e300: their squares overflow float64
+    assert report["max_abs_error"] == 2e300 and report["rmse"] is None
+    json.loads(json.dumps(report, allow_nan=False))
 
 
 # ------------------------------------------------------------------------------------------ pool

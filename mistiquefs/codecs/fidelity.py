@@ -1,8 +1,10 @@
 """The error a lossy chain makes, measured over every value of a layer as it is captured.
 
 ``info.json`` shows, for a lossy layer: ``max_abs_error`` and ``rmse`` over the finite values,
-``rmse_over_std`` (RMSE relative to the standard deviation of the layer's values), and ``nonfinite``
-(values with no finite original, which lossy codecs clamp; they are left out of the other figures).
+``rmse_over_std`` (RMSE relative to the standard deviation of the layer's values; null when that is 0
+and the error is not), ``nonfinite`` (values with no finite original, which lossy codecs clamp) and
+``overflowed`` (finite values the codec made infinite, e.g. 1e5 under float16); both are left out of the
+other figures, so every figure is a finite number (or null) and the JSON stays valid.
 Stats of tiles measured in parallel merge exactly (Chan et al.'s pairwise variance update).
 """
 
@@ -19,6 +21,7 @@ import numpy as np
 class ErrorStats:
     values: int = 0
     nonfinite: int = 0
+    overflowed: int = 0
     max_abs: float = 0.0
     squared_error: float = 0.0
     mean: float = 0.0       # of the finite original values
@@ -41,18 +44,22 @@ class ErrorStats:
             err = decoded.reshape(-1) - o
         max_abs = float(max(err.max(), -err.min())) if len(o) else 0.0  # no |err| array
         squared = float(np.dot(err, err))
-        nonfinite = 0
+        nonfinite = overflowed = 0
         if not (math.isfinite(max_abs) and math.isfinite(squared)):
             finite = np.isfinite(o)
             nonfinite = int(len(o) - finite.sum())
-            o, err = o[finite], err[finite]
+            kept = finite & np.isfinite(err)
+            overflowed = int(finite.sum() - kept.sum())
+            o, err = o[kept], err[kept].astype(np.float64)  # float64: squares of errors > 1.8e19 stay finite
             max_abs = float(max(err.max(), -err.min())) if len(o) else 0.0
             squared = float(np.dot(err, err))
+            err = np.empty(len(o), dtype=o.dtype)
         n = len(o)
-        mean = float(o.sum()) / n if n else 0.0
+        # the sum in float64: a constant layer's mean is then its value exactly, and its std 0
+        mean = float(o.sum(dtype=np.float64)) / n if n else 0.0
         dev = np.subtract(o, o.dtype.type(mean), out=err)  # err is spent
-        return cls(values=n, nonfinite=nonfinite, max_abs=max_abs, squared_error=squared, mean=mean,
-                   m2=float(np.dot(dev, dev)))
+        return cls(values=n, nonfinite=nonfinite, overflowed=overflowed, max_abs=max_abs, squared_error=squared,
+                   mean=mean, m2=float(np.dot(dev, dev)))
 
     def merge(self, other: ErrorStats) -> None:
         n = self.values + other.values
@@ -62,12 +69,16 @@ class ErrorStats:
             self.mean += delta * other.values / n
         self.values = n
         self.nonfinite += other.nonfinite
+        self.overflowed += other.overflowed
         self.max_abs = max(self.max_abs, other.max_abs)
         self.squared_error += other.squared_error
 
     def report(self) -> dict[str, Any]:
         rmse = math.sqrt(self.squared_error / self.values) if self.values else 0.0
         std = math.sqrt(self.m2 / self.values) if self.values else 0.0
-        return {"exact": False, "max_abs_error": self.max_abs, "rmse": rmse,
-                "rmse_over_std": rmse / std if std else (0.0 if rmse == 0 else math.inf),
-                "std": std, "values": self.values, "nonfinite": self.nonfinite}
+        figures = {"max_abs_error": self.max_abs, "rmse": rmse,
+                   "rmse_over_std": rmse / std if std else (0.0 if rmse == 0 else None), "std": std}
+        # JSON has no inf or NaN (float64 values near 1e308 can still overflow a sum of squares)
+        figures = {k: v if v is None or math.isfinite(v) else None for k, v in figures.items()}
+        return {"exact": False, **figures, "values": self.values, "nonfinite": self.nonfinite,
+                "overflowed": self.overflowed}
