@@ -866,7 +866,8 @@ def test_error_stats_edge_cases() -> None:
 def test_fidelity_figures_stay_finite_json() -> None:
     """info.json must parse as JSON (no Infinity/NaN) and say what a codec did to every value: finite
     values float16 turns into inf are counted as overflowed and left out of the error figures; a constant
-    layer has std 0 exactly (its mean sums in float64), so its relative error is null, not 1e3."""
+    layer has std 0 exactly (not the ~1e-7 of its value a float32 sum leaves), so its relative error is
+    null, not 1e3."""
     import json
 
     from mistiquefs.codecs.quantize import Float16Codec

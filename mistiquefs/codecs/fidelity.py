@@ -55,11 +55,15 @@ class ErrorStats:
             squared = float(np.dot(err, err))
             err = np.empty(len(o), dtype=o.dtype)
         n = len(o)
-        # the sum in float64: a constant layer's mean is then its value exactly, and its std 0
-        mean = float(o.sum(dtype=np.float64)) / n if n else 0.0
+        mean = float(o.sum()) / n if n else 0.0
         dev = np.subtract(o, o.dtype.type(mean), out=err)  # err is spent
+        m2 = float(np.dot(dev, dev))
+        if n and m2 <= n * (1e-6 * mean) ** 2 and o.min() == o.max():
+            # a constant tile: its float32 sum's rounding would leave a std of ~1e-7 of its value (and a
+            # relative error of 1e3 for a codec's tiny one); only so flat a tile pays the check
+            mean, m2 = float(o[0]), 0.0
         return cls(values=n, nonfinite=nonfinite, overflowed=overflowed, max_abs=max_abs, squared_error=squared,
-                   mean=mean, m2=float(np.dot(dev, dev)))
+                   mean=mean, m2=m2)
 
     def merge(self, other: ErrorStats) -> None:
         n = self.values + other.values
