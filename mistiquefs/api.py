@@ -136,6 +136,12 @@ class Store:
 
     def _capture(self, adapter: Adapter, writer: CaptureWriter, inputs: Any, n_rows: int, size: int,
                  progress: bool | None, keep: Any, budget: int | None, started: float) -> CaptureSummary:
+        # the model first: a model that cannot be loaded back is refused before any batch runs, where some
+        # layers may not be stored (the mount recomputes those by loading it)
+        model_path = writer.new_file(adapter.model_suffix)
+        adapter.save_model(model_path)
+        if writer.store_nothing or keep is not None or any(c.summary for _glob, c in writer.policy.rules):
+            _check_reloads(model_path)
         bar = tqdm(total=n_rows, unit="ex", desc=f"capture {writer.name}", leave=False,
                    disable=None if progress is None else not progress)
         with bar:
@@ -146,8 +152,6 @@ class Store:
                 for out in _run_batch(adapter, batch, start, stop):
                     writer.add(out.name, out.array, out.seconds, batch_index)
                 bar.update(stop - start)
-        model_path = writer.new_file(adapter.model_suffix)
-        adapter.save_model(model_path)
         seconds = time.perf_counter() - started
         info = {**adapter.describe(), "batch_size": size, "schemes": writer.policy.describe()}
         writer.commit(framework=adapter.framework, n_rows=n_rows, seconds=seconds, model_file=model_path,
@@ -274,3 +278,16 @@ def open_store(path: str | Path, *, create: bool = True, cache_bytes: int | None
 
     ``cache_bytes``: memory for decoded chunks (default 512 MiB), worth lowering when many processes read."""
     return Store(path, create=create, cache_bytes=cache_bytes)
+
+
+def _check_reloads(path: Path) -> None:
+    """CaptureError unless the saved model loads back the way the mount loads it (safely: no code run)."""
+    from mistiquefs.capture.files import load_model_file
+
+    try:
+        load_model_file(path)
+    except CaptureError as exc:
+        raise CaptureError(
+            f"this capture may leave layers unstored (policy 'none' or 'auto', a budget, or a pool summary), "
+            f"and recomputing them needs the model loaded back, which is refused: {exc}. Store every layer "
+            "(policy 'all', no budget, no pool scheme) or capture a model that loads safely") from None

@@ -306,6 +306,21 @@ def test_an_empty_or_cut_inputs_file_is_a_capture_error(store, tmp_path: Path, c
         assert store_state(store.path) == before
 
 
+@pytest.mark.parametrize("how", [{"policy": "none"}, {"policy": "auto"}, {"budget": "10M"}])
+def test_a_model_that_cannot_load_back_is_refused_where_layers_may_go_unstored(store, how) -> None:
+    """A layer that is not stored is recomputed by loading the saved model; a model the safe loader
+    refuses (a lambda: loading it would run code) made every such layer unreadable. Refused up front, with
+    the store unchanged; with every layer stored the model is never needed, and the capture goes ahead."""
+    x = np.random.default_rng(3).standard_normal((300, 3))
+    model = Pipeline([("double", FunctionTransformer(lambda a: a * 2)), ("scale", StandardScaler())]).fit(x)
+    before = store_state(store.path)
+    with pytest.raises(CaptureError, match="may leave layers unstored.*refusing to load"):
+        store.capture(model, x, name="lambda", progress=False, **how)
+    assert store_state(store.path) == before
+    store.capture(model, x, name="lambda", progress=False)
+    assert np.array_equal(store.read("lambda", "scale"), model.transform(x))
+
+
 def test_a_store_of_a_newer_format_is_refused_and_left_alone(tmp_path: Path, capsys) -> None:
     path = tmp_path / "store"
     with mistiquefs.open_store(path) as opened:
