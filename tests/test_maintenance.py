@@ -440,3 +440,28 @@ def _deleted_packs_held_open(mountpoint: Path, names: list[str]) -> list[str]:
         except OSError:
             continue
     return [link for link in held if link.endswith("(deleted)") and any(name in link for name in names)]
+
+
+def test_gc_copes_with_an_rm_that_removes_its_model_file_meanwhile(tmp_path: Path, monkeypatch) -> None:
+    """rm takes no lock: between gc's plan (which finds a model file no row names: rm just deleted the
+    rows) and gc's deletions, rm removes that file itself. gc finishes without FileNotFoundError."""
+    import mistiquefs.store.maintenance as maintenance
+
+    repo = Repository(tmp_path / "s")
+    capture_arrays(repo, "a", {"x": np.ones((10, 3), np.float32)}, table=False)
+    capture_arrays(repo, "b", {"x": np.zeros((10, 3), np.float32)}, table=False)
+    model_file = repo.root / next(m.model_file for m in repo.models() if m.name == "a")
+    repo.catalog.remove_model("a")  # rm's transaction; its unlink comes later
+    planned = maintenance.plan_gc
+
+    def plan_then_rm_unlinks(*args, **kwargs):
+        plan = planned(*args, **kwargs)
+        assert model_file in plan.orphan_files
+        model_file.unlink()
+        return plan
+
+    monkeypatch.setattr(maintenance, "plan_gc", plan_then_rm_unlinks)
+    report = collect_garbage(repo)
+    assert report.model_files == 0 and not model_file.exists()
+    assert [m.name for m in repo.models()] == ["b"]
+    repo.close()

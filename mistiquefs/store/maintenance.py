@@ -188,8 +188,12 @@ def remove_files(repo: Repository, plan: GcPlan, report: GcReport) -> None:
             report.packs_deleted += 1
     fsync_dir(_packs_dir(repo))
     for path in plan.orphan_files:
-        report.bytes += path.stat().st_size
-        path.unlink(missing_ok=True)
+        try:  # an rm (it takes no lock) may have removed its own model's file since the plan
+            size = path.stat().st_size
+            path.unlink()
+        except FileNotFoundError:
+            continue
+        report.bytes += size
         report.model_files += 1
     fsync_dir(repo.root / "models")
 
