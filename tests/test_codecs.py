@@ -442,11 +442,11 @@ def test_threshold_decodes_to_x_above_its_units_threshold(percentile, layout, dt
     codec = chain.array
     assert isinstance(codec, ThresholdCodec) and codec.percentile == percentile
     grouped = sample.reshape(-1, shape[-1] if len(shape) > 1 else 1).astype(np.float64)
-    assert codec.thresholds.shape == (grouped.shape[1],) and codec.thresholds.dtype == sample.dtype
+    assert codec.thresholds.shape == (grouped.shape[1],) and codec.thresholds.dtype == np.float64
     for u in range(grouped.shape[1]):
         finite = grouped[:, u][np.isfinite(grouped[:, u])]
         want = np.percentile(finite, percentile) if len(finite) else np.inf
-        assert codec.thresholds[u] == np.asarray(want).astype(sample.dtype)
+        assert codec.thresholds[u] == want  # not rounded to the layer's dtype
     values = np.concatenate([sample, layer_values(rng, kind, shape, np.dtype(dtype), nonfinite=True)])
     for tile, unit in tiles_of(values, layout, tile_rows):
         data, out = roundtrip(chain, tile, unit)
@@ -454,6 +454,15 @@ def test_threshold_decodes_to_x_above_its_units_threshold(percentile, layout, dt
         t = table_index(len(codec.thresholds), False, tile, unit)
         assert same_bits(out, (tile > codec.thresholds[t]).astype(tile.dtype))
 
+
+
+def test_threshold_is_not_rounded_onto_a_value_above_it() -> None:
+    """P=99.99 of a float16 sample [0, 1] is 0.9999; rounded to float16 it was 1.0, and the 1.0 (above the
+    percentile) read as 0."""
+    sample = np.array([[0.0], [1.0]], dtype=np.float16)
+    chain = layer_chain("threshold:99.99", sample)
+    data, out = roundtrip(chain, sample, None)
+    assert out.reshape(-1).tolist() == [0.0, 1.0]
 
 # ----------------------------------------------------------------------------------- chain JSON
 

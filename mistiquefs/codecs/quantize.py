@@ -372,7 +372,9 @@ class ThresholdCodec(ArrayCodec):
 
     def fit(self, sample: np.ndarray, units: int | None) -> ThresholdCodec:
         per_unit = np.asarray(sample, dtype=np.float64).reshape(-1, units or 1)
-        thresholds = np.empty(units or 1, dtype=sample.dtype)
+        # float64, not the layer's dtype: rounded to float16/32 a percentile can land on a value above it
+        # (P=99.99 of a float16 [0, 1] sample is 0.9999, stored as 1.0: the 1.0s read as 0)
+        thresholds = np.empty(units or 1, dtype=np.float64)
         for u in range(units or 1):
             finite = per_unit[:, u][np.isfinite(per_unit[:, u])]
             thresholds[u] = np.percentile(finite, self.percentile) if len(finite) else np.inf
