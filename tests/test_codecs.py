@@ -89,6 +89,18 @@ def bin_bounds(edges: np.ndarray, bins: int) -> tuple[np.ndarray, np.ndarray]:
     return lo, hi
 
 
+def exact_bin_bounds(edges: np.ndarray, bins: int) -> tuple[np.ndarray, np.ndarray]:
+    """``bin_bounds`` for an ``exact`` codec: code c holds the float32 values from edge c-1 up to just
+    below edge c."""
+    finite = edges[np.isfinite(edges)].astype(np.float64)
+    top = float(np.finfo(np.float32).max)
+    lo, hi = np.full(bins, np.inf), np.full(bins, -np.inf)
+    below = np.nextafter(finite.astype(np.float32), np.float32(-np.inf)).astype(np.float64)
+    lo[:len(finite) + 1] = np.concatenate([[-top], finite])
+    hi[:len(finite) + 1] = np.concatenate([below, [top]])
+    return lo, hi
+
+
 def table_index(tables: int, per_layer: bool, tile: np.ndarray, unit: int | None) -> np.ndarray:
     """The per-unit table each element of a tile uses."""
     if per_layer:
@@ -129,6 +141,8 @@ def layer_values(rng: np.random.Generator, kind: str, shape: tuple[int, ...], dt
         x = np.maximum(rng.standard_normal(shape) - 0.3, 0.0) * scale
     elif kind == "grid":  # on the 16-bit grid: the kbit table can tell every value apart
         x = trunc16(rng.standard_normal(shape) * scale).astype(np.float64)
+    elif kind == "narrow":  # a large offset, a small spread: a few 16-bit prefixes hold every value
+        x = (1000 + rng.standard_normal(shape) * 0.05) * scale
     else:  # constant
         x = np.full(shape, rng.normal() * scale)
     x = x.astype(dtype)
@@ -226,9 +240,10 @@ def test_float16_equals_a_cast_to_half_and_back(dtype, spatial, n, tile_rows, la
 
 def kbit_codes(codec: KBitCodec, tile: np.ndarray, unit: int | None) -> tuple[np.ndarray, np.ndarray]:
     """``(table, code)`` of every element of a tile, recomputed from the codec's edges: the code is the
-    number of edges <= the value's float32 truncated to 16 bits (NaN: all of them)."""
+    number of edges <= the value's float32 truncated to 16 bits (NaN: all of them); for an ``exact``
+    codec (values too narrow for the 16-bit table), <= the value's float32."""
     t = table_index(len(codec.edges), codec.per == "layer", tile, unit)
-    x16 = trunc16(tile)
+    x16 = tile.astype(np.float32) if codec.exact else trunc16(tile)
     code = np.zeros(tile.shape, dtype=np.intp)
     for table in np.unique(t):
         m = t == table
@@ -261,7 +276,7 @@ def check_kbit(chain: Chain, sample: np.ndarray, values: np.ndarray, layout: str
             occupied[0, kbit_codes(codec, column, 0)[1]] = True
         else:
             occupied[g, kbit_codes(codec, column, g)[1]] = True
-    bounds = [bin_bounds(e, bins) for e in codec.edges]
+    bounds = [(exact_bin_bounds if codec.exact else bin_bounds)(e, bins) for e in codec.edges]
     lo, hi = np.stack([b[0] for b in bounds]), np.stack([b[1] for b in bounds])
     for tile, unit in tiles_of(values, layout, tile_rows):
         data, out = roundtrip(chain, tile, unit)
@@ -295,7 +310,7 @@ def check_kbit(chain: Chain, sample: np.ndarray, values: np.ndarray, layout: str
             assert np.all(err[empty] <= width + gap + slack[empty]), (tile[empty][:5], out[empty][:5])
 
 
-KBIT_KINDS = ["normal", "lognormal", "discrete", "atom", "grid", "constant"]
+KBIT_KINDS = ["normal", "lognormal", "discrete", "atom", "grid", "constant", "narrow"]
 
 
 @pytest.mark.parametrize("layout", ["rows", "columns"])
@@ -405,6 +420,29 @@ def test_kbit_error_within_the_bin_of_a_sample_empty_bin() -> None:
     code = kbit_codes(chain.array, x, None)[1][0, 0]
     assert abs(float(out[0, 0]) - float(x[0, 0])) <= hi[code] - lo[code]
 
+
+@pytest.mark.parametrize("scheme", ["kbit:8", "kbit:8:unit", "kbit:4"])
+@pytest.mark.parametrize("kind", ["offset", "sigmoid"])
+def test_kbit_keeps_its_bins_on_values_too_narrow_for_the_table(scheme: str, kind: str) -> None:
+    """Values that share a few 16-bit prefixes (a large offset with a small spread; a saturated sigmoid)
+    lost most bin edges to snapping (kbit:8 kept 2 and 18 of 255: RMSE / std 0.60 and 0.20). Such a
+    layer keeps its learned edges (binary search), and says so; a JSON round trip keeps that."""
+    rng = np.random.default_rng(11)
+    if kind == "offset":
+        x = (1000 + rng.standard_normal((4000, 8)) * 0.05).astype(np.float32)
+    else:
+        x = (1 / (1 + np.exp(-rng.normal(6, 1, (4000, 8))))).astype(np.float32)
+    chain = layer_chain(scheme, x)
+    assert chain.array.exact and "binary search" in chain.array.note
+    k = chain.array.k
+    _, out = roundtrip(chain, x)
+    assert len(np.unique(out)) >= (1 << k) * 3 // 4
+    # measured: kbit:8 0.007-0.022 (was 0.20-0.60), kbit:4 0.10-0.26 (was 0.30-0.60)
+    assert ErrorStats.measure(x, out).report()["rmse_over_std"] < (0.05 if k == 8 else 0.28)
+    again = Chain.from_json(json.loads(json.dumps(chain.to_json())))
+    assert again.array.exact and same_bits(roundtrip(again, x)[1], out)
+    normal = layer_chain(scheme, rng.standard_normal((4000, 8)).astype(np.float32))
+    assert not normal.array.exact  # the fast table, as before
 
 def test_kbit_per_unit_beyond_the_unit_limit_falls_back_to_per_layer() -> None:
     sample = np.random.default_rng(1).standard_normal((3, MAX_UNITS + 1)).astype(np.float32)
