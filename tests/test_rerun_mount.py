@@ -224,6 +224,26 @@ def test_policies_and_budgets(tmp_path: Path) -> None:
                 assert np.array_equal(again.read("b", layer), want), layer
 
 
+def test_a_budget_counts_chunks_rm_left_that_a_capture_reuses(tmp_path: Path) -> None:
+    """After rm (before gc) the removed model's chunks stay in the index, referenced by no layer; a capture
+    of the same data reuses them, and the store references them again: they count against the budget."""
+    from mistiquefs.store.maintenance import remove_model
+
+    x, _ = data()
+    pipe = pipeline()
+    path = tmp_path / "s"
+    with mistiquefs.open_store(path) as store:
+        full = store.capture(pipe, x, name="a", progress=False)
+        repo = Repository(path, create=False)
+        remove_model(repo, "a")
+        assert repo.catalog.referenced_bytes() == 0
+        budget = full.stored_bytes // 2  # the inputs alone are ~40% of it
+        store.capture(pipe, x, name="b", budget=budget, progress=False)
+        assert 0 < repo.catalog.referenced_bytes() <= budget
+        assert not all(store.info("b", layer)["stored"] for layer in store.layers("b"))
+        repo.close()
+
+
 def test_concurrent_readers_share_one_computation_and_the_mount_stays_responsive(tmp_path: Path, mount,
                                                                                  monkeypatch) -> None:
     import mistiquefs.api

@@ -269,6 +269,18 @@ class Catalog:
                        (intermediate_id,))
         return int(freed)
 
+    def unreferenced_bytes(self, ids: Iterable[bytes]) -> int:
+        """Stored bytes of those of ``ids`` that are in the chunk index but no layer references (what rm
+        leaves until gc): a capture that reuses them makes the store reference them again."""
+        ids = list(ids)
+        total = 0
+        for start in range(0, len(ids), 500):
+            part = ids[start:start + 500]
+            total += self._query(
+                f"SELECT COALESCE(SUM(stored_length), 0) FROM chunks c WHERE c.id IN ({','.join('?' * len(part))})"
+                " AND NOT EXISTS (SELECT 1 FROM tiles t WHERE t.chunk_id = c.id)", tuple(part))[0][0]
+        return int(total)
+
     def referenced_bytes(self) -> int:
         """Stored bytes of the chunks some layer references (what a storage budget counts)."""
         row = self._query("SELECT COALESCE(SUM(stored_length), 0) FROM chunks"

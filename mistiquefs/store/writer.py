@@ -417,9 +417,15 @@ class CaptureWriter:
             used = {cid for layer in layers if layer.name in chosen for _t, cid in layer.tiles}
             new = {cid: loc for cid, loc in self.sink.new_chunks.items() if cid in used}
             total = existing + sum(loc.stored_length for loc in new.values())
+            if budget is not None:  # chunks rm left behind, which this capture's layers use again
+                total += self.catalog.unreferenced_bytes(used - new.keys())
             if budget is None or total <= budget or not set(kept) - required:
                 break
             kept = kept[:-1]
+        if budget is not None and total > budget:
+            raise CaptureError(f"the budget of {budget} bytes cannot hold even this capture's inputs and summaries "
+                               f"(the store would reference {total} bytes): raise it, or remove models "
+                               "(mistiquefs rm, gc)")
         out = []
         for layer in layers:
             if layer.stored and layer.name not in chosen:
