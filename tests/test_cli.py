@@ -125,3 +125,14 @@ def test_mount_and_umount_commands(tmp_path: Path, saved_pipeline) -> None:
             subprocess.run(["fusermount3", "-u", "-z", str(mnt)])
     assert result.returncode == 0, result.stderr
     assert not os.path.ismount(mnt)
+
+
+def test_sizes_people_write_are_read_and_others_refused() -> None:
+    from mistiquefs.sizes import size_in_bytes
+
+    for text, want in [("512M", 512 << 20), ("2GB", 2 << 30), ("1.5G", 3 << 29), ("4096", 4096), ("64m", 64 << 20),
+                       ("1GiB", 1 << 30), ("10 MB", 10 << 20), ("100b", 100), (".5K", 512), (7, 7)]:
+        assert size_in_bytes(text) == want, text
+    for text in ["5i", "5iB", "MB", "", "-1", "inf", "nan", "1.5X", "0", "2 G B", 0]:
+        with pytest.raises(ValueError, match="not a size"):
+            size_in_bytes(text)
