@@ -365,10 +365,13 @@ class KillHarness:
         """How long a job, a batch, a save and a commit take here: kill delays are drawn from these."""
         at = {(kind, name): when for when, kind, name in attempt.events}
         name = self.names(self.job)[0]
+        # the model is saved (and checked) before the first batch: the save phase ends where batches begin
+        batches = [when for when, kind, n in attempt.events if kind == "batch" and n == name]
         self.timing = {
             "job": attempt.seconds,
-            "batches": sum(1 for _t, kind, n in attempt.events if kind == "batch" and n == name),
-            "save": at["commit", name] - at["save", name],
+            "batches": len(batches),
+            "save": min((when for when in batches if when >= at["save", name]), default=at["commit", name])
+            - at["save", name],
             "commit": at["done", name] - at["commit", name],
         }
 
