@@ -194,6 +194,39 @@ def test_trusted_types_stay_loadable(tmp_path: Path) -> None:
     np.testing.assert_array_equal(load_sklearn(path).predict(np.abs(X)), pipe.predict(np.abs(X)))
 
 
+def test_a_re_run_never_calls_a_function_the_file_chooses(tmp_path: Path) -> None:
+    """Loading keeps a referenced function uncalled, but a re-run calls it, with kw_args from the file:
+    FunctionTransformer(numpy.save, kw_args={"file": ...}) in a swapped model file wrote files when a
+    layer that is not stored was read. Only ufuncs and scikit-learn score functions load."""
+    from mistiquefs.errors import MistiqueError
+    from sklearn.preprocessing import FunctionTransformer
+
+    x = np.random.default_rng(2).standard_normal((30, 3))
+    benign = Pipeline([("f", FunctionTransformer(np.negative)), ("scale", StandardScaler())]).fit(x)
+    with mistiquefs.open_store(tmp_path / "store") as store:
+        store.capture(benign, x, name="m", policy="none", progress=False)
+        model_file = tmp_path / "store" / store.info("m")["model_file"]
+    # (np.save(X, arr=...): the file name would come from a step before it, as a crafted file can arrange)
+    evil = Pipeline([("f", FunctionTransformer(np.save, kw_args={"arr": np.zeros(1)})),
+                     ("scale", benign.named_steps["scale"])])
+    skops.io.dump(evil, model_file)
+    with pytest.raises(CaptureError, match=r"numpy\.save \(a function a re-run would call"):
+        load_sklearn(model_file)
+    with mistiquefs.open_store(tmp_path / "store") as store:
+        with pytest.raises(MistiqueError):
+            store.read("m", "f")
+    assert not list(tmp_path.glob("*.npy"))
+    for func in (np.memmap, np.full_like, np.load):
+        path = tmp_path / f"{func.__name__}.skops"
+        skops.io.dump(FunctionTransformer(func), path)
+        with pytest.raises(CaptureError, match="re-run"):
+            load_sklearn(path)
+    from scipy.special import expit
+
+    path = tmp_path / "expit.skops"
+    skops.io.dump(FunctionTransformer(expit).fit(x), path)
+    np.testing.assert_array_equal(load_sklearn(path).transform(x), expit(x))
+
 @pytest.mark.keras
 def test_a_keras_lambda_in_a_kept_model_never_runs(tmp_path: Path, mount, capsys) -> None:
     keras = pytest.importorskip("keras")

@@ -9,15 +9,19 @@ name under ``numpy.`` lets a crafted file write files while it loads. A name sko
 default is accepted here only when *every* node that uses it is safe:
 
 * a reference loader (``FunctionNode``, ``TypeNode``, ``DTypeNode``): the object is looked up and kept,
-  never called, e.g. ``SelectKBest(score_func=f_classif)``;
+  not called while loading, e.g. ``SelectKBest(score_func=f_classif)``. But a re-run of the model (the
+  mount computes what is not stored by running it) does call it, with arguments the file chooses
+  (``FunctionTransformer(numpy.save, kw_args=...)`` wrote files on a read). So a referenced function must
+  be a numpy/scipy ufunc or a scikit-learn score function (``sklearn.feature_selection``,
+  ``sklearn.metrics``), and a referenced type a numpy scalar type or a scikit-learn estimator class:
+  ``numpy.save``, ``numpy.memmap`` and the like are refused;
 * an ``ObjectNode`` of a scikit-learn estimator class that keeps ``BaseEstimator.__setstate__`` and has
   no ``__del__`` or own ``__new__``: building it only fills its ``__dict__``;
 * a builtin container of plain data (``set``, ``frozenset``, ``bytes``...);
 * scikit-learn's fitted ``Tree`` through skops's ``TreeNode`` (see ``TREE_TYPE``), which tree models need.
 
 Names under ``sklearn.``, ``numpy.`` and ``scipy.`` only, and never from their testing or compiler
-modules. What a model does when it is *run* (a ``FunctionTransformer`` calling its function) is not a
-loading matter: capture runs the model by design, mounting and reading a store never do.
+modules.
 """
 
 from __future__ import annotations
@@ -70,12 +74,50 @@ def refusal(type_name: str, loaders: set[str]) -> str | None:
         return f"{type_name} (not a scikit-learn, numpy or scipy type)"
     if not loaders:  # fail closed: a name the schema does not show us how it is loaded is not loaded
         return f"{type_name} (its use in the file could not be determined)"
+    if "FunctionNode" in loaders and not _is_pure_function(type_name):
+        return (f"{type_name} (a function a re-run would call with arguments from the file: only numpy/scipy "
+                "ufuncs and scikit-learn score functions are loaded)")
+    if "TypeNode" in loaders and not _is_inert_type(type_name):
+        return (f"{type_name} (a type a re-run could call with arguments from the file: only numpy scalar "
+                "types and scikit-learn estimator classes are loaded)")
     unsafe = sorted(loaders - REFERENCE_LOADERS)
     if not unsafe or (unsafe == ["ObjectNode"] and _is_plain_estimator(type_name)):
         return None
     if unsafe == ["TreeNode"] and type_name == TREE_TYPE:
         return None
     return f"{type_name} (would be called or built while loading: {', '.join(unsafe)})"
+
+
+def _resolve(type_name: str) -> Any:
+    """The object ``module.name`` names (importing numpy/scipy/scikit-learn modules runs only their code),
+    or None."""
+    module_name, _, name = type_name.rpartition(".")
+    try:
+        return getattr(importlib.import_module(module_name), name)
+    except (ImportError, AttributeError, ValueError):
+        return None
+
+
+def _is_pure_function(type_name: str) -> bool:
+    """A function that computes from its arguments and touches nothing else: a ufunc (numpy.log1p,
+    scipy.special.expit) or a scikit-learn score/metric function (f_classif)."""
+    import numpy as np
+
+    obj = _resolve(type_name)
+    if isinstance(obj, np.ufunc):
+        return True
+    return (callable(obj) and not isinstance(obj, type)
+            and str(getattr(obj, "__module__", "")).startswith(("sklearn.feature_selection", "sklearn.metrics")))
+
+
+def _is_inert_type(type_name: str) -> bool:
+    """A type whose call only makes a value or an unfitted estimator: numpy scalar types and dtypes,
+    scikit-learn estimator classes."""
+    import numpy as np
+    from sklearn.base import BaseEstimator
+
+    obj = _resolve(type_name)
+    return isinstance(obj, type) and (issubclass(obj, (np.generic, np.dtype)) or issubclass(obj, BaseEstimator))
 
 
 def _is_plain_estimator(type_name: str) -> bool:
