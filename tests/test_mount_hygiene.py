@@ -213,3 +213,85 @@ def _user_allow_other() -> bool:
     except OSError:
         return False
     return any(line.split("#")[0].strip() == "user_allow_other" for line in lines)
+
+
+# ------------------------------------------------------------------------------------ umount, mount races
+
+
+def test_umount_touches_only_mistiquefs_mounts(mnt: Path, capsys) -> None:
+    """As root, fusermount3 unmounts any file system; mistiquefs umount refuses what is not its own."""
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(mnt)], capture_output=True).returncode:
+        pytest.skip("cannot mount a tmpfs here")
+    try:
+        assert main(["umount", str(mnt)]) == MountError.exit_code
+        assert f"{mnt} is a tmpfs mount, not a mistiquefs one" in capsys.readouterr().err
+        assert mount_options(mnt) is not None
+    finally:
+        subprocess.run(["umount", str(mnt)], check=True)
+
+
+def test_umount_of_a_stopped_daemon_does_not_hang(store: Path, mnt: Path) -> None:
+    """statfs (and stat) of a mount whose daemon is stopped wait forever; umount decides from the mount
+    table and unmounts."""
+    pid = mount_background(store, mnt, log_file=mnt.parent / "stopped.log", extra=[])
+    try:
+        os.kill(pid, signal.SIGSTOP)
+        result = subprocess.run([sys.executable, "-m", "mistiquefs", "umount", str(mnt)], capture_output=True,
+                                text=True, timeout=30)
+        assert result.returncode == 0, result.stderr
+        assert mount_options(mnt) is None
+    finally:
+        try:
+            os.kill(pid, signal.SIGCONT)
+        except ProcessLookupError:
+            pass
+        cleanup(mnt, [pid])
+
+
+def test_two_mounts_started_at_once_exactly_one_succeeds(store: Path, mnt: Path) -> None:
+    """Each mount reports success only when its own daemon mounted (before: both saw the one mount and
+    said so, one with the pid of a daemon that had exited)."""
+    command = [sys.executable, "-m", "mistiquefs", "mount", str(store), str(mnt)]
+    procs = [subprocess.Popen(command + [], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                              env={**os.environ, "TMPDIR": str(mnt.parent / f"log{i}")}) for i in range(2)]
+    for i in range(2):
+        (mnt.parent / f"log{i}").mkdir(exist_ok=True)
+    pids = []
+    try:
+        outs = [proc.communicate(timeout=90) for proc in procs]
+        codes = sorted(proc.returncode for proc in procs)
+        pids = [int(m.group(1)) for out, _err in outs if (m := re.search(r"daemon pid (\d+)", out))]
+        assert codes == [0, MountError.exit_code], outs
+        assert len(pids) == 1 and pid_alive(pids[0])
+        assert (mnt / "m" / "dense" / "all.npy").read_bytes() == npy_bytes(VALUES)
+    finally:
+        subprocess.run(["fusermount3", "-u", str(mnt)], capture_output=True)
+        cleanup(mnt, pids)
+
+
+def test_an_interrupted_mount_leaves_no_mount_and_the_daemon_in_root(store: Path, mnt: Path, tmp_path: Path) -> None:
+    """Ctrl-C while mount waits for its daemon ends the daemon (it unmounts), instead of leaving a mount
+    nobody asked for. A daemon that does start works in /, not in the caller's directory."""
+    log = tmp_path / "interrupted.log"
+    proc = subprocess.Popen([sys.executable, "-m", "mistiquefs", "mount", "--log", str(log), str(store), str(mnt)],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=tmp_path)
+    children = Path(f"/proc/{proc.pid}/task/{proc.pid}/children")
+    daemon: list[int] = []
+    try:  # interrupt it while its daemon is starting (Python imports take a while there)
+        wait_for(lambda: bool(daemon.extend(map(int, children.read_text().split())) or daemon)
+                 or proc.poll() is not None, 60)
+        assert daemon and proc.poll() is None
+        proc.send_signal(signal.SIGINT)
+        assert proc.wait(30) != 0
+        wait_for(lambda: not pid_alive(daemon[0]), 30)
+        assert mount_options(mnt) is None
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        subprocess.run(["fusermount3", "-u", "-z", str(mnt)], capture_output=True)
+    pid = mount_background(store, mnt, log_file=tmp_path / "cwd.log", extra=[])
+    try:
+        assert os.readlink(f"/proc/{pid}/cwd") == "/"
+    finally:
+        subprocess.run(["fusermount3", "-u", str(mnt)], capture_output=True)
+        cleanup(mnt, [pid])

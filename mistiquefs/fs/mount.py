@@ -10,9 +10,11 @@ reports the daemon's own error message if it exits first).
 from __future__ import annotations
 
 import errno
+import fcntl
 import logging
 import os
 import re
+import select
 import signal
 import subprocess
 import sys
@@ -35,23 +37,57 @@ READ_AHEAD_KB = 1024
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
 
 
+#: the file system type mistiquefs mounts show in /proc/self/mountinfo
+MOUNT_TYPE = "fuse.mistiquefs"
+#: the environment variable that hands a background daemon the pipe it reports "mounted" on
+READY_FD_ENV = "MISTIQUEFS_READY_FD"
+#: how long a statfs may take before a FUSE daemon counts as stuck (alive, not answering)
+STATFS_SECONDS = 2.0
+
+
+def mount_type(mountpoint: Path) -> str | None:
+    """The type of what is mounted on ``mountpoint`` ("fuse.mistiquefs", "tmpfs"...), or None. Read from
+    /proc/self/mountinfo, so it never waits on a daemon (a stat or statfs of a stopped one hangs)."""
+    path = str(Path(os.path.abspath(mountpoint)))
+    found = None
+    with open("/proc/self/mountinfo") as table:
+        for line in table:
+            before, _, after = line.partition(" - ")
+            fields = before.split()
+            if len(fields) > 4 and _unescape(fields[4]) == path and after.split():
+                found = after.split()[0]  # the last one listed is the one on top
+    return found
+
+
 def is_dead_mount(mountpoint: Path) -> bool:
     """True for a FUSE mount whose daemon is gone ("Transport endpoint is not connected").
 
     Asks with statvfs, not stat: the kernel may answer stat from attributes it cached (for a second on
-    our root) after the daemon died, but it sends every statfs to the daemon."""
-    try:
-        os.statvfs(mountpoint)
-    except OSError as exc:
-        return exc.errno == errno.ENOTCONN
-    return False
+    our root) after the daemon died, but it sends every statfs to the daemon. On a thread, given up after
+    STATFS_SECONDS: a daemon that is alive but stopped never answers (it is not dead)."""
+    if mount_type(mountpoint) is None:
+        return False
+    answer: list[int] = []
+
+    def ask() -> None:
+        try:
+            os.statvfs(mountpoint)
+            answer.append(0)
+        except OSError as exc:
+            answer.append(exc.errno or 0)
+
+    asking = threading.Thread(target=ask, name="mistiquefs-statfs", daemon=True)
+    asking.start()
+    asking.join(STATFS_SECONDS)
+    return bool(answer) and answer[0] == errno.ENOTCONN
 
 
 def check_mountpoint(mountpoint: Path) -> None:
-    if is_dead_mount(mountpoint):  # os.path.ismount is False there (its stat fails): say what it is
+    kind = mount_type(mountpoint)
+    if kind is not None and is_dead_mount(mountpoint):  # os.path.ismount is False there (stat fails)
         raise MountError(f"{mountpoint} is a mount whose daemon is gone (transport endpoint is not "
                          f"connected); clear it with mistiquefs umount {mountpoint}")
-    if os.path.ismount(mountpoint):
+    if kind is not None:
         raise MountError(f"{mountpoint} is already a mount point; unmount it first (mistiquefs umount {mountpoint})")
     if not mountpoint.is_dir():
         raise MountError(f"mount point {mountpoint} does not exist or is not a directory")
@@ -62,6 +98,34 @@ def check_mountpoint(mountpoint: Path) -> None:
 def serve(store: Path, mountpoint: Path, *, allow_other: bool = False, debug: bool = False,
           cache_bytes: int | None = None, plan: str = "auto", budget: int | None = None) -> None:
     """Mount ``store`` on ``mountpoint`` and serve until unmounted or signalled."""
+    check_mountpoint(mountpoint)  # first: a dead or stopped mount there must not be opened
+    claim = _claim_mountpoint(mountpoint)
+    try:
+        _serve(store, mountpoint, allow_other=allow_other, debug=debug, cache_bytes=cache_bytes, plan=plan,
+               budget=budget)
+    finally:
+        os.close(claim)
+
+
+def _claim_mountpoint(mountpoint: Path) -> int:
+    """An exclusive lock on the mount point's directory, held while this daemon lives: two daemons
+    started at once both found the directory free and mounted one on top of the other. (One that opens
+    it after the other mounted opens that mount's root instead, and check_mountpoint refuses it.)"""
+    try:
+        fd = os.open(mountpoint, os.O_RDONLY | os.O_DIRECTORY)
+    except OSError as exc:
+        raise MountError(f"mount point {mountpoint} does not exist or is not a directory ({exc.strerror})") \
+            from None
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        os.close(fd)
+        raise MountError(f"another mistiquefs daemon is mounting on {mountpoint}") from None
+    return fd
+
+
+def _serve(store: Path, mountpoint: Path, *, allow_other: bool, debug: bool, cache_bytes: int | None,
+           plan: str, budget: int | None) -> None:
     import pyfuse3
     import trio
 
@@ -94,6 +158,7 @@ def serve(store: Path, mountpoint: Path, *, allow_other: bool = False, debug: bo
             repo.close()
             raise MountError(f"cannot mount on {mountpoint}: {exc} (is /dev/fuse there, and fusermount3?)") \
                 from exc
+        _report_mounted()
         try:
             # a plain daemon thread, not a trio one: it must never hold up the loop's shutdown
             threading.Thread(target=_raise_read_ahead, args=(mountpoint,), daemon=True).start()
@@ -107,6 +172,19 @@ def serve(store: Path, mountpoint: Path, *, allow_other: bool = False, debug: bo
     finally:
         for signum, handler in previous.items():
             signal.signal(signum, handler)
+
+
+def _report_mounted() -> None:
+    """Tell the ``mount_background`` that started this daemon that its mount exists (one byte on the
+    pipe it handed over): that process then returns, and a daemon that failed never writes it."""
+    fd = os.environ.pop(READY_FD_ENV, None)
+    if fd is None:
+        return
+    try:
+        os.write(int(fd), b"1")
+        os.close(int(fd))
+    except (OSError, ValueError):  # the caller is gone (interrupted): serve all the same
+        pass
 
 
 def _defer_stop_signals() -> tuple[list[int], dict[int, Any]]:
@@ -176,18 +254,53 @@ def mount_background(store: Path, mountpoint: Path, *, log_file: Path, extra: li
         out = open(log_file, "ab")
     except OSError as exc:
         raise MountError(f"cannot write the daemon log {log_file}: {exc.strerror}") from None
-    with open(os.devnull, "rb") as devnull, out:
-        proc = subprocess.Popen(command, stdin=devnull, stdout=out, stderr=subprocess.STDOUT,
-                                start_new_session=True)
-    deadline = time.monotonic() + MOUNT_WAIT_SECONDS
-    while time.monotonic() < deadline:
-        if os.path.ismount(mountpoint):
+    ready, ready_w = os.pipe()
+    # A Ctrl-C inside Popen, after the fork, would leave a daemon nobody stops: until proc is known, it is
+    # only noted (the child starts with the default handler: exec resets caught signals), then raised
+    interrupted: list[int] = []
+    main_thread = threading.current_thread() is threading.main_thread()
+    previous = (signal.signal(signal.SIGINT, lambda signum, _frame: interrupted.append(signum))
+                if main_thread else None)
+    try:
+        with open(os.devnull, "rb") as devnull, out:
+            # cwd /: the daemon must not keep the caller's directory busy (every path is resolved already)
+            proc = subprocess.Popen(command, stdin=devnull, stdout=out, stderr=subprocess.STDOUT,
+                                    start_new_session=True, cwd="/", pass_fds=(ready_w,),
+                                    env={**os.environ, READY_FD_ENV: str(ready_w)})
+    except BaseException:
+        os.close(ready)
+        raise
+    finally:
+        os.close(ready_w)
+        if main_thread:
+            signal.signal(signal.SIGINT, previous)
+    try:
+        if interrupted:
+            raise KeyboardInterrupt
+        # mounted = this daemon says so (a mount that appears there may be another daemon's)
+        got = select.select([ready], [], [], MOUNT_WAIT_SECONDS)[0] and os.read(ready, 1)
+        if got == b"1":
             return proc.pid
-        if proc.poll() is not None:
+        if got == b"":  # the pipe closed unwritten: the daemon ended before mounting
+            try:
+                proc.wait(10)
+            except subprocess.TimeoutExpired:
+                pass
             raise MountError(f"the mount daemon exited ({proc.returncode}): {_tail(log_file)}")
-        time.sleep(0.02)
-    proc.terminate()
-    raise MountError(f"{mountpoint} did not appear within {MOUNT_WAIT_SECONDS:.0f} s; see {log_file}")
+        raise MountError(f"{mountpoint} did not appear within {MOUNT_WAIT_SECONDS:.0f} s; see {log_file}")
+    except BaseException:
+        # timed out, or interrupted (Ctrl-C) while waiting: the daemon must not mount behind our back. It
+        # unmounts on SIGTERM whenever it gets it
+        if proc.poll() is None:
+            proc.terminate()
+            try:
+                proc.wait(15)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+        raise
+    finally:
+        os.close(ready)
 
 
 def _tail(path: Path, lines: int = 5) -> str:
@@ -198,17 +311,25 @@ def _tail(path: Path, lines: int = 5) -> str:
 
 
 def unmount(mountpoint: Path) -> None:
-    """Unmount with fusermount3; a mount whose daemon died is detached lazily."""
-    dead = is_dead_mount(mountpoint)
-    if not dead and not os.path.ismount(mountpoint):
+    """Unmount a mistiquefs mount with fusermount3 (nothing else: as root, fusermount3 unmounts any file
+    system); a mount whose daemon died is detached lazily."""
+    kind = mount_type(mountpoint)
+    if kind is None:
         raise MountError(f"{mountpoint} is not mounted")
-    command = ["fusermount3", "-u", *(["-z"] if dead else []), str(mountpoint)]
-    try:
-        result = subprocess.run(command, capture_output=True, text=True)
-    except FileNotFoundError:
-        raise MountError("fusermount3 is not installed (Debian: apt-get install fuse3)") from None
+    if kind != MOUNT_TYPE:
+        raise MountError(f"{mountpoint} is a {kind} mount, not a mistiquefs one: not unmounting it")
+    result = _fusermount(mountpoint)
+    if result.returncode != 0 and is_dead_mount(mountpoint):
+        result = _fusermount(mountpoint, "-z")
     if result.returncode != 0:
         raise MountError(f"cannot unmount {mountpoint}: {result.stderr.strip()}")
+
+
+def _fusermount(mountpoint: Path, *flags: str) -> subprocess.CompletedProcess[str]:
+    try:
+        return subprocess.run(["fusermount3", "-u", *flags, str(mountpoint)], capture_output=True, text=True)
+    except FileNotFoundError:
+        raise MountError("fusermount3 is not installed (Debian: apt-get install fuse3)") from None
 
 
 def stop_mount(mountpoint: Path, pid: int, *, wait: float = 15.0) -> None:
@@ -217,7 +338,7 @@ def stop_mount(mountpoint: Path, pid: int, *, wait: float = 15.0) -> None:
     For scripts and tests that must leave nothing behind, whatever state the mount is in: a busy or dead
     mount is detached lazily, and a daemon still alive after ``wait`` seconds is killed."""
     try:
-        if os.path.ismount(mountpoint) or is_dead_mount(mountpoint):
+        if mount_type(mountpoint) is not None:
             unmount(mountpoint)
     except (MountError, OSError) as exc:
         log.warning("%s; detaching %s lazily", exc, mountpoint)
