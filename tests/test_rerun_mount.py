@@ -197,6 +197,36 @@ def test_a_cold_daemon_counts_the_framework_import_the_load_and_the_first_trace(
         repo.close()
 
 
+def test_a_lone_last_batch_re_runs_bit_for_bit(tmp_path: Path) -> None:
+    """N = k * batch + 1: the capture ran the last row alone (other BLAS kernels than any bigger batch),
+    so its re-run runs it alone too; padding it with a neighbour changed its last bits (PCA 5e-16)."""
+    from sklearn.preprocessing import PolynomialFeatures
+
+    x = np.random.default_rng(8).standard_normal((201, 6))
+    y = x @ np.arange(6.0)
+    pipe = Pipeline([("scale", StandardScaler()), ("poly", PolynomialFeatures(2)), ("pca", PCA(5)),
+                     ("ridge", __import__("sklearn.linear_model", fromlist=["Ridge"]).Ridge())]).fit(x, y)
+    with mistiquefs.open_store(tmp_path / "s") as store:
+        store.capture(pipe, x, name="kept", batch_size=100, progress=False)
+        store.capture(pipe, x, name="rerun", batch_size=100, policy="none", progress=False)
+        for stage in ("scale", "poly", "pca", "ridge"):
+            assert store.read("rerun", stage).tobytes() == store.read("kept", stage).tobytes(), stage
+
+def test_re_run_pieces_of_wide_layers_hold_at_least_two_rows(tmp_path: Path) -> None:
+    """A 1-row call runs as two rows (a lone row's kernels differ), so 1-row pieces of a layer wider than
+    half the piece budget computed every row twice."""
+    from mistiquefs.planner.planner import RERUN_PIECE_BYTES
+    from test_store import capture_arrays, layer
+
+    repo = Repository(tmp_path / "s")
+    wide = RERUN_PIECE_BYTES // 4 // 2 + 1  # float32 values: over half the budget per row
+    capture_arrays(repo, "net", {"input": np.zeros((3, 2), np.float32), "wide": np.zeros((3, wide), np.float32)},
+                   table=False, framework="keras", schemes={"wide": "lossless"})
+    rec = layer(repo, "net", "wide")
+    stream = Planner(repo)._rerun_rows_stream(rec)  # noqa: SLF001
+    assert stream.piece_size == 2 * rec.row_size
+    repo.close()
+
 def test_policies_and_budgets(tmp_path: Path) -> None:
     x, _ = data()
     pipe = pipeline()

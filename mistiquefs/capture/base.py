@@ -54,6 +54,8 @@ class Adapter(ABC):
     default_batch_size: ClassVar[int] = 1024
     #: True for frameworks whose 2-D outputs are tables (stored column by column so equal columns dedup)
     table: ClassVar[bool] = False
+    #: True where capture runs a lone row (a last batch of one) as two copies of it and keeps the first
+    pads_lone_rows: ClassVar[bool] = False
 
     def __init__(self, model: Any) -> None:
         self.model = model

@@ -139,6 +139,7 @@ class KerasAdapter(Adapter):
 
     framework: ClassVar[str] = "keras"
     model_suffix: ClassVar[str] = ".keras"
+    pads_lone_rows: ClassVar[bool] = True
     # Digits CNN on 2 cores: 638/494/381/387 us per row at batches of 16/64/256/1024 compiled (eager, the
     # earlier design: 1137/785/681/538). 256 gets the speed while one stage of 256 32x32x64 float32 maps
     # is 64 MiB, so a batch of all stages fits.

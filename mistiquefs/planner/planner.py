@@ -217,7 +217,8 @@ class Planner:
         batch = int(model.info.get("batch_size") or 256)
         piece_rows = batch  # the capture's batches: bit-identical for every framework
         if EXACT_ANY_BATCH.get(model.framework, False):
-            piece_rows = max(1, min(batch, RERUN_PIECE_BYTES // max(1, rec.row_size)))
+            # at least 2: a 1-row piece runs as two rows (a lone row's kernels differ), doing twice the work
+            piece_rows = max(2, min(batch, RERUN_PIECE_BYTES // max(1, rec.row_size)))
         return Stream(piece_rows * rec.row_size, rec.n_rows * rec.row_size,
                       lambda b: ("rerun-rows", rec.id, b),
                       lambda b: self.run_rows(rec, b * piece_rows, min((b + 1) * piece_rows, rec.n_rows)))

@@ -129,8 +129,11 @@ class ReRunner:
         for lo in range(start, stop, batch):
             hi = min(lo + batch, stop)
             # A 1-row call takes other BLAS/oneDNN kernels than any bigger batch (a PCA row differed by an
-            # ulp; see capture/keras.py for Keras): run it with a neighbour and keep it.
-            pad = hi - lo == 1 and layer.n_rows > 1
+            # ulp; see capture/keras.py for Keras): run it with a neighbour and keep it. Except the lone last
+            # row of a capture that ran it alone (scikit-learn; Keras pads it): alone again, as captured
+            lone_at_capture = layer.n_rows % batch == 1 and lo == layer.n_rows - 1 \
+                and not warm.adapter.pads_lone_rows
+            pad = hi - lo == 1 and layer.n_rows > 1 and not lone_at_capture
             first = lo - 1 if pad and hi == layer.n_rows else lo
             rows = input_rows(first, first + 2) if pad else input_rows(lo, hi)
             # the call's time includes making the framework's inputs (a DataFrame for a pipeline: ~1 ms a
