@@ -156,6 +156,7 @@ class Store:
         info = {**adapter.describe(), "batch_size": size, "schemes": writer.policy.describe()}
         writer.commit(framework=adapter.framework, n_rows=n_rows, seconds=seconds, model_file=model_path,
                       info=info, keep=keep, budget=budget)
+        self.repo.forget_records()  # a re-run read of this capture looks its model up there
         return _summary(writer.name, n_rows, writer.committed_layers, seconds)
 
     def _existing_summary(self, name: str) -> CaptureSummary:

@@ -420,3 +420,38 @@ def test_a_budget_smaller_than_the_store_drops_the_least_valuable_layers(stores,
         assert store.info("all", "scale")["stored"] is False
         assert np.array_equal(store.read("all", "scale"), expected(pipe, x)["scale"])
     assert isinstance(planner.materializer, Materializer)
+
+
+def test_a_re_run_read_after_another_capture_in_the_same_store_object(tmp_path: Path) -> None:
+    """Store.read re-runs through a planner whose records were loaded at its first use: a capture made
+    afterwards through the same Store raised KeyError (its model id was not in them)."""
+    x, _ = data()
+    pipe = pipeline()
+    want = expected(pipe, x)
+    with mistiquefs.open_store(tmp_path / "s") as store:
+        store.capture(pipe, x, name="a", policy="none", progress=False)
+        assert np.array_equal(store.read("a", "scale"), want["scale"])
+        store.capture(pipe, x, name="b", policy="none", progress=False)
+        assert np.array_equal(store.read("b", "scale"), want["scale"])
+
+
+def test_a_model_failing_at_re_run_is_an_io_error(stores, monkeypatch) -> None:
+    """A read whose re-run fails is EIO with a log line, like any read that cannot produce its bytes: the
+    adapter's CaptureError (EINVAL) or NotFound (ENOENT, never logged) said something else."""
+    import errno
+
+    from mistiquefs.capture.sklearn import SklearnAdapter
+    from mistiquefs.errors import StoreError
+
+    path, _pipe = stores
+    repo = Repository(path, create=False)
+
+    def failing(self, inputs, stage):
+        raise CaptureError("stage 'pca' failed: a bad value")
+
+    monkeypatch.setattr(SklearnAdapter, "run_stage", failing)
+    rec = next(r for m in repo.models() if m.name == "none" for r in repo.layers_of(m.id) if r.name == "pca")
+    with pytest.raises(StoreError, match="re-running 'pca' of model 'none' failed: stage 'pca' failed") as err:
+        Planner(repo).run_rows(rec, 0, 10)
+    assert err.value.errno == errno.EIO
+    repo.close()

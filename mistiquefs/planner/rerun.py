@@ -139,12 +139,17 @@ class ReRunner:
             # the call's time includes making the framework's inputs (a DataFrame for a pipeline: ~1 ms a
             # call, part of its per-call overhead), which needs no model lock
             started = time.perf_counter()
-            inputs = warm.adapter.inputs_from_stored(rows)
-            seconds = time.perf_counter() - started
-            with warm.run_lock:
-                started = time.perf_counter()
-                out = warm.adapter.run_stage(inputs, layer.name)
-                seconds += time.perf_counter() - started
+            try:
+                inputs = warm.adapter.inputs_from_stored(rows)
+                seconds = time.perf_counter() - started
+                with warm.run_lock:
+                    started = time.perf_counter()
+                    out = warm.adapter.run_stage(inputs, layer.name)
+                    seconds += time.perf_counter() - started
+            except MistiqueError as exc:
+                # the model failing on its stored inputs is this read's I/O error (EIO and a log line): not
+                # an invalid argument, not a missing file (ls shows it)
+                raise StoreError(f"re-running {layer.name!r} of model {model.name!r} failed: {exc}") from exc
             # a stage's first call traces and optimizes its function (0.1-0.4 s for Keras): not its cost
             traced_now = (model.id, layer.name) not in self._ran
             self._ran.add((model.id, layer.name))
