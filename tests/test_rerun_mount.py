@@ -455,3 +455,24 @@ def test_a_model_failing_at_re_run_is_an_io_error(stores, monkeypatch) -> None:
         Planner(repo).run_rows(rec, 0, 10)
     assert err.value.errno == errno.EIO
     repo.close()
+
+
+def test_categorical_numbers_re_run_as_numbers(tmp_path: Path) -> None:
+    """A categorical column of integer categories was stored as their text, so a re-run gave the encoder
+    '1', '2', '3' where it was fitted on 1, 2, 3: all-zero one-hot rows and other predictions, silently."""
+    import pandas as pd
+    from sklearn.compose import ColumnTransformer
+    from sklearn.preprocessing import OneHotEncoder
+
+    rng = np.random.default_rng(4)
+    frame = pd.DataFrame({"grade": pd.Categorical(rng.integers(1, 4, 300)), "x": rng.standard_normal(300)})
+    y = (frame["grade"].astype(int) + frame["x"] > 2).to_numpy()
+    pipe = Pipeline([("ct", ColumnTransformer([("oh", OneHotEncoder(handle_unknown="ignore"), ["grade"])],
+                                              remainder="passthrough")),
+                     ("lr", LogisticRegression())]).fit(frame, y)
+    with mistiquefs.open_store(tmp_path / "s") as store:
+        store.capture(pipe, frame, name="kept", progress=False)
+        store.capture(pipe, frame, name="rerun", policy="none", progress=False)
+        for stage in store.layers("kept"):
+            assert store.read("rerun", stage).tobytes() == store.read("kept", stage).tobytes(), stage
+        assert np.array_equal(store.read("rerun", "lr"), pipe.predict(frame))

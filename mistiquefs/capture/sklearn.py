@@ -402,6 +402,17 @@ def _field_for(df: Any, column: Any) -> _Field:
 
     series = df[column]
     dtype = series.dtype
+    if isinstance(dtype, pd.CategoricalDtype) and dtype.categories.inferred_type not in ("string", "empty"):
+        # Stored as its categories' values, not their text: a re-run gives the model numbers again (as
+        # text, integer categories 1, 2, 3 came back as '1', '2', '3', which an encoder fitted on the
+        # numbers does not know: wrong one-hot rows, silently)
+        categories = dtype.categories.dtype
+        if isinstance(categories, np.dtype) and categories.kind in "biuf":
+            return _Field(column, categories, "number")
+        raise CaptureError(
+            f"column {column!r} is categorical with {categories} categories, which mistiquefs cannot "
+            f"give back to the model as they were; convert it to strings or numbers first"
+        )
     if isinstance(dtype, pd.CategoricalDtype) or pd.api.types.is_string_dtype(dtype):
         return _Field(column, np.dtype(f"U{_text_width(series, column)}"), "text")
     if isinstance(dtype, pd.DatetimeTZDtype):
@@ -481,7 +492,7 @@ def inputs_from_stored(stored: np.ndarray, model: Any) -> Any:
 
     A structured array becomes a DataFrame with the original column names; unicode fields become
     ``object`` columns of ``str`` so encoders see the same values as at capture time. A categorical
-    column comes back as strings (its categories are not stored). ``model`` is unused by this
+    column comes back as its values (strings, or the numbers its categories are), not as a Categorical. ``model`` is unused by this
     adapter: the stored dtype carries everything; it is taken so every framework has one signature.
     """
     del model
