@@ -136,3 +136,14 @@ def test_sizes_people_write_are_read_and_others_refused() -> None:
     for text in ["5i", "5iB", "MB", "", "-1", "inf", "nan", "1.5X", "0", "2 G B", 0]:
         with pytest.raises(ValueError, match="not a size"):
             size_in_bytes(text)
+
+
+def test_the_default_daemon_log_is_the_users_own_and_per_mount_point(tmp_path: Path, monkeypatch) -> None:
+    """Not /tmp/mistiquefs-<name>.log, one file for every user's mount points of that name: another user's
+    left it unwritable and the mount was refused, two daemons interleaved their lines."""
+    from mistiquefs.cli.main import default_log_file
+
+    monkeypatch.setenv("XDG_RUNTIME_DIR", str(tmp_path / "run"))
+    first, second = default_log_file(Path("/data/a/mnt")), default_log_file(Path("/data/b/mnt"))
+    assert first != second and first.parent == second.parent == tmp_path / "run" / "mistiquefs"
+    assert first.parent.is_dir() and oct(first.parent.stat().st_mode & 0o777) == "0o700"

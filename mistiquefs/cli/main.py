@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sqlite3
 import sys
 import tempfile
@@ -132,7 +133,7 @@ def cmd_mount(args: argparse.Namespace) -> int:
         serve(store, mountpoint, allow_other=args.allow_other, debug=args.debug, cache_bytes=args.cache_size,
               plan=args.plan, budget=args.budget)
         return 0
-    log_file = args.log or Path(tempfile.gettempdir()) / f"mistiquefs-{mountpoint.name or 'mount'}.log"
+    log_file = args.log or default_log_file(mountpoint)
     extra = (["--allow-other"] if args.allow_other else []) + (["--debug"] if args.debug else [])
     extra += ["--plan", args.plan] + (["--budget", str(args.budget)] if args.budget else [])
     if args.cache_size:
@@ -140,6 +141,20 @@ def cmd_mount(args: argparse.Namespace) -> int:
     pid = mount_background(store, mountpoint, log_file=log_file.resolve(), extra=extra)
     print(f"mounted {store} on {mountpoint} (daemon pid {pid}, log {log_file})")
     return 0
+
+
+def default_log_file(mountpoint: Path) -> Path:
+    """The daemon's log when --log is not given: the user's own directory ($XDG_RUNTIME_DIR, else
+    ~/.cache), named after the whole mount point path. A shared /tmp/mistiquefs-<name>.log was one file
+    for every user's and every directory's mount of that name: another user's left it unwritable (the
+    mount was refused) and two daemons interleaved their lines."""
+    base = Path(os.environ.get("XDG_RUNTIME_DIR") or Path.home() / ".cache") / "mistiquefs"
+    try:
+        base.mkdir(mode=0o700, parents=True, exist_ok=True)
+    except OSError:
+        base = Path(tempfile.mkdtemp(prefix="mistiquefs-"))
+    name = "-".join(part for part in mountpoint.parts if part not in ("/", "")) or "root"
+    return base / f"{name[-150:]}.log"
 
 
 def cmd_umount(args: argparse.Namespace) -> int:
