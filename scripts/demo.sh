@@ -5,6 +5,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/install.sh
+source scripts/env.sh
 store=runs/store
 mnt=runs/mnt
 if mountpoint -q "$mnt" 2>/dev/null; then mistiquefs umount "$mnt"; fi

@@ -4,7 +4,8 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-debs=(fuse3 libfuse3-dev pkg-config squashfs-tools squashfuse)
+# gcc and the Python headers build pyfuse3 where no wheel fits; python3-venv: see below
+debs=(fuse3 libfuse3-dev pkg-config squashfs-tools squashfuse gcc python3-dev python3-venv)
 missing=()
 for pkg in "${debs[@]}"; do
     dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q "install ok installed" || missing+=("$pkg")
@@ -15,4 +16,12 @@ if ((${#missing[@]})); then
     DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq "${missing[@]}"
 fi
 
-python3 -m pip install --disable-pip-version-check -q -e ".[keras,examples,test,bench]"
+# Debian's own Python refuses pip installs outside a virtual environment (PEP 668: "externally managed"):
+# there, everything goes into .venv, which scripts/demo.sh and scripts/test.sh then use (scripts/env.sh)
+py=python3
+if python3 -c 'import os, sys, sysconfig; sys.exit(sys.prefix != sys.base_prefix or not os.path.exists(
+        os.path.join(sysconfig.get_path("stdlib"), "EXTERNALLY-MANAGED")))'; then
+    [ -x .venv/bin/python ] || python3 -m venv .venv
+    py=.venv/bin/python
+fi
+"$py" -m pip install --disable-pip-version-check -q -e ".[keras,examples,test,bench]"
