@@ -227,6 +227,30 @@ def test_a_re_run_never_calls_a_function_the_file_chooses(tmp_path: Path) -> Non
     skops.io.dump(FunctionTransformer(expit).fit(x), path)
     np.testing.assert_array_equal(load_sklearn(path).transform(x), expit(x))
 
+def test_common_estimators_load_back_for_re_runs(tmp_path: Path) -> None:
+    """Estimators whose fitted state holds plain scikit-learn helper objects (a gradient-boosting tree
+    predictor, an MLP's optimizer, a calibrated classifier, Gaussian-process kernels, a stacking Bunch)
+    were refused: captures that may leave layers unstored failed, and re-runs of them were EIO."""
+    import warnings
+
+    from sklearn.calibration import CalibratedClassifierCV
+    from sklearn.ensemble import HistGradientBoostingClassifier, StackingClassifier
+    from sklearn.gaussian_process import GaussianProcessClassifier
+    from sklearn.neural_network import MLPClassifier
+
+    rng = np.random.default_rng(0)
+    X = rng.standard_normal((60, 3))
+    y = X[:, 0] > 0
+    for est in (HistGradientBoostingClassifier(max_iter=5), MLPClassifier(max_iter=20),
+                CalibratedClassifierCV(LogisticRegression(), cv=2),
+                StackingClassifier([("lr", LogisticRegression())], cv=2), GaussianProcessClassifier()):
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            est.fit(X, y)
+        path = tmp_path / f"{type(est).__name__}.skops"
+        skops.io.dump(est, path)
+        np.testing.assert_array_equal(load_sklearn(path).predict_proba(X), est.predict_proba(X))
+
 @pytest.mark.keras
 def test_a_keras_lambda_in_a_kept_model_never_runs(tmp_path: Path, mount, capsys) -> None:
     keras = pytest.importorskip("keras")

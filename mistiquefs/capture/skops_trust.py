@@ -15,8 +15,9 @@ default is accepted here only when *every* node that uses it is safe:
   be a numpy/scipy ufunc or a scikit-learn score function (``sklearn.feature_selection``,
   ``sklearn.metrics``), and a referenced type a numpy scalar type or a scikit-learn estimator class:
   ``numpy.save``, ``numpy.memmap`` and the like are refused;
-* an ``ObjectNode`` of a scikit-learn estimator class that keeps ``BaseEstimator.__setstate__`` and has
-  no ``__del__`` or own ``__new__``: building it only fills its ``__dict__``;
+* an ``ObjectNode`` of a scikit-learn class (an estimator, or a helper such as a tree predictor or an
+  optimizer) with no ``__setstate__`` but ``BaseEstimator``'s, no ``__del__`` and no own ``__new__``:
+  building it only fills its ``__dict__``; scikit-learn's ``Bunch`` through ``DictNode``, as a dict;
 * a builtin container of plain data (``set``, ``frozenset``, ``bytes``...);
 * scikit-learn's fitted ``Tree`` through skops's ``TreeNode`` (see ``TREE_TYPE``), which tree models need.
 
@@ -45,6 +46,12 @@ UNSAFE_MODULE_PARTS = frozenset({"testing", "_testing", "f2py", "distutils", "ct
 # with node and value arrays, which scikit-learn's Cython code checks for shape and dtype: no name from
 # the file is looked up or called.
 TREE_TYPE = "sklearn.tree._tree.Tree"
+# scikit-learn classes whose own __setstate__ was read and only fills the __dict__ (TreePredictor's also
+# casts its node array to the record dtype it expects)
+REVIEWED_SETSTATE = frozenset({"sklearn.ensemble._hist_gradient_boosting.predictor.TreePredictor"})
+# scikit-learn's dict with attribute access (StackingClassifier's named_estimators_): skops's DictNode
+# makes an empty one and fills it with the file's items, as for a dict
+BUNCH_TYPE = "sklearn.utils._bunch.Bunch"
 # skops loaders (0.16: io/_general.py, io/_numpy.py) that look a name up and never call the result.
 REFERENCE_LOADERS = frozenset({"FunctionNode", "TypeNode", "DTypeNode"})
 
@@ -82,6 +89,8 @@ def refusal(type_name: str, loaders: set[str]) -> str | None:
                 "types and scikit-learn estimator classes are loaded)")
     unsafe = sorted(loaders - REFERENCE_LOADERS)
     if not unsafe or (unsafe == ["ObjectNode"] and _is_plain_estimator(type_name)):
+        return None
+    if unsafe == ["DictNode"] and type_name == BUNCH_TYPE:
         return None
     if unsafe == ["TreeNode"] and type_name == TREE_TYPE:
         return None
@@ -121,7 +130,10 @@ def _is_inert_type(type_name: str) -> bool:
 
 
 def _is_plain_estimator(type_name: str) -> bool:
-    """A scikit-learn estimator class whose construction by skops only fills its ``__dict__``."""
+    """A scikit-learn class whose construction by skops only fills its ``__dict__``: an estimator, or a
+    plain helper an estimator keeps (HistGradientBoosting's TreePredictor, MLP's AdamOptimizer, a Gaussian
+    process kernel): ``object.__new__``, no ``__setstate__`` of its own (BaseEstimator's only fills the
+    ``__dict__``) and no ``__del__``. Compiled types (KDTree) have their own ``__new__`` and stay out."""
     module_name, _, class_name = type_name.rpartition(".")
     if not module_name.startswith("sklearn."):
         return False
@@ -131,5 +143,7 @@ def _is_plain_estimator(type_name: str) -> bool:
         return False
     from sklearn.base import BaseEstimator
 
-    return (isinstance(cls, type) and issubclass(cls, BaseEstimator) and cls.__new__ is object.__new__
-            and getattr(cls, "__setstate__", None) is BaseEstimator.__setstate__ and not hasattr(cls, "__del__"))
+    setstate = getattr(cls, "__setstate__", None)
+    return (isinstance(cls, type) and cls.__new__ is object.__new__ and not hasattr(cls, "__del__")
+            and (setstate in (None, getattr(object, "__setstate__", None), BaseEstimator.__setstate__)
+                 or type_name in REVIEWED_SETSTATE))
