@@ -295,3 +295,18 @@ def test_an_interrupted_mount_leaves_no_mount_and_the_daemon_in_root(store: Path
     finally:
         subprocess.run(["fusermount3", "-u", str(mnt)], capture_output=True)
         cleanup(mnt, [pid])
+
+
+def test_umount_of_a_busy_live_mount_leaves_it_mounted(store: Path, mnt: Path, capsys) -> None:
+    """A file open on a live mount: umount says so and leaves it (only a dead or stuck daemon's mount is
+    detached lazily)."""
+    pid = mount_background(store, mnt, log_file=mnt.parent / "busy.log", extra=[])
+    try:
+        with open(mnt / "m" / "dense" / "all.npy", "rb") as held:
+            assert main(["umount", str(mnt)]) == MountError.exit_code
+            assert "busy" in capsys.readouterr().err
+            assert mount_options(mnt) is not None and held.read(6) == b"\x93NUMPY"
+        assert main(["umount", str(mnt)]) == 0
+        assert mount_options(mnt) is None
+    finally:
+        cleanup(mnt, [pid])

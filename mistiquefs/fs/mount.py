@@ -60,13 +60,19 @@ def mount_type(mountpoint: Path) -> str | None:
 
 
 def is_dead_mount(mountpoint: Path) -> bool:
-    """True for a FUSE mount whose daemon is gone ("Transport endpoint is not connected").
+    """True for a FUSE mount whose daemon is gone ("Transport endpoint is not connected")."""
+    return _statfs_answer(mountpoint) == errno.ENOTCONN
+
+
+def _statfs_answer(mountpoint: Path) -> int | None:
+    """The errno of a statfs of ``mountpoint`` (0: it answered), or None when nothing is mounted there or
+    no answer came within STATFS_SECONDS (a daemon that is alive but stopped never answers).
 
     Asks with statvfs, not stat: the kernel may answer stat from attributes it cached (for a second on
-    our root) after the daemon died, but it sends every statfs to the daemon. On a thread, given up after
-    STATFS_SECONDS: a daemon that is alive but stopped never answers (it is not dead)."""
+    our root) after the daemon died, but it sends every statfs to the daemon. On a thread, so a stuck
+    daemon cannot hang the caller."""
     if mount_type(mountpoint) is None:
-        return False
+        return None
     answer: list[int] = []
 
     def ask() -> None:
@@ -79,7 +85,7 @@ def is_dead_mount(mountpoint: Path) -> bool:
     asking = threading.Thread(target=ask, name="mistiquefs-statfs", daemon=True)
     asking.start()
     asking.join(STATFS_SECONDS)
-    return bool(answer) and answer[0] == errno.ENOTCONN
+    return answer[0] if answer else None
 
 
 def check_mountpoint(mountpoint: Path) -> None:
@@ -319,7 +325,9 @@ def unmount(mountpoint: Path) -> None:
     if kind != MOUNT_TYPE:
         raise MountError(f"{mountpoint} is a {kind} mount, not a mistiquefs one: not unmounting it")
     result = _fusermount(mountpoint)
-    if result.returncode != 0 and is_dead_mount(mountpoint):
+    if result.returncode != 0 and _statfs_answer(mountpoint) in (errno.ENOTCONN, None):
+        # the daemon is gone, or stuck (stopped: its own requests can hold the mount busy): detach it
+        # lazily. A live daemon whose mount is busy (files open on it) is left mounted, with the error
         result = _fusermount(mountpoint, "-z")
     if result.returncode != 0:
         raise MountError(f"cannot unmount {mountpoint}: {result.stderr.strip()}")
