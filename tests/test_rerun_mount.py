@@ -5,6 +5,7 @@ stays responsive while a model runs."""
 from __future__ import annotations
 
 import json
+import os
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -476,3 +477,34 @@ def test_categorical_numbers_re_run_as_numbers(tmp_path: Path) -> None:
         for stage in store.layers("kept"):
             assert store.read("rerun", stage).tobytes() == store.read("kept", stage).tobytes(), stage
         assert np.array_equal(store.read("rerun", "lr"), pipe.predict(frame))
+
+
+def test_a_model_that_fails_to_load_is_not_loaded_again_for_every_piece(stores, tmp_path: Path) -> None:
+    """Each piece of a re-run read asks for the model: a refused model file was read and parsed again for
+    every one (a Keras model: seconds each). It fails at once until its file changes."""
+    import shutil
+
+    from mistiquefs.errors import StoreError
+
+    path, _pipe = stores
+    copy = tmp_path / "store"
+    shutil.copytree(path, copy)
+    repo = Repository(copy, create=False)
+    calls = []
+
+    def refusing(framework, model_path):
+        calls.append(model_path)
+        raise CaptureError("refusing to load it")
+
+    rerunner = ReRunner(repo, loader=refusing)
+    model = next(m for m in repo.models() if m.name == "none")
+    for _ in range(3):
+        with pytest.raises(StoreError, match="cannot re-run model 'none': refusing to load it"):
+            rerunner.model(model)
+    assert len(calls) == 1
+    model_file = copy / model.model_file
+    os.utime(model_file, ns=(0, model_file.stat().st_mtime_ns + 10**9))  # replaced (a repair)
+    with pytest.raises(StoreError):
+        rerunner.model(model)
+    assert len(calls) == 2
+    repo.close()

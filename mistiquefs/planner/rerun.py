@@ -60,6 +60,9 @@ class ReRunner:
         self._lock = threading.Lock()
         self._loading: dict[int, threading.Event] = {}
         self._warm: OrderedDict[int, WarmModel] = OrderedDict()
+        #: models that failed to load: id -> (their file's (mtime, size) then, the error). A re-run read
+        #: asks for its model once per piece; a refused model was read and parsed again for every one
+        self._failed: dict[int, tuple[tuple[int, int] | None, str]] = {}
         self.runs = 0
         self.rows_run = 0
         self.loads = 0
@@ -78,9 +81,20 @@ class ReRunner:
         """Whether ``layer``'s stage ran before in this process (its first call also traces it)."""
         return (model.id, layer.name) in self._ran
 
+    def _file_state(self, model: ModelRecord) -> tuple[int, int] | None:
+        try:
+            st = (self.repo.root / model.model_file).stat()
+        except OSError:
+            return None
+        return st.st_mtime_ns, st.st_size
+
     def model(self, model: ModelRecord) -> WarmModel:
-        """The loaded model (loading it once however many threads ask)."""
+        """The loaded model (loading it once however many threads ask). A model that failed to load fails
+        again at once, until its file changes (a repair, a replaced file)."""
         while True:
+            failed = self._failed.get(model.id)
+            if failed is not None and failed[0] == self._file_state(model):
+                raise StoreError(failed[1])
             with self._lock:
                 warm = self._warm.get(model.id)
                 if warm is not None:
@@ -99,8 +113,11 @@ class ReRunner:
                 try:
                     adapter = self._loader(model.framework, str(self.repo.root / model.model_file))
                 except MistiqueError as exc:  # a refused or broken model file is this read's I/O error
-                    raise StoreError(f"cannot re-run model {model.name!r}: {exc}") from exc
+                    message = f"cannot re-run model {model.name!r}: {exc}"
+                    self._failed[model.id] = (self._file_state(model), message)
+                    raise StoreError(message) from exc
                 warm = WarmModel(adapter, time.perf_counter() - started)
+                self._failed.pop(model.id, None)
                 with self._lock:
                     self._warm[model.id] = warm
                     self.loads += 1
