@@ -383,8 +383,25 @@ def test_an_interrupt_after_the_commit_loses_nothing(tmp_path: Path, rng: np.ran
 
 
 
+def _interrupted_in_commit(repo: Repository, data: np.ndarray, commit_capture) -> Path:
+    """A capture of ``data`` whose catalog commit is ``commit_capture`` (one that raises
+    KeyboardInterrupt), aborted as Store.capture does; returns its model file's path."""
+    repo.catalog.commit_capture = commit_capture
+    writer = repo.begin_capture("m", table=False)
+    writer.add("a", data)
+    model_file = writer.new_file(".bin")
+    model_file.write_bytes(b"model")
+    with pytest.raises(KeyboardInterrupt):
+        try:
+            writer.commit(framework="test", n_rows=len(data), seconds=0.1, model_file=model_file, info={})
+        except BaseException:
+            writer.abort()  # what Store.capture does
+            raise
+    return model_file
+
+
 def test_an_interrupt_inside_the_commit_after_sqlite_committed_loses_nothing(
-        tmp_path: Path, rng: np.random.Generator, monkeypatch: pytest.MonkeyPatch) -> None:
+        tmp_path: Path, rng: np.random.Generator) -> None:
     """Ctrl-C can land after SQLite's COMMIT but before commit_capture returns: abort must find the model
     in the catalog and keep the packs and model file it references (it deleted them)."""
     from mistiquefs.store.check import check_store
@@ -397,17 +414,7 @@ def test_an_interrupt_inside_the_commit_after_sqlite_committed_loses_nothing(
         original(**kwargs)
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(repo.catalog, "commit_capture", committed_then_interrupted)
-    writer = repo.begin_capture("m", table=False)
-    writer.add("a", data)
-    model_file = writer.new_file(".bin")
-    model_file.write_bytes(b"model")
-    with pytest.raises(KeyboardInterrupt):
-        try:
-            writer.commit(framework="test", n_rows=3000, seconds=0.1, model_file=model_file, info={})
-        except BaseException:
-            writer.abort()  # what Store.capture does
-            raise
+    model_file = _interrupted_in_commit(repo, data, committed_then_interrupted)
     assert model_file.exists()
     fresh = Repository(tmp_path / "s", create=False)
     np.testing.assert_array_equal(fresh.reader(layer(fresh, "m", "a")).rows(0, 3000), data)
@@ -416,25 +423,16 @@ def test_an_interrupt_inside_the_commit_after_sqlite_committed_loses_nothing(
 
 
 def test_an_interrupt_inside_the_commit_before_sqlite_committed_leaves_nothing(
-        tmp_path: Path, rng: np.random.Generator, monkeypatch: pytest.MonkeyPatch) -> None:
+        tmp_path: Path, rng: np.random.Generator) -> None:
     repo = Repository(tmp_path / "s")
 
     def interrupted(**_kwargs):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(repo.catalog, "commit_capture", interrupted)
-    writer = repo.begin_capture("m", table=False)
-    writer.add("a", rng.standard_normal((3000, 40)))
-    model_file = writer.new_file(".bin")
-    model_file.write_bytes(b"model")
-    with pytest.raises(KeyboardInterrupt):
-        try:
-            writer.commit(framework="test", n_rows=3000, seconds=0.1, model_file=model_file, info={})
-        except BaseException:
-            writer.abort()
-            raise
+    model_file = _interrupted_in_commit(repo, rng.standard_normal((3000, 40)), interrupted)
     assert not model_file.exists() and not list((tmp_path / "s" / "packs").iterdir())
     assert repo.models() == []
+
 
 def test_a_full_disk_stops_the_capture_and_keeps_the_store(tmp_path: Path, rng: np.random.Generator) -> None:
     import subprocess
