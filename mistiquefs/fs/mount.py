@@ -48,14 +48,21 @@ STATFS_SECONDS = 2.0
 def mount_type(mountpoint: Path) -> str | None:
     """The type of what is mounted on ``mountpoint`` ("fuse.mistiquefs", "tmpfs"...), or None. Read from
     /proc/self/mountinfo, so it never waits on a daemon (a stat or statfs of a stopped one hangs)."""
-    path = str(Path(os.path.abspath(mountpoint)))
+    entry = _mount_entry(mountpoint)
+    return entry[1] if entry else None
+
+
+def _mount_entry(mountpoint: Path) -> tuple[str, str] | None:
+    """(device "major:minor", type) of the mount on top at ``mountpoint`` in /proc/self/mountinfo, or
+    None."""
+    path = os.path.abspath(mountpoint)
     found = None
     with open("/proc/self/mountinfo") as table:
         for line in table:
             before, _, after = line.partition(" - ")
             fields = before.split()
             if len(fields) > 4 and _unescape(fields[4]) == path and after.split():
-                found = after.split()[0]  # the last one listed is the one on top
+                found = fields[2], after.split()[0]  # the last one listed is the one on top
     return found
 
 
@@ -89,11 +96,10 @@ def _statfs_answer(mountpoint: Path) -> int | None:
 
 
 def check_mountpoint(mountpoint: Path) -> None:
-    kind = mount_type(mountpoint)
-    if kind is not None and is_dead_mount(mountpoint):  # os.path.ismount is False there (stat fails)
-        raise MountError(f"{mountpoint} is a mount whose daemon is gone (transport endpoint is not "
-                         f"connected); clear it with mistiquefs umount {mountpoint}")
-    if kind is not None:
+    if mount_type(mountpoint) is not None:
+        if is_dead_mount(mountpoint):  # os.path.ismount is False there (its stat fails): say what it is
+            raise MountError(f"{mountpoint} is a mount whose daemon is gone (transport endpoint is not "
+                             f"connected); clear it with mistiquefs umount {mountpoint}")
         raise MountError(f"{mountpoint} is already a mount point; unmount it first (mistiquefs umount {mountpoint})")
     if not mountpoint.is_dir():
         raise MountError(f"mount point {mountpoint} does not exist or is not a directory")
@@ -139,7 +145,7 @@ def _serve(store: Path, mountpoint: Path, *, allow_other: bool, debug: bool, cac
     from mistiquefs.fs.tree import Tree
     from mistiquefs.planner.planner import Planner
 
-    check_mountpoint(mountpoint)
+    check_mountpoint(mountpoint)  # again, under the lock: a mount another daemon made meanwhile
     repo = Repository(store, create=False, **({"cache_bytes": cache_bytes} if cache_bytes else {}))
     tree = Tree(repo, Planner(repo, mode=plan, budget=budget))
     ops = FuseOps(tree)
@@ -217,10 +223,9 @@ def _raise_read_ahead(mountpoint: Path) -> None:
     """
     try:
         os.stat(mountpoint)
-        with open("/proc/self/mountinfo") as table:
-            devices = [line.split()[2] for line in table if _unescape(line.split()[4]) == str(mountpoint)]
-        if devices:
-            Path(f"/sys/class/bdi/{devices[-1]}/read_ahead_kb").write_text(str(READ_AHEAD_KB))
+        entry = _mount_entry(mountpoint)
+        if entry:
+            Path(f"/sys/class/bdi/{entry[0]}/read_ahead_kb").write_text(str(READ_AHEAD_KB))
     except OSError as exc:
         log.debug("cannot raise read-ahead on %s: %s", mountpoint, exc)
 
