@@ -13,9 +13,9 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from mistiquefs.errors import CaptureError
 from mistiquefs.planner.cost import CALL_SECONDS, DECODE_SECONDS_PER_BYTE, TILE_SECONDS, prefix_seconds
 from mistiquefs.store.catalog import NewIntermediate
+from mistiquefs.store.writer import over_budget
 
 POLICIES = ("all", "none", "auto")
 
@@ -40,10 +40,7 @@ def choose_kept(layers: Sequence[NewIntermediate], *, policy: str, budget: int |
     kept = [layer.name for layer in stored if layer.required]
     used = existing_bytes + sum(layer.new_bytes for layer in stored if layer.name in kept)
     if budget is not None and used > budget:
-        summaries = [name for name in kept if name != "input"]
-        what = f"inputs and summaries ({', '.join(summaries)})" if summaries else "inputs"
-        raise CaptureError(f"the budget of {budget} bytes cannot hold even this capture's {what} (the store "
-                           f"would reference {used} bytes): raise it, or remove models (mistiquefs rm, gc)")
+        raise over_budget(budget, used, kept)
     candidates = []
     for layer in stored:
         if layer.name in kept:

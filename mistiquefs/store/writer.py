@@ -284,6 +284,15 @@ class UnstoredLayer:
         )
 
 
+def over_budget(budget: int, used: int, required: list[str]) -> CaptureError:
+    """The error of a capture whose ``required`` layers (``NewIntermediate.required``) alone would make the
+    store reference ``used`` bytes, over ``budget``."""
+    summaries = [name for name in required if name != "input"]
+    what = f"inputs and summaries ({', '.join(summaries)})" if summaries else "inputs"
+    return CaptureError(f"the budget of {budget} bytes cannot hold even this capture's {what} (the store "
+                        f"would reference {used} bytes): raise it, or remove models (mistiquefs rm, gc)")
+
+
 class CaptureWriter:
     """One capture in progress. Use ``add`` per stage and batch, then ``commit`` or ``abort``.
 
@@ -423,9 +432,7 @@ class CaptureWriter:
                 break
             kept = kept[:-1]
         if budget is not None and total > budget:
-            raise CaptureError(f"the budget of {budget} bytes cannot hold even this capture's inputs and summaries "
-                               f"(the store would reference {total} bytes): raise it, or remove models "
-                               "(mistiquefs rm, gc)")
+            raise over_budget(budget, total, sorted(required))
         out = []
         for layer in layers:
             if layer.stored and layer.name not in chosen:
