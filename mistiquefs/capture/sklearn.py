@@ -492,8 +492,9 @@ def inputs_from_stored(stored: np.ndarray, model: Any) -> Any:
 
     A structured array becomes a DataFrame with the original column names; unicode fields become
     ``object`` columns of ``str`` so encoders see the same values as at capture time. A categorical
-    column comes back as its values (strings, or the numbers its categories are), not as a Categorical. ``model`` is unused by this
-    adapter: the stored dtype carries everything; it is taken so every framework has one signature.
+    column comes back as its values (strings, or the numbers its categories are), not as a Categorical.
+    ``model`` is unused by this adapter: the stored dtype carries everything; it is taken so every
+    framework has one signature.
     """
     del model
     if stored.dtype.names is None:
