@@ -15,6 +15,7 @@ import re
 import signal
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -159,6 +160,74 @@ def test_a_signal_unmounts_cleanly_and_exits_0(store: Path, mnt: Path, signum: i
         assert os.listdir(mnt) == []  # the plain directory again, not a dead mount
     log = (mnt.parent / "daemon.log").read_text()
     assert f"signal {int(signum)}: unmounting" in log and "unmounted" in log
+
+
+#: ``mistiquefs`` whose reads of stored files stand for a long re-run while the flag file (its first
+#: argument) exists: they go to the re-run threads and take ten minutes there
+SLOW_READS = """
+import sys, time
+from pathlib import Path
+import mistiquefs.fs.tree as tree
+flag = Path(sys.argv.pop(1))
+read_parts = tree.Tree.read_parts
+def slow(self, inode, offset, size, *, cached_only=False, use_once=False):
+    if flag.exists():
+        if cached_only:
+            return None
+        flag.with_suffix(".reading").touch()
+        time.sleep(600)
+    return read_parts(self, inode, offset, size, cached_only=cached_only, use_once=use_once)
+tree.Tree.read_parts = slow
+tree.Tree.reruns = lambda self, inode: flag.exists()
+from mistiquefs.cli.main import entry
+entry()
+"""
+
+
+def test_a_second_signal_abandons_a_long_read(store: Path, mnt: Path, tmp_path: Path) -> None:
+    """The first signal unmounts once the reads in progress are answered; a re-run can take minutes, so a
+    second signal abandons them: the daemon unmounts and exits, and the waiting reader gets an error."""
+    script, flag, log = tmp_path / "slow_reads.py", tmp_path / "slow", tmp_path / "slow.log"
+    script.write_text(SLOW_READS)
+    daemon = subprocess.Popen([sys.executable, str(script), str(flag), "mount", "-f", "--log", str(log),
+                               str(store), str(mnt)], stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                              stderr=subprocess.PIPE)
+    outcome: list[BaseException | bytes] = []
+    reader = None
+    try:
+        wait_for(lambda: os.path.ismount(mnt) or daemon.poll() is not None, 60)
+        assert daemon.poll() is None, daemon.stderr.read() if daemon.stderr else ""
+        flag.touch()
+        reader = threading.Thread(target=lambda: outcome.append(_try_read(mnt / "m" / "dense" / "all.npy")))
+        reader.start()
+        wait_for(lambda: flag.with_suffix(".reading").exists())  # the read is in the daemon, on a re-run thread
+        daemon.send_signal(signal.SIGTERM)
+        wait_for(lambda: "signal 15: unmounting" in log.read_text())
+        time.sleep(1.0)
+        assert daemon.poll() is None and reader.is_alive()  # it waits for the read
+        daemon.send_signal(signal.SIGTERM)
+        assert daemon.wait(30) == 0, daemon.stderr.read() if daemon.stderr else ""
+        reader.join(30)
+        assert not reader.is_alive()
+        assert isinstance(outcome[0], OSError), outcome
+        assert mount_options(mnt) is None
+        assert "signal 15 again: abandoning the reads in progress" in log.read_text()
+    finally:
+        if daemon.poll() is None:
+            daemon.kill()
+        cleanup(mnt, [daemon.pid])
+        daemon.wait(15)
+        if daemon.stderr:
+            daemon.stderr.close()
+        if reader is not None:
+            reader.join(30)
+
+
+def _try_read(path: Path) -> BaseException | bytes:
+    try:
+        return path.read_bytes()
+    except OSError as exc:
+        return exc
 
 
 # ------------------------------------------------------------------------------------- dead mounts

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import errno
 import functools
+import inspect
 import logging
 import os
 from collections.abc import Awaitable, Callable
@@ -43,6 +44,10 @@ SNAPSHOT_HANDLES = 15 << 60
 INLINE_LAZY_BYTES = 64 << 10
 #: reply buffers (1 MiB or more each) that worker reads keep for the next ones
 KEPT_BUFFERS = 4
+#: a re-run read that a second stop signal cancels returns at once, leaving its thread to finish alone
+#: (trio 0.23 renamed the argument)
+_ABANDON_ON_CANCEL = {"abandon_on_cancel" if "abandon_on_cancel" in inspect.signature(
+    trio.to_thread.run_sync).parameters else "cancellable": True}
 
 
 def _answer(handler: Callable[..., Awaitable[T]]) -> Callable[..., Awaitable[T]]:
@@ -64,18 +69,28 @@ def _answer(handler: Callable[..., Awaitable[T]]) -> Callable[..., Awaitable[T]]
 
 
 async def _on_pool(pool: ThreadPoolExecutor, fn: Callable[[], T]) -> T:
-    """``fn()`` on one of ``pool``'s threads; this task sleeps until it is done (and is not cancelled
-    halfway: like trio.to_thread.run_sync, it waits for the thread)."""
+    """``fn()`` on one of ``pool``'s threads; this task sleeps until it is done. Cancelled (a second stop
+    signal: see mount._terminate_on_signals), it returns at once and the thread's result is dropped."""
     token, task = trio.lowlevel.current_trio_token(), trio.lowlevel.current_task()
+    abandoned = False
+
+    def wake(result: outcome.Outcome[T]) -> None:  # on the event loop's thread, as abort is
+        if not abandoned:
+            trio.lowlevel.reschedule(task, result)
 
     def done(future: Future[T]) -> None:
         try:
-            token.run_sync_soon(trio.lowlevel.reschedule, task, outcome.capture(future.result))
+            token.run_sync_soon(wake, outcome.capture(future.result))
         except trio.RunFinishedError:  # the loop ended (unmounted) while this read ran: nobody waits for it
             pass
 
+    def abort(_raise_cancel: Any) -> trio.lowlevel.Abort:
+        nonlocal abandoned
+        abandoned = True
+        return trio.lowlevel.Abort.SUCCEEDED
+
     pool.submit(fn).add_done_callback(done)
-    return await trio.lowlevel.wait_task_rescheduled(lambda _raise_cancel: trio.lowlevel.Abort.FAILED)
+    return await trio.lowlevel.wait_task_rescheduled(abort)
 
 
 def _joined(parts: list[Part], buffer: bytearray | None) -> tuple[bytes | memoryview, bytearray | None]:
@@ -200,10 +215,14 @@ class FuseOps(pyfuse3.Operations):
         buffer = lent
         try:
             if parts is None and self.tree.reruns(fh):
-                reply, buffer = await trio.to_thread.run_sync(assemble, limiter=self.rerun_limiter)
+                reply, buffer = await trio.to_thread.run_sync(assemble, limiter=self.rerun_limiter,
+                                                              **_ABANDON_ON_CANCEL)
             else:
                 reply, buffer = await _on_pool(self.decoders, assemble)
             return reply
+        except trio.Cancelled:
+            buffer = None  # abandoned (see _on_pool): its thread may still write into the buffer lent
+            raise
         finally:
             # a burst of concurrent reads makes buffers of their own; keep no more than a few of them
             if buffer is not None and len(self._buffers) < KEPT_BUFFERS:

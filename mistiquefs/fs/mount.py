@@ -235,24 +235,31 @@ async def _main(mountpoint: Path, pending: list[int]) -> None:
     import trio
 
     async with trio.open_nursery() as nursery:
-        nursery.start_soon(_terminate_on_signals, pending)
+        nursery.start_soon(_terminate_on_signals, pending, nursery.cancel_scope)
         await pyfuse3.main()
         nursery.cancel_scope.cancel()
 
 
-async def _terminate_on_signals(pending: list[int]) -> None:
+async def _terminate_on_signals(pending: list[int], serving: Any) -> None:
+    """The first stop signal ends the FUSE loop once the requests in progress are answered (a read that
+    re-runs a model may take minutes); a second one cancels ``serving`` (the loop's scope): those reads
+    are abandoned, the mount goes and their readers get an error (ENOTCONN)."""
     import pyfuse3
     import trio
 
     with trio.open_signal_receiver(*STOP_SIGNALS) as signals:
-        if pending:  # arrived before this receiver existed (see serve)
-            log.info("signal %d: unmounting", pending[0])
-            pyfuse3.terminate()
-            return
-        async for signum in signals:
-            log.info("signal %d: unmounting", signum)
-            pyfuse3.terminate()
-            return
+        received = iter(pending)  # arrived before this receiver existed (see serve)
+        signum = next(received, None)
+        if signum is None:
+            signum = await signals.__anext__()
+        log.info("signal %d: unmounting once the reads in progress are answered (signal again to abandon "
+                 "them)", signum)
+        pyfuse3.terminate()
+        signum = next(received, None)
+        if signum is None:
+            signum = await signals.__anext__()
+        log.warning("signal %d again: abandoning the reads in progress and unmounting", signum)
+        serving.cancel()
 
 
 def mount_background(store: Path, mountpoint: Path, *, log_file: Path, extra: list[str]) -> int:
