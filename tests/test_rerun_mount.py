@@ -508,3 +508,27 @@ def test_a_model_that_fails_to_load_is_not_loaded_again_for_every_piece(stores, 
         rerunner.model(model)
     assert len(calls) == 2
     repo.close()
+
+
+def test_warm_models_are_bounded_by_their_files_bytes(stores, monkeypatch) -> None:
+    """Loaded models stay for later re-runs, four at most and within WARM_MODEL_BYTES of model files (a
+    big model takes at least its file's size in memory); the model used last always stays."""
+    import mistiquefs.planner.rerun as rerun
+
+    path, _pipe = stores
+    repo = Repository(path, create=False)
+    try:
+        models = sorted(repo.models(), key=lambda m: m.name)[:2]
+        sizes = [(path / m.model_file).stat().st_size for m in models]
+        rerunner = ReRunner(repo, loader=lambda framework, model_path: object())
+        rerunner.model(models[0]), rerunner.model(models[1])
+        assert rerunner.is_warm(models[0]) and rerunner.is_warm(models[1])  # the default fits both
+        rerunner = ReRunner(repo, loader=lambda framework, model_path: object())
+        monkeypatch.setattr(rerun, "WARM_MODEL_BYTES", sum(sizes) - 1)
+        rerunner.model(models[0]), rerunner.model(models[1])
+        assert not rerunner.is_warm(models[0]) and rerunner.is_warm(models[1])
+        monkeypatch.setattr(rerun, "WARM_MODEL_BYTES", 1)  # smaller than any: the last one stays
+        rerunner.model(models[0])
+        assert rerunner.is_warm(models[0]) and not rerunner.is_warm(models[1])
+    finally:
+        repo.close()

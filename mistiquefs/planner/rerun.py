@@ -30,14 +30,18 @@ from mistiquefs.store.records import IntermediateRecord, ModelRecord
 from mistiquefs.store.repository import Repository
 
 log = logging.getLogger(__name__)
-#: models kept loaded at once (a Keras CNN takes ~100 MB with TensorFlow's graph caches)
+#: models kept loaded at once, and the model-file bytes they may add up to: a loaded model takes at least
+#: its file's size (its weights; a Keras CNN also ~100 MB of TensorFlow's graph caches). The model used
+#: last always stays, however big.
 WARM_MODELS = 4
+WARM_MODEL_BYTES = 2 << 30
 
 
 @dataclass
 class WarmModel:
     adapter: Any
     load_seconds: float
+    file_bytes: int = 0
     run_lock: threading.Lock = field(default_factory=threading.Lock)
 
 
@@ -116,13 +120,15 @@ class ReRunner:
                     message = f"cannot re-run model {model.name!r}: {exc}"
                     self._failed[model.id] = (self._file_state(model), message)
                     raise StoreError(message) from exc
-                warm = WarmModel(adapter, time.perf_counter() - started)
+                state = self._file_state(model)
+                warm = WarmModel(adapter, time.perf_counter() - started, state[1] if state else 0)
                 self._failed.pop(model.id, None)
                 with self._lock:
                     self._warm[model.id] = warm
                     self.loads += 1
-                    while len(self._warm) > WARM_MODELS:
-                        self._warm.popitem(last=False)
+                    while len(self._warm) > WARM_MODELS or (
+                            len(self._warm) > 1 and sum(w.file_bytes for w in self._warm.values()) > WARM_MODEL_BYTES):
+                        self._warm.popitem(last=False)  # a run in progress keeps its model until it ends
                 log.info("loaded model %s in %.2f s for re-runs%s", model.name, warm.load_seconds,
                          f" (importing {model.framework})" if with_import else "")
                 if self.on_load is not None:
