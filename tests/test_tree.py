@@ -160,6 +160,29 @@ def test_an_open_file_keeps_the_plan_it_was_opened_with(tree: Tree, monkeypatch:
     assert whole == npy_bytes(np.asarray(tree.repo.reader(tree.layers[split_inode(inode)[1]]).rows(0, N)))
 
 
+def test_overlapping_opens_of_a_file_make_one_query_record(tree: Tree) -> None:
+    """Eight processes reading one file share its plan and its reads: each open counts as a query, and
+    the query log gets one record, when the last is released, with every open's reading time in it (a
+    second open used to reset the first's time, and its release found no entry: no record at all)."""
+    inode = tree.lookup(tree.lookup(tree.lookup(ROOT, b"net"), b"conv"), b"all.npy")
+    rec = tree.layers[split_inode(inode)[1]]
+    planner, logged = tree.planner, len(tree.planner.log)
+    tree.opened(inode)
+    tree.read(inode, 0, tree.size(inode))
+    first = planner._open[inode].seconds
+    assert first > 0
+    tree.opened(inode)
+    tree.read(inode, 0, 1 << 16)
+    tree.released(inode)
+    assert len(planner.log) == logged  # the other open still reads
+    tree.released(inode)
+    assert len(planner.log) == logged + 1 and planner.stats[rec.id].queries == 2
+    record = planner.log[-1]
+    assert record["opens"] == 2 and record["measured_s"] > first
+    tree.released(inode)  # one release too many (a stale handle) changes nothing
+    assert len(planner.log) == logged + 1
+
+
 def _removed_behind_the_kernel(tree: Tree, name: str) -> None:
     """Another process removes a model; the daemon's tree notices on its next refresh, while the kernel
     may still hold the model's names (entries are cached for minutes) and send requests for its inodes."""

@@ -17,7 +17,8 @@ less), computed as the reader reaches them with read-ahead; ``<i>.npy`` runs its
 cache and single-flight as chunks, so two readers of the same data share one computation.
 
 Every open is counted per layer; each file's prediction and measured time (the seconds its reads spent
-producing data) go to a bounded query log, and ``info.json`` shows both.
+producing data; overlapping opens of one file make one record) go to a bounded query log, and
+``info.json`` shows both.
 """
 
 from __future__ import annotations
@@ -70,6 +71,16 @@ class LayerStats:
     last: dict[str, Any] | None = None
 
 
+@dataclass
+class _OpenFile:
+    """A file open for reading: its plan, and what its reads spent while any open of it lasted."""
+    plan: Plan
+    rec: IntermediateRecord
+    seconds: float = 0.0
+    open: int = 1  # opens not released yet
+    opens: int = 1  # opens in all
+
+
 class Planner:
     def __init__(self, repo: Repository, *, mode: str = "auto", rerunner: ReRunner | None = None,
                  cost: CostModel | None = None, budget: int | None = None) -> None:
@@ -83,7 +94,7 @@ class Planner:
         self._lock = threading.Lock()
         self.stats: dict[int, LayerStats] = {}
         self.log: deque[dict[str, Any]] = deque(maxlen=LOG_ENTRIES)
-        self._open: dict[Hashable, tuple[Plan, IntermediateRecord, float]] = {}
+        self._open: dict[Hashable, _OpenFile] = {}
         #: called after this planner changed the catalog (materialized or dropped a layer)
         self.on_change: list[Callable[[], None]] = []
         self.materializer = Materializer(self, budget) if budget is not None else None
@@ -238,27 +249,40 @@ class Planner:
 
     # ---- accounting --------------------------------------------------------------------------------
     def opened(self, handle: Hashable, rec: IntermediateRecord, plan: Plan) -> None:
+        """A file (``handle``: its inode) was opened. Opens of one file that overlap (8 processes reading
+        it) share its plan and its reads (one page cache), so they make one query-log record, once the
+        last of them is released: its ``opens`` and the seconds all their reads spent."""
         with self._lock:
             stats = self.stats.setdefault(rec.id, LayerStats())
             stats.queries += 1
             stats.by_choice[plan.choice] += 1
-            self._open[handle] = (plan, rec, 0.0)
+            entry = self._open.get(handle)
+            if entry is None:
+                self._open[handle] = _OpenFile(plan, rec)
+            else:
+                entry.open += 1
+                entry.opens += 1
 
     def spent(self, handle: Hashable, seconds: float) -> None:
         with self._lock:
             entry = self._open.get(handle)
             if entry is not None:
-                self._open[handle] = (entry[0], entry[1], entry[2] + seconds)
+                entry.seconds += seconds
 
     def released(self, handle: Hashable) -> None:
         with self._lock:
-            entry = self._open.pop(handle, None)
+            entry = self._open.get(handle)
             if entry is None:
                 return
-            plan, rec, seconds = entry
+            entry.open -= 1
+            if entry.open > 0:
+                return
+            del self._open[handle]
+            plan, rec = entry.plan, entry.rec
             record = {"time": time.time(), "layer": rec.id, "view": plan.kind, "rows": plan.rows,
                       "choice": plan.choice, "predicted_read_s": plan.estimate.read_seconds,
-                      "predicted_rerun_s": plan.estimate.rerun_seconds, "measured_s": seconds}
+                      "predicted_rerun_s": plan.estimate.rerun_seconds, "measured_s": entry.seconds,
+                      "opens": entry.opens}
             self.log.append(record)
             stats = self.stats.setdefault(rec.id, LayerStats())
             stats.last = record
