@@ -115,6 +115,32 @@ def test_concurrent_readers_of_a_kbit_layer_get_its_values(cnn_store, mount) -> 
     with ThreadPoolExecutor(6) as pool:
         list(pool.map(check, range(6)))
 
+@pytest.mark.keras
+def test_the_read_estimate_counts_writing_lazy_values_out(cnn_store) -> None:
+    """Layers whose row blocks load lazily (per-layer kbit: codes kept, values written out at each read)
+    cost the planner that writing too, which the decode rate it observes (loading codes) leaves out."""
+    from mistiquefs.codecs.base import LazyTile
+    from mistiquefs.planner.cost import RENDER_SECONDS_PER_BYTE, CostModel
+    from mistiquefs.store.repository import Repository
+
+    path, _expected = cnn_store
+    repo = Repository(path, create=False)
+    try:
+        cost, lazy = CostModel(), set()
+        for rec in repo.intermediates():
+            if not rec.stored or not rec.n_rows:
+                continue
+            if isinstance(repo.reader(rec)._decoded(0, lazy=True), LazyTile):
+                lazy.add(rec.name)
+            per_byte = cost.decode_seconds_per_byte[rec.chain.array.name]
+            render = RENDER_SECONDS_PER_BYTE if rec.name in lazy else 0.0
+            want = cost.tile_seconds + (1 << 20) * (per_byte + render)
+            assert cost.read_seconds(rec, 1, 1 << 20) == pytest.approx(want)
+        assert lazy == {"conv1", "flatten", "conv3.pool2"}
+    finally:
+        repo.close()
+
+
 
 @pytest.mark.keras
 def test_a_pooled_layer_shows_its_summary_beside_it(cnn_store, mount) -> None:

@@ -100,6 +100,11 @@ class ArrayCodec(Codec):
         """The tile as a ``LazyTile`` over ``data``, or None where this codec decodes only eagerly."""
         return None
 
+    def decodes_lazily(self, dtype: np.dtype) -> bool:
+        """Whether ``decode_lazy`` gives LazyTiles for values of ``dtype`` (each read then writes its
+        values out: a cost the planner adds to the decode rate it observes)."""
+        return False
+
 
 class LazyTile(ABC):
     """A decoded tile whose values are written out only when read (``ArrayCodec.decode_lazy``).

@@ -114,6 +114,9 @@ class Chain:
         """``decode``'s tile as a ``LazyTile``, where the array codec has one and no filter stands between."""
         return None if self.filters else self.array.decode_lazy(data, spec)
 
+    def decodes_lazily(self, dtype: np.dtype) -> bool:
+        return not self.filters and self.array.decodes_lazily(dtype)
+
 
 #: zstd level when a scheme names none, by array codec. kbit codes at level 1 came out as small or smaller
 #: than at 3 and compress 1.6-2.8x faster, decompress up to 1.6x faster (demo CNN, kbit:8: conv1 5.70x vs

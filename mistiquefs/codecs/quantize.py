@@ -377,8 +377,11 @@ class KBitCodec(ArrayCodec):
             out = np.take(flat, codes.reshape(-1, units).astype(index_type) + offsets, mode="wrap")
         return out.reshape(spec.shape)
 
+    def decodes_lazily(self, dtype: np.dtype) -> bool:
+        return self.per == "layer" and np.dtype(dtype).itemsize in PAIR_UNITS
+
     def decode_lazy(self, data: bytes | memoryview, spec: TileSpec) -> PairTile | None:
-        pairs = self._pair_table(spec.dtype) if self.per == "layer" else None
+        pairs = self._pair_table(spec.dtype) if self.decodes_lazily(spec.dtype) else None
         if pairs is None:
             return None
         return PairTile(pairs, _unpack_codes(data, self.k, spec.count), spec)

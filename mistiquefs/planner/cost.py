@@ -1,6 +1,7 @@
 """The cost model: how long reading a view from the store would take, and how long re-running it.
 
-read   = tiles x (seconds per tile) + raw bytes x (seconds per decoded byte of the layer's codec)
+read   = tiles x (seconds per tile) + raw bytes x (seconds per decoded byte of the layer's codec, plus
+         writing the values out where its pieces are lazy)
 rerun  = model load (0 when warm; plus the framework's import when the daemon has not imported it yet)
          + the stage's first-call tracing (Keras, once per stage) + read of the input rows
          + calls x the model's per-call overhead
@@ -20,7 +21,7 @@ import sys
 import threading
 from dataclasses import dataclass
 
-from mistiquefs.store.records import IntermediateRecord, ModelRecord
+from mistiquefs.store.records import COLUMNS, IntermediateRecord, ModelRecord
 
 #: weight of a new observation in the moving averages
 ALPHA = 0.3
@@ -29,8 +30,13 @@ MIN_OBSERVED_BYTES = 256 << 10
 #: per tile touched: a pread of a cold chunk plus a thread hand-off (~0.3 ms measured cold, 0.05 warm)
 TILE_SECONDS = 2e-4
 #: seconds per decoded byte, by array codec, before any observation (2 cores, 1 MiB chunks, cold):
-#: lossless ~0.8 GB/s (zstd + disk), kbit 1.1 GB/s, float16 0.8 GB/s, threshold 3.9 GB/s
-DECODE_SECONDS_PER_BYTE = {"bytes": 1 / 0.8e9, "kbit": 1 / 1.1e9, "float16": 1 / 0.8e9, "threshold": 1 / 3.9e9}
+#: lossless ~0.8 GB/s (zstd + disk), kbit 1.1 GB/s with its values written out (RENDER), float16 0.8 GB/s,
+#: threshold 3.9 GB/s
+DECODE_SECONDS_PER_BYTE = {"bytes": 1 / 0.8e9, "kbit": 1 / 1.4e9, "float16": 1 / 0.8e9, "threshold": 1 / 3.9e9}
+#: a layer whose chain decodes lazily (per-layer kbit rows) loads its codes when a chunk is decoded (what
+#: the decode rate observes) and writes the values out at each read: ~6 GB/s (a 1 MiB piece of VGG's
+#: block1_conv1: 0.16 ms, about as long as loading its codes from the page cache)
+RENDER_SECONDS_PER_BYTE = 1 / 6e9
 #: a framework call's fixed cost before observation: a compiled Keras sub-graph ~1.5 ms a call; under
 #: scikit-learn every step validates and converts its input (~1-3 ms a step on a DataFrame), so there it is
 #: per stage of the prefix (``PER_STAGE``)
@@ -114,6 +120,8 @@ class CostModel:
     # ---- estimates ---------------------------------------------------------------------------------
     def read_seconds(self, rec: IntermediateRecord, tiles: int, raw_bytes: int) -> float:
         per_byte = self.decode_seconds_per_byte.get(rec.chain.array.name, DECODE_SECONDS_PER_BYTE["bytes"])
+        if rec.layout != COLUMNS and rec.chain.decodes_lazily(rec.dtype):  # (the reader's lazy row blocks)
+            per_byte += RENDER_SECONDS_PER_BYTE
         return tiles * self.tile_seconds + raw_bytes * per_byte
 
     def rerun_seconds(self, model: ModelRecord, layers: list[IntermediateRecord], rec: IntermediateRecord,
