@@ -227,6 +227,12 @@ class Store:
 def _run_batch(adapter: Adapter, batch: Any, start: int, stop: int):
     try:
         return adapter.run_batch(batch)
+    except CaptureError as exc:
+        if type(exc) is not CaptureError:
+            raise
+        # the adapter names the layer; which examples it failed on is known here (a layer's own message
+        # counts rows within the batch)
+        raise CaptureError(f"{exc} (on examples {start}..{stop - 1})") from exc
     except MistiqueError:
         raise
     except Exception as exc:

@@ -216,6 +216,21 @@ def test_names_for_shared_multi_output_nested_ops_and_reserved() -> None:
     assert stages[6].seconds == 0.0 < stages[5].seconds  # a layer's time is counted once
 
 
+def test_a_shared_layers_first_call_keeps_its_name_whatever_order_the_graph_runs_them() -> None:
+    """``<layer>`` is its first call (``layer.output``), ``<layer>.call1`` the second, also where both
+    calls sit at one depth and the graph runs the second first (``shared`` held the second's values)."""
+    x = keras.Input((4,))
+    shared = layers.Dense(4, name="shared")
+    first, second = shared(x), shared(layers.Dense(4, name="pre")(x))
+    tower = layers.Dense(4, name="tower")
+    model = keras.Model(x, layers.Add(name="sum")([tower(first), tower(second)]))
+    batch = _features(3)[:, :4]
+    stages = {s.name: s.array for s in KerasAdapter(model).run_batch(batch)}
+    for name, tensor in (("shared", first), ("shared.call1", second), ("tower", tower.output)):
+        np.testing.assert_allclose(stages[name], keras.Model(x, tensor)(batch, training=False).numpy(), rtol=1e-6)
+    assert not np.allclose(stages["shared"], stages["shared.call1"])
+
+
 @pytest.mark.parametrize(
     "raw, safe", [("a/b", "a_b"), ("input", "input_"), ("info.json", "info.json_"), (".x", "_.x"), ("c", "c")]
 )
@@ -270,8 +285,59 @@ def test_subclassed_model_refused() -> None:
 
     model = Custom()
     model(np.ones((1, 2), np.float32))
-    with pytest.raises(UnsupportedModel):
+    with pytest.raises(UnsupportedModel, match="subclassed models are not supported"):
         KerasAdapter(model)
+    model.build((None, 2))  # built, it still has no inputs: the message must not ask to build it
+    with pytest.raises(UnsupportedModel, match="subclassed models are not supported"):
+        KerasAdapter(model)
+
+
+def test_bfloat16_outputs_are_stored_as_float32(tmp_path: Path) -> None:
+    """Mixed precision: bfloat16 reaches numpy as ml_dtypes' type, which a .npy writes as raw bytes
+    (``|V2``); such outputs are stored as float32 (exactly), and a re-run gives the same."""
+    import mistiquefs
+
+    x = keras.Input((6,))
+    h = layers.Dense(5, name="d1", dtype="mixed_bfloat16")(x)
+    model = keras.Model(x, layers.Dense(3, name="out", dtype="float32")(h))
+    batch = _features(20, seed=3)[:, :5].repeat(2, axis=1)[:, :6]
+    stages = {s.name: s.array for s in KerasAdapter(model).run_batch(batch)}
+    want = np.asarray(keras.Model(x, h)(batch, training=False)).astype(np.float32)
+    assert stages["d1"].dtype == np.float32 and np.array_equal(stages["d1"], want)
+    with mistiquefs.open_store(tmp_path / "s") as store:
+        store.capture(model, batch, name="all", progress=False, batch_size=8)
+        store.capture(model, batch, name="none", progress=False, batch_size=8, policy="none")
+        assert np.array_equal(store.read("all", "d1"), want)
+        assert np.array_equal(store.read("none", "d1"), want)  # re-run
+
+
+def test_text_inputs_as_objects_and_text_outputs() -> None:
+    """An object array of str (a pandas column's to_numpy()) is the model's text, as a str array is; a
+    layer that outputs strings is refused readably (no fixed width to store them at)."""
+    x = keras.Input((2,), dtype="string")
+    model = keras.Model(x, layers.StringLookup(vocabulary=["a", "b", "c"], name="lk")(x))
+    words = [["a", "b"], ["c", "zz"], ["b", "b"]]
+    as_objects = KerasAdapter(model).run_batch(np.array(words, dtype=object))
+    as_str = KerasAdapter(model).run_batch(np.array(words))
+    assert np.array_equal(as_objects[-1].array, as_str[-1].array)
+    with pytest.raises(CaptureError, match="holding NoneType values"):
+        KerasAdapter(model).run_batch(np.array([["a", None]], dtype=object))
+    codes = keras.Input((1,), dtype="int64")
+    inverse = keras.Model(codes, layers.StringLookup(vocabulary=["a", "bbbb"], invert=True, name="inv")(codes))
+    with pytest.raises(CaptureError, match="returned strings"):
+        KerasAdapter(inverse).run_batch(np.array([[1], [2]]))
+
+
+def test_a_layer_failing_on_some_examples_says_which(tmp_path: Path) -> None:
+    import mistiquefs
+
+    x = keras.Input((2,), dtype="int32")
+    model = keras.Model(x, layers.Embedding(10, 2, name="emb")(x))
+    ids = np.zeros((12, 2), np.int32)
+    ids[5, 1] = 12  # out of the vocabulary, in the second batch of 4
+    with mistiquefs.open_store(tmp_path / "s") as store:
+        with pytest.raises(CaptureError, match=r"layer 'emb'.*\(on examples 4\.\.7\)"):
+            store.capture(model, ids, name="m", progress=False, batch_size=4)
 
 
 # -- saving, describing ---------------------------------------------------------------------------------

@@ -4,7 +4,8 @@ Stages. Every operation of the model's graph, in execution order, except the ``I
 loop stores the inputs itself): each layer, each raw ``keras.ops`` call made while building a functional
 model (e.g. ``keras.ops.add`` shows up as a stage named ``add``), and each nested model as ONE stage. A
 stage is named after its layer; a layer whose output is a list/tuple/dict yields ``<layer>.<k>`` (index
-or key); the second and later calls of a shared layer are ``<layer>.call<i>``. Names are made usable as
+or key); the second and later calls of a shared layer (in the order of its own node list, as
+``layer.output`` is its first call) are ``<layer>.call<i>``. Names are made usable as
 file names (``/`` -> ``_``, a leading ``.`` gets a ``_`` prefix, ``input``/``info.json`` a ``_`` suffix,
 clashes a ``_<n>`` suffix). Names depend only on the model, so every batch yields the same list.
 
@@ -147,14 +148,14 @@ class KerasAdapter(Adapter):
 
     def __init__(self, model: Any) -> None:
         super().__init__(model)
-        self._input = _single_model_input(model)
         self._sequential = _is_sequential(model)
-        if not self._sequential and not hasattr(model, "_nodes_by_depth"):
+        if not self._sequential and not hasattr(model, "_nodes_by_depth"):  # before inputs: it has none
             raise UnsupportedModel(
                 f"cannot capture the {type(model).__qualname__} model {model.name!r}: it is neither "
                 "Sequential nor functional, so it has no layer graph to walk (subclassed models are not "
                 "supported; build it with keras.Input(...) and keras.Model(inputs, outputs))"
             )
+        self._input = _single_model_input(model)
         #: Keras's own switch (model.predict honours it too): run layer by layer, never compiled
         self.eager = bool(getattr(model, "run_eagerly", False))
         self._graph: _Graph | None = None
@@ -172,6 +173,8 @@ class KerasAdapter(Adapter):
 
     def _checked_array(self, inputs: Any) -> np.ndarray:
         array = _unwrap_single_array(inputs)
+        if array.dtype == object and self._input.dtype == "string":
+            array = _fixed_width_text(array)
         _check_dtype(array, self._input.dtype)
         _check_example_shape(array, tuple(self._input.shape[1:]))
         if len(array) == 0:
@@ -549,12 +552,26 @@ def _functional_ops(model: Any, model_input: Any) -> list[_Op]:
 
 
 def _named(ops: list[_Op]) -> list[_Op]:
-    """``ops`` with their base names: the operation's name, ``<name>.call<i>`` for its later calls."""
+    """``ops`` with their base names: the operation's name for its first call, ``<name>.call<i>`` for its
+    later ones. Calls are ordered as the layer's own node list has them (``layer.output`` is its first
+    call's), not as the graph runs them: two calls at one depth may run in either order."""
+    nodes: dict[int, list[Any]] = {}
+    for op in ops:
+        if op.node is not None:
+            nodes.setdefault(id(op.operation), []).append(op.node)
+    rank: dict[int, int] = {}
+    for operation_id, called in nodes.items():
+        inbound = [id(node) for node in getattr(called[0].operation, "_inbound_nodes", [])]
+        ordered = sorted(called, key=lambda n: inbound.index(id(n)) if id(n) in inbound else len(inbound))
+        rank.update({id(node): index for index, node in enumerate(ordered)})
     calls: dict[int, int] = {}
     named = []
     for op in ops:
-        index = calls.get(id(op.operation), 0)
-        calls[id(op.operation)] = index + 1
+        if op.node is not None:
+            index = rank[id(op.node)]
+        else:  # Sequential: in order
+            index = calls.get(id(op.operation), 0)
+            calls[id(op.operation)] = index + 1
         base = op.operation.name if index == 0 else f"{op.operation.name}.call{index}"
         named.append(_Op(op.operation, op.node, op.deps, base))
     return named
@@ -606,8 +623,8 @@ def _layer_failed(operation: Any, exc: Exception) -> CaptureError:
 def _array(tensor: Any) -> np.ndarray:
     """A layer's output tensor as numpy. Dense CPU tensors are not copied: the array is a read-only view
     of the tensor's buffer, which it keeps alive."""
-    if type(tensor).__name__ == "EagerTensor" and tensor.dtype.is_numpy_compatible:
-        return np.asarray(tensor)
+    if type(tensor).__name__ == "EagerTensor" and tensor.dtype.is_numpy_compatible and tensor.dtype != "string":
+        return _numeric(np.asarray(tensor))
     return _to_numpy(tensor)
 
 
@@ -616,10 +633,23 @@ def _to_numpy(tensor: Any) -> np.ndarray:
 
     if type(tensor).__name__ == "RaggedTensor":
         raise CaptureError("a layer returned a ragged tensor; mistiquefs only captures dense outputs")
-    array = keras.ops.convert_to_numpy(tensor)  # densifies sparse tensors
-    if array.dtype == object:
-        # tf.string tensors come back as object arrays of bytes; the store needs fixed-width dtypes.
-        array = array.astype(np.bytes_)
+    if getattr(tensor, "dtype", None) == "string":
+        # Their width differs from batch to batch and from a re-run's rows to the capture's: a stored
+        # array needs one fixed width, which a layer's strings do not have
+        raise CaptureError("a layer returned strings (a tf.string tensor); mistiquefs stores numeric "
+                           "outputs only: map strings to numbers inside the model (e.g. StringLookup)")
+    return _numeric(keras.ops.convert_to_numpy(tensor))  # densifies sparse tensors
+
+
+def _numeric(array: np.ndarray) -> np.ndarray:
+    """``array`` in a dtype every reader of a .npy knows: bfloat16 and float8 outputs (mixed precision;
+    numpy sees ml_dtypes' types, which a .npy header writes as raw bytes) become float32, exactly."""
+    if array.dtype.kind == "V" and not array.dtype.names:
+        try:
+            return array.astype(np.float32)
+        except (TypeError, ValueError):
+            raise CaptureError(f"a layer returned values of type {array.dtype}, which mistiquefs cannot "
+                               "store") from None
     return array
 
 
@@ -669,9 +699,22 @@ def _unwrap_single_array(inputs: Any) -> np.ndarray:
     return inputs
 
 
+def _fixed_width_text(array: np.ndarray) -> np.ndarray:
+    """An object array of text (a pandas column's to_numpy()) as fixed-width str or bytes: the store keeps
+    fixed-width dtypes only, and the model gets the same strings either way."""
+    items = array.ravel()
+    for kind in (str, bytes):
+        if all(isinstance(item, kind) for item in items):
+            return array.astype(np.str_ if kind is str else np.bytes_)
+    bad = next(item for item in items if not isinstance(item, (str, bytes)))
+    raise CaptureError(f"the inputs are an object array holding {type(bad).__name__} values (e.g. {bad!r}); "
+                       "the model takes strings: pass an array of str (or of bytes) only, missing values "
+                       "filled in")
+
+
 def _check_dtype(array: np.ndarray, model_dtype: str) -> None:
     wants_strings = model_dtype == "string"
-    allowed = "USO" if wants_strings else "biuf"
+    allowed = "US" if wants_strings else "biuf"
     if array.dtype.kind not in allowed:
         raise CaptureError(
             f"the inputs have dtype {array.dtype} but the model takes {model_dtype}; pass a "
