@@ -4,6 +4,7 @@ index, gc reclaims space and survives a crash at every step, and readers (a moun
 from __future__ import annotations
 
 import os
+import shutil
 import sqlite3
 import subprocess
 import sys
@@ -14,7 +15,8 @@ import numpy as np
 import pytest
 
 from mistiquefs.cli.main import main
-from mistiquefs.errors import DamageFound, NotFound, StoreError
+import mistiquefs
+from mistiquefs.errors import CorruptChunk, DamageFound, NotFound, StoreError
 from mistiquefs.fs import tree as tree_module
 from mistiquefs.fs.tree import ROOT, Tree
 from mistiquefs.store.check import FsckReport, check_store, repair_store
@@ -226,6 +228,148 @@ def test_repair_names_the_models_still_incomplete(store, capsys) -> None:
     assert "models still incomplete: cnn" in out and "is damaged" in err
 
 
+def test_a_lost_chunk_fails_only_the_reads_that_need_it(store) -> None:
+    """A repair that finds no intact copy of a chunk drops its row: reads of that tile fail (CorruptChunk:
+    EIO through a mount), every other tile of the layer reads, with or without the whole chunk map."""
+    path, arrays = store
+    cid, loc = tile_location(path, "cnn", "conv", 2)  # rows 2048..3071
+    flip(path / "packs" / loc.pack, loc.offset + loc.stored_length // 2)
+    repo = Repository(path, create=False)
+    assert not repair_store(repo).clean
+    repo.close()
+    conv = arrays["cnn", "conv"]
+    lost = f"chunk {cid.hex()} \\(tile 2 of 'conv'\\) is lost.*see mistiquefs fsck"
+    repo = Repository(path, create=False)
+    tree = Tree(repo)
+    tree.load_chunk_maps()  # what a mount does before it serves
+    reader = repo.reader(layer(repo, "cnn", "conv"))
+    assert len(reader.tile_index()) == 6  # the whole map loads (it used to fail: "the chunk map has gaps")
+    assert np.array_equal(reader.rows(0, 2048), conv[:2048])
+    assert np.array_equal(reader.rows(3072, N), conv[3072:])
+    with pytest.raises(CorruptChunk, match=lost):
+        reader.rows(2047, 2049)
+    files = tree.lookup(tree.lookup(ROOT, b"cnn"), b"conv")
+    assert tree.read(tree.lookup(files, b"5999.npy"), 0, 1 << 20) == npy_bytes(conv[5999])
+    with pytest.raises(CorruptChunk, match=lost):
+        tree.read(tree.lookup(files, b"2048.npy"), 0, 1 << 20)
+    repo.close()
+    with mistiquefs.open_store(path, create=False) as opened:  # looks tiles up a few at a time
+        assert np.array_equal(opened.read("cnn", "conv", slice(3072, 3100)), conv[3072:3100])
+        with pytest.raises(CorruptChunk, match=lost):
+            opened.read("cnn", "conv", slice(3000, 3100))
+        assert np.array_equal(opened.read("cnn", "dense"), arrays["cnn", "dense"])
+
+
+def test_fsck_reads_the_tiles_table_and_checks_the_database_file(store, capsys) -> None:
+    """A damaged tiles row (its chunk id) that the covering index tiles_by_chunk does not show: fsck
+    reports the database damage and the tile it leaves without a chunk."""
+    path, _ = store
+    cid, _loc = tile_location(path, "cnn", "conv", 2)
+    db = sqlite3.connect(path / "catalog.sqlite")
+    page_size = db.execute("PRAGMA page_size").fetchone()[0]
+    root = db.execute("SELECT rootpage FROM sqlite_master WHERE name = 'tiles'").fetchone()[0]
+    assert db.execute("SELECT count(*) FROM tiles").fetchone()[0] == 17  # one page: the root is the leaf
+    db.close()  # the last connection: the WAL is checkpointed into the file
+    with open(path / "catalog.sqlite", "rb") as f:
+        f.seek((root - 1) * page_size)
+        at = (root - 1) * page_size + f.read(page_size).index(cid)
+    flip(path / "catalog.sqlite", at + 15)
+    report = check(path)
+    assert any(p.what.startswith("the catalog is damaged (PRAGMA integrity_check)") for p in report.problems)
+    assert ("model cnn, layer conv, examples 2048..3071",) in {p.affects for p in report.problems}
+    assert main(["fsck", str(path)]) == DamageFound.exit_code
+    assert "PROBLEM: the catalog is damaged" in capsys.readouterr().out
+
+
+def test_repair_rewrites_a_chunk_whose_object_header_is_damaged(store) -> None:
+    """Its payload verifies but its header does not: the repair copies it under a fresh header into a new
+    pack and points the catalog at the copy, so the next fsck is clean."""
+    path, arrays = store
+    _cid, loc = tile_location(path, "cnn", "conv", 1)
+    flip(path / "packs" / loc.pack, loc.offset - OBJECT_HEADER.size + 10)  # inside the header's chunk id
+    (problem,) = check(path).problems
+    assert "its bytes still verify" in problem.what
+    before = packs(path)
+    repo = Repository(path, create=False)
+    report = repair_store(repo)
+    repo.close()
+    assert report.clean and "1 copied to a new pack (their object header was damaged)" in report.repaired
+    assert len(packs(path)) == len(before) + 1
+    assert tile_location(path, "cnn", "conv", 1)[1].pack not in before
+    report = check(path)
+    assert report.clean, report.summary()
+    assert any(f"pack {loc.pack}: unreadable bytes" in note for note in report.reclaimable)
+    assert_bit_identical(path, arrays)
+    repo = Repository(path, create=False)
+    assert "0 moved" in repair_store(repo).repaired  # nothing left to do
+    collect_garbage(repo)
+    repo.close()
+    assert check(path).clean
+    assert_bit_identical(path, arrays)
+
+
+DAMAGED_ROWS = {
+    "info": ("UPDATE models SET info = '{bad' WHERE name = 'pipe'",
+             "the catalog row of model 'pipe' (models id 2) is damaged: its info '{bad' does not decode"),
+    "shape": ("UPDATE intermediates SET shape = 'x' WHERE name = 'dense'",
+              "the catalog row of layer 'dense' of model 'cnn' (intermediates id 2) is damaged: its shape 'x'"),
+    "dtype": ("UPDATE intermediates SET dtype = '\"zz\"' WHERE name = 'dense'",
+              "the catalog row of layer 'dense' of model 'cnn' (intermediates id 2) is damaged: its dtype"),
+}
+
+
+@pytest.mark.parametrize("column", sorted(DAMAGED_ROWS))
+def test_a_damaged_catalog_row_is_named_not_a_traceback(store, capsys, column: str) -> None:
+    path, _ = store
+    sql, named = DAMAGED_ROWS[column]
+    db = sqlite3.connect(path / "catalog.sqlite")
+    db.execute(sql)
+    db.commit()
+    db.close()
+    assert main(["fsck", str(path)]) == DamageFound.exit_code
+    out = capsys.readouterr().out
+    assert f"PROBLEM: {named}" in out and "models affected: " + ("pipe" if column == "info" else "cnn") in out
+    for command in ("ls", "gc"):
+        assert main([command, str(path)]) == StoreError.exit_code
+        err = capsys.readouterr().err
+        assert err.startswith(f"mistiquefs: error: {named}") and err.strip().endswith("run mistiquefs fsck")
+        assert len(err.strip().splitlines()) == 1
+
+
+def test_fsck_names_a_layer_whose_codec_does_not_load(store) -> None:
+    path, _ = store
+    db = sqlite3.connect(path / "catalog.sqlite")
+    db.execute("UPDATE intermediates SET codec = '[{\"name\": \"nope\"}]' WHERE name = 'dense'")
+    db.commit()
+    db.close()
+    (problem,) = check(path).problems
+    assert problem.what == "model cnn, layer dense: its codec does not load: unknown codec 'nope' (written by a " \
+                           "newer mistiquefs?)"
+
+
+def test_a_damaged_format_version_is_named(store, capsys) -> None:
+    path, _ = store
+    db = sqlite3.connect(path / "catalog.sqlite")
+    db.execute("UPDATE meta SET value = 'abc' WHERE key = 'format_version'")
+    db.commit()
+    db.close()
+    for command in ("fsck", "ls", "gc"):
+        assert main([command, str(path)]) == DamageFound.exit_code
+        err = capsys.readouterr().err
+        assert err.startswith("mistiquefs: error: the catalog is damaged: its meta row format_version holds 'abc'")
+
+
+def test_fsck_and_gc_without_the_models_directory(store, capsys) -> None:
+    path, arrays = store
+    shutil.rmtree(path / "models")
+    report = check(path)
+    assert sorted(p.what.split(":")[0] for p in report.problems) == ["model cnn", "model pipe"]
+    assert all("its model file models/" in p.what and p.what.endswith("is missing") for p in report.problems)
+    assert main(["gc", str(path)]) == 0
+    assert "model files: 0 deleted" in capsys.readouterr().out
+    assert_bit_identical(path, arrays)
+
+
 # ---- rm and gc ------------------------------------------------------------------------------------------
 def test_rm_and_gc_reclaim_the_space_and_keep_the_rest(store, capsys) -> None:
     path, arrays = store
@@ -243,6 +387,38 @@ def test_rm_and_gc_reclaim_the_space_and_keep_the_rest(store, capsys) -> None:
     assert_bit_identical(path, {("pipe", "scaled"): arrays["pipe", "scaled"]})
     assert main(["rm", str(path), "cnn"]) == 2
     assert "no model 'cnn'" in capsys.readouterr().err
+
+
+def test_gc_runs_after_a_repair_that_found_no_intact_copy(store, capsys) -> None:
+    """A chunk no pack holds intact is lost for good: gc runs (it used to refuse forever) and names the
+    layer it leaves incomplete. It still refuses while a pack holds an intact copy the index lost."""
+    path, arrays = store
+    _cid, loc = tile_location(path, "cnn", "conv", 2)
+    flip(path / "packs" / loc.pack, loc.offset + loc.stored_length // 2)  # the header stays intact
+    assert main(["fsck", "--repair", str(path)]) == DamageFound.exit_code
+    assert main(["rm", str(path), "pipe"]) == 0
+    capsys.readouterr()
+    assert main(["gc", str(path)]) == 0
+    out = capsys.readouterr().out
+    assert "packs: 1 deleted, 0 compacted" in out
+    assert "incomplete (chunks no pack holds intact; mistiquefs fsck names the examples):\n" \
+           "  model cnn, layer conv: 1 tile lost" in out
+    (problem,) = check(path).problems
+    assert problem.affects == ("model cnn, layer conv, examples 2048..3071",)
+    db = sqlite3.connect(path / "catalog.sqlite")
+    db.execute("DELETE FROM chunks WHERE id IN (SELECT chunk_id FROM tiles WHERE tile = 0)")  # intact copies
+    db.commit()
+    db.close()
+    assert main(["gc", str(path)]) == StoreError.exit_code
+    assert "has 2 chunks its index lost that a pack still holds: run mistiquefs fsck --repair" in \
+        capsys.readouterr().err
+    assert main(["fsck", "--repair", str(path)]) == DamageFound.exit_code
+    assert main(["gc", str(path)]) == 0
+    conv = arrays["cnn", "conv"]
+    with mistiquefs.open_store(path, create=False) as opened:
+        assert np.array_equal(opened.read("cnn", "conv", slice(0, 2048)), conv[:2048])
+        assert np.array_equal(opened.read("cnn", "conv", slice(3072, N)), conv[3072:])
+        assert np.array_equal(opened.read("cnn", "dense"), arrays["cnn", "dense"])
 
 
 def shared_store(tmp_path: Path, garbage_rows: int) -> tuple[Path, np.ndarray]:

@@ -19,7 +19,7 @@ import os
 import sqlite3
 import threading
 import time
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from importlib import resources
@@ -28,9 +28,9 @@ from typing import Any
 
 import numpy as np
 
-from mistiquefs.errors import NotFound, StoreError
+from mistiquefs.errors import CorruptChunk, DamageFound, NotFound, StoreError
 from mistiquefs.store.packs import ChunkLocation
-from mistiquefs.store.records import IntermediateRecord, ModelRecord, dtype_from_json
+from mistiquefs.store.records import IntermediateRecord, ModelRecord, dtype_from_json, shape_from_json
 
 FORMAT_VERSION = 2
 #: format version -> statements that bring a store of that version to the next one
@@ -81,6 +81,17 @@ class NewIntermediate:
 
 TILE_DTYPE = np.dtype([("cid", "V16"), ("pack", "<i4"), ("offset", "<i8"), ("stored", "<i8"),
                        ("raw", "<i8"), ("compression", "u1")])
+#: the pack number of a tile whose chunk has no row (fsck --repair found no intact copy of it)
+LOST = -1
+#: (tile, chunk id, location) of a tile; no location when its chunk has no row
+TileRow = tuple[int, bytes, ChunkLocation | None]
+
+
+def lost_chunk(cid: bytes, tile: int, layer: str = "") -> CorruptChunk:
+    """The error a read of a tile whose chunk has no row gets: that tile is lost, the layer's others are not."""
+    of = f" of {layer!r}" if layer else ""
+    return CorruptChunk(f"chunk {cid.hex()} (tile {tile}{of}) is lost: the chunk index has no intact copy of it "
+                        "(see mistiquefs fsck)")
 
 
 class TileIndex:
@@ -91,13 +102,15 @@ class TileIndex:
         self._packs = packs
 
     @classmethod
-    def from_rows(cls, rows: list[tuple[int, bytes, ChunkLocation]]) -> TileIndex:
-        packs = sorted({loc.pack for _t, _cid, loc in rows})
+    def from_rows(cls, rows: list[TileRow]) -> TileIndex:
+        packs = sorted({loc.pack for _t, _cid, loc in rows if loc is not None})
         number = {name: i for i, name in enumerate(packs)}
         table = np.array(
-            [(cid, number[l.pack], l.offset, l.stored_length, l.raw_length, l.compression) for _t, cid, l in rows],
+            [(cid, number[l.pack], l.offset, l.stored_length, l.raw_length, l.compression) if l is not None
+             else (cid, LOST, 0, 0, 0, 0) for _t, cid, l in rows],
             dtype=TILE_DTYPE,
         )
+        # A lost chunk is one tile's loss (marked LOST); a missing tile number is a damaged catalog.
         if any(t != i for i, (t, _c, _l) in enumerate(rows)):
             raise StoreError("the chunk map has gaps: run mistiquefs fsck")
         return cls(table, packs)
@@ -111,7 +124,17 @@ class TileIndex:
         return list(self._packs)
 
     def __getitem__(self, tile: int) -> tuple[bytes, ChunkLocation]:
+        """Tile's chunk id and location; CorruptChunk when its chunk is lost."""
+        cid, loc = self.entry(tile)
+        if loc is None:
+            raise lost_chunk(cid, tile)
+        return cid, loc
+
+    def entry(self, tile: int) -> tuple[bytes, ChunkLocation | None]:
+        """Tile's chunk id and location, None for a lost chunk."""
         row = self._table[tile]
+        if row["pack"] == LOST:
+            return bytes(row["cid"]), None
         return bytes(row["cid"]), ChunkLocation(self._packs[row["pack"]], int(row["offset"]), int(row["stored"]),
                                                 int(row["raw"]), int(row["compression"]))
 
@@ -184,7 +207,15 @@ class Catalog:
             row = self._db.execute("SELECT value FROM meta WHERE key = 'format_version'").fetchone()
         except sqlite3.OperationalError:
             return None
-        return int(row[0]) if row else None
+        if row is None:
+            return None
+        try:
+            return int(row[0])
+        except (TypeError, ValueError):
+            # Nothing can say which format the rest is in, so no command (fsck included) may go on.
+            raise DamageFound(f"the catalog is damaged: its meta row format_version holds {_clip(row[0])}, not a "
+                              "format version number, so mistiquefs cannot tell how to read the store (this "
+                              f"mistiquefs reads versions up to {FORMAT_VERSION})") from None
 
     def _query(self, sql: str, args: Sequence[Any] = ()) -> list[tuple]:
         with self._lock:
@@ -198,38 +229,68 @@ class Catalog:
         return bool(self._query("SELECT 1 FROM models WHERE name = ?", (name,)))
 
     def models(self) -> list[ModelRecord]:
-        rows = self._query(
-            "SELECT id, name, framework, n_rows, created, capture_seconds, model_file, info FROM models ORDER BY id"
-        )
-        return [ModelRecord(*row[:7], info=json.loads(row[7])) for row in rows]
+        """Every model; StoreError naming the first row that does not decode (a damaged catalog)."""
+        records, damaged = self.decoded_models()
+        if damaged:
+            raise StoreError(f"{damaged[0][1]}: run mistiquefs fsck")
+        return records
+
+    def decoded_models(self) -> tuple[list[ModelRecord], list[tuple[str, str]]]:
+        """The model rows that decode, and (model, what is wrong) for each one that does not (fsck's view)."""
+        records, damaged = [], []
+        for row in self._query("SELECT id, name, framework, n_rows, created, capture_seconds, model_file, info"
+                               " FROM models ORDER BY id"):
+            try:
+                records.append(_model_record(row))
+            except ValueError as exc:
+                damaged.append((row[1], f"the catalog row of model {row[1]!r} (models id {row[0]}) is damaged: {exc}"))
+        return records, damaged
 
     def intermediates(self) -> list[IntermediateRecord]:
+        """Every intermediate; StoreError naming the first row that does not decode (a damaged catalog)."""
+        records, damaged = self.decoded_intermediates()
+        if damaged:
+            raise StoreError(f"{damaged[0][1]}: run mistiquefs fsck")
+        return records
+
+    def decoded_intermediates(self) -> tuple[list[IntermediateRecord], list[tuple[str, str]]]:
+        """The intermediate rows that decode, and (model, what is wrong) for each one that does not."""
         has_v2 = any(r[1] == "fidelity" for r in self._query("PRAGMA table_info(intermediates)"))
         rows = self._query(
             "SELECT i.id, i.model_id, i.position, i.name, m.n_rows, i.shape, i.dtype, i.layout, i.block_rows,"
             " i.codec, i.raw_bytes, i.stored_bytes, i.new_bytes, i.seconds, "
             + ("i.stored, i.fidelity" if has_v2 else "1, NULL")
-            + " FROM intermediates i JOIN models m ON m.id = i.model_id ORDER BY i.model_id, i.position"
+            + ", m.name FROM intermediates i JOIN models m ON m.id = i.model_id ORDER BY i.model_id, i.position"
         )
-        return [
-            IntermediateRecord(
-                id=r[0], model_id=r[1], position=r[2], name=r[3], n_rows=r[4], shape=tuple(json.loads(r[5])),
-                dtype=dtype_from_json(r[6]), layout=r[7], block_rows=r[8], codec=json.loads(r[9]),
-                raw_bytes=r[10], stored_bytes=r[11], new_bytes=r[12], seconds=r[13], stored=bool(r[14]),
-                fidelity=json.loads(r[15]) if r[15] else None,
-            )
-            for r in rows
-        ]
+        records, damaged = [], []
+        for r in rows:
+            try:
+                records.append(IntermediateRecord(
+                    id=r[0], model_id=r[1], position=r[2], name=r[3], n_rows=r[4],
+                    shape=_field("shape", r[5], shape_from_json), dtype=_field("dtype", r[6], dtype_from_json),
+                    layout=r[7], block_rows=r[8], codec=_field("codec", r[9], _json_list), raw_bytes=r[10],
+                    stored_bytes=r[11], new_bytes=r[12], seconds=r[13], stored=bool(r[14]),
+                    fidelity=_field("fidelity", r[15], json.loads) if r[15] else None,
+                ))
+            except ValueError as exc:
+                damaged.append((r[16], f"the catalog row of layer {r[3]!r} of model {r[16]!r} (intermediates id "
+                                       f"{r[0]}) is damaged: {exc}"))
+        return records, damaged
 
-    def tiles(self, intermediate_id: int, first: int = 0, stop: int = 1 << 62) -> list[tuple[int, bytes, ChunkLocation]]:
-        """(tile, chunk id, location) of one intermediate's tiles ``first <= tile < stop``, in tile order."""
+    def model_rows(self) -> list[tuple[int, str, str]]:
+        """(id, name, model file) of every model, straight from the rows (one whose JSON is damaged too)."""
+        return self._query("SELECT id, name, model_file FROM models ORDER BY id")
+
+    def tiles(self, intermediate_id: int, first: int = 0, stop: int = 1 << 62) -> list[TileRow]:
+        """(tile, chunk id, location) of one intermediate's tiles ``first <= tile < stop``, in tile order;
+        the location is None where the chunk has no row (lost: only reads of that tile fail)."""
         rows = self._query(
             "SELECT t.tile, t.chunk_id, c.pack, c.offset, c.stored_length, c.raw_length, c.compression"
-            " FROM tiles t JOIN chunks c ON c.id = t.chunk_id"
+            " FROM tiles t LEFT JOIN chunks c ON c.id = t.chunk_id"
             " WHERE t.intermediate_id = ? AND t.tile >= ? AND t.tile < ? ORDER BY t.tile",
             (intermediate_id, first, stop),
         )
-        return [(r[0], r[1], ChunkLocation(*r[2:])) for r in rows]
+        return [(r[0], r[1], ChunkLocation(*r[2:]) if r[2] is not None else None) for r in rows]
 
     def tile_index(self, intermediate_id: int) -> TileIndex:
         """The whole chunk map of one intermediate, packed into arrays (~45 bytes a tile)."""
@@ -401,21 +462,42 @@ class Catalog:
             )
         return found
 
+    # The tile checks read the table itself, as reads do: with a damaged row, the covering index
+    # tiles_by_chunk still answered with the chunk id the row had, and fsck called the store clean. (SQLite
+    # 3.40 scans that index despite NOT INDEXED on a WITHOUT ROWID table, unless the primary key's order
+    # is asked for.)
     def tiles_without_chunks(self) -> list[tuple[int, int, bytes]]:
         """(intermediate id, tile, chunk id) of tiles whose chunk has no row: data that exists nowhere."""
         return self._query(
-            "SELECT t.intermediate_id, t.tile, t.chunk_id FROM tiles t"
-            " WHERE NOT EXISTS (SELECT 1 FROM chunks c WHERE c.id = t.chunk_id)"
+            "SELECT t.intermediate_id, t.tile, t.chunk_id FROM tiles t NOT INDEXED"
+            " WHERE NOT EXISTS (SELECT 1 FROM chunks c WHERE c.id = t.chunk_id) ORDER BY t.intermediate_id, t.tile"
         )
 
     def tile_stats(self) -> dict[int, tuple[int, int, int]]:
         """intermediate id -> (tiles, lowest tile, highest tile)."""
-        rows = self._query("SELECT intermediate_id, count(*), min(tile), max(tile) FROM tiles GROUP BY intermediate_id")
+        rows = self._query("SELECT intermediate_id, count(*), min(tile), max(tile) FROM tiles NOT INDEXED"
+                           " GROUP BY intermediate_id")
         return {row[0]: (row[1], row[2], row[3]) for row in rows}
 
     def tile_numbers(self, intermediate_id: int) -> list[int]:
         return [row[0] for row in self._query(
-            "SELECT tile FROM tiles WHERE intermediate_id = ? ORDER BY tile", (intermediate_id,))]
+            "SELECT tile FROM tiles NOT INDEXED WHERE intermediate_id = ? ORDER BY tile", (intermediate_id,))]
+
+    def integrity_problems(self) -> list[str]:
+        """What ``PRAGMA integrity_check`` finds wrong with the database file ([] when it is sound)."""
+        try:
+            lines = [row[0] for row in self._query("PRAGMA integrity_check")]
+        except sqlite3.OperationalError:  # busy, locked: not damage
+            raise
+        except sqlite3.DatabaseError as exc:  # damage that stops the check itself
+            return [str(exc)]
+        return [] if lines == ["ok"] else lines
+
+    def layer_names(self) -> dict[int, tuple[str, str]]:
+        """intermediate id -> (model name, layer name), straight from the rows."""
+        rows = self._query("SELECT i.id, coalesce(m.name, '#' || i.model_id), i.name FROM intermediates i"
+                           " LEFT JOIN models m ON m.id = i.model_id")
+        return {row[0]: (row[1], row[2]) for row in rows}
 
     def orphan_rows(self) -> dict[str, int]:
         """Rows whose parent row is gone (never made by rm, which removes a model in one transaction)."""
@@ -440,7 +522,10 @@ class Catalog:
             ).fetchone()
             if row is None:
                 raise NotFound(f"no model {name!r} in this store")
-            model = ModelRecord(*row[:7], info=json.loads(row[7]))
+            try:
+                model = _model_record(row)
+            except ValueError:  # a damaged row: rm is one way to be rid of it
+                model = ModelRecord(*row[:7], info={})
             layers = [r[0] for r in db.execute("SELECT id FROM intermediates WHERE model_id = ?", (model.id,))]
             for table in ("tiles", "timings"):
                 db.executemany(f"DELETE FROM {table} WHERE intermediate_id = ?", [(lid,) for lid in layers])
@@ -483,6 +568,38 @@ class Catalog:
     def close(self) -> None:
         with self._lock:
             self._db.close()
+
+
+def _model_record(row: Sequence[Any]) -> ModelRecord:
+    """A models row as a record; ValueError naming the column that does not decode."""
+    return ModelRecord(*row[:7], info=_field("info", row[7], _json_object))
+
+
+def _field(name: str, text: Any, decode: Callable[[Any], Any]) -> Any:
+    """One JSON column decoded; ValueError naming the column and its text when it does not (a damaged row)."""
+    try:
+        return decode(text)
+    except (TypeError, KeyError, IndexError, ValueError) as exc:  # json's errors are ValueErrors
+        raise ValueError(f"its {name} {_clip(text)} does not decode ({exc})") from None
+
+
+def _json_object(text: str) -> dict[str, Any]:
+    value = json.loads(text)
+    if not isinstance(value, dict):
+        raise ValueError("not a JSON object")
+    return value
+
+
+def _json_list(text: str) -> list[Any]:
+    value = json.loads(text)
+    if not isinstance(value, list):
+        raise ValueError("not a JSON list")
+    return value
+
+
+def _clip(value: Any, limit: int = 60) -> str:
+    text = repr(value)
+    return text if len(text) <= limit else text[:limit - 3] + "..."
 
 
 def _next_id(db: sqlite3.Connection, table: str) -> int:

@@ -3,6 +3,9 @@ index from the packs alone.
 
 ``check_store`` verifies:
 
+- the catalog's database file (``PRAGMA integrity_check``), first: a damaged page can show one query a row
+  (a covering index) and hide it from another (the reads); then that every catalog row decodes and every
+  layer's codec chain loads;
 - every pack's object headers (magic, version, compression, xxh32 of the header). Bytes after the last
   intact object that no chunk row points into are a torn write (reclaimable by gc), not damage;
 - every chunk row points at an intact object at that offset with the same id and lengths, and the bytes
@@ -16,9 +19,12 @@ layout: "model M, layer L, column j, examples a..b"). Unreferenced bytes (packs 
 tails, chunks of removed models, duplicates, orphan model files) are listed as reclaimable by gc.
 
 ``repair_store`` (``fsck --repair``) rebuilds the chunks table from the packs: for each id it keeps the copy
-the catalog already points at if its bytes verify (so running mounts need not move), else the first
-intact copy in pack-name and offset order. All in one transaction, under the capture lock. It then reports
-which models are still incomplete: tiles whose chunk exists nowhere.
+the catalog already points at if its bytes verify under an intact object header (so running mounts need not
+move), else the first intact copy in pack-name and offset order. A chunk whose only copy that verifies has a
+damaged header is copied, as gc copies live chunks, into a new pack under a fresh header (fsynced before the
+commit), so that a rebuild from the packs alone can find it again. All in one transaction, under the capture
+lock. It then reports which models are still incomplete: tiles whose chunk exists nowhere (reads of those
+tiles fail; the layers' other tiles read as before).
 
 Concurrency: a plain check takes no lock and only reads. A gc may move chunks between its reads, so every
 chunk problem is checked again against the catalog as it is at the end, and dropped if gc explains it.
@@ -27,6 +33,7 @@ chunk problem is checked again against the catalog as it is at the end, and drop
 from __future__ import annotations
 
 import os
+import sqlite3
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -34,7 +41,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TypeVar
 
-from mistiquefs.errors import CorruptChunk
+from mistiquefs.errors import CorruptChunk, MistiqueError
+from mistiquefs.store.maintenance import copy_chunks
 from mistiquefs.store.packs import OBJECT_HEADER, ChunkLocation, PackReader, PackScan, object_at, scan_pack
 from mistiquefs.store.records import COLUMNS
 from mistiquefs.store.repository import Repository
@@ -98,19 +106,25 @@ class FsckReport:
 def check_store(repo: Repository) -> FsckReport:
     """Verify everything in the store (reads every chunk); never writes."""
     report = FsckReport()
-    rows = repo.catalog.chunk_rows()
-    scans = _scan_packs(repo.root / "packs")
-    report.packs = len(scans)
-    packs = PackReader(repo.root / "packs")
+    _check_integrity(repo, report)
     try:
-        bad = _check_chunk_rows(packs, rows, scans, report)
-        bad = _recheck(repo, packs, bad)
-    finally:
-        packs.close()
-    tracer = _Tracer(repo)
-    _report_bad_chunks(repo, bad, tracer, report)
-    _check_catalog(repo, tracer, report)
-    _note_reclaimable(repo, rows, scans, report)
+        rows = repo.catalog.chunk_rows()
+        scans = _scan_packs(repo.root / "packs")
+        report.packs = len(scans)
+        packs = PackReader(repo.root / "packs")
+        try:
+            bad = _check_chunk_rows(packs, rows, scans, report)
+            bad = _recheck(repo, packs, bad)
+        finally:
+            packs.close()
+        tracer = _Tracer(repo)
+        _report_bad_chunks(repo, bad, tracer, report)
+        _check_catalog(repo, tracer, report)
+        _note_reclaimable(repo, rows, scans, report)
+    except sqlite3.DatabaseError as exc:
+        if report.clean:  # not damage the integrity check saw: say it as it is
+            raise
+        report.problems.append(Problem(f"the catalog cannot be read past its damage: {exc}"))
     return report
 
 
@@ -122,9 +136,15 @@ def repair_store(repo: Repository) -> FsckReport:
         old = repo.catalog.chunk_rows()
         scans = _scan_packs(repo.root / "packs")
         report.packs = len(scans)
-        rows = _intact_copies(repo.root / "packs", old, scans, report)
+        rows, headless = _intact_copies(repo.root / "packs", old, scans, report)
+        rewritten: Chunks = {}
+        if headless:  # fsynced before the commit: a crash first leaves an unindexed copy (indexed again)
+            rewritten = copy_chunks(repo, sorted(headless.items(), key=lambda item: (item[1].pack,
+                                                                                     item[1].offset)))[0]
+        rows.update(rewritten)
         repo.catalog.replace_chunks(rows)
-        report.repaired = _describe_repair(old, rows, len(scans))
+        report.repaired = _describe_repair(old, rows, len(scans), len(rewritten))
+        _check_integrity(repo, report)
         _check_catalog(repo, _Tracer(repo), report)
         _note_reclaimable(repo, rows, scans, report)
     return report
@@ -162,7 +182,7 @@ def _check_chunk_rows(packs: PackReader, rows: Chunks, scans: dict[str, PackScan
         if error:
             bad[cid] = (loc, error)
         elif cid in bad:
-            bad[cid] = (loc, f"{bad[cid][1]} (its bytes still verify)")
+            bad[cid] = (loc, f"{bad[cid][1]} (its bytes still verify: fsck --repair copies them under a fresh header)")
     return bad
 
 
@@ -218,8 +238,11 @@ def _parallel(fn: Callable[..., T], items: list[tuple]) -> Iterator[T]:
             yield pending.popleft().result()
 
 
-def _intact_copies(packs_dir: Path, old: Chunks, scans: dict[str, PackScan], report: FsckReport) -> Chunks:
-    """For every chunk id found in the packs (or in the old index), the first copy whose bytes verify."""
+def _intact_copies(packs_dir: Path, old: Chunks, scans: dict[str, PackScan],
+                   report: FsckReport) -> tuple[Chunks, Chunks]:
+    """For every chunk id found in the packs (or in the old index), the first copy whose bytes verify,
+    one under an intact object header if there is one; and, of those, the copies whose header is damaged."""
+    headed = {(cid, loc) for scan in scans.values() for cid, loc in scan.objects}
     candidates: dict[bytes, list[ChunkLocation]] = {}
     for cid, loc in old.items():
         candidates[cid] = [loc]
@@ -230,21 +253,26 @@ def _intact_copies(packs_dir: Path, old: Chunks, scans: dict[str, PackScan], rep
                 copies.append(loc)
     items = list(candidates.items())
     rows: Chunks = {}
+    headless: Chunks = {}
     packs = PackReader(packs_dir)
     try:
-        for (cid, _copies), (loc, tried) in zip(items, _parallel(_first_intact(packs), items)):
+        for (cid, _copies), (loc, tried) in zip(items, _parallel(_first_intact(packs, headed), items)):
             report.chunks += 1
             report.bytes_verified += tried
             if loc is not None:
                 rows[cid] = loc
+                if (cid, loc) not in headed:
+                    headless[cid] = loc
     finally:
         packs.close()
-    return rows
+    return rows, headless
 
 
-def _first_intact(packs: PackReader) -> Callable[[bytes, list[ChunkLocation]], tuple[ChunkLocation | None, int]]:
+def _first_intact(packs: PackReader, headed: set[tuple[bytes, ChunkLocation]]
+                  ) -> Callable[[bytes, list[ChunkLocation]], tuple[ChunkLocation | None, int]]:
     def first(cid: bytes, copies: list[ChunkLocation]) -> tuple[ChunkLocation | None, int]:
         tried = 0
+        fallback = None
         for loc in copies:
             tried += loc.stored_length
             try:
@@ -255,18 +283,23 @@ def _first_intact(packs: PackReader) -> Callable[[bytes, list[ChunkLocation]], t
                 continue
             # Any other OSError (EIO, EMFILE...) may pass: repair must not drop a row for it, so it
             # propagates and the repair transaction never starts.
-            return loc, tried
-        return None, tried
+            if (cid, loc) in headed:
+                return loc, tried
+            # bytes that verify under a damaged header (only an old row leads there): kept, to be copied
+            # under a fresh one, unless another copy has an intact header
+            fallback = fallback or loc
+        return fallback, tried
     return first
 
 
-def _describe_repair(old: Chunks, new: Chunks, n_packs: int) -> str:
+def _describe_repair(old: Chunks, new: Chunks, n_packs: int, rewritten: int) -> str:
     same = sum(1 for cid, loc in new.items() if old.get(cid) == loc)
-    moved = sum(1 for cid, loc in new.items() if cid in old and old[cid] != loc)
+    moved = sum(1 for cid, loc in new.items() if cid in old and old[cid] != loc) - rewritten
     dropped = sum(1 for cid in old if cid not in new)
+    fresh = f", {rewritten} copied to a new pack (their object header was damaged)" if rewritten else ""
     return (f"repaired: rebuilt the chunk index from {n_packs} packs: {len(new)} intact chunks ({same} as "
-            f"before, {moved} moved to an intact copy, {len(new) - same - moved} re-indexed from the packs), "
-            f"{dropped} rows dropped (damaged or missing)")
+            f"before, {moved} moved to an intact copy, {len(new) - same - moved - rewritten} re-indexed from the "
+            f"packs{fresh}), {dropped} rows dropped (damaged or missing)")
 
 
 # ---- tracing damage to examples ------------------------------------------------------------------------
@@ -274,8 +307,11 @@ class _Tracer:
     """Names the examples that tiles hold: "model M, layer L[, column j], examples a..b"."""
 
     def __init__(self, repo: Repository) -> None:
-        self.models = {m.id: m.name for m in repo.models()}
-        self.layers = {rec.id: rec for rec in repo.intermediates()}
+        self.models = {ident: name for ident, name, _file in repo.catalog.model_rows()}
+        # (model, what) of each row that does not decode: a problem of its own; its layer is not traced
+        layers, self.damaged = repo.catalog.decoded_intermediates()
+        self.damaged += repo.catalog.decoded_models()[1]
+        self.layers = {rec.id: rec for rec in layers}
         self.affected: set[str] = set()
 
     def describe(self, tiles: Iterable[tuple[int, int]]) -> tuple[str, ...]:
@@ -337,8 +373,23 @@ def _report_bad_chunks(repo: Repository, bad: dict[bytes, tuple[ChunkLocation, s
 
 
 # ---- catalog consistency ----------------------------------------------------------------------------
+def _check_integrity(repo: Repository, report: FsckReport) -> None:
+    for line in repo.catalog.integrity_problems():
+        report.problems.append(Problem(f"the catalog is damaged (PRAGMA integrity_check): {line}"))
+
+
 def _check_catalog(repo: Repository, tracer: _Tracer, report: FsckReport) -> None:
     catalog = repo.catalog
+    for model, what in tracer.damaged:
+        report.problems.append(Problem(what))
+        tracer.affected.add(model)
+    for rec in tracer.layers.values():
+        try:
+            rec.chain
+        except (MistiqueError, AttributeError, TypeError, ValueError) as exc:  # its reads would fail the same way
+            model = tracer.models.get(rec.model_id, f"#{rec.model_id}")
+            report.problems.append(Problem(f"model {model}, layer {rec.name}: its codec does not load: {exc}"))
+            tracer.affected.add(model)
     lost = catalog.tiles_without_chunks()
     if lost:
         chunks = len({cid for _i, _t, cid in lost})
@@ -361,10 +412,10 @@ def _check_catalog(repo: Repository, tracer: _Tracer, report: FsckReport) -> Non
         tracer.affected.add(model)
     for what, count in catalog.orphan_rows().items():
         report.problems.append(Problem(f"{count} {what} (the catalog is inconsistent)"))
-    for model in repo.models():
-        if not (repo.root / model.model_file).is_file():
-            report.problems.append(Problem(f"model {model.name}: its model file {model.model_file} is missing"))
-            tracer.affected.add(model.name)
+    for _id, name, model_file in catalog.model_rows():
+        if not (repo.root / model_file).is_file():
+            report.problems.append(Problem(f"model {name}: its model file {model_file} is missing"))
+            tracer.affected.add(name)
     report.affected_models |= tracer.affected
 
 

@@ -4,7 +4,11 @@
 in one transaction, then its model file. Its chunks stay, since other models may share them, until gc.
 
 ``collect_garbage`` (``mistiquefs gc``) runs under the capture lock, so no capture adds references to (or
-deduplicates against) a chunk while gc drops it. A chunk is live while some tile refers to it.
+deduplicates against) a chunk while gc drops it. A chunk is live while some tile refers to it. gc deletes
+nothing from a catalog that fails ``PRAGMA integrity_check`` or has rows that do not decode (it would take
+what a damaged row hides for garbage), nor while a pack object it might delete holds an intact copy of a
+chunk the index lost (``fsck --repair`` brings those back). Chunks that no pack holds intact are lost for
+good: gc runs, and names the layers they leave incomplete.
 
 - A pack holding no live chunk is deleted (chunks of removed models, torn captures, interrupted gcs).
 - A pack whose garbage (every byte that is not a live chunk's object: removed models' chunks, duplicates,
@@ -35,7 +39,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from mistiquefs.errors import StoreError, CorruptChunk
-from mistiquefs.store.packs import OBJECT_HEADER, PACK_MAGIC, ChunkLocation, PackWriter, decode_payload, fsync_dir
+from mistiquefs.store.packs import (OBJECT_HEADER, PACK_MAGIC, ChunkLocation, PackWriter, decode_payload, fsync_dir,
+                                    scan_pack)
 from mistiquefs.store.records import ModelRecord
 from mistiquefs.store.repository import Repository
 
@@ -53,11 +58,17 @@ class GcReport:
     model_files: int = 0
     #: packs left as they were, and why (a live chunk in them is damaged, a write failed)
     skipped: list[str] = field(default_factory=list)
+    #: layers with tiles whose chunk no pack holds intact: "model M, layer L: n tiles lost"
+    incomplete: list[str] = field(default_factory=list)
 
     def summary(self) -> str:
         lines = [f"reclaimed {self.bytes / 1e6:.1f} MB: {self.chunks} chunks; packs: {self.packs_deleted} deleted, "
                  f"{self.packs_compacted} compacted; model files: {self.model_files} deleted"]
-        return "\n".join(lines + [f"kept {note}" for note in self.skipped])
+        lines += [f"kept {note}" for note in self.skipped]
+        if self.incomplete:
+            lines.append("incomplete (chunks no pack holds intact; mistiquefs fsck names the examples):")
+            lines += [f"  {note}" for note in self.incomplete]
+        return "\n".join(lines)
 
 
 @dataclass
@@ -100,10 +111,17 @@ def collect_garbage(repo: Repository, *, compact_fraction: float = COMPACT_FRACT
     """Reclaim unreferenced chunks, packs and model files (see the module docstring for the protocol)."""
     report = GcReport()
     with repo.capture_lock("gc"):
-        # With tiles pointing at chunks the index lost, an unindexed pack may hold their only good copy:
-        # deleting it would make `fsck --repair` unable to bring them back.
-        if repo.catalog.tiles_without_chunks():
-            raise StoreError(f"{repo.root} has chunks its index lost: run mistiquefs fsck --repair before gc")
+        _refuse_a_damaged_catalog(repo)
+        lost = repo.catalog.tiles_without_chunks()
+        if lost:
+            # An unindexed pack object may hold the only good copy of a chunk the index lost: deleting it
+            # would make `fsck --repair` unable to bring it back. Once a repair has found no intact copy,
+            # the chunk is lost for good and must not stop gc forever.
+            recoverable = recoverable_chunks(repo, {cid for _i, _t, cid in lost})
+            if recoverable:
+                raise StoreError(f"{repo.root} has {len(recoverable)} chunks its index lost that a pack still "
+                                 "holds: run mistiquefs fsck --repair before gc")
+            report.incomplete = _incomplete_layers(repo, lost)
         plan = plan_gc(repo, compact_fraction)
         moves = copy_live_chunks(repo, plan, report)
         report.chunks = commit_relocations(repo, plan, moves)
@@ -112,6 +130,42 @@ def collect_garbage(repo: Repository, *, compact_fraction: float = COMPACT_FRACT
         repo.catalog.note_gc()
         repo.packs.retire_missing()
     return report
+
+
+def _refuse_a_damaged_catalog(repo: Repository) -> None:
+    """StoreError when the catalog fails its integrity check or a row does not decode."""
+    damaged = repo.catalog.integrity_problems()
+    if damaged:
+        raise StoreError(f"the catalog of {repo.root} is damaged ({damaged[0]}): run mistiquefs fsck; gc deletes "
+                         "nothing while it is")
+    repo.models()  # StoreError naming the first damaged row
+    repo.intermediates()
+
+
+def recoverable_chunks(repo: Repository, cids: set[bytes]) -> set[bytes]:
+    """Those of ``cids`` that some pack object holds with an intact header and bytes that verify (the
+    copies fsck --repair would index again). Reads headers, and only the payloads of those ids."""
+    found: set[bytes] = set()
+    for path in sorted(_packs_dir(repo).glob("*.pack")):
+        for cid, loc in scan_pack(path).objects:
+            if cid not in cids or cid in found:
+                continue
+            try:
+                repo.packs.read(cid, loc)
+            except (CorruptChunk, FileNotFoundError):  # a damaged copy: what the repair already passed over
+                continue
+            found.add(cid)
+    return found
+
+
+def _incomplete_layers(repo: Repository, lost: list[tuple[int, int, bytes]]) -> list[str]:
+    names = repo.catalog.layer_names()
+    tiles: dict[tuple[str, str], int] = {}
+    for iid, _tile, _cid in lost:
+        where = names.get(iid, (f"#{iid}", "?"))
+        tiles[where] = tiles.get(where, 0) + 1
+    return [f"model {model}, layer {name}: {count} tile{'s' * (count != 1)} lost"
+            for (model, name), count in sorted(tiles.items())]
 
 
 def plan_gc(repo: Repository, compact_fraction: float = COMPACT_FRACTION) -> GcPlan:
@@ -149,10 +203,20 @@ def copy_live_chunks(repo: Repository, plan: GcPlan, report: GcReport) -> dict[b
 
 
 def _compact(repo: Repository, use: PackUse) -> dict[bytes, ChunkLocation]:
+    copied, written = copy_chunks(repo, sorted(use.live, key=lambda item: item[1].offset))
+    use.new_size = sum(path.stat().st_size for path in written)
+    return copied
+
+
+def copy_chunks(repo: Repository,
+                chunks: list[tuple[bytes, ChunkLocation]]) -> tuple[dict[bytes, ChunkLocation], list[Path]]:
+    """Copy chunks, verified, into new packs with fresh object headers, fsynced before this returns (so the
+    catalog may point at them). Returns where each copy lies, and the packs written. Nothing is left behind
+    if any chunk fails (CorruptChunk, OSError)."""
     writer = PackWriter(_packs_dir(repo))
     try:
         copied = {}
-        for cid, loc in sorted(use.live, key=lambda item: item[1].offset):
+        for cid, loc in chunks:
             payload = repo.packs.read_payload(cid, loc)
             decode_payload(cid, loc, payload)  # never pass a damaged chunk off as a sound copy
             copied[cid] = writer.append(cid, payload, loc.compression, loc.raw_length)
@@ -163,8 +227,7 @@ def _compact(repo: Repository, use: PackUse) -> dict[bytes, ChunkLocation]:
         for path in writer.written:  # nothing refers to them yet
             path.unlink(missing_ok=True)
         raise
-    use.new_size = sum(path.stat().st_size for path in writer.written)
-    return copied
+    return copied, writer.written
 
 
 def commit_relocations(repo: Repository, plan: GcPlan, moves: dict[bytes, ChunkLocation]) -> int:
@@ -195,7 +258,8 @@ def remove_files(repo: Repository, plan: GcPlan, report: GcReport) -> None:
             continue
         report.bytes += size
         report.model_files += 1
-    fsync_dir(repo.root / "models")
+    if plan.orphan_files:  # (a store that lost its models/ directory has none: fsck names the missing files)
+        fsync_dir(repo.root / "models")
 
 
 def _model_file(repo: Repository, relative: str) -> Path | None:

@@ -41,7 +41,7 @@ from mistiquefs.codecs.base import LazyTile
 from mistiquefs.errors import CorruptChunk, StoreError
 from mistiquefs.npy import npy_header
 from mistiquefs.store.cache import ByteLRU, Buffer
-from mistiquefs.store.catalog import Catalog, TileIndex
+from mistiquefs.store.catalog import Catalog, TileIndex, lost_chunk
 from mistiquefs.store.layout import join_columns
 from mistiquefs.store.packs import ChunkLocation, PackReader
 from mistiquefs.store.records import COLUMNS, IntermediateRecord
@@ -252,7 +252,7 @@ class LayerReader:
         self._packs = packs
         self._cache = cache
         self._tiles: TileIndex | None = None
-        self._some_tiles: dict[int, tuple[bytes, ChunkLocation]] = {}
+        self._some_tiles: dict[int, tuple[bytes, ChunkLocation | None]] = {}
         self._flights = SingleFlight()
         #: per whole-file stream (named by its first piece's key): where the last use_once read ended
         self._served: dict[Hashable, int] = {}
@@ -457,17 +457,18 @@ class LayerReader:
         """The packs the loaded parts of the chunk map point into."""
         tiles, some = self._tiles, self._some_tiles
         packs = set(tiles.packs) if tiles is not None else set()
-        return packs | {loc.pack for _cid, loc in list(some.values())}
+        return packs | {loc.pack for _cid, loc in list(some.values()) if loc is not None}
 
-    def _tile(self, tile: int) -> tuple[bytes, ChunkLocation]:
+    def _tile(self, tile: int) -> tuple[bytes, ChunkLocation | None]:
+        """Tile's chunk id and location (None: its chunk is lost, see ``_chunk``)."""
         tiles = self._tiles
         if tiles is not None:
-            return tiles[tile]
+            return tiles.entry(tile)
         some = self._some_tiles
         found = some.get(tile)
         if found is None:
             if len(some) >= FULL_INDEX_AFTER:
-                return self.tile_index()[tile]
+                return self.tile_index().entry(tile)
             # One indexed query for this tile's neighbourhood (its block's tiles for the columns layout): the
             # first read of a layer must not wait for the layer's whole chunk map.
             if self.rec.layout == COLUMNS:
@@ -504,12 +505,16 @@ class LayerReader:
     def _chunk(self, tile: int) -> bytes:
         cid, loc = self._tile(tile)
         try:
+            if loc is None:  # no intact copy was left (fsck --repair dropped its row): this tile alone fails
+                raise lost_chunk(cid, tile, self.rec.name)
             return self._packs.read(cid, loc)
         except (FileNotFoundError, CorruptChunk) as exc:
             fresh = self._catalog.tiles(self.rec.id, tile, tile + 1)
-            if not fresh or fresh[0][1:] == (cid, loc):
+            if not fresh or fresh[0][1:] == (cid, loc) or fresh[0][2] is None:
                 if isinstance(exc, CorruptChunk):
                     raise
+                if fresh:  # its row went since the map was loaded
+                    raise lost_chunk(fresh[0][1], tile, self.rec.name) from exc
                 raise CorruptChunk(f"chunk {cid.hex()} of {self.rec.name!r}: its pack {loc.pack} is missing "
                                    "(run mistiquefs fsck)") from exc
         # the chunk moved since the map was loaded (a gc, a repair): so did others, most likely
@@ -519,7 +524,9 @@ class LayerReader:
 
     def _advise_tile(self, tile: int) -> None:
         if self.rec.stored:
-            self._packs.advise(self._tile(tile)[1])
+            loc = self._tile(tile)[1]
+            if loc is not None:
+                self._packs.advise(loc)
 
     def _advise_row_block(self, b: int) -> None:
         for tile in self._block_tiles(b):

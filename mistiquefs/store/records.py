@@ -20,7 +20,19 @@ def dtype_to_json(dtype: np.dtype) -> str:
 
 
 def dtype_from_json(text: str) -> np.dtype:
-    return np.lib.format.descr_to_dtype(_descr_from_json(json.loads(text)))
+    """The dtype a catalog row describes; ValueError when the text is not one (a damaged row)."""
+    try:
+        return np.lib.format.descr_to_dtype(_descr_from_json(json.loads(text)))
+    except (TypeError, KeyError, IndexError, ValueError) as exc:  # numpy says TypeError for an unknown type
+        raise ValueError(f"not a dtype: {exc}") from None
+
+
+def shape_from_json(text: str) -> tuple[int, ...]:
+    """The per-example shape a catalog row holds; ValueError when the text is not one (a damaged row)."""
+    shape = json.loads(text)
+    if not isinstance(shape, list) or not all(type(n) is int and n >= 0 for n in shape):
+        raise ValueError("not a JSON list of sizes")
+    return tuple(shape)
 
 
 def _descr_from_json(descr: Any) -> Any:

@@ -119,9 +119,13 @@ class Repository:
 
     def orphan_model_files(self) -> list[Path]:
         """Files in models/ that no model row refers to (left by a capture that never committed)."""
-        kept = {(self.root / model.model_file).resolve() for model in self.models()}
-        return [path for path in sorted((self.root / "models").iterdir())
-                if path.is_file() and path.resolve() not in kept]
+        # from the rows as they are (fsck lists these even when a row's JSON is damaged)
+        kept = {(self.root / model_file).resolve() for _id, _name, model_file in self.catalog.model_rows()}
+        try:
+            files = sorted((self.root / "models").iterdir())
+        except FileNotFoundError:  # no models/ at all: none is an orphan (fsck names each model's missing file)
+            return []
+        return [path for path in files if path.is_file() and path.resolve() not in kept]
 
     def reader(self, rec: IntermediateRecord) -> LayerReader:
         reader = self._readers.get(rec.id)
