@@ -5,7 +5,8 @@ read   = tiles x (seconds per tile) + raw bytes x (seconds per decoded byte of t
 rerun  = model load (0 when warm; plus the framework's import when the daemon has not imported it yet)
          + the stage's first-call tracing (Keras, once per stage) + read of the input rows
          + calls x the model's per-call overhead
-         + rows x (capture-measured seconds per row of the stages up to the layer) x (learned factor)
+         + rows x (capture-measured seconds per row of the stages its re-run runs: those up to the layer,
+           but not the sibling parts of a ColumnTransformer/FeatureUnion it is in) x (learned factor)
          + output bytes x (seconds per byte to assemble them into one array, when several calls make them)
 
 Every constant starts from a measurement on this kind of machine (below) and is then updated from what
@@ -17,6 +18,7 @@ re-run, a framework's load time from each load of a model once the framework was
 
 from __future__ import annotations
 
+import math
 import sys
 import threading
 from dataclasses import dataclass
@@ -73,34 +75,106 @@ class Estimate:
         return "read" if self.read_seconds <= self.rerun_seconds else "rerun"
 
 
-def stage_seconds_per_row(layers: list[IntermediateRecord], target: IntermediateRecord) -> float:
+def stage_seconds_per_row(layers: list[IntermediateRecord], target: IntermediateRecord,
+                          model: ModelRecord | None = None) -> float:
     """Capture-measured seconds per row of the stages a re-run of ``target`` repeats (``prefix_seconds``)."""
     n_rows = max(target.n_rows, 1)
     stages = [(rec.name, rec.seconds) for rec in sorted(layers, key=lambda r: r.position)]
-    return prefix_seconds(stages, target.name) / n_rows
+    return prefix_seconds(stages, target.name, stage_classes(model)) / n_rows
 
 
-def prefix_seconds(stages: list[tuple[str, float]], target: str) -> float:
-    """Of ``(name, seconds)`` in execution order: the stages before ``target`` (not the inputs; not its own
-    sub-stages, counted in its time) and ``target`` itself. A stage that contains others (``outer`` of
-    ``outer__inner``) is left out where its parts are counted."""
-    names = [name for name, _ in stages]
-    total = 0.0
+def stage_classes(model: ModelRecord | None) -> dict[str, str]:
+    """Stage name -> the estimator class it records (scikit-learn models' info "stages"; else empty)."""
+    stages = model.info.get("stages") if model is not None else None
+    if not isinstance(stages, list):
+        return {}
+    return {s["name"]: str(s.get("estimator")) for s in stages
+            if isinstance(s, dict) and isinstance(s.get("name"), str)}
+
+
+def prefix_seconds(stages: list[tuple[str, float]], target: str, classes: dict[str, str] | None = None) -> float:
+    """Of ``(name, seconds)`` in execution order: the seconds of the stages a re-run of ``target`` runs
+    (``rerun_stages``); ``classes``: stage name -> estimator class, where known (``stage_classes``)."""
+    return sum(stage.seconds for stage in rerun_stages(stages, target, classes))
+
+
+#: containers whose children each get the container's own input, not the previous child's output: a re-run
+#: of one child runs none of its siblings (capture/sklearn.py, run_stage)
+SIDE_BY_SIDE = {"ColumnTransformer", "FeatureUnion"}
+
+
+@dataclass
+class _Stage:
+    name: str
+    seconds: float              # its whole time (a container's includes its parts'), as captured
+    children: list[_Stage]
+    in_sequence: bool           # a Pipeline: each child gets the previous one's output
+
+
+def _stage_tree(stages: list[tuple[str, float]], classes: dict[str, str]) -> list[_Stage]:
+    """The top-level stages, each with the stages inside it. A container ``outer`` is emitted right after
+    its parts ``outer__inner`` (capture/sklearn.py: names follow scikit-learn's ``__`` convention, which
+    step names may not contain otherwise; Keras layers have no such parts)."""
+    top: list[_Stage] = []
     for name, seconds in stages:
-        if name == target:
-            return total + seconds
-        if name == "input" or name.startswith(target + "__") or any(o.startswith(name + "__") for o in names):
+        if name == "input":
             continue
-        total += seconds
-    raise KeyError(target)
+        children: list[_Stage] = []
+        while top and top[-1].name.startswith(name + "__"):
+            children.append(top.pop())
+        children.reverse()
+        top.append(_Stage(name, seconds, children, _in_sequence(name, seconds, children, classes)))
+    return top
+
+
+def _in_sequence(name: str, seconds: float, children: list[_Stage], classes: dict[str, str]) -> bool:
+    """Whether container ``name`` is a Pipeline: by its recorded class, else (a capture's own records, which
+    have no classes) by its time, which the sklearn adapter records for a Pipeline as the sum of its direct
+    children's (a ColumnTransformer's or FeatureUnion's is a measurement of its own transform call)."""
+    if not children:
+        return True
+    known = classes.get(name)
+    if known is not None:
+        return known.rsplit(".", 1)[-1] not in SIDE_BY_SIDE
+    return math.isclose(seconds, sum(child.seconds for child in children), rel_tol=1e-9)
+
+
+def rerun_stages(stages: list[tuple[str, float]], target: str, classes: dict[str, str] | None = None) -> list[_Stage]:
+    """The stages a re-run of ``target`` runs whole, as the sklearn adapter's ``run_stage`` does: in the model
+    and in each Pipeline on the way down to ``target``, the steps before the one that leads to it; then
+    ``target`` itself (its parts included in its time). Not the siblings of a ColumnTransformer's or
+    FeatureUnion's part, nor anything after it. (A Keras stage: every stage before it.)"""
+
+    def walk(level: list[_Stage], in_sequence: bool) -> list[_Stage] | None:
+        for i, stage in enumerate(level):
+            before = level[:i] if in_sequence else []
+            if stage.name == target:
+                return [*before, stage]
+            if target.startswith(stage.name + "__"):
+                found = walk(stage.children, stage.in_sequence)
+                if found is not None:
+                    return [*before, *found]
+        return None
+
+    found = walk(_stage_tree(stages, classes or {}), True)
+    if found is None:
+        raise KeyError(target)
+    return found
+
+
+def _calls(stage: _Stage) -> int:
+    """Estimator calls running ``stage`` whole makes: a Pipeline's steps; a ColumnTransformer's or
+    FeatureUnion's own transform and, inside it, its parts'; a leaf's one."""
+    return (0 if stage.children and stage.in_sequence else 1) + sum(_calls(child) for child in stage.children)
 
 
 def _overhead_units(model: ModelRecord, layers: list[IntermediateRecord], rec: IntermediateRecord) -> int:
-    """How many per-call overheads one call of ``rec``'s prefix costs: 1, or its stages (PER_STAGE), a
-    container's own parts included (they all run)."""
+    """How many per-call overheads one call of ``rec``'s prefix costs: 1, or (PER_STAGE) the estimator calls
+    of the stages its re-run runs (``rerun_stages``: not the siblings of a container's part)."""
     if model.framework not in PER_STAGE:
         return 1
-    return max(1, sum(1 for r in layers if r.name != "input" and r.position <= rec.position))
+    stages = [(r.name, r.seconds) for r in sorted(layers, key=lambda r: r.position)]
+    return max(1, sum(_calls(stage) for stage in rerun_stages(stages, rec.name, stage_classes(model))))
 
 
 class CostModel:
@@ -131,7 +205,7 @@ class CostModel:
         overhead = self.call_seconds.get(model.id, CALL_SECONDS.get(model.framework, 1e-3))
         load = 0.0 if warm else self.load_estimate(model.framework)
         trace = 0.0 if traced else TRACE_SECONDS.get(model.framework, 0.0)
-        per_row = stage_seconds_per_row(layers, rec) * self.factor.get(rec.id, 1.0)
+        per_row = stage_seconds_per_row(layers, rec, model) * self.factor.get(rec.id, 1.0)
         assemble = rows * rec.row_size * self.assemble_seconds_per_byte if rows > batch else 0.0
         return load + trace + input_seconds + calls * overhead + rows * per_row + assemble
 
@@ -180,7 +254,7 @@ class CostModel:
     def observe_rerun(self, model: ModelRecord, layers: list[IntermediateRecord], rec: IntermediateRecord,
                       rows: int, seconds: float) -> None:
         """One model call for ``rows`` rows took ``seconds`` (model load and input read excluded)."""
-        per_row = stage_seconds_per_row(layers, rec)
+        per_row = stage_seconds_per_row(layers, rec, model)
         units = _overhead_units(model, layers, rec)
         with self._lock:
             self.observations += 1

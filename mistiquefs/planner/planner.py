@@ -109,7 +109,8 @@ class Planner:
     def can_rerun(self, rec: IntermediateRecord) -> bool:
         """Whether the model can recompute ``rec``: any stage but the inputs of a model whose inputs are
         stored, of a framework the re-runner loads. A summary (``<stage>.pool<S>``) is no stage: its stored
-        chunks are its only copy."""
+        chunks are its only copy. Whether the model file itself loads (skops's trust rules) is known only by
+        loading it, which planning does not do: eviction does, before it drops a layer."""
         if rec.name == "input" or rec.chain.summary is not None \
                 or not any(r.name == "input" and r.stored for r in self.repo.layers_of(rec.model_id)):
             return False
@@ -262,6 +263,8 @@ class Planner:
             else:
                 entry.open += 1
                 entry.opens += 1
+        if self.materializer is not None:  # a budget smaller than the store is enforced at the first open
+            self.materializer.opened()
 
     def spent(self, handle: Hashable, seconds: float) -> None:
         with self._lock:
@@ -281,7 +284,8 @@ class Planner:
             plan, rec = entry.plan, entry.rec
             record = {"time": time.time(), "layer": rec.id, "view": plan.kind, "rows": plan.rows,
                       "choice": plan.choice, "predicted_read_s": plan.estimate.read_seconds,
-                      "predicted_rerun_s": plan.estimate.rerun_seconds, "measured_s": entry.seconds,
+                      # JSON has no infinity: a layer that cannot be re-run has no re-run time (None)
+                      "predicted_rerun_s": _finite(plan.estimate.rerun_seconds), "measured_s": entry.seconds,
                       "opens": entry.opens}
             self.log.append(record)
             stats = self.stats.setdefault(rec.id, LayerStats())
@@ -300,8 +304,15 @@ class Planner:
             pieces.append(np.asarray(piece).reshape(-1).view(rec.dtype).reshape(-1, *rec.shape))
         return pieces
 
-    def records_changed(self) -> None:
-        self.repo.forget_records(set(self.stats))
+    def layers_read_from_store(self) -> set[int]:
+        """Ids of the layers an open file reads from the store (its plan reads their chunks): eviction
+        keeps them, or the rest of that file could not be read."""
+        with self._lock:
+            return {entry.rec.id for entry in self._open.values() if entry.plan.choice == "read"}
+
+    def records_changed(self, changed: set[int] = frozenset()) -> None:
+        """This planner changed the catalog (the layers ``changed``, among others it may have counted)."""
+        self.repo.forget_records(set(self.stats) | set(changed))
         for callback in self.on_change:
             callback()
 
@@ -322,6 +333,10 @@ class Planner:
                 "gamma": None if rec.stored else self.materializer.gamma(rec, stats.queries),
                 "threshold": GAMMA_THRESHOLD},
         }
+
+
+def _finite(seconds: float | None) -> float | None:
+    return seconds if seconds is not None and math.isfinite(seconds) else None
 
 
 def _plan_doc(plan: Plan) -> dict[str, Any]:
