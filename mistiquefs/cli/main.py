@@ -62,7 +62,8 @@ def build_parser() -> argparse.ArgumentParser:
                           "are re-run: exact values everywhere)")
     mnt.add_argument("--budget", type=parse_size, default=None,
                      help="materialize layers the mount keeps re-running, while the store's chunks stay within "
-                          "this size (e.g. 2G); without it the mount never writes to the store")
+                          "this size (e.g. 2G); a store already bigger drops the stored layers re-running "
+                          "gives back at least value; without it the mount never writes to the store")
     mnt.add_argument("--debug", action="store_true")
 
     umnt = sub.add_parser("umount", help="unmount a mistiquefs mount")
