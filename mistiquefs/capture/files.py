@@ -2,12 +2,15 @@
 
 Models: ``.keras`` (Keras' own format, loaded in safe mode) and ``.skops`` (scikit-learn, loaded with an
 explicit list of trusted types). Pickles (``.pkl``, ``.joblib``) run arbitrary code when loaded, so they
-are refused unless the caller says it trusts the file. Inputs: ``.npy`` (never with pickled objects) or
-``.csv`` (a pandas DataFrame when pandas is installed, else a structured array).
+are refused unless the caller says it trusts the file. Inputs: ``.npy`` (never with pickled objects; a
+structured array, such as a stored ``input``, is a table) or ``.csv``, read for the model it is given to: a
+header row where the model knows its columns' names, the columns its encoders were fitted on as text
+(pandas when it is installed; else numpy's structured arrays).
 """
 
 from __future__ import annotations
 
+import csv
 from pathlib import Path
 from typing import Any
 
@@ -42,26 +45,145 @@ def load_model_file(path: Path, *, trust_pickle: bool = False) -> Any:
     raise CaptureError(f"unknown model format {suffix!r}: use a .keras model or a .skops scikit-learn pipeline")
 
 
-def load_inputs_file(path: Path) -> Any:
+NPY_MAGIC = b"\x93NUMPY"
+# pandas' default missing-value spellings (pandas._libs.parsers.STR_NA_VALUES): still missing in the columns
+# a model reads as numbers, never in those it reads as text ("NA" is North America, "None" a category)
+NA_SPELLINGS = ("", "#N/A", "#N/A N/A", "#NA", "-1.#IND", "-1.#QNAN", "-NaN", "-nan", "1.#IND", "1.#QNAN", "<NA>",
+                "N/A", "NA", "NULL", "NaN", "None", "n/a", "nan", "null")
+
+
+def load_inputs_file(path: Path, model: Any = None) -> Any:
+    """The inputs in ``path`` for ``model`` (the loaded model, which decides how a CSV is read; without it,
+    a CSV is read by its contents alone). A ``.npy`` file is memory-mapped: a capture reads it batch by
+    batch, so memory follows the batch, not the file."""
     if not path.is_file():
         raise CaptureError(f"inputs file {path} does not exist")
     suffix = path.suffix.lower()
     if suffix == ".npy":
-        try:
-            return np.load(path, allow_pickle=False)
-        except ValueError as exc:
-            if "allow_pickle" in str(exc):
-                raise CaptureError(f"{path} holds Python objects, which mistiquefs does not load") from exc
-            raise CaptureError(f"{path} is not a readable .npy file: {exc}") from exc
-        except (EOFError, OSError) as exc:  # empty or truncated, or unreadable
-            raise CaptureError(f"{path} is not a readable .npy file: {exc or type(exc).__name__}") from exc
+        return _load_npy(path)
     if suffix == ".csv":
-        try:
-            import pandas
-        except ImportError:
-            return np.genfromtxt(path, delimiter=",", names=True, dtype=None, encoding="utf-8")
-        try:
-            return pandas.read_csv(path)
-        except (ValueError, pandas.errors.ParserError) as exc:
-            raise CaptureError(f"{path} is not a readable CSV file: {exc}") from exc
+        return _load_csv(path, model)
     raise CaptureError(f"unknown inputs format {suffix!r}: use .npy or .csv")
+
+
+def _load_npy(path: Path) -> np.ndarray:
+    try:
+        with path.open("rb") as file:
+            magic = file.read(len(NPY_MAGIC))
+    except OSError as exc:
+        raise CaptureError(f"{path} is not a readable .npy file: {exc.strerror or exc}") from exc
+    if magic != NPY_MAGIC:
+        raise CaptureError(f"{path} is not a readable .npy file: it does not start as numpy.save writes one "
+                           "(\\x93NUMPY)")
+    try:
+        return np.load(path, mmap_mode="r", allow_pickle=False)
+    except ValueError as exc:
+        if "allow_pickle" in str(exc) or "Python objects" in str(exc):
+            raise CaptureError(f"{path} holds Python objects, which mistiquefs does not load") from exc
+        raise CaptureError(f"{path} is not a readable .npy file: {exc}") from exc
+    except (EOFError, OSError) as exc:  # empty or truncated, or unreadable
+        raise CaptureError(f"{path} is not a readable .npy file: {exc or type(exc).__name__}") from exc
+
+
+def _first_row(path: Path) -> list[str]:
+    with path.open(newline="", encoding="utf-8-sig", errors="replace") as file:
+        return next(csv.reader(file), [])
+
+
+def _is_number(cell: str) -> bool:
+    try:
+        float(cell)
+    except ValueError:
+        return False
+    return bool(cell.strip())
+
+
+def _has_header(path: Path, first: list[str], names: list[str] | None, text: dict[Any, set[str]]) -> bool:
+    """Whether the first row of the CSV names its columns. For a model fitted on a DataFrame it must: it
+    names the model's columns, which scikit-learn selects by name. For one fitted on an array (``text``:
+    the positions it reads as text, with their categories), the first row is data where every cell of
+    the other columns is a number (np.savetxt writes no header), or, with text columns only, where a cell
+    is one of its column's categories."""
+    if names is not None:
+        missing = [name for name in names if name not in set(first)]
+        if missing:
+            shown = ", ".join(repr(name) for name in missing[:8]) + (", ..." if len(missing) > 8 else "")
+            raise CaptureError(
+                f"the first row of {path} does not name the column(s) {shown} that the model was fitted on; "
+                "the CSV needs a header row with the model's column names (DataFrame.to_csv(index=False) "
+                "writes one)"
+            )
+        return True
+    if not first or first == [str(i) for i in range(len(first))]:  # DataFrame.to_csv of unnamed columns
+        return True
+    numbers = [cell for i, cell in enumerate(first) if i not in text]
+    if numbers:
+        return not all(_is_number(cell) for cell in numbers)
+    return not any(cell in text[i] for i, cell in enumerate(first))
+
+
+def _load_csv(path: Path, model: Any) -> Any:
+    try:
+        first = _first_row(path)
+    except OSError as exc:
+        raise CaptureError(f"{path} is not a readable CSV file: {exc.strerror or exc}") from exc
+    names = _model_names(model)
+    text = _text_columns(model)
+    header = _has_header(path, first, names, text)
+    pandas = _pandas()
+    if pandas is None:
+        return _csv_without_pandas(path, header, len(first))
+    # columns by name where the first row names them, else by position (what pandas names them then)
+    columns: list[Any] = list(first) if header else list(range(len(first)))
+    if names is None and header:  # a model fitted on an array knows its text columns by position
+        text = {columns[i]: values for i, values in text.items() if i < len(columns)}
+    na_values = {column: [""] if column in text else list(NA_SPELLINGS) for column in columns}
+    try:
+        # Text columns stay text: "02134" is a zip code, not 2134, for an encoder fitted on strings; and
+        # only an empty cell is missing there ("NA" is a region, "None" a category)
+        frame = pandas.read_csv(path, header=0 if header else None, keep_default_na=False, na_values=na_values,
+                                dtype={column: str for column in columns if column in text} or None)
+    except (ValueError, pandas.errors.ParserError) as exc:
+        raise CaptureError(f"{path} is not a readable CSV file: {exc}") from exc
+    if names is None and (model is not None or not header):
+        # a model fitted on an array gets an array, as it was fitted (a DataFrame of numbers is one too)
+        dtypes = list(frame.dtypes)
+        if dtypes and all(isinstance(d, np.dtype) and d.kind in "biuf" for d in dtypes):
+            return frame.to_numpy(dtype=np.result_type(*dtypes))
+    return frame
+
+
+def _pandas() -> Any:
+    """pandas, or None where it is not installed (an optional dependency of scikit-learn)."""
+    try:
+        import pandas
+    except ImportError:
+        return None
+    return pandas
+
+
+def _model_names(model: Any) -> list[str] | None:
+    names = getattr(model, "feature_names_in_", None)
+    return None if names is None else [str(name) for name in names]
+
+
+def _text_columns(model: Any) -> dict[Any, set[str]]:
+    """The columns ``model`` reads as text (names where it knows them, else positions), with their
+    categories."""
+    if model is None or type(model).__module__.split(".")[0] != "sklearn":
+        return {}
+    from mistiquefs.capture.sklearn import text_columns
+
+    return text_columns(model)
+
+
+def _csv_without_pandas(path: Path, header: bool, width: int) -> np.ndarray:
+    """The CSV as numpy reads it (pandas is not installed): a structured array where the first row names
+    the columns or where they have different types (the adapter makes numbers one 2-D array)."""
+    try:
+        array = np.genfromtxt(path, delimiter=",", names=True if header else None, dtype=None, encoding="utf-8")
+    except ValueError as exc:
+        raise CaptureError(f"{path} is not a readable CSV file: {exc}") from exc
+    if array.dtype.names is None:
+        return array.reshape(-1, max(width, 1))  # one row or one column reads as 1-D
+    return np.atleast_1d(array)

@@ -21,7 +21,10 @@ Stages and their names (fixed once, when the adapter is built, so every batch yi
 
 Outputs are dense ``numpy`` arrays (sparse matrices and pandas/polars frames are converted, dtypes
 kept); string predictions become ``U{w}`` with ``w`` from the estimator's ``classes_`` so every batch
-has the same dtype. Any other ``object`` output is a CaptureError.
+has the same dtype. A table of number and bool columns (a pandas frame, or the object array
+``np.hstack`` makes of several: a ColumnTransformer passing int and bool columns through) becomes their
+common dtype, the array the next stage's ``check_array`` makes of it. Any other ``object`` output is a
+CaptureError naming the columns that hold the objects.
 
 Re-running one stage (``run_stage``) follows the plan from the root to that stage only: the steps of a
 ``Pipeline`` before it (their ``transform``, each run as ``run_batch`` runs it), the column selection of a
@@ -33,11 +36,22 @@ for another grouping of the same rows (OpenBLAS picks kernels by the matrix's ro
 gemv for one row); re-running the capture's own batches (``batch_size`` in the model's info, batches
 starting at multiples of it) and slicing gives the captured bytes.
 
-Inputs are a 2-D numpy array or a pandas DataFrame. A DataFrame is stored as a 1-D structured array,
-one field per column; text and categorical columns become ``U{w}`` with ``w`` measured once over the
-whole column (in ``n_rows``, which the capture loop calls first with the full inputs), because every
-batch must have the same dtype. Stored inputs are never lossy: text columns with missing values, mixed
-objects and timezone-aware datetimes are refused with a message saying what to fix.
+Inputs are a 2-D numpy array, a pandas DataFrame or a 1-D structured array (a stored ``input`` given
+back, e.g. ``MOUNT/<model>/input/all.npy``: a DataFrame of its fields again, stored with the same dtype;
+without pandas, numeric fields only, as one 2-D array). Of a DataFrame, only the columns the model was
+fitted on are captured and stored, in its order, where the model knows their names (``feature_names_in_``;
+scikit-learn selects them by name, so the others never reach it); all of them otherwise. It is stored as
+a 1-D structured array, one field per column; text and categorical columns become ``U{w}`` with ``w``
+measured once over the whole column (in ``n_rows``, which the capture loop calls first with the full
+inputs), because every batch must have the same dtype. Datetimes keep their column's unit. A categorical
+column with number categories is stored as those numbers; with integer categories and missing values, as
+float64 with NaN (what ``np.asarray`` gives the model). Stored inputs are never lossy: text columns with
+missing values, mixed objects, bool or non-float64-exact integer categories with missing values and
+timezone-aware datetimes are refused with a message saying what to fix.
+
+The default batch size holds the outputs of every stage for one batch within ``batch_bytes`` (64 MiB),
+measured on a first small batch, up to 4096 rows: sparse outputs are made dense, so a wide one-hot
+encoding gets smaller batches.
 
 pandas is imported lazily: it is not a dependency of mistiquefs, only of DataFrame inputs.
 """
@@ -52,6 +66,7 @@ from typing import Any, Literal
 import numpy as np
 import scipy.sparse
 import sklearn
+from numpy.lib.recfunctions import structured_to_unstructured
 from sklearn.compose import ColumnTransformer
 from sklearn.exceptions import NotFittedError
 from sklearn.pipeline import FeatureUnion, Pipeline
@@ -59,7 +74,7 @@ from sklearn.utils import _safe_indexing
 from sklearn.utils.validation import check_is_fitted
 
 from mistiquefs.capture.base import Adapter, StageOutput, stage_file_name
-from mistiquefs.capture.skops_trust import loaders_by_type, refusal
+from mistiquefs.capture.skops_trust import BSPLINE_TYPE, check_loaded, loaders_by_type, refusal
 from mistiquefs.errors import CaptureError, NotFound
 
 __all__ = ["SklearnAdapter", "inputs_from_stored", "load_model"]
@@ -256,10 +271,10 @@ def _select(container: Any, child: _Node, X: Any) -> Any:
     if not isinstance(container, ColumnTransformer):
         return X
     columns = child.columns
-    if _is_dataframe(X) and hasattr(container, "feature_names_in_"):
-        # Like ColumnTransformer.transform: select by name, so column order at transform time is free.
-        columns = _as_labels(columns, container.feature_names_in_)
     try:
+        if _is_dataframe(X) and hasattr(container, "feature_names_in_"):
+            # Like ColumnTransformer.transform: select by name, so column order at transform time is free.
+            columns = _as_labels(columns, container.feature_names_in_)
         return _safe_indexing(X, columns, axis=1)
     except (ValueError, KeyError, IndexError) as exc:
         raise CaptureError(
@@ -269,8 +284,18 @@ def _select(container: Any, child: _Node, X: Any) -> Any:
 
 
 def _as_labels(columns: Any, names: np.ndarray) -> Any:
-    if isinstance(columns, (str, slice)):
+    """``columns`` as the labels scikit-learn selects when it gets a DataFrame: positions and slices count
+    in the fit-time column order (``feature_names_in_``), whatever the order of the DataFrame at hand."""
+    if isinstance(columns, str):
         return columns
+    if isinstance(columns, slice):
+        if all(bound is None or isinstance(bound, (int, np.integer)) for bound in (columns.start, columns.stop)):
+            return list(names[columns])
+        # a label slice includes its stop, as pandas' .loc (scikit-learn refuses a step with labels)
+        position = {name: i for i, name in enumerate(names)}
+        start = None if columns.start is None else position[columns.start]
+        stop = None if columns.stop is None else position[columns.stop] + 1
+        return list(names[start:stop])
     if isinstance(columns, (int, np.integer)):
         return names[columns]
     selection = np.asarray(columns)
@@ -287,7 +312,9 @@ def _to_array(result: Any, node: _Node, rows: int) -> np.ndarray:
     """``result`` as a dense array with a dtype every batch shares (see the module docstring)."""
     if scipy.sparse.issparse(result):
         array = result.toarray()
-    elif hasattr(result, "to_numpy"):  # pandas or polars output (set_output)
+    elif _is_dataframe(result):  # set_output(transform="pandas")
+        array = _frame_to_numpy(result)
+    elif hasattr(result, "to_numpy"):  # polars output
         array = result.to_numpy()
     else:
         array = np.asarray(result)
@@ -299,12 +326,61 @@ def _to_array(result: Any, node: _Node, rows: int) -> np.ndarray:
     if node.method == "predict" and array.dtype.kind in "OU":
         array = _labels_as_unicode(array, node)
     if array.dtype.kind == "O":
-        raise CaptureError(
-            f"stage {node.name!r} ({type(node.estimator).__name__}) returns Python objects "
-            f"(dtype object), which cannot be stored; make it return numbers, e.g. encode string "
-            "columns inside the pipeline"
-        )
+        array = _object_numbers(array, node, result)
     return np.ascontiguousarray(array)
+
+
+def _is_number_dtype(dtype: Any) -> bool:
+    return isinstance(dtype, np.dtype) and dtype.kind in "biuf"
+
+
+def _frame_to_numpy(frame: Any) -> np.ndarray:
+    """A DataFrame of number and bool columns as one array of their common dtype, the array scikit-learn
+    makes of it (``check_array``, and ``np.hstack`` of a ColumnTransformer's parts); ``to_numpy()`` gives
+    such a frame dtype object (float and bool columns: Python objects)."""
+    dtypes = list(frame.dtypes)
+    if dtypes and all(_is_number_dtype(dtype) for dtype in dtypes):
+        return frame.to_numpy(dtype=np.result_type(*dtypes))
+    return frame.to_numpy()
+
+
+# Python's number types as the numpy dtypes they become in an array (np.asarray([True]) is bool, ...)
+_PY_NUMBERS = {bool: np.dtype(bool), int: np.dtype(np.int64), float: np.dtype(np.float64)}
+
+
+def _object_numbers(array: np.ndarray, node: _Node, result: Any) -> np.ndarray:
+    """An object array whose elements are all bools, integers and floats (``np.hstack`` of DataFrames with
+    float, int and bool columns, the output of a ColumnTransformer without set_output) as the common
+    dtype of those elements: the values the next stage's ``check_array`` converts it to, kept exactly
+    where they are integers. Any other object is a CaptureError naming the columns that hold them."""
+    kinds = {type(value) for value in array.flat}
+    dtypes = [_PY_NUMBERS.get(kind) or (np.dtype(kind) if issubclass(kind, np.generic) else None)
+              for kind in kinds]
+    if not kinds:  # no columns at all: what check_array makes of an object array
+        return array.astype(np.float64)
+    if all(dtype is not None and dtype.kind in "biuf" for dtype in dtypes):
+        try:
+            return array.astype(np.result_type(*dtypes))
+        except OverflowError:  # a Python int beyond int64: no numpy dtype holds it exactly
+            pass
+    raise CaptureError(
+        f"stage {node.name!r} ({type(node.estimator).__name__}) returns Python objects (dtype object) in "
+        f"{_object_columns(array, result)}, which cannot be stored; make it return numbers, e.g. encode "
+        "string columns inside the pipeline"
+    )
+
+
+def _object_columns(array: np.ndarray, result: Any) -> str:
+    """Which columns of a stage's output hold something other than numbers, for the refusal."""
+    if _is_dataframe(result):
+        names = [str(name) for name, dtype in zip(result.columns, result.dtypes) if not _is_number_dtype(dtype)]
+        return f"column(s) {', '.join(names)}"
+    if array.ndim != 2:
+        return "its output"
+    numbers = (bool, int, float, np.bool_, np.integer, np.floating)
+    bad = [j for j in range(array.shape[1]) if not all(isinstance(v, numbers) for v in array[:, j])]
+    shown = ", ".join(str(j) for j in bad[:8]) + (", ..." if len(bad) > 8 else "")
+    return f"output column(s) {shown}"
 
 
 def _labels_as_unicode(array: np.ndarray, node: _Node) -> np.ndarray:
@@ -408,6 +484,8 @@ def _field_for(df: Any, column: Any) -> _Field:
         # numbers does not know: wrong one-hot rows, silently)
         categories = dtype.categories.dtype
         if isinstance(categories, np.dtype) and categories.kind in "biuf":
+            if categories.kind in "biu" and series.isna().any():
+                return _missing_category_field(dtype.categories.to_numpy(), column)
             return _Field(column, categories, "number")
         raise CaptureError(
             f"column {column!r} is categorical with {categories} categories, which mistiquefs cannot "
@@ -421,7 +499,9 @@ def _field_for(df: Any, column: Any) -> _Field:
             f"(df[{column!r}].dt.tz_convert(None))"
         )
     if pd.api.types.is_datetime64_dtype(dtype):
-        return _Field(column, np.dtype("datetime64[ns]"), "datetime")
+        # the column's own unit: pandas 3 parses dates as datetime64[us], where [ns] would wrap the years
+        # past 2262 (9999-12-31 came back as 1816), and a re-run gives the model the unit it saw
+        return _Field(column, np.dtype(dtype), "datetime")
     if isinstance(dtype, np.dtype) and dtype.kind in "biufcm":
         return _Field(column, dtype, "number")
     if pd.api.types.is_numeric_dtype(dtype) and hasattr(dtype, "numpy_dtype"):  # Int64, Float64...
@@ -429,6 +509,24 @@ def _field_for(df: Any, column: Any) -> _Field:
     raise CaptureError(
         f"column {column!r} has dtype {dtype}, which mistiquefs cannot store; convert it to a "
         "number, datetime, category or string column"
+    )
+
+
+def _missing_category_field(categories: np.ndarray, column: Any) -> _Field:
+    """The field of a categorical column with integer or bool categories and missing values. What the
+    model gets of such a column (``np.asarray``) is float64 with NaN for integers, objects for bools;
+    casting it to the categories' dtype made a missing integer INT64_MIN and a missing bool True."""
+    if categories.dtype.kind in "iu":
+        with np.errstate(invalid="ignore"):
+            exact = np.array_equal(categories.astype(np.float64).astype(categories.dtype), categories)
+        if exact:  # every category is a float64 exactly: float64 with NaN is the column, losslessly
+            return _Field(column, np.dtype(np.float64), "number")
+    fill = "'missing'" if categories.dtype.kind == "b" else "-1"
+    raise CaptureError(
+        f"column {column!r} is categorical with {categories.dtype} categories and holds missing values, "
+        "which mistiquefs cannot store so that the model gets them back as they were; fill them (e.g. "
+        f"df[{column!r}] = df[{column!r}].cat.add_categories([{fill}]).fillna({fill})) before fitting and "
+        "capturing"
     )
 
 
@@ -464,19 +562,55 @@ def _field_values(df: Any, field: _Field) -> np.ndarray:
             )
         return series.to_numpy(dtype=object).astype(field.dtype)
     try:
-        return series.to_numpy(dtype=field.dtype)
-    except (ValueError, TypeError, OverflowError) as exc:
+        # a NaN cast to an integer or bool only warns (and becomes INT64_MIN or True): make it an error
+        with np.errstate(invalid="raise"):
+            values = series.to_numpy(dtype=field.dtype)
+        if field.dtype.kind in "biu" and series.isna().any():
+            raise ValueError("it holds missing values")
+    except (ValueError, TypeError, OverflowError, FloatingPointError) as exc:
         raise CaptureError(
             f"column {field.column!r} cannot be stored as {field.dtype} without loss ({exc}); "
             "fill missing values or cast the column first"
         ) from exc
+    return values
 
 
-def _dataframe_fields(df: Any) -> tuple[_Field, ...]:
+def _dataframe_fields(df: Any, columns: list[Any] | None = None) -> tuple[_Field, ...]:
+    """The stored fields of ``df``'s ``columns`` (all of them by default), each measured over its whole
+    column without copying the frame."""
     names = [str(column) for column in df.columns]
-    if len(set(names)) != len(names):
+    wanted = list(df.columns) if columns is None else columns
+    if len(set(names)) != len(names) and any(names.count(str(column)) > 1 for column in wanted):
         raise CaptureError("the DataFrame has duplicate column names; rename them before capturing")
-    return tuple(_field_for(df, column) for column in df.columns)
+    return tuple(_field_for(df, column) for column in wanted)
+
+
+def _structured_fields(dtype: np.dtype, names: list[str]) -> tuple[_Field, ...]:
+    """The fields of a structured array given as inputs (``MOUNT/<model>/input/all.npy``), as they are:
+    stored again with the same dtype, its column tiles are the same bytes and deduplicate."""
+    fields = []
+    for name in names:
+        field = dtype.fields[name][0]
+        if field.kind not in "biufcmMU" or field.shape:
+            raise CaptureError(
+                f"field {name!r} of the inputs has dtype {field}, which mistiquefs cannot give to the model; "
+                "pass numbers, datetimes or unicode strings"
+            )
+        kind = "text" if field.kind == "U" else "datetime" if field.kind == "M" else "number"
+        fields.append(_Field(name, field, kind))
+    return tuple(fields)
+
+
+def _is_structured(obj: Any) -> bool:
+    return isinstance(obj, np.ndarray) and obj.dtype.names is not None
+
+
+def _has_pandas() -> bool:
+    try:
+        import pandas  # noqa: F401
+    except ImportError:
+        return False
+    return True
 
 
 def _structured(df: Any, fields: tuple[_Field, ...]) -> np.ndarray:
@@ -509,6 +643,54 @@ def inputs_from_stored(stored: np.ndarray, model: Any) -> Any:
     return pd.DataFrame(columns)
 
 
+def text_columns(model: Any) -> dict[Any, set[str]]:
+    """The input columns ``model`` reads as text, with the strings it was fitted on for each: those an
+    encoder (or an imputer) that gets the raw input columns was fitted on strings for, by name where the
+    model knows them, else by position. A CSV reader keeps them text ("02134" stays a zip code for a
+    OneHotEncoder fitted on strings)."""
+    names = getattr(model, "feature_names_in_", None)
+    width = getattr(model, "n_features_in_", None)
+    if names is not None:
+        labels: list[Any] = [str(name) for name in names]
+    elif width is not None:
+        labels = list(range(int(width)))
+    else:
+        return {}
+    found: dict[Any, set[str]] = {}
+    _collect_text(model, labels, found)
+    return found
+
+
+def _collect_text(estimator: Any, labels: list[Any], found: dict[Any, set[str]]) -> None:
+    """Adds to ``found`` the ``labels`` (the root input column of each of ``estimator``'s input columns)
+    that ``estimator`` reads as text."""
+    if isinstance(estimator, Pipeline):
+        steps = [step for _, step in estimator.steps if step is not None and step != "passthrough"]
+        if steps:  # only the first step gets the raw columns
+            _collect_text(steps[0], labels, found)
+        return
+    if isinstance(estimator, FeatureUnion):
+        for _, trans in estimator.transformer_list:
+            if not isinstance(trans, str):
+                _collect_text(trans, labels, found)
+        return
+    if isinstance(estimator, ColumnTransformer):
+        indices = getattr(estimator, "_transformer_to_input_indices", {})
+        for name, trans, _columns in getattr(estimator, "transformers_", []):
+            if not isinstance(trans, str) and name in indices:
+                _collect_text(trans, [labels[i] for i in indices[name] if i < len(labels)], found)
+        return
+    per_column = getattr(estimator, "categories_", None)  # OneHotEncoder, OrdinalEncoder, TargetEncoder
+    if per_column is None:
+        statistics = getattr(estimator, "statistics_", None)  # SimpleImputer fitted on strings
+        per_column = None if statistics is None else [[value] for value in np.ravel(statistics)]
+    if isinstance(per_column, list) and len(per_column) == len(labels):
+        for label, values in zip(labels, per_column):
+            strings = {value for value in np.ravel(values) if isinstance(value, str)}
+            if strings:
+                found.setdefault(label, set()).update(strings)
+
+
 # -------------------------------------------------------------------------------------- the adapter
 
 
@@ -517,9 +699,14 @@ class SklearnAdapter(Adapter):
 
     framework = "sklearn"
     model_suffix = ".skops"
-    # Pipelines are cheap per row; big batches amortise the per-call overhead of every stage.
-    default_batch_size = 4096
     table = True
+    #: most rows per batch: pipelines are cheap per row, and big batches amortise every stage's per-call
+    #: overhead
+    max_batch_size = 4096
+    #: bytes of every stage's output for one batch (see ``default_batch_size``)
+    batch_bytes = 64 << 20
+    #: rows of the batch that measures the stages' widths
+    probe_rows = 64
 
     def __init__(self, model: Any) -> None:
         super().__init__(model)
@@ -530,25 +717,80 @@ class SklearnAdapter(Adapter):
         # (id, rows, columns) of the DataFrame last measured by n_rows, and its stored fields
         self._fields_key: tuple[int, int, tuple[Any, ...]] | None = None
         self._fields: tuple[_Field, ...] | None = None
+        self._measured: Any = None  # the inputs n_rows saw last, for default_batch_size
+        self._batch_size: int | None = None
+
+    @property
+    def default_batch_size(self) -> int:  # type: ignore[override]
+        """Rows per batch when the caller gives none: as many as keep the outputs of all stages for one
+        batch within ``batch_bytes``, measured on a first small batch of the inputs ``n_rows`` saw (up
+        to ``max_batch_size``). Sparse outputs are made dense: a one-hot encoding of 13.5k ids is 108 KB a
+        row, and 4096 rows of it (twice: the encoder and its ColumnTransformer) peaked at 451 MB."""
+        if self._batch_size is None:
+            self._batch_size = self.max_batch_size
+            if self._measured is not None:
+                rows = min(self.probe_rows, len(self._measured))
+                outputs = self.run_batch(self.slice_inputs(self._measured, 0, rows))
+                row_bytes = sum(out.array.nbytes for out in outputs) / rows
+                self._batch_size = max(1, min(self.max_batch_size, int(self.batch_bytes // max(row_bytes, 1))))
+        return self._batch_size
 
     def n_rows(self, inputs: Any) -> int:
-        if _is_dataframe(inputs):
+        if _is_structured(inputs):
+            rows = self._measure_structured(inputs)
+        elif _is_dataframe(inputs):
             self._check_dataframe_columns(inputs)
             key = (id(inputs), len(inputs), tuple(inputs.columns))
             if key != self._fields_key:
-                self._fields, self._fields_key = _dataframe_fields(inputs), key
+                self._fields = _dataframe_fields(inputs, self._model_columns(list(inputs.columns)))
+                self._fields_key = key
             rows = len(inputs)
         elif isinstance(inputs, np.ndarray):
             self._check_array(inputs)
             rows = inputs.shape[0]
         else:
             raise CaptureError(
-                f"cannot capture inputs of type {type(inputs).__name__}: pass a 2-D numpy array or "
-                "a pandas DataFrame"
+                f"cannot capture inputs of type {type(inputs).__name__}: pass a 2-D numpy array, a "
+                "pandas DataFrame or a structured array of one row per example"
             )
         if rows == 0:
             raise CaptureError("the inputs have 0 rows: there is nothing to capture")
+        if self._measured is not inputs:
+            self._measured, self._batch_size = inputs, None
         return rows
+
+    def _model_columns(self, columns: list[Any]) -> list[Any]:
+        """The columns of the inputs that are captured and stored: those the model was fitted on, in its
+        order, where it knows their names (scikit-learn selects them by name, so the others never
+        reach it, and a text column with missing values or of Python objects must not block the
+        capture); every column otherwise."""
+        expected = getattr(self.model, "feature_names_in_", None)
+        return columns if expected is None else [str(name) for name in expected]
+
+    def _measure_structured(self, inputs: np.ndarray) -> int:
+        if inputs.ndim != 1:
+            raise CaptureError(f"structured inputs must be 1-D (one record per example), got shape {inputs.shape}")
+        names = list(inputs.dtype.names)
+        if getattr(self.model, "feature_names_in_", None) is None:
+            self._check_width(len(names))
+        else:
+            self._check_columns_present(names)
+        if _has_pandas():  # a DataFrame for the model, stored again with the fields as they are
+            self._fields = _structured_fields(inputs.dtype, self._model_columns(names))
+            self._fields_key = None
+        else:
+            self._plain_fields(inputs.dtype)
+        return len(inputs)
+
+    @staticmethod
+    def _plain_fields(dtype: np.dtype) -> None:
+        """Without pandas, structured inputs are given to the model as one 2-D array: numbers only."""
+        other = [name for name in dtype.names if dtype.fields[name][0].kind not in "biuf"]
+        if other:
+            raise CaptureError(
+                f"the inputs' field(s) {other} are not numbers; giving a table with such columns to the model "
+                "needs pandas (pip install pandas)"
+            )
 
     def _check_array(self, inputs: np.ndarray) -> None:
         if inputs.ndim != 2:
@@ -561,11 +803,17 @@ class SklearnAdapter(Adapter):
         self._check_width(inputs.shape[1])
 
     def _check_dataframe_columns(self, df: Any) -> None:
-        expected = getattr(self.model, "feature_names_in_", None)
-        if expected is None:
+        if getattr(self.model, "feature_names_in_", None) is None:
             self._check_width(df.shape[1])
             return
-        missing = [name for name in expected if name not in df.columns]
+        self._check_columns_present(list(df.columns))
+
+    def _check_columns_present(self, columns: list[Any]) -> None:
+        expected = getattr(self.model, "feature_names_in_", None)
+        if expected is None:
+            return
+        present = set(columns)
+        missing = [name for name in expected if name not in present]
         if missing:
             raise CaptureError(
                 f"the inputs lack column(s) {missing} that the model was fitted on; pass a "
@@ -581,8 +829,19 @@ class SklearnAdapter(Adapter):
             )
 
     def slice_inputs(self, inputs: Any, start: int, stop: int) -> Any:
-        # .iloc keeps a DataFrame a DataFrame, so name-based column selections keep working.
-        return inputs.iloc[start:stop] if _is_dataframe(inputs) else inputs[start:stop]
+        if _is_structured(inputs):
+            rows = inputs[start:stop]
+            if not _has_pandas():
+                self._plain_fields(rows.dtype)
+                return structured_to_unstructured(rows)
+            names = self._model_columns(list(rows.dtype.names))
+            return inputs_from_stored(rows if names == list(rows.dtype.names) else rows[names], self.model)
+        if _is_dataframe(inputs):
+            # .iloc keeps a DataFrame a DataFrame, so name-based column selections keep working.
+            batch = inputs.iloc[start:stop]
+            columns = self._model_columns(list(batch.columns))
+            return batch if columns == list(batch.columns) else batch[columns]
+        return inputs[start:stop]
 
     def input_array(self, batch: Any) -> np.ndarray:
         if not _is_dataframe(batch):
@@ -658,4 +917,7 @@ def load_model(path: Path | str) -> Any:
             "loading (inspect the file with skops.io.get_untrusted_types and load it yourself if you "
             "trust it)"
         )
-    return skops.io.loads(data, trusted=untrusted)
+    model = skops.io.loads(data, trusted=untrusted)
+    if BSPLINE_TYPE in untrusted and (why := check_loaded(model)) is not None:
+        raise CaptureError(f"refusing to use {path}: it holds {why}, which scipy could evaluate out of its arrays")
+    return model

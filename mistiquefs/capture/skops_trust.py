@@ -19,20 +19,42 @@ default is accepted here only when *every* node that uses it is safe:
   optimizer) with no ``__setstate__`` but ``BaseEstimator``'s, no ``__del__`` and no own ``__new__``:
   building it only fills its ``__dict__``; scikit-learn's ``Bunch`` through ``DictNode``, as a dict;
 * a builtin container of plain data (``set``, ``frozenset``, ``bytes``...);
-* scikit-learn's fitted ``Tree`` through skops's ``TreeNode`` (see ``TREE_TYPE``), which tree models need.
+* scikit-learn's fitted ``Tree`` through skops's ``TreeNode`` (see ``TREE_TYPE``), which tree models need;
+* a scikit-learn namedtuple through ``TupleNode`` (IterativeImputer's ``_ImputerTriplet``): skops calls the
+  class with the tuple's items, and a namedtuple's generated ``__new__`` only makes the tuple;
+* ``functools.partial`` through ``PartialNode`` whose function is a ``FunctionNode`` (HistGradientBoosting's
+  categorical preprocessing holds ``partial(check_array, ...)``): skops builds ``partial(func, *args,
+  **kwds)`` without calling it; a re-run calls ``func``, which the ``FunctionNode`` rule vets as above
+  (``check_array`` only validates and converts its input), with arguments from the file, as
+  ``FunctionTransformer(func, kw_args=...)`` already can;
+* compiled scikit-learn classes whose ``__cinit__`` (no arguments) and ``__setstate__`` were read (see
+  ``REVIEWED_CYTHON``): KDTree/BallTree, which KNeighbors* build by default, and the Minkowski family of
+  distance metrics they hold. Their state is arrays, numbers and the metric, typed in Cython (a wrong type
+  raises); no name is looked up or called. Like ``Tree``'s, their query code indexes the file's arrays
+  without bounds checks, so a crafted file can crash a re-run or read out of bounds, as it can with a tree
+  model; the query writes only into arrays it sizes itself (its neighbour heaps). MahalanobisDistance writes
+  into a buffer sized from the file and PyFuncDistance calls a function from the file: both stay refused;
+* scipy's ``BSpline`` (SplineTransformer's ``bsplines_``) through ``ObjectNode``: ``object.__new__`` and its
+  ``__dict__`` filled. Its evaluation is C++ that trusts ``k``, ``t`` and ``c`` (a derivative order past
+  ``k + 1`` is a wild ``memcpy``), so ``check_loaded`` accepts a loaded model only if every BSpline in it
+  is one of a SplineTransformer's ``bsplines_`` (called with derivative orders 0 and 1 only) and is
+  consistent (``0 <= k``, sorted float64 knots, at least ``2k + 2`` of them, enough coefficients).
 
-Names under ``sklearn.``, ``numpy.`` and ``scipy.`` only, and never from their testing or compiler
-modules.
+Names under ``sklearn.``, ``numpy.`` and ``scipy.`` only (and ``functools.partial`` as above), and never
+from their testing or compiler modules.
 """
 
 from __future__ import annotations
 
+import functools
 import importlib
 import json
 import zipfile
 from collections import defaultdict
 from io import BytesIO
 from typing import Any
+
+import numpy as np
 
 # Builtin types skops does not trust by default but that only hold data (no callables, no code).
 SAFE_BUILTIN_TYPES = frozenset(
@@ -54,6 +76,23 @@ REVIEWED_SETSTATE = frozenset({"sklearn.ensemble._hist_gradient_boosting.predict
 BUNCH_TYPE = "sklearn.utils._bunch.Bunch"
 # skops loaders (0.16: io/_general.py, io/_numpy.py) that look a name up and never call the result.
 REFERENCE_LOADERS = frozenset({"FunctionNode", "TypeNode", "DTypeNode"})
+# Functions beyond ufuncs and score functions that compute from their arguments and touch nothing else:
+# check_array validates and converts an array (HistGradientBoosting's categorical preprocessing); scipy's
+# array-API asarray is np.array (what a BSpline keeps to make its outputs)
+PURE_FUNCTIONS = frozenset({"sklearn.utils.validation.check_array",
+                            "scipy._lib.array_api_compat.numpy._aliases.asarray"})
+PARTIAL_TYPE = "functools.partial"
+# Compiled classes read for scikit-learn 1.9 (neighbors/_binary_tree.pxi.tp, metrics/_dist_metrics.pyx.tp):
+# type -> the __setstate__ that was read. A version whose __setstate__ is another function is refused.
+REVIEWED_CYTHON = {
+    "sklearn.neighbors._kd_tree.KDTree": "BinaryTree64.__setstate__",
+    "sklearn.neighbors._ball_tree.BallTree": "BinaryTree64.__setstate__",
+    **{f"sklearn.metrics._dist_metrics.{name}Distance64": "DistanceMetric64.__setstate__"
+       for name in ("Euclidean", "Manhattan", "Chebyshev", "Minkowski")},
+}
+# Classes outside scikit-learn whose construction only fills the __dict__ and whose use was read (see
+# check_loaded for what a loaded one must satisfy)
+BSPLINE_TYPE = "scipy.interpolate._bsplines.BSpline"
 
 
 def loaders_by_type(data: bytes) -> dict[str, set[str]]:
@@ -66,7 +105,13 @@ def loaders_by_type(data: bytes) -> dict[str, set[str]]:
         item = stack.pop()
         if isinstance(item, dict):
             if "__loader__" in item:
-                uses[f"{item.get('__module__')}.{item.get('__class__')}"].add(str(item["__loader__"]))
+                loader = str(item["__loader__"])
+                if loader == "PartialNode":  # what the partial wraps decides what a re-run calls
+                    func = item.get("content", {}).get("func") if isinstance(item.get("content"), dict) else None
+                    func_loader = func.get("__loader__") if isinstance(func, dict) else None
+                    if func_loader != "FunctionNode":
+                        loader = f"PartialNode of a {func_loader}"
+                uses[f"{item.get('__module__')}.{item.get('__class__')}"].add(loader)
             stack.extend(item.values())
         elif isinstance(item, list):
             stack.extend(item)
@@ -77,6 +122,8 @@ def refusal(type_name: str, loaders: set[str]) -> str | None:
     """Why ``type_name`` must not be loaded through ``loaders``, or None when it is safe."""
     if type_name in SAFE_BUILTIN_TYPES:
         return None
+    if type_name == PARTIAL_TYPE and loaders == {"PartialNode"}:
+        return None  # its function is a FunctionNode, whose name is vetted on its own
     if not type_name.startswith(TRUSTED_PREFIXES) or set(type_name.split(".")) & UNSAFE_MODULE_PARTS:
         return f"{type_name} (not a scikit-learn, numpy or scipy type)"
     if not loaders:  # fail closed: a name the schema does not show us how it is loaded is not loaded
@@ -94,6 +141,10 @@ def refusal(type_name: str, loaders: set[str]) -> str | None:
         return None
     if unsafe == ["TreeNode"] and type_name == TREE_TYPE:
         return None
+    if unsafe == ["TupleNode"] and _is_plain_namedtuple(type_name):
+        return None
+    if unsafe == ["ObjectNode"] and (_is_reviewed_cython(type_name) or _is_bspline(type_name)):
+        return None
     return f"{type_name} (would be called or built while loading: {', '.join(unsafe)})"
 
 
@@ -109,12 +160,12 @@ def _resolve(type_name: str) -> Any:
 
 def _is_pure_function(type_name: str) -> bool:
     """A function that computes from its arguments and touches nothing else: a ufunc (numpy.log1p,
-    scipy.special.expit) or a scikit-learn score/metric function (f_classif)."""
-    import numpy as np
-
+    scipy.special.expit), a scikit-learn score/metric function (f_classif) or one of ``PURE_FUNCTIONS``."""
     obj = _resolve(type_name)
     if isinstance(obj, np.ufunc):
         return True
+    if type_name in PURE_FUNCTIONS:
+        return callable(obj) and not isinstance(obj, type)
     return (callable(obj) and not isinstance(obj, type)
             and str(getattr(obj, "__module__", "")).startswith(("sklearn.feature_selection", "sklearn.metrics")))
 
@@ -122,7 +173,6 @@ def _is_pure_function(type_name: str) -> bool:
 def _is_inert_type(type_name: str) -> bool:
     """A type whose call only makes a value or an unfitted estimator: numpy scalar types and dtypes,
     scikit-learn estimator classes."""
-    import numpy as np
     from sklearn.base import BaseEstimator
 
     obj = _resolve(type_name)
@@ -147,3 +197,98 @@ def _is_plain_estimator(type_name: str) -> bool:
     return (isinstance(cls, type) and cls.__new__ is object.__new__ and not hasattr(cls, "__del__")
             and (setstate in (None, getattr(object, "__setstate__", None), BaseEstimator.__setstate__)
                  or type_name in REVIEWED_SETSTATE))
+
+
+def _is_plain_namedtuple(type_name: str) -> bool:
+    """A scikit-learn namedtuple, built by skops's TupleNode as ``cls(*items)``: the ``__new__`` that
+    ``collections.namedtuple`` generates (it only makes the tuple), tuple's ``__init__``, no metaclass."""
+    cls = _resolve(type_name)
+    if not (type_name.startswith("sklearn.") and isinstance(cls, type) and type(cls) is type
+            and cls.__bases__ == (tuple,) and isinstance(getattr(cls, "_fields", None), tuple)):
+        return False
+    new = cls.__dict__.get("__new__")
+    new = new.__func__ if isinstance(new, staticmethod) else new
+    generated = getattr(new, "__globals__", {}).get("__name__") == f"namedtuple_{cls.__name__}"
+    return generated and cls.__init__ is tuple.__init__ and "__setstate__" not in cls.__dict__
+
+
+def _is_reviewed_cython(type_name: str) -> bool:
+    cls = _resolve(type_name)
+    setstate = getattr(cls, "__setstate__", None)
+    return (isinstance(cls, type) and type_name in REVIEWED_CYTHON and not hasattr(cls, "__del__")
+            and getattr(setstate, "__qualname__", None) == REVIEWED_CYTHON[type_name])
+
+
+def _is_bspline(type_name: str) -> bool:
+    cls = _resolve(type_name)
+    return (type_name == BSPLINE_TYPE and isinstance(cls, type) and cls.__new__ is object.__new__
+            and not hasattr(cls, "__del__") and getattr(cls, "__setstate__", None)
+            in (None, getattr(object, "__setstate__", None)))
+
+
+# What a BSpline's __dict__ may hold (scipy 1.17 keeps _t, _c and _asarray; older versions t and c)
+BSPLINE_ATTRIBUTES = frozenset({"t", "c", "_t", "_c", "k", "extrapolate", "axis", "_asarray"})
+MAX_SPLINE_DEGREE = 64
+
+
+def check_loaded(model: Any) -> str | None:
+    """Why a model loaded with a trusted BSpline must not be used, or None (see the module docstring):
+    every reference to a BSpline reachable from ``model`` must be an item of a SplineTransformer's
+    ``bsplines_`` (a FunctionTransformer holding the same BSpline would call it with a derivative order
+    from the file), and every BSpline consistent, so that scipy's evaluation stays within its arrays."""
+    from scipy.interpolate import BSpline
+    from sklearn.preprocessing import SplineTransformer
+
+    seen: set[int] = set()
+    # (object, whether it is an item of a SplineTransformer's bsplines_)
+    stack: list[tuple[Any, bool]] = [(model, False)]
+    while stack:
+        obj, spline_item = stack.pop()
+        if type(obj) is BSpline:  # every reference is checked, not only the first one met
+            if not spline_item:
+                return "a scipy BSpline outside a SplineTransformer's bsplines_"
+            why = _bspline_inconsistency(obj)
+            if why is not None:
+                return f"a scipy BSpline of a SplineTransformer {why}"
+            continue
+        if id(obj) in seen or isinstance(obj, (str, bytes, int, float, complex, type(None), type)):
+            continue
+        seen.add(id(obj))
+        if isinstance(obj, dict):
+            stack.extend((item, False) for item in (*obj.keys(), *obj.values()))
+        elif isinstance(obj, (list, tuple, set, frozenset)):
+            stack.extend((item, False) for item in obj)
+        elif isinstance(obj, np.ndarray) and obj.dtype.hasobject:
+            stack.extend((item, False) for item in obj.ravel().tolist())
+        if isinstance(obj, functools.partial):
+            stack.extend((item, False) for item in (obj.func, obj.args, obj.keywords))
+        if hasattr(obj, "__dict__"):
+            for key, value in vars(obj).items():
+                if isinstance(obj, SplineTransformer) and key == "bsplines_" and type(value) is list:
+                    # not marked seen: the same list met by another path is checked as any other list
+                    stack.extend((item, True) for item in value)
+                else:
+                    stack.append((value, False))
+    return None
+
+
+def _bspline_inconsistency(spline: Any) -> str | None:
+    state = vars(spline)
+    if not set(state) <= BSPLINE_ATTRIBUTES:
+        return f"with unexpected attributes {sorted(set(state) - BSPLINE_ATTRIBUTES)}"
+    k, t, c = state.get("k"), state.get("_t", state.get("t")), state.get("_c", state.get("c"))
+    if type(k) is not int or not 0 <= k <= MAX_SPLINE_DEGREE:
+        return f"of degree {k!r}"
+    if not (isinstance(t, np.ndarray) and t.dtype == np.float64 and t.ndim == 1 and len(t) >= 2 * k + 2
+            and bool(np.all(t[1:] >= t[:-1]))):
+        return "whose knots are not a sorted float64 vector of at least 2k+2 values"
+    if not (isinstance(c, np.ndarray) and c.dtype == np.float64 and c.ndim >= 1 and c.shape[0] >= len(t) - k - 1):
+        return "with fewer coefficients than its knots need"
+    extrapolate, axis = state.get("extrapolate", True), state.get("axis", 0)
+    if not (extrapolate is True or extrapolate is False or extrapolate == "periodic") or type(axis) is not int or axis:
+        return "with another extrapolation or axis than SplineTransformer makes"
+    asarray = state.get("_asarray", np.asarray)
+    name = f"{getattr(asarray, '__module__', '')}.{getattr(asarray, '__name__', '')}"
+    if asarray is not np.asarray and name not in PURE_FUNCTIONS:
+        return f"whose _asarray is {name}"
+    return None

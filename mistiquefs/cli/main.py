@@ -111,7 +111,7 @@ def cmd_capture(args: argparse.Namespace) -> int:
     schemes = dict(parse_scheme_option(text) for text in args.scheme)
     SchemePolicy.parse(schemes)  # a bad scheme fails before the model is loaded
     model = load_model_file(args.model, trust_pickle=args.trust_pickle)
-    inputs = load_inputs_file(args.inputs)
+    inputs = load_inputs_file(args.inputs, model)  # the model decides how a CSV's columns are read
     with open_store(args.store) as store:
         summary = store.capture(model, inputs, name=args.name, batch_size=args.batch_size,
                                 progress=False if args.no_progress else None, skip_existing=args.skip_existing,
