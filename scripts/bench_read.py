@@ -34,6 +34,7 @@ import os
 import random
 import shutil
 import signal
+import sqlite3
 import subprocess
 import sys
 import tempfile
@@ -49,7 +50,7 @@ import numpy as np
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO / "examples"))  # examples/ is not a package
 
-from benchlib import DROP_CACHES, drop_caches, log, median, print_table, timed  # noqa: E402
+from benchlib import DROP_CACHES, drop_caches, log, median, print_table, store_disk_bytes, timed  # noqa: E402
 
 MODEL = "cnn_e3"
 #: the biggest layer, a mid-sized one and a small one
@@ -245,12 +246,13 @@ def bench_capture(args: argparse.Namespace, store_path: Path) -> tuple[Any, dict
 
 
 def report_capture(times: dict[str, float], n: int, summary: Any) -> None:
-    rows = [[f"{MODEL}, N={n}", fmt(times["predict"], 3), fmt(times["capture"], 3), fmt(times["capture_wall"], 3),
-             ratio(times["capture"], times["predict"])]]
+    rows = [[f"{MODEL}, N={n}", fmt(times["predict"], 3), fmt(times["capture_wall"], 3), fmt(times["capture"], 3),
+             ratio(times["capture_wall"], times["predict"])]]
     print_table("capture: model.predict (baseline) vs store.capture (every layer stored)",
-                ["model", "predict s", "capture s", "capture wall s", "capture/predict"], rows,
+                ["model", "predict s", "capture s", "of which before commit s", "capture/predict"], rows,
                 [f"predict: median of the timed runs after one warm-up, batch {PREDICT_BATCH}; capture: one run "
-                 f"into a fresh store, CaptureSummary.seconds (wall = incl. commit), {len(summary.layers)} stages",
+                 f"into a fresh store, the whole store.capture call (commit included); before commit = "
+                 f"CaptureSummary.seconds (it stops before the catalog commit); {len(summary.layers)} stages",
                  f"training the 3 checkpoints took {times['train']:.1f} s (not part of any ratio)"])
 
 
@@ -269,10 +271,6 @@ def write_npy(store: Any, npy_dir: Path, x: np.ndarray) -> dict[str, int]:
     return sizes
 
 
-def dir_bytes(path: Path) -> int:
-    return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
-
-
 def build_squashfs(npy_dir: Path, image: Path, level: int | None) -> float:
     command = ["mksquashfs", str(npy_dir), str(image), "-comp", "zstd", "-noappend", "-quiet"]
     if level is not None:
@@ -283,26 +281,62 @@ def build_squashfs(npy_dir: Path, image: Path, level: int | None) -> float:
     return seconds
 
 
-def report_sizes(store: Any, npy_sizes: dict[str, int], image: Path | None, store_path: Path,
-                 squash_s: float, level: int) -> None:
+def layer_facts(store: Any, layers: Sequence[str]) -> dict[str, dict[str, Any]]:
+    """What the size table shows of each layer, read while the store is open."""
+    return {layer: store.info(MODEL, layer) for layer in layers}
+
+
+def shared_chunks(store_path: Path) -> tuple[dict[str, list[str]], int]:
+    """(layer -> the other layers of MODEL that reference some of its chunks, the stored bytes of the
+    distinct chunks some layer references), from the catalog (read-only)."""
+    con = sqlite3.connect(f"file:{store_path / 'catalog.sqlite'}?mode=ro", uri=True)
+    try:
+        users: dict[bytes, set[str]] = {}
+        for name, chunk in con.execute("SELECT i.name, t.chunk_id FROM tiles t JOIN intermediates i ON "
+                                       "t.intermediate_id = i.id JOIN models m ON i.model_id = m.id "
+                                       "WHERE m.name = ?", (MODEL,)):
+            users.setdefault(bytes(chunk), set()).add(name)
+        referenced = con.execute("SELECT COALESCE(SUM(stored_length), 0) FROM chunks WHERE id IN "
+                                 "(SELECT chunk_id FROM tiles)").fetchone()[0]
+    finally:
+        con.close()
+    shared: dict[str, set[str]] = {}
+    for names in users.values():
+        for name in names:
+            shared.setdefault(name, set()).update(names - {name})
+    return {name: sorted(others) for name, others in shared.items() if others}, int(referenced)
+
+
+def report_sizes(facts: dict[str, dict[str, Any]], npy_sizes: dict[str, int], image: Path | None,
+                 store_path: Path, squash_s: float, level: int) -> None:
+    """Sizes; the store must be closed (its catalog's write-ahead log folded in)."""
     mb = lambda b: fmt(b / 1e6, 1)  # noqa: E731
+    shared, referenced = shared_chunks(store_path)
+    disk = store_disk_bytes(store_path)
     rows = []
     for layer, size in npy_sizes.items():
-        info = store.info(MODEL, layer)
+        info = facts[layer]
         rows.append([layer, "x".join(map(str, info["shape"])), mb(size), "", mb(info["stored_bytes"]),
-                     ratio(info["stored_bytes"], size)])
+                     ratio(info["stored_bytes"], size), ", ".join(shared.get(layer, [])) or "-"])
     raw = sum(npy_sizes.values())
-    stored = sum(store.info(MODEL, layer)["stored_bytes"] for layer in npy_sizes)
+    stored = disk["arrays"]
     squash = image.stat().st_size if image else float("nan")
-    rows.append(["TOTAL", "", mb(raw), mb(squash), mb(stored), ratio(stored, raw)])
-    notes = [f"mistiquefs = stored chunk bytes; the whole store directory (packs, catalog, model file) is "
-             f"{dir_bytes(store_path) / 1e6:,.1f} MB ({ratio(dir_bytes(store_path), raw)} of raw)"]
+    rows.append(["TOTAL", "", mb(raw), mb(squash), mb(stored), ratio(stored, raw), ""])
+    notes = [f"mistiquefs per layer = the stored bytes of the chunks the layer references (info.json "
+             f"stored_bytes); a layer whose chunks are shared (last column: the same values) counts them in "
+             f"each of its rows, so the rows add up to {mb(sum(f['stored_bytes'] for f in facts.values()))} MB",
+             f"mistiquefs TOTAL = what the closed store holds on disk for the arrays: packs {mb(disk['packs'])} MB "
+             f"(the distinct chunks some layer references, {mb(referenced)} MB, and their object headers) + "
+             f"catalog.sqlite {mb(disk['catalog'])} MB; the model file ({mb(disk['models'])} MB) is not counted "
+             f"(the .npy files and the image hold only arrays): the whole store directory is "
+             f"{mb(disk['total'])} MB ({ratio(disk['total'], raw)} of raw)"]
     if image:
         level_text = f"-Xcompression-level {level}" if level else "its default level 15"
         notes.append(f"squashfs: {ratio(squash, raw)} of raw; mksquashfs -comp zstd ({level_text}, 128 KiB blocks) "
                      f"took {squash_s:.1f} s; mistiquefs uses zstd level 3 on ~1 MiB chunks")
     print_table("size: raw .npy files (baseline) vs squashfs image vs mistiquefs store (MB = 1e6 bytes)",
-                ["layer", "shape", "raw .npy MB", "squashfs MB", "mistiquefs MB", "mistiquefs/raw"], rows, notes)
+                ["layer", "shape", "raw .npy MB", "squashfs MB", "mistiquefs MB", "mistiquefs/raw",
+                 "shares chunks with"], rows, notes)
 
 
 # ---- phase 5-6: reads ------------------------------------------------------------------------------------
@@ -355,10 +389,27 @@ def ranged_read(path: Path, offset: int, size: int) -> bytes:
     return data
 
 
+def check_buffer(buffer: bytearray, size: int, file: Path, reference: np.ndarray) -> None:
+    """The first ``size`` bytes of ``buffer`` are ``file`` as read: its .npy header must describe
+    ``reference`` and its data equal it."""
+    with open(file, "rb") as f:
+        version = np.lib.format.read_magic(f)
+        shape, fortran, dtype = {(1, 0): np.lib.format.read_array_header_1_0,
+                                 (2, 0): np.lib.format.read_array_header_2_0}[version](f)
+        offset = f.tell()
+    if (tuple(shape), fortran, dtype) != (reference.shape, False, reference.dtype) or \
+            size != offset + reference.nbytes:
+        raise RuntimeError(f"{file}: header {shape} {dtype}, {size} bytes read; expected {reference.shape} "
+                           f"{reference.dtype}, {offset + reference.nbytes} bytes")
+    data = np.frombuffer(buffer, dtype=reference.dtype, count=reference.size, offset=offset)
+    if not np.array_equal(data.reshape(reference.shape), reference):
+        raise RuntimeError(f"{file}: a warm read differs from the local .npy")
+
+
 def bench_full_layer(bench: Bench, layer: str) -> None:
     reference = np.load(bench.file("local", layer))
     # the file system alone: a read into a buffer allocated once, without np.load's fresh array
-    buffer = bytearray(bench.file("local", layer).stat().st_size)
+    buffer = bytearray(max(bench.file(path, layer).stat().st_size for path in bench.paths()))
     for rep in range(bench.args.repeat):
         for path in bench.paths():
             file = bench.file(path, layer)
@@ -371,15 +422,33 @@ def bench_full_layer(bench: Bench, layer: str) -> None:
                 del array
             else:
                 np.load(file)  # warm = a repeated read, so read it once first
-            seconds, _ = timed(lambda: np.load(file))
+            seconds, array = timed(lambda: np.load(file))
             bench.add(("full", layer, path, "warm"), seconds)
-            seconds, _ = timed(lambda: read_into(file, buffer))
+            if rep == 0 and not np.array_equal(array, reference):
+                raise RuntimeError(f"{file}: a warm np.load differs from the local .npy")
+            del array
+            if rep == 0:
+                np.frombuffer(buffer, dtype=np.uint8)[:] = 0  # (untimed) so that stale bytes cannot pass the check
+            seconds, size = timed(lambda: read_into(file, buffer))
             bench.add(("full", layer, path, "warm read"), seconds)
+            if size != file.stat().st_size:
+                raise RuntimeError(f"{file}: a warm read gave {size} of {file.stat().st_size} bytes")
+            if rep == 0:
+                check_buffer(buffer, size, file, reference)
 
 
 def read_into(path: Path, buffer: bytearray) -> int:
+    """Read ``path`` into ``buffer`` from its start, to the end of the file or of the buffer (several
+    read calls where one returns less); the bytes read."""
+    view = memoryview(buffer)
+    total = 0
     with open(path, "rb", buffering=0) as f:
-        return f.readinto(buffer)
+        while total < len(view):
+            n = f.readinto(view[total:])
+            if not n:
+                break
+            total += n
+    return total
 
 
 def bench_example(bench: Bench, layer: str, n_rows: int) -> None:
@@ -590,9 +659,10 @@ def run(args: argparse.Namespace, prereqs: Prereqs, workdir: Path, mounts_box: l
     if image:
         log("building the squashfs image")
         squash_s = build_squashfs(npy_dir, image, args.squashfs_level or None)
-    report_sizes(store, npy_sizes, image, store_path, squash_s, args.squashfs_level)
+    facts = layer_facts(store, list(npy_sizes))
     store.close()
     del x, store
+    report_sizes(facts, npy_sizes, image, store_path, squash_s, args.squashfs_level)
     mounts = Mounts(workdir, store_path, image)
     mounts_box.append(mounts)
     mounts.mount_mq()

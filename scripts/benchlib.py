@@ -50,3 +50,20 @@ def drop_caches() -> None:
     """Empty the machine's page cache (root only; OSError where that is refused)."""
     os.sync()
     DROP_CACHES.write_text("3\n")
+
+
+def store_disk_bytes(path: Path) -> dict[str, int]:
+    """Bytes on disk of a store (measure it closed: an open store's catalog has a write-ahead log beside
+    it): ``packs`` (chunks and their object headers), ``catalog`` (catalog.sqlite, with any -wal/-shm
+    left), ``models`` (the kept model files), ``other`` (the lock file), ``arrays`` = packs + catalog (what
+    holds the arrays) and ``total``."""
+    parts = {"packs": 0, "catalog": 0, "models": 0, "other": 0}
+    for file in path.rglob("*"):
+        if not file.is_file():
+            continue
+        top = file.relative_to(path).parts[0]
+        key = top if top in ("packs", "models") else "catalog" if top.startswith("catalog.sqlite") else "other"
+        parts[key] += file.stat().st_size
+    parts["arrays"] = parts["packs"] + parts["catalog"]
+    parts["total"] = parts["arrays"] + parts["models"] + parts["other"]
+    return parts

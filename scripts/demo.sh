@@ -8,9 +8,15 @@ bash scripts/install.sh
 source scripts/env.sh
 store=runs/store
 mnt=runs/mnt
-if mountpoint -q "$mnt" 2>/dev/null; then mistiquefs umount "$mnt"; fi
-python3 examples/capture_all.py "$store"
+# Something still mounted on $mnt (a live mount, or one whose daemon died, which `mountpoint -q` does not
+# count) is unmounted before the capture work; `mistiquefs umount` detaches a dead mount lazily and fails
+# (exit 5) on a busy live one or on a mount that is not mistiquefs, which ends the demo here.
+if python3 -c 'import sys; from mistiquefs.fs.mount import mount_type
+sys.exit(mount_type(sys.argv[1]) is None)' "$mnt"; then
+    mistiquefs umount "$mnt"
+fi
 mkdir -p "$mnt"
+python3 examples/capture_all.py "$store"
 mistiquefs mount "$store" "$mnt"
 echo "\$ ls $mnt"; ls "$mnt"
 echo "\$ ls $mnt/cnn_e3"; ls "$mnt/cnn_e3"

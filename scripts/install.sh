@@ -21,7 +21,10 @@ fi
 py=python3
 if python3 -c 'import os, sys, sysconfig; sys.exit(sys.prefix != sys.base_prefix or not os.path.exists(
         os.path.join(sysconfig.get_path("stdlib"), "EXTERNALLY-MANAGED")))'; then
-    [ -x .venv/bin/python ] || python3 -m venv .venv
+    # a venv whose creation was interrupted (bin/python there, pip not yet) is made again from scratch
+    if ! { [ -x .venv/bin/python ] && .venv/bin/python -m pip --version >/dev/null 2>&1; }; then
+        python3 -m venv --clear .venv
+    fi
     py=.venv/bin/python
 fi
 "$py" -m pip install --disable-pip-version-check -q -e ".[keras,examples,test,bench]"
