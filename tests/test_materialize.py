@@ -8,8 +8,10 @@ from __future__ import annotations
 import io
 import json
 import logging
+import sqlite3
 import threading
 import time
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -381,3 +383,146 @@ def test_a_budget_smaller_than_the_store_is_enforced_at_the_first_open(tmp_path:
     assert np.array_equal(load(tree, inode(tree, "m", "sc")), pipe[:1].transform(x))
     repo.close()
 
+
+
+# ---- 9: re-running needs the model's input whole -----------------------------------------------------------
+def flip(path: Path, offset: int) -> None:
+    with open(path, "r+b") as f:
+        f.seek(offset)
+        byte = f.read(1)
+        f.seek(offset)
+        f.write(bytes([byte[0] ^ 0x5A]))
+
+
+@pytest.mark.parametrize("damage", ["lost", "corrupt"])
+def test_eviction_keeps_the_layers_of_a_model_whose_input_is_damaged(tmp_path: Path, damage: str,
+                                                                     caplog: pytest.LogCaptureFixture) -> None:
+    """An input chunk that a repair dropped (lost) or that fails its checksum fails every re-run of its rows:
+    a stored layer of that model is their only copy (before: dropped, and those rows were gone)."""
+    from mistiquefs.store.check import repair_store
+
+    x, other = data(), data(seed=1)
+    pipe = scale_pca(x)
+    repo = capture(tmp_path / "s", ("m", pipe, x, "all"), ("ok", scale_pca(other), other, "all"))
+    _tile, _cid, loc = repo.catalog.tiles(record(repo, "m", "input").id)[0]
+    repo.close()
+    flip(tmp_path / "s" / "packs" / loc.pack, loc.offset + loc.stored_length // 2)
+    repo = Repository(tmp_path / "s", create=False)
+    if damage == "lost":
+        assert not repair_store(repo).clean
+    planner = Planner(repo, budget=1)
+    caplog.set_level(logging.INFO, logger="mistiquefs.planner.materialize")
+    evict(planner)
+    now = stored(repo)
+    assert now[("m", "sc")] and now[("m", "pca")]
+    assert not now[("ok", "sc")] and not now[("ok", "pca")]  # a model whose input is whole still gives way
+    kept = [r.getMessage() for r in caplog.records if "keeping the stored layers of model m" in r.getMessage()]
+    assert len(kept) == 1 and ("lost" if damage == "lost" else "tile 0 of its input does not read back") in kept[0]
+    tree = Tree(repo, Planner(repo, mode="read"))
+    assert np.array_equal(load(tree, inode(tree, "m", "pca")), pipe.transform(x))
+    repo.close()
+
+
+def test_an_input_lost_after_the_check_is_seen_under_the_lock(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The checks run before the capture lock is taken; under it, a model whose input's chunk map changed
+    since (here another process's repair dropped a row just before the lock) is checked again, and kept."""
+    x = data()
+    repo = capture(tmp_path / "s", ("m", scale_pca(x), x, "all"))
+    _tile, cid, _loc = repo.catalog.tiles(record(repo, "m", "input").id)[0]
+    planner = Planner(repo, budget=1)
+    lock = repo.capture_lock
+
+    @contextmanager
+    def lock_after_a_repair(holder: str = "capture"):
+        db = sqlite3.connect(tmp_path / "s" / "catalog.sqlite")
+        db.execute("DELETE FROM chunks WHERE id = ?", (cid,))  # no intact copy found: the row goes
+        db.commit()
+        db.close()
+        with lock(holder):
+            yield
+
+    monkeypatch.setattr(repo, "capture_lock", lock_after_a_repair)
+    assert planner.materializer.enforce() == []
+    assert stored(repo)[("m", "sc")] and stored(repo)[("m", "pca")]
+    repo.close()
+
+
+# ---- 10: a write over budget drops what the final state does not need, nothing more ---------------------------
+def test_a_write_over_budget_is_undone_before_anything_else_goes(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                                  caplog: pytest.LogCaptureFixture) -> None:
+    """Undoing the new layer alone brings the store within budget, and nothing cheaper could: it goes, and
+    nothing else (before: the small layer of "a" was dropped first, which could not make room, then the new
+    one anyway, leaving the store smaller than before and a layer that fitted lost)."""
+    monkeypatch.setattr(materialize, "GUESSED_RATIO", 2.0)
+    x = data(20000, 16)
+    repo = capture(tmp_path / "s", ("a", PCA(1).fit(x), x, "all"), ("b", PCA(8).fit(x * 3), x * 3, "none"))
+    before = repo.catalog.referenced_bytes()
+    budget = before + 20000 * 8 * 8 // 2 + 1000
+    planner = Planner(repo, budget=budget)
+    tree = Tree(repo, planner)
+    planner.stats[record(repo, "b", "pca").id] = LayerStats(queries=4)
+    caplog.set_level(logging.INFO, logger="mistiquefs.planner.materialize")
+    read_file(tree, inode(tree, "b", "pca"))
+    settle()
+    now = stored(repo)
+    assert now[("a", "pca")] and not now[("b", "pca")]
+    assert repo.catalog.referenced_bytes() == before
+    assert planner.materializer.dropped == ["pca"] and planner.materializer.materialized == []
+    messages = [r.getMessage() for r in caplog.records]
+    assert any(m.startswith("dropped stored model b, layer pca") for m in messages)
+    assert any(m.startswith("materialization of model b, layer pca undone") for m in messages)
+    repo.close()
+
+
+def test_a_write_over_budget_drops_only_what_the_budget_needs(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The new layer is worth keeping: of the others, the least valuable per byte (small, never read) cannot
+    make room alone, the next one can. The drop set is planned whole first, so the small one stays (before:
+    dropped on the way, for nothing)."""
+    monkeypatch.setattr(materialize, "GUESSED_RATIO", 2.0)
+    x = data(20000, 16)
+    repo = capture(tmp_path / "s", ("small", PCA(1).fit(x), x, "all"), ("big", PCA(8).fit(x * 2), x * 2, "all"),
+                   ("b", PCA(8).fit(x * 3), x * 3, "none"))
+    budget = repo.catalog.referenced_bytes() + 20000 * 8 * 8 // 2 + 1000
+    planner = Planner(repo, budget=budget)
+    tree = Tree(repo, planner)
+    planner.stats[record(repo, "big", "pca").id] = LayerStats(queries=1)
+    planner.stats[record(repo, "b", "pca").id] = LayerStats(queries=400)
+    read_file(tree, inode(tree, "b", "pca"))
+    settle()
+    now = stored(repo)
+    assert now[("small", "pca")] and not now[("big", "pca")] and now[("b", "pca")]
+    assert planner.materializer.dropped == ["pca"] and planner.materializer.materialized == ["pca"]
+    assert repo.catalog.referenced_bytes() <= budget
+    repo.close()
+
+
+# ---- 11: eviction checks models off the capture lock, once, without pushing out warm models -----------------
+def test_eviction_loads_each_model_once_without_the_capture_lock_and_keeps_warm_ones(tmp_path: Path) -> None:
+    """Eviction loaded a model per dropped layer, under the capture lock (a mount held it ~6.5 s importing
+    scikit-learn and Keras, refusing captures), through the re-runner's warm cache (six probes pushed out the
+    model readers were using)."""
+    x = data(1000, 4)
+    repo = capture(tmp_path / "s", *((f"m{i}", scale_pca(x + i, 2), x + i, "all") for i in range(6)))
+    planner = Planner(repo, budget=1)
+    rerunner = planner.rerunner
+    warm = repo.model(record(repo, "m0", "sc").model_id)
+    rerunner.model(warm)  # what readers re-run
+    loads: list[tuple[str, bool]] = []
+    real = rerunner._loader
+
+    def loader(framework: str, path: str):
+        try:
+            with repo.capture_lock("probe"):
+                held = False
+        except StoreError:
+            held = True
+        loads.append((Path(path).name, held))
+        return real(framework, path)
+
+    rerunner._loader = loader
+    dropped = planner.materializer.enforce()
+    assert len(dropped) == 12 and not any(stored(repo)[(f"m{i}", "pca")] for i in range(6))
+    assert not any(held for _name, held in loads)
+    assert len(loads) == 5 and len({name for name, _held in loads}) == 5  # m0 was warm already
+    assert rerunner.is_warm(warm) and rerunner.loads == 1
+    repo.close()

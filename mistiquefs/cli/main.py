@@ -189,7 +189,8 @@ def cmd_fsck(args: argparse.Namespace) -> int:
     print(report.summary())
     if report.clean:
         return 0
-    hint = "" if args.repair else "; mistiquefs fsck --repair rebuilds the chunk index from the packs"
+    hint = "" if args.repair or report.catalog_unreadable else \
+        "; mistiquefs fsck --repair rebuilds the chunk index from the packs"
     found = len(report.problems)
     print(f"mistiquefs: error: {args.store} is damaged ({found} problem{'s' * (found != 1)}){hint}", file=sys.stderr)
     return DamageFound.exit_code

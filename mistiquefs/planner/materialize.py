@@ -12,21 +12,33 @@ referenced chunk bytes plus the guess fit the budget, the next completed re-run 
 transaction, from a background thread.
 
 The budget holds after every write: the guess may be off, so the store's real size is checked once the
-layer is in, and if it is over the budget, eviction (below) runs with the new layer among the candidates.
-If the new layer is the one of least value, it goes again (the write is undone), and its real size stays
-known, so it is not written again until it fits.
+layer is in. If it is over the budget and undoing the new layer alone brings it back within, and the new
+layer is worth no more per byte than what would go instead, the write is undone and nothing else goes (its
+real size stays known, so it is not written again until it fits). Otherwise eviction (below) runs with the
+new layer among the candidates.
 
-Eviction, under the capture lock, while the store references more than the budget:
+Eviction, while the store references more than the budget:
 
 - candidates: stored lossless layers the model can re-run (``Planner.can_rerun``: not the inputs, not
-  summaries), whose model file really loads (``ReRunner.model``, which remembers refusals: skops's trust
-  rules may refuse a pipeline a capture with policy "all" kept, and dropping its layers would lose them for
-  good), and that no open file reads from the store (its plan streams the stored chunks);
+  summaries) that no open file reads from the store (its plan streams the stored chunks), and that
+  re-running can really give back: the model file loads (skops's trust rules may refuse a pipeline a
+  capture with policy "all" kept), and the model's input has all its tiles, each with a chunk that reads
+  back and verifies (a repair may have dropped a lost chunk's row; a chunk may fail its checksum: every
+  re-run of those rows would fail). Otherwise the layers are their only copy: they stay, and the log says
+  why. Each model is checked once per pass (its input's chunks read once), a model file that loaded once is
+  not loaded again while it stays as it was, and a probe does not go through the re-runner's warm cache
+  (probing every candidate would push out the models readers keep warm);
 - a drop frees the chunks no other layer references. A chunk other layers share (dedup) is freed only with
   all of them: a layer is weighed alone (what it frees by itself) and together with the candidates that
   share its chunks (one unit); a unit that would free nothing is never dropped;
 - the unit with the least (seconds saved x queries) per byte it frees goes first (gamma, over the bytes it
-  really frees; with no queries yet: the least seconds saved per freed byte), until the budget holds.
+  really frees; with no queries yet: the least seconds saved per freed byte), until the budget holds. The
+  whole drop set is planned before anything is dropped, and a chosen unit the final state does not need
+  (a small one chosen first that could not make room alone) is kept after all.
+
+The checks that take seconds (loading models: a mount held the capture lock ~6.5 s importing scikit-learn
+and Keras; reading inputs) run before the capture lock is taken; under it, the drop set is planned again on
+the catalog as it is then (a model whose input's chunk map changed since is checked again), and applied.
 
 It runs after each materialization, and on the mount's first file open (once, on a thread: a budget
 smaller than the store it is mounted on; tried again at a later open while a capture holds the lock or open
@@ -40,20 +52,25 @@ writable store; a read-only store never materializes.
 
 from __future__ import annotations
 
+import heapq
+import itertools
 import logging
+import math
 import os
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 import numpy as np
 
 from mistiquefs.codecs import Chain
 from mistiquefs.codecs.lossless import BytesCodec
-from mistiquefs.errors import StoreError
-from mistiquefs.store.packs import PackWriter
-from mistiquefs.store.records import IntermediateRecord
+from mistiquefs.errors import CorruptChunk, StoreError
+from mistiquefs.store.catalog import TileRow
+from mistiquefs.store.packs import ChunkLocation, PackWriter
+from mistiquefs.store.records import COLUMNS, IntermediateRecord, ModelRecord
 from mistiquefs.store.writer import ChunkSink, LayerWriter
 
 if TYPE_CHECKING:
@@ -88,6 +105,8 @@ class Materializer:
         self._kept_open = False  # the last eviction left the store over budget because open files kept layers
         self.materialized: list[str] = []
         self.dropped: list[str] = []
+        #: (framework, model file, its mtime and size) of the model files that loaded: they load again
+        self._loadable: set[tuple[str, str, int, int]] = set()
 
     def saved_seconds(self, rec: IntermediateRecord) -> float:
         """Seconds one whole-layer query saves by reading ``rec`` instead of re-running it (cold: what a
@@ -150,6 +169,8 @@ class Materializer:
 
     def _store(self, rec: IntermediateRecord, pieces: list[np.ndarray]) -> None:
         changed = {rec.id}
+        dropped: list[IntermediateRecord] = []
+        others = False  # the budget needs other layers dropped: weighed with their models checked, off the lock
         try:
             with self.repo.capture_lock("materialization"):
                 before = self.repo.catalog.referenced_bytes()
@@ -157,18 +178,34 @@ class Materializer:
                 self._sizes[rec.id] = max(self.repo.catalog.referenced_bytes() - before, 0)
                 # the records as committed: the new layer is stored now, and eviction weighs it like the others
                 self.repo.forget_records({rec.id})
-                dropped = self.evict()
+                new = self._record(rec.id)
+                used = self.repo.catalog.referenced_bytes()
+                if new is not None and used > self.budget:
+                    # Undoing the new layer needs no model load (its re-run just ran): decided here, on the
+                    # catalog alone, whether it goes rather than what else would
+                    plan = self._plan(used, self._candidates()[0], _Vetting(optimistic=True), new)
+                    if [d.id for d in plan] == [new.id]:
+                        self.repo.reader(new).tile_index()  # a plan made from here on reads on
+                    others = [d.id for d in plan] != [new.id] or new.id in self.planner.layers_read_from_store()
+                    if not others:
+                        self._kept_open = False
+                        dropped = self._drop(plan, used)
+            if others:
+                try:
+                    dropped = self._enforce(new)
+                except StoreError as exc:  # a capture or gc holds the lock
+                    log.info("%s stays stored over the budget until a later open's check: %s", self._name(rec), exc)
             changed |= {d.id for d in dropped}
             if rec.id in {d.id for d in dropped}:
                 log.info("materialization of %s undone: its %d stored bytes are worth less than what the budget "
-                         "holds", rec.name, self._sizes[rec.id])
+                         "holds", self._name(rec), self._sizes[rec.id])
             else:
                 self.materialized.append(rec.name)
-                log.info("materialized %s (layer id %d) after repeated re-runs", rec.name, rec.id)
+                log.info("materialized %s (layer id %d) after repeated re-runs", self._name(rec), rec.id)
         except StoreError as exc:  # another writer holds the lock: a later query tries again
-            log.info("materialization of %s skipped: %s", rec.name, exc)
+            log.info("materialization of %s skipped: %s", self._name(rec), exc)
         except Exception:
-            log.exception("materialization of %s failed", rec.name)
+            log.exception("materialization of %s failed", self._name(rec))
         finally:
             with self._lock:
                 self._busy.discard(rec.id)
@@ -216,10 +253,8 @@ class Materializer:
         dropped: list[IntermediateRecord] = []
         again = False
         try:
-            if self.repo.catalog.referenced_bytes() > self.budget:
-                with self.repo.capture_lock("materialization"):
-                    dropped = self.evict()
-                again = self._kept_open
+            dropped = self._enforce(None)
+            again = self._kept_open
         except StoreError as exc:  # a capture or gc holds the lock: a later open tries again
             log.info("the budget check waits for a later open: %s", exc)
             again = True
@@ -232,90 +267,318 @@ class Materializer:
             self.planner.records_changed({d.id for d in dropped})
         return dropped
 
-    def evict(self) -> list[IntermediateRecord]:
+    def _enforce(self, new: IntermediateRecord | None) -> list[IntermediateRecord]:
+        """One eviction pass. What takes seconds (loading models, reading their inputs) is done first, without
+        the capture lock: a capture meanwhile is not refused (a mount held the lock ~6.5 s importing scikit-learn
+        and Keras). Then, under the lock, ``evict`` plans again on the catalog as it is then, and drops."""
+        used = self.repo.catalog.referenced_bytes()
+        if used <= self.budget:
+            self._kept_open = False
+            return []
+        vetting = _Vetting()
+        self._plan(used, self._candidates()[0], vetting, new)
+        try:
+            with self.repo.capture_lock("materialization"):
+                return self.evict(vetting, new)
+        except StoreError:
+            if new is not None:  # the new layer keeps the store over its budget until a later open's check
+                with self._lock:
+                    self._enforce_pending = True
+            raise
+
+    def evict(self, vetting: _Vetting | None = None, new: IntermediateRecord | None = None
+              ) -> list[IntermediateRecord]:
         """Over budget: drop the layers of least value per freed byte until it fits (see the module
-        docstring for which layers may go, and the order). Call with the capture lock held. Returns the
+        docstring for which layers may go, and the order). Call with the capture lock held; ``vetting`` holds
+        what a pass found before it took the lock (re-checked here: what changed since is checked again),
+        ``new`` is a layer just written. The whole drop set is planned before anything is dropped. Returns the
         dropped layers."""
         self._kept_open = False
+        self.repo.forget_records()  # the rows as they are now, under the lock
         used = self.repo.catalog.referenced_bytes()
         if used <= self.budget:
             return []
+        vetting = vetting or _Vetting()
+        if new is not None:
+            new = self._record(new.id)
+        remaining, self._kept_open = self._candidates()
+        while True:
+            plan = self._plan(used, remaining, vetting, new)
+            for rec in plan:
+                # a plan made from here on (its open not counted yet) reads on from the whole chunk map
+                self.repo.reader(rec).tile_index()
+            opened = {rec.id for rec in plan} & self.planner.layers_read_from_store()  # opened meanwhile
+            if not opened:
+                break
+            self._kept_open = True
+            for ident in opened:
+                del remaining[ident]
+        return self._drop(plan, used)
+
+    def _drop(self, plan: list[IntermediateRecord], used: int) -> list[IntermediateRecord]:
+        """Drop the planned layers (their rows; gc reclaims the chunks), and say whether the budget holds."""
+        dropped: list[IntermediateRecord] = []
+        for rec in plan:
+            used -= self.repo.catalog.unmaterialize(rec.id)
+            dropped.append(rec)
+            self.dropped.append(rec.name)
+            log.info("dropped stored %s (least value per freed byte) to stay within the budget", self._name(rec))
+        if used > self.budget:
+            log.warning("the store references %d bytes, over the budget of %d, and nothing more may go: inputs, "
+                        "summaries, lossy layers, layers whose model does not load or whose input is damaged, what "
+                        "shares its chunks with those%s", used, self.budget,
+                        ", layers open files read" if self._kept_open else "")
+        else:
+            self._kept_open = False
+        return dropped
+
+    # ---- choosing what goes ---------------------------------------------------------------------------
+    def _candidates(self) -> tuple[dict[int, IntermediateRecord], bool]:
+        """Stored lossless layers the model can re-run that no open file reads from the store; and whether
+        open files keep some."""
+        kept_open = False
         reading = self.planner.layers_read_from_store()
         remaining: dict[int, IntermediateRecord] = {}
         for layers in self.repo.all_layers().values():
             for rec in layers:
                 if rec.stored and not rec.chain.lossy and self.planner.can_rerun(rec):
                     if rec.id in reading:  # an open file streams its chunks: they must stay until it is closed
-                        self._kept_open = True
+                        kept_open = True
                     else:
                         remaining[rec.id] = rec
-        chunks = {rec.id: self.repo.catalog.tiles(rec.id) for rec in remaining.values()}
-        own = {ident: {cid for _t, cid, _loc in tiles} for ident, tiles in chunks.items()}
-        sizes = {cid: loc.stored_length if loc is not None else 0 for tiles in chunks.values()
-                 for _t, cid, loc in tiles}
-        users: dict[bytes, set[int]] = {cid: set() for cid in sizes}  # chunk -> every layer using it
-        for ident, _tile, cid in self.repo.catalog.tiles_using(sizes):
-            users.setdefault(cid, set()).add(ident)
-        # a layer's chunks no other layer uses (freed by its drop alone), and those it shares
-        alone_bytes = {i: sum(sizes[cid] for cid in cids if len(users[cid]) == 1) for i, cids in own.items()}
-        shares = {i: {cid for cid in cids if len(users[cid]) > 1} for i, cids in own.items()}
-        queries = {ident: stats.queries for ident, stats in list(self.planner.stats.items())}
-        saved = {ident: self.saved_seconds(rec) for ident, rec in remaining.items()}
-        gone: set[int] = set()
+        return remaining, kept_open
 
-        def freed(unit: frozenset[int]) -> int:
-            after = gone | unit
-            shared = set().union(*(shares[i] for i in unit))
-            return sum(alone_bytes[i] for i in unit) + sum(sizes[cid] for cid in shared if users[cid] <= after)
+    def _plan(self, used: int, remaining: dict[int, IntermediateRecord], vetting: _Vetting,
+              new: IntermediateRecord | None = None) -> list[IntermediateRecord]:
+        """The layers to drop, in order, to bring ``used`` bytes within the budget (all it can, if nothing
+        may): least value per freed byte first, then anything the final state does not need is kept after all.
+        A just-written ``new`` layer goes alone, before anything else, when that is enough and it is worth no
+        more per byte than what would go instead. Candidates ``vetting`` refuses leave ``remaining``."""
+        if used <= self.budget or not remaining:
+            return []
+        weights = _Weights(self, remaining)
 
-        dropped: list[IntermediateRecord] = []
-        while used > self.budget and remaining:
-            best: tuple[tuple[float, float], frozenset[int]] | None = None
-            for ident in remaining:
-                alone = frozenset({ident})
-                # with the candidates that share its chunks: shared chunks are freed only with all their users
-                shared = frozenset(u for cid in shares[ident] for u in users[cid] if u in remaining) | alone
-                for unit in {alone, shared}:
-                    nbytes = freed(unit)
-                    if nbytes <= 0:
-                        continue
-                    key = (sum(saved[i] * queries.get(i, 0) for i in unit) / nbytes,
-                           sum(saved[i] for i in unit) / nbytes)
-                    if best is None or key < best[0]:
-                        best = (key, unit)
-            if best is None:
-                break
-            unit = best[1]
-            refused = [i for i in unit if not self._model_loads(remaining[i])]
-            for i in unit:
-                # a plan made from here on (its open not counted yet) reads on from the whole chunk map
-                self.repo.reader(remaining[i]).tile_index()
-            opened = unit & self.planner.layers_read_from_store()  # opened meanwhile (a model load takes seconds)
-            if refused or opened:  # not droppable after all: choose again without them
-                self._kept_open |= bool(opened)
-                for i in {*refused, *opened}:
+        def vet(rec: IntermediateRecord) -> bool:
+            # the new layer's model ran from its whole input just now: re-running can give it back
+            return (new is not None and rec.id == new.id) or self._vet(rec, vetting)
+
+        if new is not None and new.id in remaining:
+            alone = frozenset({new.id})
+            others = {i: r for i, r in remaining.items() if i != new.id}
+            chosen, fits = self._greedy(used, others, weights, vet)
+            for ident in set(remaining) - set(others) - alone:  # refused while weighing the others
+                del remaining[ident]
+            if used - weights.freed(alone) <= self.budget and \
+                    (not fits or weights.key(alone) <= weights.key(frozenset(chosen))):
+                return [remaining[new.id]]
+            if fits:
+                return [remaining[i] for i in chosen]
+        chosen, _fits = self._greedy(used, remaining, weights, vet)
+        return [remaining[i] for i in chosen]
+
+    def _greedy(self, used: int, remaining: dict[int, IntermediateRecord], weights: _Weights,
+                vet: Callable[[IntermediateRecord], bool]) -> tuple[list[int], bool]:
+        """(layer ids to drop, in order; whether the budget then holds), least value per freed byte first, a
+        unit that would free nothing never; units ``vet`` refuses leave ``remaining`` and it chooses again.
+        Once the budget holds, chosen units it does not need are taken out again (the last chosen first).
+
+        Each candidate is weighed alone and with the candidates that share its chunks (one unit: shared chunks
+        are freed only with all their users), in a heap: a choice or a refusal changes only what the layers
+        sharing chunks with it free, so only those are weighed again (400 layers weighed 80000 times took 1 s
+        under the capture lock)."""
+        units: list[frozenset[int]] = []
+        chosen: set[int] = set()
+        freed = 0
+        heap: list[tuple[tuple[float, float], int, int, int, frozenset[int], int]] = []
+        version: dict[int, int] = {}
+        order = itertools.count()
+
+        def weigh(ident: int) -> None:
+            version[ident] = version.get(ident, 0) + 1
+            alone = frozenset({ident})
+            shared = frozenset(u for u in weights.partners(ident) if u in remaining and u not in chosen) | alone
+            for unit in (alone, shared) if shared != alone else (alone,):
+                gain = weights.gain(unit, chosen)
+                if gain > 0:
+                    heapq.heappush(heap, (weights.key(unit, gain), next(order), ident, version[ident], unit, gain))
+
+        def neighbours(unit: Iterable[int]) -> set[int]:
+            return {u for i in unit for u in weights.partners(i) if u in remaining and u not in chosen}
+
+        for ident in remaining:
+            weigh(ident)
+        while used - freed > self.budget and heap:
+            _key, _n, ident, seen, unit, gain = heapq.heappop(heap)
+            if version.get(ident) != seen or ident not in remaining or not unit.isdisjoint(chosen) \
+                    or not all(i in remaining for i in unit):
+                continue  # weighed again since, or gone
+            refused = [i for i in unit if not vet(remaining[i])]
+            if refused:  # not droppable after all: choose again without them
+                for i in refused:
                     del remaining[i]
+                for i in neighbours(refused) | (unit - set(refused)):
+                    weigh(i)
                 continue
-            for ident in sorted(unit):
-                rec = remaining.pop(ident)
-                used -= self.repo.catalog.unmaterialize(rec.id)
-                gone.add(ident)
-                dropped.append(rec)
-                self.dropped.append(rec.name)
-                log.info("dropped stored layer %s (least value per byte) to stay within the budget", rec.name)
-        if used > self.budget:
-            log.warning("the store references %d bytes, over the budget of %d, and nothing more may go: inputs, "
-                        "summaries, lossy layers, layers whose model does not load, what shares its chunks with "
-                        "those%s", used, self.budget, ", layers open files read" if self._kept_open else "")
-        else:
-            self._kept_open = False
-        return dropped
+            units.append(unit)
+            chosen |= unit
+            freed += gain
+            for i in neighbours(unit):
+                weigh(i)
+        fits = used - freed <= self.budget
+        if fits:
+            for unit in reversed(list(units)):
+                if used - weights.freed(chosen - unit) <= self.budget:
+                    units.remove(unit)
+                    chosen -= unit
+        return [i for unit in units for i in sorted(unit)], fits
 
-    def _model_loads(self, rec: IntermediateRecord) -> bool:
-        """Whether ``rec``'s model loads for re-runs (loaded once and kept warm; a refusal is remembered)."""
+    # ---- what re-running can give back ----------------------------------------------------------------
+    def _vet(self, rec: IntermediateRecord, vetting: _Vetting) -> bool:
+        """Whether re-running can give ``rec`` back, checked once per model and pass: its model file loads,
+        and its input is whole and reads back (a lost or corrupt input chunk fails every re-run of its rows,
+        so dropping a stored layer of that model would lose those rows for good). Logs why not."""
+        if vetting.optimistic:
+            return True
         try:
-            self.planner.rerunner.model(self.repo.model(rec.model_id))
-        except Exception as exc:  # refused by the safe loaders, broken, a framework missing here
-            log.info("keeping stored layer %s: re-running cannot replace it (%s)", rec.name, exc)
+            model = self.repo.model(rec.model_id)
+        except KeyError:  # removed (rm) since the candidates were listed
             return False
-        return True
+        why = vetting.loads.get(model.id)
+        if why is None:
+            why = vetting.loads[model.id] = self._model_loads(model)
+        if not why:
+            why = self._input_whole(model.id, vetting)
+        if why and model.id not in vetting.logged:
+            vetting.logged.add(model.id)
+            log.info("keeping the stored layers of model %s: re-running cannot replace them (%s)", model.name, why)
+        return not why
+
+    def _model_loads(self, model: ModelRecord) -> str:
+        """"" if ``model`` loads for re-runs, else why not. A warm model is not loaded again; another is loaded
+        and let go (not kept warm: probing every candidate would push out the models readers keep warm), and
+        remembered while its file stays as it was. skops's trust rules may refuse a pipeline a capture with
+        policy "all" kept: dropping its layers would lose them for good."""
+        rerunner = self.planner.rerunner
+        if rerunner.is_warm(model):
+            return ""
+        path = self.repo.root / model.model_file
+        try:
+            st = path.stat()
+            key = (model.framework, str(path), st.st_mtime_ns, st.st_size)
+        except OSError:
+            key = None
+        if key is not None and key in self._loadable:
+            return ""
+        try:
+            rerunner.probe(model)
+        except Exception as exc:  # refused by the safe loaders, broken, a framework missing here
+            return f"its model file does not load: {exc}"
+        if key is not None:
+            self._loadable.add(key)
+        return ""
+
+    def _input_whole(self, model_id: int, vetting: _Vetting) -> str:
+        """"" if the model's input has every tile, each with a chunk that reads back and verifies, else why
+        not. Cached for the pass by the input's chunk map: under the lock, a map that changed since (a repair
+        dropped a row, a gc moved a chunk) is checked again, and only chunks not read yet are read."""
+        inp = next((r for r in self.repo.layers_of(model_id) if r.name == "input"), None)
+        if inp is None or not inp.stored:
+            return "its input is not stored"
+        rows = self.repo.catalog.tiles(inp.id)
+        cached = vetting.inputs.get(model_id)
+        if cached is not None and cached[0] == rows:
+            return cached[1]
+        why = self._check_input(inp, rows, vetting)
+        vetting.inputs[model_id] = (rows, why)
+        return why
+
+    def _check_input(self, inp: IntermediateRecord, rows: list[TileRow], vetting: _Vetting) -> str:
+        expected = inp.n_blocks * (inp.n_columns if inp.layout == COLUMNS else 1)
+        if [t for t, _cid, _loc in rows] != list(range(expected)):
+            return f"its input has {len(rows)} of its {expected} tiles: see mistiquefs fsck"
+        lost = [t for t, _cid, loc in rows if loc is None]
+        if lost:
+            return f"{len(lost)} of its input's tiles are lost (tile {lost[0]} first): see mistiquefs fsck"
+        for tile, cid, loc in rows:
+            if (cid, loc) in vetting.verified:
+                continue
+            try:
+                self.repo.packs.read(cid, loc)
+            except (CorruptChunk, OSError) as exc:
+                return f"tile {tile} of its input does not read back ({exc}): see mistiquefs fsck"
+            vetting.verified.add((cid, loc))
+        return ""
+
+    # ---- helpers -------------------------------------------------------------------------------------
+    def _record(self, ident: int) -> IntermediateRecord | None:
+        return next((r for layers in self.repo.all_layers().values() for r in layers if r.id == ident), None)
+
+    def _name(self, rec: IntermediateRecord) -> str:
+        """"model M, layer L", for the log."""
+        try:
+            model = self.repo.model(rec.model_id).name
+        except Exception:  # a removed model, a catalog that does not read: the log line still goes out
+            model = f"#{rec.model_id}"
+        return f"model {model}, layer {rec.name}"
+
+
+@dataclass
+class _Vetting:
+    """What one eviction pass found out once (so not again): per model, why re-running cannot give its
+    layers back ("" when it can: ``loads``, then ``inputs`` with the input's chunk map checked), and the input
+    chunks read and verified. ``optimistic``: no check at all (weighing an undo, which needs none)."""
+
+    optimistic: bool = False
+    loads: dict[int, str] = field(default_factory=dict)
+    inputs: dict[int, tuple[list[TileRow], str]] = field(default_factory=dict)
+    verified: set[tuple[bytes, ChunkLocation]] = field(default_factory=set)
+    logged: set[int] = field(default_factory=set)
+
+
+class _Weights:
+    """What dropping candidates frees, and what they are worth: a layer's chunks no other layer uses (freed by
+    its drop alone), and those it shares (freed only with every layer using them, candidate or not)."""
+
+    def __init__(self, materializer: Materializer, remaining: dict[int, IntermediateRecord]) -> None:
+        catalog = materializer.repo.catalog
+        chunks = {rec.id: catalog.tiles(rec.id) for rec in remaining.values()}
+        own = {ident: {cid for _t, cid, _loc in tiles} for ident, tiles in chunks.items()}
+        self.sizes = {cid: loc.stored_length if loc is not None else 0 for tiles in chunks.values()
+                      for _t, cid, loc in tiles}
+        self.users: dict[bytes, set[int]] = {cid: set() for cid in self.sizes}  # chunk -> every layer using it
+        for ident, _tile, cid in catalog.tiles_using(self.sizes):
+            self.users.setdefault(cid, set()).add(ident)
+        self.alone = {i: sum(self.sizes[cid] for cid in cids if len(self.users[cid]) == 1) for i, cids in own.items()}
+        self.shares = {i: {cid for cid in cids if len(self.users[cid]) > 1} for i, cids in own.items()}
+        queries = {ident: stats.queries for ident, stats in list(materializer.planner.stats.items())}
+        saved = {ident: materializer.saved_seconds(rec) for ident, rec in remaining.items()}
+        self.value = {ident: (saved[ident] * queries.get(ident, 0), saved[ident]) for ident in remaining}
+        self._partners: dict[frozenset[bytes], frozenset[int]] = {}
+
+    def gain(self, unit: frozenset[int] | set[int], chosen: set[int]) -> int:
+        """Bytes dropping ``unit`` frees once ``chosen`` (disjoint from it) is dropped."""
+        total = sum(self.alone[i] for i in unit)
+        for cid in set().union(*(self.shares[i] for i in unit)):
+            if (self.users[cid] - unit) <= chosen:
+                total += self.sizes[cid]
+        return total
+
+    def partners(self, ident: int) -> frozenset[int]:
+        """The layers that share a chunk with ``ident`` (itself included when it shares any): computed once per
+        set of shared chunks (200 captures of one pipeline share the same few)."""
+        shares = frozenset(self.shares[ident])
+        found = self._partners.get(shares)
+        if found is None:
+            found = self._partners[shares] = frozenset(u for cid in shares for u in self.users[cid])
+        return found
+
+    def freed(self, drop: frozenset[int] | set[int]) -> int:
+        """Bytes dropping all of ``drop`` frees."""
+        return self.gain(set(drop), set())
+
+    def key(self, unit: frozenset[int], nbytes: int | None = None) -> tuple[float, float]:
+        """(seconds saved x queries, seconds saved) per freed byte: the least goes first."""
+        nbytes = self.freed(unit) if nbytes is None else nbytes
+        if nbytes <= 0:
+            return math.inf, math.inf
+        return (sum(self.value[i][0] for i in unit) / nbytes, sum(self.value[i][1] for i in unit) / nbytes)

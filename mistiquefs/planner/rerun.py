@@ -139,6 +139,21 @@ class ReRunner:
                     self._loading.pop(model.id, None)
                 event.set()
 
+    def probe(self, model: ModelRecord) -> None:
+        """Load ``model`` as ``model()`` does and let it go (StoreError when it does not load): a check that
+        keeps nothing warm, so checking many models pushes out none that readers keep warm."""
+        if self.is_warm(model):
+            return
+        failed = self._failed.get(model.id)
+        if failed is not None and failed[0] == self._file_state(model):
+            raise StoreError(failed[1])
+        try:
+            self._loader(model.framework, str(self.repo.root / model.model_file))
+        except MistiqueError as exc:
+            message = f"cannot re-run model {model.name!r}: {exc}"
+            self._failed[model.id] = (self._file_state(model), message)
+            raise StoreError(message) from exc
+
     def run(self, model: ModelRecord, layer: IntermediateRecord, input_rows: Callable[[int, int], np.ndarray],
             start: int, stop: int, observe: Callable[[int, float], None] | None = None,
             assembled: Callable[[int, float], None] | None = None) -> np.ndarray:

@@ -15,6 +15,7 @@ Invariants:
 from __future__ import annotations
 
 import json
+import math
 import os
 import sqlite3
 import threading
@@ -30,7 +31,8 @@ import numpy as np
 
 from mistiquefs.errors import CorruptChunk, DamageFound, NotFound, StoreError
 from mistiquefs.store.packs import ChunkLocation
-from mistiquefs.store.records import IntermediateRecord, ModelRecord, dtype_from_json, shape_from_json
+from mistiquefs.store.records import (COLUMNS, ROWS, IntermediateRecord, ModelRecord, dtype_from_json,
+                                      shape_from_json)
 
 FORMAT_VERSION = 2
 #: format version -> statements that bring a store of that version to the next one
@@ -243,7 +245,8 @@ class Catalog:
             try:
                 records.append(_model_record(row))
             except ValueError as exc:
-                damaged.append((row[1], f"the catalog row of model {row[1]!r} (models id {row[0]}) is damaged: {exc}"))
+                damaged.append((str(row[1]), f"the catalog row of model {row[1]!r} (models id {row[0]}) is damaged: "
+                                             f"{exc}"))
         return records, damaged
 
     def intermediates(self) -> list[IntermediateRecord]:
@@ -254,7 +257,8 @@ class Catalog:
         return records
 
     def decoded_intermediates(self) -> tuple[list[IntermediateRecord], list[tuple[str, str]]]:
-        """The intermediate rows that decode, and (model, what is wrong) for each one that does not."""
+        """The intermediate rows that decode, and (model, what is wrong) for each one that does not. The layers
+        of a model whose own row is damaged (its n_rows) are left out: ``decoded_models`` names that row."""
         has_v2 = any(r[1] == "fidelity" for r in self._query("PRAGMA table_info(intermediates)"))
         rows = self._query(
             "SELECT i.id, i.model_id, i.position, i.name, m.n_rows, i.shape, i.dtype, i.layout, i.block_rows,"
@@ -265,16 +269,23 @@ class Catalog:
         records, damaged = [], []
         for r in rows:
             try:
+                n_rows = _number("n_rows", r[4], int, 0)
+            except ValueError:  # its model's row is damaged: that row's problem (decoded_models) covers its layers
+                continue
+            try:
                 records.append(IntermediateRecord(
-                    id=r[0], model_id=r[1], position=r[2], name=r[3], n_rows=r[4],
+                    id=r[0], model_id=r[1], position=_number("position", r[2], int, 0), name=_text("name", r[3]),
+                    n_rows=n_rows,
                     shape=_field("shape", r[5], shape_from_json), dtype=_field("dtype", r[6], dtype_from_json),
-                    layout=r[7], block_rows=r[8], codec=_field("codec", r[9], _json_list), raw_bytes=r[10],
-                    stored_bytes=r[11], new_bytes=r[12], seconds=r[13], stored=bool(r[14]),
+                    layout=_layout(r[7]), block_rows=_number("block_rows", r[8], int, 1),
+                    codec=_field("codec", r[9], _json_list), raw_bytes=_number("raw_bytes", r[10], int, 0),
+                    stored_bytes=_number("stored_bytes", r[11], int, 0), new_bytes=_number("new_bytes", r[12], int, 0),
+                    seconds=_number("seconds", r[13], float, 0), stored=bool(_number("stored", r[14], int, 0, 1)),
                     fidelity=_field("fidelity", r[15], json.loads) if r[15] else None,
                 ))
             except ValueError as exc:
-                damaged.append((r[16], f"the catalog row of layer {r[3]!r} of model {r[16]!r} (intermediates id "
-                                       f"{r[0]}) is damaged: {exc}"))
+                damaged.append((str(r[16]), f"the catalog row of layer {r[3]!r} of model {r[16]!r} (intermediates id "
+                                            f"{r[0]}) is damaged: {exc}"))
         return records, damaged
 
     def model_rows(self) -> list[tuple[int, str, str]]:
@@ -285,12 +296,12 @@ class Catalog:
         """(tile, chunk id, location) of one intermediate's tiles ``first <= tile < stop``, in tile order;
         the location is None where the chunk has no row (lost: only reads of that tile fail)."""
         rows = self._query(
-            "SELECT t.tile, t.chunk_id, c.pack, c.offset, c.stored_length, c.raw_length, c.compression"
+            "SELECT t.tile, t.chunk_id, CAST(c.pack AS BLOB), c.offset, c.stored_length, c.raw_length, c.compression"
             " FROM tiles t LEFT JOIN chunks c ON c.id = t.chunk_id"
             " WHERE t.intermediate_id = ? AND t.tile >= ? AND t.tile < ? ORDER BY t.tile",
             (intermediate_id, first, stop),
         )
-        return [(r[0], r[1], ChunkLocation(*r[2:]) if r[2] is not None else None) for r in rows]
+        return [(r[0], r[1], _maybe_location(r[2:])) for r in rows]
 
     def tile_index(self, intermediate_id: int) -> TileIndex:
         """The whole chunk map of one intermediate, packed into arrays (~45 bytes a tile)."""
@@ -365,10 +376,17 @@ class Catalog:
             return db.total_changes - before
 
     def chunk_location(self, cid: bytes) -> ChunkLocation | None:
+        """Where chunk ``cid`` lies (None: no row); StoreError when its row is damaged (run fsck)."""
         rows = self._query(
-            "SELECT pack, offset, stored_length, raw_length, compression FROM chunks WHERE id = ?", (cid,)
+            "SELECT CAST(pack AS BLOB), offset, stored_length, raw_length, compression FROM chunks WHERE id = ?",
+            (cid,)
         )
-        return ChunkLocation(*rows[0]) if rows else None
+        if not rows:
+            return None
+        try:
+            return chunk_location_from_row(rows[0])
+        except ValueError as exc:
+            raise StoreError(f"the catalog row of chunk {cid.hex()} is damaged: {exc}: run mistiquefs fsck") from None
 
     @contextmanager
     def _transaction(self) -> Iterator[sqlite3.Connection]:
@@ -442,9 +460,31 @@ class Catalog:
 
     # ---- maintenance (fsck, rm, gc) -------------------------------------------------------------------
     def chunk_rows(self) -> dict[bytes, ChunkLocation]:
-        """Every chunk row: id -> location."""
-        rows = self._query("SELECT id, pack, offset, stored_length, raw_length, compression FROM chunks")
-        return {row[0]: ChunkLocation(*row[1:]) for row in rows}
+        """Every chunk row: id -> location; StoreError naming the first row that does not decode (gc must not
+        take the chunk it hides for garbage)."""
+        rows, damaged = self.decoded_chunk_rows()
+        if damaged:
+            raise StoreError(f"{damaged[0][1]}: run mistiquefs fsck")
+        return rows
+
+    def decoded_chunk_rows(self) -> tuple[dict[bytes, ChunkLocation], list[tuple[bytes, str]]]:
+        """The chunk rows that decode (id -> location), and (id, what is wrong) for each one that does not. The
+        pack name is read as bytes: a damaged one (invalid UTF-8) made SQLite's text decoding raise for the
+        whole query, so that fsck --repair could not even start to rebuild the index."""
+        rows: dict[bytes, ChunkLocation] = {}
+        damaged: list[tuple[bytes, str]] = []
+        for row in self._query("SELECT id, CAST(pack AS BLOB), offset, stored_length, raw_length, compression"
+                               " FROM chunks"):
+            cid = row[0]
+            name = cid.hex() if isinstance(cid, bytes) else _clip(cid)
+            try:
+                if not isinstance(cid, bytes) or len(cid) != 16:
+                    raise ValueError(f"its id {_clip(cid)} is not a chunk id")
+                rows[cid] = chunk_location_from_row(row[1:])
+            except ValueError as exc:
+                damaged.append((cid if isinstance(cid, bytes) else b"", f"the catalog row of chunk {name} is damaged: "
+                                                                        f"{exc}"))
+        return rows, damaged
 
     def referenced_chunk_ids(self) -> set[bytes]:
         """Ids of the chunks some tile refers to (the live ones)."""
@@ -571,8 +611,64 @@ class Catalog:
 
 
 def _model_record(row: Sequence[Any]) -> ModelRecord:
-    """A models row as a record; ValueError naming the column that does not decode."""
-    return ModelRecord(*row[:7], info=_field("info", row[7], _json_object))
+    """A models row as a record; ValueError naming the column that does not decode, or whose number is not one
+    (a text n_rows crashed fsck with a TypeError; a negative one was taken for a count)."""
+    return ModelRecord(row[0], _text("name", row[1]), _text("framework", row[2]), _number("n_rows", row[3], int, 0),
+                       _number("created", row[4], float), _number("capture_seconds", row[5], float, 0),
+                       _text("model_file", row[6]), info=_field("info", row[7], _json_object))
+
+
+def chunk_location_from_row(row: Sequence[Any]) -> ChunkLocation:
+    """(pack as bytes, offset, stored length, raw length, compression) as a location; ValueError naming what
+    does not decode (a pack name that is not UTF-8 text, a length that is not a count)."""
+    pack = row[0]
+    try:
+        name = pack.decode() if isinstance(pack, bytes) else None
+    except UnicodeDecodeError:
+        name = None
+    if not name or "/" in name:
+        shown = pack.decode(errors="replace") if isinstance(pack, bytes) else pack
+        raise ValueError(f"its pack {_clip(shown)} is not a pack name")
+    return ChunkLocation(name, _number("offset", row[1], int, 0), _number("stored_length", row[2], int, 0),
+                         _number("raw_length", row[3], int, 0), _number("compression", row[4], int, 0, 1))
+
+
+def _maybe_location(row: Sequence[Any]) -> ChunkLocation | None:
+    """A joined chunk row's location; None when there is no row, or one that does not decode (its tiles read as
+    lost: fsck names the row)."""
+    if row[0] is None:
+        return None
+    try:
+        return chunk_location_from_row(row)
+    except ValueError:
+        return None
+
+
+def _number(name: str, value: Any, kind: type, low: float | None = None, high: float | None = None) -> Any:
+    """A numeric column checked: an integer (``kind`` int) or a finite number (float), within ``[low, high]``;
+    ValueError naming the column and its value when it is not."""
+    if kind is int:
+        ok = type(value) is int
+    else:
+        ok = type(value) in (int, float) and math.isfinite(value)
+    if ok and (low is None or value >= low) and (high is None or value <= high):
+        return kind(value)
+    what = "an integer" if kind is int else "a number"
+    if low is not None:
+        what += f" of at least {low}" if high is None else f" from {low} to {high}"
+    raise ValueError(f"its {name} {_clip(value)} is not {what}")
+
+
+def _text(name: str, value: Any) -> str:
+    if not isinstance(value, str):
+        raise ValueError(f"its {name} {_clip(value)} is not text")
+    return value
+
+
+def _layout(value: Any) -> str:
+    if value not in (ROWS, COLUMNS):
+        raise ValueError(f"its layout {_clip(value)} is not {ROWS!r} or {COLUMNS!r}")
+    return value
 
 
 def _field(name: str, text: Any, decode: Callable[[Any], Any]) -> Any:

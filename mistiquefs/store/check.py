@@ -4,8 +4,11 @@ index from the packs alone.
 ``check_store`` verifies:
 
 - the catalog's database file (``PRAGMA integrity_check``), first: a damaged page can show one query a row
-  (a covering index) and hide it from another (the reads); then that every catalog row decodes and every
-  layer's codec chain loads;
+  (a covering index) and hide it from another (the reads); then that every catalog row decodes (JSON
+  columns, and numbers that must be counts: a zero ``block_rows`` or a text ``n_rows`` crashed fsck; a chunk
+  row's pack name, read as bytes, since text that is not UTF-8 made SQLite raise for the whole index) and
+  every layer's codec chain loads. Where SQLite cannot read the file past its damage, that is the problem
+  reported, with what can be done (``CATALOG_ADVICE``: --repair needs the file's pages sound);
 - every pack's object headers (magic, version, compression, xxh32 of the header). Bytes after the last
   intact object that no chunk row points into are a torn write (reclaimable by gc), not damage;
 - every chunk row points at an intact object at that offset with the same id and lengths, and the bytes
@@ -23,8 +26,10 @@ the catalog already points at if its bytes verify under an intact object header 
 move), else the first intact copy in pack-name and offset order. A chunk whose only copy that verifies has a
 damaged header is copied, as gc copies live chunks, into a new pack under a fresh header (fsynced before the
 commit), so that a rebuild from the packs alone can find it again. All in one transaction, under the capture
-lock. It then reports which models are still incomplete: tiles whose chunk exists nowhere (reads of those
-tiles fail; the layers' other tiles read as before).
+lock. Old rows that do not decode (or an index that cannot be read at all) are rebuilt from the packs alone;
+when SQLite cannot rewrite the index (a malformed page), the repair stops with DamageFound and
+``CATALOG_ADVICE``. It then reports which models are still incomplete: tiles whose chunk exists nowhere
+(reads of those tiles fail; the layers' other tiles read as before).
 
 Concurrency: a plain check takes no lock and only reads. A gc may move chunks between its reads, so every
 chunk problem is checked again against the catalog as it is at the end, and dropped if gc explains it.
@@ -41,13 +46,24 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TypeVar
 
-from mistiquefs.errors import CorruptChunk, MistiqueError
+from mistiquefs.errors import CorruptChunk, DamageFound, MistiqueError, StoreError
 from mistiquefs.store.maintenance import copy_chunks
 from mistiquefs.store.packs import OBJECT_HEADER, ChunkLocation, PackReader, PackScan, object_at, scan_pack
 from mistiquefs.store.records import COLUMNS
 from mistiquefs.store.repository import Repository
 
 T = TypeVar("T")
+#: what to do when SQLite cannot read or rewrite part of the catalog file. fsck --repair rebuilds the chunk index
+#: inside that file, which needs its pages sound (a malformed page failed even DELETE FROM chunks). Python's
+#: sqlite3 offers no recovery (iterdump stops at the damage, backup copies the damaged pages); the sqlite3 shell's
+#: .recover does where it is built in (Debian's 3.40 lacks it), and .dump saves the rows that still read but ends
+#: with ROLLBACK after an error. A stale -wal next to the new file would be replayed into it.
+CATALOG_ADVICE = ("fsck --repair cannot mend the database file itself. With nothing using the store, keep a copy of "
+                  "it; then, in the store, save the rows SQLite can still read into a new catalog: sqlite3 "
+                  "catalog.sqlite .dump | sed 's/^ROLLBACK;.*/COMMIT;/' | sqlite3 new.sqlite (or .recover where the "
+                  "sqlite3 shell has it); sqlite3 new.sqlite 'PRAGMA journal_mode=WAL'; rm -f catalog.sqlite-wal "
+                  "catalog.sqlite-shm; mv new.sqlite catalog.sqlite; then mistiquefs fsck --repair rebuilds the chunk "
+                  "index from the packs and names what else was lost")
 #: threads that decompress and hash chunks (zstd releases the GIL)
 VERIFY_WORKERS = max(2, os.cpu_count() or 1)
 #: lines of affected examples a summary prints per problem (the report keeps them all)
@@ -76,6 +92,8 @@ class FsckReport:
     affected_models: set[str] = field(default_factory=set)
     #: what a repair changed ("" for a plain check)
     repaired: str = ""
+    #: SQLite could not read (or rewrite) part of the catalog file: fsck --repair cannot help (CATALOG_ADVICE)
+    catalog_unreadable: bool = False
 
     @property
     def clean(self) -> bool:
@@ -108,7 +126,7 @@ def check_store(repo: Repository) -> FsckReport:
     report = FsckReport()
     _check_integrity(repo, report)
     try:
-        rows = repo.catalog.chunk_rows()
+        rows, damaged = repo.catalog.decoded_chunk_rows()
         scans = _scan_packs(repo.root / "packs")
         report.packs = len(scans)
         packs = PackReader(repo.root / "packs")
@@ -119,21 +137,29 @@ def check_store(repo: Repository) -> FsckReport:
             packs.close()
         tracer = _Tracer(repo)
         _report_bad_chunks(repo, bad, tracer, report)
+        _report_damaged_chunk_rows(repo, damaged, tracer, report)
         _check_catalog(repo, tracer, report)
         _note_reclaimable(repo, rows, scans, report)
     except sqlite3.DatabaseError as exc:
-        if report.clean:  # not damage the integrity check saw: say it as it is
-            raise
-        report.problems.append(Problem(f"the catalog cannot be read past its damage: {exc}"))
+        _unreadable(exc, report)
     return report
 
 
 def repair_store(repo: Repository) -> FsckReport:
     """Rebuild the chunk index from the packs alone (one transaction, under the capture lock), then check
-    the catalog against it: the problems left are data that exists nowhere."""
+    the catalog against it: the problems left are data that exists nowhere. DamageFound when SQLite cannot
+    rewrite the index (the catalog file itself is damaged: CATALOG_ADVICE)."""
     with repo.capture_lock("fsck --repair"):
         report = FsckReport()
-        old = repo.catalog.chunk_rows()
+        # The old rows only say which copy running mounts read (kept if intact): a row that does not decode
+        # is rebuilt from the packs like a missing one, and an index that cannot be read at all is rebuilt whole.
+        unreadable = ""
+        try:
+            old, damaged = repo.catalog.decoded_chunk_rows()
+        except sqlite3.DatabaseError as exc:
+            if _busy(exc):
+                raise
+            old, damaged, unreadable = {}, [], str(exc)
         scans = _scan_packs(repo.root / "packs")
         report.packs = len(scans)
         rows, headless = _intact_copies(repo.root / "packs", old, scans, report)
@@ -142,12 +168,40 @@ def repair_store(repo: Repository) -> FsckReport:
             rewritten = copy_chunks(repo, sorted(headless.items(), key=lambda item: (item[1].pack,
                                                                                      item[1].offset)))[0]
         rows.update(rewritten)
-        repo.catalog.replace_chunks(rows)
-        report.repaired = _describe_repair(old, rows, len(scans), len(rewritten))
-        _check_integrity(repo, report)
-        _check_catalog(repo, _Tracer(repo), report)
-        _note_reclaimable(repo, rows, scans, report)
+        try:
+            repo.catalog.replace_chunks(rows)
+        except sqlite3.DatabaseError as exc:
+            if _busy(exc):
+                raise
+            raise DamageFound(f"the catalog {repo.root / 'catalog.sqlite'} is damaged so that SQLite cannot rewrite "
+                              f"its chunk index ({exc}): {CATALOG_ADVICE}") from None
+        report.repaired = _describe_repair(old, rows, len(scans), len(rewritten), len(damaged), unreadable)
+        try:
+            _check_integrity(repo, report)
+            _check_catalog(repo, _Tracer(repo), report)
+            _note_reclaimable(repo, rows, scans, report)
+        except sqlite3.DatabaseError as exc:
+            _unreadable(exc, report)
+        if not report.catalog_unreadable and any(p.what.startswith(INTEGRITY) for p in report.problems):
+            # the rebuilt index did not mend the file: another table's pages are damaged
+            report.catalog_unreadable = True
+            report.problems.append(Problem(f"the catalog's database file is still damaged after the rebuild of its "
+                                           f"chunk index: {CATALOG_ADVICE}"))
     return report
+
+
+def _busy(exc: sqlite3.DatabaseError) -> bool:
+    """Whether an SQLite error is another connection's lock, not damage."""
+    text = str(exc).lower()
+    return isinstance(exc, sqlite3.OperationalError) and ("locked" in text or "busy" in text)
+
+
+def _unreadable(exc: sqlite3.DatabaseError, report: FsckReport) -> None:
+    """A query failed on the catalog file: a problem that says so, and what can be done (not --repair)."""
+    if _busy(exc):
+        raise exc
+    report.catalog_unreadable = True
+    report.problems.append(Problem(f"the catalog cannot be read past its damage ({exc}): {CATALOG_ADVICE}"))
 
 
 # ---- packs and chunk rows ----------------------------------------------------------------------------
@@ -213,7 +267,11 @@ def _recheck(repo: Repository, packs: PackReader,
     (a tile still referring to a vanished chunk is reported by the tile checks)."""
     still: dict[bytes, tuple[ChunkLocation, str]] = {}
     for cid, (loc, reason) in bad.items():
-        now = repo.catalog.chunk_location(cid)
+        try:
+            now = repo.catalog.chunk_location(cid)
+        except StoreError:  # its row was damaged meanwhile: reported as it was
+            still[cid] = (loc, reason)
+            continue
         if now is None:
             continue
         if now == loc:
@@ -292,14 +350,20 @@ def _first_intact(packs: PackReader, headed: set[tuple[bytes, ChunkLocation]]
     return first
 
 
-def _describe_repair(old: Chunks, new: Chunks, n_packs: int, rewritten: int) -> str:
+def _describe_repair(old: Chunks, new: Chunks, n_packs: int, rewritten: int, damaged: int = 0,
+                     unreadable: str = "") -> str:
     same = sum(1 for cid, loc in new.items() if old.get(cid) == loc)
     moved = sum(1 for cid, loc in new.items() if cid in old and old[cid] != loc) - rewritten
     dropped = sum(1 for cid in old if cid not in new)
     fresh = f", {rewritten} copied to a new pack (their object header was damaged)" if rewritten else ""
+    unread = ""
+    if unreadable:
+        unread = f"; the old index could not be read ({unreadable}), so every row was rebuilt from the packs"
+    elif damaged:
+        unread = f"; {_count(damaged, 'damaged row')} of the old index rebuilt from the packs"
     return (f"repaired: rebuilt the chunk index from {n_packs} packs: {len(new)} intact chunks ({same} as "
             f"before, {moved} moved to an intact copy, {len(new) - same - moved - rewritten} re-indexed from the "
-            f"packs{fresh}), {dropped} rows dropped (damaged or missing)")
+            f"packs{fresh}), {dropped} rows dropped (damaged or missing){unread}")
 
 
 # ---- tracing damage to examples ------------------------------------------------------------------------
@@ -372,10 +436,25 @@ def _report_bad_chunks(repo: Repository, bad: dict[bytes, tuple[ChunkLocation, s
     report.affected_models |= tracer.affected
 
 
+def _report_damaged_chunk_rows(repo: Repository, damaged: list[tuple[bytes, str]], tracer: _Tracer,
+                               report: FsckReport) -> None:
+    """One problem per chunk row that does not decode (its tiles cannot be read), with what it affects."""
+    users: dict[bytes, list[tuple[int, int]]] = {}
+    for iid, tile, cid in repo.catalog.tiles_using(cid for cid, _what in damaged if cid):
+        users.setdefault(cid, []).append((iid, tile))
+    for cid, what in damaged:
+        report.problems.append(Problem(f"{what} (fsck --repair indexes the chunk again from the packs)",
+                                       tracer.describe(users.get(cid, ()))))
+    report.affected_models |= tracer.affected
+
+
 # ---- catalog consistency ----------------------------------------------------------------------------
+INTEGRITY = "the catalog is damaged (PRAGMA integrity_check)"
+
+
 def _check_integrity(repo: Repository, report: FsckReport) -> None:
     for line in repo.catalog.integrity_problems():
-        report.problems.append(Problem(f"the catalog is damaged (PRAGMA integrity_check): {line}"))
+        report.problems.append(Problem(f"{INTEGRITY}: {line}"))
 
 
 def _check_catalog(repo: Repository, tracer: _Tracer, report: FsckReport) -> None:

@@ -6,9 +6,10 @@ in one transaction, then its model file. Its chunks stay, since other models may
 ``collect_garbage`` (``mistiquefs gc``) runs under the capture lock, so no capture adds references to (or
 deduplicates against) a chunk while gc drops it. A chunk is live while some tile refers to it. gc deletes
 nothing from a catalog that fails ``PRAGMA integrity_check`` or has rows that do not decode (it would take
-what a damaged row hides for garbage), nor while a pack object it might delete holds an intact copy of a
-chunk the index lost (``fsck --repair`` brings those back). Chunks that no pack holds intact are lost for
-good: gc runs, and names the layers they leave incomplete.
+what a damaged row hides for garbage; a chunk row whose pack name does not decode included), nor while a
+pack object it might delete or compact away holds an intact copy of a chunk the index lost, or of a live
+chunk whose indexed copy does not verify (``fsck --repair`` points the index at those copies). Chunks that
+no pack holds intact are lost for good: gc runs, and names the layers they leave incomplete.
 
 - A pack holding no live chunk is deleted (chunks of removed models, torn captures, interrupted gcs).
 - A pack whose garbage (every byte that is not a live chunk's object: removed models' chunks, duplicates,
@@ -38,7 +39,7 @@ import logging
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from mistiquefs.errors import StoreError, CorruptChunk
+from mistiquefs.errors import CorruptChunk, StoreError
 from mistiquefs.store.packs import (OBJECT_HEADER, PACK_MAGIC, ChunkLocation, PackWriter, decode_payload, fsync_dir,
                                     scan_pack)
 from mistiquefs.store.records import ModelRecord
@@ -133,13 +134,15 @@ def collect_garbage(repo: Repository, *, compact_fraction: float = COMPACT_FRACT
 
 
 def _refuse_a_damaged_catalog(repo: Repository) -> None:
-    """StoreError when the catalog fails its integrity check or a row does not decode."""
+    """StoreError when the catalog fails its integrity check or a row does not decode (a chunk row whose pack
+    name is damaged would make its live chunk look like garbage in the pack that really holds it)."""
     damaged = repo.catalog.integrity_problems()
     if damaged:
         raise StoreError(f"the catalog of {repo.root} is damaged ({damaged[0]}): run mistiquefs fsck; gc deletes "
                          "nothing while it is")
     repo.models()  # StoreError naming the first damaged row
     repo.intermediates()
+    repo.catalog.chunk_rows()
 
 
 def recoverable_chunks(repo: Repository, cids: set[bytes]) -> set[bytes]:
@@ -185,7 +188,42 @@ def plan_gc(repo: Repository, compact_fraction: float = COMPACT_FRACTION) -> GcP
             use.dead.append(cid)
     delete = [use for use in uses.values() if not use.live]
     compact = [use for use in uses.values() if use.live and use.garbage > compact_fraction * use.size]
+    _refuse_to_delete_the_last_good_copy(repo, rows, live, delete + compact)
     return GcPlan(delete, compact, lost, repo.orphan_model_files())
+
+
+def _refuse_to_delete_the_last_good_copy(repo: Repository, rows: dict[bytes, ChunkLocation], live: set[bytes],
+                                         doomed: list[PackUse]) -> None:
+    """StoreError when a pack gc would delete or compact holds an unindexed copy of a live chunk whose indexed
+    copy does not verify, while that copy does (a gc or repair killed after copying, a torn capture then a
+    recapture, then bit rot in the indexed copy): fsck --repair would point the row at it; gc would delete
+    it, and with it the last intact copy. Only such duplicates are read: their indexed copy, then
+    themselves when that fails."""
+    indexed_ok: dict[bytes, bool] = {}
+    saved: set[bytes] = set()
+    for use in doomed:
+        try:
+            objects = scan_pack(_packs_dir(repo) / use.name).objects
+        except FileNotFoundError:
+            continue
+        for cid, loc in objects:
+            if cid not in live or cid in saved or cid not in rows or rows[cid] == loc:
+                continue
+            if cid not in indexed_ok:
+                indexed_ok[cid] = _verifies(repo, cid, rows[cid])
+            if not indexed_ok[cid] and _verifies(repo, cid, loc):
+                saved.add(cid)
+    if saved:
+        raise StoreError(f"{repo.root} has {len(saved)} chunks whose indexed copy is damaged while a pack gc would "
+                         "delete or compact holds an intact copy: run mistiquefs fsck --repair before gc")
+
+
+def _verifies(repo: Repository, cid: bytes, loc: ChunkLocation) -> bool:
+    try:
+        repo.packs.read(cid, loc)
+    except (CorruptChunk, FileNotFoundError):
+        return False
+    return True
 
 
 def copy_live_chunks(repo: Repository, plan: GcPlan, report: GcReport) -> dict[bytes, ChunkLocation]:
