@@ -227,6 +227,73 @@ def test_a_re_run_never_calls_a_function_the_file_chooses(tmp_path: Path) -> Non
     skops.io.dump(FunctionTransformer(expit).fit(x), path)
     np.testing.assert_array_equal(load_sklearn(path).transform(x), expit(x))
 
+def test_functions_are_vetted_as_objects_not_by_module_names(tmp_path: Path) -> None:
+    """A private scikit-learn helper (its module under sklearn.feature_selection) chained with a partial:
+    step one turns the input into os.system (``attrgetter`` through numpy's ``ctypes._ctypes._os``), step
+    two calls it with a command from the file. Functions are allowed as the objects themselves (ufuncs,
+    public score functions, check_array), and a partial only wraps check_array with plain arguments."""
+    from functools import partial
+
+    from sklearn.feature_selection._base import _get_feature_importances
+    from sklearn.preprocessing import FunctionTransformer
+
+    x = np.random.default_rng(3).random((20, 2))
+    getter = FunctionTransformer(_get_feature_importances, kw_args={"getter": "ctypes._ctypes._os.system"}).fit(x)
+    command = FunctionTransformer(partial(_get_feature_importances, "true")).fit(x)
+    path = tmp_path / "chain.skops"
+    skops.io.dump(Pipeline([("a", getter), ("b", command)]), path)
+    with pytest.raises(CaptureError, match="_get_feature_importances"):
+        load_sklearn(path)
+    for func in (partial(np.add, 1.0), partial(np.asarray, dtype=np.float32)):  # allowed functions, wrapped
+        skops.io.dump(FunctionTransformer(func).fit(x), path)
+        with pytest.raises(CaptureError, match="partial"):
+            load_sklearn(path)
+
+
+def test_a_splines_asarray_is_checked_as_the_object(tmp_path: Path) -> None:
+    """A SplineTransformer whose BSpline's ``_asarray`` is a second BSpline (k = 10**7) carrying
+    ``__module__``/``__name__`` of scipy's asarray in its __dict__: accepted by name, a re-run evaluated
+    the inner spline and scipy read far out of its arrays (a segfault)."""
+    from sklearn.preprocessing import SplineTransformer
+
+    def js(value: Any) -> dict[str, Any]:
+        return {"__class__": "str", "__module__": "builtins", "__loader__": "JsonNode", "content": json.dumps(value),
+                "is_json": True}
+
+    files: dict[str, bytes] = {}
+
+    def array(name: str, values: np.ndarray) -> dict[str, Any]:
+        buffer = BytesIO()
+        np.save(buffer, values, allow_pickle=False)
+        files[name] = buffer.getvalue()
+        return {"__class__": "ndarray", "__module__": "numpy", "__loader__": "NdArrayNode", "type": "numpy",
+                "file": name}
+
+    x = np.random.default_rng(4).random((20, 2))
+    data = skops.io.dumps(SplineTransformer(n_knots=4, degree=3).fit(x))
+    with zipfile.ZipFile(BytesIO(data)) as archive:
+        schema = json.loads(archive.read("schema.json"))
+        files.update({name: archive.read(name) for name in archive.namelist() if name != "schema.json"})
+    state = {"_t": array("t.npy", np.array([0.0, 1.0])), "_c": array("c.npy", np.array([1.0])), "k": js(10**7),
+             "extrapolate": js(True), "axis": js(0),
+             "_asarray": {"__class__": "asarray", "__module__": "scipy._lib.array_api_compat.numpy._aliases",
+                          "__loader__": "FunctionNode"},
+             "__module__": js("scipy._lib.array_api_compat.numpy._aliases"), "__name__": js("asarray")}
+    inner = {"__class__": "BSpline", "__module__": "scipy.interpolate._bsplines", "__loader__": "ObjectNode",
+             "content": {"__class__": "dict", "__module__": "builtins", "__loader__": "DictNode", "content": state,
+                         "key_types": {"__class__": "list", "__module__": "builtins", "__loader__": "ListNode",
+                                       "content": [{"__class__": "str", "__module__": "builtins",
+                                                    "__loader__": "TypeNode"}] * len(state)}}}
+    schema["content"]["content"]["bsplines_"]["content"][0]["content"]["content"]["_asarray"] = inner
+    path = tmp_path / "spline.skops"
+    with zipfile.ZipFile(path, "w") as archive:
+        archive.writestr("schema.json", json.dumps(schema))
+        for name, payload in files.items():
+            archive.writestr(name, payload)
+    with pytest.raises(CaptureError, match="_asarray is not numpy's asarray"):
+        load_sklearn(path)
+
+
 def test_common_estimators_load_back_for_re_runs(tmp_path: Path) -> None:
     """Estimators whose fitted state holds plain scikit-learn helper objects (a gradient-boosting tree
     predictor, an MLP's optimizer, a calibrated classifier, Gaussian-process kernels, a stacking Bunch)

@@ -74,7 +74,7 @@ from sklearn.utils import _safe_indexing
 from sklearn.utils.validation import check_is_fitted
 
 from mistiquefs.capture.base import Adapter, StageOutput, stage_file_name
-from mistiquefs.capture.skops_trust import BSPLINE_TYPE, check_loaded, loaders_by_type, refusal
+from mistiquefs.capture.skops_trust import check_loaded, loaders_by_type, refusal
 from mistiquefs.errors import CaptureError, NotFound
 
 __all__ = ["SklearnAdapter", "inputs_from_stored", "load_model"]
@@ -918,6 +918,8 @@ def load_model(path: Path | str) -> Any:
             "trust it)"
         )
     model = skops.io.loads(data, trusted=untrusted)
-    if BSPLINE_TYPE in untrusted and (why := check_loaded(model)) is not None:
-        raise CaptureError(f"refusing to use {path}: it holds {why}, which scipy could evaluate out of its arrays")
+    why = check_loaded(model)
+    if why is not None:
+        raise CaptureError(f"refusing to use {path}: it holds {why}, which a re-run would call with what the "
+                           "file says")
     return model

@@ -12,9 +12,11 @@ default is accepted here only when *every* node that uses it is safe:
   not called while loading, e.g. ``SelectKBest(score_func=f_classif)``. But a re-run of the model (the
   mount computes what is not stored by running it) does call it, with arguments the file chooses
   (``FunctionTransformer(numpy.save, kw_args=...)`` wrote files on a read). So a referenced function must
-  be a numpy/scipy ufunc or a scikit-learn score function (``sklearn.feature_selection``,
-  ``sklearn.metrics``), and a referenced type a numpy scalar type or a scikit-learn estimator class:
-  ``numpy.save``, ``numpy.memmap`` and the like are refused;
+  be a numpy/scipy ufunc or one of ``allowed_functions()``, compared as objects: scikit-learn's public score
+  functions (``f_classif``, ``sklearn.metrics``' ``*_score``/``*_error``/``*_loss``), ``check_array``,
+  ``asarray`` (a module prefix let private helpers in: ``_get_feature_importances`` calls any getter on
+  any object, ``os.system`` through a chain of two steps); a referenced type a numpy scalar type or a
+  scikit-learn estimator class: ``numpy.save``, ``numpy.memmap`` and the like are refused;
 * an ``ObjectNode`` of a scikit-learn class (an estimator, or a helper such as a tree predictor or an
   optimizer) with no ``__setstate__`` but ``BaseEstimator``'s, no ``__del__`` and no own ``__new__``:
   building it only fills its ``__dict__``; scikit-learn's ``Bunch`` through ``DictNode``, as a dict;
@@ -23,10 +25,9 @@ default is accepted here only when *every* node that uses it is safe:
 * a scikit-learn namedtuple through ``TupleNode`` (IterativeImputer's ``_ImputerTriplet``): skops calls the
   class with the tuple's items, and a namedtuple's generated ``__new__`` only makes the tuple;
 * ``functools.partial`` through ``PartialNode`` whose function is a ``FunctionNode`` (HistGradientBoosting's
-  categorical preprocessing holds ``partial(check_array, ...)``): skops builds ``partial(func, *args,
-  **kwds)`` without calling it; a re-run calls ``func``, which the ``FunctionNode`` rule vets as above
-  (``check_array`` only validates and converts its input), with arguments from the file, as
-  ``FunctionTransformer(func, kw_args=...)`` already can;
+  categorical preprocessing holds ``partial(check_array, dtype=[numpy.float64], ...)``): skops builds it
+  without calling it; ``check_loaded`` then requires every partial to wrap ``check_array`` itself, with
+  plain keyword arguments only;
 * compiled scikit-learn classes whose ``__cinit__`` (no arguments) and ``__setstate__`` were read (see
   ``REVIEWED_CYTHON``): KDTree/BallTree, which KNeighbors* build by default, and the Minkowski family of
   distance metrics they hold. Their state is arrays, numbers and the metric, typed in Cython (a wrong type
@@ -35,10 +36,15 @@ default is accepted here only when *every* node that uses it is safe:
   model; the query writes only into arrays it sizes itself (its neighbour heaps). MahalanobisDistance writes
   into a buffer sized from the file and PyFuncDistance calls a function from the file: both stay refused;
 * scipy's ``BSpline`` (SplineTransformer's ``bsplines_``) through ``ObjectNode``: ``object.__new__`` and its
-  ``__dict__`` filled. Its evaluation is C++ that trusts ``k``, ``t`` and ``c`` (a derivative order past
-  ``k + 1`` is a wild ``memcpy``), so ``check_loaded`` accepts a loaded model only if every BSpline in it
-  is one of a SplineTransformer's ``bsplines_`` (called with derivative orders 0 and 1 only) and is
-  consistent (``0 <= k``, sorted float64 knots, at least ``2k + 2`` of them, enough coefficients).
+  ``__dict__`` filled. Its evaluation is C++ that trusts ``k``, ``t`` and ``c``, so ``check_loaded``
+  accepts a loaded model only if every BSpline in it is one of a SplineTransformer's ``bsplines_``
+  (called with derivative orders 0 and 1 only) and is consistent (``0 <= k``, sorted float64 knots, at
+  least ``2k + 2`` of them, enough coefficients, exact types, ``_asarray`` numpy's or scipy's ``asarray``
+  itself: a name in an instance's ``__dict__`` can say anything).
+
+The schema shows names, and skops builds a node it has seen once again wherever its ``__id__`` comes
+back, whatever the later node says it is. So after loading, ``check_loaded`` walks the built objects:
+every function must be a ufunc or allowed (no bound method), every partial and every BSpline as above.
 
 Names under ``sklearn.``, ``numpy.`` and ``scipy.`` only (and ``functools.partial`` as above), and never
 from their testing or compiler modules.
@@ -48,6 +54,7 @@ from __future__ import annotations
 
 import functools
 import importlib
+import types
 import json
 import zipfile
 from collections import defaultdict
@@ -79,8 +86,8 @@ REFERENCE_LOADERS = frozenset({"FunctionNode", "TypeNode", "DTypeNode"})
 # Functions beyond ufuncs and score functions that compute from their arguments and touch nothing else:
 # check_array validates and converts an array (HistGradientBoosting's categorical preprocessing); scipy's
 # array-API asarray is np.array (what a BSpline keeps to make its outputs)
-PURE_FUNCTIONS = frozenset({"sklearn.utils.validation.check_array",
-                            "scipy._lib.array_api_compat.numpy._aliases.asarray"})
+SCIPY_ASARRAY = "scipy._lib.array_api_compat.numpy._aliases.asarray"
+PURE_FUNCTIONS = frozenset({"sklearn.utils.validation.check_array", SCIPY_ASARRAY})
 PARTIAL_TYPE = "functools.partial"
 # Compiled classes read for scikit-learn 1.9 (neighbors/_binary_tree.pxi.tp, metrics/_dist_metrics.pyx.tp):
 # type -> the __setstate__ that was read. A version whose __setstate__ is another function is refused.
@@ -160,14 +167,33 @@ def _resolve(type_name: str) -> Any:
 
 def _is_pure_function(type_name: str) -> bool:
     """A function that computes from its arguments and touches nothing else: a ufunc (numpy.log1p,
-    scipy.special.expit), a scikit-learn score/metric function (f_classif) or one of ``PURE_FUNCTIONS``."""
+    scipy.special.expit) or one of ``allowed_functions()`` (f_classif, accuracy_score, check_array...)."""
     obj = _resolve(type_name)
-    if isinstance(obj, np.ufunc):
-        return True
-    if type_name in PURE_FUNCTIONS:
-        return callable(obj) and not isinstance(obj, type)
-    return (callable(obj) and not isinstance(obj, type)
-            and str(getattr(obj, "__module__", "")).startswith(("sklearn.feature_selection", "sklearn.metrics")))
+    return isinstance(obj, np.ufunc) or any(obj is allowed for allowed in allowed_functions())
+
+
+#: scikit-learn's public score functions a model may keep (SelectKBest(score_func=...)), by name in
+#: sklearn.feature_selection; and sklearn.metrics' public functions named *_score, *_error, *_loss
+SCORE_FUNCTIONS = ("f_classif", "f_regression", "f_oneway", "chi2", "r_regression", "mutual_info_classif",
+                   "mutual_info_regression")
+METRIC_SUFFIXES = ("_score", "_error", "_loss")
+
+
+@functools.cache
+def allowed_functions() -> tuple[Any, ...]:
+    """The functions (besides ufuncs) a loaded model may hold and a re-run may call, as the objects
+    themselves: a name's module prefix let private helpers in (sklearn.feature_selection._base's
+    _get_feature_importances calls any getter on any object: os.system through a partial)."""
+    import sklearn.feature_selection
+    import sklearn.metrics
+
+    found = [getattr(sklearn.feature_selection, name) for name in SCORE_FUNCTIONS
+             if hasattr(sklearn.feature_selection, name)]
+    found += [getattr(sklearn.metrics, name) for name in sklearn.metrics.__all__
+              if name.endswith(METRIC_SUFFIXES) and not name.startswith("_")]
+    found += [obj for name in PURE_FUNCTIONS if (obj := _resolve(name)) is not None]
+    found.append(np.asarray)
+    return tuple(obj for obj in found if callable(obj) and not isinstance(obj, type))
 
 
 def _is_inert_type(type_name: str) -> bool:
@@ -232,36 +258,56 @@ MAX_SPLINE_DEGREE = 64
 
 
 def check_loaded(model: Any) -> str | None:
-    """Why a model loaded with a trusted BSpline must not be used, or None (see the module docstring):
-    every reference to a BSpline reachable from ``model`` must be an item of a SplineTransformer's
-    ``bsplines_`` (a FunctionTransformer holding the same BSpline would call it with a derivative order
-    from the file), and every BSpline consistent, so that scipy's evaluation stays within its arrays."""
+    """Why a loaded model must not be used, or None: what it holds, checked as objects (the schema checks
+    see names, and skops builds a node it saw once again wherever its ``__id__`` comes back, whatever
+    the later node says it is). Every function it holds must be a ufunc or one of ``allowed_functions()``
+    (no bound method, no other function); every ``functools.partial`` must wrap ``check_array`` with plain
+    keyword arguments only; every scipy BSpline must be an item of a SplineTransformer's ``bsplines_``
+    (a FunctionTransformer holding one would call it with arguments from the file) and consistent, so that
+    scipy's evaluation stays within its arrays."""
     from scipy.interpolate import BSpline
     from sklearn.preprocessing import SplineTransformer
+    from sklearn.utils.validation import check_array
 
+    allowed = {id(obj) for obj in allowed_functions()}
     seen: set[int] = set()
     # (object, whether it is an item of a SplineTransformer's bsplines_)
     stack: list[tuple[Any, bool]] = [(model, False)]
     while stack:
         obj, spline_item = stack.pop()
-        if type(obj) is BSpline:  # every reference is checked, not only the first one met
-            if not spline_item:
+        if isinstance(obj, BSpline):  # every reference is checked, not only the first one met
+            if type(obj) is not BSpline or not spline_item:
                 return "a scipy BSpline outside a SplineTransformer's bsplines_"
             why = _bspline_inconsistency(obj)
             if why is not None:
                 return f"a scipy BSpline of a SplineTransformer {why}"
             continue
-        if id(obj) in seen or isinstance(obj, (str, bytes, int, float, complex, type(None), type)):
+        if id(obj) in seen or isinstance(obj, (str, bytes, int, float, complex, type(None))):
             continue
         seen.add(id(obj))
+        if isinstance(obj, functools.partial):
+            if type(obj) is not functools.partial or obj.func is not check_array or obj.args \
+                    or not all(_plain(value) for value in (obj.keywords or {}).values()):
+                return f"a partial of {getattr(obj.func, '__qualname__', type(obj.func).__name__)} with arguments " \
+                       "from the file (only check_array with plain keyword arguments is used)"
+            continue
+        if isinstance(obj, (types.FunctionType, types.BuiltinFunctionType, types.MethodType,
+                            types.BuiltinMethodType, types.MethodWrapperType, types.WrapperDescriptorType,
+                            types.MethodDescriptorType, staticmethod, classmethod)):
+            if id(obj) not in allowed:
+                return f"the function {getattr(obj, '__module__', '?')}.{getattr(obj, '__qualname__', obj)!s}"
+            continue
+        if isinstance(obj, type) or isinstance(obj, np.ufunc):
+            continue  # types passed the schema's checks (numpy scalar types, estimator classes)
         if isinstance(obj, dict):
             stack.extend((item, False) for item in (*obj.keys(), *obj.values()))
         elif isinstance(obj, (list, tuple, set, frozenset)):
             stack.extend((item, False) for item in obj)
         elif isinstance(obj, np.ndarray) and obj.dtype.hasobject:
             stack.extend((item, False) for item in obj.ravel().tolist())
-        if isinstance(obj, functools.partial):
-            stack.extend((item, False) for item in (obj.func, obj.args, obj.keywords))
+        default_factory = getattr(obj, "default_factory", None) if isinstance(obj, dict) else None
+        if default_factory is not None:
+            stack.append((default_factory, False))
         if hasattr(obj, "__dict__"):
             for key, value in vars(obj).items():
                 if isinstance(obj, SplineTransformer) and key == "bsplines_" and type(value) is list:
@@ -272,6 +318,17 @@ def check_loaded(model: Any) -> str | None:
     return None
 
 
+def _plain(value: Any) -> bool:
+    """Data a keyword argument may hold: numbers, text, None, dtypes, numpy scalar types, lists of them."""
+    if value is None or type(value) in (bool, int, float, str) or isinstance(value, (np.dtype, np.generic)):
+        return True
+    if isinstance(value, type):
+        return issubclass(value, np.generic) or value in (bool, int, float, complex, str, bytes, object)
+    if type(value) in (list, tuple):
+        return all(_plain(item) for item in value)
+    return False
+
+
 def _bspline_inconsistency(spline: Any) -> str | None:
     state = vars(spline)
     if not set(state) <= BSPLINE_ATTRIBUTES:
@@ -279,16 +336,17 @@ def _bspline_inconsistency(spline: Any) -> str | None:
     k, t, c = state.get("k"), state.get("_t", state.get("t")), state.get("_c", state.get("c"))
     if type(k) is not int or not 0 <= k <= MAX_SPLINE_DEGREE:
         return f"of degree {k!r}"
-    if not (isinstance(t, np.ndarray) and t.dtype == np.float64 and t.ndim == 1 and len(t) >= 2 * k + 2
+    if not (type(t) is np.ndarray and t.dtype == np.float64 and t.ndim == 1 and len(t) >= 2 * k + 2
             and bool(np.all(t[1:] >= t[:-1]))):
         return "whose knots are not a sorted float64 vector of at least 2k+2 values"
-    if not (isinstance(c, np.ndarray) and c.dtype == np.float64 and c.ndim >= 1 and c.shape[0] >= len(t) - k - 1):
+    if not (type(c) is np.ndarray and c.dtype == np.float64 and c.ndim >= 1 and c.shape[0] >= len(t) - k - 1):
         return "with fewer coefficients than its knots need"
     extrapolate, axis = state.get("extrapolate", True), state.get("axis", 0)
-    if not (extrapolate is True or extrapolate is False or extrapolate == "periodic") or type(axis) is not int or axis:
+    if not (extrapolate is True or extrapolate is False or (type(extrapolate) is str and extrapolate == "periodic")) \
+            or type(axis) is not int or axis:
         return "with another extrapolation or axis than SplineTransformer makes"
     asarray = state.get("_asarray", np.asarray)
-    name = f"{getattr(asarray, '__module__', '')}.{getattr(asarray, '__name__', '')}"
-    if asarray is not np.asarray and name not in PURE_FUNCTIONS:
-        return f"whose _asarray is {name}"
+    # the object itself, not its names (an instance's __dict__ can say any __module__ and __name__)
+    if not (asarray is np.asarray or asarray is _resolve(SCIPY_ASARRAY)):
+        return "whose _asarray is not numpy's asarray"
     return None
