@@ -294,6 +294,41 @@ def test_a_splines_asarray_is_checked_as_the_object(tmp_path: Path) -> None:
         load_sklearn(path)
 
 
+def test_what_a_re_run_calls_by_position_is_checked(tmp_path: Path) -> None:
+    """No function at all, yet a re-run wrote a file the model file chose: FunctionTransformer(str) then
+    (bool) made True of the input, an ARFF conversor (a plain sklearn helper with a __call__) turned it
+    into a path from the file, and a StackingRegressor called ``getattr(estimators_[0], stack_method_[0])``:
+    ``ndarray.tofile(path)``. Helpers must be read and listed; what a re-run calls (func, inverse_func,
+    weights, metric, kernel, importance_getter...) must be an allowed function or a name, and stored
+    method names and estimators must be what they say."""
+    from sklearn.ensemble import StackingRegressor
+    from sklearn.externals._arff import EncodedNominalConversor
+    from sklearn.linear_model import LinearRegression
+    from sklearn.preprocessing import FunctionTransformer
+
+    x = np.random.default_rng(5).random((20, 2))
+    marker = tmp_path / "written"
+    conversor = EncodedNominalConversor.__new__(EncodedNominalConversor)
+    conversor.values = {1: str(marker)}
+    stack = StackingRegressor.__new__(StackingRegressor)
+    stack.__dict__.update(StackingRegressor(estimators=[("p", LinearRegression())]).get_params(deep=False))
+    stack.__dict__.update(estimators_=[np.array([b"payload"])], stack_method_=["tofile"],
+                          final_estimator_=LinearRegression().fit(x, x[:, 0]), named_estimators_=None,
+                          n_features_in_=2)
+    path = tmp_path / "stack.skops"
+    cases = {
+        "EncodedNominalConversor": Pipeline([("s1", FunctionTransformer(str)), ("s2", FunctionTransformer(bool)),
+                                             ("a", FunctionTransformer(conversor)), ("b", stack)]),
+        "func is type str": Pipeline([("s1", FunctionTransformer(str)), ("scale", StandardScaler().fit(x))]),
+        "stack_method_ names other methods": Pipeline([("b", stack)]),
+    }
+    for match, model in cases.items():
+        skops.io.dump(model, path)
+        with pytest.raises(CaptureError, match=match):
+            load_sklearn(path)
+    assert not marker.exists()
+
+
 def test_common_estimators_load_back_for_re_runs(tmp_path: Path) -> None:
     """Estimators whose fitted state holds plain scikit-learn helper objects (a gradient-boosting tree
     predictor, an MLP's optimizer, a calibrated classifier, Gaussian-process kernels, a stacking Bunch)

@@ -17,9 +17,11 @@ default is accepted here only when *every* node that uses it is safe:
   ``asarray`` (a module prefix let private helpers in: ``_get_feature_importances`` calls any getter on
   any object, ``os.system`` through a chain of two steps); a referenced type a numpy scalar type or a
   scikit-learn estimator class: ``numpy.save``, ``numpy.memmap`` and the like are refused;
-* an ``ObjectNode`` of a scikit-learn class (an estimator, or a helper such as a tree predictor or an
-  optimizer) with no ``__setstate__`` but ``BaseEstimator``'s, no ``__del__`` and no own ``__new__``:
-  building it only fills its ``__dict__``; scikit-learn's ``Bunch`` through ``DictNode``, as a dict;
+* an ``ObjectNode`` of a scikit-learn estimator or Gaussian-process kernel, or of a helper estimators keep
+  that was read (``REVIEWED_HELPERS``: a tree predictor, an optimizer...), with no ``__setstate__`` but
+  ``BaseEstimator``'s, no ``__del__`` and no own ``__new__``: building it only fills its ``__dict__``.
+  Other helpers stay out (an ARFF conversor's call returns any object the file holds; scorers, Parallel
+  and the test mocks call what the file names); scikit-learn's ``Bunch`` through ``DictNode``, as a dict;
 * a builtin container of plain data (``set``, ``frozenset``, ``bytes``...);
 * scikit-learn's fitted ``Tree`` through skops's ``TreeNode`` (see ``TREE_TYPE``), which tree models need;
 * a scikit-learn namedtuple through ``TupleNode`` (IterativeImputer's ``_ImputerTriplet``): skops calls the
@@ -44,7 +46,13 @@ default is accepted here only when *every* node that uses it is safe:
 
 The schema shows names, and skops builds a node it has seen once again wherever its ``__id__`` comes
 back, whatever the later node says it is. So after loading, ``check_loaded`` walks the built objects:
-every function must be a ufunc or allowed (no bound method), every partial and every BSpline as above.
+every function must be a ufunc or allowed (no bound method), every partial and every BSpline as above;
+and what a re-run calls by position (``CALLED_FIELDS``: a FunctionTransformer's ``func``, KNeighbors'
+``weights``...) must be an allowed function or a name, never a type or an object (``FunctionTransformer(str)``
+then ``(bool)`` made ``True`` of any input), and the methods Stacking* and the chains call by a stored
+name must be prediction methods of stored estimators (``stack_method_ = ["tofile"]`` on a stored array
+wrote a file). What scikit-learn's own code does with the file's numbers (a tree's node indices) is not
+checked: a crafted file can still make a re-run fail or, in compiled code, crash.
 
 Names under ``sklearn.``, ``numpy.`` and ``scipy.`` only (and ``functools.partial`` as above), and never
 from their testing or compiler modules.
@@ -78,6 +86,23 @@ TREE_TYPE = "sklearn.tree._tree.Tree"
 # scikit-learn classes whose own __setstate__ was read and only fills the __dict__ (TreePredictor's also
 # casts its node array to the record dtype it expects)
 REVIEWED_SETSTATE = frozenset({"sklearn.ensemble._hist_gradient_boosting.predictor.TreePredictor"})
+# scikit-learn classes that are not estimators but that estimators keep, read and trusted (check_loaded
+# checks what of them a re-run calls). Other such helpers stay out: the ARFF conversors return any object
+# the file holds when called, scorers call methods named in the file, Parallel and deprecated call
+# anything, the test mocks call check_X
+REVIEWED_HELPERS = frozenset({
+    "sklearn.ensemble._hist_gradient_boosting.predictor.TreePredictor",
+    "sklearn.calibration._CalibratedClassifier",
+    "sklearn.neural_network._stochastic_optimizers.AdamOptimizer",
+    "sklearn.neural_network._stochastic_optimizers.SGDOptimizer",
+    "sklearn.compose._column_transformer.make_column_selector",
+})
+KERNELS_MODULE = "sklearn.gaussian_process.kernels"
+# modules whose estimators are test doubles or call what the file names
+UNSAFE_SKLEARN_MODULES = ("sklearn.utils._mocking", "sklearn.externals", "sklearn.metrics._scorer",
+                          "sklearn.utils.parallel", "sklearn.utils.deprecation", "sklearn.callback")
+# the methods a re-run may call by a name the file stores (Stacking*'s stack_method_, chains' chain_method_)
+STORED_METHOD_NAMES = frozenset({"predict", "predict_proba", "decision_function", "predict_log_proba", "transform"})
 # scikit-learn's dict with attribute access (StackingClassifier's named_estimators_): skops's DictNode
 # makes an empty one and fills it with the file's items, as for a dict
 BUNCH_TYPE = "sklearn.utils._bunch.Bunch"
@@ -211,14 +236,17 @@ def _is_plain_estimator(type_name: str) -> bool:
     process kernel): ``object.__new__``, no ``__setstate__`` of its own (BaseEstimator's only fills the
     ``__dict__``) and no ``__del__``. Compiled types (KDTree) have their own ``__new__`` and stay out."""
     module_name, _, class_name = type_name.rpartition(".")
-    if not module_name.startswith("sklearn."):
+    if not module_name.startswith("sklearn.") or module_name.startswith(UNSAFE_SKLEARN_MODULES):
         return False
     try:  # importing an installed scikit-learn module runs only scikit-learn's own code
         cls = getattr(importlib.import_module(module_name), class_name)
     except (ImportError, AttributeError):
         return False
     from sklearn.base import BaseEstimator
+    from sklearn.gaussian_process.kernels import Kernel
 
+    if not (isinstance(cls, type) and (issubclass(cls, (BaseEstimator, Kernel)) or type_name in REVIEWED_HELPERS)):
+        return False  # a helper class not read: its __call__ may do what the file says
     setstate = getattr(cls, "__setstate__", None)
     return (isinstance(cls, type) and cls.__new__ is object.__new__ and not hasattr(cls, "__del__")
             and (setstate in (None, getattr(object, "__setstate__", None), BaseEstimator.__setstate__)
@@ -308,6 +336,9 @@ def check_loaded(model: Any) -> str | None:
         default_factory = getattr(obj, "default_factory", None) if isinstance(obj, dict) else None
         if default_factory is not None:
             stack.append((default_factory, False))
+        why = _called_fields(obj, allowed)
+        if why is not None:
+            return why
         if hasattr(obj, "__dict__"):
             for key, value in vars(obj).items():
                 if isinstance(obj, SplineTransformer) and key == "bsplines_" and type(value) is list:
@@ -315,6 +346,57 @@ def check_loaded(model: Any) -> str | None:
                     stack.extend((item, True) for item in value)
                 else:
                     stack.append((value, False))
+    return None
+
+
+# attributes a re-run calls (FunctionTransformer(func), TransformedTargetRegressor, KNeighbors' weights,
+# PairwiseKernel/KernelPCA/Nystroem's metric or kernel, SelectFromModel/RFE's importance_getter): a ufunc,
+# an allowed function, a name (a string), or nothing; never a type or an object (FunctionTransformer(str)
+# turned the input into text, FunctionTransformer(bool) into True, which later steps could use)
+CALLED_FIELDS = ("func", "inverse_func", "weights", "metric", "kernel", "importance_getter", "score_func",
+                 "check_X", "check_y")
+
+
+def _called_fields(obj: Any, allowed: set[int]) -> str | None:
+    """Why what ``obj`` keeps for a re-run to call is not allowed (see CALLED_FIELDS, Stacking*'s and the
+    chains' stored method names and estimators), or None."""
+    from sklearn.base import BaseEstimator
+    from sklearn.gaussian_process.kernels import Kernel
+
+    state = getattr(obj, "__dict__", None)
+    if not isinstance(obj, (BaseEstimator, Kernel)) or not isinstance(state, dict):
+        return None
+    name = type(obj).__name__
+    for field in CALLED_FIELDS:
+        value = state.get(field)
+        if value is None or type(value) is str or isinstance(value, np.ufunc) or id(value) in allowed:
+            continue
+        if type(value) is functools.partial and id(value.func) in allowed:  # the walk checks its arguments
+            continue
+        if field == "kernel" and isinstance(value, Kernel):
+            continue
+        return f"a {name} whose {field} is {type(value).__name__} {getattr(value, '__name__', '')!s}".rstrip()
+    for field in ("stack_method_", "chain_method_"):
+        methods = state.get(field)
+        if methods is not None and not (isinstance(methods, (list, tuple, str)) and all(
+                type(m) is str and m in STORED_METHOD_NAMES for m in ([methods] if type(methods) is str else methods))):
+            return f"a {name} whose {field} names other methods than {sorted(STORED_METHOD_NAMES)}"
+    for field in ("estimators_", "k1", "k2"):
+        parts = state.get(field)
+        if parts is None:
+            continue
+        items = parts if isinstance(parts, (list, tuple)) else [parts]
+        if field == "estimators_" and not isinstance(parts, (list, tuple, np.ndarray)):
+            return f"a {name} whose estimators_ is {type(parts).__name__}"
+        flat = np.asarray(items, dtype=object).ravel().tolist() if isinstance(parts, np.ndarray) else items
+        for item in flat:
+            if isinstance(item, (list, tuple)):  # a chain of per-output estimators
+                if all(isinstance(e, (BaseEstimator, Kernel)) or e == "drop" for e in item):
+                    continue
+            elif isinstance(item, (BaseEstimator, Kernel)) or (type(item) is str and item == "drop") \
+                    or (field != "estimators_" and type(item) in (int, float)):
+                continue
+            return f"a {name} whose {field} holds a {type(item).__name__}, not an estimator"
     return None
 
 
