@@ -322,6 +322,16 @@ def test_what_a_re_run_calls_by_position_is_checked(tmp_path: Path) -> None:
         "func is type str": Pipeline([("s1", FunctionTransformer(str)), ("scale", StandardScaler().fit(x))]),
         "stack_method_ names other methods": Pipeline([("b", stack)]),
     }
+    # a stored attribute named like a method stands in for it; a stored response_method picks any method
+    from sklearn.model_selection import FixedThresholdClassifier
+
+    scaler = StandardScaler().fit(x)
+    scaler.__dict__["transform"] = str
+    cases["stored 'transform' would stand in for its method"] = Pipeline([("s", scaler)])
+    labels = (x[:, 0] > 0.5).astype(int)
+    threshold = FixedThresholdClassifier(LogisticRegression()).fit(x, labels)
+    threshold.response_method = "__init__"
+    cases["response_method names other methods"] = threshold
     for match, model in cases.items():
         skops.io.dump(model, path)
         with pytest.raises(CaptureError, match=match):

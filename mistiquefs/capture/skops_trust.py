@@ -51,8 +51,11 @@ and what a re-run calls by position (``CALLED_FIELDS``: a FunctionTransformer's 
 ``weights``...) must be an allowed function or a name, never a type or an object (``FunctionTransformer(str)``
 then ``(bool)`` made ``True`` of any input), and the methods Stacking* and the chains call by a stored
 name must be prediction methods of stored estimators (``stack_method_ = ["tofile"]`` on a stored array
-wrote a file). What scikit-learn's own code does with the file's numbers (a tree's node indices) is not
-checked: a crafted file can still make a re-run fail or, in compiled code, crash.
+wrote a file), as must a stored ``response_method``; an estimator's stored ``estimator(_)`` must be one;
+and no stored attribute may stand in for a method of its class (a ``__dict__`` entry ``transform = str``
+is what ``.transform`` finds) or be a dunder. What scikit-learn's own code does with the file's numbers (a
+tree's node indices) is not checked: a crafted file can still make a re-run fail or, in compiled code,
+crash.
 
 Names under ``sklearn.``, ``numpy.`` and ``scipy.`` only (and ``functools.partial`` as above), and never
 from their testing or compiler modules.
@@ -62,6 +65,7 @@ from __future__ import annotations
 
 import functools
 import importlib
+import inspect
 import types
 import json
 import zipfile
@@ -354,7 +358,9 @@ def check_loaded(model: Any) -> str | None:
 # an allowed function, a name (a string), or nothing; never a type or an object (FunctionTransformer(str)
 # turned the input into text, FunctionTransformer(bool) into True, which later steps could use)
 CALLED_FIELDS = ("func", "inverse_func", "weights", "metric", "kernel", "importance_getter", "score_func",
-                 "check_X", "check_y")
+                 "check_X", "check_y", "analyzer", "preprocessor", "tokenizer", "feature_names_out")
+# the methods a re-run may call by a name in response_method (FixedThresholdClassifier and the like)
+RESPONSE_METHODS = frozenset({"auto", "predict", "predict_proba", "decision_function"})
 
 
 def _called_fields(obj: Any, allowed: set[int]) -> str | None:
@@ -367,6 +373,27 @@ def _called_fields(obj: Any, allowed: set[int]) -> str | None:
     if not isinstance(obj, (BaseEstimator, Kernel)) or not isinstance(state, dict):
         return None
     name = type(obj).__name__
+    for key in state:
+        # the instance's __dict__ is looked up before the class's methods: a stored "transform" or
+        # "predict" (say, the type str) would be what a re-run calls
+        if type(key) is not str or (key.startswith("__") and key.endswith("__")):
+            return f"a {name} with the attribute {key!r}"
+        found = inspect.getattr_static(type(obj), key, None)
+        data_descriptor = hasattr(found, "__set__") or hasattr(found, "__delete__")  # (a property wins anyway)
+        if found is not None and not data_descriptor and not isinstance(found, type) \
+                and (callable(found) or hasattr(found, "__get__")):
+            return f"a {name} whose stored {key!r} would stand in for its method"
+    for field in ("response_method", "_response_method"):
+        value = state.get(field)
+        if value is not None and not all(type(m) is str and m in RESPONSE_METHODS
+                                         for m in ([value] if type(value) is str else
+                                                   value if isinstance(value, (list, tuple)) else [value])):
+            return f"a {name} whose {field} names other methods than {sorted(RESPONSE_METHODS)}"
+    for field in ("estimator", "estimator_", "base_estimator", "base_estimator_"):
+        value = state.get(field)
+        if value is not None and not isinstance(value, (BaseEstimator, Kernel)) \
+                and not (type(value) is str and value == "deprecated"):
+            return f"a {name} whose {field} is a {type(value).__name__}, not an estimator"
     for field in CALLED_FIELDS:
         value = state.get(field)
         if value is None or type(value) is str or isinstance(value, np.ufunc) or id(value) in allowed:
