@@ -332,6 +332,9 @@ def test_what_a_re_run_calls_by_position_is_checked(tmp_path: Path) -> None:
     threshold = FixedThresholdClassifier(LogisticRegression()).fit(x, labels)
     threshold.response_method = "__init__"
     cases["response_method names other methods"] = threshold
+    odd = StandardScaler().fit(x)
+    odd.with_mean = "tofile"  # what scikit-learn's own parameter constraints refuse
+    cases["parameters scikit-learn refuses"] = Pipeline([("s", odd)])
     for match, model in cases.items():
         skops.io.dump(model, path)
         with pytest.raises(CaptureError, match=match):

@@ -53,7 +53,8 @@ then ``(bool)`` made ``True`` of any input), and the methods Stacking* and the c
 name must be prediction methods of stored estimators (``stack_method_ = ["tofile"]`` on a stored array
 wrote a file), as must a stored ``response_method``; an estimator's stored ``estimator(_)`` must be one;
 and no stored attribute may stand in for a method of its class (a ``__dict__`` entry ``transform = str``
-is what ``.transform`` finds) or be a dunder. What scikit-learn's own code does with the file's numbers (a
+is what ``.transform`` finds) or be a dunder. Every estimator's parameters must also pass scikit-learn's
+own constraints (``_validate_params``: what ``fit`` would have refused). What scikit-learn's own code does with the file's numbers (a
 tree's node indices) is not checked: a crafted file can still make a re-run fail or, in compiled code,
 crash.
 
@@ -424,6 +425,13 @@ def _called_fields(obj: Any, allowed: set[int]) -> str | None:
                     or (field != "estimators_" and type(item) in (int, float)):
                 continue
             return f"a {name} whose {field} holds a {type(item).__name__}, not an estimator"
+    if isinstance(obj, BaseEstimator) and hasattr(type(obj), "_parameter_constraints"):
+        # scikit-learn's own parameter constraints (StrOptions of method names, types, ranges): what fit
+        # would have refused, a crafted file must not bring in
+        try:
+            obj._validate_params()
+        except Exception as exc:  # InvalidParameterError, or a parameter that is not even one
+            return f"a {name} whose parameters scikit-learn refuses ({str(exc)[:200]})"
     return None
 
 
