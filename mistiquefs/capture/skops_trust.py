@@ -54,9 +54,9 @@ name must be prediction methods of stored estimators (``stack_method_ = ["tofile
 wrote a file), as must a stored ``response_method``; an estimator's stored ``estimator(_)`` must be one;
 and no stored attribute may stand in for a method of its class (a ``__dict__`` entry ``transform = str``
 is what ``.transform`` finds) or be a dunder. Every estimator's parameters must also pass scikit-learn's
-own constraints (``_validate_params``: what ``fit`` would have refused). What scikit-learn's own code does with the file's numbers (a
-tree's node indices) is not checked: a crafted file can still make a re-run fail or, in compiled code,
-crash.
+own constraints (``_validate_params``: what ``fit`` would have refused). What scikit-learn's own code
+does with the file's numbers (a tree's node indices) is not checked: a crafted file can still make a
+re-run fail or, in compiled code, crash.
 
 Names under ``sklearn.``, ``numpy.`` and ``scipy.`` only (and ``functools.partial`` as above), and never
 from their testing or compiler modules.
