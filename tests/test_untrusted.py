@@ -335,6 +335,11 @@ def test_what_a_re_run_calls_by_position_is_checked(tmp_path: Path) -> None:
     odd = StandardScaler().fit(x)
     odd.with_mean = "tofile"  # what scikit-learn's own parameter constraints refuse
     cases["parameters scikit-learn refuses"] = Pipeline([("s", odd)])
+    # a Bunch's items are its attributes: in a step's place, Bunch(transform=...) is called as one
+    from sklearn.utils import Bunch
+
+    cases["a Bunch holding 'transform'"] = Pipeline([("s", StandardScaler().fit(x)),
+                                                     ("b", Bunch(transform=np.bool_))])
     for match, model in cases.items():
         skops.io.dump(model, path)
         with pytest.raises(CaptureError, match=match):

@@ -54,7 +54,9 @@ name must be prediction methods of stored estimators (``stack_method_ = ["tofile
 wrote a file), as must a stored ``response_method``; an estimator's stored ``estimator(_)`` must be one;
 and no stored attribute may stand in for a method of its class (a ``__dict__`` entry ``transform = str``
 is what ``.transform`` finds) or be a dunder. Every estimator's parameters must also pass scikit-learn's
-own constraints (``_validate_params``: what ``fit`` would have refused). What scikit-learn's own code
+own constraints (``_validate_params``: what ``fit`` would have refused). A ``Bunch`` may hold estimators
+only (its items are its attributes: ``Bunch(transform=...)`` in a step's place is called as one), and the
+listed helpers get the same checks as estimators. What scikit-learn's own code
 does with the file's numbers (a tree's node indices) is not checked: a crafted file can still make a
 re-run fail or, in compiled code, crash.
 
@@ -232,6 +234,8 @@ def _is_inert_type(type_name: str) -> bool:
     from sklearn.base import BaseEstimator
 
     obj = _resolve(type_name)
+    if type_name.startswith(UNSAFE_SKLEARN_MODULES):  # test doubles and the like, as classes too
+        return False
     return isinstance(obj, type) and (issubclass(obj, (np.generic, np.dtype)) or issubclass(obj, BaseEstimator))
 
 
@@ -370,10 +374,21 @@ def _called_fields(obj: Any, allowed: set[int]) -> str | None:
     from sklearn.base import BaseEstimator
     from sklearn.gaussian_process.kernels import Kernel
 
-    state = getattr(obj, "__dict__", None)
-    if not isinstance(obj, (BaseEstimator, Kernel)) or not isinstance(state, dict):
-        return None
+    from sklearn.utils import Bunch
+
     name = type(obj).__name__
+    if isinstance(obj, Bunch):
+        # scikit-learn keeps estimators in one (named_estimators_), and its items are its attributes: a
+        # Bunch(transform=...) in a step's place would be called as one
+        for key, value in obj.items():
+            named = isinstance(value, BaseEstimator) or (type(value) is str and value in ("drop", "passthrough"))
+            if type(key) is not str or key.startswith("__") or not named:
+                return f"a Bunch holding {key!r}: {type(value).__name__}, not an estimator"
+        return None
+    state = getattr(obj, "__dict__", None)
+    helper = f"{type(obj).__module__}.{type(obj).__qualname__}" in REVIEWED_HELPERS
+    if not (isinstance(obj, (BaseEstimator, Kernel)) or helper) or not isinstance(state, dict):
+        return None
     for key in state:
         # the instance's __dict__ is looked up before the class's methods: a stored "transform" or
         # "predict" (say, the type str) would be what a re-run calls
@@ -390,6 +405,10 @@ def _called_fields(obj: Any, allowed: set[int]) -> str | None:
                                          for m in ([value] if type(value) is str else
                                                    value if isinstance(value, (list, tuple)) else [value])):
             return f"a {name} whose {field} names other methods than {sorted(RESPONSE_METHODS)}"
+    calibrators = state.get("calibrators")
+    if calibrators is not None and not (isinstance(calibrators, (list, tuple))
+                                        and all(isinstance(c, BaseEstimator) for c in calibrators)):
+        return f"a {name} whose calibrators are not estimators"
     for field in ("estimator", "estimator_", "base_estimator", "base_estimator_"):
         value = state.get(field)
         if value is not None and not isinstance(value, (BaseEstimator, Kernel)) \
@@ -409,7 +428,7 @@ def _called_fields(obj: Any, allowed: set[int]) -> str | None:
         if methods is not None and not (isinstance(methods, (list, tuple, str)) and all(
                 type(m) is str and m in STORED_METHOD_NAMES for m in ([methods] if type(methods) is str else methods))):
             return f"a {name} whose {field} names other methods than {sorted(STORED_METHOD_NAMES)}"
-    for field in ("estimators_", "k1", "k2"):
+    for field in ("estimators_", "k1", "k2", "kernels"):
         parts = state.get(field)
         if parts is None:
             continue
