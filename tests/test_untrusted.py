@@ -340,6 +340,14 @@ def test_what_a_re_run_calls_by_position_is_checked(tmp_path: Path) -> None:
 
     cases["a Bunch holding 'transform'"] = Pipeline([("s", StandardScaler().fit(x)),
                                                      ("b", Bunch(transform=np.bool_))])
+    # numpy's math on an object array calls each element's method of that name: np.log(x) calls x.log()
+    from sklearn.naive_bayes import GaussianNB
+
+    carrier = StandardScaler()
+    carrier.__dict__["log"] = np.float64
+    bayes = GaussianNB().fit(x, labels)
+    bayes.class_prior_ = [carrier, carrier]
+    cases["whose 'log' is a callable type"] = bayes
     for match, model in cases.items():
         skops.io.dump(model, path)
         with pytest.raises(CaptureError, match=match):

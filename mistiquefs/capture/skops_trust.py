@@ -56,7 +56,9 @@ and no stored attribute may stand in for a method of its class (a ``__dict__`` e
 is what ``.transform`` finds) or be a dunder. Every estimator's parameters must also pass scikit-learn's
 own constraints (``_validate_params``: what ``fit`` would have refused). A ``Bunch`` may hold estimators
 only (its items are its attributes: ``Bunch(transform=...)`` in a step's place is called as one), and the
-listed helpers get the same checks as estimators. What scikit-learn's own code
+listed helpers get the same checks as estimators. Outside ``CALLED_FIELDS`` an estimator keeps no callable
+but scikit-learn's own objects and dtypes (numpy's math on an object array calls each element's method of
+that name: ``np.log(x)`` calls a stored ``x.log``). What scikit-learn's own code
 does with the file's numbers (a tree's node indices) is not checked: a crafted file can still make a
 re-run fail or, in compiled code, crash.
 
@@ -414,6 +416,12 @@ def _called_fields(obj: Any, allowed: set[int]) -> str | None:
         if value is not None and not isinstance(value, (BaseEstimator, Kernel)) \
                 and not (type(value) is str and value == "deprecated"):
             return f"a {name} whose {field} is a {type(value).__name__}, not an estimator"
+    for key, value in state.items():
+        # a callable anywhere else is called by whatever finds it: numpy's math on an object array calls
+        # each element's method of that name (np.log(x) calls x.log()), so a stored "log" is called too
+        if key in CALLED_FIELDS or not callable(value) or _inert_value(key, value):
+            continue
+        return f"a {name} whose {key!r} is a callable {type(value).__name__}"
     for field in CALLED_FIELDS:
         value = state.get(field)
         if value is None or type(value) is str or isinstance(value, np.ufunc) or id(value) in allowed:
@@ -452,6 +460,19 @@ def _called_fields(obj: Any, allowed: set[int]) -> str | None:
         except Exception as exc:  # InvalidParameterError, or a parameter that is not even one
             return f"a {name} whose parameters scikit-learn refuses ({str(exc)[:200]})"
     return None
+
+
+def _inert_value(key: str, value: Any) -> bool:
+    """Callables an estimator may keep outside CALLED_FIELDS: estimators, kernels, losses and column
+    selectors (scikit-learn's own objects, checked in turn), and numpy scalar types as its dtype."""
+    from sklearn._loss.loss import BaseLoss
+    from sklearn.base import BaseEstimator
+    from sklearn.compose import make_column_selector
+    from sklearn.gaussian_process.kernels import Kernel
+
+    if isinstance(value, (BaseEstimator, Kernel, BaseLoss, make_column_selector)):
+        return True
+    return "dtype" in key and _plain(value)
 
 
 def _plain(value: Any) -> bool:
