@@ -45,7 +45,6 @@ import sqlite3
 import statistics
 import subprocess
 import sys
-import tempfile
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -58,8 +57,7 @@ sys.path.insert(0, str(ROOT / "examples"))
 
 import benchlib  # noqa: E402
 import mistiquefs  # noqa: E402
-from benchlib import DROP_CACHES, log, timed  # noqa: E402
-from mistiquefs.fs.mount import mount_background, stop_mount  # noqa: E402
+from benchlib import DROP_CACHES, Mounts, log, make_workdir, timed  # noqa: E402
 from mistiquefs.planner.planner import Planner  # noqa: E402
 from mistiquefs.store.repository import Repository  # noqa: E402
 
@@ -100,31 +98,6 @@ def starting() -> Iterator[None]:
         _deferring = False
     if _deferred:
         raise KeyboardInterrupt(f"signal {_deferred[0]}")
-
-
-class Mounts:
-    """The mistiquefs mounts this run started; ``close`` undoes every one still live."""
-
-    def __init__(self) -> None:
-        self.live: list[tuple[Path, int]] = []
-
-    def mount(self, store: Path, mountpoint: Path, log_file: Path) -> None:
-        mountpoint.mkdir(exist_ok=True)
-        with starting():
-            self.live.append((mountpoint, mount_background(store, mountpoint, log_file=log_file, extra=[])))
-
-    def unmount(self, mountpoint: Path) -> None:
-        for entry in [e for e in self.live if e[0] == mountpoint]:
-            self.live.remove(entry)
-            stop_mount(*entry)
-
-    def close(self) -> None:
-        while self.live:
-            mountpoint, pid = self.live.pop()
-            try:
-                stop_mount(mountpoint, pid)
-            except Exception as exc:  # keep undoing the others
-                log(f"cleanup of {mountpoint}: {exc}")
 
 
 def drop_caches() -> None:
@@ -407,16 +380,6 @@ def responsiveness(path: Path, workdir: Path, repo: Repository, mounts: Mounts) 
     return statistics.median(inside), max(inside)
 
 
-def make_workdir(requested: Path | None) -> Path:
-    """A new temp directory, or ``requested``, which must be empty or missing (it is removed at the end)."""
-    if requested is None:
-        return Path(tempfile.mkdtemp(prefix="mq-bench-plan-"))
-    if requested.exists() and any(requested.iterdir()):
-        raise SystemExit(f"--workdir {requested} is not empty; give a new or empty directory")
-    requested.mkdir(parents=True, exist_ok=True)
-    return requested.resolve()
-
-
 def run(args: argparse.Namespace, workdir: Path, mounts: Mounts, repos: list[Repository]) -> None:
     path, direct = capture(workdir, args.rows)
     repo = Repository(path, create=False)
@@ -453,8 +416,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.rows < 1 or args.repeat < 1:
         parser.error("--rows and --repeat must be >= 1")
     signal.signal(signal.SIGTERM, _raise_interrupt)
-    workdir = make_workdir(args.workdir)
-    mounts = Mounts()
+    workdir = make_workdir(args.workdir, "mq-bench-plan-")
+    mounts = Mounts(starting)
     repos: list[Repository] = []
     started = time.perf_counter()
     try:

@@ -37,7 +37,6 @@ import signal
 import sqlite3
 import subprocess
 import sys
-import tempfile
 import termios
 import time
 from collections.abc import Callable, Sequence
@@ -50,7 +49,8 @@ import numpy as np
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO / "examples"))  # examples/ is not a package
 
-from benchlib import DROP_CACHES, drop_caches, log, median, print_table, store_disk_bytes, timed  # noqa: E402
+from benchlib import (DROP_CACHES, drop_caches, log, make_workdir, median, print_table,  # noqa: E402
+                      store_disk_bytes, timed)
 
 MODEL = "cnn_e3"
 #: the biggest layer, a mid-sized one and a small one
@@ -635,16 +635,6 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     return args
 
 
-def make_workdir(requested: Path | None) -> Path:
-    """A new temp directory, or ``requested``, which must be empty or missing (it is removed at the end)."""
-    if requested is None:
-        return Path(tempfile.mkdtemp(prefix="bench_read."))
-    if requested.exists() and any(requested.iterdir()):
-        raise SystemExit(f"--workdir {requested} is not empty; give a new or empty directory")
-    requested.mkdir(parents=True, exist_ok=True)
-    return requested.resolve()
-
-
 def run(args: argparse.Namespace, prereqs: Prereqs, workdir: Path, mounts_box: list[Mounts]) -> bool:
     store_path, npy_dir = workdir / "store", workdir / "npy"
     image = workdir / "img.sqfs" if prereqs.squashfs else None
@@ -707,7 +697,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     print(f"machine: {os.cpu_count()} cores, Linux {os.uname().release}, numpy {np.__version__}; "
           f"started {time.strftime('%Y-%m-%d %H:%M:%S')}")
     signal.signal(signal.SIGTERM, _raise_interrupt)
-    workdir = make_workdir(args.workdir)
+    workdir = make_workdir(args.workdir, "bench_read.")
     mounts_box: list[Mounts] = []
     started = time.perf_counter()
     ok = False

@@ -49,7 +49,6 @@ import shutil
 import signal
 import sqlite3
 import sys
-import tempfile
 import time
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
@@ -66,7 +65,7 @@ for _path in (REPO / "examples", REPO / "scripts"):  # neither is a package
         sys.path.insert(0, str(_path))
 
 import benchlib  # noqa: E402
-from benchlib import DROP_CACHES, log, median, print_table, timed  # noqa: E402
+from benchlib import DROP_CACHES, Mounts, log, make_workdir, median, print_table, timed  # noqa: E402
 
 MB = 1e6
 
@@ -169,37 +168,6 @@ def drop_caches(prereqs: Prereqs) -> None:
     except OSError as exc:  # a container may refuse it although the file looks writable
         prereqs.cold = False
         prereqs.notes.append(f"drop_caches failed ({exc.strerror}): reads are first reads on a fresh mount")
-
-
-class Mounts:
-    """The mistiquefs mounts this run started; ``close`` undoes every one still live."""
-
-    def __init__(self) -> None:
-        self.live: list[tuple[Path, int]] = []
-
-    def mount(self, store: Path, mountpoint: Path, log_file: Path) -> None:
-        from mistiquefs.fs.mount import mount_background
-
-        mountpoint.mkdir(parents=True, exist_ok=True)
-        pid = mount_background(store, mountpoint, log_file=log_file, extra=[])
-        self.live.append((mountpoint, pid))
-
-    def unmount(self, mountpoint: Path) -> None:
-        from mistiquefs.fs.mount import stop_mount
-
-        for entry in [e for e in self.live if e[0] == mountpoint]:
-            self.live.remove(entry)
-            stop_mount(*entry)
-
-    def close(self) -> None:
-        from mistiquefs.fs.mount import stop_mount
-
-        while self.live:
-            mountpoint, pid = self.live.pop()
-            try:
-                stop_mount(mountpoint, pid)
-            except Exception as exc:  # keep undoing the others
-                log(f"cleanup of {mountpoint}: {exc}")
 
 
 def catalog(store_path: Path) -> sqlite3.Connection:
@@ -983,15 +951,6 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     return args
 
 
-def make_workdir(requested: Path | None) -> Path:
-    if requested is None:
-        return Path(tempfile.mkdtemp(prefix="bench_storage."))
-    if requested.exists() and any(requested.iterdir()):
-        raise SystemExit(f"--workdir {requested} is not empty; give a new or empty directory")
-    requested.mkdir(parents=True, exist_ok=True)
-    return requested.resolve()
-
-
 def _raise_interrupt(signum: int, _frame: Any) -> None:
     raise KeyboardInterrupt(f"signal {signum}")
 
@@ -1004,7 +963,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     for note in prereqs.notes:
         print(f"note: {note}")
     signal.signal(signal.SIGTERM, _raise_interrupt)
-    workdir = make_workdir(args.workdir)
+    workdir = make_workdir(args.workdir, "bench_storage.")
     mounts = Mounts()
     targets: list[Target] = []
     dict_results: list[DictResult] = []

@@ -4,9 +4,11 @@ directory first on ``sys.path``)."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import statistics
 import sys
+import tempfile
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -67,3 +69,46 @@ def store_disk_bytes(path: Path) -> dict[str, int]:
     parts["arrays"] = parts["packs"] + parts["catalog"]
     parts["total"] = parts["arrays"] + parts["models"] + parts["other"]
     return parts
+
+
+def make_workdir(requested: Path | None, prefix: str) -> Path:
+    """A new temp directory, or ``requested``, which must be empty or missing (it is removed at the end)."""
+    if requested is None:
+        return Path(tempfile.mkdtemp(prefix=prefix))
+    if requested.exists() and any(requested.iterdir()):
+        raise SystemExit(f"--workdir {requested} is not empty; give a new or empty directory")
+    requested.mkdir(parents=True, exist_ok=True)
+    return requested.resolve()
+
+
+class Mounts:
+    """The mistiquefs mounts this run started; ``close`` undoes every one still live. ``starting``: a
+    context around each daemon's start (bench_plan holds its SIGTERM there until the pid is recorded)."""
+
+    def __init__(self, starting: Callable[[], contextlib.AbstractContextManager[Any]] = contextlib.nullcontext) -> None:
+        self.live: list[tuple[Path, int]] = []
+        self._starting = starting
+
+    def mount(self, store: Path, mountpoint: Path, log_file: Path) -> None:
+        from mistiquefs.fs.mount import mount_background
+
+        mountpoint.mkdir(parents=True, exist_ok=True)
+        with self._starting():
+            self.live.append((mountpoint, mount_background(store, mountpoint, log_file=log_file, extra=[])))
+
+    def unmount(self, mountpoint: Path) -> None:
+        from mistiquefs.fs.mount import stop_mount
+
+        for entry in [e for e in self.live if e[0] == mountpoint]:
+            self.live.remove(entry)
+            stop_mount(*entry)
+
+    def close(self) -> None:
+        from mistiquefs.fs.mount import stop_mount
+
+        while self.live:
+            mountpoint, pid = self.live.pop()
+            try:
+                stop_mount(mountpoint, pid)
+            except Exception as exc:  # keep undoing the others
+                log(f"cleanup of {mountpoint}: {exc}")
