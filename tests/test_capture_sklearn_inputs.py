@@ -9,10 +9,7 @@ the stored inputs ("none").
 
 from __future__ import annotations
 
-import json
 import warnings
-import zipfile
-from io import BytesIO
 from pathlib import Path
 from typing import Any
 
@@ -35,6 +32,7 @@ from mistiquefs.capture import files
 from mistiquefs.capture.files import load_inputs_file
 from mistiquefs.capture.sklearn import SklearnAdapter, inputs_from_stored, load_model
 from mistiquefs.errors import CaptureError
+from test_untrusted import schema_of, with_schema
 
 RNG = np.random.default_rng(7)
 
@@ -358,22 +356,6 @@ def test_common_models_load_back_and_re_run(tmp_path: Path) -> None:
         assert_captured(layers, {stage: getattr(model, method)(inputs)})
 
 
-def _schema(data: bytes) -> dict[str, Any]:
-    with zipfile.ZipFile(BytesIO(data)) as archive:
-        return json.loads(archive.read("schema.json"))
-
-
-def _with_schema(data: bytes, schema: dict[str, Any]) -> bytes:
-    with zipfile.ZipFile(BytesIO(data)) as archive:
-        members = {name: archive.read(name) for name in archive.namelist()}
-    members["schema.json"] = json.dumps(schema).encode()
-    out = BytesIO()
-    with zipfile.ZipFile(out, "w") as archive:
-        for name, content in members.items():
-            archive.writestr(name, content)
-    return out.getvalue()
-
-
 def _nodes(node: Any, **match: str) -> list[dict[str, Any]]:
     found, stack = [], [node]
     while stack:
@@ -402,28 +384,28 @@ def test_crafted_files_with_the_newly_trusted_types_are_refused(tmp_path: Path) 
     y = RNG.integers(0, 2, 40)
     frame = pd.DataFrame({"x": X[:, 0], "c": pd.Categorical(RNG.choice(["u", "v"], 40))})
     hgb = skops.io.dumps(_fitted(HistGradientBoostingClassifier(max_iter=2), frame, y))
-    schema = _schema(hgb)
+    schema = schema_of(hgb)
     funcs = [node["content"]["func"] for node in _nodes(schema, __loader__="PartialNode")]
     assert funcs and all(func["__class__"] == "check_array" for func in funcs)
     for func in funcs:
         func.update(__module__="numpy", __class__="save")
-    _refused(_with_schema(hgb, schema), tmp_path, r"numpy\.save \(a function a re-run would call")
+    _refused(with_schema(hgb, schema), tmp_path, r"numpy\.save \(a function a re-run would call")
     for func in funcs:
         func.update(__module__="sklearn.preprocessing._data", __class__="StandardScaler", __loader__="TypeNode")
-    _refused(_with_schema(hgb, schema), tmp_path, r"functools\.partial \(not a scikit-learn")
+    _refused(with_schema(hgb, schema), tmp_path, r"functools\.partial \(not a scikit-learn")
 
     knn = skops.io.dumps(_fitted(KNeighborsClassifier(), X, y))
     for metric in ("PyFuncDistance64", "MahalanobisDistance64"):
-        schema = _schema(knn)
+        schema = schema_of(knn)
         (node,) = _nodes(schema, __class__="EuclideanDistance64")
         node["__class__"] = metric
-        _refused(_with_schema(knn, schema), tmp_path, rf"{metric} \(would be called or built while loading")
+        _refused(with_schema(knn, schema), tmp_path, rf"{metric} \(would be called or built while loading")
 
     imputer = skops.io.dumps(_fitted(IterativeImputer(max_iter=2), X))
-    schema = _schema(imputer)
+    schema = schema_of(imputer)
     for node in _nodes(schema, __class__="_ImputerTriplet"):
         node.update(__module__="sklearn.utils._bunch", __class__="Bunch")
-    _refused(_with_schema(imputer, schema), tmp_path, r"Bunch \(would be called or built while loading: TupleNode")
+    _refused(with_schema(imputer, schema), tmp_path, r"Bunch \(would be called or built while loading: TupleNode")
 
     spline = _fitted(SplineTransformer(), X)
     # (refused as a BSpline outside bsplines_, or as a function no re-run may call)

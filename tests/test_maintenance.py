@@ -61,6 +61,14 @@ def tile_location(path: Path, model: str, name: str, tile: int):
         repo.close()
 
 
+def update_catalog(path: Path, sql: str, args: tuple = ()) -> None:
+    """Change the store's catalog behind mistiquefs's back (one statement, committed)."""
+    db = sqlite3.connect(path / "catalog.sqlite")
+    db.execute(sql, args)
+    db.commit()
+    db.close()
+
+
 def flip(path: Path, offset: int) -> None:
     with open(path, "r+b") as f:
         f.seek(offset)
@@ -181,10 +189,7 @@ def test_a_missing_model_file_is_reported(store) -> None:
 
 def test_repair_rebuilds_a_lost_chunk_index(store, capsys) -> None:
     path, arrays = store
-    db = sqlite3.connect(path / "catalog.sqlite")
-    db.execute("DELETE FROM chunks")
-    db.commit()
-    db.close()
+    update_catalog(path, "DELETE FROM chunks")
     (problem,) = check(path).problems
     assert problem.what == "17 chunks that tiles refer to exist nowhere (no chunk row)"
     assert "model cnn, layer dense, examples 0..5999" in problem.affects
@@ -330,10 +335,7 @@ DAMAGED_ROWS = {
 def test_a_damaged_catalog_row_is_named_not_a_traceback(store, capsys, column: str) -> None:
     path, _ = store
     sql, named = DAMAGED_ROWS[column]
-    db = sqlite3.connect(path / "catalog.sqlite")
-    db.execute(sql)
-    db.commit()
-    db.close()
+    update_catalog(path, sql)
     assert main(["fsck", str(path)]) == DamageFound.exit_code
     out = capsys.readouterr().out
     assert f"PROBLEM: {named}" in out and "models affected: " + ("pipe" if "'pipe'" in named else "cnn") in out
@@ -346,10 +348,7 @@ def test_a_damaged_catalog_row_is_named_not_a_traceback(store, capsys, column: s
 
 def test_fsck_names_a_layer_whose_codec_does_not_load(store) -> None:
     path, _ = store
-    db = sqlite3.connect(path / "catalog.sqlite")
-    db.execute("UPDATE intermediates SET codec = '[{\"name\": \"nope\"}]' WHERE name = 'dense'")
-    db.commit()
-    db.close()
+    update_catalog(path, "UPDATE intermediates SET codec = '[{\"name\": \"nope\"}]' WHERE name = 'dense'")
     (problem,) = check(path).problems
     assert problem.what == "model cnn, layer dense: its codec does not load: unknown codec 'nope' (written by a " \
                            "newer mistiquefs?)"
@@ -357,10 +356,7 @@ def test_fsck_names_a_layer_whose_codec_does_not_load(store) -> None:
 
 def test_a_damaged_format_version_is_named(store, capsys) -> None:
     path, _ = store
-    db = sqlite3.connect(path / "catalog.sqlite")
-    db.execute("UPDATE meta SET value = 'abc' WHERE key = 'format_version'")
-    db.commit()
-    db.close()
+    update_catalog(path, "UPDATE meta SET value = 'abc' WHERE key = 'format_version'")
     for command in ("fsck", "ls", "gc"):
         assert main([command, str(path)]) == DamageFound.exit_code
         err = capsys.readouterr().err
@@ -413,10 +409,7 @@ def test_gc_runs_after_a_repair_that_found_no_intact_copy(store, capsys) -> None
            "  model cnn, layer conv: 1 tile lost" in out
     (problem,) = check(path).problems
     assert problem.affects == ("model cnn, layer conv, examples 2048..3071",)
-    db = sqlite3.connect(path / "catalog.sqlite")
-    db.execute("DELETE FROM chunks WHERE id IN (SELECT chunk_id FROM tiles WHERE tile = 0)")  # intact copies
-    db.commit()
-    db.close()
+    update_catalog(path, "DELETE FROM chunks WHERE id IN (SELECT chunk_id FROM tiles WHERE tile = 0)")  # intact copies
     assert main(["gc", str(path)]) == StoreError.exit_code
     assert "has 2 chunks its index lost that a pack still holds: run mistiquefs fsck --repair" in \
         capsys.readouterr().err
@@ -467,10 +460,8 @@ def test_a_chunk_row_whose_pack_name_does_not_decode_is_a_problem_repair_rebuild
     it affects, gc refuses with one line, and a repair rebuilds the row from the packs."""
     path, arrays = store
     cid, loc = tile_location(path, "cnn", "dense", 0)
-    db = sqlite3.connect(path / "catalog.sqlite")
-    db.execute("UPDATE chunks SET pack = CAST(? AS TEXT) WHERE id = ?", (b"\xff" + loc.pack.encode()[1:], cid))
-    db.commit()
-    db.close()
+    update_catalog(path, "UPDATE chunks SET pack = CAST(? AS TEXT) WHERE id = ?",
+                   (b"\xff" + loc.pack.encode()[1:], cid))
     assert main(["fsck", str(path)]) == DamageFound.exit_code
     out = capsys.readouterr().out
     assert f"PROBLEM: the catalog row of chunk {cid.hex()} is damaged: its pack" in out

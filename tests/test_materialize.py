@@ -31,6 +31,7 @@ from mistiquefs.planner import cost, materialize
 from mistiquefs.planner.planner import LayerStats, Planner
 from mistiquefs.store.records import IntermediateRecord
 from mistiquefs.store.repository import Repository
+from test_maintenance import flip
 
 
 class Doubler(TransformerMixin, BaseEstimator):
@@ -386,14 +387,6 @@ def test_a_budget_smaller_than_the_store_is_enforced_at_the_first_open(tmp_path:
 
 
 # ---- 9: re-running needs the model's input whole -----------------------------------------------------------
-def flip(path: Path, offset: int) -> None:
-    with open(path, "r+b") as f:
-        f.seek(offset)
-        byte = f.read(1)
-        f.seek(offset)
-        f.write(bytes([byte[0] ^ 0x5A]))
-
-
 @pytest.mark.parametrize("damage", ["lost", "corrupt"])
 def test_eviction_keeps_the_layers_of_a_model_whose_input_is_damaged(tmp_path: Path, damage: str,
                                                                      caplog: pytest.LogCaptureFixture) -> None:

@@ -65,20 +65,31 @@ def object_node(module: str, name: str, attrs: dict[str, Any]) -> dict[str, Any]
             "content": _dict({k: _str(v) for k, v in attrs.items()}), "__id__": next(_ids)}
 
 
-def inject(skops_file: bytes, payload: dict[str, Any]) -> bytes:
-    """The skops file with ``payload`` in place of the model's first plain (JSON) attribute."""
+def schema_of(skops_file: bytes) -> dict[str, Any]:
+    with zipfile.ZipFile(BytesIO(skops_file)) as archive:
+        return json.loads(archive.read("schema.json"))
+
+
+def with_schema(skops_file: bytes, schema: dict[str, Any], files: dict[str, bytes] | None = None) -> bytes:
+    """The skops file with ``schema`` as its schema.json, and ``files`` added to its members."""
     with zipfile.ZipFile(BytesIO(skops_file)) as archive:
         members = {name: archive.read(name) for name in archive.namelist()}
-    schema = json.loads(members["schema.json"])
-    attrs = schema["content"]["content"]
-    key = next(k for k, v in attrs.items() if v.get("__loader__") == "JsonNode")
-    attrs[key] = payload
+    members.update(files or {})
     members["schema.json"] = json.dumps(schema).encode()
     out = BytesIO()
     with zipfile.ZipFile(out, "w") as archive:
         for name, data in members.items():
             archive.writestr(name, data)
     return out.getvalue()
+
+
+def inject(skops_file: bytes, payload: dict[str, Any]) -> bytes:
+    """The skops file with ``payload`` in place of the model's first plain (JSON) attribute."""
+    schema = schema_of(skops_file)
+    attrs = schema["content"]["content"]
+    key = next(k for k, v in attrs.items() if v.get("__loader__") == "JsonNode")
+    attrs[key] = payload
+    return with_schema(skops_file, schema)
 
 
 EVIL_MODULE = '''
@@ -271,9 +282,7 @@ def test_a_splines_asarray_is_checked_as_the_object(tmp_path: Path) -> None:
 
     x = np.random.default_rng(4).random((20, 2))
     data = skops.io.dumps(SplineTransformer(n_knots=4, degree=3).fit(x))
-    with zipfile.ZipFile(BytesIO(data)) as archive:
-        schema = json.loads(archive.read("schema.json"))
-        files.update({name: archive.read(name) for name in archive.namelist() if name != "schema.json"})
+    schema = schema_of(data)
     state = {"_t": array("t.npy", np.array([0.0, 1.0])), "_c": array("c.npy", np.array([1.0])), "k": js(10**7),
              "extrapolate": js(True), "axis": js(0),
              "_asarray": {"__class__": "asarray", "__module__": "scipy._lib.array_api_compat.numpy._aliases",
@@ -286,10 +295,7 @@ def test_a_splines_asarray_is_checked_as_the_object(tmp_path: Path) -> None:
                                                     "__loader__": "TypeNode"}] * len(state)}}}
     schema["content"]["content"]["bsplines_"]["content"][0]["content"]["content"]["_asarray"] = inner
     path = tmp_path / "spline.skops"
-    with zipfile.ZipFile(path, "w") as archive:
-        archive.writestr("schema.json", json.dumps(schema))
-        for name, payload in files.items():
-            archive.writestr(name, payload)
+    path.write_bytes(with_schema(data, schema, files))
     with pytest.raises(CaptureError, match="_asarray is not numpy's asarray"):
         load_sklearn(path)
 
