@@ -96,9 +96,6 @@ class ReRunner:
         """The loaded model (loading it once however many threads ask). A model that failed to load fails
         again at once, until its file changes (a repair, a replaced file)."""
         while True:
-            failed = self._failed.get(model.id)
-            if failed is not None and failed[0] == self._file_state(model):
-                raise StoreError(failed[1])
             with self._lock:
                 warm = self._warm.get(model.id)
                 if warm is not None:
@@ -114,12 +111,7 @@ class ReRunner:
             try:
                 started = time.perf_counter()
                 with_import = not imported(model.framework)
-                try:
-                    adapter = self._loader(model.framework, str(self.repo.root / model.model_file))
-                except MistiqueError as exc:  # a refused or broken model file is this read's I/O error
-                    message = f"cannot re-run model {model.name!r}: {exc}"
-                    self._failed[model.id] = (self._file_state(model), message)
-                    raise StoreError(message) from exc
+                adapter = self._load_file(model)
                 state = self._file_state(model)
                 warm = WarmModel(adapter, time.perf_counter() - started, state[1] if state else 0)
                 self._failed.pop(model.id, None)
@@ -142,14 +134,18 @@ class ReRunner:
     def probe(self, model: ModelRecord) -> None:
         """Load ``model`` as ``model()`` does and let it go (StoreError when it does not load): a check that
         keeps nothing warm, so checking many models pushes out none that readers keep warm."""
-        if self.is_warm(model):
-            return
+        if not self.is_warm(model):
+            self._load_file(model)
+
+    def _load_file(self, model: ModelRecord) -> Any:
+        """The model file loaded (an adapter); StoreError when it does not load, remembered until the file
+        changes (a repair, a replaced file), so a refused file is not read and parsed again for every piece."""
         failed = self._failed.get(model.id)
         if failed is not None and failed[0] == self._file_state(model):
             raise StoreError(failed[1])
         try:
-            self._loader(model.framework, str(self.repo.root / model.model_file))
-        except MistiqueError as exc:
+            return self._loader(model.framework, str(self.repo.root / model.model_file))
+        except MistiqueError as exc:  # a refused or broken model file is this read's I/O error
             message = f"cannot re-run model {model.name!r}: {exc}"
             self._failed[model.id] = (self._file_state(model), message)
             raise StoreError(message) from exc
