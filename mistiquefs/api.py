@@ -11,6 +11,7 @@ from __future__ import annotations
 import errno
 from functools import partial
 import sqlite3
+import statistics
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,6 +23,7 @@ from tqdm import tqdm
 
 from mistiquefs.capture import Adapter, adapter_for
 from mistiquefs.codecs import SchemePolicy
+from mistiquefs.planner.cost import PER_STAGE
 from mistiquefs.planner.policy import POLICIES, choose_kept
 from mistiquefs.sizes import size_in_bytes
 from mistiquefs.errors import CaptureError, MistiqueError, NotFound
@@ -36,6 +38,8 @@ _RESERVED = {"", ".", "..", "info.json"}
 #: values; a table's columns need more rows for 256 stable quantiles
 SAMPLE_ROWS, SAMPLE_ROWS_TABLE = 256, 8192
 SAMPLE_WINDOWS = 8
+#: two-row calls timed per stage after a capture's batches (``_call_seconds``)
+CALL_SAMPLES = 3
 
 
 @dataclass(frozen=True)
@@ -152,8 +156,10 @@ class Store:
                 for out in _run_batch(adapter, batch, start, stop):
                     writer.add(out.name, out.array, out.seconds, batch_index)
                 bar.update(stop - start)
-        seconds = time.perf_counter() - started
         info = {**adapter.describe(), "batch_size": size, "schemes": writer.policy.describe()}
+        if adapter.framework in PER_STAGE and n_rows:
+            info["call_seconds"] = _call_seconds(adapter, inputs, n_rows)
+        seconds = time.perf_counter() - started
         writer.commit(framework=adapter.framework, n_rows=n_rows, seconds=seconds, model_file=model_path,
                       info=info, keep=keep, budget=budget)
         self.repo.forget_records()  # a re-run read of this capture looks its model up there
@@ -238,6 +244,20 @@ def _run_batch(adapter: Adapter, batch: Any, start: int, stop: int):
     except Exception as exc:
         raise CaptureError(f"the model raised {type(exc).__name__} on examples {start}..{stop - 1}: {exc}") \
             from exc
+
+
+def _call_seconds(adapter: Adapter, inputs: Any, n_rows: int) -> dict[str, float]:
+    """Each stage's seconds on a call of two rows (the median of ``CALL_SAMPLES``), once the capture's
+    batches have warmed the model: the part of a stage's time that every call pays whatever its rows, which
+    the planner's re-run estimates need (a scikit-learn step's time is mostly that: on the flights pipelines
+    a step took as long on 2 rows as on 4096)."""
+    stop = min(2, n_rows)
+    batch = adapter.slice_inputs(inputs, 0, stop)
+    samples: dict[str, list[float]] = {}
+    for _ in range(CALL_SAMPLES):
+        for out in _run_batch(adapter, batch, 0, stop):
+            samples.setdefault(out.name, []).append(out.seconds)
+    return {name: statistics.median(times) for name, times in samples.items()}
 
 
 def _sample_outputs(adapter: Adapter, inputs: Any, n_rows: int, policy: SchemePolicy) -> dict[str, np.ndarray]:

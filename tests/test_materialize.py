@@ -311,6 +311,36 @@ def test_a_pipelines_re_run_estimate_and_call_count_for_a_column_transformers_pa
     repo.close()
 
 
+def test_a_stages_per_call_time_is_measured_at_capture_and_paid_per_call_not_per_row(tmp_path: Path) -> None:
+    """A scikit-learn step's time is mostly per call (it validates and converts its input): the capture
+    times each stage on a two-row call, and a re-run of one example pays a slow part's call in full, not a
+    per-row share of its capture time (before: every estimator call cost the same learned overhead, so one
+    example of a 30 ms-a-call part was estimated as cheap as one of the scaler beside it)."""
+    x = data(4000, 4)
+    ct = ColumnTransformer([("slow", Slow(per_call=0.03), [0, 1]), ("sc", StandardScaler(), [2, 3])])
+    pipe = Pipeline([("ct", ct), ("r", Ridge())]).fit(x, x[:, 0])
+    with mistiquefs.open_store(tmp_path / "s") as store:
+        store.capture(pipe, x, name="m", progress=False, batch_size=1000)
+    repo = Repository(tmp_path / "s", create=False)
+    planner = Planner(repo)
+    slow, sc, r = (record(repo, "m", name) for name in ("ct__slow", "ct__sc", "r"))
+    model, layers = planner.model_and_layers(slow)
+    per_call = model.info["call_seconds"]
+    assert set(per_call) == {"ct__slow", "ct__sc", "ct", "r"}
+    assert per_call["ct__slow"] >= 0.03 and per_call["ct"] >= 0.03 and per_call["ct__sc"] < 0.02
+    one_slow = planner.estimate_rows(slow, 10, 11).rerun_seconds
+    one_sc = planner.estimate_rows(sc, 10, 11).rerun_seconds
+    assert one_slow - one_sc >= 0.025
+    # four capture batches paid the 30 ms four times: the rest is per row, a small share
+    assert cost.stage_seconds_per_row(layers, slow, model) * slow.n_rows < 0.5 * slow.seconds
+    # a one-row re-run observed teaches the model's own overhead: what its stages' calls do not explain
+    stages = cost.stage_call_seconds(model, layers, r)
+    assert stages >= 0.03
+    planner.cost.observe_rerun(model, layers, r, 1, stages + 0.004)
+    assert planner.cost.call_seconds[model.id] == pytest.approx(0.004, abs=0.001)
+    repo.close()
+
+
 # ---- 6: eviction frees bytes ----------------------------------------------------------------------------
 def test_eviction_drops_layers_that_share_chunks_together_and_only_what_is_needed(tmp_path: Path) -> None:
     """Two captures of the same pipeline share every chunk (dedup): dropping one copy frees nothing, so a

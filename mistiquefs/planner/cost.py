@@ -4,16 +4,20 @@ read   = tiles x (seconds per tile) + raw bytes x (seconds per decoded byte of t
          writing the values out where its pieces are lazy)
 rerun  = model load (0 when warm; plus the framework's import when the daemon has not imported it yet)
          + the stage's first-call tracing (Keras, once per stage) + read of the input rows
-         + calls x the model's per-call overhead
-         + rows x (capture-measured seconds per row of the stages its re-run runs: those up to the layer,
-           but not the sibling parts of a ColumnTransformer/FeatureUnion it is in) x (learned factor)
+         + calls x (the model's own per-call overhead + the per-call seconds of the stages its re-run runs:
+           those up to the layer, but not the sibling parts of a ColumnTransformer/FeatureUnion it is in)
+         + rows x (capture-measured seconds per row of those stages, their per-call part taken out)
+           x (learned factor)
          + output bytes x (seconds per byte to assemble them into one array, when several calls make them)
 
-Every constant starts from a measurement on this kind of machine (below) and is then updated from what
-the mount observes (exponential moving averages, ``ALPHA``; a first observation replaces the prior):
-seconds per decoded byte per codec from each chunk of 256 KiB or more a reader decodes, the per-tile
-latency from smaller ones, a model's per-call overhead and per-layer correction factor from each
-re-run, a framework's load time from each load of a model once the framework was imported. Thread-safe.
+A stage's per-call seconds are what the capture measured on a call of two rows after its batches (a
+scikit-learn step's time is mostly per call: it validates and converts its input; ``info["call_seconds"]``);
+where a capture did not measure them, a prior per estimator call (``STAGE_CALL_SECONDS``). Every constant
+starts from a measurement on this kind of machine (below) and is then updated from what the mount observes
+(exponential moving averages, ``ALPHA``; a first observation replaces the prior): seconds per decoded byte
+per codec from each chunk of 256 KiB or more a reader decodes, the per-tile latency from smaller ones, a
+model's own per-call overhead and a per-layer correction factor from each re-run, a framework's load time
+from each load of a model once the framework was imported. Thread-safe.
 """
 
 from __future__ import annotations
@@ -39,11 +43,16 @@ DECODE_SECONDS_PER_BYTE = {"bytes": 1 / 0.8e9, "kbit": 1 / 1.4e9, "float16": 1 /
 #: the decode rate observes) and writes the values out at each read: ~6 GB/s (a 1 MiB piece of VGG's
 #: block1_conv1: 0.16 ms, about as long as loading its codes from the page cache)
 RENDER_SECONDS_PER_BYTE = 1 / 6e9
-#: a framework call's fixed cost before observation: a compiled Keras sub-graph ~1.5 ms a call; under
-#: scikit-learn every step validates and converts its input (~1-3 ms a step on a DataFrame), so there it is
-#: per stage of the prefix (``PER_STAGE``)
+#: a re-run call's own fixed cost before observation, beyond its stages' (making the framework's inputs
+#: from the stored rows, the adapter's dispatch): a compiled Keras sub-graph ~1.5 ms a call; a scikit-learn
+#: pipeline's ~1-4 ms (0.9 ms in-process on the flights pipelines, more in a daemon)
 CALL_SECONDS = {"keras": 1.5e-3, "sklearn": 2e-3}
+#: frameworks whose stages each cost a fixed time per call, which their captures measure (``call_seconds``)
 PER_STAGE = {"sklearn"}
+#: a stage's per-call time where the capture did not measure it, per estimator call: scikit-learn steps
+#: validate and convert their input (0.4-2.8 ms a step on the flights pipelines' DataFrames, a
+#: ColumnTransformer's own call ~5 ms)
+STAGE_CALL_SECONDS = {"sklearn": 1.5e-3}
 #: model load before it was seen: a .keras CNN loads in ~0.5-1 s, a .skops pipeline in ~50 ms
 LOAD_SECONDS = {"keras": 1.0, "sklearn": 0.05}
 #: a fresh daemon imports the framework with its first model: TensorFlow took 2-3 s from the page cache and
@@ -75,12 +84,39 @@ class Estimate:
         return "read" if self.read_seconds <= self.rerun_seconds else "rerun"
 
 
+#: a stage's seconds per row are at least this share of its capture's average (the rest per call): its
+#: two-row call, measured once, may take longer than the average batch's share of it
+MIN_ROW_SHARE = 0.05
+
+
 def stage_seconds_per_row(layers: list[IntermediateRecord], target: IntermediateRecord,
                           model: ModelRecord | None = None) -> float:
-    """Capture-measured seconds per row of the stages a re-run of ``target`` repeats (``prefix_seconds``)."""
+    """Capture-measured seconds per row of the stages a re-run of ``target`` repeats (``prefix_seconds``),
+    their per-call part (``stage_call_seconds``, once per capture batch) taken out."""
     n_rows = max(target.n_rows, 1)
     stages = [(rec.name, rec.seconds) for rec in sorted(layers, key=lambda r: r.position)]
-    return prefix_seconds(stages, target.name, stage_classes(model)) / n_rows
+    total = prefix_seconds(stages, target.name, stage_classes(model))
+    if model is None:
+        return total / n_rows
+    batches = -(-n_rows // int(model.info.get("batch_size") or n_rows))
+    per_call = stage_call_seconds(model, layers, target)
+    return max(total - batches * per_call, MIN_ROW_SHARE * total) / n_rows
+
+
+def stage_call_seconds(model: ModelRecord, layers: list[IntermediateRecord], target: IntermediateRecord) -> float:
+    """The fixed seconds a call of ``target``'s prefix spends in its stages, whatever its rows: the stages'
+    times on the capture's two-row call (the model's info "call_seconds"), summed as ``prefix_seconds``
+    sums their batch times; for a capture without them, a prior per estimator call (``PER_STAGE``
+    frameworks) or nothing (the model's own per-call overhead covers a Keras sub-graph's call)."""
+    measured = model.info.get("call_seconds")
+    ordered = sorted(layers, key=lambda r: r.position)
+    if isinstance(measured, dict) and all(isinstance(measured.get(r.name), (int, float))
+                                          for r in ordered if r.name != "input"):
+        stages = [(r.name, float(measured.get(r.name, 0.0))) for r in ordered]
+        return prefix_seconds(stages, target.name, stage_classes(model))
+    if model.framework in PER_STAGE:
+        return _overhead_units(model, layers, target) * STAGE_CALL_SECONDS.get(model.framework, 1e-3)
+    return 0.0
 
 
 def stage_classes(model: ModelRecord | None) -> dict[str, str]:
@@ -169,8 +205,8 @@ def _calls(stage: _Stage) -> int:
 
 
 def _overhead_units(model: ModelRecord, layers: list[IntermediateRecord], rec: IntermediateRecord) -> int:
-    """How many per-call overheads one call of ``rec``'s prefix costs: 1, or (PER_STAGE) the estimator calls
-    of the stages its re-run runs (``rerun_stages``: not the siblings of a container's part)."""
+    """How many estimator calls one call of ``rec``'s prefix makes: 1, or (PER_STAGE) the estimator calls of
+    the stages its re-run runs (``rerun_stages``: not the siblings of a container's part)."""
     if model.framework not in PER_STAGE:
         return 1
     stages = [(r.name, r.seconds) for r in sorted(layers, key=lambda r: r.position)]
@@ -181,7 +217,7 @@ class CostModel:
     def __init__(self) -> None:
         self._lock = threading.Lock()
         self.decode_seconds_per_byte = dict(DECODE_SECONDS_PER_BYTE)
-        self.call_seconds: dict[int, float] = {}      # model id -> per-call overhead
+        self.call_seconds: dict[int, float] = {}      # model id -> its own per-call overhead
         self.factor: dict[int, float] = {}            # layer id -> observed / predicted row time
         self.observations = 0
         self._seen_codecs: set[str] = set()
@@ -201,8 +237,9 @@ class CostModel:
     def rerun_seconds(self, model: ModelRecord, layers: list[IntermediateRecord], rec: IntermediateRecord,
                       rows: int, *, warm: bool, traced: bool, input_seconds: float) -> float:
         batch = int(model.info.get("batch_size") or 256)
-        calls = -(-rows // batch) * _overhead_units(model, layers, rec)
-        overhead = self.call_seconds.get(model.id, CALL_SECONDS.get(model.framework, 1e-3))
+        calls = -(-rows // batch)
+        overhead = self.call_seconds.get(model.id, CALL_SECONDS.get(model.framework, 1e-3)) \
+            + stage_call_seconds(model, layers, rec)
         load = 0.0 if warm else self.load_estimate(model.framework)
         trace = 0.0 if traced else TRACE_SECONDS.get(model.framework, 0.0)
         per_row = stage_seconds_per_row(layers, rec, model) * self.factor.get(rec.id, 1.0)
@@ -255,15 +292,15 @@ class CostModel:
                       rows: int, seconds: float) -> None:
         """One model call for ``rows`` rows took ``seconds`` (model load and input read excluded)."""
         per_row = stage_seconds_per_row(layers, rec, model)
-        units = _overhead_units(model, layers, rec)
+        stages = stage_call_seconds(model, layers, rec)
         with self._lock:
             self.observations += 1
             overhead = self.call_seconds.get(model.id, CALL_SECONDS.get(model.framework, 1e-3))
             if rows <= 2 or per_row <= 0:  # a tiny call measures the overhead (the first one replaces the prior)
-                seen = max(seconds - rows * per_row, 0.0) / units
+                seen = max(seconds - rows * per_row - stages, 0.0)
                 self.call_seconds[model.id] = seen if model.id not in self.call_seconds else \
                     (1 - ALPHA) * overhead + ALPHA * seen
                 return
-            factor = max(seconds - overhead * units, 0.0) / (rows * per_row)
+            factor = max(seconds - overhead - stages, 0.0) / (rows * per_row)
             old = self.factor.get(rec.id, factor)
             self.factor[rec.id] = (1 - ALPHA) * old + ALPHA * factor
