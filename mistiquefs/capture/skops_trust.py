@@ -23,7 +23,8 @@ default is accepted here only when *every* node that uses it is safe:
   Other helpers stay out (an ARFF conversor's call returns any object the file holds; scorers, Parallel
   and the test mocks call what the file names); scikit-learn's ``Bunch`` through ``DictNode``, as a dict;
 * a builtin container of plain data (``set``, ``frozenset``, ``bytes``...);
-* scikit-learn's fitted ``Tree`` through skops's ``TreeNode`` (see ``TREE_TYPE``), which tree models need;
+* scikit-learn's fitted ``Tree`` through skops's ``TreeNode`` (see ``TREE_TYPE``), which tree models need
+  and ``check_loaded`` then checks (below);
 * a scikit-learn namedtuple through ``TupleNode`` (IterativeImputer's ``_ImputerTriplet``): skops calls the
   class with the tuple's items, and a namedtuple's generated ``__new__`` only makes the tuple;
 * ``functools.partial`` through ``PartialNode`` whose function is a ``FunctionNode`` (HistGradientBoosting's
@@ -34,9 +35,9 @@ default is accepted here only when *every* node that uses it is safe:
   ``REVIEWED_CYTHON``): KDTree/BallTree, which KNeighbors* build by default, and the Minkowski family of
   distance metrics they hold. Their state is arrays, numbers and the metric, typed in Cython (a wrong type
   raises); no name is looked up or called. Like ``Tree``'s, their query code indexes the file's arrays
-  without bounds checks, so a crafted file can crash a re-run or read out of bounds, as it can with a tree
-  model; the query writes only into arrays it sizes itself (its neighbour heaps). MahalanobisDistance writes
-  into a buffer sized from the file and PyFuncDistance calls a function from the file: both stay refused;
+  without bounds checks, which ``check_loaded`` then checks (below); the query writes only into arrays it
+  sizes itself (its neighbour heaps). MahalanobisDistance writes into a buffer sized from the file and
+  PyFuncDistance calls a function from the file: both stay refused;
 * scipy's ``BSpline`` (SplineTransformer's ``bsplines_``) through ``ObjectNode``: ``object.__new__`` and its
   ``__dict__`` filled. Its evaluation is C++ that trusts ``k``, ``t`` and ``c``, so ``check_loaded``
   accepts a loaded model only if every BSpline in it is one of a SplineTransformer's ``bsplines_``
@@ -58,9 +59,31 @@ own constraints (``_validate_params``: what ``fit`` would have refused). A ``Bun
 only (its items are its attributes: ``Bunch(transform=...)`` in a step's place is called as one), and the
 listed helpers get the same checks as estimators. Outside ``CALLED_FIELDS`` an estimator keeps no callable
 but scikit-learn's own objects and dtypes (numpy's math on an object array calls each element's method of
-that name: ``np.log(x)`` calls a stored ``x.log``). What scikit-learn's own code
-does with the file's numbers (a tree's node indices) is not checked: a crafted file can still make a
-re-run fail or, in compiled code, crash.
+that name: ``np.log(x)`` calls a stored ``x.log``).
+
+The prediction code of tree models and of neighbour searches is compiled without bounds checks and follows
+the file's arrays (a child index, a feature, a bitset's row, a point's row): a crafted file crashed a re-run
+(a segfault takes the whole mount down) or made it loop forever. So ``check_loaded`` also requires each such
+structure to be consistent, in a few numpy operations over all its nodes at once (``_Structures``; the
+sources read are cited there): a ``Tree`` only as a decision tree's ``tree_``, with
+``1 <= node_count <= capacity``, leaves whose two children are -1, split nodes whose two children are above
+their own index and below node_count, every node but the root the child of exactly one node (so every walk
+ends at a leaf), split features in ``[0, n_features)``, max_depth the deepest node's depth, and
+n_features/n_outputs/n_classes those of its estimator (whose ``n_features_in_`` is what X is checked
+against); a GradientBoosting's ``estimators_`` an object array (stages, ``n_trees_per_iteration_``) of
+fitted single-output regression trees as wide as the model, and an ``init_`` whose raw predictions (run on
+two rows of zeros once all else is checked) have that many columns; a HistGradientBoosting's predictors
+(scikit-learn's record dtype, children as for a Tree, features within the width of its input, which its own
+``n_features_in_`` or a column transformer of the kind it makes decides, categorical splits on features its
+bin mapper lists as categorical with a ``bitset_idx`` within the ``(n, 8)`` uint32 bitsets) and no stored
+``_in_fit``; a KDTree/BallTree's C-contiguous float64 data, an ``idx_array`` permuting its rows,
+``n_nodes = 2**n_levels - 1`` rows of node_data and of node_bounds (two bounds or one centroid per node and
+column), the nodes a query reaches within the data and splitting their parent's points in two, a split node
+never on the last level, ``leaf_size >= 1``, a sample weight per row, and one of the four metrics with its
+own ``p`` and one weight per column or none. Beyond these, what scikit-learn's code does with the file's
+numbers is not checked: a crafted file can still make a re-run fail, and compiled code that trusts the
+shapes of an estimator's plain arrays (KMeans's ``cluster_centers_`` against the input's width, libsvm's
+intercepts and coefficients against the classes, for two) can still read out of bounds.
 
 Names under ``sklearn.``, ``numpy.`` and ``scipy.`` only (and ``functools.partial`` as above), and never
 from their testing or compiler modules.
@@ -303,23 +326,36 @@ def check_loaded(model: Any) -> str | None:
     (no bound method, no other function); every ``functools.partial`` must wrap ``check_array`` with plain
     keyword arguments only; every scipy BSpline must be an item of a SplineTransformer's ``bsplines_``
     (a FunctionTransformer holding one would call it with arguments from the file) and consistent, so that
-    scipy's evaluation stays within its arrays."""
+    scipy's evaluation stays within its arrays. The compiled structures whose prediction code indexes the
+    file's arrays without bounds checks must be consistent too (see ``_Structures``): a fitted ``Tree`` (and
+    only as a decision tree's ``tree_``), HistGradientBoosting's predictors, KDTree/BallTree and their
+    metrics, GradientBoosting's stage array."""
     from scipy.interpolate import BSpline
     from sklearn.preprocessing import SplineTransformer
+    from sklearn.tree._classes import BaseDecisionTree
+    from sklearn.tree._tree import Tree
     from sklearn.utils.validation import check_array
 
     allowed = {id(obj) for obj in allowed_functions()}
     seen: set[int] = set()
-    # (object, whether it is an item of a SplineTransformer's bsplines_)
-    stack: list[tuple[Any, bool]] = [(model, False)]
+    structures = _Structures()
+    # (object, where it was met: SPLINE_ITEM for an item of a SplineTransformer's bsplines_, TREE_SLOT for a
+    # decision tree's tree_, None anywhere else)
+    stack: list[tuple[Any, str | None]] = [(model, None)]
     while stack:
-        obj, spline_item = stack.pop()
+        obj, slot = stack.pop()
         if isinstance(obj, BSpline):  # every reference is checked, not only the first one met
-            if type(obj) is not BSpline or not spline_item:
+            if type(obj) is not BSpline or slot != SPLINE_ITEM:
                 return "a scipy BSpline outside a SplineTransformer's bsplines_"
             why = _bspline_inconsistency(obj)
             if why is not None:
                 return f"a scipy BSpline of a SplineTransformer {why}"
+            continue
+        if isinstance(obj, Tree):
+            # its apply() reads X[i, feature] for any X it is given: only a decision tree, which checks X's
+            # width against its n_features_in_ first, may hold one (its owner checks it, see _Structures)
+            if slot != TREE_SLOT:
+                return "a scikit-learn Tree outside a decision tree's tree_ (its apply() does not check X's width)"
             continue
         if id(obj) in seen or isinstance(obj, (str, bytes, int, float, complex, type(None))):
             continue
@@ -339,25 +375,33 @@ def check_loaded(model: Any) -> str | None:
         if isinstance(obj, type) or isinstance(obj, np.ufunc):
             continue  # types passed the schema's checks (numpy scalar types, estimator classes)
         if isinstance(obj, dict):
-            stack.extend((item, False) for item in (*obj.keys(), *obj.values()))
+            stack.extend((item, None) for item in (*obj.keys(), *obj.values()))
         elif isinstance(obj, (list, tuple, set, frozenset)):
-            stack.extend((item, False) for item in obj)
+            stack.extend((item, None) for item in obj)
         elif isinstance(obj, np.ndarray) and obj.dtype.hasobject:
-            stack.extend((item, False) for item in obj.ravel().tolist())
+            stack.extend((item, None) for item in obj.ravel().tolist())
         default_factory = getattr(obj, "default_factory", None) if isinstance(obj, dict) else None
         if default_factory is not None:
-            stack.append((default_factory, False))
+            stack.append((default_factory, None))
         why = _called_fields(obj, allowed)
+        if why is not None:
+            return why
+        try:  # (an owner is met before what it holds: its message names both)
+            why = structures.problem(obj)
+        except Exception as exc:  # a field of a type no check expects: refused, not raised
+            why = f"a {type(obj).__name__} whose fields could not be checked ({type(exc).__name__}: {str(exc)[:120]})"
         if why is not None:
             return why
         if hasattr(obj, "__dict__"):
             for key, value in vars(obj).items():
                 if isinstance(obj, SplineTransformer) and key == "bsplines_" and type(value) is list:
                     # not marked seen: the same list met by another path is checked as any other list
-                    stack.extend((item, True) for item in value)
+                    stack.extend((item, SPLINE_ITEM) for item in value)
+                elif isinstance(obj, BaseDecisionTree) and key == "tree_":
+                    stack.append((value, TREE_SLOT))
                 else:
-                    stack.append((value, False))
-    return None
+                    stack.append((value, None))
+    return structures.after_walk()
 
 
 # attributes a re-run calls (FunctionTransformer(func), TransformedTargetRegressor, KNeighbors' weights,
@@ -507,3 +551,517 @@ def _bspline_inconsistency(spline: Any) -> str | None:
     if not (asarray is np.asarray or asarray is _resolve(SCIPY_ASARRAY)):
         return "whose _asarray is not numpy's asarray"
     return None
+
+
+# ------------------------------------------------------------------------------- compiled structures
+#
+# scikit-learn's prediction code for trees and neighbour searches is compiled without bounds checks
+# (scikit-learn builds its Cython with boundscheck=False, wraparound=False) and indexes arrays that come
+# from the file: a node's children, its feature, a bitset's row, a point's row. What each structure must
+# satisfy for that code to stay within its arrays and end was read in scikit-learn 1.9's sources (cited at
+# each check); every check is a few numpy operations over all nodes at once.
+
+# where check_loaded met an object (see its walk)
+SPLINE_ITEM = "an item of a SplineTransformer's bsplines_"
+TREE_SLOT = "a decision tree's tree_"
+# the distance metrics a KDTree/BallTree may hold (REVIEWED_CYTHON) and the p each one computes with
+# (neighbors/_kd_tree.pyx.tp's bounds use dist_metric.p; MinkowskiDistance requires 0 < p < inf)
+METRIC_P = {"EuclideanDistance64": 2.0, "ManhattanDistance64": 1.0, "ChebyshevDistance64": np.inf,
+            "MinkowskiDistance64": None}
+MAX_BINARY_TREE_LEVELS = 62  # n_nodes = 2**n_levels - 1 must be an intp
+
+
+@functools.cache
+def _structure_types() -> types.SimpleNamespace:
+    from sklearn.ensemble._gb import BaseGradientBoosting
+    from sklearn.ensemble._hist_gradient_boosting.common import PREDICTOR_RECORD_DTYPE
+    from sklearn.ensemble._hist_gradient_boosting.gradient_boosting import BaseHistGradientBoosting
+    from sklearn.ensemble._hist_gradient_boosting.predictor import TreePredictor
+    from sklearn.metrics._dist_metrics import DistanceMetric
+    from sklearn.neighbors import BallTree, KDTree
+    from sklearn.neighbors._ball_tree import BinaryTree64 as BallBinaryTree
+    from sklearn.neighbors._kd_tree import BinaryTree64 as KDBinaryTree
+    from sklearn.neighbors._kd_tree import NodeData
+    from sklearn.tree._classes import BaseDecisionTree
+    from sklearn.tree._tree import Tree
+
+    return types.SimpleNamespace(
+        BaseGradientBoosting=BaseGradientBoosting, BaseHistGradientBoosting=BaseHistGradientBoosting,
+        TreePredictor=TreePredictor, PREDICTOR_RECORD_DTYPE=PREDICTOR_RECORD_DTYPE, DistanceMetric=DistanceMetric,
+        KDTree=KDTree, BallTree=BallTree, binary_trees=(KDBinaryTree, BallBinaryTree), NodeData=NodeData,
+        BaseDecisionTree=BaseDecisionTree, Tree=Tree)
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, (int, np.integer)) and not isinstance(value, (bool, np.bool_))
+
+
+def _shown(value: Any) -> Any:
+    """``value`` as a message shows it: numpy numbers and arrays as plain numbers and lists."""
+    return value.tolist() if isinstance(value, (np.ndarray, np.generic)) else value
+
+
+def _first(mask: np.ndarray) -> int:
+    return int(np.flatnonzero(mask)[0])
+
+
+class _Structures:
+    """The compiled structures of one loaded model, checked once each (an object met again by another path
+    is not checked again): ``problem(obj)`` for each object check_loaded's walk meets, owners before what
+    they hold, then ``after_walk()``. Messages name the estimator and the field."""
+
+    def __init__(self) -> None:
+        self.t = _structure_types()
+        self._memo: dict[tuple[str, int], str | None] = {}
+        self._keep: list[Any] = []  # what the memo's ids name stays alive while it is used
+        self._probes: list[Any] = []
+
+    def _once(self, kind: str, obj: Any, check: Any) -> str | None:
+        key = (kind, id(obj))
+        if key not in self._memo:
+            self._keep.append(obj)
+            self._memo[key] = check(obj)
+        return self._memo[key]
+
+    # ---------------------------------------------------------------------------- one object of the walk
+
+    def problem(self, obj: Any) -> str | None:
+        t = self.t
+        name = type(obj).__name__
+        if isinstance(obj, t.BaseDecisionTree) and "tree_" in getattr(obj, "__dict__", {}):
+            why = self._once("decision tree", obj, self._decision_tree)
+            if why is not None:
+                return f"a {name} {why}"
+        state = getattr(obj, "__dict__", None)
+        if isinstance(state, dict):
+            parts = state.get("estimators_")
+            if isinstance(parts, (list, tuple, np.ndarray)):
+                # forests, bagging, boosting: the message names the ensemble and the tree's place in it
+                items = (np.ndenumerate(parts) if isinstance(parts, np.ndarray) and parts.dtype.hasobject
+                         else enumerate(parts) if not isinstance(parts, np.ndarray) else ())
+                for index, item in items:
+                    if isinstance(item, t.BaseDecisionTree) and "tree_" in getattr(item, "__dict__", {}):
+                        why = self._once("decision tree", item, self._decision_tree)
+                        if why is not None:
+                            where = ", ".join(str(i) for i in index) if isinstance(index, tuple) else index
+                            return f"a {name} whose estimators_[{where}] is a {type(item).__name__} {why}"
+            if isinstance(obj, t.BaseGradientBoosting) and "estimators_" in state:
+                why = self._gradient_boosting(obj)
+                if why is not None:
+                    return f"a {name} {why}"
+            if isinstance(obj, t.BaseHistGradientBoosting) and ("_predictors" in state or "_in_fit" in state):
+                why = self._hist_gradient_boosting(obj)
+                if why is not None:
+                    return f"a {name} {why}"
+            for key, value in state.items():  # a neighbours estimator's _tree, KernelDensity's tree_
+                if isinstance(value, t.binary_trees):
+                    why = self._once("binary tree", value, self._binary_tree)
+                    if why is not None:
+                        return f"a {name} whose {key} (a {type(value).__name__}) {why}"
+        if isinstance(obj, t.binary_trees):
+            why = self._once("binary tree", obj, self._binary_tree)
+            if why is not None:
+                return f"a {name} that {why}"
+        if isinstance(obj, t.TreePredictor):
+            why = self._once("predictor", obj, self._predictor)
+            if why is not None:
+                return f"a {name} that {why}"
+        if isinstance(obj, t.DistanceMetric):
+            why = self._metric(obj, None)
+            if why is not None:
+                return f"a {name} that {why}"
+        return None
+
+    def after_walk(self) -> str | None:
+        """What needs the whole model checked first: a GradientBoosting's init_ run on two rows of zeros."""
+        for gb in self._probes:
+            why = self._gradient_boosting_init(gb)
+            if why is not None:
+                return f"a {type(gb).__name__} {why}"
+        return None
+
+    # ----------------------------------------------------------------------------- decision trees
+
+    def _decision_tree(self, est: Any) -> str | None:
+        """A decision tree's ``tree_`` against itself and against the estimator. tree/_classes.py: predict,
+        apply and decision_path check X's width against the estimator's ``n_features_in_`` (and skip the
+        check when it is missing), then hand X to the Tree; ``predict_proba`` slices by ``n_classes_``."""
+        from sklearn.base import is_classifier
+
+        tree = vars(est)["tree_"]
+        if type(tree) is not self.t.Tree:
+            return f"whose tree_ is a {type(tree).__name__}, not a scikit-learn Tree"
+        why = self._once("tree", tree, _tree_problem)
+        if why is not None:
+            return f"whose tree_ {why}"
+        n_features = vars(est).get("n_features_in_")
+        if not _is_int(n_features) or n_features != tree.n_features:
+            return f"whose tree_ has n_features {tree.n_features} but its n_features_in_ is {_shown(n_features)!r}"
+        n_outputs = vars(est).get("n_outputs_")
+        if n_outputs is not None and (not _is_int(n_outputs) or n_outputs != tree.n_outputs):
+            return f"whose tree_ has n_outputs {tree.n_outputs} but its n_outputs_ is {_shown(n_outputs)!r}"
+        n_classes = np.asarray(tree.n_classes)
+        if is_classifier(est):
+            expected = vars(est).get("n_classes_")
+            if expected is not None:
+                expected = np.atleast_1d(np.asarray(expected, dtype=object))
+                if expected.shape != n_classes.shape or any(not _is_int(e) or e != c
+                                                            for e, c in zip(expected.tolist(), n_classes.tolist(), strict=True)):
+                    return (f"whose tree_ has n_classes {n_classes.tolist()} but its n_classes_ is "
+                            f"{_shown(vars(est)['n_classes_'])!r}")
+        elif np.any(n_classes != 1):
+            return f"whose tree_ has n_classes {n_classes.tolist()} (a regression tree has 1 per output)"
+        return None
+
+    def _gradient_boosting(self, gb: Any) -> str | None:
+        """ensemble/_gradient_boosting.pyx's predict_stages walks ``estimators_[i, k].tree_``'s nodes itself
+        (typed ``Tree``: None passes as a null pointer), reads X[i, node.feature] for the X that
+        GradientBoosting validated against its own n_features_in_, and adds to ``out[i, k]`` for k up to
+        ``estimators_.shape[1]``, ``out`` being what ``init_`` predicts (_gb.py's _raw_predict_init)."""
+        state = vars(gb)
+        stages = state["estimators_"]
+        n_trees = state.get("n_trees_per_iteration_")
+        if not (type(stages) is np.ndarray and stages.dtype == object and stages.ndim == 2 and stages.shape[0] >= 1
+                and _is_int(n_trees) and n_trees >= 1 and stages.shape[1] == n_trees):
+            what = f"of shape {stages.shape}" if isinstance(stages, np.ndarray) else f"(a {type(stages).__name__})"
+            return (f"whose estimators_ {what} is not an object array of shape (n_stages, "
+                    f"n_trees_per_iteration_ {_shown(n_trees)!r})")
+        n_features = state.get("n_features_in_")
+        if not _is_int(n_features):
+            return f"whose n_features_in_ is {_shown(n_features)!r}"
+        for (i, k), item in np.ndenumerate(stages):
+            where = f"estimators_[{i}, {k}]"
+            if not isinstance(item, self.t.BaseDecisionTree) or "tree_" not in vars(item):
+                return f"whose {where} is a {type(item).__name__}, not a fitted decision tree"
+            why = self._once("decision tree", item, self._decision_tree)
+            if why is not None:
+                return f"whose {where} is a {type(item).__name__} {why}"
+            tree = item.tree_
+            if tree.n_features != n_features:
+                return f"whose {where}'s tree has n_features {tree.n_features} but its n_features_in_ is {n_features}"
+            if tree.n_outputs != 1 or tree.max_n_classes != 1:
+                return f"whose {where}'s tree is not a single-output regression tree"
+        self._probes.append(gb)
+        return None
+
+    def _gradient_boosting_init(self, gb: Any) -> str | None:
+        """The raw predictions predict_stages adds to must have n_trees_per_iteration_ columns: init_ is
+        "zero" or an estimator (its output's width is its own: a DummyClassifier's class_prior_, a
+        classifier's predict_proba), run here as predict runs it, on two rows of zeros, once everything in
+        the model has been checked."""
+        import warnings
+
+        n_trees = vars(gb)["n_trees_per_iteration_"]
+        init = vars(gb).get("init_")
+        if isinstance(init, str) and init == "zero":
+            return None
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                raw = gb._raw_predict_init(np.zeros((2, vars(gb)["n_features_in_"]), dtype=np.float32))
+        except Exception as exc:  # what predict would raise on any input
+            return f"whose init_ fails on two rows of zeros ({type(exc).__name__}: {str(exc)[:120]})"
+        if not (isinstance(raw, np.ndarray) and raw.dtype == np.float64 and raw.shape == (2, n_trees)):
+            shape = raw.shape if isinstance(raw, np.ndarray) else type(raw).__name__
+            return (f"whose init_ makes raw predictions of shape {shape} for two rows where its trees add "
+                    f"n_trees_per_iteration_ {n_trees} columns")
+        return None
+
+    # ----------------------------------------------------------------------------- HistGradientBoosting
+
+    def _hist_gradient_boosting(self, est: Any) -> str | None:
+        """ensemble/_hist_gradient_boosting/_predictor.pyx reads X[row, node.feature_idx] for the X that
+        _preprocess_X returns (validated against n_features_in_, or the output of _preprocessor), and for a
+        categorical node ``known_cat_bitsets[f_idx_map[feature_idx]]``: f_idx_map has one entry per feature
+        of the bin mapper's is_categorical_, known_cat_bitsets one row per categorical feature
+        (binning.py's make_known_categories_bitsets). gradient_boosting.py's _raw_predict treats X as
+        already binned, unvalidated, while a stored ``_in_fit`` is set."""
+        state = vars(est)
+        if "_in_fit" in state and state["_in_fit"] is not False:  # (fit deletes it)
+            return "whose _in_fit is set (its predictions would read the input as binned data, unchecked)"
+        predictors = state.get("_predictors")
+        if predictors is None:
+            return None  # not fitted: predict refuses
+        n_trees = state.get("n_trees_per_iteration_")
+        if type(predictors) is not list or not _is_int(n_trees):
+            return "whose _predictors is not a list of lists of TreePredictors"
+        for i, stage in enumerate(predictors):
+            if type(stage) is not list or len(stage) != n_trees \
+                    or any(type(p) is not self.t.TreePredictor for p in stage):
+                return f"whose _predictors[{i}] is not a list of n_trees_per_iteration_ ({n_trees}) TreePredictors"
+        preprocessor = state.get("_preprocessor")
+        if preprocessor is None:
+            width = state.get("n_features_in_")
+            if not _is_int(width):
+                return f"whose n_features_in_ is {_shown(width)!r}"
+        else:
+            width = _column_transformer_width(preprocessor)
+            if width is None:
+                return ("whose _preprocessor is not a column transformer of the kind it makes (an OrdinalEncoder "
+                        "and check_array over boolean column masks): its output's width cannot be checked")
+        n_features = state.get("_n_features")
+        if n_features is not None and n_features != width:
+            return f"whose _n_features is {_shown(n_features)!r} but its input has {width} columns"
+        mapper = state.get("_bin_mapper")
+        categorical = getattr(mapper, "is_categorical_", None)
+        if not (type(categorical) is np.ndarray and categorical.ndim == 1 and len(categorical) == width
+                and categorical.dtype.kind in "biu"):
+            return f"whose _bin_mapper.is_categorical_ is not one flag for each of its {width} input columns"
+        categorical = categorical != 0
+        for i, stage in enumerate(predictors):
+            for k, predictor in enumerate(stage):
+                where = f"_predictors[{i}][{k}]"
+                why = self._once("predictor", predictor, self._predictor)
+                if why is not None:
+                    return f"whose {where} (a TreePredictor) {why}"
+                nodes = predictor.nodes
+                split = np.flatnonzero(nodes["is_leaf"] == 0)
+                feature = nodes["feature_idx"][split]
+                bad = (feature < 0) | (feature >= width)
+                if bad.any():
+                    k = _first(bad)
+                    return (f"whose {where} (a TreePredictor) splits on feature_idx {int(feature[k])}, outside "
+                            f"[0, {width}) (node {int(split[k])})")
+                bad = (nodes["is_categorical"][split] != 0) & ~categorical[feature]
+                if bad.any():
+                    k = _first(bad)
+                    return (f"whose {where} (a TreePredictor) has a categorical split on feature_idx "
+                            f"{int(feature[k])}, which its bin mapper does not list as categorical "
+                            f"(node {int(split[k])})")
+        return None
+
+    def _predictor(self, predictor: Any) -> str | None:
+        """A TreePredictor on its own (ensemble/_hist_gradient_boosting/_predictor.pyx): nodes of
+        PREDICTOR_RECORD_DTYPE, read from node 0 while ``is_leaf`` is 0, going to ``left``/``right``
+        (grower.py's _fill_predictor_arrays numbers them depth first: a child's index is above its
+        parent's); a categorical node reads row ``bitset_idx`` of raw_left_cat_bitsets (typed [:, ::1]) or
+        binned_left_cat_bitsets, columns up to 7 (a uint8 category // 32)."""
+        state = vars(predictor)
+        nodes = state.get("nodes")
+        if not (type(nodes) is np.ndarray and nodes.dtype == self.t.PREDICTOR_RECORD_DTYPE and nodes.ndim == 1
+                and len(nodes) >= 1):
+            return "has nodes that are not a non-empty vector of scikit-learn's predictor records"
+        for field in ("raw_left_cat_bitsets", "binned_left_cat_bitsets"):
+            bitsets = state.get(field)
+            if not (type(bitsets) is np.ndarray and bitsets.dtype == np.uint32 and bitsets.ndim == 2
+                    and bitsets.shape[1] == 8 and bitsets.flags.c_contiguous):
+                shape = bitsets.shape if isinstance(bitsets, np.ndarray) else type(bitsets).__name__
+                return f"has {field} of shape {shape}, not a C-contiguous uint32 array of shape (n, 8)"
+        split = nodes["is_leaf"] == 0
+        why = _children_problem(np.flatnonzero(split), nodes["left"][split].astype(np.int64),
+                                nodes["right"][split].astype(np.int64), len(nodes), ("left", "right"))
+        if why is not None:
+            return why
+        rows = min(len(state["raw_left_cat_bitsets"]), len(state["binned_left_cat_bitsets"]))
+        bad = split & (nodes["is_categorical"] != 0) & (nodes["bitset_idx"] >= rows)
+        if bad.any():
+            node = _first(bad)
+            return (f"has a categorical split whose bitset_idx {int(nodes['bitset_idx'][node])} is outside its "
+                    f"{rows} bitset rows (node {node})")
+        return None
+
+    # ----------------------------------------------------------------------------- KDTree, BallTree
+
+    def _binary_tree(self, tree: Any) -> str | None:
+        """A KDTree/BallTree (neighbors/_binary_tree.pxi.tp, _kd_tree.pyx.tp, _ball_tree.pyx.tp). Its
+        queries start at node 0 of node_data; a node whose is_leaf is 0 goes to nodes 2i+1 and 2i+2 and
+        reads their node_bounds rows (KD: lower and upper bounds, shape (2, n_nodes, n_features); Ball:
+        centroids, (1, n_nodes, n_features)); a leaf reads idx_array[idx_start:idx_end] and the data rows
+        those name (and sample_weight's, in kernel_density). kernel_density sizes per-node buffers by
+        n_nodes and divides by leaf_size (a division by zero is a crash: cdivision). query() checks X's
+        width against data's; the metric's rdist reads its weights w for each of those columns."""
+        t = self.t
+        if type(tree) not in (t.KDTree, t.BallTree):
+            return "is not a KDTree or a BallTree"
+        state = tree.__getstate__()
+        data, idx_array, node_data, node_bounds = (np.asarray(a) for a in state[:4])
+        leaf_size, n_levels, n_nodes, metric, sample_weight = state[4], state[5], state[6], state[11], state[12]
+        if not (data.dtype == np.float64 and data.ndim == 2 and data.flags.c_contiguous and data.size > 0):
+            return f"has data of shape {data.shape} and dtype {data.dtype}, not a non-empty C-contiguous float64 matrix"
+        n_samples, n_features = data.shape
+        if not (idx_array.dtype == np.intp and idx_array.ndim == 1 and len(idx_array) == n_samples):
+            return f"has an idx_array of shape {idx_array.shape} and dtype {idx_array.dtype} for {n_samples} data rows"
+        if idx_array.min() < 0 or idx_array.max() >= n_samples \
+                or np.any(np.bincount(idx_array, minlength=n_samples) != 1):
+            return f"has an idx_array that is not a permutation of its {n_samples} data rows"
+        if not (_is_int(leaf_size) and leaf_size >= 1):
+            return f"has leaf_size {_shown(leaf_size)!r}"
+        if not (_is_int(n_levels) and 1 <= n_levels <= MAX_BINARY_TREE_LEVELS and n_nodes == 2 ** n_levels - 1):
+            return f"has n_nodes {_shown(n_nodes)!r} for n_levels {_shown(n_levels)!r} (2**n_levels - 1 expected)"
+        if not (node_data.dtype == t.NodeData and node_data.ndim == 1 and len(node_data) == n_nodes):
+            return f"has node_data of shape {node_data.shape} and dtype {node_data.dtype} for n_nodes {n_nodes}"
+        bounds_shape = (2 if type(tree) is t.KDTree else 1, n_nodes, n_features)
+        if not (node_bounds.dtype == np.float64 and node_bounds.shape == bounds_shape
+                and node_bounds.flags.c_contiguous):
+            return f"has node_bounds of shape {node_bounds.shape}, not {bounds_shape}"
+        if sample_weight is not None:
+            weights = np.asarray(sample_weight)
+            if not (weights.dtype == np.float64 and weights.shape == (n_samples,)):
+                return f"has sample_weight of shape {weights.shape} for {n_samples} data rows"
+        why = self._metric(metric, n_features)
+        if why is not None:
+            return why
+        # the nodes a query reaches: node 0, and both children of each one reached that is not a leaf
+        leaf = node_data["is_leaf"] != 0
+        reached = np.zeros(n_nodes, dtype=bool)
+        reached[0] = True
+        for level in range(n_levels - 1):
+            first, end = 2 ** level - 1, 2 ** (level + 1) - 1
+            reached[2 * first + 1:2 * end + 1] = np.repeat(reached[first:end] & ~leaf[first:end], 2)
+        last = 2 ** (n_levels - 1) - 1
+        bad = reached[last:] & ~leaf[last:]
+        if bad.any():
+            return (f"has a node that is not a leaf but whose children would be past its n_nodes {n_nodes} "
+                    f"(node {last + _first(bad)})")
+        start, end = node_data["idx_start"], node_data["idx_end"]
+        bad = reached & ((start < 0) | (start > end) | (end > n_samples))
+        if bad.any():
+            node = _first(bad)
+            return (f"has node_data whose idx_start {int(start[node])}, idx_end {int(end[node])} are not within "
+                    f"[0, {n_samples}] (node {node})")
+        if start[0] != 0 or end[0] != n_samples:
+            return f"has a root node that does not hold all {n_samples} points"
+        split = np.flatnonzero(reached & ~leaf)
+        left, right = 2 * split + 1, 2 * split + 2
+        bad = (start[left] != start[split]) | (end[left] != start[right]) | (end[right] != end[split])
+        if bad.any():
+            node = int(split[_first(bad)])
+            return f"has a node whose children do not split its points in two (node {node})"
+        return None
+
+    def _metric(self, metric: Any, n_features: int | None) -> str | None:
+        """The metric a binary tree computes with (metrics/_dist_metrics.pyx.tp): __setstate__ keeps p and
+        the weights ``vec`` as given; MinkowskiDistance's rdist reads vec[j] for each of the data's columns
+        when it has any."""
+        name = type(metric).__name__
+        if type(metric).__module__ != "sklearn.metrics._dist_metrics" or name not in METRIC_P:
+            return f"has a distance metric of type {name}, not one of {sorted(METRIC_P)}"
+        p, weights = metric.__getstate__()[:2]
+        weights = np.asarray(weights)
+        expected = METRIC_P[name]
+        if expected is None:
+            if not (0 < p < np.inf):
+                return f"has a {name} with p {_shown(p)!r} (0 < p < inf expected)"
+            if not (weights.ndim == 1 and (len(weights) == 0 or n_features is None or len(weights) == n_features)):
+                return f"has a {name} with {weights.shape} weights for {n_features} columns"
+        elif p != expected:
+            return f"has a {name} with p {_shown(p)!r} ({expected} expected)"
+        return None
+
+
+def _tree_problem(tree: Any) -> str | None:
+    """A fitted ``Tree`` on its own (tree/_tree.pyx, _tree.pxd). __setstate__ takes node_count from the file
+    unchecked and sizes the nodes to the nodes array (capacity; an empty state leaves none at all); its
+    node views are node_count long. apply and decision_path start at node 0 and go to children_left /
+    children_right while children_left is not -1, reading X[i, feature]; decision_path writes up to
+    1 + max_depth entries per sample; compute_feature_importances adds at importances[feature], an array
+    of n_features. The builders (DepthFirstTreeBuilder, BestFirstTreeBuilder, _build_pruned_tree) add a
+    node after its parent: a child's index is above its parent's, each node but the root has one parent,
+    and max_depth is the deepest node's depth (the root's is 0)."""
+    n, capacity = tree.node_count, tree.capacity
+    if not 1 <= n <= capacity:
+        return f"has node_count {n} outside [1, {capacity}] (its nodes array holds {capacity})"
+    if tree.n_outputs < 1 or tree.n_features < 1:
+        return f"has n_outputs {tree.n_outputs} and n_features {tree.n_features}"
+    n_classes = np.asarray(tree.n_classes)
+    if n_classes.shape != (tree.n_outputs,) or n_classes.min() < 1 or tree.max_n_classes != n_classes.max():
+        return f"has n_classes {n_classes.tolist()} with max_n_classes {tree.max_n_classes}"
+    nodes = tree.__getstate__()["nodes"]  # a view of node_count nodes
+    left, right = nodes["left_child"], nodes["right_child"]
+    leaf = left == -1
+    bad = leaf != (right == -1)
+    if bad.any():
+        node = _first(bad)
+        return (f"has a node with one child (node {node}: children_left {int(left[node])}, "
+                f"children_right {int(right[node])})")
+    split = np.flatnonzero(~leaf)
+    why = _children_problem(split, left[split], right[split], n, ("children_left", "children_right"))
+    if why is not None:
+        return why
+    feature = nodes["feature"][split]
+    bad = (feature < 0) | (feature >= tree.n_features)
+    if bad.any():
+        k = _first(bad)
+        return (f"splits on feature {int(feature[k])}, outside [0, n_features {tree.n_features}) "
+                f"(node {int(split[k])})")
+    depth = _depth(split, left[split], right[split], n)
+    if tree.max_depth != depth:
+        return f"has max_depth {tree.max_depth} but its nodes are {depth} deep"
+    return None  # (__setstate__ itself checks the values' shape against the nodes' and n_outputs, n_classes)
+
+
+def _children_problem(split: np.ndarray, left: np.ndarray, right: np.ndarray, n: int,
+                      names: tuple[str, str]) -> str | None:
+    """Why the children of the split nodes ``split`` do not make a tree of ``n`` nodes rooted at node 0 whose
+    walks end: each child's index must be above its parent's and below n (so no walk goes back), and each
+    node but the root must be the child of exactly one node (so every node hangs from the root)."""
+    bad = (left <= split) | (left >= n) | (right <= split) | (right >= n)
+    if bad.any():
+        k = _first(bad)
+        return (f"has {names[0]}/{names[1]} outside (node, {n}) (node {int(split[k])}: {names[0]} {int(left[k])}, "
+                f"{names[1]} {int(right[k])})")
+    parents = np.bincount(np.concatenate([left, right]), minlength=n)
+    parents[0] += 1  # the root has none
+    bad = parents != 1
+    if bad.any():
+        node = _first(bad)
+        return f"has a node that is the child of {int(parents[node]) - (node == 0)} nodes (node {node})"
+    return None
+
+
+def _depth(split: np.ndarray, left: np.ndarray, right: np.ndarray, n: int) -> int:
+    """The deepest node's depth in a tree checked by _children_problem (pointer jumping: each step doubles
+    how far up every node looks, so a tree d deep takes log2(d) steps)."""
+    up = np.zeros(n, dtype=np.intp)  # each node's parent, then grandparent's grandparent...
+    up[left] = split
+    up[right] = split
+    distance = np.ones(n, dtype=np.intp)  # how many steps up[node] is above node
+    distance[0] = 0
+    while up.any():
+        distance += distance[up]
+        up = up[up]
+    return int(distance.max())
+
+
+def _column_transformer_width(transformer: Any) -> int | None:
+    """The number of columns HistGradientBoosting's _preprocessor outputs, or None when it is not of the
+    kind HistGradientBoosting makes (compose/_column_transformer.py's transform: the fitted transformers_
+    that are not "drop" and select some column, each given its columns, outputs stacked side by side; an
+    OrdinalEncoder, check_array and "passthrough" output as many columns as they are given). With a
+    DataFrame, a transformer is given the columns named by _transformer_to_input_indices instead: those
+    must be as many."""
+    from sklearn.compose import ColumnTransformer
+    from sklearn.preprocessing import FunctionTransformer, OrdinalEncoder
+    from sklearn.utils.validation import check_array
+
+    if type(transformer) is not ColumnTransformer:
+        return None
+    state = vars(transformer)
+    fitted, by_name = state.get("transformers_"), state.get("_transformer_to_input_indices", {})
+    if type(fitted) is not list or not isinstance(by_name, dict):
+        return None
+    width = 0
+    for entry in fitted:
+        if type(entry) is not tuple or len(entry) != 3:
+            return None
+        name, step, columns = entry
+        if isinstance(step, str) and step == "drop":
+            continue
+        mask = np.asarray(columns) if isinstance(columns, (np.ndarray, list)) else None
+        if mask is None or mask.dtype != bool or mask.ndim != 1:
+            return None
+        count = int(mask.sum())
+        if not count:
+            continue
+        if name in by_name and len(by_name[name]) != count:
+            return None
+        if type(step) is OrdinalEncoder and vars(step).get("n_features_in_") == count:
+            width += count
+        elif type(step) is FunctionTransformer and (step.func is None or (
+                type(step.func) is functools.partial and step.func.func is check_array)):
+            width += count
+        elif isinstance(step, str) and step == "passthrough":
+            width += count
+        else:
+            return None
+    return width
