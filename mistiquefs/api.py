@@ -157,8 +157,9 @@ class Store:
                     writer.add(out.name, out.array, out.seconds, batch_index)
                 bar.update(stop - start)
         info = {**adapter.describe(), "batch_size": size, "schemes": writer.policy.describe()}
-        if adapter.framework in PER_STAGE and n_rows:
-            info["call_seconds"] = _call_seconds(adapter, inputs, n_rows)
+        per_call = _call_seconds(adapter, inputs, n_rows) if adapter.framework in PER_STAGE and n_rows else None
+        if per_call is not None:
+            info["call_seconds"] = per_call
         seconds = time.perf_counter() - started
         writer.commit(framework=adapter.framework, n_rows=n_rows, seconds=seconds, model_file=model_path,
                       info=info, keep=keep, budget=budget)
@@ -246,17 +247,21 @@ def _run_batch(adapter: Adapter, batch: Any, start: int, stop: int):
             from exc
 
 
-def _call_seconds(adapter: Adapter, inputs: Any, n_rows: int) -> dict[str, float]:
+def _call_seconds(adapter: Adapter, inputs: Any, n_rows: int) -> dict[str, float] | None:
     """Each stage's seconds on a call of two rows (the median of ``CALL_SAMPLES``), once the capture's
     batches have warmed the model: the part of a stage's time that every call pays whatever its rows, which
     the planner's re-run estimates need (a scikit-learn step's time is mostly that: on the flights pipelines
-    a step took as long on 2 rows as on 4096)."""
+    a step took as long on 2 rows as on 4096). None when the model fails on two rows: the capture itself
+    succeeded, and the planner then uses its prior."""
     stop = min(2, n_rows)
     batch = adapter.slice_inputs(inputs, 0, stop)
     samples: dict[str, list[float]] = {}
-    for _ in range(CALL_SAMPLES):
-        for out in _run_batch(adapter, batch, 0, stop):
-            samples.setdefault(out.name, []).append(out.seconds)
+    try:
+        for _ in range(CALL_SAMPLES):
+            for out in adapter.run_batch(batch):
+                samples.setdefault(out.name, []).append(out.seconds)
+    except Exception:  # noqa: BLE001 (a measurement, not the capture: any failure only loses it)
+        return None
     return {name: statistics.median(times) for name, times in samples.items()}
 
 

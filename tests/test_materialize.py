@@ -341,6 +341,36 @@ def test_a_stages_per_call_time_is_measured_at_capture_and_paid_per_call_not_per
     repo.close()
 
 
+class NeedsThreeRows(TransformerMixin, BaseEstimator):
+    def fit(self, x, y=None):
+        self.fitted_ = True
+        return self
+
+    def transform(self, x):
+        if len(x) < 3:
+            raise ValueError("needs three rows")
+        return np.asarray(x, dtype=np.float64)
+
+
+def test_a_capture_whose_model_fails_on_two_rows_keeps_its_data_and_the_planner_its_prior(tmp_path: Path) -> None:
+    """The two-row calls that time each stage are a measurement: a model that fails on them (here a step
+    that needs three rows) is still captured, without ``call_seconds``, and its re-runs are estimated from
+    the prior per estimator call."""
+    x = data(12, 3)
+    pipe = Pipeline([("three", NeedsThreeRows()), ("sc", StandardScaler())]).fit(x)
+    with mistiquefs.open_store(tmp_path / "s") as store:
+        store.capture(pipe, x, name="m", progress=False, batch_size=4)
+        assert np.array_equal(store.read("m", "sc"), pipe.transform(x))
+    repo = Repository(tmp_path / "s", create=False)
+    planner = Planner(repo)
+    sc = record(repo, "m", "sc")
+    model, layers = planner.model_and_layers(sc)
+    assert "call_seconds" not in model.info
+    assert cost.stage_call_seconds(model, layers, sc) == pytest.approx(2 * cost.STAGE_CALL_SECONDS["sklearn"])
+    assert planner.estimate_rows(sc, 0, 1).rerun_seconds > 0
+    repo.close()
+
+
 # ---- 6: eviction frees bytes ----------------------------------------------------------------------------
 def test_eviction_drops_layers_that_share_chunks_together_and_only_what_is_needed(tmp_path: Path) -> None:
     """Two captures of the same pipeline share every chunk (dedup): dropping one copy frees nothing, so a
