@@ -1048,6 +1048,42 @@ def test_a_lazy_kbit_tile_writes_any_byte_range_exactly_as_decode(k, dtype, rows
     assert out[:3] == out[-3:] == b"\xee" * 3  # nothing written outside the range
 
 
+def test_pair_tables_stay_few_however_many_kbit_layers_are_read(monkeypatch) -> None:
+    """Each kbit layer's pair table is half a MiB (float32): a mount that had read many layers kept one per
+    layer, outside its cache budget (400 layers read once: 200 MiB). Only ``PAIR_TABLES_KEPT`` stay; a tile
+    whose table was dropped builds it again and still reads exactly."""
+    import tracemalloc
+
+    from mistiquefs.codecs import quantize
+
+    monkeypatch.setattr(quantize, "PAIR_TABLES_KEPT", 2, raising=False)
+    kept = getattr(quantize, "_pair_tables", {})
+    kept.clear()
+    rng = np.random.default_rng(3)
+    layers = []
+    tracemalloc.start()
+    try:
+        before = tracemalloc.get_traced_memory()[0]
+        for i in range(12):  # (each codec also keeps its 64 KiB encoding table)
+            x = (rng.standard_normal((64, 16)) * (i + 1)).astype(np.float32)
+            chain = parse_scheme("kbit:8").fit(x, 16)
+            spec = TileSpec(x.shape, x.dtype)
+            encoded = bytes(chain.encode(x, spec))
+            layers.append((chain, spec, encoded, chain.decode(encoded, spec)))
+        tiles = [chain.decode_lazy(encoded, spec) for chain, spec, encoded, _ in layers]
+        for tile, (_, _, _, expected) in zip(tiles, layers):
+            np.testing.assert_array_equal(tile.array(), expected)
+        grown = tracemalloc.get_traced_memory()[0] - before
+    finally:
+        tracemalloc.stop()
+    assert grown < 4 << 20  # before: twelve tables kept, 6 MiB of them
+    assert len(kept) <= 2
+    for tile, (_, _, _, expected) in zip(tiles, layers):  # the first ones' tables were dropped: built again
+        out = bytearray(tile.size)
+        tile.render(0, tile.size, memoryview(out))
+        assert bytes(out) == expected.tobytes()
+
+
 @pytest.mark.parametrize("scheme, dtype", [("kbit:8:unit", np.float32), ("kbit:8", np.float64),
                                            ("float16", np.float32), ("lossless", np.float32),
                                            ("kbit:8+shuffle", np.float32)])

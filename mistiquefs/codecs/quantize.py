@@ -28,6 +28,8 @@ Non-finite values have no bin: NaN and +Inf read as the top bin's value, -Inf as
 
 from __future__ import annotations
 
+import threading
+from collections import OrderedDict
 from dataclasses import dataclass
 from functools import cached_property
 from typing import Any, ClassVar
@@ -160,6 +162,34 @@ def _unpack_codes(data: bytes | memoryview, k: int, count: int) -> np.ndarray:
 
 #: per value size, the unsigned type holding two values: what a pair table's entries are copied as
 PAIR_UNITS = {2: np.dtype("<u4"), 4: np.dtype("<u8")}
+#: pair tables kept at once (512 KiB each for float32, 256 KiB for float16), shared by every layer with the
+#: same bin values (a frozen layer's checkpoints). A tile holds its table's key, not the table: one kept per
+#: codec, as before, held half a MiB for every kbit layer a mount had ever read, outside the cache budget
+#: (400 layers read once: 200 MiB). A table dropped here is built again at its next use (~0.5 ms).
+PAIR_TABLES_KEPT = 16
+_pair_tables: OrderedDict[tuple[bytes, str], np.ndarray] = OrderedDict()
+_pair_tables_lock = threading.Lock()
+
+
+def pair_table(key: tuple[bytes, str]) -> np.ndarray:
+    """The pair table of ``key`` (256 values' bytes, their dtype): entry ``a | b << 8`` holds the values of
+    codes a and b side by side, as one unsigned integer of ``PAIR_UNITS``."""
+    with _pair_tables_lock:
+        table = _pair_tables.get(key)
+        if table is not None:
+            _pair_tables.move_to_end(key)
+            return table
+    single = np.frombuffer(key[0], dtype=np.dtype(key[1]))
+    index = np.arange(1 << 16)
+    pair = np.empty((1 << 16, 2), dtype=single.dtype)
+    pair[:, 0], pair[:, 1] = single[index & 0xFF], single[index >> 8]  # first code in the low byte
+    table = pair.view(PAIR_UNITS[single.dtype.itemsize]).reshape(-1)
+    with _pair_tables_lock:
+        table = _pair_tables.setdefault(key, table)  # (a thread that built it first wins)
+        _pair_tables.move_to_end(key)
+        while len(_pair_tables) > PAIR_TABLES_KEPT:
+            _pair_tables.popitem(last=False)
+    return table
 
 
 def _decode_pairs(pairs: np.ndarray, codes: np.ndarray, dtype: np.dtype) -> np.ndarray:
@@ -178,30 +208,31 @@ def _decode_pairs(pairs: np.ndarray, codes: np.ndarray, dtype: np.dtype) -> np.n
 class PairTile(LazyTile):
     """A per-layer kbit tile kept as its codes (one byte each), values looked up as they are read."""
 
-    def __init__(self, pairs: np.ndarray, codes: np.ndarray, spec: TileSpec) -> None:
-        self._pairs, self._codes, self._spec = pairs, codes, spec
+    def __init__(self, pairs: tuple[bytes, str], codes: np.ndarray, spec: TileSpec) -> None:
+        self._pairs, self._codes, self._spec = pairs, codes, spec  # (the pair table's key: pair_table)
         self._itemsize = spec.dtype.itemsize
         self.size = len(codes) * self._itemsize
         self.nbytes = codes.nbytes
 
     def render(self, lo: int, hi: int, out: memoryview) -> None:
+        pairs = pair_table(self._pairs)
         size, step = self._itemsize, 2 * self._itemsize
         # the whole pairs inside [lo, hi) go straight from the pair table into out; at most one partial
         # value pair at either end goes through a small array
         a = min(-(-lo // step) * step, hi)
         b = max(hi // step * step, a)
         if a < b:
-            np.take(self._pairs, self._codes[a // size:b // size].view("<u2"), mode="wrap",
-                    out=np.frombuffer(out, dtype=self._pairs.dtype, count=(b - a) // step, offset=a - lo))
+            np.take(pairs, self._codes[a // size:b // size].view("<u2"), mode="wrap",
+                    out=np.frombuffer(out, dtype=pairs.dtype, count=(b - a) // step, offset=a - lo))
         for start, stop in ((lo, a), (b, hi)):
             if start < stop:
                 first = start // size
-                values = _decode_pairs(self._pairs, self._codes[first:-(-stop // size)], self._spec.dtype)
+                values = _decode_pairs(pairs, self._codes[first:-(-stop // size)], self._spec.dtype)
                 skip = start - first * size
                 out[start - lo:stop - lo] = values.view(np.uint8)[skip:skip + stop - start]
 
     def array(self) -> np.ndarray:
-        return _decode_pairs(self._pairs, self._codes, self._spec.dtype).reshape(self._spec.shape)
+        return _decode_pairs(pair_table(self._pairs), self._codes, self._spec.dtype).reshape(self._spec.shape)
 
 
 @dataclass(frozen=True, eq=False)
@@ -306,22 +337,16 @@ class KBitCodec(ArrayCodec):
             raise SchemeError("kbit codec used before fit() learned its bins")
         return self.edges, self.values
 
-    def _pair_table(self, dtype: np.dtype) -> np.ndarray | None:
-        """For a per-layer codec: the values of every pair of codes, one 65536-entry table (512 KiB for
-        float32) indexed by two codes at once; None for values wider than 4 bytes."""
+    def _pair_key(self, dtype: np.dtype) -> tuple[bytes, str]:
+        """For a per-layer codec: the key of its pair table (``pair_table``) for values of ``dtype``."""
         dtype = np.dtype(dtype)
-        if dtype.itemsize not in PAIR_UNITS:
-            return None
-        tables = self.__dict__.setdefault("_pairs", {})
-        table = tables.get(dtype.str)
-        if table is None:
+        keys = self.__dict__.setdefault("_pair_keys", {})
+        key = keys.get(dtype.str)
+        if key is None:
             single = np.zeros(256, dtype=dtype)
             single[:self.bins] = self._fitted()[1][0].astype(dtype)
-            index = np.arange(1 << 16)
-            pair = np.empty((1 << 16, 2), dtype=dtype)
-            pair[:, 0], pair[:, 1] = single[index & 0xFF], single[index >> 8]  # first code in the low byte
-            table = tables[dtype.str] = pair.view(PAIR_UNITS[dtype.itemsize]).reshape(-1)
-        return table
+            key = keys[dtype.str] = (single.tobytes(), dtype.str)
+        return key
 
     @cached_property
     def _encode_tables(self) -> np.ndarray:
@@ -381,10 +406,9 @@ class KBitCodec(ArrayCodec):
         return self.per == "layer" and np.dtype(dtype).itemsize in PAIR_UNITS
 
     def decode_lazy(self, data: bytes | memoryview, spec: TileSpec) -> PairTile | None:
-        pairs = self._pair_table(spec.dtype) if self.decodes_lazily(spec.dtype) else None
-        if pairs is None:
+        if not self.decodes_lazily(spec.dtype):
             return None
-        return PairTile(pairs, _unpack_codes(data, self.k, spec.count), spec)
+        return PairTile(self._pair_key(spec.dtype), _unpack_codes(data, self.k, spec.count), spec)
 
 
 @dataclass(frozen=True, eq=False)
