@@ -300,3 +300,99 @@ def test_mount_table_paths_are_unescaped() -> None:
 
     assert _unescape(r"/mnt/my\040runs\011x\134y") == "/mnt/my runs\tx\\y"
     assert _unescape("/mnt/plain") == "/mnt/plain"
+
+
+def test_the_root_listing_skips_and_repeats_no_model_when_one_is_removed_midway(tmp_path: Path) -> None:
+    """A listing of the root in several getdents calls resumes from the offset the last one returned: a
+    model removed meanwhile must not shift the others (offsets were positions: c was never listed)."""
+    repo = Repository(tmp_path / "s")
+    for name in "abcd":
+        capture_arrays(repo, name, {"x": np.zeros((3, 2), np.float32)}, table=False)
+    tree = Tree(repo)
+    first = list(tree.entries(ROOT, 0))[:2]
+    assert [name for name, _inode, _next in first] == [b"a", b"b"]
+    _removed_behind_the_kernel(tree, "a")
+    rest = [name for name, _inode, _next in tree.entries(ROOT, first[-1][2])]
+    assert rest == [b"c", b"d"]
+    other = Repository(repo.root, create=False)  # another process captures one meanwhile
+    try:
+        capture_arrays(other, "e", {"x": np.zeros((3, 2), np.float32)}, table=False)
+    finally:
+        other.close()
+    tree._checked = -10.0  # noqa: SLF001
+    assert [name for name, _inode, _next in tree.entries(ROOT, first[-1][2])] == [b"c", b"d", b"e"]
+
+
+def test_the_root_and_a_models_name_are_cached_briefly_and_layers_for_long(tree: Tree) -> None:
+    """A model removed and captured again under its name is another directory (another inode): the
+    kernel may keep a model's name for a second, as the root's, not for minutes (it showed the removed
+    model's layers under the name for up to 300 s). Names inside a model never change."""
+    from mistiquefs.fs import fuse as fuse_module
+
+    ops = FuseOps(tree)
+    try:
+        model = ask(ops.lookup, ROOT, b"net", None)
+        assert model.entry_timeout == model.attr_timeout == fuse_module.ROOT_TIMEOUT
+        layer = ask(ops.lookup, model.st_ino, b"conv", None)
+        assert layer.entry_timeout == fuse_module.ENTRY_TIMEOUT
+    finally:
+        ops.close()
+
+
+def test_a_model_directory_notices_its_model_was_removed(tree: Tree) -> None:
+    """Listing or looking up in a model's directory refreshes the tree (at most once a second): a model
+    removed by another process lists as gone, not with its old layers until something lists the root."""
+    model = tree.lookup(ROOT, b"net")
+    assert [name for name, _inode, _next in tree.entries(model)] == [b"info.json", b"conv"]
+    from mistiquefs.store.maintenance import remove_model
+
+    other = Repository(tree.repo.root, create=False)
+    try:
+        remove_model(other, "net")
+    finally:
+        other.close()
+    tree._checked = -10.0  # noqa: SLF001 (the second since the last check has passed)
+    with pytest.raises(NotFound):
+        list(tree.entries(model))
+    with pytest.raises(NotFound):
+        tree.lookup(model, b"conv")
+
+
+def test_lookups_and_listings_never_see_a_reload_half_done(tmp_path: Path) -> None:
+    """A reload runs on worker threads (a cold read's refresh, the planner's commits) while the event loop
+    looks names up: it must publish models and layers at once (filled in place, a lookup found a model
+    with no layers yet: ENOENT, short listings, or a dictionary changing size during iteration: EIO)."""
+    import sys
+    import time
+
+    repo = Repository(tmp_path / "s")
+    capture_arrays(repo, "net", {f"l{i}": np.zeros((2, 2), np.float32) for i in range(40)}, table=False)
+    tree = Tree(repo)
+    model = tree.lookup(ROOT, b"net")
+    expected = [name for name, _inode, _next in tree.entries(model)]
+    stop = threading.Event()
+
+    def reload() -> None:
+        while not stop.is_set():
+            tree._reload(tree.repo.catalog.data_version())  # noqa: SLF001
+
+    interval = sys.getswitchinterval()
+    sys.setswitchinterval(1e-6)
+    thread = threading.Thread(target=reload)
+    thread.start()
+    wrong = []
+    try:
+        deadline = time.monotonic() + 2.0
+        while time.monotonic() < deadline and len(wrong) < 5:
+            try:
+                tree.lookup(model, b"l39")
+                listed = [name for name, _inode, _next in tree.entries(model)]
+                if listed != expected:
+                    wrong.append(listed)
+            except Exception as exc:  # noqa: BLE001
+                wrong.append(repr(exc))
+    finally:
+        stop.set()
+        thread.join()
+        sys.setswitchinterval(interval)
+    assert wrong == []

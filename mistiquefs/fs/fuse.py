@@ -30,7 +30,8 @@ log = logging.getLogger("mistiquefs.fuse")
 T = TypeVar("T")
 #: contents never change, so the kernel may cache names and attributes for long
 ENTRY_TIMEOUT = 300.0
-#: the root lists models, which a capture may add while mounted
+#: the root lists models, which a capture may add and ``rm`` remove while mounted: the root and the names
+#: in it (a model removed and captured again under its name is a new directory) are cached for this long
 ROOT_TIMEOUT = 1.0
 #: longest name in bytes, as on local filesystems (statfs f_namemax; longer lookups are ENAMETOOLONG)
 NAME_MAX = 255
@@ -128,7 +129,8 @@ class FuseOps(pyfuse3.Operations):
         entry = pyfuse3.EntryAttributes()
         entry.st_ino = attr.inode
         entry.generation = 0
-        timeout = ROOT_TIMEOUT if attr.inode == pyfuse3.ROOT_INODE else ENTRY_TIMEOUT
+        timeout = ROOT_TIMEOUT if attr.inode == pyfuse3.ROOT_INODE or attr.inode >> 60 == Kind.MODEL \
+            else ENTRY_TIMEOUT
         entry.entry_timeout = timeout
         entry.attr_timeout = timeout
         entry.st_mode = attr.mode

@@ -15,8 +15,9 @@ Thread rules: ``lookup``/``attr``/``entries`` are cheap and called on the event 
 chunks and is called from worker threads, except with ``cached_only=True`` (never blocks on I/O).
 
 Other processes may capture, ``rm`` and ``gc`` while the tree is mounted. ``refresh`` notices (the catalog's
-data_version, at most once a second, on root lookups and before a read that must decode) and reloads the
-models, and the repository drops readers of removed layers and chunk maps into deleted packs.
+data_version, at most once a second, on lookups and listings in the root and in a model's directory, and
+before a read that must decode) and reloads the models, and the repository drops readers of removed layers
+and chunk maps into deleted packs.
 """
 
 from __future__ import annotations
@@ -85,6 +86,18 @@ def split_inode(inode: int) -> tuple[Kind, int, int]:
 
 
 @dataclass(frozen=True)
+class _State:
+    """The models and layers of one catalog version, published whole: a reload on a worker thread swaps it
+    in one assignment, and the event loop's handlers take it once per call (filling live maps in place let
+    a lookup see a model whose layer map was still empty: ENOENT, short listings, or a dictionary changing
+    size during iteration: EIO)."""
+    models: dict[int, ModelRecord]
+    model_ids: dict[bytes, int]
+    layers: dict[int, IntermediateRecord]
+    layers_of: dict[int, dict[bytes, int]]
+
+
+@dataclass(frozen=True)
 class Attr:
     inode: Inode
     is_dir: bool
@@ -111,7 +124,16 @@ class Tree:
         self._version = -1
         self._checked = -REFRESH_SECONDS
         self._json: dict[Inode, bytes] = {}
+        self._state = _State({}, {}, {}, {})
         self.refresh()
+
+    @property
+    def models(self) -> dict[int, ModelRecord]:
+        return self._state.models
+
+    @property
+    def layers(self) -> dict[int, IntermediateRecord]:
+        return self._state.layers
 
     # ---- catalog state -------------------------------------------------------------------------------
     def refresh(self) -> None:
@@ -133,13 +155,13 @@ class Tree:
         # two queries: a capture committing between them adds layers of a model not listed yet; they
         # appear with that model at the next reload
         layers = [rec for rec in self.repo.intermediates() if rec.model_id in {m.id for m in models}]
+        layers_of: dict[int, dict[bytes, int]] = {m.id: {} for m in models}
+        for rec in layers:
+            layers_of[rec.model_id][rec.name.encode()] = rec.id
+        state = _State({m.id: m for m in sorted(models, key=lambda m: m.id)},
+                       {m.name.encode(): m.id for m in models}, {rec.id: rec for rec in layers}, layers_of)
         with self._lock:
-            self.models = {m.id: m for m in models}
-            self.model_ids = {m.name.encode(): m.id for m in models}
-            self.layers = {rec.id: rec for rec in layers}
-            self.layers_of: dict[int, dict[bytes, int]] = {m.id: {} for m in models}
-            for rec in layers:
-                self.layers_of[rec.model_id][rec.name.encode()] = rec.id
+            self._state = state
             self._version = version
         # after the swap: a reader created meanwhile for a removed layer would otherwise stay cached
         self.repo.forget_stale()
@@ -151,15 +173,15 @@ class Tree:
             self._json = {}
             self._reload(self.repo.catalog.data_version())
 
-    def _model(self, ident: int) -> ModelRecord:
+    def _model(self, ident: int, state: _State | None = None) -> ModelRecord:
         try:
-            return self.models[ident]
+            return (state or self._state).models[ident]
         except KeyError:
             raise NotFound(f"no model id {ident}") from None
 
     def _layer(self, ident: int) -> IntermediateRecord:
         try:
-            return self.layers[ident]
+            return self._state.layers[ident]
         except KeyError:
             raise NotFound(f"no layer id {ident}") from None
 
@@ -209,16 +231,20 @@ class Tree:
     def lookup(self, parent: int, name: bytes) -> Inode:
         if parent == ROOT:
             self.refresh()
-            if name in self.model_ids:
-                return make_inode(Kind.MODEL, self.model_ids[name])
+            ident = self._state.model_ids.get(name)
+            if ident is not None:
+                return make_inode(Kind.MODEL, ident)
             raise NotFound(f"no model {name!r}")
         kind, ident, _ = split_inode(parent)
         if kind == Kind.MODEL:
+            self.refresh()  # (a model removed meanwhile is ENOENT here, not its old layers)
+            state = self._state
+            model = self._model(ident, state)
             if name == b"info.json":
-                return make_inode(Kind.MODEL_INFO, self._model(ident).id)
-            layers = self.layers_of.get(ident, {})
-            if name in layers:
-                return make_inode(Kind.LAYER, layers[name])
+                return make_inode(Kind.MODEL_INFO, model.id)
+            layer = state.layers_of.get(ident, {}).get(name)
+            if layer is not None:
+                return make_inode(Kind.LAYER, layer)
         elif kind == Kind.LAYER:
             return self._lookup_in_layer(self._layer(ident), name)
         elif kind == Kind.COLUMNS:
@@ -279,17 +305,22 @@ class Tree:
 
     # ---- listings --------------------------------------------------------------------------------
     def entries(self, inode: int, start: int = 0) -> Iterator[tuple[bytes, Inode, int]]:
-        """(name, inode, next offset) from offset ``start``; offsets are positions in the listing."""
+        """(name, inode, next offset) from offset ``start``. In the root the offset is the model's id (ids
+        only grow: a model captured or removed while the root is being listed shifts no other one, so none
+        is listed twice or skipped); elsewhere it is the position in the listing, which never changes."""
         if inode == ROOT:
             self.refresh()
-            names = [(m.name.encode(), make_inode(Kind.MODEL, m.id)) for m in self.models.values()]
-            yield from _from(names, start)
+            for ident, model in self._state.models.items():  # (in id order)
+                if ident > start:
+                    yield model.name.encode(), make_inode(Kind.MODEL, ident), ident
             return
         kind, ident, _ = split_inode(inode)
         if kind == Kind.MODEL:
-            self._model(ident)
+            self.refresh()
+            state = self._state
+            self._model(ident, state)
             head = [(b"info.json", make_inode(Kind.MODEL_INFO, ident))]
-            layers = [(name, make_inode(Kind.LAYER, lid)) for name, lid in self.layers_of[ident].items()]
+            layers = [(name, make_inode(Kind.LAYER, lid)) for name, lid in state.layers_of.get(ident, {}).items()]
             yield from _from(head + layers, start)
         elif kind == Kind.LAYER:
             rec = self._layer(ident)
@@ -376,8 +407,9 @@ class Tree:
         if data is None:
             kind, ident, _ = split_inode(inode)
             if kind == Kind.MODEL_INFO:
-                model = self._model(ident)  # NotFound (ENOENT) for a removed model, before its layers
-                layers = [self.layers[lid] for lid in self.layers_of.get(ident, {}).values()]
+                state = self._state
+                model = self._model(ident, state)  # NotFound (ENOENT) for a removed model, before its layers
+                layers = [state.layers[lid] for lid in state.layers_of.get(ident, {}).values()]
                 doc = model_info(model, layers)
             else:
                 rec = self._layer(ident)
