@@ -277,7 +277,7 @@ async def _main(mountpoint: Path, pending: list[int]) -> None:
 async def _terminate_on_signals(pending: list[int], serving: Any) -> None:
     """The first stop signal ends the FUSE loop once the requests in progress are answered (a read that
     re-runs a model may take minutes); a second one cancels ``serving`` (the loop's scope): those reads
-    are abandoned, the mount goes and their readers get an error (ENOTCONN)."""
+    are abandoned, the mount goes and their readers get an error (ECONNABORTED)."""
     import pyfuse3
     import trio
 
