@@ -2,10 +2,13 @@
 
 scikit-learn's fitted ``Tree`` (every tree model), HistGradientBoosting's ``TreePredictor`` and
 KDTree/BallTree (KNeighbors*) are arrays of the model file that compiled code (built without bounds
-checks) follows: a child index, a feature, a bitset row, a point's row. A swapped model file whose arrays
-point elsewhere made the mount's re-run read out of bounds or segfault (a crashed daemon takes the whole
-mount down), or loop forever. ``check_loaded`` now refuses such a model with a message naming the estimator
-and the field. Each test fits a real model, saves and loads it as the store does (``skops.io.dump``, then
+checks) follows: a child index, a feature, a bitset row, a point's row. So are the plain arrays other
+compiled prediction code trusts the shapes of: KMeans's centres, libsvm's model (SVC, SVR, OneClassSVM...),
+a brute-force neighbour search's fitted points and labels, scipy sparse matrices (their indptr and
+indices), and the index maps from which OneHotEncoder and the vectorizers build sparse outputs (which a
+re-run's dense copy writes through). A swapped model file whose arrays point elsewhere made the mount's
+re-run read or write out of bounds or segfault (a crashed daemon takes the whole mount down), or loop
+forever. ``check_loaded`` now refuses such a model with a message naming the estimator and the field. Each test fits a real model, saves and loads it as the store does (``skops.io.dump``, then
 ``load_model``, which runs ``check_loaded``), then corrupts one field as a crafted file would set it (the
 same ``__setstate__`` skops calls with the file's values, or the file itself) and expects a refusal.
 """
@@ -25,10 +28,20 @@ from typing import Any
 import numpy as np
 import pytest
 import skops.io
+from scipy import sparse
+from sklearn.cluster import KMeans, MiniBatchKMeans
+from sklearn.decomposition import KernelPCA
 from sklearn.ensemble import GradientBoostingClassifier, HistGradientBoostingClassifier, RandomForestRegressor
-from sklearn.neighbors import KNeighborsClassifier
-from sklearn.pipeline import Pipeline
-from sklearn.preprocessing import StandardScaler
+from sklearn.feature_extraction import DictVectorizer
+from sklearn.feature_extraction.text import CountVectorizer, TfidfVectorizer
+from sklearn.linear_model import LogisticRegression
+from sklearn.manifold import Isomap
+from sklearn.neighbors import (KNeighborsClassifier, KNeighborsRegressor, KNeighborsTransformer, LocalOutlierFactor,
+                               RadiusNeighborsClassifier)
+from sklearn.pipeline import Pipeline, make_pipeline
+from sklearn.preprocessing import KBinsDiscretizer, MultiLabelBinarizer, OneHotEncoder, StandardScaler
+from sklearn.random_projection import SparseRandomProjection
+from sklearn.svm import SVC, SVR, NuSVC, NuSVR, OneClassSVM
 from sklearn.tree import DecisionTreeClassifier
 from sklearn.tree._tree import Tree
 
@@ -42,6 +55,7 @@ RNG = np.random.default_rng(7)
 X = RNG.standard_normal((300, 4))
 Y = (X[:, 0] + 0.5 * X[:, 1] > 0).astype(int)
 Y3 = np.digitize(X[:, 1] + 0.3 * X[:, 2], [-0.5, 0.5])
+XS = sparse.csr_matrix(np.where(np.abs(X) > 0.7, X, 0.0))  # the same points, sparse
 
 
 def stored(model: Any, tmp_path: Path, name: str = "model") -> Any:
@@ -481,6 +495,420 @@ def test_a_binary_tree_metric_must_fit_its_data(tmp_path: Path, algorithm: str) 
     refused(model, r"has a EuclideanDistance64 with p 1.0 \(2.0 expected\)")
 
 
+# ------------------------------------------------------------------------------------------ KMeans
+
+@pytest.mark.parametrize("data", ["dense", "sparse"])
+def test_kmeans_centres_must_be_as_wide_as_its_input(tmp_path: Path, data: str) -> None:
+    """predict checks X only against n_features_in_ (not at all without one). Dense, _k_means_lloyd.pyx's gemm
+    reads X's rows with the centres' width as their stride: wider centres read past X (see
+    test_unchecked_structures_really_crash); sparse, it reads centers_old[j, X_indices[k]]: narrower centres
+    are read past."""
+    model = stored(KMeans(4, n_init=1, random_state=0).fit(X if data == "dense" else XS), tmp_path)
+    centres = model.cluster_centers_
+    model.cluster_centers_ = np.c_[centres, centres]
+    refused(model, r"a KMeans whose cluster_centers_ are 8 wide but its n_features_in_ \(the width its input is "
+                   r"checked against\) is 4")
+    model.cluster_centers_ = np.ascontiguousarray(centres[:, :2])
+    refused(model, r"a KMeans whose cluster_centers_ are 2 wide but its n_features_in_ .* is 4")
+    model.cluster_centers_ = centres
+    assert check_loaded(model) is None
+    del model.n_features_in_
+    refused(model, r"a KMeans whose cluster_centers_ are 4 wide but its n_features_in_ .* is None")
+
+
+def test_kmeans_needs_centres_and_a_sane_thread_count(tmp_path: Path) -> None:
+    """The Lloyd step runs min(_n_threads, n_chunks) OpenMP threads (a stored -1 made libgomp end the process)
+    and reads the first of its distances to the centres (none, without centres)."""
+    model = stored(MiniBatchKMeans(3, n_init=1, batch_size=64, random_state=0).fit(X), tmp_path)
+    threads = model._n_threads
+    assert 1 <= threads <= 1024
+    for bad in (-1, 0, 10**6, 2.0):
+        model._n_threads = bad
+        refused(model, rf"a MiniBatchKMeans whose _n_threads is {bad} \(an OpenMP thread count in \[1, 1024\] expected\)")
+    model._n_threads = threads
+    model.cluster_centers_ = np.empty((0, 4))
+    refused(model, r"a MiniBatchKMeans whose cluster_centers_ \(a ndarray of shape \(0, 4\) and dtype float64\) is not "
+                   r"a non-empty float matrix")
+
+
+# ------------------------------------------------------------------------------------------ libsvm
+
+@pytest.fixture
+def svc(tmp_path: Path) -> SVC:
+    """Three classes, with probabilities (libsvm's Platt parameters, 3 pairs)."""
+    with pytest.warns(FutureWarning):  # (probability=True is deprecated in scikit-learn 1.9)
+        model = SVC(probability=True, random_state=0).fit(X, Y3)
+    return stored(model, tmp_path)
+
+
+def test_libsvm_support_vectors_must_match_their_counts(svc: SVC) -> None:
+    """libsvm_helper.c's set_model takes l from support_'s length and reads that many support vectors (see
+    test_unchecked_structures_really_crash); svm_predict_values reads class i's coefficients from the sum of
+    the counts before it, _n_support[i] of them. scikit-learn checks the counts' sum only for a dense model
+    with support vectors, and classes_ only through numpy."""
+    n = len(svc.support_)
+    support, counts = svc.support_, svc._n_support
+    svc.support_ = np.arange(n + 5, dtype=np.int32)
+    refused(svc, rf"a SVC whose support_vectors_ have shape \({n}, 4\) for {n + 5} support_ entries and n_features_in_ 4")
+    svc.support_ = support
+    svc._n_support = counts + np.array([0, 0, 7], dtype=np.int32)
+    refused(svc, rf"a SVC whose _n_support counts {n + 7} support vectors where it has {n}")
+    svc._n_support = np.array([-1, counts[1] + 1, counts[2]], dtype=np.int32)
+    refused(svc, rf"a SVC whose _n_support \[-1, {counts[1] + 1}, {counts[2]}\] does not count the support vectors "
+                 rf"of two classes or more")
+    svc._n_support = counts.astype(np.int64)
+    refused(svc, r"a SVC whose _n_support \(a ndarray of shape \(3,\) and dtype int64\) is not an int32 vector")
+    svc._n_support = counts
+    assert check_loaded(svc) is None
+    svc.classes_ = svc.classes_[:2]
+    refused(svc, r"a SVC whose classes_ has 2 entries but its _n_support counts 3 classes")
+
+
+def test_libsvm_coefficients_must_match_its_classes(svc: SVC) -> None:
+    """set_model reads nr_class * (nr_class - 1) / 2 intercepts (and as many _probA/_probB values for
+    probabilities) and row i of _dual_coef_ at i * l, nr_class being _n_support's length."""
+    n = len(svc.support_)
+    intercept, dual, prob_a, prob_b = svc._intercept_, svc._dual_coef_, svc._probA, svc._probB
+    svc._intercept_ = intercept[:1]
+    refused(svc, r"a SVC whose _intercept_ \(a ndarray of shape \(1,\) and dtype float64\) does not hold the 3 float64 "
+                 r"values libsvm reads for 3 classes")
+    svc._intercept_ = intercept
+    svc._dual_coef_ = np.ascontiguousarray(dual[:1])
+    refused(svc, rf"a SVC whose _dual_coef_ \(a ndarray of shape \(1, {n}\) and dtype float64\) is not float64 of "
+                 rf"shape \(2, {n}\)")
+    svc._dual_coef_ = dual
+    svc._probA = prob_a[:1]
+    refused(svc, r"a SVC whose _probA \(a ndarray of shape \(1,\) and dtype float64\) does not hold 0 or 3 float64 "
+                 r"values")
+    svc._probA = svc._probB = np.empty(0)  # its _effective_probability says it computes them
+    refused(svc, r"a SVC whose _probA and _probB hold 0 and 0 values where libsvm copies 3 of each")
+    svc._probA, svc._probB = prob_a, prob_b
+    assert check_loaded(svc) is None
+
+
+@pytest.mark.parametrize("kind", [SVC, SVR, OneClassSVM])
+def test_a_sparse_libsvm_model_is_checked(tmp_path: Path, kind: type) -> None:
+    """A model fitted on sparse data predicts through _libsvm_sparse.pyx, which scikit-learn checks not at all:
+    csr_set_model takes l from the support vectors' indptr, copies (nr_class - 1) * l values of
+    _dual_coef_.data, and the same counts as a dense model's are read (see
+    test_unchecked_structures_really_crash); with _effective_probability it copies _probA/_probB."""
+    fit = {SVC: (XS, Y3), SVR: (XS, X[:, 0]), OneClassSVM: (XS,)}[kind]
+    model = stored(kind().fit(*fit), tmp_path)
+    name = kind.__name__
+    assert model._sparse and sparse.issparse(model.support_vectors_) and sparse.issparse(model._dual_coef_)
+    n = model.support_vectors_.shape[0]
+    counts = model._n_support
+    if kind is SVC:
+        model._n_support = counts + np.array([0, 0, 10**6], dtype=np.int32)
+        refused(model, rf"a SVC whose _n_support counts {n + 10**6} support vectors where it has {n}")
+    else:
+        model._n_support = np.array([n], dtype=np.int32)
+        refused(model, rf"a {name} whose _n_support has 1 entries \(libsvm's regression and one-class models have 2\)")
+    model._n_support = counts
+    assert check_loaded(model) is None
+    dual = model._dual_coef_
+    model._dual_coef_ = sparse.csr_matrix(dual[:, :-1])
+    refused(model, rf"a {name} whose _dual_coef_ has shape \(\d, {n - 1}\) and \d+ stored values where libsvm copies "
+                   rf"\d x {n} float64 values")
+    model._dual_coef_ = dual
+    vectors = model.support_vectors_
+    indptr = vectors.indptr.copy()
+    indptr[1] = indptr[-1]  # (scipy's constructor checks only the first and last entries and the length)
+    model.support_vectors_ = sparse.csr_matrix((vectors.data, vectors.indices, indptr), shape=vectors.shape)
+    refused(model, rf"a {name} whose support_vectors_ \(a csr_matrix\) has an indptr that decreases \(at entry 1\)")
+    model.support_vectors_ = vectors
+    if kind is SVR:
+        model._effective_probability = True
+        refused(model, r"a SVR whose _probA and _probB hold 0 and 0 values where libsvm copies 1 of each")
+
+
+def test_a_libsvm_precomputed_kernel_is_read_at_its_support(tmp_path: Path) -> None:
+    """With kernel="precomputed" the input is a kernel matrix checked to be shape_fit_[0] wide, and libsvm
+    reads its column support_[i] for each support vector (see test_unchecked_structures_really_crash)."""
+    model = stored(SVC(kernel="precomputed").fit(X @ X.T, Y3), tmp_path)
+    assert model.support_vectors_.shape == (0, 0)
+    model.support_ = model.support_.copy()
+    model.support_[3] = len(X)
+    refused(model, rf"a SVC whose support_ holds {len(X)}, outside the {len(X)} columns of the kernel matrix it is given")
+
+
+def test_a_libsvm_kind_and_kernel_are_its_classs(tmp_path: Path) -> None:
+    """The libsvm model type is the class's _impl (an instance's stored one would win); a callable kernel's
+    output goes to libsvm as a precomputed kernel, read at support_ unchecked; a sparse model's precomputed
+    kernel (which fit refuses) reads the input at the support vectors' values."""
+    model = stored(SVR().fit(X, X[:, 0]), tmp_path)
+    model._impl = "c_svc"
+    refused(model, r"a SVR whose _impl is stored in the file")
+    del model._impl
+    model.kernel = np.add  # (a ufunc: a function a model may hold)
+    refused(model, r"a SVR whose kernel is a ufunc \(a re-run would read its output's columns at support_, unchecked\)")
+    model = stored(SVR().fit(XS, X[:, 0]), tmp_path, "sparse")
+    model.kernel = "precomputed"
+    refused(model, r"a SVR with a sparse model and a precomputed kernel")
+
+
+# ---------------------------------------------------------------------------------- sparse matrices
+
+@pytest.fixture
+def sparse_coef(tmp_path: Path) -> LogisticRegression:
+    """A linear model whose coef_ is a CSR matrix (3 classes x 4 features): predict computes X @ coef_.T
+    through scipy's sparsetools, which follows coef_'s indptr and indices unchecked."""
+    model = stored(LogisticRegression().fit(X, Y3).sparsify(), tmp_path)
+    assert sparse.issparse(model.coef_) and model.coef_.format == "csr" and model.coef_.nnz == 12
+    return model
+
+
+def test_a_sparse_matrix_in_the_file_is_checked_in_full(tmp_path: Path) -> None:
+    """skops builds a sparse matrix with scipy's load_npz, whose constructors check the lengths of its index
+    arrays but not their values: crafted in the file itself, a column past the matrix or an indptr going back
+    is refused (a column 10**9 away segfaulted: see test_unchecked_structures_really_crash)."""
+    path = tmp_path / "linear.skops"
+    model = LogisticRegression().fit(X, Y3).sparsify()
+    skops.io.dump(model, path)
+    loaded = load_sklearn(path)
+    assert sparse.issparse(loaded.coef_)
+    np.testing.assert_array_equal(loaded.predict(X), model.predict(X))
+    data = path.read_bytes()
+    schema = schema_of(data)
+    member = schema["content"]["content"]["coef_"]["file"]
+    coef = model.coef_
+    indices = coef.indices.copy()
+    indices[5] = 4
+    indptr = coef.indptr.copy()
+    indptr[1] = indptr[2] + 1
+    for crafted, message in (((coef.data, indices, coef.indptr), r"has the index 4 outside \[0, 4\)"),
+                             ((coef.data, coef.indices, indptr), r"has an indptr that decreases \(at entry 1\)")):
+        buffer = BytesIO()
+        sparse.save_npz(buffer, sparse.csr_matrix(crafted, shape=coef.shape))
+        path.write_bytes(with_schema(data, schema, {member: buffer.getvalue()}))
+        with pytest.raises(CaptureError, match=rf"a LogisticRegression whose coef_ \(a csr_matrix\) {message}"):
+            load_sklearn(path)
+
+
+def test_every_sparse_format_is_checked(sparse_coef: LogisticRegression) -> None:
+    """load_npz builds CSR, CSC, BSR, DIA or COO, as the file's format says (whatever its schema names),
+    each checked as scipy's check_format(full_check=True) or the COO/DIA constructors would."""
+    coef = sparse_coef.coef_
+    for matrix in (coef.tocsc(), coef.tobsr(blocksize=(1, 2)), coef.tocoo(), coef.todia(), sparse.csr_array(coef)):
+        sparse_coef.coef_ = matrix
+        assert check_loaded(sparse_coef) is None, type(matrix)
+    csc = coef.tocsc()
+    csc.indices = np.full_like(csc.indices, 3)  # rows, here
+    sparse_coef.coef_ = csc
+    refused(sparse_coef, r"a LogisticRegression whose coef_ \(a csc_matrix\) has the index 3 outside \[0, 3\)")
+    bsr = coef.tobsr(blocksize=(1, 2))
+    bsr.indices = np.full_like(bsr.indices, -1)
+    sparse_coef.coef_ = bsr
+    refused(sparse_coef, r"whose coef_ \(a bsr_matrix\) has the index -1 outside \[0, 2\)")
+    coo = coef.tocoo()
+    coo.coords = (coo.coords[0], np.full_like(coo.coords[1], 9))
+    sparse_coef.coef_ = coo
+    refused(sparse_coef, r"whose coef_ \(a coo_matrix\) has the coordinate 9 outside \[0, 4\) on axis 1")
+    dia = coef.todia()
+    dia.offsets = dia.offsets[:-1]
+    sparse_coef.coef_ = dia
+    refused(sparse_coef, r"whose coef_ \(a dia_matrix\) has offsets .* for data of shape")
+    csr = coef.copy()
+    csr.indices, csr.data = csr.indices[:-1], csr.data[:-1]
+    sparse_coef.coef_ = csr
+    refused(sparse_coef, r"whose coef_ \(a csr_matrix\) has an indptr of 4 entries from \[0\] to \[12\] with 11 "
+                         r"indices and 11 stored values")
+    # one met elsewhere than an estimator's attribute
+    refused([coo], r"a coo_matrix that has the coordinate 9 outside \[0, 4\) on axis 1")
+
+
+# ---------------------------------------------------------------------------------------- neighbours
+
+@pytest.mark.parametrize("data", ["dense", "sparse"])
+def test_brute_force_neighbours_must_hold_what_they_count(tmp_path: Path, data: str) -> None:
+    """kneighbors checks X against n_features_in_ and hands it and _fit_X to the pairwise distances
+    reduction, whose datasets pair reads _fit_X's rows with X's width (a narrower _fit_X is read past: see
+    test_unchecked_structures_really_crash); kneighbors_graph shapes its CSR output (n_queries,
+    n_samples_fit_) around rows of _fit_X, and a re-run's dense copy of it writes at each."""
+    model = stored(KNeighborsTransformer(n_neighbors=4, algorithm="brute").fit(X if data == "dense" else XS), tmp_path)
+    fit_X = model._fit_X
+    model._fit_X = fit_X[:, :2] if data == "sparse" else np.ascontiguousarray(fit_X[:, :2])
+    refused(model, r"a KNeighborsTransformer whose _fit_X has shape \(300, 2\) but its n_samples_fit_ is 300 and its "
+                   r"n_features_in_ 4")
+    model._fit_X = fit_X
+    assert check_loaded(model) is None
+    model.n_samples_fit_ = 5
+    refused(model, r"a KNeighborsTransformer whose _fit_X has shape \(300, 4\) but its n_samples_fit_ is 5")
+    model.n_samples_fit_ = len(X)
+    del model.n_features_in_  # (then nothing checks X's width)
+    refused(model, r"a KNeighborsTransformer whose _fit_X has shape \(300, 4\) but its n_samples_fit_ is 300 and its "
+                   r"n_features_in_ None")
+
+
+def test_a_neighbours_tree_must_hold_its_points(tmp_path: Path) -> None:
+    """With a KDTree, kneighbors_graph's columns are the tree's data rows, its width n_samples_fit_. (Its query
+    checks X's width: one fitted on another keeps no n_features_in_ and passes.)"""
+    model = neighbours(tmp_path, "kd_tree")
+    del model.n_features_in_
+    assert check_loaded(model) is None
+    model._fit_X = np.ascontiguousarray(model._fit_X[:-1])
+    model.n_samples_fit_ = len(X) - 1
+    refused(model, rf"a KNeighborsClassifier whose _tree holds data of shape \({len(X)}, 4\) but its _fit_X has shape "
+                   rf"\({len(X) - 1}, 4\)")
+
+
+def test_neighbours_labels_must_index_their_classes(tmp_path: Path) -> None:
+    """A classifier's predict(_proba) hands _y to ArgKminClassMode / RadiusNeighborsClassMode, which add to
+    class_scores[i][_y[neighbour]] in rows of len(classes_): a label past them writes out of bounds (see
+    test_unchecked_structures_really_crash)."""
+    model = stored(KNeighborsClassifier(algorithm="brute", metric="manhattan").fit(X, Y3), tmp_path)
+    labels = model._y
+    model._y = labels.copy()
+    model._y[7] = 3
+    refused(model, r"a KNeighborsClassifier whose _y holds the class index 3, outside its 3 classes_")
+    model._y = labels[:-1]
+    refused(model, r"a KNeighborsClassifier whose _y \(a ndarray of shape \(299,\) and dtype int64\) is not one integer "
+                   r"label per _fit_X row \(300\)")
+    model._y = labels.astype(np.float64)
+    refused(model, r"whose _y \(a ndarray of shape \(300,\) and dtype float64\) is not one integer label")
+    model._y = labels
+    assert check_loaded(model) is None
+    model.outputs_2d_ = "yes"
+    refused(model, r"a KNeighborsClassifier whose outputs_2d_ is 'yes'")
+    two = stored(RadiusNeighborsClassifier(radius=3.0).fit(X, np.c_[Y, Y3]), tmp_path, "two")
+    two._y = two._y.copy()
+    two._y[0, 1] = 5
+    refused(two, r"a RadiusNeighborsClassifier whose _y\[:, 1\] holds the class index 5, outside its 3 classes_")
+
+
+# ------------------------------------------------------------------------- index maps of sparse outputs
+
+CATEGORIES = np.c_[RNG.integers(0, 5, len(X)), RNG.integers(10, 13, len(X))]  # 5 and 3 categories
+
+
+def test_one_hot_codes_must_fall_within_their_columns(tmp_path: Path) -> None:
+    """OneHotEncoder.transform builds a CSR matrix from each column's category code, offset by the running sum
+    of _n_features_outs, which scipy does not check; its dense output is that matrix's toarray(), which writes
+    each code at its index (see test_unchecked_structures_really_crash). A numeric input's code is
+    np.searchsorted(categories_[i], value): len(categories_[i]) when they are not sorted."""
+    model = stored(OneHotEncoder(sparse_output=False).fit(CATEGORIES), tmp_path)
+    assert model._n_features_outs == [5, 3]
+    model._n_features_outs = [5, 2]
+    refused(model, r"a OneHotEncoder whose feature 1 \(3 categories_\) can be encoded as column 2 of the 2 that "
+                   r"_n_features_outs gives it")
+    model._n_features_outs = np.array([5, 3])
+    refused(model, r"a OneHotEncoder whose _n_features_outs \[5, 3\] is not a count of output columns per feature")
+    model._n_features_outs = [5, 3]
+    assert check_loaded(model) is None
+    model.categories_ = [model.categories_[0], model.categories_[1][::-1].copy()]
+    refused(model, r"whose feature 1 \(3 categories_\) can be encoded as column 3 of the 3")
+    model.categories_ = [model.categories_[0], np.array(["x", "z", "y"], dtype=object)]  # looked up in a dict
+    assert check_loaded(model) is None
+
+
+def test_one_hot_infrequent_and_dropped_codes_are_followed(tmp_path: Path) -> None:
+    """Codes go through _default_to_infrequent_mappings (an unknown's first through _infrequent_indices) and
+    lose the dropped category (_drop_idx_after_grouping): each step can move one out of its columns."""
+    skewed = np.c_[np.repeat([0, 1, 2, 3], [200, 80, 15, 5]), CATEGORIES[:, 1]]
+    model = stored(OneHotEncoder(min_frequency=20, handle_unknown="infrequent_if_exist", drop="first")
+                   .fit(skewed), tmp_path)
+    mapping = model._default_to_infrequent_mappings[0]
+    assert mapping is not None and model._n_features_outs == [2, 2]
+    model._default_to_infrequent_mappings[0] = np.r_[mapping[:-1], 10**12]
+    refused(model, r"a OneHotEncoder whose feature 0 \(4 categories_\) can be encoded as column 999999999999 of the 2")
+    model._default_to_infrequent_mappings[0] = mapping
+    assert check_loaded(model) is None
+    drop = model._drop_idx_after_grouping
+    model._drop_idx_after_grouping = np.array([drop[0], -3], dtype=object)
+    refused(model, r"whose feature 1 \(3 categories_\) can be encoded as column -1 of the 2")
+    model._drop_idx_after_grouping = np.array([drop[0], "x"], dtype=object)
+    refused(model, r"whose _drop_idx_after_grouping\[1\] is 'x'")
+
+
+@pytest.mark.parametrize("kind", [DictVectorizer, CountVectorizer, TfidfVectorizer, MultiLabelBinarizer])
+def test_an_index_map_must_stay_within_its_columns(tmp_path: Path, kind: type) -> None:
+    """DictVectorizer and CountVectorizer (TfidfVectorizer) put vocabulary_[term] as the column of each term
+    they meet in a CSR matrix len(vocabulary_) wide, MultiLabelBinarizer its stored _cached_dict[label] (see
+    test_unchecked_structures_really_crash)."""
+    field = "_cached_dict" if kind is MultiLabelBinarizer else "vocabulary_"
+    if kind is DictVectorizer:
+        model = kind().fit([{"size": 1.0, "colour": "red"}, {"colour": "blue", "weight": 3}])
+    elif kind is MultiLabelBinarizer:
+        model = kind().fit([["red", "blue"], ["green"]])
+        model.transform([["red"]])  # (which builds the cache)
+    else:
+        model = kind().fit(["a red ball", "the blue sky", "red sky at night"])
+    model = stored(model, tmp_path)
+    mapping = vars(model)[field]
+    term = min(mapping)
+    for value, message in ((len(mapping), (rf"maps '{term}' to column {len(mapping)}, outside the {len(mapping)} "
+                                           r"columns of its output")),
+                           (-1, rf"maps '{term}' to column -1"),
+                           (1.5, r"maps terms to other values than column indices")):
+        setattr(model, field, {**mapping, term: value})
+        refused(model, rf"a {kind.__name__} whose {field} {message}")
+
+
+# ---------------------------------------------------------------------- genuine models are not refused
+
+GENUINE = {
+    "KMeans": lambda data: KMeans(5, n_init=2, random_state=0).fit(data),
+    "MiniBatchKMeans": lambda data: MiniBatchKMeans(5, n_init=2, batch_size=64, random_state=0).fit(data),
+    "SVC": lambda data: SVC(kernel="poly", class_weight="balanced").fit(data, Y3),
+    "SVC binary linear": lambda data: SVC(kernel="linear").fit(data, Y),
+    "NuSVC": lambda data: NuSVC(decision_function_shape="ovo").fit(data, Y3),
+    "SVR": lambda data: SVR().fit(data, X[:, 0]),
+    "NuSVR": lambda data: NuSVR(kernel="sigmoid", gamma="auto").fit(data, X[:, 0]),
+    "OneClassSVM": lambda data: OneClassSVM().fit(data),
+    "KNeighborsClassifier": lambda data: KNeighborsClassifier().fit(data, np.array(["a", "b", "c"])[Y3]),
+    "KNeighborsClassifier brute": lambda data: KNeighborsClassifier(algorithm="brute", metric="manhattan").fit(data, Y3),
+    "RadiusNeighborsClassifier": lambda data: RadiusNeighborsClassifier(radius=3.0, outlier_label="most_frequent")
+    .fit(data, np.c_[Y, Y3]),
+    "KNeighborsRegressor": lambda data: KNeighborsRegressor(weights="distance").fit(data, X[:, 0]),
+    "LocalOutlierFactor": lambda data: LocalOutlierFactor(novelty=True).fit(data),
+    "KNeighborsTransformer": lambda data: KNeighborsTransformer(n_neighbors=4).fit(data),
+    "Isomap": lambda data: Isomap(n_neighbors=6).fit(data),
+    "LogisticRegression sparsified": lambda data: LogisticRegression().fit(data, Y3).sparsify(),
+    "SparseRandomProjection": lambda data: SparseRandomProjection(3, random_state=0).fit(data),
+    "KernelPCA": lambda data: KernelPCA(3, kernel="rbf").fit(data),
+    "scaled SVC": lambda data: make_pipeline(StandardScaler(with_mean=False), SVC()).fit(data, Y),
+}
+
+
+def _outputs(model: Any, data: Any) -> list[np.ndarray]:
+    found = []
+    for method in ("predict", "transform", "decision_function", "predict_proba", "score_samples"):
+        if hasattr(model, method):
+            out = getattr(model, method)(data)
+            for part in out if isinstance(out, list) else [out]:  # (a multi-output predict_proba's list)
+                found.append(part.toarray() if sparse.issparse(part) else np.asarray(part))
+    return found
+
+
+@pytest.mark.parametrize("data", ["dense", "sparse"])
+@pytest.mark.parametrize("name", sorted(GENUINE))
+def test_genuine_models_pass_and_predict_alike(tmp_path: Path, name: str, data: str) -> None:
+    """Fitted as usual (on sparse data too: its sparse matrices are loaded and checked), stored and loaded,
+    each model passes its checks and computes what the original does."""
+    points = X if data == "dense" else XS
+    model = GENUINE[name](points)
+    loaded = stored(model, tmp_path)
+    for ours, theirs in zip(_outputs(loaded, points[:20]), _outputs(model, points[:20]), strict=True):
+        np.testing.assert_array_equal(ours, theirs)
+
+
+@pytest.mark.parametrize("make", [
+    lambda: OneHotEncoder().fit(np.c_[CATEGORIES, np.array(["a", "b", None], dtype=object)[Y3]]),
+    lambda: OneHotEncoder(sparse_output=False, drop="if_binary", handle_unknown="ignore").fit(np.c_[CATEGORIES, Y]),
+    lambda: OneHotEncoder(max_categories=3, handle_unknown="infrequent_if_exist").fit(CATEGORIES),
+    lambda: OneHotEncoder(handle_unknown="warn", min_frequency=80, drop="first").fit(CATEGORIES),
+    lambda: OneHotEncoder(categories=[[0, 1, 2, 3, 4, 9], [12, 11, 10]]).fit(CATEGORIES.astype(object)),
+    lambda: OneHotEncoder().fit(np.where(RNG.random((300, 1)) < 0.1, np.nan, CATEGORIES[:, :1])),
+    lambda: DictVectorizer(sparse=False, sort=False).fit([{"a": 1, "b": "x"}, {"c": 2.0, "b": "y"}]),
+    lambda: CountVectorizer(ngram_range=(1, 2), max_features=4).fit(["a red ball", "the blue sky", "red sky"] * 3),
+    lambda: TfidfVectorizer(vocabulary=["sky", "red", "ball"]).fit(["a red ball", "the blue sky"]),
+    lambda: KBinsDiscretizer(4, encode="onehot", quantile_method="averaged_inverted_cdf").fit(X),
+], ids=["one-hot", "one-hot dropped", "one-hot infrequent", "one-hot min frequency", "one-hot given categories",
+        "one-hot nan", "dict", "count", "tfidf", "bins"])
+def test_genuine_encoders_pass(tmp_path: Path, make: Any) -> None:
+    stored(make(), tmp_path)
+
+
 # ----------------------------------------------------------------------- what the checks prevent
 
 CRASHES = {
@@ -499,6 +927,40 @@ CRASHES = {
         state[1] = np.full_like(state[1], 10**15)
         model._tree.__setstate__(tuple(state))
     """,
+    "kmeans": """
+        from sklearn.cluster import KMeans
+        model = KMeans(3, n_init=1, random_state=0).fit(X)
+        model.cluster_centers_ = np.zeros((3, 10**6))  # gemm reads X's rows 10**6 apart
+    """,
+    "libsvm_sparse": """
+        from sklearn.svm import SVC
+        model = SVC().fit(sparse.csr_matrix(X), Y)
+        model._n_support = model._n_support + np.array([0, 10**8], dtype=np.int32)
+    """,
+    "sparse_matrix": """
+        from sklearn.linear_model import LogisticRegression
+        model = LogisticRegression().fit(X, Y).sparsify()
+        coef = model.coef_
+        model.coef_ = sparse.csr_matrix((coef.data, np.full_like(coef.indices, 10**9), coef.indptr), shape=coef.shape)
+    """,
+    "neighbour_labels": """
+        from sklearn.neighbors import KNeighborsClassifier
+        model = KNeighborsClassifier(algorithm="brute", metric="manhattan").fit(X, Y)
+        model._y = np.full_like(model._y, 10**9)  # class_scores[i][10**9] += 1
+    """,
+    "one_hot": """
+        from sklearn.preprocessing import OneHotEncoder
+        model = OneHotEncoder(sparse_output=False).fit(np.arange(3)[:, None])
+        model._infrequent_enabled, model._infrequent_indices = True, [None]
+        model._default_to_infrequent_mappings = [np.full(3, 10**12)]
+        run = lambda: model.transform(np.array([[1], [2]]))  # toarray() writes at column 10**12
+    """,
+    "vocabulary": """
+        from sklearn.feature_extraction import DictVectorizer
+        model = DictVectorizer(sparse=False).fit([{"a": 1, "b": 2}])
+        model.vocabulary_ = {"a": 10**9, "b": 1}
+        run = lambda: model.transform([{"a": 1}] * 3)
+    """,
 }
 
 
@@ -506,10 +968,11 @@ CRASHES = {
 def test_unchecked_structures_really_crash(case: str) -> None:
     """Without the checks the mount's re-run of such a model segfaults: shown in a child process (never in
     the test's), which check_loaded would have refused."""
-    script = "import numpy as np\nfrom mistiquefs.capture.skops_trust import check_loaded\n" \
+    script = "import numpy as np\nfrom scipy import sparse\nfrom mistiquefs.capture.skops_trust import check_loaded\n" \
              "rng = np.random.default_rng(0)\nX = rng.standard_normal((200, 3))\nY = X[:, 0] > 0\n" \
              + textwrap.dedent(CRASHES[case]) \
-             + "assert check_loaded(model) is not None\nprint('predicting', flush=True)\nmodel.predict(X)\n"
+             + "assert check_loaded(model) is not None\nprint('predicting', flush=True)\n" \
+             + "globals().get('run', lambda: model.predict(X))()\n"  # (a case's run, or predict)
 
     def no_core_dump() -> None:
         resource.setrlimit(resource.RLIMIT_CORE, (0, 0))

@@ -43,7 +43,12 @@ default is accepted here only when *every* node that uses it is safe:
   accepts a loaded model only if every BSpline in it is one of a SplineTransformer's ``bsplines_``
   (called with derivative orders 0 and 1 only) and is consistent (``0 <= k``, sorted float64 knots, at
   least ``2k + 2`` of them, enough coefficients, exact types, ``_asarray`` numpy's or scipy's ``asarray``
-  itself: a name in an instance's ``__dict__`` can say anything).
+  itself: a name in an instance's ``__dict__`` can say anything);
+* scipy sparse matrices and arrays through skops's ``SparseMatrixNode`` (an SVC or a KNeighbors fitted on
+  sparse data, a sparsified ``coef_``, SparseRandomProjection's ``components_``): scipy's ``load_npz`` reads the
+  file's arrays without pickle and calls the CSR, CSC, BSR, DIA or COO constructor the file's format names
+  (whatever name the schema gives), which checks the index arrays' lengths but not their values;
+  ``check_loaded`` then checks each in full (below).
 
 The schema shows names, and skops builds a node it has seen once again wherever its ``__id__`` comes
 back, whatever the later node says it is. So after loading, ``check_loaded`` walks the built objects:
@@ -80,10 +85,35 @@ bin mapper lists as categorical with a ``bitset_idx`` within the ``(n, 8)`` uint
 ``n_nodes = 2**n_levels - 1`` rows of node_data and of node_bounds (two bounds or one centroid per node and
 column), the nodes a query reaches within the data and splitting their parent's points in two, a split node
 never on the last level, ``leaf_size >= 1``, a sample weight per row, and one of the four metrics with its
-own ``p`` and one weight per column or none. Beyond these, what scikit-learn's code does with the file's
-numbers is not checked: a crafted file can still make a re-run fail, and compiled code that trusts the
-shapes of an estimator's plain arrays (KMeans's ``cluster_centers_`` against the input's width, libsvm's
-intercepts and coefficients against the classes, for two) can still read out of bounds.
+own ``p`` and one weight per column or none. Other compiled code trusts the shapes of plain fitted arrays,
+checked likewise: KMeans's (MiniBatchKMeans's) ``cluster_centers_``, non-empty and as wide as its
+``n_features_in_`` (its Lloyd step reads X with the centres' width), and a ``_n_threads`` in [1, 1024];
+libsvm's model (SVC, NuSVC, SVR, NuSVR, OneClassSVM, dense or sparse), rebuilt from the fitted arrays on each
+call: its class's own ``_impl``, a kernel named by a string (a callable's output is read as a precomputed
+kernel) and not "precomputed" for a sparse model, int32 ``_n_support`` counts (two classes or more, summing
+to the number of support vectors; two entries for regression and one class), as many ``support_`` (within the
+kernel matrix's columns for a precomputed kernel), ``support_vectors_`` that many rows as wide as
+``n_features_in_`` (CSR when ``_sparse``), ``_dual_coef_`` of shape (classes - 1, support vectors) with every
+value stored when sparse, one ``_intercept_`` per pair of classes and as many or no ``_probA``/``_probB`` (as
+many when ``_effective_probability``), one ``classes_`` per count; a neighbours estimator's ``_fit_X`` of
+shape (``n_samples_fit_``, ``n_features_in_``) (the brute-force search reads it with X's width,
+kneighbors_graph is n_samples_fit_ wide), its tree's data of that shape, and a classifier's ``_y`` one
+integer label per row (and output) within its ``classes_`` (the class-mode searches add at that index); every
+scipy sparse matrix or array in the model valid in full (indptr from 0, non-decreasing, to the number of
+stored values, integer indices within the other dimension; COO coordinates within the shape; one DIA offset
+per diagonal); and the index maps from which transformers build sparse outputs that scipy does not check
+and a re-run's dense copy writes through: OneHotEncoder's codes, followed through unsorted numeric
+``categories_`` (searchsorted), ``_infrequent_indices``, ``_default_to_infrequent_mappings`` and
+``_drop_idx_after_grouping``, within each feature's ``_n_features_outs``; DictVectorizer's, CountVectorizer's
+and TfidfVectorizer's ``vocabulary_`` and MultiLabelBinarizer's ``_cached_dict`` within their own length.
+Read and left alone because numpy or scipy check the shapes they are given: NearestCentroid, AffinityPropagation,
+MeanShift (pairwise_distances_argmin), the linear models and LinearSVC (products), KMeans's transform,
+PolynomialFeatures (sized from its input), KBinsDiscretizer, OrdinalEncoder, LatentDirichletAllocation and
+NMF (sized from ``components_``), HistGradientBoosting's known-category bitsets (their setter raises past
+255). Beyond these, what scikit-learn's code does with the file's numbers is not checked: a crafted file
+can still make a re-run fail or compute nonsense (libsvm's gamma, coef0 and degree, a class_weight_ that
+predicting never reads, thresholds, a ``n_jobs`` asking for many workers), and compiled prediction code of
+estimators not named here may still trust what it is given.
 
 Names under ``sklearn.``, ``numpy.`` and ``scipy.`` only (and ``functools.partial`` as above), and never
 from their testing or compiler modules.
@@ -209,6 +239,8 @@ def refusal(type_name: str, loaders: set[str]) -> str | None:
         return None
     if unsafe == ["ObjectNode"] and (_is_reviewed_cython(type_name) or _is_bspline(type_name)):
         return None
+    if unsafe == ["SparseMatrixNode"] and _is_sparse_type(type_name):
+        return None
     return f"{type_name} (would be called or built while loading: {', '.join(unsafe)})"
 
 
@@ -307,6 +339,21 @@ def _is_reviewed_cython(type_name: str) -> bool:
             and getattr(setstate, "__qualname__", None) == REVIEWED_CYTHON[type_name])
 
 
+# what skops's SparseMatrixNode builds: scipy's load_npz makes one of these from the format the file names
+SPARSE_CLASSES = frozenset(f"{fmt}_{kind}" for fmt in ("csr", "csc", "bsr", "dia", "coo") for kind in ("matrix", "array"))
+
+
+def _is_sparse_type(type_name: str) -> bool:
+    """A scipy sparse matrix or array class, loaded through skops's SparseMatrixNode: scipy's load_npz reads
+    the file's arrays with ``allow_pickle=False`` and calls one of the constructors of SPARSE_CLASSES (named
+    by the npz's format, not by the schema) with them; check_loaded then checks the result in full."""
+    from scipy.sparse import sparray, spmatrix
+
+    cls = _resolve(type_name)
+    return (type_name.startswith("scipy.sparse.") and type_name.rpartition(".")[2] in SPARSE_CLASSES
+            and isinstance(cls, type) and issubclass(cls, (spmatrix, sparray)))
+
+
 def _is_bspline(type_name: str) -> bool:
     cls = _resolve(type_name)
     return (type_name == BSPLINE_TYPE and isinstance(cls, type) and cls.__new__ is object.__new__
@@ -329,7 +376,9 @@ def check_loaded(model: Any) -> str | None:
     scipy's evaluation stays within its arrays. The compiled structures whose prediction code indexes the
     file's arrays without bounds checks must be consistent too (see ``_Structures``): a fitted ``Tree`` (and
     only as a decision tree's ``tree_``), HistGradientBoosting's predictors, KDTree/BallTree and their
-    metrics, GradientBoosting's stage array."""
+    metrics, GradientBoosting's stage array, KMeans's centres, libsvm's model, a neighbours search's fitted
+    points and labels, every scipy sparse matrix, and the index maps of OneHotEncoder and the
+    vectorizers."""
     from scipy.interpolate import BSpline
     from sklearn.preprocessing import SplineTransformer
     from sklearn.tree._classes import BaseDecisionTree
@@ -556,10 +605,12 @@ def _bspline_inconsistency(spline: Any) -> str | None:
 # ------------------------------------------------------------------------------- compiled structures
 #
 # scikit-learn's prediction code for trees and neighbour searches is compiled without bounds checks
-# (scikit-learn builds its Cython with boundscheck=False, wraparound=False) and indexes arrays that come
-# from the file: a node's children, its feature, a bitset's row, a point's row. What each structure must
-# satisfy for that code to stay within its arrays and end was read in scikit-learn 1.9's sources (cited at
-# each check); every check is a few numpy operations over all nodes at once.
+# (scikit-learn builds its Cython with boundscheck=False, wraparound=False, cdivision=True) and indexes arrays
+# that come from the file: a node's children, its feature, a bitset's row, a point's row; so do libsvm's C,
+# KMeans's Lloyd step, the pairwise distances reductions and scipy's sparsetools, with a fitted array's
+# shape or a sparse matrix's indices. What each structure must satisfy for that code to stay within its
+# arrays and end was read in scikit-learn 1.9's (and scipy 1.17's) sources (cited at each check); every check
+# is a few numpy operations over all nodes, rows or stored values at once.
 
 # where check_loaded met an object (see its walk)
 SPLINE_ITEM = "an item of a SplineTransformer's bsplines_"
@@ -584,12 +635,20 @@ def _structure_types() -> types.SimpleNamespace:
     from sklearn.neighbors._kd_tree import NodeData
     from sklearn.tree._classes import BaseDecisionTree
     from sklearn.tree._tree import Tree
+    from sklearn.cluster._kmeans import _BaseKMeans
+    from sklearn.feature_extraction import DictVectorizer
+    from sklearn.feature_extraction.text import CountVectorizer
+    from sklearn.neighbors._base import NeighborsBase
+    from sklearn.preprocessing import MultiLabelBinarizer, OneHotEncoder
+    from sklearn.svm._base import LIBSVM_IMPL, BaseLibSVM
 
     return types.SimpleNamespace(
         BaseGradientBoosting=BaseGradientBoosting, BaseHistGradientBoosting=BaseHistGradientBoosting,
         TreePredictor=TreePredictor, PREDICTOR_RECORD_DTYPE=PREDICTOR_RECORD_DTYPE, DistanceMetric=DistanceMetric,
         KDTree=KDTree, BallTree=BallTree, binary_trees=(KDBinaryTree, BallBinaryTree), NodeData=NodeData,
-        BaseDecisionTree=BaseDecisionTree, Tree=Tree)
+        BaseDecisionTree=BaseDecisionTree, Tree=Tree, BaseKMeans=_BaseKMeans, BaseLibSVM=BaseLibSVM,
+        LIBSVM_IMPL=tuple(LIBSVM_IMPL), NeighborsBase=NeighborsBase, OneHotEncoder=OneHotEncoder,
+        vectorizers=(DictVectorizer, CountVectorizer), MultiLabelBinarizer=MultiLabelBinarizer)
 
 
 def _is_int(value: Any) -> bool:
@@ -615,6 +674,11 @@ class _Structures:
         self._memo: dict[tuple[str, int], str | None] = {}
         self._keep: list[Any] = []  # what the memo's ids name stays alive while it is used
         self._probes: list[Any] = []
+        t = self.t
+        # estimators whose fitted arrays compiled prediction code indexes (each check names the field at fault)
+        self._estimator_checks = ((t.BaseKMeans, self._kmeans), (t.BaseLibSVM, self._libsvm),
+                                  (t.NeighborsBase, self._neighbours), (t.OneHotEncoder, self._one_hot_encoder),
+                                  (t.vectorizers, self._vocabulary), (t.MultiLabelBinarizer, self._label_cache))
 
     def _once(self, kind: str, obj: Any, check: Any) -> str | None:
         key = (kind, id(obj))
@@ -658,6 +722,19 @@ class _Structures:
                     why = self._once("binary tree", value, self._binary_tree)
                     if why is not None:
                         return f"a {name} whose {key} (a {type(value).__name__}) {why}"
+                elif _is_sparse(value):  # an SVC's support_vectors_, a sparsified coef_, KNeighbors' _fit_X...
+                    why = self._once("sparse", value, _sparse_problem)
+                    if why is not None:
+                        return f"a {name} whose {key} (a {type(value).__name__}) {why}"
+            for kind, check in self._estimator_checks:
+                if isinstance(obj, kind):
+                    why = self._once(check.__name__, obj, check)
+                    if why is not None:
+                        return f"a {name} {why}"
+        if _is_sparse(obj):  # one met outside an estimator's own attributes (in a list, a dict...)
+            why = self._once("sparse", obj, _sparse_problem)
+            if why is not None:
+                return f"a {name} that {why}"
         if isinstance(obj, t.binary_trees):
             why = self._once("binary tree", obj, self._binary_tree)
             if why is not None:
@@ -948,6 +1025,259 @@ class _Structures:
             return f"has a {name} with p {_shown(p)!r} ({expected} expected)"
         return None
 
+    # ----------------------------------------------------------------------------- KMeans
+
+    def _kmeans(self, est: Any) -> str | None:
+        """KMeans, MiniBatchKMeans (cluster/_kmeans.py): predict and score check X only against
+        ``n_features_in_`` (and not at all when it is missing), then hand X and ``cluster_centers_`` to
+        _k_means_lloyd.pyx. Dense, _update_chunk_dense calls gemm with the centres' width as X's row stride
+        (centres wider than X read past X); sparse, it reads ``centers_old[j, X_indices[k]]`` (centres
+        narrower than X read past them); _k_means_common.pyx's _inertia_dense reads each centre with X's
+        width; an empty centres array makes it read the first of no distances. The prange runs
+        ``min(_n_threads, n_chunks)`` OpenMP threads: a negative count made libgomp exit the process."""
+        state = vars(est)
+        if "cluster_centers_" not in state:
+            return None  # not fitted: predict refuses
+        centers, n_features = state["cluster_centers_"], state.get("n_features_in_")
+        if not (type(centers) is np.ndarray and centers.ndim == 2 and centers.dtype in (np.float32, np.float64)
+                and centers.shape[0] >= 1):
+            return f"whose cluster_centers_ {_described(centers)} is not a non-empty float matrix"
+        if not _is_int(n_features) or centers.shape[1] != n_features:
+            return (f"whose cluster_centers_ are {centers.shape[1]} wide but its n_features_in_ (the width its "
+                    f"input is checked against) is {_shown(n_features)!r}")
+        return _threads_problem(state)
+
+    # ----------------------------------------------------------------------------- libsvm
+
+    def _libsvm(self, est: Any) -> str | None:
+        """SVC, NuSVC, SVR, NuSVR, OneClassSVM (svm/_base.py's _dense_predict, _dense_decision_function,
+        _dense_predict_proba and their _sparse_ twins): libsvm's model is rebuilt from the fitted arrays on
+        each call, checked by nothing but, for a dense model with support vectors, ``n_support_.sum()``
+        against their rows (svm/_libsvm.pyx: "TODO: use check_model"). src/libsvm/libsvm_helper.c's set_model
+        takes nr_class from ``_n_support``'s length and l from ``support_``'s, reads l rows of
+        ``support_vectors_``, row i of ``_dual_coef_`` at i * l, nr_class * (nr_class - 1) / 2 values of
+        ``_intercept_`` (and of ``_probA``/``_probB`` when computing probabilities: predict_proba, or any
+        sparse call while ``_effective_probability``); libsvm_sparse_helper.c's csr_set_model takes l from
+        the support vectors' indptr and copies (nr_class - 1) * l of ``_dual_coef_.data``. svm.cpp's
+        svm_predict_values walks class i's coefficients from the sum of the counts before it, for
+        ``_n_support[i]`` vectors; with a precomputed kernel it reads the input's column ``support_[i]``
+        (dense) or its element ``(int) SV value`` (sparse, a kind fit refuses). The model's type is the
+        class's ``_impl``; a callable kernel's output is read as a precomputed kernel, unchecked."""
+        t = self.t
+        state = vars(est)
+        fields = ("support_", "support_vectors_", "_n_support", "_dual_coef_", "_intercept_", "_probA", "_probB")
+        if "_impl" in state:
+            return "whose _impl is stored in the file (its class's decides which kind of libsvm model it is)"
+        if any(field not in state for field in fields):
+            return None  # not fitted: a prediction reads a missing attribute and fails
+        impl = getattr(type(est), "_impl", None)
+        if impl not in t.LIBSVM_IMPL:
+            return f"of libsvm kind {impl!r}"
+        classifier = t.LIBSVM_IMPL.index(impl) < 2
+        kernel, is_sparse = state.get("kernel"), state.get("_sparse")
+        if type(kernel) is not str:
+            return (f"whose kernel is a {type(kernel).__name__} (a re-run would read its output's columns at "
+                    "support_, unchecked)")
+        if type(is_sparse) is not bool:
+            return f"whose _sparse is {_shown(is_sparse)!r}"
+        support, vectors, counts, dual, intercept = (state[field] for field in fields[:5])
+        prob_a, prob_b = state["_probA"], state["_probB"]
+        if not (type(counts) is np.ndarray and counts.dtype == np.int32 and counts.ndim == 1):
+            return f"whose _n_support {_described(counts)} is not an int32 vector"
+        n_class = len(counts)
+        if classifier and not (n_class >= 2 and counts.min() >= 0):
+            return f"whose _n_support {counts.tolist()} does not count the support vectors of two classes or more"
+        if not classifier and n_class != 2:
+            return f"whose _n_support has {n_class} entries (libsvm's regression and one-class models have 2)"
+        pairs = n_class * (n_class - 1) // 2
+        if not (type(support) is np.ndarray and support.dtype == np.int32 and support.ndim == 1):
+            return f"whose support_ {_described(support)} is not an int32 vector"
+        if is_sparse:
+            if kernel == "precomputed":
+                return "with a sparse model and a precomputed kernel (which fit refuses; libsvm would read the input at "\
+                       "the support vectors' values)"
+            if not (_is_sparse(vectors) and vectors.format == "csr" and vectors.ndim == 2):
+                return f"whose support_vectors_ {_described(vectors)} is not a CSR matrix (its _sparse is True)"
+            why = self._once("sparse", vectors, _sparse_problem)
+            if why is not None:
+                return f"whose support_vectors_ (a {type(vectors).__name__}) {why}"
+            n_vectors = vectors.shape[0]
+            if not (_is_sparse(dual) and dual.format == "csr" and dual.ndim == 2):
+                return f"whose _dual_coef_ {_described(dual)} is not a CSR matrix (its _sparse is True)"
+            why = self._once("sparse", dual, _sparse_problem)
+            if why is not None:
+                return f"whose _dual_coef_ (a {type(dual).__name__}) {why}"
+            if dual.shape != (n_class - 1, n_vectors) or dual.data.shape != ((n_class - 1) * n_vectors,) \
+                    or dual.data.dtype != np.float64:
+                return (f"whose _dual_coef_ has shape {dual.shape} and {dual.data.size} stored values where libsvm "
+                        f"copies {n_class - 1} x {n_vectors} float64 values ({n_class} classes, {n_vectors} support "
+                        "vectors)")
+        else:
+            if not (type(vectors) is np.ndarray and vectors.dtype == np.float64 and vectors.ndim == 2):
+                return f"whose support_vectors_ {_described(vectors)} is not a float64 matrix"
+            n_vectors = len(support)
+            if kernel == "precomputed":
+                # the input is a kernel matrix checked to be shape_fit_[0] wide; libsvm reads its column support_[i]
+                shape = state.get("shape_fit_")
+                width = shape[0] if isinstance(shape, tuple) and shape else None
+                if not _is_int(width):
+                    return f"whose shape_fit_ is {_shown(shape)!r}"
+                if n_vectors and (support.min() < 0 or support.max() >= width):
+                    return (f"whose support_ holds {int(support.max()) if support.max() >= width else int(support.min())},"
+                            f" outside the {width} columns of the kernel matrix it is given")
+            else:
+                n_features = state.get("n_features_in_")
+                if vectors.shape != (n_vectors, n_features) or not _is_int(n_features):
+                    return (f"whose support_vectors_ have shape {vectors.shape} for {n_vectors} support_ entries and "
+                            f"n_features_in_ {_shown(n_features)!r}")
+            if not (type(dual) is np.ndarray and dual.dtype == np.float64 and dual.shape == (n_class - 1, n_vectors)):
+                return (f"whose _dual_coef_ {_described(dual)} is not float64 of shape ({n_class - 1}, {n_vectors}) "
+                        f"({n_class} classes, {n_vectors} support vectors)")
+        if len(support) != n_vectors:
+            return f"whose support_ has {len(support)} entries for {n_vectors} support vectors"
+        if classifier:
+            total = int(counts.astype(np.int64).sum())
+            if total != n_vectors:
+                return f"whose _n_support counts {total} support vectors where it has {n_vectors}"
+            classes = state.get("classes_")
+            if classes is not None and len(classes) != n_class:
+                return f"whose classes_ has {len(classes)} entries but its _n_support counts {n_class} classes"
+        if not (type(intercept) is np.ndarray and intercept.dtype == np.float64 and intercept.shape == (pairs,)):
+            return (f"whose _intercept_ {_described(intercept)} does not hold the {pairs} float64 values libsvm "
+                    f"reads for {n_class} classes")
+        for field, value in (("_probA", prob_a), ("_probB", prob_b)):
+            if not (type(value) is np.ndarray and value.dtype == np.float64 and value.ndim == 1
+                    and len(value) in (0, pairs)):
+                return f"whose {field} {_described(value)} does not hold 0 or {pairs} float64 values"
+        if len(prob_a) != len(prob_b) or (state.get("_effective_probability") and len(prob_a) != pairs):
+            return (f"whose _probA and _probB hold {len(prob_a)} and {len(prob_b)} values where libsvm copies "
+                    f"{pairs} of each to compute probabilities")
+        return None
+
+    # ----------------------------------------------------------------------------- neighbours
+
+    def _neighbours(self, est: Any) -> str | None:
+        """KNeighbors*, RadiusNeighbors*, NearestNeighbors, LocalOutlierFactor, the neighbours transformers
+        (neighbors/_base.py, _classification.py, _graph.py). With ``_fit_method`` "brute", kneighbors and
+        radius_neighbors check X against ``n_features_in_`` and hand it and ``_fit_X`` to
+        metrics/_pairwise_distances_reduction (_datasets_pair.pyx.tp, _middle_term_computer.pyx.tp), which
+        read both with X's width; a classifier's predict(_proba) hands ``_y`` to ArgKminClassMode /
+        RadiusNeighborsClassMode, which add to ``class_scores[i][_y[neighbour]]`` in rows of
+        ``len(classes_)``. kneighbors_graph shapes its CSR output (n_queries, ``n_samples_fit_``) around
+        neighbour indices that are rows of _fit_X or of the tree's data: a wider one writes past the dense
+        copy a re-run makes of it."""
+        from sklearn.base import is_classifier
+
+        state = vars(est)
+        if "_fit_X" not in state:
+            return None
+        fit_X, n_fit, n_features = state["_fit_X"], state.get("n_samples_fit_"), state.get("n_features_in_")
+        if _is_sparse(fit_X):
+            why = self._once("sparse", fit_X, _sparse_problem)
+            if why is not None:
+                return f"whose _fit_X (a {type(fit_X).__name__}) {why}"
+        elif not (type(fit_X) is np.ndarray and fit_X.ndim == 2):
+            return f"whose _fit_X {_described(fit_X)} is not a matrix"
+        tree = state.get("_tree")
+        if n_features is None and state.get("_fit_method") in ("kd_tree", "ball_tree") \
+                and isinstance(tree, self.t.binary_trees):
+            n_features = fit_X.shape[1]  # (one fitted on another keeps no n_features_in_: the tree checks X's width)
+        if not (_is_int(n_fit) and _is_int(n_features) and n_fit >= 1 and fit_X.shape == (n_fit, n_features)):
+            return (f"whose _fit_X has shape {fit_X.shape} but its n_samples_fit_ is {_shown(n_fit)!r} and its "
+                    f"n_features_in_ {_shown(n_features)!r}")
+        if isinstance(tree, self.t.binary_trees):
+            data = tree.__getstate__()[0]
+            if np.shape(data) != fit_X.shape:
+                return f"whose _tree holds data of shape {np.shape(data)} but its _fit_X has shape {fit_X.shape}"
+        if not is_classifier(est) or "_y" not in state:
+            return None
+        labels, classes, two_d = state["_y"], state.get("classes_"), state.get("outputs_2d_")
+        if two_d is not True and two_d is not False and not isinstance(two_d, np.bool_):
+            return f"whose outputs_2d_ is {_shown(two_d)!r}"
+        if not (type(labels) is np.ndarray and labels.dtype.kind in "iu"
+                and labels.shape == ((n_fit, len(classes) if isinstance(classes, list) else -1) if two_d else (n_fit,))):
+            return (f"whose _y {_described(labels)} is not one integer label per _fit_X row ({n_fit}) and output "
+                    f"(outputs_2d_ {bool(two_d)})")
+        per_output = classes if two_d else [classes]
+        for k, (column, known) in enumerate(zip(labels.reshape(n_fit, -1).T, per_output)):
+            if not (isinstance(known, np.ndarray) and known.ndim == 1):
+                return f"whose classes_ {_described(classes)} is not a vector of labels per output"
+            if column.min() < 0 or column.max() >= len(known):
+                bad = int(column.max()) if column.max() >= len(known) else int(column.min())
+                where = f"_y[:, {k}]" if two_d else "_y"
+                return f"whose {where} holds the class index {bad}, outside its {len(known)} classes_"
+        return None
+
+    # ----------------------------------------------------------------------------- sparse outputs
+
+    def _one_hot_encoder(self, est: Any) -> str | None:
+        """OneHotEncoder.transform (preprocessing/_encoders.py) builds its CSR output from the codes of
+        _BaseEncoder._transform: each column's index in ``categories_[i]`` (utils/_encode.py: a dict for
+        non-numeric input, np.searchsorted for numeric input, which a numeric input only reaches with
+        numeric categories: np.isnan of the categories raises otherwise; searchsorted returns
+        ``len(categories_[i])`` for a value of unsorted categories), an unknown's ``_infrequent_indices[i][0]``,
+        remapped through ``_default_to_infrequent_mappings[i]``, less ``_drop_idx_after_grouping[i]``, offset
+        by the running sum of ``_n_features_outs``; scipy does not check the indices of what it is given,
+        and a dense output or a re-run's copy of a sparse one writes each code at its index."""
+        state = vars(est)
+        if "categories_" not in state or "_n_features_outs" not in state:
+            return None
+        categories, outs = state["categories_"], state["_n_features_outs"]
+        if not (type(categories) is list
+                and all(type(c) is np.ndarray and c.ndim == 1 and len(c) >= 1 for c in categories)):
+            return "whose categories_ is not a list of non-empty vectors"
+        if not (type(outs) is list and len(outs) == len(categories) and all(_is_int(n) and n >= 0 for n in outs)):
+            return f"whose _n_features_outs {_shown(outs)!r} is not a count of output columns per feature"
+        infrequent = state.get("_infrequent_enabled")
+        indices = state.get("_infrequent_indices") if infrequent else None
+        mappings = state.get("_default_to_infrequent_mappings") if infrequent else None
+        if infrequent and not (type(indices) is list and len(indices) == len(categories) and type(mappings) is list):
+            return "whose _infrequent_indices or _default_to_infrequent_mappings is not a list per feature"
+        drop = state.get("_drop_idx_after_grouping")
+        if drop is not None:
+            drop = np.asarray(drop, dtype=object)
+            if drop.shape != (len(categories),):
+                return f"whose _drop_idx_after_grouping has shape {drop.shape} for {len(categories)} features"
+        for i, known in enumerate(categories):
+            codes = np.arange(len(known) if _searchsorted_within(known) else len(known) + 1)
+            if infrequent and indices[i] is not None:
+                if not (type(indices[i]) is np.ndarray and indices[i].dtype.kind in "iu" and indices[i].size):
+                    return f"whose _infrequent_indices[{i}] {_described(indices[i])} is not a vector of indices"
+                codes = np.append(codes, indices[i].flat[0])
+            if infrequent and i < len(mappings) and mappings[i] is not None:
+                mapping = mappings[i]
+                if not (type(mapping) is np.ndarray and mapping.dtype.kind in "iu" and mapping.ndim == 1):
+                    return f"whose _default_to_infrequent_mappings[{i}] {_described(mapping)} is not a vector of codes"
+                codes = mapping[codes[(codes >= -len(mapping)) & (codes < len(mapping))]]  # (np.take raises past it)
+            if drop is not None:
+                dropped = len(known) if drop[i] is None else drop[i]
+                if not _is_int(dropped):
+                    return f"whose _drop_idx_after_grouping[{i}] is {_shown(dropped)!r}"
+                codes = codes[codes != dropped]
+                codes = np.where(codes > dropped, codes - 1, codes)
+            if codes.size and (codes.min() < 0 or codes.max() >= outs[i]):
+                bad = int(codes.max()) if codes.max() >= outs[i] else int(codes.min())
+                return (f"whose feature {i} ({len(known)} categories_) can be encoded as column {bad} of the "
+                        f"{outs[i]} that _n_features_outs gives it")
+        return None
+
+    def _vocabulary(self, est: Any) -> str | None:
+        """DictVectorizer.transform (feature_extraction/_dict_vectorizer.py) and CountVectorizer's (and
+        TfidfVectorizer's) _count_vocab (feature_extraction/text.py) put ``vocabulary_[term]`` as the column
+        index of each term they meet in a CSR matrix ``len(vocabulary_)`` wide, unchecked by scipy; a dense
+        output (DictVectorizer(sparse=False)) or a re-run's dense copy writes at that index."""
+        vocabulary = vars(est).get("vocabulary_")
+        if vocabulary is None:
+            return None
+        return _index_map_problem("vocabulary_", vocabulary)
+
+    def _label_cache(self, est: Any) -> str | None:
+        """MultiLabelBinarizer.transform (preprocessing/_label.py) maps labels to columns through the stored
+        ``_cached_dict`` (built from classes_ when None) into a CSR matrix ``len(_cached_dict)`` wide,
+        unchecked by scipy; a dense output writes at each index."""
+        cache = vars(est).get("_cached_dict")
+        return None if cache is None else _index_map_problem("_cached_dict", cache)
+
 
 def _tree_problem(tree: Any) -> str | None:
     """A fitted ``Tree`` on its own (tree/_tree.pyx, _tree.pxd). __setstate__ takes node_count from the file
@@ -1065,3 +1395,120 @@ def _column_transformer_width(transformer: Any) -> int | None:
         else:
             return None
     return width
+
+
+def _is_sparse(value: Any) -> bool:
+    from scipy.sparse import issparse
+
+    return issparse(value)
+
+
+def _described(value: Any) -> str:
+    if isinstance(value, np.ndarray) or _is_sparse(value):
+        return f"(a {type(value).__name__} of shape {value.shape} and dtype {value.dtype})"
+    return f"(a {type(value).__name__})"
+
+
+# the most OpenMP threads a stored thread count may ask for (KMeans's _n_threads is the fitting machine's count)
+MAX_STORED_THREADS = 1024
+
+
+def _threads_problem(state: dict[str, Any]) -> str | None:
+    threads = state.get("_n_threads")
+    if threads is not None and not (_is_int(threads) and 1 <= threads <= MAX_STORED_THREADS):
+        return f"whose _n_threads is {_shown(threads)!r} (an OpenMP thread count in [1, {MAX_STORED_THREADS}] expected)"
+    return None
+
+
+def _sparse_problem(matrix: Any) -> str | None:
+    """A scipy sparse matrix or array as a file can hold one (skops's SparseMatrixNode calls scipy's
+    load_npz, which builds CSR, CSC, BSR, DIA and COO from the file's arrays with check_format's
+    ``full_check=False``: index ranges are not checked), fully checked, as ``check_format(full_check=True)``
+    and the COO/DIA constructors would: scipy's sparsetools (matrix products, toarray), scikit-learn's
+    sparse Cython (pairwise distances, libsvm's sparse model, KMeans) follow ``indptr`` and ``indices``
+    without bounds checks."""
+    shape, data, fmt = matrix.shape, matrix.data, matrix.format
+    if not (isinstance(shape, tuple) and shape and all(_is_int(n) and n >= 0 for n in shape)):
+        return f"has shape {_shown(shape)!r}"
+    if not (type(data) is np.ndarray and data.dtype.kind in "biufc"):
+        return f"has data {_described(data)} that is not a numeric array"
+    if fmt in ("csr", "csc", "bsr"):
+        indptr, indices = matrix.indptr, matrix.indices
+        if not all(type(a) is np.ndarray and a.ndim == 1 and a.dtype.kind == "i" for a in (indptr, indices)):
+            return f"has indptr {_described(indptr)} and indices {_described(indices)}, not integer vectors"
+        if not (len(shape) == 2 or (len(shape) == 1 and fmt == "csr")):
+            return f"has shape {shape}"
+        rows, columns = (1, shape[0]) if len(shape) == 1 else shape
+        major, minor = (columns, rows) if fmt == "csc" else (rows, columns)
+        if fmt == "bsr":
+            if data.ndim != 3 or 0 in data.shape[1:] or rows % data.shape[1] or columns % data.shape[2]:
+                return f"has blocks of shape {data.shape[1:]} for shape {shape}"
+            major, minor, stored = rows // data.shape[1], columns // data.shape[2], data.shape[0]
+        elif data.ndim != 1:
+            return f"has data of shape {data.shape}"
+        else:
+            stored = len(data)
+        if len(indptr) != major + 1 or indptr[0] != 0 or indptr[-1] != stored or len(indices) != stored:
+            return (f"has an indptr of {len(indptr)} entries from {_shown(indptr[:1])} to {_shown(indptr[-1:])} "
+                    f"with {len(indices)} indices and {stored} stored values ({major + 1} entries from 0 to the "
+                    "number of stored values expected)")
+        if major and np.any(indptr[1:] < indptr[:-1]):
+            return f"has an indptr that decreases (at entry {_first(indptr[1:] < indptr[:-1])})"
+        if stored and (indices.min() < 0 or indices.max() >= minor):
+            bad = int(indices.max()) if indices.max() >= minor else int(indices.min())
+            return f"has the index {bad} outside [0, {minor})"
+        return None
+    if fmt == "coo":
+        coords = matrix.coords
+        if not (isinstance(coords, tuple) and len(coords) == len(shape) and data.ndim == 1):
+            return f"has coordinates for {len(coords)} dimensions and shape {shape}"
+        for axis, (index, size) in enumerate(zip(coords, shape)):
+            if not (type(index) is np.ndarray and index.ndim == 1 and index.dtype.kind == "i" and len(index) == len(data)):
+                return f"has coordinates {_described(index)} on axis {axis} for {len(data)} stored values"
+            if len(index) and (index.min() < 0 or index.max() >= size):
+                bad = int(index.max()) if index.max() >= size else int(index.min())
+                return f"has the coordinate {bad} outside [0, {size}) on axis {axis}"
+        return None
+    if fmt == "dia":
+        offsets = matrix.offsets
+        if not (type(offsets) is np.ndarray and offsets.ndim == 1 and offsets.dtype.kind == "i" and data.ndim == 2
+                and len(offsets) == data.shape[0] and len(shape) == 2):
+            return f"has offsets {_described(offsets)} for data of shape {data.shape}"
+        return None
+    return f"is of format {fmt!r}, which a model file does not hold"
+
+
+def _searchsorted_within(categories: np.ndarray) -> bool:
+    """Whether np.searchsorted(categories, value) is below len(categories) for each value of categories
+    (what _encode gives a numeric input): non-numeric categories are never searched (a numeric input
+    raises, another is looked up in a dict); numeric ones must be sorted, NaNs last, as fit makes them."""
+    if categories.dtype.kind in "OUS":
+        return True
+    if categories.dtype.kind not in "biufmM":
+        return False
+    body = categories
+    if categories.dtype.kind == "f":
+        missing = np.isnan(categories)
+        count = len(categories) - int(missing.sum())
+        if missing[:count].any():
+            return False
+        body = categories[:count]
+    return bool(np.all(body[1:] >= body[:-1]))
+
+
+def _index_map_problem(field: str, mapping: Any) -> str | None:
+    """A dict from terms to the columns of an output as wide as the dict has items."""
+    if not isinstance(mapping, dict):
+        return f"whose {field} is a {type(mapping).__name__}, not a dict"
+    if not mapping:
+        return None
+    columns = np.array(list(mapping.values()))  # any value not an integer makes another kind
+    if columns.dtype.kind not in "iub" or columns.ndim != 1:
+        return f"whose {field} maps terms to other values than column indices"
+    bad = (columns < 0) | (columns >= len(mapping))
+    if bad.any():
+        k = _first(bad)
+        term = list(mapping)[k]
+        return (f"whose {field} maps {term!r} to column {int(columns[k])}, outside the {len(mapping)} columns "
+                "of its output")
+    return None
