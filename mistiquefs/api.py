@@ -22,6 +22,7 @@ import numpy as np
 from tqdm import tqdm
 
 from mistiquefs.capture import Adapter, adapter_for
+from mistiquefs.capture.base import NAME_MAX
 from mistiquefs.codecs import SchemePolicy
 from mistiquefs.planner.cost import PER_STAGE
 from mistiquefs.planner.policy import POLICIES, choose_kept
@@ -57,9 +58,18 @@ class CaptureSummary:
 
 
 def check_model_name(name: str) -> str:
+    if not isinstance(name, str):
+        raise CaptureError(f"a model name is a string, not {type(name).__name__} ({name!r})")
     if name in _RESERVED or "/" in name or "\0" in name or name.startswith("."):
         raise CaptureError(f"{name!r} cannot be a model name: it must be a file name (no '/', not starting "
                            "with '.')")
+    try:
+        encoded = name.encode("utf-8")
+    except UnicodeEncodeError:  # (a shell argument that was not UTF-8 arrives with surrogates)
+        raise CaptureError(f"{name!r} cannot be a model name: it must be UTF-8 text") from None
+    if len(encoded) > NAME_MAX:
+        raise CaptureError(f"a model name is a directory name in the mount: at most {NAME_MAX} bytes, not "
+                           f"{len(encoded)}")
     return name
 
 

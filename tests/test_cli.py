@@ -127,6 +127,80 @@ def test_mount_and_umount_commands(tmp_path: Path, saved_pipeline) -> None:
     assert not os.path.ismount(mnt)
 
 
+@pytest.mark.skipif(not FUSE_OK, reason="FUSE is not available here")
+def test_mount_points_reached_by_a_symlink_or_not_utf8_mount_and_unmount(tmp_path: Path, saved_pipeline) -> None:
+    """umount through the symlink that mount followed (it said "not mounted"), and a mount point whose path
+    is not UTF-8: /proc/self/mountinfo then holds it, and reading that table broke every later mount and
+    umount, anyone's (a UnicodeDecodeError traceback)."""
+    model_path, inputs_path, _pipe, _frame = saved_pipeline
+    store = tmp_path / "store"
+    assert main(["capture", str(store), "--model", str(model_path), "--inputs", str(inputs_path),
+                 "--name", "p1", "--no-progress"]) == 0
+    odd = Path(os.fsdecode(os.fsencode(str(tmp_path)) + b"/mn\xfft"))
+    odd.mkdir()
+    link = tmp_path / "link"
+    link.symlink_to(odd)
+    subprocess.run(["mistiquefs", "mount", str(store), str(link)], check=True, timeout=60)
+    try:
+        assert os.path.ismount(odd)
+        assert (odd / "p1" / "info.json").is_file()
+        other = subprocess.run(["mistiquefs", "umount", str(tmp_path)], capture_output=True, text=True)
+        assert other.returncode != 0 and "not mounted" in other.stderr and "Traceback" not in other.stderr
+        result = subprocess.run(["mistiquefs", "umount", str(link)], capture_output=True, text=True)
+        assert result.returncode == 0, result.stderr
+        assert not os.path.ismount(odd)
+    finally:
+        if os.path.ismount(odd):
+            subprocess.run(["fusermount3", "-u", "-z", os.fsencode(str(odd))])
+
+
+def test_the_first_scheme_given_for_a_glob_wins(tmp_path: Path, saved_pipeline) -> None:
+    """--scheme is first match wins: a glob given twice keeps its first scheme (a dict kept the last)."""
+    model_path, inputs_path, _pipe, _frame = saved_pipeline
+    store = tmp_path / "store"
+    assert main(["capture", str(store), "--model", str(model_path), "--inputs", str(inputs_path), "--name", "p1",
+                 "--no-progress", "--scheme", "s*=float16", "--scheme", "*=kbit:4", "--scheme", "s*=lossless"]) == 0
+    with mistiquefs.open_store(store, create=False) as opened:
+        assert opened.info("p1", "scale")["scheme"].startswith("float16")
+
+
+def test_model_names_the_mount_cannot_show_are_refused(tmp_path: Path, saved_pipeline, capsys) -> None:
+    """A name longer than a file name may be (the mount listed it, then a lookup said ENAMETOOLONG), or not
+    UTF-8 (a UnicodeEncodeError traceback), is a clear error; the store is not even created."""
+    model_path, inputs_path, _pipe, _frame = saved_pipeline
+    store = tmp_path / "store"
+    for name, message in (("x" * 256, "at most 255 bytes"), ("bad\udcffname", "UTF-8")):
+        assert main(["capture", str(store), "--model", str(model_path), "--inputs", str(inputs_path),
+                     "--name", name, "--no-progress"]) == 4
+        assert message in capsys.readouterr().err
+    assert not store.exists()
+    assert main(["capture", str(store), "--model", str(model_path), "--inputs", str(inputs_path), "--name",
+                 "é" * 127, "--no-progress"]) == 0  # 254 bytes
+    assert main(["rm", str(store), "bad\udcffname"]) != 0 and "no model" in capsys.readouterr().err
+
+
+def test_stage_names_too_long_for_a_file_name_are_cut_and_stay_distinct() -> None:
+    from mistiquefs.capture.base import NAME_MAX, stage_file_name
+
+    a, b = stage_file_name("é" * 200 + "a"), stage_file_name("é" * 200 + "b")
+    assert a != b and len(a.encode()) <= NAME_MAX - 32 and len(b.encode()) <= NAME_MAX - 32
+    assert stage_file_name("dense_1") == "dense_1"
+
+
+def test_a_read_finds_a_model_another_process_captured(tmp_path: Path, saved_pipeline) -> None:
+    """Store.read of a model captured by another process after this one had loaded its records (a re-run
+    read raised KeyError)."""
+    model_path, inputs_path, pipe, frame = saved_pipeline
+    store = tmp_path / "store"
+    args = ["--model", str(model_path), "--inputs", str(inputs_path), "--no-progress", "--policy", "none"]
+    assert main(["capture", str(store), "--name", "m1", *args]) == 0
+    with mistiquefs.open_store(store, create=False) as opened:
+        np.testing.assert_array_equal(opened.read("m1", "scale"), pipe.named_steps["scale"].transform(frame))
+        subprocess.run([sys.executable, "-m", "mistiquefs", "capture", str(store), "--name", "m2", *args],
+                       check=True, capture_output=True)
+        np.testing.assert_array_equal(opened.read("m2", "scale"), pipe.named_steps["scale"].transform(frame))
+
+
 def test_sizes_people_write_are_read_and_others_refused() -> None:
     from mistiquefs.sizes import size_in_bytes
 
@@ -136,6 +210,12 @@ def test_sizes_people_write_are_read_and_others_refused() -> None:
     for text in ["5i", "5iB", "MB", "", "-1", "inf", "nan", "1.5X", "0", "2 G B", 0]:
         with pytest.raises(ValueError, match="not a size"):
             size_in_bytes(text)
+    # numbers of bytes as Python code writes them (a budget of 2e9 was a TypeError)
+    for number, want in [(2e9, 2_000_000_000), (np.int64(4096), 4096), (np.float64(512.0), 512)]:
+        assert size_in_bytes(number) == want
+    for number in [2.5, -3.0, float("inf"), float("nan"), True, None, [1]]:
+        with pytest.raises(ValueError, match="not a size"):
+            size_in_bytes(number)
 
 
 def test_the_default_daemon_log_is_the_users_own_and_per_mount_point(tmp_path: Path, monkeypatch) -> None:

@@ -298,8 +298,9 @@ def test_reply_buffers_kept_after_a_burst_are_few(tree: Tree) -> None:
 def test_mount_table_paths_are_unescaped() -> None:
     from mistiquefs.fs.mount import _unescape
 
-    assert _unescape(r"/mnt/my\040runs\011x\134y") == "/mnt/my runs\tx\\y"
-    assert _unescape("/mnt/plain") == "/mnt/plain"
+    assert _unescape(rb"/mnt/my\040runs\011x\134y") == b"/mnt/my runs\tx\\y"
+    assert _unescape(b"/mnt/plain") == b"/mnt/plain"
+    assert _unescape(b"/mnt/st\xffore\040x") == b"/mnt/st\xffore x"  # a path that is not UTF-8
 
 
 def test_the_root_listing_skips_and_repeats_no_model_when_one_is_removed_midway(tmp_path: Path) -> None:

@@ -13,6 +13,7 @@ that stage alone on this batch (for a stage that contains others, its whole time
 
 from __future__ import annotations
 
+import hashlib
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,6 +24,9 @@ import numpy as np
 
 #: names the store uses for its own entries beside the stages of a model
 RESERVED_NAMES = frozenset({"input", "info.json"})
+#: the longest file name (bytes) a mount shows, as on local file systems; longer stage names are cut to
+#: LONG_NAME_KEPT bytes plus a digest of the whole name (room left for a suffix that makes names unique)
+NAME_MAX, LONG_NAME_KEPT = 255, 200
 
 
 def stage_file_name(name: str) -> str:
@@ -32,6 +36,10 @@ def stage_file_name(name: str) -> str:
         name = "_" + name
     if name in RESERVED_NAMES:
         name += "_"
+    encoded = name.encode("utf-8", "surrogatepass")
+    if len(encoded) > NAME_MAX - 32:
+        digest = hashlib.blake2b(encoded, digest_size=6).hexdigest()
+        name = f"{encoded[:LONG_NAME_KEPT].decode('utf-8', 'ignore')}~{digest}"
     return name
 
 

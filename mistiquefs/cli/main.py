@@ -104,12 +104,16 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def cmd_capture(args: argparse.Namespace) -> int:
-    from mistiquefs.api import open_store
+    from mistiquefs.api import check_model_name, open_store
     from mistiquefs.capture.files import load_inputs_file, load_model_file
     from mistiquefs.codecs import SchemePolicy, parse_scheme_option
 
-    schemes = dict(parse_scheme_option(text) for text in args.scheme)
-    SchemePolicy.parse(schemes)  # a bad scheme fails before the model is loaded
+    schemes: dict[str, str] = {}
+    for text in args.scheme:  # first match wins, so a glob given again keeps its first scheme
+        glob, scheme = parse_scheme_option(text)
+        schemes.setdefault(glob, scheme)
+    SchemePolicy.parse(schemes)  # a bad scheme or name fails before the model is loaded or the store made
+    check_model_name(args.name)
     model = load_model_file(args.model, trust_pickle=args.trust_pickle)
     inputs = load_inputs_file(args.inputs, model)  # the model decides how a CSV's columns are read
     with open_store(args.store) as store:

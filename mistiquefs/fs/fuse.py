@@ -22,6 +22,7 @@ import outcome
 import pyfuse3
 import trio
 
+from mistiquefs.capture.base import NAME_MAX  # (statfs f_namemax; longer lookups are ENAMETOOLONG)
 from mistiquefs.errors import MistiqueError, ReadOnly
 from mistiquefs.fs.tree import BLOCK_SIZE, Attr, Kind, Tree
 from mistiquefs.store.reader import LazyPart, Part, join_parts, started_pool
@@ -33,8 +34,6 @@ ENTRY_TIMEOUT = 300.0
 #: the root lists models, which a capture may add and ``rm`` remove while mounted: the root and the names
 #: in it (a model removed and captured again under its name is a new directory) are cached for this long
 ROOT_TIMEOUT = 1.0
-#: longest name in bytes, as on local filesystems (statfs f_namemax; longer lookups are ENAMETOOLONG)
-NAME_MAX = 255
 #: threads for reads that re-run a model (runs are serialized per model; two models may run at once)
 RERUN_WORKERS = 2
 JSON_KINDS = {Kind.MODEL_INFO, Kind.LAYER_INFO}

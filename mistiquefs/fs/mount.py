@@ -56,14 +56,15 @@ def mount_type(mountpoint: Path) -> str | None:
 def _mount_entry(mountpoint: Path) -> tuple[str, str] | None:
     """(device "major:minor", type) of the mount on top at ``mountpoint`` in /proc/self/mountinfo, or
     None."""
-    path = os.path.abspath(mountpoint)
+    path = os.fsencode(os.path.abspath(mountpoint))
     found = None
-    with open("/proc/self/mountinfo") as table:
+    # as bytes: a mount point's path need not be UTF-8, and any mount's, anyone's, is in the table
+    with open("/proc/self/mountinfo", "rb") as table:
         for line in table:
-            before, _, after = line.partition(" - ")
+            before, _, after = line.partition(b" - ")
             fields = before.split()
             if len(fields) > 4 and _unescape(fields[4]) == path and after.split():
-                found = fields[2], after.split()[0]  # the last one listed is the one on top
+                found = os.fsdecode(fields[2]), os.fsdecode(after.split()[0])  # the last one listed is on top
     return found
 
 
@@ -242,9 +243,9 @@ def _defer_stop_signals() -> tuple[list[int], dict[int, Any]]:
     return pending, previous
 
 
-def _unescape(field: str) -> str:
+def _unescape(field: bytes) -> bytes:
     """A path as /proc/self/mountinfo writes it: space, tab, newline and backslash as octal escapes."""
-    return re.sub(r"\\([0-7]{3})", lambda m: chr(int(m.group(1), 8)), field)
+    return re.sub(rb"\\([0-7]{3})", lambda m: bytes([int(m.group(1), 8)]), field)
 
 
 def _raise_read_ahead(mountpoint: Path) -> None:
@@ -364,7 +365,9 @@ def _tail(path: Path, lines: int = 5) -> str:
 
 def unmount(mountpoint: Path) -> None:
     """Unmount a mistiquefs mount with fusermount3 (nothing else: as root, fusermount3 unmounts any file
-    system); a mount whose daemon died is detached lazily."""
+    system); a mount whose daemon died is detached lazily. ``mountpoint`` may be a symlink to it (``mount``
+    mounts on where a link leads)."""
+    mountpoint = _followed(mountpoint)
     kind = mount_type(mountpoint)
     if kind is None:
         raise MountError(f"{mountpoint} is not mounted")
@@ -377,6 +380,20 @@ def unmount(mountpoint: Path) -> None:
         result = _fusermount(mountpoint, "-z")
     if result.returncode != 0:
         raise MountError(f"cannot unmount {mountpoint}: {result.stderr.strip()}")
+
+
+def _followed(path: Path) -> Path:
+    """``path`` with every symlink in it followed, without a stat of ``path`` itself: a stat of a mount
+    point asks its daemon, and one that is stopped never answers (readlink of a mount point does not)."""
+    path = Path(os.path.abspath(path))
+    for _ in range(40):  # (as the kernel, give up on a loop of links)
+        path = Path(os.path.realpath(path.parent)) / path.name
+        try:
+            target = os.readlink(path)
+        except OSError:  # not a link
+            return path
+        path = Path(os.path.abspath(path.parent / target))
+    return path
 
 
 def _fusermount(mountpoint: Path, *flags: str) -> subprocess.CompletedProcess[str]:

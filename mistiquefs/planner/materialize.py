@@ -67,7 +67,7 @@ import numpy as np
 
 from mistiquefs.codecs import Chain
 from mistiquefs.codecs.lossless import BytesCodec
-from mistiquefs.errors import CorruptChunk, StoreError
+from mistiquefs.errors import CorruptChunk, NotFound, StoreError
 from mistiquefs.store.catalog import TileRow
 from mistiquefs.store.packs import ChunkLocation, PackWriter
 from mistiquefs.store.records import COLUMNS, IntermediateRecord, ModelRecord
@@ -441,7 +441,7 @@ class Materializer:
             return True
         try:
             model = self.repo.model(rec.model_id)
-        except KeyError:  # removed (rm) since the candidates were listed
+        except NotFound:  # removed (rm) since the candidates were listed
             return False
         why = vetting.loads.get(model.id)
         if why is None:

@@ -39,7 +39,7 @@ import logging
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from mistiquefs.errors import CorruptChunk, StoreError
+from mistiquefs.errors import CorruptChunk, NotFound, StoreError
 from mistiquefs.store.packs import (OBJECT_HEADER, PACK_MAGIC, ChunkLocation, PackWriter, decode_payload, fsync_dir,
                                     scan_pack)
 from mistiquefs.store.records import ModelRecord
@@ -100,6 +100,10 @@ class GcPlan:
 
 def remove_model(repo: Repository, name: str) -> ModelRecord:
     """Remove a model from the catalog (one transaction), then its model file. NotFound if absent."""
+    try:
+        name.encode("utf-8")
+    except UnicodeEncodeError:  # (a shell argument that was not UTF-8: no model has such a name)
+        raise NotFound(f"no model {name!r} in this store") from None
     model = repo.catalog.remove_model(name)
     path = _model_file(repo, model.model_file)
     if path is not None:

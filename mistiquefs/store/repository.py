@@ -23,7 +23,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-from mistiquefs.errors import StoreError
+from mistiquefs.errors import NotFound, StoreError
 from mistiquefs.codecs import SchemePolicy
 from mistiquefs.store.cache import DEFAULT_CACHE_BYTES, ByteLRU
 from mistiquefs.store.catalog import Catalog
@@ -91,12 +91,23 @@ class Repository:
         return self.catalog.intermediates()
 
     def model(self, model_id: int) -> ModelRecord:
-        """A model as last loaded (records reload after ``forget_stale``/``forget_records``)."""
-        return self._loaded()[0][model_id]
+        """A model as last loaded (records reload after ``forget_stale``/``forget_records``, and when asked
+        for a model they do not hold: another process captured it since)."""
+        found = self._loaded_with(model_id)[0].get(model_id)
+        if found is None:
+            raise NotFound(f"no model id {model_id} in {self.root}")
+        return found
 
     def layers_of(self, model_id: int) -> list[IntermediateRecord]:
-        """A model's intermediates in execution order, as last loaded."""
-        return self._loaded()[1].get(model_id, [])
+        """A model's intermediates in execution order, as last loaded (see ``model``)."""
+        return self._loaded_with(model_id)[1].get(model_id, [])
+
+    def _loaded_with(self, model_id: int) -> tuple[dict[int, ModelRecord], dict[int, list[IntermediateRecord]]]:
+        records = self._loaded()
+        if model_id not in records[0]:  # ids are never reused: these records are older than that model
+            self._records = None
+            records = self._loaded()
+        return records
 
     def all_layers(self) -> dict[int, list[IntermediateRecord]]:
         """Every model's intermediates, as last loaded."""
