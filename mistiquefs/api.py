@@ -9,6 +9,7 @@ it was.
 from __future__ import annotations
 
 import errno
+import numbers
 from functools import partial
 import sqlite3
 import statistics
@@ -121,6 +122,8 @@ class Store:
             return self._existing_summary(name)
         adapter = adapter_for(model)
         n_rows = adapter.n_rows(inputs)
+        if batch_size is not None and (not isinstance(batch_size, numbers.Integral) or isinstance(batch_size, bool)):
+            raise CaptureError(f"batch_size is a whole number of examples, not {batch_size!r}")
         size = int(adapter.default_batch_size if batch_size is None else batch_size)
         if size < 1:
             raise CaptureError(f"batch_size must be at least 1, not {batch_size}")

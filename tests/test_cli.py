@@ -227,3 +227,20 @@ def test_the_default_daemon_log_is_the_users_own_and_per_mount_point(tmp_path: P
     first, second = default_log_file(Path("/data/a/mnt")), default_log_file(Path("/data/b/mnt"))
     assert first != second and first.parent == second.parent == tmp_path / "run" / "mistiquefs"
     assert first.parent.is_dir() and oct(first.parent.stat().st_mode & 0o777) == "0o700"
+
+
+def test_capture_arguments_of_the_wrong_type_are_clear_errors(tmp_path: Path, saved_pipeline) -> None:
+    """Store.capture's arguments of a wrong type raise mistiquefs's own errors, each naming the argument
+    (schemes={"*": None} was an AttributeError, batch_size="x" a ValueError, name=5 a TypeError)."""
+    from mistiquefs.errors import MistiqueError
+
+    _model_path, _inputs_path, pipe, frame = saved_pipeline
+    with mistiquefs.open_store(tmp_path / "s") as store:
+        for kwargs, message in (({"schemes": {"*": None}}, "schemes"), ({"batch_size": "x"}, "batch_size"),
+                                ({"batch_size": 2.5}, "batch_size"), ({"name": 5}, "model name"),
+                                ({"budget": "lots"}, "budget")):
+            with pytest.raises(MistiqueError, match=message):
+                store.capture(pipe, frame, **{"name": "m", "progress": False, **kwargs})
+        assert store.models() == []
+        store.capture(pipe, frame, name="m", progress=False, batch_size=np.int64(100), budget=2e9)
+        assert store.models() == ["m"]

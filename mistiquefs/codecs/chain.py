@@ -201,6 +201,10 @@ class SchemePolicy:
             return cls()
         if isinstance(schemes, str):
             schemes = {"*": schemes}
+        if not isinstance(schemes, Mapping) or not all(isinstance(glob, str) and isinstance(text, str)
+                                                       for glob, text in schemes.items()):
+            raise SchemeError(f"schemes: a scheme string or a mapping of layer globs to scheme strings, e.g. "
+                              f"{{'conv*': 'kbit:8'}}, not {schemes!r}")
         return cls(tuple((glob, parse_scheme(text)) for glob, text in schemes.items()))
 
     @property
