@@ -90,6 +90,7 @@ from __future__ import annotations
 import re
 import threading
 import time
+import zipfile
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -122,6 +123,8 @@ def load_model(path: Path | str) -> keras.Model:
     path = Path(path)
     if not path.is_file():
         raise NotFound(f"no Keras model file at {path}")
+    if not zipfile.is_zipfile(path):  # (Keras says "File not found" of a file that is there)
+        raise CaptureError(f"cannot load the Keras model {path}: a .keras file is a zip archive, and this is not one")
     try:
         return keras.saving.load_model(str(path), safe_mode=True, compile=False)
     except Exception as exc:  # Keras raises ValueError/TypeError/KeyError/OSError alike for bad files
