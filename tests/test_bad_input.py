@@ -13,6 +13,9 @@ import hashlib
 import io
 import os
 import sqlite3
+import subprocess
+import sys
+import zipfile
 from pathlib import Path
 from typing import Any
 
@@ -21,13 +24,18 @@ import pandas as pd
 import pytest
 import skops.io
 from sklearn.base import BaseEstimator, TransformerMixin
-from sklearn.pipeline import Pipeline
-from sklearn.preprocessing import FunctionTransformer, StandardScaler
+from sklearn.compose import make_column_transformer
+from sklearn.impute import SimpleImputer
+from sklearn.pipeline import Pipeline, make_pipeline
+from sklearn.preprocessing import FunctionTransformer, OneHotEncoder, StandardScaler
 
 import mistiquefs
+from mistiquefs.capture.files import load_inputs_file
 from mistiquefs.cli.main import main
 from mistiquefs.errors import CaptureError, StoreError
+from mistiquefs.planner.rerun import ReRunner
 from mistiquefs.store.layout import TABLE_BLOCK_ROWS
+from mistiquefs.store.repository import Repository
 
 # NaNs with distinct payloads (quiet, signalling, negative, all ones), +/-Inf, -0.0, +0.0, subnormals
 SPECIAL32 = np.array([0x7FC00000, 0xFFC00000, 0x7F800001, 0x7FBFFFFF, 0x7FC12345, 0xFFFFFFFF, 0x7F800000,
@@ -276,6 +284,220 @@ def test_bad_keras_inputs_and_a_failing_layer_change_nothing(store) -> None:
             store.capture(model, inputs, name="bad", batch_size=256, progress=False)
         assert store_state(store.path) == before, message
     assert store.models() == ["good"]
+
+
+# --------------------------------------------------------------------- model and inputs files, from the CLI
+
+
+def refused_by_cli(store: Any, capsys: pytest.CaptureFixture[str], *args: str) -> str:
+    """``mistiquefs capture STORE ARGS --name bad``: refused with CaptureError's exit status and one line
+    on stderr (no traceback), the store left as it was. Returns that line."""
+    before = store_state(store.path)
+    code = main(["capture", str(store.path), *args, "--name", "bad", "--no-progress"])
+    err = capsys.readouterr().err
+    assert code == CaptureError.exit_code, err
+    assert err.startswith("mistiquefs: error: ") and err.count("\n") == 1 and "Traceback" not in err, err
+    assert store_state(store.path) == before
+    assert store.models() == ["good"]
+    return err
+
+
+@pytest.fixture
+def imputer_model(tmp_path: Path) -> tuple[Path, Pipeline]:
+    """A saved pipeline fitted on a 3-column array with missing values: (its .skops file, the pipeline)."""
+    x = np.random.default_rng(5).standard_normal((40, 3))
+    x[::7, 1] = np.nan
+    pipe = make_pipeline(SimpleImputer(), StandardScaler()).fit(x)
+    path = tmp_path / "imp.skops"
+    skops.io.dump(pipe, path)
+    return path, pipe
+
+
+HEADERLESS_WITH_MISSING = [
+    ("1.0,,3.0\n4.0,5.0,6.0\n7.0,8.0,9.0\n", [[1, np.nan, 3], [4, 5, 6], [7, 8, 9]]),
+    ("1.0,NA,3.0\n4.0,5.0,6.0\n7.0,8.0,9.0\n", [[1, np.nan, 3], [4, 5, 6], [7, 8, 9]]),
+    ("NULL,2.0,n/a\n4.0,5.0,6.0\n", [[np.nan, 2, np.nan], [4, 5, 6]]),
+    (",NA,\n4.0,5.0,6.0\n", [[np.nan, np.nan, np.nan], [4, 5, 6]]),  # every cell missing: still a row
+    # DataFrame.to_csv(header=False) writes NaN as an empty cell
+    (pd.DataFrame([[np.nan, 2.0, 3.0], [4.0, np.nan, 6.0]]).to_csv(header=False, index=False),
+     [[np.nan, 2, 3], [4, np.nan, 6]]),
+    # a header is still a header with an empty or NA name in it
+    ("a,,c\n1.0,2.0,3.0\n", [[1, 2, 3]]),
+    ("x0,NA,x2\n1.0,,3.0\n", [[1, np.nan, 3]]),
+]
+
+
+@pytest.mark.parametrize("text, rows", HEADERLESS_WITH_MISSING, ids=[t.split("\n")[0] or "empty" for t, _r in
+                                                                      HEADERLESS_WITH_MISSING])
+def test_a_headerless_csv_keeps_a_first_row_with_missing_values(tmp_path: Path, imputer_model, capsys,
+                                                                text: str, rows: list[list[float]]) -> None:
+    """An empty cell or an NA spelling is a missing value, not a column name: a first row with one was
+    taken as a header, and captured without that row (exit 0)."""
+    model, pipe = imputer_model
+    (tmp_path / "rows.csv").write_text(text)
+    want = np.array(rows, dtype=np.float64)
+    assert main(["capture", str(tmp_path / "s"), "--model", str(model), "--inputs", str(tmp_path / "rows.csv"),
+                 "--name", "m", "--no-progress"]) == 0
+    assert f"captured m: {len(want)} examples" in capsys.readouterr().out
+    with mistiquefs.open_store(tmp_path / "s", create=False) as opened:
+        np.testing.assert_array_equal(opened.read("m", "input"), want)
+        np.testing.assert_array_equal(opened.read("m", "simpleimputer"), pipe[0].transform(want))
+
+
+def test_a_first_row_of_missing_numbers_and_known_categories_is_data(tmp_path: Path) -> None:
+    """For a model fitted on an array with a text column, a first row whose numbers are all missing is
+    decided by its text: a category is data (it was a header: its one number cell was not a number)."""
+    x = np.array([["NA", 1.5], ["EU", 2.5], ["NA", np.nan], ["EU", 3.0]], dtype=object)
+    ct = make_column_transformer((OneHotEncoder(sparse_output=False), [0]), (SimpleImputer(), [1]))
+    pipe = make_pipeline(ct, StandardScaler()).fit(x)
+    for first, n in (("NA,", 3), ("EU,NA", 3), ("region,", 2)):
+        (tmp_path / "rows.csv").write_text(f"{first}\nEU,2.0\nNA,4.0\n")
+        rows = load_inputs_file(tmp_path / "rows.csv", pipe)
+        assert len(rows) == n, first
+
+
+def _pickle_files(tmp_path: Path) -> dict[str, Path]:
+    whole = io.BytesIO()
+    import joblib
+
+    joblib.dump(StandardScaler().fit(np.ones((5, 3))), whole)
+    files = {
+        "garbage.pkl": b"garbage\n",
+        "empty.pkl": b"",
+        "cut.joblib": whole.getvalue()[: len(whole.getvalue()) // 2],
+        "missing_module.pkl": b"cno_such_module_mistiquefs_test\nThing\n(tR.",  # protocol 0: GLOBAL, then build
+    }
+    for name, content in files.items():
+        (tmp_path / name).write_bytes(content)
+    return {name: tmp_path / name for name in files}
+
+
+def test_a_corrupt_trusted_pickle_is_a_capture_error(store, tmp_path: Path, capsys) -> None:
+    """--trust-pickle with a garbage, empty, truncated pickle, or one naming a module that is not
+    installed: a traceback (exit 1) before; now CaptureError's exit status, one line naming the file."""
+    np.save(tmp_path / "x.npy", np.ones((5, 3)))
+    reasons = {"garbage.pkl": "", "empty.pkl": "", "cut.joblib": "", "missing_module.pkl": "ModuleNotFoundError"}
+    for name, path in _pickle_files(tmp_path).items():
+        err = refused_by_cli(store, capsys, "--model", str(path), "--trust-pickle", "--inputs", str(tmp_path / "x.npy"))
+        assert f"cannot load the pickle {path}: " in err and reasons[name] in err, err
+
+
+def damaged_skops(path: Path) -> None:
+    """Cuts every .npy member of the skops file at ``path`` to 10 bytes (the zip itself stays valid)."""
+    with zipfile.ZipFile(path) as archive:
+        members = {info.filename: archive.read(info) for info in archive.infolist()}
+    assert any(name.endswith(".npy") for name in members)
+    with zipfile.ZipFile(path, "w") as archive:
+        for name, content in members.items():
+            archive.writestr(name, content[:10] if name.endswith(".npy") else content)
+
+
+def test_a_damaged_skops_file_is_a_capture_error(store, tmp_path: Path, imputer_model, capsys) -> None:
+    """A valid zip whose arrays are cut short: skops raised ValueError (a traceback, exit 1) from
+    ``capture``, and from a mount's re-runs, which expect the project's errors (a read's EIO)."""
+    model, _pipe = imputer_model
+    damaged_skops(model)
+    np.save(tmp_path / "x.npy", np.ones((5, 3)))
+    err = refused_by_cli(store, capsys, "--model", str(model), "--inputs", str(tmp_path / "x.npy"))
+    assert f"cannot load the skops model file {model}: ValueError: EOF" in err, err
+    # the kept model file of a capture whose layers are re-run, damaged: the re-run is a StoreError
+    x = np.random.default_rng(6).standard_normal((30, 3))
+    store.capture(make_pipeline(SimpleImputer(), StandardScaler()).fit(x), x, name="rerun", policy="none",
+                  progress=False)
+    record = next(m for m in store.repo.models() if m.name == "rerun")
+    damaged_skops(store.path / record.model_file)
+    repo = Repository(store.path, create=False)
+    try:
+        with pytest.raises(StoreError, match=r"cannot re-run model 'rerun': cannot load the skops model file .*"
+                                             r"ValueError: EOF"):
+            ReRunner(repo).model(record)
+    finally:
+        repo.close()
+
+
+def test_an_interrupted_model_load_is_not_a_capture_error(tmp_path: Path, imputer_model,
+                                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    """The loaders turn the errors of a bad file into CaptureError, never Ctrl-C."""
+    import joblib
+
+    from mistiquefs.capture.files import load_model_file
+
+    def interrupted(*_args: Any, **_kwargs: Any) -> Any:
+        raise KeyboardInterrupt
+
+    model, pipe = imputer_model
+    joblib.dump(pipe, tmp_path / "imp.pkl")
+    monkeypatch.setattr(skops.io, "loads", interrupted)
+    monkeypatch.setattr(joblib, "load", interrupted)
+    for path in (model, tmp_path / "imp.pkl"):
+        with pytest.raises(KeyboardInterrupt):
+            load_model_file(path, trust_pickle=True)
+
+
+def test_broken_model_files_print_no_traceback(tmp_path: Path, imputer_model) -> None:
+    """The installed command, as a user runs it: exit status 4 and one line, not a traceback."""
+    model, _pipe = imputer_model
+    damaged_skops(model)
+    np.save(tmp_path / "x.npy", np.ones((5, 3)))
+    for args in (["--model", str(model)], ["--model", str(_pickle_files(tmp_path)["garbage.pkl"]), "--trust-pickle"]):
+        done = subprocess.run([sys.executable, "-m", "mistiquefs", "capture", str(tmp_path / "s"), *args,
+                               "--inputs", str(tmp_path / "x.npy"), "--name", "m", "--no-progress"],
+                              capture_output=True, text=True, timeout=120, check=False)
+        assert done.returncode == CaptureError.exit_code, done.stderr
+        assert done.stderr.startswith("mistiquefs: error: ") and done.stderr.count("\n") == 1, done.stderr
+        assert "Traceback" not in done.stderr
+    assert not (tmp_path / "s").exists() or mistiquefs.open_store(tmp_path / "s", create=False).models() == []
+
+
+SHORT_ROWS = [
+    ("1.0,2.0,3.0\n4.0,5.0\n7.0,8.0,9.0\n", "expected 3 fields in line 2, saw 2 (the first row has 3"),
+    ("x0,x1,x2\n1.0,2.0,3.0\n4.0\n", "expected 3 fields in line 3, saw 1 (the header has 3"),
+    ("1.0,2.0,3.0\n\n4.0,,6.0\n7.0,8.0\n\n\n", "expected 3 fields in line 4, saw 2"),
+]
+
+
+@pytest.mark.parametrize("text, message", SHORT_ROWS, ids=["headerless", "header", "after-blank-lines"])
+def test_a_csv_row_with_too_few_fields_is_refused(store, tmp_path: Path, imputer_model, capsys, text: str,
+                                                  message: str) -> None:
+    """pandas pads a short row with missing values: "4.0,5.0" was captured as [4, 5, nan]. Refused now,
+    naming the line, as a row with too many fields is."""
+    model, _pipe = imputer_model
+    (tmp_path / "rows.csv").write_text(text)
+    err = refused_by_cli(store, capsys, "--model", str(model), "--inputs", str(tmp_path / "rows.csv"))
+    assert f"{tmp_path / 'rows.csv'} is not a readable CSV file: {message}" in err, err
+
+
+def test_quoted_fields_blank_lines_and_empty_fields_are_not_short_rows(store, tmp_path: Path, capsys) -> None:
+    """Quoted fields holding commas and line breaks, empty last fields and trailing blank lines read as
+    before; a short row after a quoted line break is named by the line it starts on."""
+    frame = pd.DataFrame({"a": [1.0, 2.0, 3.0, 4.0], "c": ["x,y", "p\nq", "z", "x,y"], "b": [np.nan, 3.0, 4.0, np.nan]})
+    pipe = make_pipeline(make_column_transformer((OneHotEncoder(sparse_output=False), ["c"]),
+                                                 (SimpleImputer(), ["a", "b"]))).fit(frame)
+    skops.io.dump(pipe, tmp_path / "ct.skops")
+    text = 'a,c,b\n1.0,"x,y",\n2.0,"p\nq",3.0\r\n3.0,z,4.0\n4.0,"x,y",\n\n\n'
+    (tmp_path / "rows.csv").write_text(text, newline="")
+    assert main(["capture", str(tmp_path / "s"), "--model", str(tmp_path / "ct.skops"), "--inputs",
+                 str(tmp_path / "rows.csv"), "--name", "m", "--no-progress"]) == 0
+    assert "captured m: 4 examples" in capsys.readouterr().out
+    with mistiquefs.open_store(tmp_path / "s", create=False) as opened:
+        np.testing.assert_array_equal(opened.read("m", "columntransformer"), pipe.transform(frame))
+    (tmp_path / "rows.csv").write_text(text.replace("3.0,z,4.0", "3.0,z"), newline="")
+    err = refused_by_cli(store, capsys, "--model", str(tmp_path / "ct.skops"), "--inputs", str(tmp_path / "rows.csv"))
+    assert "expected 3 fields in line 5, saw 2 (the header has 3" in err, err
+
+
+def test_a_directory_given_as_a_file_is_named_a_directory(store, tmp_path: Path, imputer_model, capsys) -> None:
+    """--model DIR or --inputs DIR said 'does not exist'."""
+    model, _pipe = imputer_model
+    np.save(tmp_path / "x.npy", np.ones((5, 3)))
+    (tmp_path / "d.skops").mkdir()
+    (tmp_path / "d.npy").mkdir()
+    err = refused_by_cli(store, capsys, "--model", str(tmp_path / "d.skops"), "--inputs", str(tmp_path / "x.npy"))
+    assert f"model file {tmp_path / 'd.skops'} is a directory, not a file" in err, err
+    err = refused_by_cli(store, capsys, "--model", str(model), "--inputs", str(tmp_path / "d.npy"))
+    assert f"inputs file {tmp_path / 'd.npy'} is a directory, not a file" in err, err
+    err = refused_by_cli(store, capsys, "--model", str(tmp_path / "nope.skops"), "--inputs", str(tmp_path / "x.npy"))
+    assert f"model file {tmp_path / 'nope.skops'} does not exist" in err, err
 
 
 # ------------------------------------------------------------------------------ a newer store format

@@ -5,7 +5,8 @@ explicit list of trusted types). Pickles (``.pkl``, ``.joblib``) run arbitrary c
 are refused unless the caller says it trusts the file. Inputs: ``.npy`` (never with pickled objects; a
 structured array, such as a stored ``input``, is a table) or ``.csv``, read for the model it is given to: a
 header row where the model knows its columns' names, the columns its encoders were fitted on as text
-(pandas when it is installed; else numpy's structured arrays).
+(pandas when it is installed; else numpy's structured arrays). Every row of a CSV has as many fields as its
+first row: a missing value is an empty field (``4.0,,6.0``), not a short row.
 """
 
 from __future__ import annotations
@@ -21,9 +22,27 @@ from mistiquefs.errors import CaptureError
 PICKLE_SUFFIXES = {".pkl", ".pickle", ".joblib"}
 
 
+def _require_file(path: Path, what: str) -> None:
+    """CaptureError unless ``path`` is a file (following links): saying whether it is missing, a
+    directory, or something else (a FIFO, a socket, a device)."""
+    if path.is_file():
+        return
+    if path.is_dir():
+        raise CaptureError(f"{what} {path} is a directory, not a file")
+    if path.exists():
+        raise CaptureError(f"{what} {path} is not a regular file")
+    raise CaptureError(f"{what} {path} does not exist")
+
+
+def _one_line(exc: BaseException) -> str:
+    """``exc`` as one line of an error message: its type where its text alone may not say (a KeyError's
+    text is the key), and whitespace collapsed (some libraries' messages span lines)."""
+    text = " ".join(str(exc).split())
+    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
+
+
 def load_model_file(path: Path, *, trust_pickle: bool = False) -> Any:
-    if not path.is_file():
-        raise CaptureError(f"model file {path} does not exist")
+    _require_file(path, "model file")
     suffix = path.suffix.lower()
     if suffix == ".keras":
         from mistiquefs.capture.keras import load_model
@@ -41,7 +60,10 @@ def load_model_file(path: Path, *, trust_pickle: bool = False) -> Any:
             )
         import joblib
 
-        return joblib.load(path)
+        try:
+            return joblib.load(path)
+        except Exception as exc:  # corrupt, truncated, not a pickle, or naming a module that is not installed
+            raise CaptureError(f"cannot load the pickle {path}: {_one_line(exc)}") from exc
     raise CaptureError(f"unknown model format {suffix!r}: use a .keras model or a .skops scikit-learn pipeline")
 
 
@@ -56,8 +78,7 @@ def load_inputs_file(path: Path, model: Any = None) -> Any:
     """The inputs in ``path`` for ``model`` (the loaded model, which decides how a CSV is read; without it,
     a CSV is read by its contents alone). A ``.npy`` file is memory-mapped: a capture reads it batch by
     batch, so memory follows the batch, not the file."""
-    if not path.is_file():
-        raise CaptureError(f"inputs file {path} does not exist")
+    _require_file(path, "inputs file")
     suffix = path.suffix.lower()
     if suffix == ".npy":
         return _load_npy(path)
@@ -101,9 +122,12 @@ def _is_number(cell: str) -> bool:
 def _has_header(path: Path, first: list[str], names: list[str] | None, text: dict[Any, set[str]]) -> bool:
     """Whether the first row of the CSV names its columns. For a model fitted on a DataFrame it must: it
     names the model's columns, which scikit-learn selects by name. For one fitted on an array (``text``:
-    the positions it reads as text, with their categories), the first row is data where every cell of
-    the other columns is a number (np.savetxt writes no header), or, with text columns only, where a cell
-    is one of its column's categories."""
+    the positions it reads as text, with their categories), a header is a row of names, and an empty cell
+    or one of pandas' missing-value spellings (``NA_SPELLINGS``) names nothing: it is a missing value
+    (DataFrame.to_csv writes NaN as an empty cell). Deciding from the other cells, the first row is data
+    where every one in the columns read as numbers is a number (np.savetxt writes no header); where there
+    is none there, where a cell of a text column is one of its categories; and where no cell is left (a
+    row of missing values only)."""
     if names is not None:
         missing = [name for name in names if name not in set(first)]
         if missing:
@@ -116,10 +140,13 @@ def _has_header(path: Path, first: list[str], names: list[str] | None, text: dic
         return True
     if not first or first == [str(i) for i in range(len(first))]:  # DataFrame.to_csv of unnamed columns
         return True
-    numbers = [cell for i, cell in enumerate(first) if i not in text]
+    numbers = [cell for i, cell in enumerate(first) if i not in text and cell not in NA_SPELLINGS]
     if numbers:
         return not all(_is_number(cell) for cell in numbers)
-    return not any(cell in text[i] for i, cell in enumerate(first))
+    texts = [(i, cell) for i, cell in enumerate(first) if i in text and cell != ""]
+    if any(cell in text[i] for i, cell in texts):  # a category ("NA" may be one): data
+        return False
+    return any(cell not in NA_SPELLINGS for _i, cell in texts)  # a name; a row of missing values is data
 
 
 def _load_csv(path: Path, model: Any) -> Any:
@@ -144,13 +171,34 @@ def _load_csv(path: Path, model: Any) -> Any:
         frame = pandas.read_csv(path, header=0 if header else None, keep_default_na=False, na_values=na_values,
                                 dtype={column: str for column in columns if column in text} or None)
     except (ValueError, pandas.errors.ParserError) as exc:
-        raise CaptureError(f"{path} is not a readable CSV file: {exc}") from exc
+        raise CaptureError(f"{path} is not a readable CSV file: {' '.join(str(exc).split())}") from exc
+    # pandas pads a row with too few fields with missing values (it refuses one with too many), which
+    # then shows in the last column: only then is the file read again, to find the short row
+    if len(frame.columns) > 1 and frame.iloc[:, -1].isna().any():
+        _refuse_short_rows(path, len(first), header)
     if names is None and (model is not None or not header):
         # a model fitted on an array gets an array, as it was fitted (a DataFrame of numbers is one too)
         dtypes = list(frame.dtypes)
         if dtypes and all(isinstance(d, np.dtype) and d.kind in "biuf" for d in dtypes):
             return frame.to_numpy(dtype=np.result_type(*dtypes))
     return frame
+
+
+def _refuse_short_rows(path: Path, width: int, header: bool) -> None:
+    """CaptureError naming the first row of ``path`` with fewer than ``width`` fields (blank lines,
+    which pandas skips, are no rows). The line named is the one the row starts on, counted from 1 as an
+    editor counts them (pandas' error for a row with too many fields counts rows instead, which differs
+    only after a quoted field holding a line break)."""
+    with path.open(newline="", encoding="utf-8-sig", errors="replace") as file:
+        reader = csv.reader(file)
+        line = 1
+        for row in reader:
+            if len(row) < width and not (len(row) <= 1 and not "".join(row).strip()):
+                what = "the header" if header else "the first row"
+                raise CaptureError(
+                    f"{path} is not a readable CSV file: expected {width} fields in line {line}, saw "
+                    f"{len(row)} ({what} has {width}; a missing value is an empty field, as in 1.0,,3.0)")
+            line = reader.line_num + 1
 
 
 def _pandas() -> Any:
@@ -182,8 +230,8 @@ def _csv_without_pandas(path: Path, header: bool, width: int) -> np.ndarray:
     the columns or where they have different types (the adapter makes numbers one 2-D array)."""
     try:
         array = np.genfromtxt(path, delimiter=",", names=True if header else None, dtype=None, encoding="utf-8")
-    except ValueError as exc:
-        raise CaptureError(f"{path} is not a readable CSV file: {exc}") from exc
+    except ValueError as exc:  # "Some errors were detected !\n    Line #2 (got 2 columns instead of 3)"
+        raise CaptureError(f"{path} is not a readable CSV file: {' '.join(str(exc).split())}") from exc
     if array.dtype.names is None:
         return array.reshape(-1, max(width, 1))  # one row or one column reads as 1-D
     return np.atleast_1d(array)

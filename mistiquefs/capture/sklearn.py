@@ -917,9 +917,14 @@ def load_model(path: Path | str) -> Any:
             "loading (inspect the file with skops.io.get_untrusted_types and load it yourself if you "
             "trust it)"
         )
-    model = skops.io.loads(data, trusted=untrusted)
+    try:
+        model = skops.io.loads(data, trusted=untrusted)
+    except Exception as exc:  # a damaged member (a cut .npy: ValueError), or state an estimator refuses
+        reason = " ".join(str(exc).split())
+        raise CaptureError(f"cannot load the skops model file {path}: "
+                           f"{type(exc).__name__}{': ' + reason if reason else ''}") from exc
     why = check_loaded(model)
     if why is not None:
-        raise CaptureError(f"refusing to use {path}: it holds {why}, which a re-run would call with what the "
-                           "file says")
+        raise CaptureError(f"refusing to use {path}: it holds {why} (a re-run of the model would run it as the "
+                           "file says)")
     return model
