@@ -42,8 +42,8 @@ SNAPSHOT_HANDLES = 15 << 60
 #: a read whose pieces are cached writes out up to this many bytes of lazy tiles' values on the event loop,
 #: i.e. any request the kernel makes (1 MiB at most): a 1 MiB kbit:8 piece takes ~0.2 ms, less than handing
 #: it to a worker thread and back. With 64 KiB here (the rest on a worker), a cold kbit:8 scan of vgg_ft1
-#: through the mount, 9 alternating runs each on a busy VM: 0.34 GB/s (median; 0.28-0.42) and 0.56-0.64 s of
-#: daemon CPU, against 0.50 GB/s (0.37-0.57) and 0.45-0.55 s with every cached piece written out on the loop
+#: through the mount, 9 alternating runs each: 0.54 GB/s (median) and 0.42-0.51 s of daemon CPU, against
+#: 0.68 GB/s and 0.33-0.45 s with every cached piece written out on the loop (on a busy VM: 0.34 -> 0.50)
 INLINE_LAZY_BYTES = 1 << 20
 #: reply buffers (1 MiB or more each) that worker reads keep for the next ones
 KEPT_BUFFERS = 4
