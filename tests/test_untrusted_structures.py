@@ -981,3 +981,39 @@ def test_unchecked_structures_really_crash(case: str) -> None:
                             preexec_fn=no_core_dump)
     assert "predicting" in result.stdout, result.stderr
     assert result.returncode < 0, (result.returncode, result.stderr[-2000:])  # killed by a signal (SIGSEGV)
+
+
+# ----------------------------------------------------------------------- what a file unpacks to
+
+
+def test_a_file_whose_arrays_unpack_past_the_memory_share_is_refused(tmp_path: Path, monkeypatch) -> None:
+    """A model file of a few KB can hold gigabytes of compressed zeros (a deflated .npy member, or the
+    arrays of a sparse matrix's .npz inside the file): loading them would exhaust the daemon's memory, so
+    the zip directory's declared sizes, nested ones included, are summed and checked first (here against a
+    machine of 4 MB)."""
+    import zipfile
+
+    import mistiquefs.capture.sklearn as sk
+    from mistiquefs.errors import CaptureError
+
+    monkeypatch.setattr(sk, "_memory_bytes", lambda: 4 << 20, raising=False)
+    honest = StandardScaler().fit(np.random.default_rng(0).standard_normal((20, 3)))
+    path = tmp_path / "honest.skops"
+    skops.io.dump(honest, path)
+    assert load_sklearn(path).mean_.shape == (3,)
+
+    bomb = StandardScaler().fit(np.random.default_rng(0).standard_normal((20, 3)))
+    bomb.mean_ = np.zeros(400_000)  # 3.2 MB of zeros: deflated, a few KB
+    skops.io.dump(bomb, path, compression=zipfile.ZIP_DEFLATED)
+    assert path.stat().st_size < 100_000
+    with pytest.raises(CaptureError, match=r"unpack to 3,2\d\d,\d\d\d bytes, more than 50% of this machine"):
+        load_sklearn(path)
+
+    projection = SparseRandomProjection(5, random_state=0).fit(np.random.default_rng(0).random((20, 50)))
+    count = 300_000  # 2.4 MB of explicit zeros and 1.2 MB of indices in the .npz inside the file
+    projection.components_ = sparse.csr_matrix(
+        (np.zeros(count), np.zeros(count, dtype=np.int32), np.r_[0, np.full(5, count)].astype(np.int32)), shape=(5, 50))
+    skops.io.dump(projection, path)
+    assert path.stat().st_size < 100_000
+    with pytest.raises(CaptureError, match="unpack to"):
+        load_sklearn(path)

@@ -113,7 +113,9 @@ NMF (sized from ``components_``), HistGradientBoosting's known-category bitsets 
 255). Beyond these, what scikit-learn's code does with the file's numbers is not checked: a crafted file
 can still make a re-run fail or compute nonsense (libsvm's gamma, coef0 and degree, a class_weight_ that
 predicting never reads, thresholds, a ``n_jobs`` asking for many workers), and compiled prediction code of
-estimators not named here may still trust what it is given.
+estimators not named here may still trust what it is given. Before any of this, ``sklearn.load_model``
+refuses a file whose arrays unpack (by its zip directories, nested ones included) to more than half the
+machine's memory: a few KB of compressed zeros can declare gigabytes.
 
 Names under ``sklearn.``, ``numpy.`` and ``scipy.`` only (and ``functools.partial`` as above), and never
 from their testing or compiler modules.
