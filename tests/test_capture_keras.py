@@ -375,6 +375,41 @@ def test_load_missing_or_garbage_file(tmp_path: Path) -> None:
     assert "not found" not in str(refused.value)
 
 
+def test_a_keras_file_whose_weights_unpack_past_the_memory_share_is_refused(tmp_path: Path, monkeypatch) -> None:
+    """A .keras file's weights are an HDF5 file inside the zip, whose datasets HDF5 may compress: 4 MB of
+    zero weights in a file of a few KB. Their declared sizes count against the memory share before Keras
+    loads anything (here a machine of 4 MB)."""
+    import io
+    import zipfile
+
+    import h5py
+
+    import mistiquefs.capture.base as base
+
+    keras.utils.set_random_seed(0)
+    model = keras.Sequential([keras.Input((1000,)), keras.layers.Dense(1000, name="wide")])
+    model.save(tmp_path / "plain.keras")
+    monkeypatch.setattr(base, "_memory_bytes", lambda: 4 << 20, raising=False)
+    with zipfile.ZipFile(tmp_path / "plain.keras") as plain, \
+            zipfile.ZipFile(tmp_path / "packed.keras", "w", zipfile.ZIP_DEFLATED) as packed:
+        for item in plain.infolist():
+            data = plain.read(item)
+            if item.filename.endswith(".h5"):  # the same weights, zeroed and gzip-compressed inside HDF5
+                source, out = h5py.File(io.BytesIO(data), "r"), io.BytesIO()
+                with source, h5py.File(out, "w") as target:
+                    def copy(name, obj, target=target):
+                        if isinstance(obj, h5py.Dataset):
+                            target.create_dataset(name, data=np.zeros(obj.shape, obj.dtype), compression="gzip")
+                        else:
+                            target.require_group(name)
+                    source.visititems(copy)
+                data = out.getvalue()
+            packed.writestr(item.filename, data)
+    assert (tmp_path / "packed.keras").stat().st_size < 200_000
+    with pytest.raises(CaptureError, match=r"unpack to 4,0\d\d,\d\d\d bytes, more than 50% of this machine"):
+        load_model(tmp_path / "packed.keras")
+
+
 def test_describe(cnn: keras.Model) -> None:
     info = KerasAdapter(cnn).describe()
     assert info["keras_version"] == keras.__version__ and info["tensorflow_version"]

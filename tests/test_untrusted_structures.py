@@ -993,7 +993,7 @@ def test_a_file_whose_arrays_unpack_past_the_memory_share_is_refused(tmp_path: P
     machine of 4 MB)."""
     import zipfile
 
-    import mistiquefs.capture.sklearn as sk
+    import mistiquefs.capture.base as sk
     from mistiquefs.errors import CaptureError
 
     monkeypatch.setattr(sk, "_memory_bytes", lambda: 4 << 20, raising=False)

@@ -14,12 +14,17 @@ that stage alone on this batch (for a stage that contains others, its whole time
 from __future__ import annotations
 
 import hashlib
+import io
+import os
+import zipfile
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar
 
 import numpy as np
+
+from mistiquefs.errors import CaptureError
 
 
 #: names the store uses for its own entries beside the stages of a model
@@ -104,3 +109,59 @@ class Adapter(ABC):
     def describe(self) -> dict[str, Any]:
         """Framework-specific facts for the model's ``info.json`` (class name, versions...)."""
         return {"class": f"{type(self.model).__module__}.{type(self.model).__qualname__}"}
+
+
+#: a model file may unpack to at most this share of the machine's memory: a file of a few KB can hold
+#: gigabytes of compressed zeros, and loading them would take the mount's daemon down with the memory
+MAX_UNPACKED_SHARE = 0.5
+#: what opens a zip member as a zip of its own (skops keeps a sparse matrix as an .npz)
+_ZIP_MAGIC = b"PK\x03\x04"
+
+
+def unpacked_bytes(data: bytes) -> int:
+    """What a model file (a zip: ``.skops``, ``.keras``) unpacks to, by the sizes it declares (zipfile reads
+    no member past its declared size): its members', with the members of a zip inside it counted as theirs
+    and the datasets of an HDF5 file inside it (Keras's weights, which HDF5 may compress) as their shapes
+    say."""
+    total = 0
+    with zipfile.ZipFile(io.BytesIO(data)) as archive:
+        for info in archive.infolist():
+            total += info.file_size
+            with archive.open(info) as member:
+                head = member.read(8)
+            if head.startswith(_ZIP_MAGIC) or head == b"\x89HDF\r\n\x1a\n":
+                total += _inner_bytes(archive.read(info), head)
+    return total
+
+
+def _inner_bytes(member: bytes, head: bytes) -> int:
+    if head.startswith(_ZIP_MAGIC):
+        with zipfile.ZipFile(io.BytesIO(member)) as inner:
+            return sum(item.file_size for item in inner.infolist())
+    import h5py  # (Keras's own dependency: only a .keras file holds an HDF5 member)
+
+    sizes: list[int] = []
+    with h5py.File(io.BytesIO(member), "r") as weights:
+        weights.visititems(lambda _name, item: sizes.append(item.size * item.dtype.itemsize)
+                           if isinstance(item, h5py.Dataset) else None)
+    return sum(sizes)
+
+
+def _memory_bytes() -> int:
+    try:
+        return os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError, AttributeError):  # (no such figure here: no limit but a large one)
+        return 1 << 42
+
+
+def check_unpacked_size(data: bytes, path: Path | str) -> None:
+    """CaptureError unless the model file ``data`` (read from ``path``) unpacks to at most
+    ``MAX_UNPACKED_SHARE`` of this machine's memory (``unpacked_bytes``)."""
+    try:
+        unpacked = unpacked_bytes(data)
+    except Exception as exc:  # a damaged zip directory or inner member
+        raise CaptureError(f"{path} is not a readable model file: {type(exc).__name__}: {exc}") from exc
+    limit = int(_memory_bytes() * MAX_UNPACKED_SHARE)
+    if unpacked > limit:
+        raise CaptureError(f"refusing to load {path}: its arrays unpack to {unpacked:,} bytes, more than "
+                           f"{MAX_UNPACKED_SHARE:.0%} of this machine's memory ({limit:,} bytes)")

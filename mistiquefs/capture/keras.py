@@ -98,7 +98,7 @@ from typing import TYPE_CHECKING, Any, ClassVar
 
 import numpy as np
 
-from mistiquefs.capture.base import Adapter, StageOutput, stage_file_name
+from mistiquefs.capture.base import Adapter, StageOutput, check_unpacked_size, stage_file_name
 from mistiquefs.errors import CaptureError, NotFound, UnsupportedModel
 
 if TYPE_CHECKING:
@@ -125,6 +125,7 @@ def load_model(path: Path | str) -> keras.Model:
         raise NotFound(f"no Keras model file at {path}")
     if not zipfile.is_zipfile(path):  # (Keras says "File not found" of a file that is there)
         raise CaptureError(f"cannot load the Keras model {path}: a .keras file is a zip archive, and this is not one")
+    check_unpacked_size(path.read_bytes(), path)
     try:
         return keras.saving.load_model(str(path), safe_mode=True, compile=False)
     except Exception as exc:  # Keras raises ValueError/TypeError/KeyError/OSError alike for bad files

@@ -58,10 +58,7 @@ pandas is imported lazily: it is not a dependency of mistiquefs, only of DataFra
 
 from __future__ import annotations
 
-import io
-import os
 import time
-import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -76,7 +73,7 @@ from sklearn.pipeline import FeatureUnion, Pipeline
 from sklearn.utils import _safe_indexing
 from sklearn.utils.validation import check_is_fitted
 
-from mistiquefs.capture.base import Adapter, StageOutput, stage_file_name
+from mistiquefs.capture.base import Adapter, StageOutput, check_unpacked_size, stage_file_name
 from mistiquefs.capture.skops_trust import check_loaded, loaders_by_type, refusal
 from mistiquefs.errors import CaptureError, NotFound
 
@@ -893,34 +890,6 @@ class SklearnAdapter(Adapter):
 
 # ------------------------------------------------------------------------------------------ loading
 
-#: a model file's arrays may unpack to at most this share of the machine's memory: a file of a few MB can
-#: hold gigabytes of compressed zeros, and loading them would take the mount's daemon down with the memory
-MAX_UNPACKED_SHARE = 0.5
-
-
-def unpacked_bytes(data: bytes) -> int:
-    """What the members of a skops file unpack to, by the sizes its zip directory declares (zipfile reads
-    no member past its declared size), with the members of a zip inside it (skops keeps a sparse matrix
-    as an .npz, itself a zip of compressed arrays) counted as theirs."""
-    total = 0
-    with zipfile.ZipFile(io.BytesIO(data)) as archive:
-        for info in archive.infolist():
-            if info.file_size <= 8 << 30:  # (a nested zip is read only if it may be read at all)
-                with archive.open(info) as member:
-                    if member.read(4) == b"PK\x03\x04":
-                        with archive.open(info) as again, zipfile.ZipFile(io.BytesIO(again.read())) as inner:
-                            total += sum(item.file_size for item in inner.infolist())
-            total += info.file_size
-    return total
-
-
-def _memory_bytes() -> int:
-    try:
-        return os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
-    except (ValueError, OSError, AttributeError):  # (no such figure here: no limit but a large one)
-        return 1 << 42
-
-
 def load_model(path: Path | str) -> Any:
     """The estimator saved at ``path`` by ``save_model``. Types skops does not trust by default are
     loaded only where ``skops_trust`` finds that loading them runs no code (a function referenced,
@@ -939,14 +908,7 @@ def load_model(path: Path | str) -> Any:
         uses = loaders_by_type(data)
     except Exception as exc:  # skops raises zipfile/json/key errors for files it did not write
         raise CaptureError(f"{path} is not a skops model file: {exc}") from exc
-    try:
-        unpacked = unpacked_bytes(data)
-    except Exception as exc:  # a damaged zip directory or nested member
-        raise CaptureError(f"{path} is not a readable skops model file: {type(exc).__name__}: {exc}") from exc
-    limit = int(_memory_bytes() * MAX_UNPACKED_SHARE)
-    if unpacked > limit:
-        raise CaptureError(f"refusing to load {path}: its arrays unpack to {unpacked:,} bytes, more than "
-                           f"{MAX_UNPACKED_SHARE:.0%} of this machine's memory ({limit:,} bytes)")
+    check_unpacked_size(data, path)
     refused = [why for name in untrusted if (why := refusal(name, uses.get(name, set()))) is not None]
     if refused:
         raise CaptureError(
