@@ -13,8 +13,12 @@ def size_in_bytes(text: str | int | float) -> int:
     """Bytes in ``text`` (binary units; a trailing B, or iB after a unit, is optional), or a whole number
     of bytes (``2_000_000_000``, ``2e9``, a numpy integer); ValueError if it is not a size."""
     if isinstance(text, numbers.Real) and not isinstance(text, bool):
-        if not (text > 0 and float(text).is_integer()):
-            raise ValueError(f"not a size: {text!r} (a positive whole number of bytes)")
+        try:
+            whole = text > 0 and float(text).is_integer()
+        except OverflowError:  # (an int past float's range: no machine has that many bytes)
+            whole = False
+        if not whole:
+            raise ValueError(f"not a size: {repr(text):.40} (a positive whole number of bytes)")
         return int(text)
     if not isinstance(text, str):
         raise ValueError(f"not a size: {text!r} (e.g. 512M, 2G, or a number of bytes)")

@@ -244,3 +244,22 @@ def test_capture_arguments_of_the_wrong_type_are_clear_errors(tmp_path: Path, sa
         assert store.models() == []
         store.capture(pipe, frame, name="m", progress=False, batch_size=np.int64(100), budget=2e9)
         assert store.models() == ["m"]
+
+
+def test_umount_follows_links_as_the_kernel_does(tmp_path: Path) -> None:
+    """A ".." after a linked component is the parent of the link's target (mount resolves it so), not of
+    the link: umount must name the same directory, and never stat it (a stopped daemon never answers)."""
+    from mistiquefs.fs.mount import _followed
+
+    (tmp_path / "real" / "deep" / "inner").mkdir(parents=True)
+    (tmp_path / "real" / "deep" / "mnt").mkdir()
+    (tmp_path / "sub").symlink_to("real/deep/inner")
+    (tmp_path / "dd").symlink_to("sub/../mnt")
+    (tmp_path / "rel").symlink_to("real/deep/mnt")
+    (tmp_path / "loop").symlink_to("loop")
+    expected = (tmp_path / "dd").resolve()
+    assert expected == (tmp_path / "real" / "deep" / "mnt").resolve()
+    assert _followed(tmp_path / "dd") == expected
+    assert _followed(tmp_path / "rel") == expected
+    assert _followed(tmp_path / "real" / "deep" / "mnt") == expected
+    assert _followed(tmp_path / "loop").name == "loop"  # gives up, as the kernel does

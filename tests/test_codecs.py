@@ -1084,6 +1084,28 @@ def test_pair_tables_stay_few_however_many_kbit_layers_are_read(monkeypatch) -> 
         assert bytes(out) == expected.tobytes()
 
 
+@pytest.mark.parametrize("single_below", [0, 1 << 30])
+@pytest.mark.parametrize("dtype", [np.float16, np.float32])
+def test_a_lazy_kbit_tile_writes_the_same_bytes_by_pairs_and_one_code_at_a_time(monkeypatch, dtype,
+                                                                                single_below: int) -> None:
+    """Small ranges are written one code at a time (no pair table), big ones two codes at a time: both give
+    decode's bytes for every start and end inside a value or a pair of values."""
+    from mistiquefs.codecs import quantize
+
+    monkeypatch.setattr(quantize, "SINGLE_RENDER_BYTES", single_below)
+    x = np.random.default_rng(2).standard_normal((7, 5)).astype(dtype)
+    chain = parse_scheme("kbit:8").fit(x, 5)
+    spec = TileSpec(x.shape, np.dtype(dtype))
+    encoded = bytes(chain.encode(x, spec))
+    expected = chain.decode(encoded, spec).tobytes()
+    tile = chain.decode_lazy(encoded, spec)
+    for lo in range(0, tile.size + 1, 3):
+        for hi in range(lo, tile.size + 1, 5):
+            out = bytearray(hi - lo)
+            tile.render(lo, hi, memoryview(out))
+            assert bytes(out) == expected[lo:hi], (lo, hi)
+
+
 @pytest.mark.parametrize("scheme, dtype", [("kbit:8:unit", np.float32), ("kbit:8", np.float64),
                                            ("float16", np.float32), ("lossless", np.float32),
                                            ("kbit:8+shuffle", np.float32)])

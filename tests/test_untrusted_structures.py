@@ -1006,8 +1006,14 @@ def test_a_file_whose_arrays_unpack_past_the_memory_share_is_refused(tmp_path: P
     bomb.mean_ = np.zeros(400_000)  # 3.2 MB of zeros: deflated, a few KB
     skops.io.dump(bomb, path, compression=zipfile.ZIP_DEFLATED)
     assert path.stat().st_size < 100_000
-    with pytest.raises(CaptureError, match=r"unpack to 3,2\d\d,\d\d\d bytes, more than 50% of this machine"):
-        load_sklearn(path)
+
+    def no_member_read(*_args, **_kwargs):  # the file's schema is a member too: not read before the check
+        raise AssertionError("a member was read before the sizes were checked")
+
+    with monkeypatch.context() as patched:
+        patched.setattr(skops.io, "get_untrusted_types", no_member_read)
+        with pytest.raises(CaptureError, match=r"unpack to 3,2\d\d,\d\d\d bytes, more than 50% of this machine"):
+            load_sklearn(path)
 
     projection = SparseRandomProjection(5, random_state=0).fit(np.random.default_rng(0).random((20, 50)))
     count = 300_000  # 2.4 MB of explicit zeros and 1.2 MB of indices in the .npz inside the file
@@ -1017,3 +1023,27 @@ def test_a_file_whose_arrays_unpack_past_the_memory_share_is_refused(tmp_path: P
     assert path.stat().st_size < 100_000
     with pytest.raises(CaptureError, match="unpack to"):
         load_sklearn(path)
+
+
+def test_genuine_models_the_first_checks_refused_load(tmp_path: Path) -> None:
+    """A GradientBoosting whose init_ takes neither zeros nor ones (a Box-Cox step takes no zeros; an
+    encoder that knows neither value), and an SVC fitted with a class whose weights were all zero (classes_
+    has more entries than libsvm counts): real models, loaded and predicting as before."""
+    from sklearn.ensemble import GradientBoostingRegressor
+    from sklearn.linear_model import Ridge
+    from sklearn.preprocessing import PowerTransformer
+
+    rng = np.random.default_rng(0)
+    x = rng.random((120, 3)) + 0.5
+    boxcox = GradientBoostingRegressor(n_estimators=5, init=make_pipeline(PowerTransformer("box-cox"), Ridge()))
+    boxcox.fit(x, x[:, 0] * 2)
+    np.testing.assert_array_equal(stored(boxcox, tmp_path, "boxcox").predict(x), boxcox.predict(x))
+    cats = rng.integers(5, 9, (120, 2)).astype(float)
+    encoded = GradientBoostingClassifier(n_estimators=5,
+                                         init=make_pipeline(OneHotEncoder(), LogisticRegression()))
+    encoded.fit(cats, (cats[:, 0] + cats[:, 1]) % 3)
+    np.testing.assert_array_equal(stored(encoded, tmp_path, "encoded").predict(cats), encoded.predict(cats))
+    y = rng.integers(0, 3, 120)
+    svc = SVC().fit(x, y, sample_weight=np.where(y == 2, 0.0, 1.0))
+    assert len(svc.classes_) == 3 and len(svc._n_support) == 2
+    np.testing.assert_array_equal(stored(svc, tmp_path, "svc").predict(x), svc.predict(x))

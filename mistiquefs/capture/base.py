@@ -116,32 +116,40 @@ class Adapter(ABC):
 MAX_UNPACKED_SHARE = 0.5
 #: what opens a zip member as a zip of its own (skops keeps a sparse matrix as an .npz)
 _ZIP_MAGIC = b"PK\x03\x04"
+_HDF5_MAGIC = b"\x89HDF\r\n\x1a\n"
 
 
-def unpacked_bytes(data: bytes) -> int:
+def unpacked_bytes(data: bytes, limit: int | None = None) -> int:
     """What a model file (a zip: ``.skops``, ``.keras``) unpacks to, by the sizes it declares (zipfile reads
-    no member past its declared size): its members', with the members of a zip inside it counted as theirs
-    and the datasets of an HDF5 file inside it (Keras's weights, which HDF5 may compress) as their shapes
-    say."""
-    total = 0
+    no member past its declared size): each member's, or, for a zip inside it (skops keeps a sparse matrix
+    as an .npz) or an HDF5 file (Keras's weights, whose datasets HDF5 may compress), what its own members or
+    datasets declare when that is more. Past ``limit``, the members' own sizes are the answer: no member is
+    opened (a nested one is read only as far as its directory, through a stream)."""
     with zipfile.ZipFile(io.BytesIO(data)) as archive:
-        for info in archive.infolist():
-            total += info.file_size
+        members = archive.infolist()
+        declared = sum(info.file_size for info in members)
+        if limit is not None and declared > limit:
+            return declared
+        total = 0
+        for info in members:
+            size = info.file_size
             with archive.open(info) as member:
                 head = member.read(8)
-            if head.startswith(_ZIP_MAGIC) or head == b"\x89HDF\r\n\x1a\n":
-                total += _inner_bytes(archive.read(info), head)
+                if head.startswith(_ZIP_MAGIC) or head == _HDF5_MAGIC:
+                    member.seek(0)
+                    size = max(size, _inner_bytes(member, head))
+            total += size
     return total
 
 
-def _inner_bytes(member: bytes, head: bytes) -> int:
+def _inner_bytes(member: Any, head: bytes) -> int:
     if head.startswith(_ZIP_MAGIC):
-        with zipfile.ZipFile(io.BytesIO(member)) as inner:
+        with zipfile.ZipFile(member) as inner:
             return sum(item.file_size for item in inner.infolist())
     import h5py  # (Keras's own dependency: only a .keras file holds an HDF5 member)
 
     sizes: list[int] = []
-    with h5py.File(io.BytesIO(member), "r") as weights:
+    with h5py.File(member, "r") as weights:
         weights.visititems(lambda _name, item: sizes.append(item.size * item.dtype.itemsize)
                            if isinstance(item, h5py.Dataset) else None)
     return sum(sizes)
@@ -157,11 +165,15 @@ def _memory_bytes() -> int:
 def check_unpacked_size(data: bytes, path: Path | str) -> None:
     """CaptureError unless the model file ``data`` (read from ``path``) unpacks to at most
     ``MAX_UNPACKED_SHARE`` of this machine's memory (``unpacked_bytes``)."""
-    try:
-        unpacked = unpacked_bytes(data)
-    except Exception as exc:  # a damaged zip directory or inner member
-        raise CaptureError(f"{path} is not a readable model file: {type(exc).__name__}: {exc}") from exc
     limit = int(_memory_bytes() * MAX_UNPACKED_SHARE)
+    try:
+        zipfile.ZipFile(io.BytesIO(data)).close()
+    except (zipfile.BadZipFile, OSError, ValueError):
+        return  # not a zip at all: the loader says what the file is not
+    try:
+        unpacked = unpacked_bytes(data, limit)
+    except Exception as exc:  # a damaged member: refused, as what loads it might read it otherwise
+        raise CaptureError(f"{path} is not a readable model file: {type(exc).__name__}: {exc}") from exc
     if unpacked > limit:
         raise CaptureError(f"refusing to load {path}: its arrays unpack to {unpacked:,} bytes, more than "
                            f"{MAX_UNPACKED_SHARE:.0%} of this machine's memory ({limit:,} bytes)")

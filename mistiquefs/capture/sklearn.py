@@ -903,12 +903,12 @@ def load_model(path: Path | str) -> Any:
         raise CaptureError(f"no saved model at {path}") from exc
     except OSError as exc:
         raise CaptureError(f"cannot read the model file {path}: {exc.strerror}") from exc
+    check_unpacked_size(data, path)  # first: reading the file's schema is a read of a member too
     try:
         untrusted = skops.io.get_untrusted_types(data=data)
         uses = loaders_by_type(data)
     except Exception as exc:  # skops raises zipfile/json/key errors for files it did not write
         raise CaptureError(f"{path} is not a skops model file: {exc}") from exc
-    check_unpacked_size(data, path)
     refused = [why for name in untrusted if (why := refusal(name, uses.get(name, set()))) is not None]
     if refused:
         raise CaptureError(

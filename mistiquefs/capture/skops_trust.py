@@ -830,16 +830,31 @@ class _Structures:
         the model has been checked."""
         import warnings
 
+        from sklearn.base import is_classifier
+
         n_trees = vars(gb)["n_trees_per_iteration_"]
         init = vars(gb).get("init_")
         if isinstance(init, str) and init == "zero":
             return None
-        try:
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore")
-                raw = gb._raw_predict_init(np.zeros((2, vars(gb)["n_features_in_"]), dtype=np.float32))
-        except Exception as exc:  # what predict would raise on any input
-            return f"whose init_ fails on two rows of zeros ({type(exc).__name__}: {str(exc)[:120]})"
+        raw, failures = None, []
+        for fill in (0.0, 1.0):  # (an init that takes no zeros, a Box-Cox step's, may take ones)
+            try:
+                with warnings.catch_warnings():
+                    warnings.simplefilter("ignore")
+                    raw = gb._raw_predict_init(np.full((2, vars(gb)["n_features_in_"]), fill, dtype=np.float32))
+                break
+            except Exception as exc:  # what predict would raise on such rows
+                failures.append(f"{type(exc).__name__}: {str(exc)[:120]}")
+        if raw is None:
+            # neither ran (an encoder that knows neither value): its width by what it says of itself, a
+            # classifier's classes (binary: the positive class's column), a regressor's one column
+            classes = getattr(init, "classes_", None)
+            width_ok = (is_classifier(init) and classes is not None and hasattr(classes, "__len__")
+                        and (len(classes) == n_trees if n_trees > 1 else len(classes) >= 2)) \
+                or (not is_classifier(gb) and not is_classifier(init) and n_trees == 1)
+            if width_ok:
+                return None
+            return f"whose init_ fails on two rows of zeros and of ones ({failures[0]})"
         if not (isinstance(raw, np.ndarray) and raw.dtype == np.float64 and raw.shape == (2, n_trees)):
             shape = raw.shape if isinstance(raw, np.ndarray) else type(raw).__name__
             return (f"whose init_ makes raw predictions of shape {shape} for two rows where its trees add "
@@ -1142,7 +1157,9 @@ class _Structures:
             if total != n_vectors:
                 return f"whose _n_support counts {total} support vectors where it has {n_vectors}"
             classes = state.get("classes_")
-            if classes is not None and len(classes) != n_class:
+            # (more classes than libsvm counts is a fit in which a class had only zero weights: predict
+            # reads classes_ through numpy, which checks; fewer would leave a count without a class)
+            if classes is not None and len(classes) < n_class:
                 return f"whose classes_ has {len(classes)} entries but its _n_support counts {n_class} classes"
         if not (type(intercept) is np.ndarray and intercept.dtype == np.float64 and intercept.shape == (pairs,)):
             return (f"whose _intercept_ {_described(intercept)} does not hold the {pairs} float64 values libsvm "

@@ -167,6 +167,10 @@ PAIR_UNITS = {2: np.dtype("<u4"), 4: np.dtype("<u8")}
 #: codec, as before, held half a MiB for every kbit layer a mount had ever read, outside the cache budget
 #: (400 layers read once: 200 MiB). A table dropped here is built again at its next use (~0.5 ms).
 PAIR_TABLES_KEPT = 16
+#: a range of fewer bytes is written one code at a time from the 256 values (one example of a layer: ~5 us
+#: for 2 KiB), so reading one example of each of many layers never builds their tables (~0.5 ms each, on
+#: the event loop: 40 layers read in turn took 508 instead of 9 us a read)
+SINGLE_RENDER_BYTES = 64 << 10
 _pair_tables: OrderedDict[tuple[bytes, str], np.ndarray] = OrderedDict()
 _pair_tables_lock = threading.Lock()
 
@@ -215,8 +219,15 @@ class PairTile(LazyTile):
         self.nbytes = codes.nbytes
 
     def render(self, lo: int, hi: int, out: memoryview) -> None:
-        pairs = pair_table(self._pairs)
         size, step = self._itemsize, 2 * self._itemsize
+        if hi - lo < SINGLE_RENDER_BYTES:  # one code at a time from the 256 values: no pair table needed
+            first = lo // size
+            single = np.frombuffer(self._pairs[0], dtype=self._spec.dtype)
+            values = np.take(single, self._codes[first:-(-hi // size)], mode="wrap")
+            skip = lo - first * size
+            out[:hi - lo] = values.view(np.uint8)[skip:skip + hi - lo]
+            return
+        pairs = pair_table(self._pairs)
         # the whole pairs inside [lo, hi) go straight from the pair table into out; at most one partial
         # value pair at either end goes through a small array
         a = min(-(-lo // step) * step, hi)

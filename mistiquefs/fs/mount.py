@@ -385,14 +385,16 @@ def unmount(mountpoint: Path) -> None:
 def _followed(path: Path) -> Path:
     """``path`` with every symlink in it followed, without a stat of ``path`` itself: a stat of a mount
     point asks its daemon, and one that is stopped never answers (readlink of a mount point does not)."""
-    path = Path(os.path.abspath(path))
+    path = Path.cwd() / path  # (not abspath: a ".." after a link is the link's target's parent)
     for _ in range(40):  # (as the kernel, give up on a loop of links)
+        if path.name in ("", ".", ".."):
+            return Path(os.path.realpath(path))
         path = Path(os.path.realpath(path.parent)) / path.name
         try:
             target = os.readlink(path)
         except OSError:  # not a link
             return path
-        path = Path(os.path.abspath(path.parent / target))
+        path = path.parent / target
     return path
 
 

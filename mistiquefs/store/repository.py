@@ -50,6 +50,7 @@ class Repository:
         self.memo = EncodeMemo(self.catalog)
         self._readers: dict[int, LayerReader] = {}
         self._records: tuple[dict[int, ModelRecord], dict[int, list[IntermediateRecord]]] | None = None
+        self._records_version = -1
 
     def _create_layout(self) -> None:
         if self.root.exists() and not self.root.is_dir():
@@ -104,7 +105,10 @@ class Repository:
 
     def _loaded_with(self, model_id: int) -> tuple[dict[int, ModelRecord], dict[int, list[IntermediateRecord]]]:
         records = self._loaded()
-        if model_id not in records[0]:  # ids are never reused: these records are older than that model
+        # ids are never reused: records without this one are older than that model, if another process
+        # changed the catalog since they were loaded (this one's own commits forget them); a removed
+        # model's id asked for again costs a data_version check, not a reload
+        if model_id not in records[0] and self.catalog.data_version() != self._records_version:
             self._records = None
             records = self._loaded()
         return records
@@ -122,6 +126,7 @@ class Repository:
     def _loaded(self) -> tuple[dict[int, ModelRecord], dict[int, list[IntermediateRecord]]]:
         records = self._records
         if records is None:
+            self._records_version = self.catalog.data_version()  # (before the reads: a change meanwhile shows)
             by_model: dict[int, list[IntermediateRecord]] = {}
             for rec in self.intermediates():
                 by_model.setdefault(rec.model_id, []).append(rec)
