@@ -77,7 +77,8 @@ ends at a leaf), split features in ``[0, n_features)``, max_depth the deepest no
 n_features/n_outputs/n_classes those of its estimator (whose ``n_features_in_`` is what X is checked
 against); a GradientBoosting's ``estimators_`` an object array (stages, ``n_trees_per_iteration_``) of
 fitted single-output regression trees as wide as the model, and an ``init_`` whose raw predictions (run on
-two rows of zeros once all else is checked) have that many columns; a HistGradientBoosting's predictors
+two rows of zeros, else of ones, once all else is checked; where neither runs, a classifier init's
+``classes_`` count) have that many columns; a HistGradientBoosting's predictors
 (scikit-learn's record dtype, children as for a Tree, features within the width of its input, which its own
 ``n_features_in_`` or a column transformer of the kind it makes decides, categorical splits on features its
 bin mapper lists as categorical with a ``bitset_idx`` within the ``(n, 8)`` uint32 bitsets) and no stored
@@ -752,7 +753,7 @@ class _Structures:
         return None
 
     def after_walk(self) -> str | None:
-        """What needs the whole model checked first: a GradientBoosting's init_ run on two rows of zeros."""
+        """What needs the whole model checked first: a GradientBoosting's init_ run on two rows."""
         for gb in self._probes:
             why = self._gradient_boosting_init(gb)
             if why is not None:
@@ -826,8 +827,10 @@ class _Structures:
     def _gradient_boosting_init(self, gb: Any) -> str | None:
         """The raw predictions predict_stages adds to must have n_trees_per_iteration_ columns: init_ is
         "zero" or an estimator (its output's width is its own: a DummyClassifier's class_prior_, a
-        classifier's predict_proba), run here as predict runs it, on two rows of zeros, once everything in
-        the model has been checked."""
+        classifier's predict_proba), run here as predict runs it, on two rows of zeros, else of ones (a
+        Box-Cox step takes no zeros), once everything in the model has been checked; an init that runs on
+        neither (an encoder that knows neither value) is judged by its classes: as many as trees, or two or
+        more for one tree (binary: the positive class's column); a regressor's is one column."""
         import warnings
 
         from sklearn.base import is_classifier
