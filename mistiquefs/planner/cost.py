@@ -89,18 +89,10 @@ class Estimate:
 MIN_ROW_SHARE = 0.05
 
 
-def stage_seconds_per_row(layers: list[IntermediateRecord], target: IntermediateRecord,
-                          model: ModelRecord | None = None) -> float:
+def stage_seconds_per_row(layers: list[IntermediateRecord], target: IntermediateRecord, model: ModelRecord) -> float:
     """Capture-measured seconds per row of the stages a re-run of ``target`` repeats (``prefix_seconds``),
     their per-call part (``stage_call_seconds``, once per capture batch) taken out."""
-    n_rows = max(target.n_rows, 1)
-    stages = [(rec.name, rec.seconds) for rec in sorted(layers, key=lambda r: r.position)]
-    total = prefix_seconds(stages, target.name, stage_classes(model))
-    if model is None:
-        return total / n_rows
-    batches = -(-n_rows // int(model.info.get("batch_size") or n_rows))
-    per_call = stage_call_seconds(model, layers, target)
-    return max(total - batches * per_call, MIN_ROW_SHARE * total) / n_rows
+    return _stage_costs(model, layers, target)[1]
 
 
 def stage_call_seconds(model: ModelRecord, layers: list[IntermediateRecord], target: IntermediateRecord) -> float:
@@ -108,15 +100,28 @@ def stage_call_seconds(model: ModelRecord, layers: list[IntermediateRecord], tar
     times on the capture's two-row call (the model's info "call_seconds"), summed as ``prefix_seconds``
     sums their batch times; for a capture without them, a prior per estimator call (``PER_STAGE``
     frameworks) or nothing (the model's own per-call overhead covers a Keras sub-graph's call)."""
-    measured = model.info.get("call_seconds")
+    return _stage_costs(model, layers, target)[0]
+
+
+def _stage_costs(model: ModelRecord, layers: list[IntermediateRecord], target: IntermediateRecord
+                 ) -> tuple[float, float]:
+    """(``stage_call_seconds``, ``stage_seconds_per_row``) of ``target``'s prefix, from one pass over the
+    model's stages: a re-run estimate needs both."""
     ordered = sorted(layers, key=lambda r: r.position)
+    classes = stage_classes(model)
+    measured = model.info.get("call_seconds")
     if isinstance(measured, dict) and all(isinstance(measured.get(r.name), (int, float))
                                           for r in ordered if r.name != "input"):
-        stages = [(r.name, float(measured.get(r.name, 0.0))) for r in ordered]
-        return prefix_seconds(stages, target.name, stage_classes(model))
-    if model.framework in PER_STAGE:
-        return _overhead_units(model, layers, target) * STAGE_CALL_SECONDS.get(model.framework, 1e-3)
-    return 0.0
+        per_call = prefix_seconds([(r.name, float(measured.get(r.name, 0.0))) for r in ordered], target.name,
+                                  classes)
+    elif model.framework in PER_STAGE:
+        per_call = _overhead_units(model, layers, target) * STAGE_CALL_SECONDS.get(model.framework, 1e-3)
+    else:
+        per_call = 0.0
+    n_rows = max(target.n_rows, 1)
+    total = prefix_seconds([(r.name, r.seconds) for r in ordered], target.name, classes)
+    batches = -(-n_rows // int(model.info.get("batch_size") or n_rows))
+    return per_call, max(total - batches * per_call, MIN_ROW_SHARE * total) / n_rows
 
 
 def stage_classes(model: ModelRecord | None) -> dict[str, str]:
@@ -238,11 +243,11 @@ class CostModel:
                       rows: int, *, warm: bool, traced: bool, input_seconds: float) -> float:
         batch = int(model.info.get("batch_size") or 256)
         calls = -(-rows // batch)
-        overhead = self.call_seconds.get(model.id, CALL_SECONDS.get(model.framework, 1e-3)) \
-            + stage_call_seconds(model, layers, rec)
+        stages, per_row = _stage_costs(model, layers, rec)
+        overhead = self.call_seconds.get(model.id, CALL_SECONDS.get(model.framework, 1e-3)) + stages
         load = 0.0 if warm else self.load_estimate(model.framework)
         trace = 0.0 if traced else TRACE_SECONDS.get(model.framework, 0.0)
-        per_row = stage_seconds_per_row(layers, rec, model) * self.factor.get(rec.id, 1.0)
+        per_row *= self.factor.get(rec.id, 1.0)
         assemble = rows * rec.row_size * self.assemble_seconds_per_byte if rows > batch else 0.0
         return load + trace + input_seconds + calls * overhead + rows * per_row + assemble
 
@@ -291,8 +296,7 @@ class CostModel:
     def observe_rerun(self, model: ModelRecord, layers: list[IntermediateRecord], rec: IntermediateRecord,
                       rows: int, seconds: float) -> None:
         """One model call for ``rows`` rows took ``seconds`` (model load and input read excluded)."""
-        per_row = stage_seconds_per_row(layers, rec, model)
-        stages = stage_call_seconds(model, layers, rec)
+        stages, per_row = _stage_costs(model, layers, rec)
         with self._lock:
             self.observations += 1
             overhead = self.call_seconds.get(model.id, CALL_SECONDS.get(model.framework, 1e-3))
