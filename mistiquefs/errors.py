@@ -63,3 +63,12 @@ class MountError(MistiqueError):
     """Mounting or unmounting failed."""
 
     exit_code = 5
+
+
+def one_line(exc: BaseException, *, typed: bool = True) -> str:
+    """``exc`` as one line of an error message, whitespace collapsed (some libraries' messages span lines),
+    after its type when ``typed`` (where its text alone may not say: a KeyError's text is the key)."""
+    text = " ".join(str(exc).split())
+    if not typed:
+        return text
+    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__

@@ -24,7 +24,7 @@ from typing import Any, ClassVar
 
 import numpy as np
 
-from mistiquefs.errors import CaptureError
+from mistiquefs.errors import CaptureError, one_line
 
 
 #: names the store uses for its own entries beside the stages of a model
@@ -119,26 +119,35 @@ _ZIP_MAGIC = b"PK\x03\x04"
 _HDF5_MAGIC = b"\x89HDF\r\n\x1a\n"
 
 
-def unpacked_bytes(data: bytes, limit: int | None = None) -> int:
-    """What a model file (a zip: ``.skops``, ``.keras``) unpacks to, by the sizes it declares (zipfile reads
-    no member past its declared size): each member's, or, for a zip inside it (skops keeps a sparse matrix
-    as an .npz) or an HDF5 file (Keras's weights, whose datasets HDF5 may compress), what its own members or
-    datasets declare when that is more. Past ``limit``, the members' own sizes are the answer: no member is
-    opened (a nested one is read only as far as its directory, through a stream)."""
-    with zipfile.ZipFile(io.BytesIO(data)) as archive:
-        members = archive.infolist()
-        declared = sum(info.file_size for info in members)
-        if limit is not None and declared > limit:
-            return declared
-        total = 0
-        for info in members:
-            size = info.file_size
-            with archive.open(info) as member:
-                head = member.read(8)
-                if head.startswith(_ZIP_MAGIC) or head == _HDF5_MAGIC:
-                    member.seek(0)
-                    size = max(size, _inner_bytes(member, head))
-            total += size
+def unpacked_bytes(source: bytes | Path, limit: int | None = None) -> int:
+    """What a model file (a zip: ``.skops``, ``.keras``; its bytes or its path) unpacks to, by the sizes it
+    declares (zipfile reads no member past its declared size): each member's, or, for a zip inside it
+    (skops keeps a sparse matrix as an .npz) or an HDF5 file (Keras's weights, whose datasets HDF5 may
+    compress), what its own members or datasets declare when that is more. Past ``limit``, the members' own
+    sizes are the answer: no member is opened (a nested one is read only as far as its directory, through
+    a stream)."""
+    with _archive(source) as archive:
+        return _archive_bytes(archive, limit)
+
+
+def _archive(source: bytes | Path) -> zipfile.ZipFile:
+    return zipfile.ZipFile(io.BytesIO(source) if isinstance(source, bytes) else source)
+
+
+def _archive_bytes(archive: zipfile.ZipFile, limit: int | None) -> int:
+    members = archive.infolist()
+    declared = sum(info.file_size for info in members)
+    if limit is not None and declared > limit:
+        return declared
+    total = 0
+    for info in members:
+        size = info.file_size
+        with archive.open(info) as member:
+            head = member.read(8)
+            if head.startswith(_ZIP_MAGIC) or head == _HDF5_MAGIC:
+                member.seek(0)
+                size = max(size, _inner_bytes(member, head))
+        total += size
     return total
 
 
@@ -162,18 +171,19 @@ def _memory_bytes() -> int:
         return 1 << 42
 
 
-def check_unpacked_size(data: bytes, path: Path | str) -> None:
-    """CaptureError unless the model file ``data`` (read from ``path``) unpacks to at most
-    ``MAX_UNPACKED_SHARE`` of this machine's memory (``unpacked_bytes``)."""
+def check_unpacked_size(path: Path | str, data: bytes | None = None) -> None:
+    """CaptureError unless the model file at ``path`` (or ``data``, its bytes as already read) unpacks to
+    at most ``MAX_UNPACKED_SHARE`` of this machine's memory (``unpacked_bytes``)."""
     limit = int(_memory_bytes() * MAX_UNPACKED_SHARE)
     try:
-        zipfile.ZipFile(io.BytesIO(data)).close()
+        archive = _archive(data if data is not None else Path(path))
     except (zipfile.BadZipFile, OSError, ValueError):
         return  # not a zip at all: the loader says what the file is not
-    try:
-        unpacked = unpacked_bytes(data, limit)
-    except Exception as exc:  # a damaged member: refused, as what loads it might read it otherwise
-        raise CaptureError(f"{path} is not a readable model file: {type(exc).__name__}: {exc}") from exc
+    with archive:
+        try:
+            unpacked = _archive_bytes(archive, limit)
+        except Exception as exc:  # a damaged member: refused, as what loads it might read it otherwise
+            raise CaptureError(f"{path} is not a readable model file: {one_line(exc)}") from exc
     if unpacked > limit:
         raise CaptureError(f"refusing to load {path}: its arrays unpack to {unpacked:,} bytes, more than "
                            f"{MAX_UNPACKED_SHARE:.0%} of this machine's memory ({limit:,} bytes)")

@@ -17,7 +17,7 @@ from typing import Any
 
 import numpy as np
 
-from mistiquefs.errors import CaptureError
+from mistiquefs.errors import CaptureError, one_line
 
 PICKLE_SUFFIXES = {".pkl", ".pickle", ".joblib"}
 
@@ -32,13 +32,6 @@ def _require_file(path: Path, what: str) -> None:
     if path.exists():
         raise CaptureError(f"{what} {path} is not a regular file")
     raise CaptureError(f"{what} {path} does not exist")
-
-
-def _one_line(exc: BaseException) -> str:
-    """``exc`` as one line of an error message: its type where its text alone may not say (a KeyError's
-    text is the key), and whitespace collapsed (some libraries' messages span lines)."""
-    text = " ".join(str(exc).split())
-    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
 
 
 def load_model_file(path: Path, *, trust_pickle: bool = False) -> Any:
@@ -63,7 +56,7 @@ def load_model_file(path: Path, *, trust_pickle: bool = False) -> Any:
         try:
             return joblib.load(path)
         except Exception as exc:  # corrupt, truncated, not a pickle, or naming a module that is not installed
-            raise CaptureError(f"cannot load the pickle {path}: {_one_line(exc)}") from exc
+            raise CaptureError(f"cannot load the pickle {path}: {one_line(exc)}") from exc
     raise CaptureError(f"unknown model format {suffix!r}: use a .keras model or a .skops scikit-learn pipeline")
 
 
@@ -171,7 +164,7 @@ def _load_csv(path: Path, model: Any) -> Any:
         frame = pandas.read_csv(path, header=0 if header else None, keep_default_na=False, na_values=na_values,
                                 dtype={column: str for column in columns if column in text} or None)
     except (ValueError, pandas.errors.ParserError) as exc:
-        raise CaptureError(f"{path} is not a readable CSV file: {' '.join(str(exc).split())}") from exc
+        raise CaptureError(f"{path} is not a readable CSV file: {one_line(exc, typed=False)}") from exc
     # pandas pads a row with too few fields with missing values (it refuses one with too many), which
     # then shows in the last column: only then is the file read again, to find the short row
     if len(frame.columns) > 1 and frame.iloc[:, -1].isna().any():
@@ -231,7 +224,7 @@ def _csv_without_pandas(path: Path, header: bool, width: int) -> np.ndarray:
     try:
         array = np.genfromtxt(path, delimiter=",", names=True if header else None, dtype=None, encoding="utf-8")
     except ValueError as exc:  # "Some errors were detected !\n    Line #2 (got 2 columns instead of 3)"
-        raise CaptureError(f"{path} is not a readable CSV file: {' '.join(str(exc).split())}") from exc
+        raise CaptureError(f"{path} is not a readable CSV file: {one_line(exc, typed=False)}") from exc
     if array.dtype.names is None:
         return array.reshape(-1, max(width, 1))  # one row or one column reads as 1-D
     return np.atleast_1d(array)

@@ -125,7 +125,7 @@ def load_model(path: Path | str) -> keras.Model:
         raise NotFound(f"no Keras model file at {path}")
     if not zipfile.is_zipfile(path):  # (Keras says "File not found" of a file that is there)
         raise CaptureError(f"cannot load the Keras model {path}: a .keras file is a zip archive, and this is not one")
-    check_unpacked_size(path.read_bytes(), path)
+    check_unpacked_size(path)
     try:
         return keras.saving.load_model(str(path), safe_mode=True, compile=False)
     except Exception as exc:  # Keras raises ValueError/TypeError/KeyError/OSError alike for bad files

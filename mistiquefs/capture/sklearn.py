@@ -75,7 +75,7 @@ from sklearn.utils.validation import check_is_fitted
 
 from mistiquefs.capture.base import Adapter, StageOutput, check_unpacked_size, stage_file_name
 from mistiquefs.capture.skops_trust import check_loaded, loaders_by_type, refusal
-from mistiquefs.errors import CaptureError, NotFound
+from mistiquefs.errors import CaptureError, NotFound, one_line
 
 __all__ = ["SklearnAdapter", "inputs_from_stored", "load_model"]
 
@@ -903,7 +903,7 @@ def load_model(path: Path | str) -> Any:
         raise CaptureError(f"no saved model at {path}") from exc
     except OSError as exc:
         raise CaptureError(f"cannot read the model file {path}: {exc.strerror}") from exc
-    check_unpacked_size(data, path)  # first: reading the file's schema is a read of a member too
+    check_unpacked_size(path, data)  # first: reading the file's schema is a read of a member too
     try:
         untrusted = skops.io.get_untrusted_types(data=data)
         uses = loaders_by_type(data)
@@ -920,9 +920,7 @@ def load_model(path: Path | str) -> Any:
     try:
         model = skops.io.loads(data, trusted=untrusted)
     except Exception as exc:  # a damaged member (a cut .npy: ValueError), or state an estimator refuses
-        reason = " ".join(str(exc).split())
-        raise CaptureError(f"cannot load the skops model file {path}: "
-                           f"{type(exc).__name__}{': ' + reason if reason else ''}") from exc
+        raise CaptureError(f"cannot load the skops model file {path}: {one_line(exc)}") from exc
     why = check_loaded(model)
     if why is not None:
         raise CaptureError(f"refusing to use {path}: it holds {why} (a re-run of the model would run it as the "
