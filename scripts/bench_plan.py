@@ -39,7 +39,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import os
-import shutil
 import signal
 import sqlite3
 import statistics
@@ -57,7 +56,8 @@ sys.path.insert(0, str(ROOT / "examples"))
 
 import benchlib  # noqa: E402
 import mistiquefs  # noqa: E402
-from benchlib import DROP_CACHES, Mounts, log, make_workdir, timed  # noqa: E402
+from benchlib import DROP_CACHES, Mounts, make_workdir, timed  # noqa: E402
+from mistiquefs.fs.mount import end_process  # noqa: E402
 from mistiquefs.planner.planner import Planner  # noqa: E402
 from mistiquefs.store.repository import Repository  # noqa: E402
 
@@ -356,12 +356,7 @@ def responsiveness(path: Path, workdir: Path, repo: Repository, mounts: Mounts) 
         window_end = time.time()
     finally:
         if proc is not None:
-            proc.terminate()
-            try:
-                proc.wait(15)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
+            end_process(proc)
         mounts.unmount(mnt)
     every = [tuple(map(float, line.split())) for line in samples_file.read_text().splitlines() if line.strip()]
     inside = [took for begin, end, took in every if begin >= window_start and end <= window_end]
@@ -423,10 +418,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         run(args, workdir, mounts, repos)
     except BaseException:
-        for log_file in sorted(workdir.glob("mnt-*.log")):
-            tail = log_file.read_text(errors="replace").strip().splitlines()[-10:]
-            if tail:
-                log(f"{log_file.name} (last lines):\n  " + "\n  ".join(tail))
+        benchlib.log_tails(sorted(workdir.glob("mnt-*.log")))
         raise
     finally:
         global _deferring
@@ -434,11 +426,7 @@ def main(argv: list[str] | None = None) -> int:
         mounts.close()
         for repo in repos:
             repo.close()
-        still = [m for m in (workdir / "mnt-rerun", workdir / "mnt-live") if os.path.ismount(m)]
-        if args.keep or still:
-            print(f"kept {workdir}" + (f" (still mounted: {still})" if still else ""))
-        else:
-            shutil.rmtree(workdir, ignore_errors=True)
+        benchlib.remove_workdir(workdir, args.keep, (workdir / "mnt-rerun", workdir / "mnt-live"))
         print(f"\n(total {time.perf_counter() - started:.0f} s)")
     return 0
 

@@ -49,8 +49,8 @@ import numpy as np
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO / "examples"))  # examples/ is not a package
 
-from benchlib import (DROP_CACHES, drop_caches, log, make_workdir, median, print_table,  # noqa: E402
-                      store_disk_bytes, timed)
+from benchlib import (DROP_CACHES, drop_caches, log, log_tails, make_workdir, median, print_table,  # noqa: E402
+                      remove_workdir, store_disk_bytes, timed)
 
 MODEL = "cnn_e3"
 #: the biggest layer, a mid-sized one and a small one
@@ -704,19 +704,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         ok = run(args, prereqs, workdir, mounts_box)
     except BaseException:
-        log_file = workdir / "mistiquefs.log"
-        if log_file.exists():
-            tail = log_file.read_text(errors="replace").strip().splitlines()[-10:]
-            log("mistiquefs daemon log (last lines):\n  " + "\n  ".join(tail))
+        log_tails([workdir / "mistiquefs.log"])
         raise
     finally:
         for mounts in mounts_box:
             mounts.close()
-        still_mounted = [m for m in (workdir / "mqmnt", workdir / "sqmnt") if os.path.ismount(m)]
-        if args.keep or still_mounted:
-            print(f"kept {workdir}" + (f" (still mounted: {still_mounted})" if still_mounted else ""))
-        else:
-            shutil.rmtree(workdir, ignore_errors=True)
+        remove_workdir(workdir, args.keep, (workdir / "mqmnt", workdir / "sqmnt"))
         print(f"\ntotal run time {time.perf_counter() - started:.0f} s")
     return 0 if ok else 1
 

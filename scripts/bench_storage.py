@@ -65,7 +65,8 @@ for _path in (REPO / "examples", REPO / "scripts"):  # neither is a package
         sys.path.insert(0, str(_path))
 
 import benchlib  # noqa: E402
-from benchlib import DROP_CACHES, Mounts, log, make_workdir, median, print_table, timed  # noqa: E402
+from benchlib import (DROP_CACHES, Mounts, log, log_tails, make_workdir, median, print_table,  # noqa: E402
+                      remove_workdir, timed)
 
 MB = 1e6
 
@@ -974,18 +975,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         report_dict(dict_results, targets)
         report_targets(targets)
     except BaseException:
-        for log_file in sorted(workdir.glob("mount-*.log")):
-            tail = log_file.read_text(errors="replace").strip().splitlines()[-10:]
-            if tail:
-                log(f"{log_file.name} (last lines):\n  " + "\n  ".join(tail))
+        log_tails(sorted(workdir.glob("mount-*.log")))
         raise
     finally:
         mounts.close()
-        still = [m for m in (workdir / "mnt",) if os.path.ismount(m)]
-        if args.keep or still:
-            print(f"kept {workdir}" + (f" (still mounted: {still})" if still else ""))
-        else:
-            shutil.rmtree(workdir, ignore_errors=True)
+        remove_workdir(workdir, args.keep, (workdir / "mnt",))
         print(f"\ntotal run time {time.perf_counter() - started:.0f} s")
     return 0
 

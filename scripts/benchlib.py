@@ -6,11 +6,12 @@ from __future__ import annotations
 
 import contextlib
 import os
+import shutil
 import statistics
 import sys
 import tempfile
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -79,6 +80,25 @@ def make_workdir(requested: Path | None, prefix: str) -> Path:
         raise SystemExit(f"--workdir {requested} is not empty; give a new or empty directory")
     requested.mkdir(parents=True, exist_ok=True)
     return requested.resolve()
+
+
+def log_tails(log_files: Iterable[Path], lines: int = 10) -> None:
+    """After a failure: the last ``lines`` of each daemon log that exists and has any."""
+    for log_file in log_files:
+        if log_file.exists():
+            tail = log_file.read_text(errors="replace").strip().splitlines()[-lines:]
+            if tail:
+                log(f"{log_file.name} (last lines):\n  " + "\n  ".join(tail))
+
+
+def remove_workdir(workdir: Path, keep: bool, mountpoints: Iterable[Path]) -> None:
+    """Remove the work directory at the end, unless ``keep`` or one of its ``mountpoints`` is still mounted
+    (the clean-up failed: removing it would walk into the mount); says where it was kept."""
+    still = [m for m in mountpoints if os.path.ismount(m)]
+    if keep or still:
+        print(f"kept {workdir}" + (f" (still mounted: {still})" if still else ""))
+    else:
+        shutil.rmtree(workdir, ignore_errors=True)
 
 
 class Mounts:

@@ -344,13 +344,7 @@ def mount_background(store: Path, mountpoint: Path, *, log_file: Path, extra: li
     except BaseException:
         # timed out, or interrupted (Ctrl-C) while waiting: the daemon must not mount behind our back. It
         # unmounts on SIGTERM whenever it gets it
-        if proc.poll() is None:
-            proc.terminate()
-            try:
-                proc.wait(15)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
+        end_process(proc)
         raise
     finally:
         os.close(ready)
@@ -403,6 +397,19 @@ def _fusermount(mountpoint: Path, *flags: str) -> subprocess.CompletedProcess[st
         return subprocess.run(["fusermount3", "-u", *flags, str(mountpoint)], capture_output=True, text=True)
     except FileNotFoundError:
         raise MountError("fusermount3 is not installed (Debian: apt-get install fuse3)") from None
+
+
+def end_process(proc: subprocess.Popen[Any], wait: float = 15.0) -> None:
+    """Stop a process this one started: SIGTERM, then SIGKILL if it has not exited within ``wait`` seconds;
+    reaped either way."""
+    if proc.poll() is not None:
+        return
+    proc.terminate()
+    try:
+        proc.wait(wait)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
 
 
 def stop_mount(mountpoint: Path, pid: int, *, wait: float = 15.0) -> None:
