@@ -120,6 +120,31 @@ def test_a_read_of_some_rows_decodes_those_and_a_scan_reads_ahead(tmp_path: Path
     assert advised == expected
 
 
+def test_a_random_read_that_ends_a_piece_reads_nothing_ahead_and_a_continued_read_does(
+        tmp_path: Path, rng: np.random.Generator) -> None:
+    """One example read through all.npy often ends where its piece ends (the kernel asks for whole pages):
+    that alone is no scan, so no other piece is decoded; a read that starts where one ended is (the
+    kernel's next request of a sequential reader), and so is one from the file's start."""
+    data = rng.standard_normal((20000, 100)).astype(np.float32)
+    repo = Repository(tmp_path / "s")
+    capture_arrays(repo, "m", {"dense": data}, table=False, batch=5000)
+    rec = layer(repo, "m", "dense")
+    reader = repo.reader(rec)
+    view = reader.all_view()
+    assert rec.n_blocks >= 6
+    cached = lambda: [b for b in range(rec.n_blocks) if ("tile", rec.id, b) in repo.cache]  # noqa: E731
+    piece = rec.block_rows * rec.row_size
+    end_of_2 = len(view.header) + 3 * piece
+    assert reader.read(view, end_of_2 - 4096, 4096) == npy_bytes(data)[end_of_2 - 4096:end_of_2]
+    time.sleep(0.5)  # what a read-ahead would have decoded by now
+    assert cached() == [2]
+    assert reader.read(view, end_of_2, 4096) == npy_bytes(data)[end_of_2:end_of_2 + 4096]
+    deadline = time.monotonic() + 10
+    while 4 not in cached() and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert {2, 3, 4} <= set(cached()) and 0 not in cached() and 1 not in cached()
+
+
 def test_the_cached_share_of_a_large_view_is_judged_from_a_bounded_sample(tmp_path: Path,
                                                                          rng: np.random.Generator) -> None:
     """Every open asks how much of its file is decoded already: a layer of many pieces must not make each

@@ -28,6 +28,7 @@ import logging
 import os
 import threading
 import time
+from collections import deque
 from collections.abc import Callable, Hashable
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
@@ -56,6 +57,10 @@ TILES_PER_QUERY = 8
 #: Cold np.load of the demo CNN's conv1 / conv3 (GB/s, medians of 3): 4 MiB 0.53 / 0.46, 8 MiB
 #: 0.72 / 0.52, 16 MiB 0.73 / 0.44; one prefetch thread instead of two: 0.54 / 0.35.
 READ_AHEAD_BYTES = 8 << 20
+#: read ends remembered per stream: a read that starts at one of them continues a sequential reader
+RECENT_ENDS = 8
+#: streams whose read ends are remembered at most (column files are streams of their own)
+MAX_STREAMS = 1024
 #: pieces of a view ``cached_share`` checks at most
 SHARE_SAMPLE = 32
 
@@ -256,6 +261,8 @@ class LayerReader:
         self._flights = SingleFlight()
         #: per whole-file stream (named by its first piece's key): where the last use_once read ended
         self._served: dict[Hashable, int] = {}
+        #: per stream (named by its first piece's key): where its last few reads ended (``_continues``)
+        self._ends: dict[Hashable, deque[int]] = {}
         self._lock = threading.Lock()
         #: ``observer(rec, key, nbytes, seconds)`` hears every piece this reader loads (the cost model), its
         #: time as it would have been with the cores to itself
@@ -327,15 +334,17 @@ class LayerReader:
         size = stream.piece_size
         out: list[Part] = []
         delivered = []
+        # A read from the file's start (np.load, cat, cp) or from where an earlier read of the stream ended
+        # (the kernel's next request of a sequential reader) is a scan: decode the file's next pieces in the
+        # background, so that their disk reads overlap (np.load of a cold 2.8 MB layer: 24 ms piece after
+        # piece, 16.5 ms). Any other read (one example, a page of an mmap'ed file) decodes only its own
+        # pieces, even where it reaches a piece's end: kernel requests are whole pages, so one example
+        # read through all.npy often ends there, and reading ahead for it decoded 8 MiB that nobody asked
+        # for (40 random rows of a cold mmap'ed conv3: 0.70 s of daemon CPU).
+        scan = first == view_start or self._continues(stream, first, last)
         for b in range(first // size, (last - 1) // size + 1):
             lo, hi = max(first - b * size, 0), min(last - b * size, size)
             piece_end = min(size, stream.length - b * size)
-            # A read from the file's start (np.load, cat, cp), to a piece's end, or from a piece's start
-            # after its predecessor (in this read, or cached) is a scan: decode the file's next pieces in
-            # the background, so that their disk reads overlap (np.load of a cold 2.8 MB layer: 24 ms
-            # piece after piece, 16.5 ms).
-            scan = first == view_start or hi == piece_end or (
-                lo == 0 and b > 0 and (b > first // size or stream.key(b - 1) in self._cache))
             if scan and (b + 1) * size < view_end:
                 self._read_ahead(stream, b, view_end)
             piece = self._cache.get(stream.key(b)) if cached_only else self._piece(stream, b)
@@ -345,11 +354,26 @@ class LayerReader:
             if use_once and hi == piece_end and (lo == 0 or first == self._served.get(stream.key(0))):
                 delivered.append(stream.key(b))  # read from its start to its end (read_parts)
         if use_once:  # (only a read that returns delivers: a cache-only pass that misses is tried again)
+            if len(self._served) >= MAX_STREAMS and stream.key(0) not in self._served:
+                self._served.clear()
             self._served[stream.key(0)] = last
             for key in delivered:
                 self._cache.discard(key)
                 self._flights.cancel_ahead(key)
         return out
+
+    def _continues(self, stream: Stream, first: int, last: int) -> bool:
+        """Whether a read of ``[first, last)`` starts where a recent read of ``stream`` ended (and note its
+        end). The last few ends are kept, so several sequential readers of one file each count as one."""
+        ends = self._ends.get(stream.key(0))
+        if ends is None:
+            if len(self._ends) >= MAX_STREAMS:  # (column files, read one after another)
+                self._ends.clear()
+            ends = self._ends.setdefault(stream.key(0), deque(maxlen=RECENT_ENDS))
+        follows = first in ends
+        if last not in ends:  # (a cache-only pass that missed is tried again on a thread: same read)
+            ends.append(last)
+        return follows
 
     def _piece(self, stream: Stream, b: int) -> Buffer:
         return self._cached(stream.key(b), lambda: stream.load(b))
