@@ -65,6 +65,30 @@ def test_capture_a_saved_pipeline_from_csv(tmp_path: Path, saved_pipeline, capsy
     assert main([*again, "--skip-existing"]) == 0 and "skipped" in capsys.readouterr().out
 
 
+def test_a_failed_first_capture_leaves_no_store_and_a_failed_later_one_keeps_the_store(
+        tmp_path: Path, saved_pipeline, capsys) -> None:
+    """A capture whose model fails on the inputs makes no empty store where there was none (nor files in a
+    directory that was empty); in a store that holds models, they stay."""
+    model_path, inputs_path, _pipe, frame = saved_pipeline
+    bad = tmp_path / "bad.csv"
+    frame.astype({"a": object}).assign(a=["x"] * len(frame)).to_csv(bad, index=False)  # text for a number
+    args = ["--model", str(model_path), "--inputs", str(bad), "--name", "p1", "--no-progress"]
+    new = tmp_path / "runs" / "store"
+    assert main(["capture", str(new), *args]) != 0
+    assert capsys.readouterr().err.startswith("mistiquefs: error:")
+    assert not new.exists()
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    assert main(["capture", str(empty), *args]) != 0
+    assert empty.is_dir() and not any(empty.iterdir())
+    kept = tmp_path / "kept"
+    assert main(["capture", str(kept), "--model", str(model_path), "--inputs", str(inputs_path), "--name", "p0",
+                 "--no-progress"]) == 0
+    assert main(["capture", str(kept), *args]) != 0
+    with mistiquefs.open_store(kept, create=False) as opened:
+        assert opened.models() == ["p0"]
+
+
 @pytest.mark.keras
 def test_capture_a_saved_keras_model_from_npy(tmp_path: Path) -> None:
     keras = pytest.importorskip("keras")

@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import shutil
 import sqlite3
 import sys
 import tempfile
@@ -116,10 +117,22 @@ def cmd_capture(args: argparse.Namespace) -> int:
     check_model_name(args.name)
     model = load_model_file(args.model, trust_pickle=args.trust_pickle)
     inputs = load_inputs_file(args.inputs, model)  # the model decides how a CSV's columns are read
-    with open_store(args.store) as store:
-        summary = store.capture(model, inputs, name=args.name, batch_size=args.batch_size,
-                                progress=False if args.no_progress else None, skip_existing=args.skip_existing,
-                                schemes=schemes or None, policy=args.policy, budget=args.budget)
+    existed = args.store.exists()
+    made = not existed or (args.store.is_dir() and not any(args.store.iterdir()))  # this capture makes the store
+    emptied = False
+    try:
+        with open_store(args.store) as store:
+            try:
+                summary = store.capture(model, inputs, name=args.name, batch_size=args.batch_size,
+                                        progress=False if args.no_progress else None,
+                                        skip_existing=args.skip_existing, schemes=schemes or None,
+                                        policy=args.policy, budget=args.budget)
+            except BaseException:
+                emptied = made and not store.models()
+                raise
+    finally:
+        if emptied:  # a failed first capture leaves no empty store behind (a directory it found empty stays)
+            _discard_store(args.store, keep_dir=existed)
     if summary.skipped:
         print(f"{summary.name} is already in {args.store}: skipped")
         return 0
@@ -127,6 +140,18 @@ def cmd_capture(args: argparse.Namespace) -> int:
           f"{summary.raw_bytes / 1e6:.1f} MB raw -> {summary.stored_bytes / 1e6:.1f} MB stored "
           f"({summary.new_bytes / 1e6:.1f} MB new) in {summary.seconds:.1f} s")
     return 0
+
+
+def _discard_store(path: Path, keep_dir: bool) -> None:
+    """Remove a store a failed first capture made: its files, and its directory unless it was there."""
+    if not keep_dir:
+        shutil.rmtree(path, ignore_errors=True)
+        return
+    for child in path.iterdir():
+        if child.is_dir() and not child.is_symlink():
+            shutil.rmtree(child, ignore_errors=True)
+        else:
+            child.unlink(missing_ok=True)
 
 
 def cmd_mount(args: argparse.Namespace) -> int:
