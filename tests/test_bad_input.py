@@ -453,14 +453,19 @@ SHORT_ROWS = [
     ("1.0,2.0,3.0\n4.0,5.0\n7.0,8.0,9.0\n", "expected 3 fields in line 2, saw 2 (the first row has 3"),
     ("x0,x1,x2\n1.0,2.0,3.0\n4.0\n", "expected 3 fields in line 3, saw 1 (the header has 3"),
     ("1.0,2.0,3.0\n\n4.0,,6.0\n7.0,8.0\n\n\n", "expected 3 fields in line 4, saw 2"),
+    # a line of only "" is one empty field (pandas read it as a row of NaN), unlike a blank one
+    ('x0,x1,x2\n1.0,2.0,3.0\n   \n""\n4.0,5.0,6.0\n', "expected 3 fields in line 4, saw 1 (the header has 3"),
+    # every row a field longer than the header: pandas took the first column for an index
+    ("x0,x1\n1.0,2.0,3.0\n4.0,5.0,6.0\n", "its header names 2 columns and its rows have 3"),
 ]
 
 
-@pytest.mark.parametrize("text, message", SHORT_ROWS, ids=["headerless", "header", "after-blank-lines"])
-def test_a_csv_row_with_too_few_fields_is_refused(store, tmp_path: Path, imputer_model, capsys, text: str,
-                                                  message: str) -> None:
+@pytest.mark.parametrize("text, message", SHORT_ROWS, ids=["headerless", "header", "after-blank-lines",
+                                                           "quoted-empty-line", "header-one-short"])
+def test_a_csv_row_with_too_few_fields_or_a_header_too_short_is_refused(store, tmp_path: Path, imputer_model,
+                                                                        capsys, text: str, message: str) -> None:
     """pandas pads a short row with missing values: "4.0,5.0" was captured as [4, 5, nan]. Refused now,
-    naming the line, as a row with too many fields is."""
+    naming the line, as a row with too many fields is; so is a header one name short."""
     model, _pipe = imputer_model
     (tmp_path / "rows.csv").write_text(text)
     err = refused_by_cli(store, capsys, "--model", str(model), "--inputs", str(tmp_path / "rows.csv"))

@@ -165,6 +165,11 @@ def _load_csv(path: Path, model: Any) -> Any:
                                 dtype={column: str for column in columns if column in text} or None)
     except (ValueError, pandas.errors.ParserError) as exc:
         raise CaptureError(f"{path} is not a readable CSV file: {one_line(exc, typed=False)}") from exc
+    if header and not isinstance(frame.index, pandas.RangeIndex):
+        # every data row one field longer than the header: pandas silently takes the first column for an
+        # index (and names the others one column off)
+        raise CaptureError(f"{path} is not a readable CSV file: its header names {len(first)} columns and its "
+                           f"rows have {len(first) + frame.index.nlevels}; name every column in the header")
     # pandas pads a row with too few fields with missing values (it refuses one with too many), which
     # then shows in the last column: only then is the file read again, to find the short row
     if len(frame.columns) > 1 and frame.iloc[:, -1].isna().any():
@@ -186,7 +191,9 @@ def _refuse_short_rows(path: Path, width: int, header: bool) -> None:
         reader = csv.reader(file)
         line = 1
         for row in reader:
-            if len(row) < width and not (len(row) <= 1 and not "".join(row).strip()):
+            # blank lines (csv: [] or whitespace) are no rows; a line of only "" is one empty field ([''])
+            blank = not row or (len(row) == 1 and row[0] != "" and not row[0].strip())
+            if len(row) < width and not blank:
                 what = "the header" if header else "the first row"
                 raise CaptureError(
                     f"{path} is not a readable CSV file: expected {width} fields in line {line}, saw "
