@@ -361,6 +361,72 @@ def test_what_a_re_run_calls_by_position_is_checked(tmp_path: Path) -> None:
     assert not marker.exists()
 
 
+def test_functions_loaded_for_one_field_stay_there(tmp_path: Path) -> None:
+    """BisectingKMeans keeps the k-means run its fit calls (``_kmeans_single``: _kmeans_single_lloyd or
+    _kmeans_single_elkan, which run compiled code on the arrays they are given) and FeatureAgglomeration a
+    numpy reduction as ``pooling_func`` (np.median's ``overwrite_input`` writes into its input): each loads
+    in that field of that estimator only, never where a re-run would call it with arguments from the file."""
+    from sklearn.cluster import BisectingKMeans, FeatureAgglomeration
+    from sklearn.cluster._kmeans import _kmeans_single_lloyd
+    from sklearn.preprocessing import FunctionTransformer
+
+    x = np.random.default_rng(6).standard_normal((30, 3))
+    path = tmp_path / "moved.skops"
+    bisecting = BisectingKMeans(2).fit(x)
+    bisecting._kmeans_single = np.sum  # (a pooling reduction, in another field)
+    agglomeration = FeatureAgglomeration(2).fit(x)
+    agglomeration.pooling_func = _kmeans_single_lloyd
+    scaler = StandardScaler().fit(x)
+    scaler.scale_ = np.array([_kmeans_single_lloyd, 1.0, 1.0], dtype=object)
+    cases = {
+        r"a FunctionTransformer whose func is function _kmeans_single_lloyd": FunctionTransformer(_kmeans_single_lloyd),
+        r"a FunctionTransformer whose func is _ArrayFunctionDispatcher median":
+            FunctionTransformer(np.median, kw_args={"overwrite_input": True}),
+        r"a BisectingKMeans whose '_kmeans_single' is a callable _ArrayFunctionDispatcher": bisecting,
+        r"a FeatureAgglomeration whose 'pooling_func' is a callable function": agglomeration,
+        r"the function sklearn\.cluster\._kmeans\._kmeans_single_lloyd outside a BisectingKMeans's _kmeans_single":
+            Pipeline([("s", scaler)]),
+    }
+    for match, model in cases.items():
+        skops.io.dump(model, path)
+        with pytest.raises(CaptureError, match=match):
+            load_sklearn(path)
+    skops.io.dump(FeatureAgglomeration(2, pooling_func=np.cumsum).fit(x), path)  # not one of the reductions
+    with pytest.raises(CaptureError, match=r"numpy\.cumsum \(a function a re-run would call"):
+        load_sklearn(path)
+
+
+def test_a_re_run_never_asks_for_more_workers_than_the_machine_has(tmp_path: Path) -> None:
+    """A file's ``n_jobs=10**6`` made a re-run start as many workers: every estimator's n_jobs, nested ones
+    included, is capped at the machine's CPU count when loaded; None and negative counts (-1: all CPUs) are
+    kept, and so are the predictions."""
+    from sklearn.ensemble import RandomForestClassifier, VotingClassifier
+    from sklearn.multiclass import OneVsRestClassifier
+    from sklearn.neighbors import KNeighborsClassifier
+
+    cpus = os.cpu_count() or 1
+    x = np.random.default_rng(7).standard_normal((60, 3))
+    y = (x[:, 0] > 0).astype(int) + (x[:, 1] > 0)
+    vote = VotingClassifier([("knn", KNeighborsClassifier(n_jobs=-1)),
+                             ("rf", RandomForestClassifier(3, random_state=0)),
+                             ("ovr", OneVsRestClassifier(LogisticRegression()))], voting="soft")
+    pipe = Pipeline([("scale", StandardScaler()), ("vote", vote)]).fit(x, y)
+    vote.n_jobs = 10**6
+    vote.estimators_[1].n_jobs = np.int64(10**9)
+    vote.estimators_[2].n_jobs = cpus
+    vote.estimators_[2].estimators_[0].n_jobs = 10**6  # (LogisticRegression's own, deprecated, n_jobs)
+    vote.estimators[1][1].n_jobs = 10**6  # the unfitted template
+    path = tmp_path / "workers.skops"
+    skops.io.dump(pipe, path)
+    loaded = load_sklearn(path)
+    lvote = loaded.named_steps["vote"]
+    assert lvote.n_jobs == cpus and lvote.estimators_[1].n_jobs == cpus and lvote.estimators[1][1].n_jobs == cpus
+    assert lvote.estimators_[2].estimators_[0].n_jobs == cpus and type(lvote.estimators_[1].n_jobs) is int
+    assert lvote.estimators_[0].n_jobs == -1 and lvote.estimators_[2].n_jobs == cpus
+    assert lvote.estimators[2][1].n_jobs is None and lvote.named_estimators_["rf"] is lvote.estimators_[1]
+    np.testing.assert_array_equal(loaded.predict_proba(x), pipe.predict_proba(x))
+
+
 def test_common_estimators_load_back_for_re_runs(tmp_path: Path) -> None:
     """Estimators whose fitted state holds plain scikit-learn helper objects (a gradient-boosting tree
     predictor, an MLP's optimizer, a calibrated classifier, Gaussian-process kernels, a stacking Bunch)

@@ -29,11 +29,13 @@ import numpy as np
 import pytest
 import skops.io
 from scipy import sparse
-from sklearn.cluster import KMeans, MiniBatchKMeans
+from sklearn.cluster import BisectingKMeans, FeatureAgglomeration, KMeans, MiniBatchKMeans
+from sklearn.cluster._bisect_k_means import _BisectingTree
 from sklearn.decomposition import KernelPCA
 from sklearn.ensemble import GradientBoostingClassifier, HistGradientBoostingClassifier, RandomForestRegressor
 from sklearn.feature_extraction import DictVectorizer
 from sklearn.feature_extraction.text import CountVectorizer, TfidfVectorizer
+from sklearn.isotonic import IsotonicRegression
 from sklearn.linear_model import LogisticRegression
 from sklearn.manifold import Isomap
 from sklearn.neighbors import (KNeighborsClassifier, KNeighborsRegressor, KNeighborsTransformer, LocalOutlierFactor,
@@ -45,6 +47,7 @@ from sklearn.svm import SVC, SVR, NuSVC, NuSVR, OneClassSVM
 from sklearn.tree import DecisionTreeClassifier
 from sklearn.tree._tree import Tree
 
+import mistiquefs
 from mistiquefs.capture.skops_trust import check_loaded
 from mistiquefs.capture.sklearn import load_model as load_sklearn
 from mistiquefs.errors import CaptureError
@@ -531,6 +534,254 @@ def test_kmeans_needs_centres_and_a_sane_thread_count(tmp_path: Path) -> None:
                    r"a non-empty float matrix")
 
 
+# --------------------------------------------------------------------------------- BisectingKMeans
+
+def bisecting_nodes(model: BisectingKMeans) -> list[_BisectingTree]:
+    """Every node of the model's tree, root first, then depth first (left before right)."""
+    nodes, stack = [], [model._bisecting_tree]
+    while stack:
+        node = stack.pop()
+        nodes.append(node)
+        if node.left is not None:
+            stack.extend((node.right, node.left))
+    return nodes
+
+
+@pytest.fixture
+def bisecting(tmp_path: Path) -> BisectingKMeans:
+    return stored(BisectingKMeans(5, random_state=0).fit(X), tmp_path)
+
+
+def test_bisecting_kmeans_node_centres_must_fit_its_input(bisecting: BisectingKMeans) -> None:
+    """predict walks the tree (cluster/_bisect_k_means.py's _predict_recursive): at each split node it stacks
+    the two children's ``center``, adds ``_X_mean`` and hands them with X (checked against n_features_in_
+    only) to _k_means_lloyd.pyx, whose gemm reads X with the centres' width (see
+    test_unchecked_structures_really_crash) and whose fused types need the centres in X's dtype."""
+    model = bisecting
+    leaf = bisecting_nodes(model)[-1]
+    centre = leaf.center
+    for bad, what in ((np.r_[centre, centre], r"a ndarray of shape \(8,\) and dtype float64"),
+                      (centre[:, None], r"a ndarray of shape \(4, 1\) and dtype float64"),
+                      (centre.astype(np.float32), r"a ndarray of shape \(4,\) and dtype float32"),
+                      (np.r_[centre[:3], np.nan], r"a ndarray of shape \(4,\) and dtype float64"),
+                      (np.matrix(centre), r"a matrix of shape \(1, 4\) and dtype float64"),
+                      (centre.tolist(), r"a list")):
+        leaf.center = bad
+        refused(model, r"a BisectingKMeans whose _bisecting_tree\.right\.right \(a _BisectingTree\) has a "
+                       rf"center \({what}\) that is not a finite vector of its n_features_in_ \(4\) in the dtype "
+                       r"of its cluster_centers_ \(float64\)")
+    leaf.center = centre
+    assert check_loaded(model) is None
+    mean = model._X_mean
+    model._X_mean = mean[:3]
+    refused(model, r"a BisectingKMeans whose _X_mean \(a ndarray of shape \(3,\) and dtype float64\) is not a finite "
+                   r"vector of its n_features_in_ \(4\) in the dtype of its cluster_centers_")
+    model._X_mean = mean
+    del model.cluster_centers_  # (predict reads the tree, not the centres)
+    refused(model, r"a BisectingKMeans whose cluster_centers_ \(a NoneType\) is not a non-empty float matrix")
+
+
+def test_a_numpy_matrix_loads_only_as_a_bisecting_root_center(tmp_path: Path) -> None:
+    """skops builds ``np.matrix`` of a numeric .npy (NdArrayNode). A BisectingKMeans fitted on sparse data keeps
+    one as its tree's root center (X.mean(axis=0) of a CSR matrix), which predict never reads; anywhere else
+    its operators are not an array's (``*`` is a matrix product, a row stays 2-D)."""
+    model = stored(BisectingKMeans(3, random_state=0).fit(XS), tmp_path)
+    assert type(model._bisecting_tree.center) is np.matrix
+    scaler = StandardScaler().fit(X)
+    scaler.scale_ = np.matrix(scaler.scale_)
+    path = tmp_path / "matrix.skops"
+    skops.io.dump(scaler, path)
+    with pytest.raises(CaptureError, match=r"a numpy matrix outside the root center of a BisectingKMeans's tree"):
+        load_sklearn(path)
+    model.extra_ = model._bisecting_tree.center  # (met again by another path)
+    refused(model, r"a numpy matrix outside the root center of a BisectingKMeans's tree")
+
+
+def test_bisecting_kmeans_tree_must_be_a_finite_tree(bisecting: BisectingKMeans) -> None:
+    """_predict_recursive goes to ``left`` and ``right`` until a node's left is None: a node with one child
+    fails, a shared node is predicted once per path that reaches it (a chain of shared nodes n deep is 2**n
+    calls: a hang), a cycle recurses until Python gives up, and a tree deeper than the recursion limit cannot
+    be predicted at all."""
+    model = bisecting
+    root = model._bisecting_tree
+    left, right = root.left, root.right
+    root.right = None
+    refused(model, r"a BisectingKMeans whose _bisecting_tree \(a _BisectingTree\) has a left child but no right one")
+    root.right = left
+    refused(model, r"a BisectingKMeans whose _bisecting_tree\.right \(a _BisectingTree\) is reached twice \(the child "
+                   r"of two nodes, or its own ancestor\)")
+    root.right = right
+    leaf = bisecting_nodes(model)[-1]
+    leaf.left, leaf.right = root, root
+    refused(model, r"a BisectingKMeans whose _bisecting_tree\.right\.right\.left \(a _BisectingTree\) is "
+                   r"reached twice")
+    leaf.left, leaf.right = StandardScaler(), StandardScaler()
+    refused(model, r"a BisectingKMeans whose _bisecting_tree\.right\.right\.left is a StandardScaler, not a "
+                   r"_BisectingTree")
+    leaf.left = leaf.right = None
+    assert check_loaded(model) is None
+    # a chain 600 nodes deep (each split node's right child a leaf)
+    node = leaf
+    for _ in range(600):
+        parent = _BisectingTree(center=leaf.center, indices=None, score=0.0)
+        parent.left, parent.right = node, _BisectingTree(center=leaf.center, indices=None, score=0.0)
+        parent.right.label = 0
+        node = parent
+    root.right = node
+    refused(model, r"a BisectingKMeans whose _bisecting_tree\.right(\.left){500} \(a _BisectingTree\) is deeper than "
+                   r"500 levels")
+
+
+def test_bisecting_kmeans_leaves_must_label_its_centres(bisecting: BisectingKMeans) -> None:
+    """A leaf's ``label`` is what predict returns for the rows it reaches (np.full(..., label, dtype=int32)):
+    the leaves must number the rows of cluster_centers_, each once, as fit numbers them."""
+    model = bisecting
+    leaves = [node for node in bisecting_nodes(model) if node.left is None]
+    assert sorted(leaf.label for leaf in leaves) == list(range(5))
+    for bad in (7, -1, 1.5, "0"):
+        leaves[0].label = bad
+        refused(model, r"a BisectingKMeans whose _bisecting_tree\.left\.left\.left \(a _BisectingTree\) is a leaf "
+                       rf"labelled {re.escape(repr(bad))} \(an index into its 5 cluster_centers_ expected\)")
+    leaves[0].label = leaves[1].label
+    refused(model, r"a BisectingKMeans whose leaves label the rows \[1, 1, 2, 3, 4\] of its 5 cluster_centers_ \(each "
+                   r"once expected\)")
+    del leaves[0].label
+    refused(model, r"a BisectingKMeans whose _bisecting_tree\.left\.left\.left \(a _BisectingTree\) is a leaf "
+                   r"labelled None")
+    leaves[0].label = 0
+    assert check_loaded(model) is None
+    model.cluster_centers_ = np.r_[model.cluster_centers_, model.cluster_centers_[:1]]
+    refused(model, r"a BisectingKMeans whose leaves label the rows \[0, 1, 2, 3, 4\] of its 6 cluster_centers_")
+    model.cluster_centers_ = model.cluster_centers_[:4]
+    refused(model, r"whose _bisecting_tree\.right\.right \(a _BisectingTree\) is a leaf labelled 4 \(an index into "
+                   r"its 4 cluster_centers_ expected\)")
+
+
+def test_bisecting_kmeans_nodes_hold_only_their_fields(bisecting: BisectingKMeans, tmp_path: Path) -> None:
+    """A node is a plain object (ObjectNode) whose __dict__ the file fills: nothing but its own fields, none
+    standing in for its methods; the fit-only ``_kmeans_single`` is one of scikit-learn's two k-means runs
+    (only BisectingKMeans.fit calls it), which are loaded nowhere else."""
+    from sklearn.cluster._kmeans import _kmeans_single_elkan
+
+    model = bisecting
+    node = model._bisecting_tree.left
+    node.inertia = 1.0
+    refused(model, r"whose _bisecting_tree\.left \(a _BisectingTree\) has other fields than \['center', 'indices', "
+                   r"'label', 'left', 'right', 'score'\]: \['inertia'\]")
+    del node.inertia
+    node.indices = "all"
+    refused(model, r"whose _bisecting_tree\.left \(a _BisectingTree\) has indices 'all'")
+    node.indices = None
+    node.__dict__["iter_leaves"] = np.negative  # (what fit would call in place of the method)
+    refused(model, r"whose _bisecting_tree\.left \(a _BisectingTree\) has other fields .*: \['iter_leaves'\]")
+    del node.__dict__["iter_leaves"]
+    model._kmeans_single = _kmeans_single_elkan
+    assert check_loaded(model) is None
+    for bad in (np.negative, np.mean):
+        model._kmeans_single = bad
+        refused(model, rf"a BisectingKMeans whose '_kmeans_single' is a callable {type(bad).__name__}")
+    path = tmp_path / "crafted.skops"
+    model._kmeans_single = _kmeans_single_elkan
+    model._bisecting_tree.right = model._bisecting_tree.left
+    skops.io.dump(model, path)
+    with pytest.raises(CaptureError, match=r"a BisectingKMeans whose _bisecting_tree\.right \(a _BisectingTree\) is "
+                                           r"reached twice"):
+        load_sklearn(path)
+
+
+# ------------------------------------------------------------------------------ FeatureAgglomeration
+
+def test_feature_agglomeration_labels_must_index_its_columns(tmp_path: Path) -> None:
+    """FeatureAgglomeration.transform (cluster/_feature_agglomeration.py) with np.mean sizes its output by
+    ``np.bincount(labels_)`` (a label of 10**12 asks for 8 TB) and pools X's columns by one label per column;
+    other pooling functions get X's columns ``labels_ == l`` for each distinct label."""
+    model = stored(FeatureAgglomeration(2).fit(X), tmp_path)
+    labels = model.labels_
+    for bad, what in ((np.r_[labels[:3], 10**12], r"holds 1000000000000"), (np.r_[labels[:3], -1], r"holds -1"),
+                      (labels[:3], r"\(a ndarray of shape \(3,\) and dtype int64\) is not"),
+                      (labels.astype(float), r"\(a ndarray of shape \(4,\) and dtype float64\) is not")):
+        model.labels_ = bad
+        refused(model, rf"a FeatureAgglomeration whose labels_ {what}.*one cluster index in \[0, 4\) for each of its "
+                       r"n_features_in_ \(4\) columns")
+    model.labels_ = labels
+    model.n_features_in_ = 10**6
+    refused(model, r"a FeatureAgglomeration whose labels_ .* is not one cluster index .* each of its n_features_in_ "
+                   r"\(1000000\) columns")
+    model.n_features_in_ = 4
+    model.labels_ = np.r_[labels[:3], 10**12]
+    path = tmp_path / "crafted.skops"
+    skops.io.dump(model, path)
+    with pytest.raises(CaptureError, match=r"a FeatureAgglomeration whose labels_ holds 1000000000000"):
+        load_sklearn(path)
+
+
+def test_feature_agglomeration_pools_with_numpy_reductions_only(tmp_path: Path) -> None:
+    """Its ``pooling_func`` (numpy.mean by default) is called by transform on X's columns with axis=1: a small
+    set of numpy reductions is loaded there, and only there (a FunctionTransformer holding one would call it
+    with keyword arguments from the file, np.median's ``overwrite_input`` among them)."""
+    model = stored(FeatureAgglomeration(2, pooling_func=np.nanmedian).fit(X), tmp_path)
+    model.pooling_func = np.cumsum
+    refused(model, r"a FeatureAgglomeration whose 'pooling_func' is a callable _ArrayFunctionDispatcher")
+    model.pooling_func = np.max
+    model.extra_ = [np.max]
+    refused(model, r"the function numpy\.max outside a FeatureAgglomeration's pooling_func")
+
+
+# ------------------------------------------------------------------------------ IsotonicRegression
+
+def test_isotonic_thresholds_must_be_what_fit_makes(tmp_path: Path) -> None:
+    """IsotonicRegression's __setstate__ (skops trusts the class and calls it while loading) builds ``f_``, an
+    interp1d, from ``X_thresholds_`` and ``y_thresholds_``, and predict casts its input to the thresholds'
+    dtype before calling it: they must be finite float vectors of one length, X's strictly increasing, as fit
+    makes them. A stored ``f_`` is never used: check_loaded builds it again from the checked thresholds."""
+    x = X[:, :1]
+    model = stored(IsotonicRegression(out_of_bounds="clip").fit(x, X[:, 0] + X[:, 1]), tmp_path)
+    xt, yt = model.X_thresholds_, model.y_thresholds_
+    for field, bad, what in (("X_thresholds_", xt[::-1], r"is not a finite, strictly increasing float vector"),
+                             ("X_thresholds_", np.r_[xt[:-1], np.nan], r"is not a finite, strictly increasing"),
+                             ("X_thresholds_", xt.astype(np.int64), r"is not a finite, strictly increasing float"),
+                             ("y_thresholds_", np.c_[yt, yt], r"is not a finite float vector as long as its X_thr"),
+                             ("y_thresholds_", np.r_[yt[:-1], np.inf], r"is not a finite float vector"),
+                             ("y_thresholds_", yt.astype(np.float32), r"is not a finite float vector .* same dtype")):
+        setattr(model, field, bad)
+        refused(model, rf"a IsotonicRegression whose {field} \(a ndarray .*\) {what}")
+        setattr(model, field, xt if field == "X_thresholds_" else yt)
+    assert check_loaded(model) is None
+    model.X_min_ = np.zeros(10)
+    refused(model, r"a IsotonicRegression whose X_min_ \(a ndarray of shape \(10,\) and dtype float64\) is not a "
+                   r"number")
+    model.X_min_ = xt[0]
+    f_ = model.f_
+    model.f_ = np.negative
+    assert check_loaded(model) is None and model.f_ is not f_ and type(model.f_) is type(f_)  # built again
+    np.testing.assert_array_equal(model.predict(x), f_(np.clip(x[:, 0], xt[0], xt[-1])))
+    del model.X_thresholds_, model.y_thresholds_
+    model.f_ = np.negative
+    refused(model, r"a IsotonicRegression whose f_ is stored without the X_thresholds_ and y_thresholds_ it is built "
+                   r"from")
+
+
+def test_a_stored_isotonic_f_is_refused(tmp_path: Path) -> None:
+    """A file can hold an ``f_`` of its own: __setstate__ keeps it when the thresholds are missing, and
+    predict calls it (here numpy.negative, trusted, is what the model computes)."""
+    x = X[:, :1]
+    model = IsotonicRegression().fit(x, X[:, 0])
+    del model.X_thresholds_, model.y_thresholds_
+    data = skops.io.dumps(model)
+    schema = schema_of(data)
+    schema["content"]["content"]["f_"] = {"__class__": "negative", "__module__": "numpy", "__loader__": "FunctionNode",
+                                          "__id__": 10**8}
+    schema["content"]["key_types"]["content"].append({"__class__": "str", "__module__": "builtins",
+                                                      "__loader__": "TypeNode"})
+    crafted = with_schema(data, schema)
+    live = skops.io.loads(crafted, trusted=["numpy.negative"])
+    np.testing.assert_array_equal(live.predict(x), -x[:, 0])  # the file chose what a re-run computes
+    path = tmp_path / "crafted.skops"
+    path.write_bytes(crafted)
+    with pytest.raises(CaptureError, match=r"a IsotonicRegression whose f_ is stored without the X_thresholds_"):
+        load_sklearn(path)
+
+
 # ------------------------------------------------------------------------------------------ libsvm
 
 @pytest.fixture
@@ -867,6 +1118,9 @@ GENUINE = {
     "SparseRandomProjection": lambda data: SparseRandomProjection(3, random_state=0).fit(data),
     "KernelPCA": lambda data: KernelPCA(3, kernel="rbf").fit(data),
     "scaled SVC": lambda data: make_pipeline(StandardScaler(with_mean=False), SVC()).fit(data, Y),
+    "BisectingKMeans": lambda data: BisectingKMeans(6, random_state=0).fit(data),
+    "BisectingKMeans elkan": lambda data: BisectingKMeans(4, algorithm="elkan", bisecting_strategy="largest_cluster",
+                                                          random_state=0).fit(data),
 }
 
 
@@ -954,6 +1208,12 @@ CRASHES = {
         model._infrequent_enabled, model._infrequent_indices = True, [None]
         model._default_to_infrequent_mappings = [np.full(3, 10**12)]
         run = lambda: model.transform(np.array([[1], [2]]))  # toarray() writes at column 10**12
+    """,
+    "bisecting_kmeans": """
+        from sklearn.cluster import BisectingKMeans
+        model = BisectingKMeans(3, random_state=0).fit(X)
+        del model._X_mean  # (as a model fitted on sparse data has none)
+        model._bisecting_tree.left.center = model._bisecting_tree.right.center = np.zeros(10**6)  # read 10**6 apart
     """,
     "vocabulary": """
         from sklearn.feature_extraction import DictVectorizer
@@ -1047,3 +1307,30 @@ def test_genuine_models_the_first_checks_refused_load(tmp_path: Path) -> None:
     svc = SVC().fit(x, y, sample_weight=np.where(y == 2, 0.0, 1.0))
     assert len(svc.classes_) == 3 and len(svc._n_support) == 2
     np.testing.assert_array_equal(stored(svc, tmp_path, "svc").predict(x), svc.predict(x))
+
+
+def test_genuine_clustering_and_isotonic_models_load_and_re_run_alike(tmp_path: Path) -> None:
+    """BisectingKMeans (its tree of plain nodes, its fit-only k-means function), FeatureAgglomeration with
+    numpy reductions as pooling functions, IsotonicRegression in a pipeline (its interp1d), captured in a store
+    or saved as it does, load and compute what they computed."""
+    x = X[:, :1]
+    pipe = make_pipeline(StandardScaler(), IsotonicRegression()).fit(x, X[:, 0] + 0.3 * X[:, 1])
+    with mistiquefs.open_store(tmp_path / "store") as store:
+        store.capture(pipe, x, name="iso", progress=False)
+        model_file = tmp_path / "store" / store.info("iso")["model_file"]
+    np.testing.assert_array_equal(load_sklearn(model_file).predict(x), pipe.predict(x))
+    from sklearn.calibration import CalibratedClassifierCV
+
+    wide, x32 = np.c_[X, X[:, :2] ** 2], X.astype(np.float32)
+    fitted = [(IsotonicRegression(increasing=False, out_of_bounds="clip").fit(x, -X[:, 0]), x),
+              (IsotonicRegression().fit(x, np.ones(len(x))), x),  # one threshold: f_ is a closure
+              (IsotonicRegression(y_min=-0.5, y_max=0.5).fit(x32[:, 0], X[:, 1]), x32[:, 0]),
+              (CalibratedClassifierCV(LogisticRegression(), method="isotonic", cv=2).fit(X, Y), X),
+              (BisectingKMeans(3, random_state=0).fit(x32), x32),
+              (make_pipeline(StandardScaler(), FeatureAgglomeration(2), BisectingKMeans(3, random_state=0)).fit(X), X)]
+    fitted += [(FeatureAgglomeration(3, pooling_func=func).fit(wide), wide)
+               for func in (np.mean, np.median, np.max, np.amin, np.sum, np.std, np.var, np.nanmean, np.prod)]
+    for i, (model, data) in enumerate(fitted):
+        loaded = stored(model, tmp_path, f"model{i}")
+        for ours, theirs in zip(_outputs(loaded, data), _outputs(model, data), strict=True):
+            np.testing.assert_array_equal(ours, theirs)

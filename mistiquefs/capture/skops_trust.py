@@ -15,11 +15,18 @@ default is accepted here only when *every* node that uses it is safe:
   be a numpy/scipy ufunc or one of ``allowed_functions()``, compared as objects: scikit-learn's public score
   functions (``f_classif``, ``sklearn.metrics``' ``*_score``/``*_error``/``*_loss``), ``check_array``,
   ``asarray`` (a module prefix let private helpers in: ``_get_feature_importances`` calls any getter on
-  any object, ``os.system`` through a chain of two steps); a referenced type a numpy scalar type or a
-  scikit-learn estimator class: ``numpy.save``, ``numpy.memmap`` and the like are refused;
+  any object, ``os.system`` through a chain of two steps); or one of ``FIELD_FUNCTIONS``, which
+  ``check_loaded`` then admits in one field of one estimator class only, where scikit-learn calls it with
+  its own arguments: BisectingKMeans's ``_kmeans_single`` (``_kmeans_single_lloyd``/``_elkan``, which only
+  its fit calls) and FeatureAgglomeration's ``pooling_func`` (numpy's mean, median, sum, prod, max/amax,
+  min/amin, ptp, std, var, average and their nan-variants, called as ``f(X[:, mask], axis=1)``; in a
+  FunctionTransformer, ``numpy.median(X, overwrite_input=True)`` would write into its input). A referenced
+  type must be a numpy scalar type or a scikit-learn estimator class: ``numpy.save``, ``numpy.memmap`` and
+  the like are refused;
 * an ``ObjectNode`` of a scikit-learn estimator or Gaussian-process kernel, or of a helper estimators keep
-  that was read (``REVIEWED_HELPERS``: a tree predictor, an optimizer...), with no ``__setstate__`` but
-  ``BaseEstimator``'s, no ``__del__`` and no own ``__new__``: building it only fills its ``__dict__``.
+  that was read (``REVIEWED_HELPERS``: a tree predictor, an optimizer, BisectingKMeans's tree nodes...),
+  with no ``__setstate__`` but ``BaseEstimator``'s, no ``__del__`` and no own ``__new__``: building it only
+  fills its ``__dict__``.
   Other helpers stay out (an ARFF conversor's call returns any object the file holds; scorers, Parallel
   and the test mocks call what the file names); scikit-learn's ``Bunch`` through ``DictNode``, as a dict;
 * a builtin container of plain data (``set``, ``frozenset``, ``bytes``...);
@@ -48,11 +55,21 @@ default is accepted here only when *every* node that uses it is safe:
   sparse data, a sparsified ``coef_``, SparseRandomProjection's ``components_``): scipy's ``load_npz`` reads the
   file's arrays without pickle and calls the CSR, CSC, BSR, DIA or COO constructor the file's format names
   (whatever name the schema gives), which checks the index arrays' lengths but not their values;
-  ``check_loaded`` then checks each in full (below).
+  ``check_loaded`` then checks each in full (below);
+* numpy's ``matrix`` through ``NdArrayNode`` (``np.matrix`` of the file's numeric ``.npy``, read without
+  pickle): a BisectingKMeans fitted on sparse data keeps one as its tree's root center (``X.mean(axis=0)`` of
+  a CSR matrix, which predict never reads); ``check_loaded`` refuses one anywhere else.
+
+skops itself trusts IsotonicRegression and calls its own ``__setstate__`` while loading, which builds ``f_``
+(scipy's interp1d, or a closure for a single threshold) from the file's ``X_thresholds_``/``y_thresholds_``
+(interp1d copies and sorts them and raises on other shapes; nothing from the file is called) and keeps a
+stored ``f_`` when either is missing: ``check_loaded`` refuses that, checks the thresholds and builds ``f_``
+again from them with scikit-learn's ``_build_f``, so the one a re-run calls is never the file's.
 
 The schema shows names, and skops builds a node it has seen once again wherever its ``__id__`` comes
 back, whatever the later node says it is. So after loading, ``check_loaded`` walks the built objects:
-every function must be a ufunc or allowed (no bound method), every partial and every BSpline as above;
+every function must be a ufunc or allowed (no bound method), or in its own field (``FIELD_FUNCTIONS``, met
+there by every path), every partial, every BSpline and every numpy matrix as above;
 and what a re-run calls by position (``CALLED_FIELDS``: a FunctionTransformer's ``func``, KNeighbors'
 ``weights``...) must be an allowed function or a name, never a type or an object (``FunctionTransformer(str)``
 then ``(bool)`` made ``True`` of any input), and the methods Stacking* and the chains call by a stored
@@ -64,7 +81,12 @@ own constraints (``_validate_params``: what ``fit`` would have refused). A ``Bun
 only (its items are its attributes: ``Bunch(transform=...)`` in a step's place is called as one), and the
 listed helpers get the same checks as estimators. Outside ``CALLED_FIELDS`` an estimator keeps no callable
 but scikit-learn's own objects and dtypes (numpy's math on an object array calls each element's method of
-that name: ``np.log(x)`` calls a stored ``x.log``).
+that name: ``np.log(x)`` calls a stored ``x.log``), a function of ``FIELD_FUNCTIONS`` in its field, and an
+IsotonicRegression's ``f_`` (built again, above). Last, a loaded model's ``n_jobs`` cannot ask a re-run for
+more workers than the machine has CPUs: in every estimator the walk meets (nested ones, unfitted templates,
+``estimators_`` items...), an ``n_jobs`` above ``os.cpu_count()`` is lowered to it once the walk has passed
+(None and negative counts, -1 for all CPUs, are kept): a file's ``n_jobs=10**6`` made a re-run start as many
+workers.
 
 The prediction code of tree models and of neighbour searches is compiled without bounds checks and follows
 the file's arrays (a child index, a feature, a bitset's row, a point's row): a crafted file crashed a re-run
@@ -87,36 +109,46 @@ bin mapper lists as categorical with a ``bitset_idx`` within the ``(n, 8)`` uint
 column), the nodes a query reaches within the data and splitting their parent's points in two, a split node
 never on the last level, ``leaf_size >= 1``, a sample weight per row, and one of the four metrics with its
 own ``p`` and one weight per column or none. Other compiled code trusts the shapes of plain fitted arrays,
-checked likewise: KMeans's (MiniBatchKMeans's) ``cluster_centers_``, non-empty and as wide as its
-``n_features_in_`` (its Lloyd step reads X with the centres' width), and a ``_n_threads`` in [1, 1024];
-libsvm's model (SVC, NuSVC, SVR, NuSVR, OneClassSVM, dense or sparse), rebuilt from the fitted arrays on each
-call: its class's own ``_impl``, a kernel named by a string (a callable's output is read as a precomputed
-kernel) and not "precomputed" for a sparse model, int32 ``_n_support`` counts (two classes or more, summing
-to the number of support vectors; two entries for regression and one class), as many ``support_`` (within the
-kernel matrix's columns for a precomputed kernel), ``support_vectors_`` that many rows as wide as
-``n_features_in_`` (CSR when ``_sparse``), ``_dual_coef_`` of shape (classes - 1, support vectors) with every
-value stored when sparse, one ``_intercept_`` per pair of classes and as many or no ``_probA``/``_probB`` (as
-many when ``_effective_probability``), one ``classes_`` per count; a neighbours estimator's ``_fit_X`` of
-shape (``n_samples_fit_``, ``n_features_in_``) (the brute-force search reads it with X's width,
-kneighbors_graph is n_samples_fit_ wide), its tree's data of that shape, and a classifier's ``_y`` one
-integer label per row (and output) within its ``classes_`` (the class-mode searches add at that index); every
-scipy sparse matrix or array in the model valid in full (indptr from 0, non-decreasing, to the number of
-stored values, integer indices within the other dimension; COO coordinates within the shape; one DIA offset
-per diagonal); and the index maps from which transformers build sparse outputs that scipy does not check
-and a re-run's dense copy writes through: OneHotEncoder's codes, followed through unsorted numeric
-``categories_`` (searchsorted), ``_infrequent_indices``, ``_default_to_infrequent_mappings`` and
-``_drop_idx_after_grouping``, within each feature's ``_n_features_outs``; DictVectorizer's, CountVectorizer's
-and TfidfVectorizer's ``vocabulary_`` and MultiLabelBinarizer's ``_cached_dict`` within their own length.
+checked likewise: KMeans's (MiniBatchKMeans's, BisectingKMeans's) ``cluster_centers_``, non-empty and as
+wide as its ``n_features_in_`` (its Lloyd step reads X with the centres' width), and a ``_n_threads`` in
+[1, 1024]; BisectingKMeans's ``_bisecting_tree``, which predict walks by recursion, handing each split node's
+two children's centres to the same Lloyd step: a tree (every node reached once from the root, so no cycle
+and no node shared, which a re-run would visit once per path: exponentially often) at most 500 levels deep,
+nodes of its own fields only with two children or none, every center a finite vector as wide as
+``n_features_in_`` in the dtype of ``cluster_centers_`` (the fused Cython takes centres of X's dtype; the
+root's may be the numpy matrix fit makes from sparse data), ``_X_mean`` likewise, and leaves whose
+integer labels number the rows of ``cluster_centers_``, each once; FeatureAgglomeration's ``labels_``, one
+integer in [0, ``n_features_in_``) per column (transform's ``np.bincount(labels_)`` is sized by the largest);
+IsotonicRegression's thresholds, finite float vectors of one length and dtype, X's strictly increasing, and
+numbers as ``X_min_``/``X_max_``; libsvm's model (SVC, NuSVC, SVR, NuSVR, OneClassSVM, dense or sparse),
+rebuilt from the fitted arrays on each call: its class's own ``_impl``, a kernel named by a string (a
+callable's output is read as a precomputed kernel) and not "precomputed" for a sparse model, int32
+``_n_support`` counts (two classes or more, summing to the number of support vectors; two entries for
+regression and one class), as many ``support_`` (within the kernel matrix's columns for a precomputed kernel),
+``support_vectors_`` that many rows as wide as ``n_features_in_`` (CSR when ``_sparse``), ``_dual_coef_`` of
+shape (classes - 1, support vectors) with every value stored when sparse, one ``_intercept_`` per pair of
+classes and as many or no ``_probA``/``_probB`` (as many when ``_effective_probability``), one ``classes_``
+per count; a neighbours estimator's ``_fit_X`` of shape (``n_samples_fit_``, ``n_features_in_``) (the
+brute-force search reads it with X's width, kneighbors_graph is n_samples_fit_ wide), its tree's data of that
+shape, and a classifier's ``_y`` one integer label per row (and output) within its ``classes_`` (the
+class-mode searches add at that index); every scipy sparse matrix or array in the model valid in full (indptr
+from 0, non-decreasing, to the number of stored values, integer indices within the other dimension; COO
+coordinates within the shape; one DIA offset per diagonal); and the index maps from which transformers build
+sparse outputs that scipy does not check and a re-run's dense copy writes through: OneHotEncoder's codes,
+followed through unsorted numeric ``categories_`` (searchsorted), ``_infrequent_indices``,
+``_default_to_infrequent_mappings`` and ``_drop_idx_after_grouping``, within each feature's
+``_n_features_outs``; DictVectorizer's, CountVectorizer's and TfidfVectorizer's ``vocabulary_`` and
+MultiLabelBinarizer's ``_cached_dict`` within their own length.
 Read and left alone because numpy or scipy check the shapes they are given: NearestCentroid, AffinityPropagation,
 MeanShift (pairwise_distances_argmin), the linear models and LinearSVC (products), KMeans's transform,
 PolynomialFeatures (sized from its input), KBinsDiscretizer, OrdinalEncoder, LatentDirichletAllocation and
 NMF (sized from ``components_``), HistGradientBoosting's known-category bitsets (their setter raises past
 255). Beyond these, what scikit-learn's code does with the file's numbers is not checked: a crafted file
 can still make a re-run fail or compute nonsense (libsvm's gamma, coef0 and degree, a class_weight_ that
-predicting never reads, thresholds, a ``n_jobs`` asking for many workers), and compiled prediction code of
-estimators not named here may still trust what it is given. Before any of this, ``sklearn.load_model``
-refuses a file whose arrays unpack (by its zip directories, nested ones included) to more than half the
-machine's memory: a few KB of compressed zeros can declare gigabytes.
+predicting never reads, thresholds), and compiled prediction code of estimators not named here may still
+trust what it is given. Before any of this, ``sklearn.load_model`` refuses a file whose arrays unpack (by
+its zip directories, nested ones included) to more than half the machine's memory: a few KB of compressed
+zeros can declare gigabytes.
 
 Names under ``sklearn.``, ``numpy.`` and ``scipy.`` only (and ``functools.partial`` as above), and never
 from their testing or compiler modules.
@@ -127,8 +159,9 @@ from __future__ import annotations
 import functools
 import importlib
 import inspect
-import types
 import json
+import os
+import types
 import zipfile
 from collections import defaultdict
 from io import BytesIO
@@ -161,6 +194,7 @@ REVIEWED_HELPERS = frozenset({
     "sklearn.neural_network._stochastic_optimizers.AdamOptimizer",
     "sklearn.neural_network._stochastic_optimizers.SGDOptimizer",
     "sklearn.compose._column_transformer.make_column_selector",
+    "sklearn.cluster._bisect_k_means._BisectingTree",  # BisectingKMeans's nodes (checked by _Structures)
 })
 KERNELS_MODULE = "sklearn.gaussian_process.kernels"
 # modules whose estimators are test doubles or call what the file names
@@ -178,6 +212,26 @@ REFERENCE_LOADERS = frozenset({"FunctionNode", "TypeNode", "DTypeNode"})
 # array-API asarray is np.array (what a BSpline keeps to make its outputs)
 SCIPY_ASARRAY = "scipy._lib.array_api_compat.numpy._aliases.asarray"
 PURE_FUNCTIONS = frozenset({"sklearn.utils.validation.check_array", SCIPY_ASARRAY})
+# numpy reductions FeatureAgglomeration.transform may pool with: called there as ``f(X[:, mask], axis=1)``
+POOLING_REDUCTIONS = ("mean", "average", "median", "sum", "prod", "max", "amax", "min", "amin", "ptp", "std", "var",
+                      "nanmean", "nanmedian", "nansum", "nanprod", "nanmax", "nanmin", "nanstd", "nanvar")
+# Functions loaded in one field of one estimator class only, where scikit-learn calls them with its own
+# arguments (check_loaded refuses them anywhere else: a FunctionTransformer would call them with the file's):
+# class -> field -> the functions' names
+FIELD_FUNCTIONS = {
+    # BisectingKMeans's fit-only k-means run (fit picks one by its algorithm; predict never calls it)
+    "sklearn.cluster._bisect_k_means.BisectingKMeans": {
+        "_kmeans_single": ("sklearn.cluster._kmeans._kmeans_single_lloyd",
+                           "sklearn.cluster._kmeans._kmeans_single_elkan"),
+    },
+    "sklearn.cluster._agglomerative.FeatureAgglomeration": {
+        "pooling_func": tuple(f"numpy.{name}" for name in POOLING_REDUCTIONS),
+    },
+}
+# numpy's matrix, through skops's NdArrayNode (``np.matrix(np.load(...))`` of the file's numeric .npy): a
+# BisectingKMeans fitted on sparse data keeps one as its tree's root center (X.mean(axis=0) of a CSR matrix),
+# which predict never reads; check_loaded refuses one anywhere else
+MATRIX_TYPE = "numpy.matrix"
 PARTIAL_TYPE = "functools.partial"
 # Compiled classes read for scikit-learn 1.9 (neighbors/_binary_tree.pxi.tp, metrics/_dist_metrics.pyx.tp):
 # type -> the __setstate__ that was read. A version whose __setstate__ is another function is refused.
@@ -225,7 +279,7 @@ def refusal(type_name: str, loaders: set[str]) -> str | None:
         return f"{type_name} (not a scikit-learn, numpy or scipy type)"
     if not loaders:  # fail closed: a name the schema does not show us how it is loaded is not loaded
         return f"{type_name} (its use in the file could not be determined)"
-    if "FunctionNode" in loaders and not _is_pure_function(type_name):
+    if "FunctionNode" in loaders and not (_is_pure_function(type_name) or _is_field_function(type_name)):
         return (f"{type_name} (a function a re-run would call with arguments from the file: only numpy/scipy "
                 "ufuncs and scikit-learn score functions are loaded)")
     if "TypeNode" in loaders and not _is_inert_type(type_name):
@@ -243,6 +297,8 @@ def refusal(type_name: str, loaders: set[str]) -> str | None:
     if unsafe == ["ObjectNode"] and (_is_reviewed_cython(type_name) or _is_bspline(type_name)):
         return None
     if unsafe == ["SparseMatrixNode"] and _is_sparse_type(type_name):
+        return None
+    if unsafe == ["NdArrayNode"] and type_name == MATRIX_TYPE and _resolve(type_name) is np.matrix:
         return None
     return f"{type_name} (would be called or built while loading: {', '.join(unsafe)})"
 
@@ -286,6 +342,32 @@ def allowed_functions() -> tuple[Any, ...]:
     found += [obj for name in PURE_FUNCTIONS if (obj := _resolve(name)) is not None]
     found.append(np.asarray)
     return tuple(obj for obj in found if callable(obj) and not isinstance(obj, type))
+
+
+@functools.cache
+def _field_functions() -> dict[tuple[type, str], tuple[Any, ...]]:
+    """FIELD_FUNCTIONS as objects: ``{(class, field): (function, ...)}``."""
+    found = {}
+    for class_name, fields in FIELD_FUNCTIONS.items():
+        cls = _resolve(class_name)
+        if isinstance(cls, type):
+            for field, names in fields.items():
+                found[cls, field] = tuple(obj for name in names if callable(obj := _resolve(name)))
+    return found
+
+
+def _is_field_function(type_name: str) -> bool:
+    """One of FIELD_FUNCTIONS (check_loaded then requires it in its field)."""
+    obj = _resolve(type_name)
+    return obj is not None and _field_of(obj) is not None
+
+
+def _field_of(obj: Any) -> tuple[type, str] | None:
+    """The (class, field) where FIELD_FUNCTIONS admits the function ``obj``, or None."""
+    for where, functions in _field_functions().items():
+        if any(obj is function for function in functions):
+            return where
+    return None
 
 
 def _is_inert_type(type_name: str) -> bool:
@@ -379,23 +461,49 @@ def check_loaded(model: Any) -> str | None:
     scipy's evaluation stays within its arrays. The compiled structures whose prediction code indexes the
     file's arrays without bounds checks must be consistent too (see ``_Structures``): a fitted ``Tree`` (and
     only as a decision tree's ``tree_``), HistGradientBoosting's predictors, KDTree/BallTree and their
-    metrics, GradientBoosting's stage array, KMeans's centres, libsvm's model, a neighbours search's fitted
-    points and labels, every scipy sparse matrix, and the index maps of OneHotEncoder and the
-    vectorizers."""
+    metrics, GradientBoosting's stage array, KMeans's centres and BisectingKMeans's tree, libsvm's model, a
+    neighbours search's fitted points and labels, FeatureAgglomeration's labels, IsotonicRegression's
+    thresholds, every scipy sparse matrix, and the index maps of OneHotEncoder and the vectorizers. A function
+    of FIELD_FUNCTIONS must be in its field, a numpy matrix the root center of a BisectingKMeans's tree.
+
+    Two things are changed in the model as it is checked: an IsotonicRegression's ``f_`` is built again from
+    its thresholds once they pass (see ``_Structures._isotonic``), and once the walk has passed, an ``n_jobs``
+    above this machine's CPU count is lowered to it in every estimator the walk met (nested ones included; None
+    and negative counts are kept), before anything runs (GradientBoosting's init_ probe): a file's
+    ``n_jobs=10**6`` made a re-run start as many workers."""
     from scipy.interpolate import BSpline
+    from sklearn.base import BaseEstimator
+    from sklearn.cluster import BisectingKMeans
+    from sklearn.cluster._bisect_k_means import _BisectingTree
+    from sklearn.isotonic import IsotonicRegression
     from sklearn.preprocessing import SplineTransformer
     from sklearn.tree._classes import BaseDecisionTree
     from sklearn.tree._tree import Tree
     from sklearn.utils.validation import check_array
 
     allowed = {id(obj) for obj in allowed_functions()}
+    field_functions = _field_functions()
     seen: set[int] = set()
     structures = _Structures()
+    cpus = _cpu_count()
+    workers: list[Any] = []  # the estimators whose n_jobs asks for more workers than this machine has CPUs
     # (object, where it was met: SPLINE_ITEM for an item of a SplineTransformer's bsplines_, TREE_SLOT for a
-    # decision tree's tree_, None anywhere else)
-    stack: list[tuple[Any, str | None]] = [(model, None)]
+    # decision tree's tree_, BISECTING_ROOT for a BisectingKMeans's _bisecting_tree and ROOT_CENTER for its
+    # center, (class, field) for a field of FIELD_FUNCTIONS, None anywhere else)
+    stack: list[tuple[Any, Any]] = [(model, None)]
     while stack:
         obj, slot = stack.pop()
+        if isinstance(obj, np.matrix):  # (before `seen`: every reference is checked)
+            # numeric (skops builds it from a .npy without pickle), checked with the tree by _Structures
+            if slot != ROOT_CENTER:
+                return "a numpy matrix outside the root center of a BisectingKMeans's tree"
+            continue
+        if callable(obj) and not isinstance(obj, type) and (home := _field_of(obj)) is not None:
+            # (before `seen`: the same function met in its field and elsewhere is refused)
+            if slot != home:
+                return (f"the function {getattr(obj, '__module__', '?')}.{getattr(obj, '__name__', '?')} outside a "
+                        f"{home[0].__name__}'s {home[1]} (where scikit-learn calls it with its own arguments only)")
+            continue
         if isinstance(obj, BSpline):  # every reference is checked, not only the first one met
             if type(obj) is not BSpline or slot != SPLINE_ITEM:
                 return "a scipy BSpline outside a SplineTransformer's bsplines_"
@@ -438,6 +546,10 @@ def check_loaded(model: Any) -> str | None:
         why = _called_fields(obj, allowed)
         if why is not None:
             return why
+        if isinstance(obj, BaseEstimator) and isinstance(getattr(obj, "__dict__", None), dict):
+            n_jobs = obj.__dict__.get("n_jobs")
+            if _is_int(n_jobs) and n_jobs > cpus:
+                workers.append(obj)
         try:  # (an owner is met before what it holds: its message names both)
             why = structures.problem(obj)
         except Exception as exc:  # a field of a type no check expects: refused, not raised
@@ -451,9 +563,24 @@ def check_loaded(model: Any) -> str | None:
                     stack.extend((item, SPLINE_ITEM) for item in value)
                 elif isinstance(obj, BaseDecisionTree) and key == "tree_":
                     stack.append((value, TREE_SLOT))
+                elif (type(obj), key) in field_functions:
+                    stack.append((value, (type(obj), key)))
+                elif type(obj) is BisectingKMeans and key == "_bisecting_tree":
+                    stack.append((value, BISECTING_ROOT))
+                elif type(obj) is _BisectingTree and key == "center" and slot == BISECTING_ROOT:
+                    stack.append((value, ROOT_CENTER))
+                elif isinstance(obj, IsotonicRegression) and key == "f_":
+                    continue  # built again from the checked thresholds by _Structures (an interp1d and its method)
                 else:
                     stack.append((value, None))
+    for estimator in workers:  # (before after_walk runs a GradientBoosting's init_, which may use them)
+        estimator.__dict__["n_jobs"] = cpus
     return structures.after_walk()
+
+
+def _cpu_count() -> int:
+    """The most workers a loaded model's ``n_jobs`` may ask for: this machine's CPU count."""
+    return os.cpu_count() or 1
 
 
 # attributes a re-run calls (FunctionTransformer(func), TransformedTargetRegressor, KNeighbors' weights,
@@ -471,7 +598,7 @@ def _called_fields(obj: Any, allowed: set[int]) -> str | None:
     chains' stored method names and estimators), or None."""
     from sklearn.base import BaseEstimator
     from sklearn.gaussian_process.kernels import Kernel
-
+    from sklearn.isotonic import IsotonicRegression
     from sklearn.utils import Bunch
 
     name = type(obj).__name__
@@ -517,6 +644,10 @@ def _called_fields(obj: Any, allowed: set[int]) -> str | None:
         # each element's method of that name (np.log(x) calls x.log()), so a stored "log" is called too
         if key in CALLED_FIELDS or not callable(value) or _inert_value(key, value):
             continue
+        if _field_of(value) == (type(obj), key):  # (FIELD_FUNCTIONS: a function in its own field)
+            continue
+        if key == "f_" and isinstance(obj, IsotonicRegression):
+            continue  # derived: built again from its checked thresholds by _Structures (or refused there)
         return f"a {name} whose {key!r} is a callable {type(value).__name__}"
     for field in CALLED_FIELDS:
         value = state.get(field)
@@ -618,11 +749,18 @@ def _bspline_inconsistency(spline: Any) -> str | None:
 # where check_loaded met an object (see its walk)
 SPLINE_ITEM = "an item of a SplineTransformer's bsplines_"
 TREE_SLOT = "a decision tree's tree_"
+BISECTING_ROOT = "a BisectingKMeans's _bisecting_tree"
+ROOT_CENTER = "the center of a BisectingKMeans's _bisecting_tree"
 # the distance metrics a KDTree/BallTree may hold (REVIEWED_CYTHON) and the p each one computes with
 # (neighbors/_kd_tree.pyx.tp's bounds use dist_metric.p; MinkowskiDistance requires 0 < p < inf)
 METRIC_P = {"EuclideanDistance64": 2.0, "ManhattanDistance64": 1.0, "ChebyshevDistance64": np.inf,
             "MinkowskiDistance64": None}
 MAX_BINARY_TREE_LEVELS = 62  # n_nodes = 2**n_levels - 1 must be an intp
+# BisectingKMeans.predict recurses once per level of its tree (Python's default limit is 1000 frames, the
+# caller's included); fit makes one level per bisection of a leaf: a tree this deep is n_clusters > 500
+MAX_BISECTING_DEPTH = 500
+# what a node of BisectingKMeans's tree holds (cluster/_bisect_k_means.py's _BisectingTree: label on leaves)
+BISECTING_NODE_FIELDS = frozenset({"center", "indices", "score", "left", "right", "label"})
 
 
 @functools.cache
@@ -638,7 +776,10 @@ def _structure_types() -> types.SimpleNamespace:
     from sklearn.neighbors._kd_tree import NodeData
     from sklearn.tree._classes import BaseDecisionTree
     from sklearn.tree._tree import Tree
+    from sklearn.cluster import BisectingKMeans, FeatureAgglomeration
+    from sklearn.cluster._bisect_k_means import _BisectingTree
     from sklearn.cluster._kmeans import _BaseKMeans
+    from sklearn.isotonic import IsotonicRegression
     from sklearn.feature_extraction import DictVectorizer
     from sklearn.feature_extraction.text import CountVectorizer
     from sklearn.neighbors._base import NeighborsBase
@@ -651,7 +792,9 @@ def _structure_types() -> types.SimpleNamespace:
         KDTree=KDTree, BallTree=BallTree, binary_trees=(KDBinaryTree, BallBinaryTree), NodeData=NodeData,
         BaseDecisionTree=BaseDecisionTree, Tree=Tree, BaseKMeans=_BaseKMeans, BaseLibSVM=BaseLibSVM,
         LIBSVM_IMPL=tuple(LIBSVM_IMPL), NeighborsBase=NeighborsBase, OneHotEncoder=OneHotEncoder,
-        vectorizers=(DictVectorizer, CountVectorizer), MultiLabelBinarizer=MultiLabelBinarizer)
+        vectorizers=(DictVectorizer, CountVectorizer), MultiLabelBinarizer=MultiLabelBinarizer,
+        BisectingKMeans=BisectingKMeans, BisectingTree=_BisectingTree, FeatureAgglomeration=FeatureAgglomeration,
+        IsotonicRegression=IsotonicRegression)
 
 
 def _is_int(value: Any) -> bool:
@@ -679,9 +822,12 @@ class _Structures:
         self._probes: list[Any] = []
         t = self.t
         # estimators whose fitted arrays compiled prediction code indexes (each check names the field at fault)
-        self._estimator_checks = ((t.BaseKMeans, self._kmeans), (t.BaseLibSVM, self._libsvm),
-                                  (t.NeighborsBase, self._neighbours), (t.OneHotEncoder, self._one_hot_encoder),
-                                  (t.vectorizers, self._vocabulary), (t.MultiLabelBinarizer, self._label_cache))
+        self._estimator_checks = ((t.BaseKMeans, self._kmeans), (t.BisectingKMeans, self._bisecting_kmeans),
+                                  (t.BaseLibSVM, self._libsvm), (t.NeighborsBase, self._neighbours),
+                                  (t.OneHotEncoder, self._one_hot_encoder), (t.vectorizers, self._vocabulary),
+                                  (t.MultiLabelBinarizer, self._label_cache),
+                                  (t.FeatureAgglomeration, self._feature_agglomeration),
+                                  (t.IsotonicRegression, self._isotonic))
 
     def _once(self, kind: str, obj: Any, check: Any) -> str | None:
         key = (kind, id(obj))
@@ -1066,6 +1212,133 @@ class _Structures:
             return (f"whose cluster_centers_ are {centers.shape[1]} wide but its n_features_in_ (the width its "
                     f"input is checked against) is {_shown(n_features)!r}")
         return _threads_problem(state)
+
+    def _bisecting_kmeans(self, est: Any) -> str | None:
+        """BisectingKMeans (cluster/_bisect_k_means.py): predict checks X against ``n_features_in_`` only, then
+        _predict_recursive walks ``_bisecting_tree`` from its root. A node whose ``left`` is None is a leaf and
+        gives its ``label`` to the rows that reach it (``np.full(n, label, dtype=np.int32)``); any other node
+        stacks its two children's ``center``, adds ``_X_mean`` (absent when fitted on sparse data) and hands
+        them with X to _labels_inertia (_k_means_lloyd.pyx: gemm reads X with the centres' width, the sparse
+        loop reads the centres at X's column indices, and the fused types take centres of X's dtype only; X is
+        of the fit's dtype), then recurses into each child with its rows: once per path to a node, one Python
+        frame per level. fit makes a tree (each node the child of one node), the nodes' centres of its input's
+        width and dtype (the root's is X.mean(axis=0): a numpy matrix (1, width) for sparse X, which predict
+        never reads), and numbers its leaves as the rows of ``cluster_centers_``; transform and score use
+        cluster_centers_ (checked as KMeans's)."""
+        state = vars(est)
+        if "_bisecting_tree" not in state:
+            return None  # not fitted: predict fails
+        centers, n_features = state.get("cluster_centers_"), state.get("n_features_in_")
+        if not (type(centers) is np.ndarray and centers.ndim == 2 and centers.dtype in (np.float32, np.float64)
+                and centers.shape[0] >= 1 and _is_int(n_features) and centers.shape[1] == n_features):
+            return (f"whose cluster_centers_ {_described(centers)} is not a non-empty float matrix as wide as its "
+                    f"n_features_in_ ({_shown(n_features)!r})")
+        dtype = centers.dtype
+        expected = (f"a finite vector of its n_features_in_ ({n_features}) in the dtype of its cluster_centers_ "
+                    f"({dtype})")
+
+        def vector(value: Any, root: bool = False) -> bool:
+            shaped = (type(value) is np.ndarray and value.shape == (n_features,)) \
+                or (root and type(value) is np.matrix and value.shape == (1, n_features))
+            return shaped and value.dtype == dtype and bool(np.isfinite(value).all())
+
+        if "_X_mean" in state and not vector(state["_X_mean"]):
+            return f"whose _X_mean {_described(state['_X_mean'])} is not {expected}"
+        labels: list[int] = []
+        reached: set[int] = set()
+        stack: list[tuple[Any, str, int]] = [(state["_bisecting_tree"], "_bisecting_tree", 0)]
+        while stack:
+            node, path, depth = stack.pop()
+            if type(node) is not self.t.BisectingTree:
+                return f"whose {path} is a {type(node).__name__}, not a _BisectingTree"
+            where = f"whose {path} (a _BisectingTree)"
+            if id(node) in reached:
+                return f"{where} is reached twice (the child of two nodes, or its own ancestor)"
+            reached.add(id(node))
+            if depth > MAX_BISECTING_DEPTH:
+                return f"{where} is deeper than {MAX_BISECTING_DEPTH} levels (predict recurses once per level)"
+            fields = vars(node)
+            if not set(fields) <= BISECTING_NODE_FIELDS:
+                return (f"{where} has other fields than {sorted(BISECTING_NODE_FIELDS)}: "
+                        f"{sorted(map(str, set(fields) - BISECTING_NODE_FIELDS))}")
+            if not vector(fields.get("center"), root=depth == 0):
+                return f"{where} has a center {_described(fields.get('center'))} that is not {expected}"
+            indices, score = fields.get("indices"), fields.get("score", 0)
+            if indices is not None and not (type(indices) is np.ndarray and indices.ndim == 1
+                                            and indices.dtype.kind in "iu"):
+                return f"{where} has indices {_shown(indices)!r} (None, or the indices of its rows in fit, expected)"
+            if not (_is_int(score) or isinstance(score, (float, np.floating))):
+                return f"{where} has score {_shown(score)!r} (a number expected)"
+            left, right = fields.get("left"), fields.get("right")
+            if left is None and right is None:
+                label = fields.get("label")
+                if not (_is_int(label) and 0 <= label < len(centers)):
+                    return (f"{where} is a leaf labelled {_shown(label)!r} (an index into its {len(centers)} "
+                            "cluster_centers_ expected)")
+                labels.append(int(label))
+            elif left is None or right is None:
+                has, lacks = ("left", "right") if right is None else ("right", "left")
+                return f"{where} has a {has} child but no {lacks} one"
+            else:
+                stack += [(right, f"{path}.right", depth + 1), (left, f"{path}.left", depth + 1)]
+        if sorted(labels) != list(range(len(centers))):
+            shown = sorted(labels) if len(labels) <= 20 else f"{sorted(labels)[:20]}..."
+            return (f"whose leaves label the rows {shown} of its {len(centers)} cluster_centers_ "
+                    "(each once expected)")
+        return None
+
+    # ----------------------------------------------------------------------------- FeatureAgglomeration
+
+    def _feature_agglomeration(self, est: Any) -> str | None:
+        """FeatureAgglomeration.transform (cluster/_feature_agglomeration.py) checks X against
+        ``n_features_in_``; with np.mean it sizes its output by ``np.bincount(labels_)`` (a label of 10**12
+        asks for terabytes) and pools each row by ``np.bincount(labels_, X[i, :])`` (one label per column);
+        with another pooling function it pools X's columns ``labels_ == l`` for each distinct label. fit
+        labels each column with a cluster index below the number of columns."""
+        state = vars(est)
+        if "labels_" not in state:
+            return None  # not fitted: transform refuses
+        labels, n_features = state["labels_"], state.get("n_features_in_")
+        expected = (f"one cluster index in [0, {_shown(n_features)!r}) for each of its n_features_in_ "
+                    f"({_shown(n_features)!r}) columns")
+        if not (_is_int(n_features) and type(labels) is np.ndarray and labels.dtype.kind in "iu"
+                and labels.shape == (n_features,)):
+            return f"whose labels_ {_described(labels)} is not {expected}"
+        bad = (labels < 0) | (labels >= n_features)
+        if bad.any():
+            return f"whose labels_ holds {int(labels[_first(bad)])}, not {expected}"
+        return None
+
+    # ----------------------------------------------------------------------------- IsotonicRegression
+
+    def _isotonic(self, est: Any) -> str | None:
+        """IsotonicRegression (isotonic.py): its own __setstate__, which skops calls while loading (skops
+        trusts the class), builds ``f_`` with _build_f from ``X_thresholds_`` and ``y_thresholds_`` (scipy's
+        interp1d, which copies and sorts them and raises on other shapes; a closure returning y for a single
+        threshold), and keeps the file's ``f_`` when either is missing; predict casts its input to
+        X_thresholds_'s dtype, clips it to ``X_min_``/``X_max_`` (out_of_bounds "clip") and calls f_. fit
+        makes finite float thresholds of one length and dtype, X's strictly increasing. Once they are checked,
+        f_ is built again here with scikit-learn's _build_f, as __setstate__ builds it: the one the load made
+        is not used (nor walked)."""
+        state = vars(est)
+        if "X_thresholds_" not in state or "y_thresholds_" not in state:
+            if "f_" in state:
+                return ("whose f_ is stored without the X_thresholds_ and y_thresholds_ it is built from (predict "
+                        "would call what the file holds)")
+            return None  # not fitted: predict fails
+        xt, yt = state["X_thresholds_"], state["y_thresholds_"]
+        if not (type(xt) is np.ndarray and xt.ndim == 1 and len(xt) >= 1 and xt.dtype in (np.float32, np.float64)
+                and np.isfinite(xt).all() and np.all(xt[1:] > xt[:-1])):
+            return f"whose X_thresholds_ {_described(xt)} is not a finite, strictly increasing float vector"
+        if not (type(yt) is np.ndarray and yt.shape == xt.shape and yt.dtype == xt.dtype and np.isfinite(yt).all()):
+            return (f"whose y_thresholds_ {_described(yt)} is not a finite float vector as long as its X_thresholds_ "
+                    f"({len(xt)}) and of the same dtype ({xt.dtype})")
+        for field in ("X_min_", "X_max_"):
+            value = state.get(field, 0.0)
+            if not (_is_int(value) or isinstance(value, (float, np.floating))):
+                return f"whose {field} {_described(value)} is not a number"
+        est._build_f(xt, yt)
+        return None
 
     # ----------------------------------------------------------------------------- libsvm
 
