@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import fcntl
 import io
 import os
 import subprocess
@@ -66,7 +67,7 @@ def test_capture_a_saved_pipeline_from_csv(tmp_path: Path, saved_pipeline, capsy
 
 
 def test_a_failed_first_capture_leaves_no_store_and_a_failed_later_one_keeps_the_store(
-        tmp_path: Path, saved_pipeline, capsys) -> None:
+        tmp_path: Path, saved_pipeline, capsys, monkeypatch) -> None:
     """A capture whose model fails on the inputs makes no empty store where there was none (nor files in a
     directory that was empty); in a store that holds models, they stay."""
     model_path, inputs_path, _pipe, frame = saved_pipeline
@@ -87,6 +88,26 @@ def test_a_failed_first_capture_leaves_no_store_and_a_failed_later_one_keeps_the
     assert main(["capture", str(kept), *args]) != 0
     with mistiquefs.open_store(kept, create=False) as opened:
         assert opened.models() == ["p0"]
+    # two first captures at once, both into a missing store: the other one makes the store and takes its lock
+    # right after this one looked; this one, refused, removes nothing
+    racing, held = tmp_path / "racing", []
+    real_open = mistiquefs.api.open_store
+
+    def other_capture_first(path, **kwargs):
+        opened = real_open(path, **kwargs)
+        held.append(os.open(racing / "capture.lock", os.O_RDWR | os.O_CREAT))
+        fcntl.flock(held[0], fcntl.LOCK_EX | fcntl.LOCK_NB)
+        return opened
+
+    monkeypatch.setattr(mistiquefs.api, "open_store", other_capture_first)
+    try:
+        assert main(["capture", str(racing), "--model", str(model_path), "--inputs", str(inputs_path),
+                     "--name", "p0", "--no-progress"]) != 0
+        assert "another capture is writing" in capsys.readouterr().err
+        assert (racing / "capture.lock").exists() and (racing / "catalog.sqlite").exists()
+    finally:
+        for fd in held:
+            os.close(fd)
 
 
 @pytest.mark.keras

@@ -11,6 +11,7 @@ import sqlite3
 import sys
 import tempfile
 from pathlib import Path
+from typing import Any
 
 from mistiquefs.errors import MistiqueError
 
@@ -119,20 +120,16 @@ def cmd_capture(args: argparse.Namespace) -> int:
     inputs = load_inputs_file(args.inputs, model)  # the model decides how a CSV's columns are read
     existed = args.store.exists()
     made = not existed or (args.store.is_dir() and not any(args.store.iterdir()))  # this capture makes the store
-    emptied = False
-    try:
-        with open_store(args.store) as store:
-            try:
-                summary = store.capture(model, inputs, name=args.name, batch_size=args.batch_size,
-                                        progress=False if args.no_progress else None,
-                                        skip_existing=args.skip_existing, schemes=schemes or None,
-                                        policy=args.policy, budget=args.budget)
-            except BaseException:
-                emptied = made and not store.models()
-                raise
-    finally:
-        if emptied:  # a failed first capture leaves no empty store behind (a directory it found empty stays)
-            _discard_store(args.store, keep_dir=existed)
+    with open_store(args.store) as store:
+        try:
+            summary = store.capture(model, inputs, name=args.name, batch_size=args.batch_size,
+                                    progress=False if args.no_progress else None,
+                                    skip_existing=args.skip_existing, schemes=schemes or None,
+                                    policy=args.policy, budget=args.budget)
+        except BaseException:
+            if made:  # a failed first capture leaves no empty store behind (a directory it found empty stays)
+                _discard_if_empty(store, keep_dir=existed)
+            raise
     if summary.skipped:
         print(f"{summary.name} is already in {args.store}: skipped")
         return 0
@@ -142,16 +139,25 @@ def cmd_capture(args: argparse.Namespace) -> int:
     return 0
 
 
-def _discard_store(path: Path, keep_dir: bool) -> None:
-    """Remove a store a failed first capture made: its files, and its directory unless it was there."""
-    if not keep_dir:
-        shutil.rmtree(path, ignore_errors=True)
+def _discard_if_empty(store: Any, keep_dir: bool) -> None:
+    """Remove the files of ``store`` (a failed first capture made it), and its directory unless it was there,
+    if it holds no model. Under its capture lock: another capture that started meanwhile (both saw no store,
+    this one was refused or failed first) holds the lock or has committed, and then nothing is removed."""
+    try:
+        with store.repo.capture_lock("clean-up"):
+            if store.models():
+                return
+            path = store.path
+            if not keep_dir:
+                shutil.rmtree(path, ignore_errors=True)
+                return
+            for child in path.iterdir():
+                if child.is_dir() and not child.is_symlink():
+                    shutil.rmtree(child, ignore_errors=True)
+                else:
+                    child.unlink(missing_ok=True)
+    except MistiqueError:  # another capture holds the lock: the store is in use
         return
-    for child in path.iterdir():
-        if child.is_dir() and not child.is_symlink():
-            shutil.rmtree(child, ignore_errors=True)
-        else:
-            child.unlink(missing_ok=True)
 
 
 def cmd_mount(args: argparse.Namespace) -> int:
