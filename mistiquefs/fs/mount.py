@@ -149,6 +149,7 @@ def _serve(store: Path, mountpoint: Path, *, allow_other: bool, debug: bool, cac
 
     check_mountpoint(mountpoint)  # again, under the lock: a mount another daemon made meanwhile
     _keep_freed_memory()  # before any thread starts: threads made earlier keep heaps of their own
+    raise_open_file_limit()  # before the store opens: its pack reader sizes its descriptor cache from it
     repo = Repository(store, create=False, **({"cache_bytes": cache_bytes} if cache_bytes else {}))
     tree = Tree(repo, Planner(repo, mode=plan, budget=budget))
     ops = FuseOps(tree)
@@ -187,6 +188,27 @@ def _serve(store: Path, mountpoint: Path, *, allow_other: bool, debug: bool, cac
     finally:
         for signum, handler in previous.items():
             signal.signal(signum, handler)
+
+
+def raise_open_file_limit() -> int:
+    """Raise this process's soft open-file limit to its hard limit (often 1024 against far more) and return
+    it. A store's packs only grow in number; the pack reader keeps a bounded number of them open, but the
+    daemon also holds SQLite's files, /dev/fuse and its log, and a higher limit leaves it room."""
+    import resource
+
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard == resource.RLIM_INFINITY:  # Linux refuses more than fs.nr_open
+        try:
+            hard = int(Path("/proc/sys/fs/nr_open").read_text())
+        except (OSError, ValueError):
+            return soft
+    if soft != resource.RLIM_INFINITY and soft < hard:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, resource.getrlimit(resource.RLIMIT_NOFILE)[1]))
+        except (OSError, ValueError):
+            return soft
+        return hard
+    return soft
 
 
 #: memory the daemon faults in before it serves and keeps (see _keep_freed_memory)

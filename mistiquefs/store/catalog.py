@@ -53,6 +53,11 @@ MEMO_SCHEMA = """CREATE TABLE IF NOT EXISTS encodings (
 _HIGH_WATER = {"models": "max_model_id", "intermediates": "max_intermediate_id"}
 #: bound parameters per query (SQLite's default limit is 32766; well under it)
 _BATCH = 500
+#: how long a statement waits for another connection's lock before it fails (SQLITE_BUSY)
+BUSY_TIMEOUT_MS = 10_000
+#: SQLite's primary result codes (``sqlite_errorcode & 0xff``) for another connection's lock, and for a
+#: database that cannot be written (read-only media, an immutable connection)
+_SQLITE_BUSY, _SQLITE_LOCKED, _SQLITE_READONLY = 5, 6, 8
 
 
 @dataclass
@@ -163,7 +168,7 @@ class Catalog:
     def _connect(self, target: str, *, uri: bool) -> sqlite3.Connection:
         db = sqlite3.connect(target, uri=uri, check_same_thread=False, isolation_level=None)
         try:
-            db.execute("PRAGMA busy_timeout = 10000")
+            db.execute(f"PRAGMA busy_timeout = {int(BUSY_TIMEOUT_MS)}")
             self._db = db
             self._prepare()
         except BaseException:
@@ -188,21 +193,45 @@ class Catalog:
 
     def _migrate(self, version: int) -> None:
         """Bring an older store up to FORMAT_VERSION, one transaction per step. A store on read-only
-        media cannot be migrated: it is read as it is (``intermediates`` fills in the missing columns)."""
+        media cannot be migrated: it is read as it is (``intermediates`` fills in the missing columns).
+
+        Another process may be opening the same store: the version is read again once this one holds the
+        write lock (that process may have migrated it meanwhile), and a lock held past the busy timeout is
+        an error that says so, not read-only media (the store would be used unmigrated)."""
         while version < FORMAT_VERSION:
             try:
                 self._db.execute("BEGIN IMMEDIATE")
-            except sqlite3.OperationalError:
-                return
+            except sqlite3.OperationalError as exc:
+                if _read_only(exc):
+                    return
+                raise self._busy_error(exc) if _lock_error(exc) else exc
             try:
+                current = self._meta_version()
+                if current is None or current >= FORMAT_VERSION:  # migrated by another process meanwhile
+                    self._db.execute("COMMIT")
+                    return
+                version = current
                 for statement in _MIGRATIONS[version]:
                     self._db.execute(statement)
                 version += 1
                 self._db.execute("UPDATE meta SET value = ? WHERE key = 'format_version'", (str(version),))
                 self._db.execute("COMMIT")
+            except sqlite3.OperationalError as exc:
+                if self._db.in_transaction:
+                    self._db.execute("ROLLBACK")
+                if _read_only(exc):
+                    return
+                raise self._busy_error(exc) if _lock_error(exc) else exc
             except BaseException:
-                self._db.execute("ROLLBACK")
+                if self._db.in_transaction:
+                    self._db.execute("ROLLBACK")
                 raise
+
+    @staticmethod
+    def _busy_error(exc: sqlite3.OperationalError) -> StoreError:
+        return StoreError(f"the catalog is busy: another process held its write lock for more than "
+                          f"{BUSY_TIMEOUT_MS / 1000:g} s while this one had to bring the store to format version "
+                          f"{FORMAT_VERSION} ({exc}); try again")
 
     def _meta_version(self) -> int | None:
         try:
@@ -387,6 +416,23 @@ class Catalog:
             return chunk_location_from_row(rows[0])
         except ValueError as exc:
             raise StoreError(f"the catalog row of chunk {cid.hex()} is damaged: {exc}: run mistiquefs fsck") from None
+
+    @contextmanager
+    def snapshot(self) -> Iterator[None]:
+        """Every query in the block reads the catalog as one commit left it (one read transaction; WAL lets
+        writers go on meanwhile): fsck compares what several queries return, and an rm committing between
+        them looked like damage. Only for reads: a write in the block fails."""
+        with self._lock:
+            self._db.execute("BEGIN")
+        try:
+            yield
+        finally:
+            with self._lock:
+                if self._db.in_transaction:
+                    try:
+                        self._db.execute("COMMIT")
+                    except sqlite3.Error:
+                        self._db.execute("ROLLBACK")
 
     @contextmanager
     def _transaction(self) -> Iterator[sqlite3.Connection]:
@@ -608,6 +654,21 @@ class Catalog:
     def close(self) -> None:
         with self._lock:
             self._db.close()
+
+
+def _read_only(exc: sqlite3.Error) -> bool:
+    """Whether an SQLite error says the database cannot be written (read-only media)."""
+    code = getattr(exc, "sqlite_errorcode", None)
+    return (code & 0xFF == _SQLITE_READONLY) if code is not None else "readonly" in str(exc).lower()
+
+
+def _lock_error(exc: sqlite3.Error) -> bool:
+    """Whether an SQLite error is another connection's lock (busy past the timeout), not damage."""
+    code = getattr(exc, "sqlite_errorcode", None)
+    if code is not None:
+        return code & 0xFF in (_SQLITE_BUSY, _SQLITE_LOCKED)
+    text = str(exc).lower()
+    return "locked" in text or "busy" in text
 
 
 def _model_record(row: Sequence[Any]) -> ModelRecord:

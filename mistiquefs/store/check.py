@@ -32,7 +32,15 @@ when SQLite cannot rewrite the index (a malformed page), the repair stops with D
 (reads of those tiles fail; the layers' other tiles read as before).
 
 Concurrency: a plain check takes no lock and only reads. A gc may move chunks between its reads, so every
-chunk problem is checked again against the catalog as it is at the end, and dropped if gc explains it.
+chunk problem is checked again against the catalog as it is at the end, and dropped if gc explains it. What
+the catalog checks compare (layers, tiles, chunk rows, models) is read in one read transaction, a snapshot
+that an rm or a mount's materialization committing meanwhile does not change; a model file found missing is
+checked again against the rows as they are after it (rm deletes the file once its rows are gone).
+Running out of file descriptors (EMFILE, ENFILE) is an error of the machine, raised as such, never damage.
+
+Durability: a repair may index chunks in packs that no capture ever fsynced (a capture killed before its
+commit); it fsyncs every pack a new or moved row points into, then the packs directory, before it commits,
+since a later capture may deduplicate against those chunks and fsyncs only its own packs.
 """
 
 from __future__ import annotations
@@ -48,7 +56,8 @@ from typing import TypeVar
 
 from mistiquefs.errors import CorruptChunk, DamageFound, MistiqueError, StoreError
 from mistiquefs.store.maintenance import copy_chunks
-from mistiquefs.store.packs import OBJECT_HEADER, ChunkLocation, PackReader, PackScan, object_at, scan_pack
+from mistiquefs.store.packs import (NO_DESCRIPTORS, OBJECT_HEADER, ChunkLocation, PackReader, PackScan, fsync_dir,
+                                    fsync_path, object_at, scan_pack)
 from mistiquefs.store.records import COLUMNS
 from mistiquefs.store.repository import Repository
 
@@ -69,6 +78,8 @@ VERIFY_WORKERS = max(2, os.cpu_count() or 1)
 #: lines of affected examples a summary prints per problem (the report keeps them all)
 SUMMARY_LINES = 12
 MISSING_PACK = "its pack is missing"
+#: descriptors of packs fsck keeps open while no read uses them (it walks the packs in order)
+IDLE_PACKS = 2 * VERIFY_WORKERS
 Chunks = dict[bytes, ChunkLocation]
 
 
@@ -129,17 +140,19 @@ def check_store(repo: Repository) -> FsckReport:
         rows, damaged = repo.catalog.decoded_chunk_rows()
         scans = _scan_packs(repo.root / "packs")
         report.packs = len(scans)
-        packs = PackReader(repo.root / "packs")
+        packs = PackReader(repo.root / "packs", max_idle=IDLE_PACKS)
         try:
             bad = _check_chunk_rows(packs, rows, scans, report)
             bad = _recheck(repo, packs, bad)
         finally:
             packs.close()
-        tracer = _Tracer(repo)
-        _report_bad_chunks(repo, bad, tracer, report)
-        _report_damaged_chunk_rows(repo, damaged, tracer, report)
-        _check_catalog(repo, tracer, report)
-        _note_reclaimable(repo, rows, scans, report)
+        with repo.catalog.snapshot():  # an rm committing meanwhile must not look like damage
+            tracer = _Tracer(repo)
+            _report_bad_chunks(repo, bad, tracer, report)
+            _report_damaged_chunk_rows(repo, damaged, tracer, report)
+            _check_catalog(repo, tracer, report)
+            _note_reclaimable(repo, rows, scans, report)
+        _check_model_files(repo, tracer, report)
     except sqlite3.DatabaseError as exc:
         _unreadable(exc, report)
     return report
@@ -168,6 +181,7 @@ def repair_store(repo: Repository) -> FsckReport:
             rewritten = copy_chunks(repo, sorted(headless.items(), key=lambda item: (item[1].pack,
                                                                                      item[1].offset)))[0]
         rows.update(rewritten)
+        _sync_packs(repo.root / "packs", old, rows, rewritten)
         try:
             repo.catalog.replace_chunks(rows)
         except sqlite3.DatabaseError as exc:
@@ -178,8 +192,11 @@ def repair_store(repo: Repository) -> FsckReport:
         report.repaired = _describe_repair(old, rows, len(scans), len(rewritten), len(damaged), unreadable)
         try:
             _check_integrity(repo, report)
-            _check_catalog(repo, _Tracer(repo), report)
-            _note_reclaimable(repo, rows, scans, report)
+            with repo.catalog.snapshot():  # (rm takes no lock)
+                tracer = _Tracer(repo)
+                _check_catalog(repo, tracer, report)
+                _note_reclaimable(repo, rows, scans, report)
+            _check_model_files(repo, tracer, report)
         except sqlite3.DatabaseError as exc:
             _unreadable(exc, report)
         if not report.catalog_unreadable and any(p.what.startswith(INTEGRITY) for p in report.problems):
@@ -188,6 +205,16 @@ def repair_store(repo: Repository) -> FsckReport:
             report.problems.append(Problem(f"the catalog's database file is still damaged after the rebuild of its "
                                            f"chunk index: {CATALOG_ADVICE}"))
     return report
+
+
+def _sync_packs(packs_dir: Path, old: Chunks, rows: Chunks, rewritten: Chunks) -> None:
+    """fsync every pack that a new or moved row points into (a pack a killed capture left was never fsynced;
+    copy_chunks already synced ``rewritten``'s), then the packs directory: before the commit that indexes them."""
+    unsynced = sorted({loc.pack for cid, loc in rows.items() if old.get(cid) != loc and cid not in rewritten})
+    for pack in unsynced:
+        fsync_path(packs_dir / pack)
+    if unsynced:
+        fsync_dir(packs_dir)
 
 
 def _busy(exc: sqlite3.DatabaseError) -> bool:
@@ -225,12 +252,24 @@ def _check_chunk_rows(packs: PackReader, rows: Chunks, scans: dict[str, PackScan
         if loc.pack not in scans:
             bad[cid] = (loc, MISSING_PACK)
             continue
-        present.append((cid, loc))
         header = _header_problem(objects.get((loc.pack, loc.offset)), cid, loc)
         if header:
             bad[cid] = (loc, header)
+            size = scans[loc.pack].size
+            if loc.offset < 0 or loc.stored_length < 0 or loc.offset + loc.stored_length > size:
+                # nothing to read (a damaged row's length can be 1 TiB): the header check said enough
+                report.chunks += 1
+                bad[cid] = (loc, f"{header}; truncated: its {loc.stored_length} bytes at offset {loc.offset} run "
+                                 f"past the end of the pack ({size} bytes)")
+                continue
+        present.append((cid, loc))
     present.sort(key=lambda item: (item[1].pack, item[1].offset))
+    walked = ""
     for (cid, loc), error in zip(present, _parallel(_verify(packs), present)):
+        if loc.pack != walked:  # results come in order: every read of the pack before is done
+            if walked:
+                packs.forget(walked)
+            walked = loc.pack
         report.chunks += 1
         report.bytes_verified += loc.stored_length
         if error:
@@ -256,6 +295,8 @@ def _verify(packs: PackReader) -> Callable[[bytes, ChunkLocation], str]:
             return str(exc).replace(f"chunk {cid.hex()} in {loc.pack} at {loc.offset} ", "") \
                 .replace(f"chunk {cid.hex()} in {loc.pack} ", "")
         except OSError as exc:
+            if exc.errno in NO_DESCRIPTORS:  # this process's (or the system's) limit, not damage
+                raise
             return f"cannot be read: {exc}"
         return ""
     return verify
@@ -312,7 +353,7 @@ def _intact_copies(packs_dir: Path, old: Chunks, scans: dict[str, PackScan],
     items = list(candidates.items())
     rows: Chunks = {}
     headless: Chunks = {}
-    packs = PackReader(packs_dir)
+    packs = PackReader(packs_dir, max_idle=IDLE_PACKS)
     try:
         for (cid, _copies), (loc, tried) in zip(items, _parallel(_first_intact(packs, headed), items)):
             report.chunks += 1
@@ -371,7 +412,9 @@ class _Tracer:
     """Names the examples that tiles hold: "model M, layer L[, column j], examples a..b"."""
 
     def __init__(self, repo: Repository) -> None:
-        self.models = {ident: name for ident, name, _file in repo.catalog.model_rows()}
+        rows = repo.catalog.model_rows()
+        self.models = {ident: name for ident, name, _file in rows}
+        self.model_files = [(ident, name, model_file) for ident, name, model_file in rows]
         # (model, what) of each row that does not decode: a problem of its own; its layer is not traced
         layers, self.damaged = repo.catalog.decoded_intermediates()
         self.damaged += repo.catalog.decoded_models()[1]
@@ -491,11 +534,20 @@ def _check_catalog(repo: Repository, tracer: _Tracer, report: FsckReport) -> Non
         tracer.affected.add(model)
     for what, count in catalog.orphan_rows().items():
         report.problems.append(Problem(f"{count} {what} (the catalog is inconsistent)"))
-    for _id, name, model_file in catalog.model_rows():
-        if not (repo.root / model_file).is_file():
-            report.problems.append(Problem(f"model {name}: its model file {model_file} is missing"))
-            tracer.affected.add(name)
     report.affected_models |= tracer.affected
+
+
+def _check_model_files(repo: Repository, tracer: _Tracer, report: FsckReport) -> None:
+    """Every model's kept file exists. Called after the snapshot ``tracer`` read: a file found missing is a
+    problem only if its model's row is still there now (rm deletes the file after its commit)."""
+    missing = [row for row in tracer.model_files if not (repo.root / row[2]).is_file()]
+    if not missing:
+        return
+    now = set(repo.catalog.model_rows())
+    for ident, name, model_file in missing:
+        if (ident, name, model_file) in now:
+            report.problems.append(Problem(f"model {name}: its model file {model_file} is missing"))
+            report.affected_models.add(name)
 
 
 # ---- reclaimable space ------------------------------------------------------------------------------
@@ -540,7 +592,11 @@ def _note_unreferenced_chunks(repo: Repository, rows: Chunks, report: FsckReport
 
 def _note_orphan_model_files(repo: Repository, report: FsckReport) -> None:
     for path in repo.orphan_model_files():
-        _reclaim(report, path.stat().st_size, f"model file {path.name}: no model refers to it")
+        try:
+            size = path.stat().st_size
+        except FileNotFoundError:  # a gc deleted it meanwhile
+            continue
+        _reclaim(report, size, f"model file {path.name}: no model refers to it")
 
 
 def _reclaim(report: FsckReport, size: int, note: str) -> None:

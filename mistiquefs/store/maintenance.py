@@ -108,7 +108,10 @@ def remove_model(repo: Repository, name: str) -> ModelRecord:
     path = _model_file(repo, model.model_file)
     if path is not None:
         path.unlink(missing_ok=True)
-        fsync_dir(path.parent)
+        try:
+            fsync_dir(path.parent)
+        except FileNotFoundError:  # a store that lost its models/ directory: nothing there to make durable
+            pass
     return model
 
 

@@ -20,15 +20,24 @@ stale location either still reads the right bytes or finds its pack gone (FileNo
 leaves a torn tail that no catalog row references.
 
 Readers use ``os.pread`` on shared descriptors, which is safe from any thread; a descriptor of a deleted
-pack is closed once no read uses it (``PackReader.retire_missing``), so a mount gives its space back.
+pack is closed once no read uses it (``PackReader.retire_missing``), so a mount gives its space back. The
+packs only grow in number (every capture writes one, gc compaction more), so a reader keeps at most
+``MAX_IDLE_PACKS`` descriptors that no read is using, closing the least recently used: a store with more
+packs than the open-file limit still reads.
+
+Nothing in a payload is trusted before it is verified: a read never asks for more bytes than the pack
+holds, and a zstd frame must declare the content size the catalog expects before it is decompressed (a
+flipped bit in the frame header once made zstd allocate a buffer of petabytes).
 """
 
 from __future__ import annotations
 
+import errno
 import os
 import struct
 import threading
 import uuid
+from collections import OrderedDict
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -48,6 +57,11 @@ PACK_LIMIT = 1 << 30
 #: the default zstd level (a chain's ``zstd:L`` picks another): on float32 activations within a few
 #: percent of level 9's ratio at ~4X the speed
 ZSTD_LEVEL = 3
+#: descriptors of packs that no read is using that a ``PackReader`` keeps open (more are closed, the least
+#: recently used first); also at most a quarter of the soft open-file limit
+MAX_IDLE_PACKS = 256
+#: errors of opening a file that mean this process (or the system) has too many open, not that it is damaged
+NO_DESCRIPTORS = (errno.EMFILE, errno.ENFILE)
 
 _local = threading.local()
 
@@ -159,34 +173,76 @@ def fsync_dir(path: Path) -> None:
 
 @dataclass
 class _Handle:
+    pack: str
     fd: int
     users: int = 0
     retired: bool = False
+    #: the pack's size when last looked at (-1: not yet)
+    size: int = -1
 
 
 class PackReader:
-    """Reads and verifies chunks; keeps one descriptor per pack, shared by all threads.
+    """Reads and verifies chunks through descriptors shared by all threads.
 
-    A descriptor is counted while a read uses it, so ``retire_missing`` can close those of deleted packs
-    without pulling one from under a ``pread`` (a reused descriptor number would read another file)."""
+    A descriptor is counted while a read uses it: only one that no read uses is ever closed (a reused
+    descriptor number would read another file), whether its pack was deleted (``retire_missing``) or it is
+    the least recently used of more than ``max_idle`` idle ones (default ``MAX_IDLE_PACKS``, at most a
+    quarter of the soft open-file limit when the reader is made). When the process runs out of descriptors
+    anyway, every idle one is closed and the open tried once more."""
 
-    def __init__(self, packs_dir: Path) -> None:
+    def __init__(self, packs_dir: Path, *, max_idle: int | None = None) -> None:
         self.packs_dir = packs_dir
         self._handles: dict[str, _Handle] = {}
+        #: packs whose descriptor no read uses, least recently used first
+        self._idle: OrderedDict[str, _Handle] = OrderedDict()
+        if max_idle is None:
+            max_idle = max(1, min(MAX_IDLE_PACKS, _soft_open_files() // 4))
+        self._max_idle = max_idle
         self._lock = threading.Lock()
 
     def _acquire(self, pack: str) -> _Handle:
         with self._lock:
             handle = self._handles.get(pack)
             if handle is None:
-                handle = self._handles[pack] = _Handle(os.open(self.packs_dir / pack, os.O_RDONLY))
+                handle = self._handles[pack] = _Handle(pack, self._open(pack))
+            else:
+                self._idle.pop(pack, None)
             handle.users += 1
             return handle
+
+    def _open(self, pack: str) -> int:
+        try:
+            return os.open(self.packs_dir / pack, os.O_RDONLY)
+        except OSError as exc:
+            if exc.errno not in NO_DESCRIPTORS or not self._idle:
+                raise
+        self._close_idle(0)
+        return os.open(self.packs_dir / pack, os.O_RDONLY)
 
     def _release(self, handle: _Handle) -> None:
         with self._lock:
             handle.users -= 1
-            if handle.retired and not handle.users:
+            if handle.users:
+                return
+            if handle.retired:
+                os.close(handle.fd)
+                return
+            self._idle[handle.pack] = handle
+            self._close_idle(self._max_idle)
+
+    def _close_idle(self, keep: int) -> None:
+        """Close the least recently used idle descriptors until ``keep`` are left (under the lock)."""
+        while len(self._idle) > keep:
+            pack, handle = self._idle.popitem(last=False)
+            del self._handles[pack]
+            os.close(handle.fd)
+
+    def forget(self, pack: str) -> None:
+        """Close a pack's descriptor now if no read uses it (a walk over the packs is done with it)."""
+        with self._lock:
+            handle = self._idle.pop(pack, None)
+            if handle is not None:
+                del self._handles[pack]
                 os.close(handle.fd)
 
     def advise(self, loc: ChunkLocation) -> None:
@@ -202,9 +258,16 @@ class PackReader:
             self._release(handle)
 
     def read_payload(self, cid: bytes, loc: ChunkLocation) -> bytes:
-        """The chunk's stored (maybe compressed) bytes, unverified; FileNotFoundError if its pack is gone."""
+        """The chunk's stored (maybe compressed) bytes, unverified; FileNotFoundError if its pack is gone,
+        CorruptChunk if its location does not lie within the pack (never a read of an impossible length)."""
         handle = self._acquire(loc.pack)
         try:
+            end = loc.offset + loc.stored_length
+            if loc.offset < 0 or loc.stored_length < 0 or end > handle.size:
+                handle.size = os.fstat(handle.fd).st_size  # (a pack only grows: looked at again only past its end)
+                if loc.offset < 0 or loc.stored_length < 0 or end > handle.size:
+                    raise CorruptChunk(f"chunk {cid.hex()} in {loc.pack} is truncated: {loc.stored_length} bytes "
+                                       f"at offset {loc.offset} run past the end of the pack ({handle.size} bytes)")
             payload = os.pread(handle.fd, loc.stored_length, loc.offset)
         finally:
             self._release(handle)
@@ -225,28 +288,48 @@ class PackReader:
         with self._lock:
             gone = [name for name in self._handles if not (self.packs_dir / name).exists()]
             for name in gone:
-                handle = self._handles.pop(name)
-                handle.retired = True
-                if not handle.users:
-                    os.close(handle.fd)
+                self._retire(name)
         return gone
+
+    def _retire(self, name: str) -> None:
+        handle = self._handles.pop(name)
+        self._idle.pop(name, None)
+        handle.retired = True
+        if not handle.users:
+            os.close(handle.fd)
 
     def close(self) -> None:
         with self._lock:
-            for handle in self._handles.values():
-                handle.retired = True
-                if not handle.users:
-                    os.close(handle.fd)
-            self._handles.clear()
+            for name in list(self._handles):
+                self._retire(name)
+
+
+def _soft_open_files() -> int:
+    try:
+        import resource
+    except ImportError:  # (not a POSIX system)
+        return 1 << 20
+    soft = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+    return soft if soft != resource.RLIM_INFINITY and soft > 0 else 1 << 20
 
 
 def decode_payload(cid: bytes, loc: ChunkLocation, payload: bytes) -> bytes:
     """A stored payload's encoded bytes, verified against the chunk id; CorruptChunk if they do not match."""
     if loc.compression == ZSTD:
+        # The frame header's content size decides what decompress allocates: a damaged one must not be trusted
+        # (every frame a pack holds declares its size; compress writes it).
         try:
-            data = _decompressor().decompress(payload, max_output_size=loc.raw_length)
+            declared = zstandard.frame_content_size(payload)
         except zstandard.ZstdError as exc:
             raise CorruptChunk(f"chunk {cid.hex()} in {loc.pack} does not decompress: {exc}") from exc
+        if declared != loc.raw_length:
+            raise CorruptChunk(f"chunk {cid.hex()} in {loc.pack} does not decompress: its zstd frame header "
+                               f"declares {declared} bytes where {loc.raw_length} are expected")
+        try:
+            data = _decompressor().decompress(payload, max_output_size=loc.raw_length)
+        except (zstandard.ZstdError, MemoryError, ValueError) as exc:
+            raise CorruptChunk(f"chunk {cid.hex()} in {loc.pack} does not decompress: "
+                               f"{exc or type(exc).__name__}") from exc
     else:
         data = payload
     if len(data) != loc.raw_length or chunk_id(data) != cid:
