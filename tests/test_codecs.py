@@ -90,12 +90,13 @@ def bin_bounds(edges: np.ndarray, bins: int) -> tuple[np.ndarray, np.ndarray]:
 
 
 def exact_bin_bounds(edges: np.ndarray, bins: int) -> tuple[np.ndarray, np.ndarray]:
-    """``bin_bounds`` for an ``exact`` codec: code c holds the float32 values from edge c-1 up to just
-    below edge c."""
-    finite = edges[np.isfinite(edges)].astype(np.float64)
-    top = float(np.finfo(np.float32).max)
+    """``bin_bounds`` for an ``exact`` codec: code c holds the values (of the edges' dtype: float32, or
+    float64 for a float64 layer) from edge c-1 up to just below edge c."""
+    finite = edges[np.isfinite(edges)]
+    top = float(np.finfo(edges.dtype).max)
     lo, hi = np.full(bins, np.inf), np.full(bins, -np.inf)
-    below = np.nextafter(finite.astype(np.float32), np.float32(-np.inf)).astype(np.float64)
+    below = np.nextafter(finite, edges.dtype.type(-np.inf)).astype(np.float64)
+    finite = finite.astype(np.float64)
     lo[:len(finite) + 1] = np.concatenate([[-top], finite])
     hi[:len(finite) + 1] = np.concatenate([below, [top]])
     return lo, hi
@@ -241,9 +242,11 @@ def test_float16_equals_a_cast_to_half_and_back(dtype, spatial, n, tile_rows, la
 def kbit_codes(codec: KBitCodec, tile: np.ndarray, unit: int | None) -> tuple[np.ndarray, np.ndarray]:
     """``(table, code)`` of every element of a tile, recomputed from the codec's edges: the code is the
     number of edges <= the value's float32 truncated to 16 bits (NaN: all of them); for an ``exact``
-    codec (values too narrow for the 16-bit table), <= the value's float32."""
+    codec (values too narrow for the 16-bit table), <= the value as float32 (float64 where its edges are:
+    a float64 layer)."""
     t = table_index(len(codec.edges), codec.per == "layer", tile, unit)
-    x16 = tile.astype(np.float32) if codec.exact else trunc16(tile)
+    with np.errstate(over="ignore"):
+        x16 = tile.astype(codec.edges.dtype) if codec.exact else trunc16(tile)
     code = np.zeros(tile.shape, dtype=np.intp)
     for table in np.unique(t):
         m = t == table
@@ -286,8 +289,8 @@ def check_kbit(chain: Chain, sample: np.ndarray, values: np.ndarray, layout: str
         assert same_bits(out, codec.values.astype(tile.dtype)[t, code])
         # the error bound, for finite values in the sampled range
         x = tile.astype(np.float64)
-        with np.errstate(over="ignore"):
-            x32 = tile.astype(np.float32).astype(np.float64)
+        with np.errstate(over="ignore"):  # the value as the codes see it (float32, or float64 edges' dtype)
+            x32 = tile.astype(codec.edges.dtype if codec.exact else np.float32).astype(np.float64)
         fin = np.isfinite(x32)
         assert np.all(lo[t, code][fin] <= x32[fin]) and np.all(x32[fin] <= hi[t, code][fin])  # oracle sanity
         inside = fin & (x >= rmin[t]) & (x <= rmax[t])
@@ -897,8 +900,8 @@ def test_error_stats_merge_equals_measure_of_the_whole(dtype, n, cuts, nonfinite
 
 def test_error_stats_edge_cases() -> None:
     empty = ErrorStats.measure(np.zeros(0, np.float32), np.zeros(0, np.float32))
-    assert empty.report() == {"exact": False, "max_abs_error": 0.0, "rmse": 0.0, "rmse_over_std": 0.0,
-                              "std": 0.0, "values": 0, "nonfinite": 0, "overflowed": 0}
+    assert empty.report() == {"exact": False, "max_abs_error": 0.0, "rmse": 0.0, "rmse_over_std": None,
+                              "std": 0.0, "values": 0, "nonfinite": 0, "overflowed": 0}  # nothing to relate
     constant = ErrorStats.measure(np.full(4, 2.0), np.array([2.0, 2.0, 2.0, 3.0]))
     assert constant.report()["rmse_over_std"] is None and constant.report()["rmse"] == 0.5  # no std to scale by
     exact = ErrorStats.measure(np.full(3, 2.0), np.full(3, 2.0))
@@ -1115,3 +1118,182 @@ def test_other_chains_decode_eagerly(scheme, dtype) -> None:
     chain = parse_scheme(scheme).fit(x, 6)
     spec = TileSpec(x.shape, np.dtype(dtype))
     assert chain.decode_lazy(chain.encode(x, spec), spec) is None
+
+
+# ------------------------------------------------------------------ exactness, precision and memory fixes
+
+@pytest.mark.parametrize("scale", [1e18, 1e20, 1e-21])
+def test_error_stats_of_huge_and_tiny_float32_layers_say_how_far_off_they_are(scale) -> None:
+    """float32 sums of squares overflowed beyond a std of ~1e18: info.json showed std null and an
+    rmse_over_std of 0.0, as if the layer were stored exactly; below ~1e-20 the squares underflowed and the
+    figures came out 40% low. They must match the float64 figures, over tiles merged as a capture does."""
+    rng = np.random.default_rng(4)
+    x = (rng.standard_normal(40_000) * scale).astype(np.float32)
+    decoded = x + (rng.standard_normal(40_000) * scale * 0.01).astype(np.float32)
+    stats = ErrorStats()
+    for a, b in zip(np.split(x, 4), np.split(decoded, 4)):
+        stats.merge(ErrorStats.measure(a, b.copy(), scratch=True))
+    report = stats.report()
+    err = decoded.astype(np.float64) - x
+    assert report["std"] == pytest.approx(float(x.astype(np.float64).std()), rel=1e-4)
+    assert report["rmse"] == pytest.approx(float(np.sqrt(np.mean(err ** 2))), rel=1e-4)
+    assert report["rmse_over_std"] == pytest.approx(0.01, rel=0.05)
+
+
+def test_a_layer_float16_made_all_infinite_reports_no_relative_error() -> None:
+    """Every value overflowed float16: no value was measured, so there is no relative error to report
+    (it said 0.0, which reads as exact)."""
+    from mistiquefs.codecs.quantize import Float16Codec
+
+    x = np.full(100, 1e20, dtype=np.float32)
+    spec = TileSpec(x.shape, x.dtype)
+    report = ErrorStats.measure(x, Float16Codec().decode(Float16Codec().encode(x, spec), spec)).report()
+    assert (report["values"], report["overflowed"]) == (0, 100)
+    assert report["rmse_over_std"] is None
+    json.loads(json.dumps(report, allow_nan=False))
+
+
+@pytest.mark.parametrize("scheme", ["kbit:8", "kbit:8:unit", "kbit:4"])
+@pytest.mark.parametrize("atom", [0.3, -0.3, 0.1])
+def test_kbit_atom_off_the_16_bit_grid_reads_back_exactly(scheme, atom) -> None:
+    """An atom (here 30% of a uniform layer) that is not on the 16-bit grid read back as the mean of its
+    snapped bin (0.3 as 0.30000478): the promise is that atoms read back exactly, like an imputed mean."""
+    rng = np.random.default_rng(0)
+    x = rng.uniform(-1, 1, (4000, 4)).astype(np.float32)
+    x[rng.random(x.shape) < 0.3] = atom
+    chain = layer_chain(scheme, x)
+    _, out = roundtrip(chain, x)
+    at = x == np.float32(atom)
+    assert np.all(out[at] == np.float32(atom)), np.unique(out[at])
+    assert not chain.array.exact  # a continuous layer keeps the fast table
+    assert ErrorStats.measure(x, out).report()["rmse_over_std"] < (0.02 if chain.array.k == 8 else 0.2)
+
+
+@pytest.mark.parametrize("scheme", ["kbit:8", "kbit:8:unit"])
+def test_kbit_few_distinct_values_in_one_16_bit_bucket_read_back_exactly(scheme) -> None:
+    """50 distinct values, two of them (1.0 and 1.001) in one 16-bit bucket: snapping merged them and both
+    read back as 1.0004886. A layer with at most 2^K distinct values must read back exactly."""
+    rng = np.random.default_rng(0)
+    distinct = np.array([1.0, 1.001] + list(range(2, 50)), dtype=np.float32)
+    x = rng.choice(distinct, (3000, 2)).astype(np.float32)
+    chain = layer_chain(scheme, x)
+    _, out = roundtrip(chain, x)
+    assert np.array_equal(out, x), np.unique(out[out != x])
+    again = Chain.from_json(json.loads(json.dumps(chain.to_json())))
+    assert same_bits(roundtrip(again, x)[1], out)
+
+
+def test_kbit_small_sample_of_a_continuous_unit_keeps_the_table() -> None:
+    """256 sampled examples give each unit <= 256 distinct values, most seen once: no reason for the slower
+    search (it would be ~10x slower to encode), only values seen more than once need bins of their own."""
+    rng = np.random.default_rng(1)
+    x = np.maximum(rng.standard_normal((256, 64)), 0).astype(np.float32)
+    chain = layer_chain("kbit:8:unit", x)
+    assert not chain.array.exact
+    _, out = roundtrip(chain, x)
+    assert np.all(out[x == 0] == 0)
+
+
+@pytest.mark.parametrize("scheme", ["kbit:8", "kbit:8:unit", "kbit:3"])
+def test_kbit_float64_atoms_and_distinct_values_read_back_in_float64(scheme) -> None:
+    """Bins of float64 layers were learned on float32 casts: an imputed mean (0.5119183632984566) read
+    back as 0.5119183659553528, StandardScaler's two levels of a binary column off by 2e-8."""
+    rng = np.random.default_rng(0)
+    x = rng.uniform(0, 1, (5000, 3))
+    x[rng.random(x.shape) < 0.3] = 0.5119183632984566
+    _, out = roundtrip(layer_chain(scheme, x), x)
+    at = x == 0.5119183632984566
+    assert np.all(out[at] == 0.5119183632984566), np.unique(out[at])
+    levels = np.c_[rng.integers(0, 2, 3000), rng.integers(0, 3, 3000)] / 0.47 - 1.0444
+    _, out = roundtrip(layer_chain(scheme, levels), levels)
+    assert np.array_equal(out, levels)
+    close = np.array([1.0, 1.0 + 1e-12, 2.0])[rng.integers(0, 3, (999, 2))]  # one float32 value, two float64
+    chain = layer_chain(scheme, close)
+    assert chain.array.exact and chain.array.edges.dtype == np.float64
+    assert np.array_equal(roundtrip(chain, close)[1], close)
+
+
+@pytest.mark.parametrize("scheme", ["kbit:8", "kbit:8:unit"])
+def test_kbit_float64_values_float32_cannot_tell_apart_keep_their_bins(scheme) -> None:
+    """Epoch milliseconds within a minute (1.7e12 + 0..60000) are one or two float32 values: the column read
+    back as one value (RMSE / std 1.13). Values beyond float32 (1e40) read back as +-3.4e38."""
+    rng = np.random.default_rng(0)
+    for x in (1.7e12 + rng.uniform(0, 60_000, (5000, 2)), rng.standard_normal((3000, 2)) * 1e40):
+        chain = layer_chain(scheme, x)
+        assert chain.array.exact and chain.array.edges.dtype == np.float64
+        _, out = roundtrip(chain, x)
+        assert len(np.unique(out)) > 200
+        assert ErrorStats.measure(x, out).report()["rmse_over_std"] < 0.02
+        again = Chain.from_json(json.loads(json.dumps(chain.to_json())))
+        assert same_bits(roundtrip(again, x)[1], out)
+    ordinary = layer_chain(scheme, rng.standard_normal((3000, 2)))  # ordinary float64: the table, as before
+    assert not ordinary.array.exact and ordinary.array.edges.dtype == np.float32
+
+
+def test_kbit_1_gives_relu_zeros_their_own_bin() -> None:
+    """kbit:1 had room for no atom ((2 - 1) // 2 = 0): ReLU's zeros shared the bottom bin with the lower
+    half of the positives and read back as ~0.3."""
+    rng = np.random.default_rng(2)
+    x = np.maximum(rng.standard_normal((4000, 8)) - 0.2, 0).astype(np.float32)
+    chain = layer_chain("kbit:1", x)
+    _, out = roundtrip(chain, x)
+    assert np.all(out[x == 0] == 0) and np.all(out[x > 0] > 0)
+    between = rng.standard_normal((4000, 8)).astype(np.float32)  # no atom: the median splits it as before
+    assert len(np.unique(roundtrip(layer_chain("kbit:1", between), between)[1])) == 2
+
+
+def test_threshold_describes_its_percentile_so_it_round_trips() -> None:
+    """threshold:99.99999 described itself as threshold:100 (a different scheme)."""
+    for text in ("threshold:99.99999", "threshold:99", "threshold:99.5", "threshold:0.001"):
+        chain = parse_scheme(text)
+        assert parse_scheme(chain.describe()).array.percentile == chain.array.percentile
+    assert parse_scheme("threshold:99").describe() == "threshold:99+zstd:3"
+
+
+def encode_table_bytes(codec: KBitCodec) -> int:
+    """The lookup arrays a codec holds beside its learned bins (its encoding tables)."""
+    return sum(v.nbytes for k, v in vars(codec).items() if isinstance(v, np.ndarray) and k not in ("edges", "values"))
+
+
+@pytest.mark.parametrize("layout", ["rows", "columns"])
+def test_kbit_per_unit_of_many_units_holds_no_64_kib_table_per_unit(layout) -> None:
+    """kbit:8:unit built a 64 KiB encoding table for every unit (62.5 MiB for 1000) and kept it as long as
+    the chain (a capture keeps every layer's until it commits): 6 such layers grew a capture by 465 MB.
+    Codes must stay those of the tables."""
+    rng = np.random.default_rng(3)
+    x = rng.standard_normal((600, 1000)).astype(np.float32)
+    chain = layer_chain("kbit:8:unit", x)
+    codec = chain.array
+    assert not codec.exact
+    tiles = tiles_of(x[:64], layout, 64)
+    for tile, unit in tiles:
+        _, out = roundtrip(chain, tile, unit)
+        t, code = kbit_codes(codec, tile, unit)  # the table's codes, recomputed from the edges
+        assert same_bits(out, codec.values.astype(tile.dtype)[t, code])
+    assert encode_table_bytes(codec) <= 16 << 20
+    small = layer_chain("kbit:8:unit", x[:, :32])  # few units: the fast tables, as before
+    roundtrip(small, np.ascontiguousarray(x[:64, :32]))
+    assert encode_table_bytes(small.array) == 32 << 16
+
+
+def test_a_kbit_scheme_stored_lossless_gets_the_lossless_zstd_level() -> None:
+    """kbit's zstd level 1 is chosen for its codes; on an integer layer the scheme falls back to lossless
+    and kept level 1, where lossless data gets level 3. A level the scheme names stays."""
+    chain = parse_scheme("kbit:8").for_layer((4,), np.dtype(np.int32))
+    assert isinstance(chain.array, BytesCodec) and chain.zstd.level == 3
+    assert parse_scheme("kbit:8").for_layer((4,), np.dtype(np.float32)).zstd.level == 1
+    assert parse_scheme("kbit:8+zstd:1").for_layer((4,), np.dtype(np.int32)).zstd.level == 1
+    assert parse_scheme("pool:2+kbit:8").for_layer((3, 3, 2), np.dtype(np.float32)).zstd.level == 1
+    back = Chain.from_json(json.loads(json.dumps(chain.to_json())))  # stored levels are kept as they are
+    assert back.zstd.level == 3 and Chain.from_json(parse_scheme("kbit:8").to_json()).zstd.level == 1
+
+
+@pytest.mark.parametrize("scheme", ["pool:2+float16", "pool:2+kbit:8", "pool:2+threshold:50"])
+def test_a_lossy_codec_after_average_pooling_an_integer_map_applies_to_the_pooled_floats(scheme) -> None:
+    """An integer map's average pool is float64, but the chain was adapted to the integer map: the summary
+    was stored lossless, with a note saying the codec applies to floating layers only."""
+    chain = parse_scheme(scheme).for_layer((4, 4, 3), np.dtype(np.int16))
+    assert chain.array.lossy and chain.note == "" and chain.summary is not None
+    assert chain.zstd.level == (1 if "kbit" in scheme else 3)
+    max_pooled = parse_scheme(scheme.replace("pool:2", "pool:2:max")).for_layer((4, 4, 3), np.dtype(np.int16))
+    assert isinstance(max_pooled.array, BytesCodec) and "floating layers only" in max_pooled.note

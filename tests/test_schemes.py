@@ -401,3 +401,41 @@ def test_a_budget_keeps_summaries_like_inputs(tmp_path: Path, policy: str) -> No
     assert not layer(repo, "net", "dense").stored
     assert repo.catalog.referenced_bytes() <= budget
     repo.close()
+
+
+def test_an_imputed_mean_captured_with_kbit_per_unit_reads_back_exactly(tmp_path: Path) -> None:
+    """SimpleImputer(strategy="mean") then StandardScaler, kbit:8:unit: 30% of each column is the imputed
+    value, which the docs promise reads back exactly (an atom); it read back rounded through float32
+    and the 16-bit table (0.5119183632984566 as 0.51193302)."""
+    from sklearn.impute import SimpleImputer
+    from sklearn.pipeline import make_pipeline
+
+    rng = np.random.default_rng(0)
+    x = rng.uniform(0, 1, (5000, 3))
+    x[rng.random(x.shape) < 0.3] = np.nan
+    pipe = make_pipeline(SimpleImputer(strategy="mean"), StandardScaler()).fit(x)
+    with mistiquefs.open_store(tmp_path / "s") as store:
+        store.capture(pipe, x, name="p", schemes={"*": "kbit:8:unit"}, progress=False)
+        for layer, want in (("simpleimputer", pipe[0].transform(x)), ("standardscaler", pipe.transform(x))):
+            got = store.read("p", layer)
+            missing = np.isnan(x)
+            assert np.array_equal(got[missing], want[missing]), layer
+            assert store.info("p", layer)["fidelity"]["rmse_over_std"] < 0.02
+
+
+def test_an_integer_map_pooled_then_float16_stores_the_summary_as_float16(tmp_path: Path) -> None:
+    """pool:2+float16 on an int16 map: the float64 averages were stored lossless (8 bytes a value) with
+    the note "float16 applies to floating layers only", since the chain was adapted to the map."""
+    from mistiquefs.store.repository import Repository
+    from test_store import capture_arrays
+
+    rng = np.random.default_rng(1)
+    x = rng.integers(-300, 300, (64, 6, 6, 3)).astype(np.int16)
+    repo = Repository(tmp_path / "s")
+    capture_arrays(repo, "m", {"h": x}, table=False, schemes="pool:2+float16")
+    record = next(r for r in repo.intermediates() if r.name == "h.pool2")
+    assert record.chain.describe() == "pool:2+float16+zstd:3" and record.chain.note == ""
+    got = repo.reader(record).rows(0, record.n_rows)
+    want = PoolCodec(2).summarize(x)
+    assert got.dtype == np.float64 and np.array_equal(got, want.astype(np.float16).astype(np.float64))
+    repo.close()

@@ -6,7 +6,8 @@ Scheme grammar: parts joined by ``+``, each ``name[:arg[:arg]]``, in data-flow o
     pool:S[:max]                                          a summary before it (optional)
     shuffle                                               a byte filter after it (optional)
     zstd[:L]                                              compression, always last (added if missing;
-                                                          level 3, or 1 after kbit: see DEFAULT_ZSTD_LEVEL)
+                                                          level 3, or 1 after kbit: see DEFAULT_ZSTD_LEVEL;
+                                                          chosen again for the codec a layer ends up with)
 
 e.g. ``kbit:8``, ``pool:2+kbit:8``, ``lossless+shuffle+zstd:9``. A chain's JSON (a list of
 ``{"name", "configuration"}``) is what the catalog stores; ``Chain.from_json`` reads it back.
@@ -16,7 +17,7 @@ from __future__ import annotations
 
 import fnmatch
 from collections.abc import Mapping
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import numpy as np
@@ -40,6 +41,10 @@ class Chain:
     zstd: ZstdCodec = ZstdCodec()
     #: why the chain differs from the scheme that asked for it (a lossy codec on an integer layer...)
     note: str = ""
+    #: whether the scheme left the zstd level to the chain (``DEFAULT_ZSTD_LEVEL``): then ``for_layer``
+    #: picks it again for the array codec the layer gets (a kbit scheme stored lossless: level 3, not 1).
+    #: Not part of the JSON: a stored chain's level is the one its chunks were written at.
+    default_level: bool = field(default=False, compare=False)
 
     # ---- description ---------------------------------------------------------------------------
     @property
@@ -80,15 +85,21 @@ class Chain:
     # ---- adapting to a layer -------------------------------------------------------------------
     def for_layer(self, shape: tuple[int, ...], dtype: np.dtype) -> Chain:
         """This chain as it applies to a layer of per-example ``shape`` and ``dtype`` (before any summary):
-        a summary that does not fit is dropped, a lossy codec on a non-float layer becomes lossless, and a
-        ``shuffle`` filter learns the element size."""
+        a summary that does not fit is dropped; the array codec is then adapted to what it stores, the
+        summary where one is kept (an integer map's average pool is float64, so ``pool:2+float16`` stays
+        float16): a lossy codec on a non-float layer becomes lossless; a zstd level the scheme did not
+        name is picked for the resulting array codec, and a ``shuffle`` filter learns the element size."""
         chain, notes = self, []
         if chain.summary is not None and not chain.summary.applies_to(shape, dtype):
             notes.append(f"{chain.summary.describe()} needs a (spatial..., channels) map: not pooled")
             chain = replace(chain, summary=None)
+        if chain.summary is not None:  # the array codec stores the summary
+            shape, dtype = chain.summary.pooled_shape(shape), chain.summary.pooled_dtype(dtype)
         if not chain.array.accepts(dtype):
             notes.append(f"{chain.array.describe()} applies to floating layers only: stored lossless")
             chain = replace(chain, array=BytesCodec())
+        if chain.default_level:
+            chain = replace(chain, zstd=ZstdCodec(level=_default_level(chain.array)))
         itemsize = {BytesCodec: dtype.itemsize, Float16Codec: 2}.get(type(chain.array), 1)
         filters = tuple(replace(f, itemsize=itemsize) if isinstance(f, ShuffleCodec) else f for f in chain.filters)
         return replace(chain, filters=filters, note="; ".join(notes))
@@ -124,6 +135,12 @@ class Chain:
 DEFAULT_ZSTD_LEVEL = {"kbit": 1}
 
 
+def _default_level(array: ArrayCodec) -> int:
+    level = DEFAULT_ZSTD_LEVEL.get(array.name, ZstdCodec.level)
+    assert level is not None
+    return level
+
+
 def _assemble(codecs: list[Codec], *, note: str = "", source: str) -> Chain:
     summary: PoolCodec | None = None
     array: ArrayCodec | None = None
@@ -147,9 +164,12 @@ def _assemble(codecs: list[Codec], *, note: str = "", source: str) -> Chain:
         else:
             filters.append(codec)  # type: ignore[arg-type]
     array = array or BytesCodec()
-    if zstd is None or zstd.level is None:
-        zstd = ZstdCodec(level=DEFAULT_ZSTD_LEVEL.get(array.name, ZstdCodec.level))
-    return Chain(array=array, summary=summary, filters=tuple(filters), zstd=zstd, note=note)
+    default_level = zstd is None or zstd.level is None
+    if default_level:
+        zstd = ZstdCodec(level=_default_level(array))
+    assert zstd is not None
+    return Chain(array=array, summary=summary, filters=tuple(filters), zstd=zstd, note=note,
+                 default_level=default_level)
 
 
 def parse_scheme(text: str) -> Chain:

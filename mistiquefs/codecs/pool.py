@@ -50,6 +50,10 @@ class PoolCodec(Codec):
     def pooled_shape(self, shape: tuple[int, ...]) -> tuple[int, ...]:
         return tuple(n // self.size for n in shape[:-1]) + (shape[-1],)
 
+    def pooled_dtype(self, dtype: np.dtype) -> np.dtype:
+        """The summary's dtype: the layer's for max pooling and float layers, else float64 (averages)."""
+        return np.dtype(dtype) if self.mode == "max" or np.dtype(dtype).kind == "f" else np.dtype(np.float64)
+
     def summarize(self, batch: np.ndarray) -> np.ndarray:
         """``(n, *spatial, C)`` -> ``(n, *spatial // S, C)``."""
         s, spatial = self.size, batch.shape[1:-1]
@@ -61,5 +65,4 @@ class PoolCodec(Codec):
         axes = tuple(2 + 2 * i for i in range(len(spatial)))
         if self.mode == "max":
             return windows.max(axis=axes)
-        out_dtype = batch.dtype if batch.dtype.kind == "f" else np.float64
-        return windows.mean(axis=axes, dtype=np.float64).astype(out_dtype)
+        return windows.mean(axis=axes, dtype=np.float64).astype(self.pooled_dtype(batch.dtype))

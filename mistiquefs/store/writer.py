@@ -370,14 +370,13 @@ class CaptureWriter:
         (then with the summarized sample). ``first``: a batch of the stage's output (default: the sample)."""
         first = sample if first is None else first
         assert first is not None
+        # with a summary kept, for_layer adapts the array codec to the summary's dtype (an integer map's
+        # average pool is float64: pool:2+float16 stays float16, where adapting to the map stored lossless)
         chain = self.policy.chain_for(stage).for_layer(tuple(first.shape[1:]), first.dtype)
         if chain.summary is None:
             return stage, chain, sample
         summary = chain.summary
-        pooled = summary.summarize(first[:1])
-        rest = replace(chain, summary=None).for_layer(tuple(pooled.shape[1:]), pooled.dtype)
-        summary_chain = replace(rest, summary=summary, note="; ".join(n for n in (chain.note, rest.note) if n))
-        return stage + summary.suffix, summary_chain, summary.summarize(sample) if sample is not None else None
+        return stage + summary.suffix, chain, summary.summarize(sample) if sample is not None else None
 
     def new_file(self, suffix: str) -> Path:
         """A fresh path under ``models/`` for the model file (removed again on abort)."""
