@@ -48,18 +48,11 @@ def store(tmp_path: Path) -> tuple[Path, dict[tuple[str, str], np.ndarray]]:
     return tmp_path / "s", arrays
 
 
-def check(path: Path) -> FsckReport:
+def fsck(path: Path, *, fix: bool = False) -> FsckReport:
+    """``mistiquefs fsck [--repair]`` of the store at ``path``."""
     repo = Repository(path, create=False)
     try:
-        return check_store(repo)
-    finally:
-        repo.close()
-
-
-def repair(path: Path) -> FsckReport:
-    repo = Repository(path, create=False)
-    try:
-        return repair_store(repo)
+        return (repair_store if fix else check_store)(repo)
     finally:
         repo.close()
 
@@ -163,7 +156,7 @@ def test_running_out_of_descriptors_is_an_error_not_damage(store, monkeypatch, c
 
     monkeypatch.setattr(PackReader, "read_payload", no_descriptors)
     with pytest.raises(OSError):
-        check(path)
+        fsck(path)
     assert main(["fsck", str(path)]) == 1
     captured = capsys.readouterr()
     assert "Too many open files" in captured.err and "damaged" not in captured.err
@@ -198,13 +191,13 @@ def test_a_zstd_frame_header_claiming_a_huge_size_is_damage_not_a_memory_error(s
         descriptor = f.read(1)[0]
         f.seek(loc.offset + 4)
         f.write(bytes([descriptor | 0xC0]))
-    report = check(path)
+    report = fsck(path)
     assert [p.what for p in report.problems if cid.hex() in p.what], report.summary()
     assert report.affected_models == {"cnn"}
     with pytest.raises(CorruptChunk, match=cid.hex()):
         read_all(path, "cnn", "dense")
     assert np.array_equal(read_all(path, "cnn", "conv"), arrays["cnn", "conv"])
-    repaired = repair(path)
+    repaired = fsck(path, fix=True)
     assert not repaired.clean and repaired.affected_models == {"cnn"}
     assert main(["fsck", str(path)]) == 6
     assert "Traceback" not in capsys.readouterr().err
@@ -216,12 +209,12 @@ def test_a_chunk_row_with_an_impossible_length_is_damage_not_a_memory_error(stor
     path, arrays = store
     cid, _loc = zstd_tile(path, "cnn", "dense")
     update_catalog(path, "UPDATE chunks SET stored_length = ? WHERE id = ?", (1 << 40, cid))
-    report = check(path)
+    report = fsck(path)
     assert [p.what for p in report.problems if cid.hex() in p.what], report.summary()
     with pytest.raises(CorruptChunk, match="truncated|past the end"):
         read_all(path, "cnn", "dense")
     assert np.array_equal(read_all(path, "pipe", "scaled"), arrays["pipe", "scaled"])
-    assert repair(path).clean  # the intact copy in the pack is indexed again
+    assert fsck(path, fix=True).clean  # the intact copy in the pack is indexed again
     assert np.array_equal(read_all(path, "cnn", "dense"), arrays["cnn", "dense"])
 
 
@@ -250,7 +243,7 @@ def test_repair_makes_the_packs_it_indexes_durable_before_it_commits(store, monk
 
     monkeypatch.setattr(os, "fsync", traced_fsync)
     monkeypatch.setattr(Catalog, "replace_chunks", traced_replace)
-    report = repair(path)
+    report = fsck(path, fix=True)
     assert "1 re-indexed from the packs" in report.repaired, report.repaired
     commit = events.index("commit")
     assert str(torn) in events[:commit], events
@@ -274,9 +267,9 @@ def test_fsck_reports_no_damage_when_an_rm_commits_while_it_checks(store, monkey
         return real(self)
 
     monkeypatch.setattr(Catalog, "tiles_without_chunks", rm_meanwhile)
-    report = check(path)
+    report = fsck(path)
     assert removed and report.clean, report.summary()
-    assert check(path).clean
+    assert fsck(path).clean
 
 
 # ---- opening an older store ------------------------------------------------------------------------------
