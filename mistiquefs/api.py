@@ -28,7 +28,7 @@ from mistiquefs.codecs import SchemePolicy
 from mistiquefs.planner.cost import PER_STAGE
 from mistiquefs.planner.policy import POLICIES, choose_kept
 from mistiquefs.sizes import size_in_bytes
-from mistiquefs.errors import CaptureError, MistiqueError, NotFound
+from mistiquefs.errors import CaptureError, MistiqueError, NotFound, UnsupportedModel, one_line
 from mistiquefs.store.describe import layer_info, model_info
 from mistiquefs.store.catalog import NewIntermediate
 from mistiquefs.store.records import IntermediateRecord
@@ -120,6 +120,10 @@ class Store:
         # a capture of the same name that commits in between.
         if skip_existing and self.repo.catalog.model_exists(name):
             return self._existing_summary(name)
+        if isinstance(model, type):  # (scikit-learn's check_is_fitted raised a TypeError for it)
+            raise UnsupportedModel(
+                f"got the class {model.__module__}.{model.__qualname__}, not a model: capture a fitted "
+                "instance of it")
         adapter = adapter_for(model)
         n_rows = adapter.n_rows(inputs)
         if batch_size is not None and (not isinstance(batch_size, numbers.Integral) or isinstance(batch_size, bool)):
@@ -252,12 +256,12 @@ def _run_batch(adapter: Adapter, batch: Any, start: int, stop: int):
             raise
         # the adapter names the layer; which examples it failed on is known here (a layer's own message
         # counts rows within the batch)
-        raise CaptureError(f"{exc} (on examples {start}..{stop - 1})") from exc
+        raise CaptureError(f"{one_line(exc, typed=False)} (on examples {start}..{stop - 1})") from exc
     except MistiqueError:
         raise
     except Exception as exc:
-        raise CaptureError(f"the model raised {type(exc).__name__} on examples {start}..{stop - 1}: {exc}") \
-            from exc
+        raise CaptureError(f"the model raised {type(exc).__name__} on examples {start}..{stop - 1}: "
+                           f"{one_line(exc, typed=False)}") from exc
 
 
 def _call_seconds(adapter: Adapter, inputs: Any, n_rows: int) -> dict[str, float] | None:

@@ -74,12 +74,16 @@ Fidelity, measured on TF 2.21 CPU (oneDNN on, an AVX-512/AMX Xeon, 2 cores), Ker
   plain ``model(x[i:i+1])``, which is the odd one out.) These are properties of this CPU's kernels, not
   guarantees: another CPU or a GPU may differ, so compare across machines with ``rtol=1e-5``.
 
-Inputs. One numpy array ``(N, *example_shape)`` or a list/tuple holding exactly one; its example shape
-must match the model's input shape (``None`` matches any size). Models with several inputs are refused.
-The array is stored as given (uint8 images stay uint8) and cast to the model's input dtype when run,
-as ``model(x)`` does.
+Inputs. One numpy array ``(N, *example_shape)``, a list/tuple holding exactly one, or a dict holding
+exactly one under the input's name (a model built as ``keras.Model({"x": x}, ...)``, or the name of its
+``keras.Input``); its example shape must match the model's input shape (``None`` matches any size).
+Models with several inputs are refused. The array is stored as given (uint8 images stay uint8) and cast
+to the model's input dtype when run, as ``model(x)`` does. An object array of text (for a string input)
+is stored as fixed-width text at the width of its longest value, measured once over the whole array;
+each batch converts only its own rows.
 
-Saving. ``save_model`` writes the native ``.keras`` zip; ``load_model`` reads it in Keras safe mode, so a
+Saving. ``save_model`` writes the native ``.keras`` zip (a model Keras cannot serialize, e.g. a custom
+layer without ``get_config`` for its arguments, is a CaptureError); ``load_model`` reads it in Keras safe mode, so a
 file carrying Python bytecode (a ``Lambda`` wrapping a Python function) is refused, never executed.
 
 TensorFlow/Keras are imported inside functions only, so importing this module stays cheap.
@@ -99,7 +103,7 @@ from typing import TYPE_CHECKING, Any, ClassVar
 import numpy as np
 
 from mistiquefs.capture.base import Adapter, StageOutput, check_unpacked_size, stage_file_name
-from mistiquefs.errors import CaptureError, NotFound, UnsupportedModel
+from mistiquefs.errors import CaptureError, NotFound, UnsupportedModel, one_line
 
 if TYPE_CHECKING:
     import keras
@@ -160,6 +164,10 @@ class KerasAdapter(Adapter):
                 "supported; build it with keras.Input(...) and keras.Model(inputs, outputs))"
             )
         self._input = _single_model_input(model)
+        #: the keys a dict of inputs may give the one input under (``keras.Model({"x": x}, ...)``)
+        self._input_names = _input_names(model, self._input)
+        #: the object array of text last measured and its fixed-width dtype (``_text_dtype``)
+        self._text: tuple[np.ndarray, np.dtype] | None = None
         #: Keras's own switch (model.predict honours it too): run layer by layer, never compiled
         self.eager = bool(getattr(model, "run_eagerly", False))
         self._graph: _Graph | None = None
@@ -167,23 +175,39 @@ class KerasAdapter(Adapter):
     # -- inputs ---------------------------------------------------------------------------------------
 
     def n_rows(self, inputs: Any) -> int:
-        return len(self._checked_array(inputs))
+        self._checked_array(inputs, slice(0, 1))  # checks every value, converts one row
+        return len(_unwrap_single_array(inputs, self._input_names))
 
     def slice_inputs(self, inputs: Any, start: int, stop: int) -> np.ndarray:
-        return self._checked_array(inputs)[start:stop]
+        return self._checked_array(inputs, slice(start, stop))
 
     def input_array(self, batch: Any) -> np.ndarray:
         return np.ascontiguousarray(self._checked_array(batch))
 
-    def _checked_array(self, inputs: Any) -> np.ndarray:
-        array = _unwrap_single_array(inputs)
+    def _checked_array(self, inputs: Any, rows: slice | None = None) -> np.ndarray:
+        """``inputs`` (its ``rows`` only, if given) checked, as the array the model takes. An object array
+        of text becomes fixed-width text: only the rows asked for are converted, at the width of the whole
+        array, measured once (converting the whole array for every batch took time quadratic in N and a
+        copy of every input per batch)."""
+        array = _unwrap_single_array(inputs, self._input_names)
         if array.dtype == object and self._input.dtype == "string":
-            array = _fixed_width_text(array)
+            dtype = self._text_dtype(array)
+            _check_example_shape(array, tuple(self._input.shape[1:]))
+            if len(array) == 0:
+                raise CaptureError("the inputs have 0 rows; pass at least one example")
+            return _fixed_width_text(array if rows is None else array[rows], dtype)
         _check_dtype(array, self._input.dtype)
         _check_example_shape(array, tuple(self._input.shape[1:]))
         if len(array) == 0:
             raise CaptureError("the inputs have 0 rows; pass at least one example")
-        return array
+        return array if rows is None else array[rows]
+
+    def _text_dtype(self, array: np.ndarray) -> np.dtype:
+        """The fixed-width dtype of an object array of text, measured once for the same array (n_rows sees
+        the whole inputs first, so every batch gets the same width)."""
+        if self._text is None or self._text[0] is not array:
+            self._text = (array, _text_dtype(array))
+        return self._text[1]
 
     def _tensor(self, batch: Any) -> tuple[Any, int]:
         """The batch as the model's input tensor, at least MIN_ROWS_PER_CALL rows, and its own row count."""
@@ -255,7 +279,13 @@ class KerasAdapter(Adapter):
         if path.suffix != self.model_suffix:
             # Keras picks the format from the suffix and refuses anything else.
             raise CaptureError(f"a Keras model file must end in {self.model_suffix}, got {path}")
-        self.model.save(str(path))
+        try:
+            self.model.save(str(path))
+        except Exception as exc:  # a layer Keras cannot serialize (NotImplementedError, TypeError, ...)
+            # (a full disk stays findable in the chain: the capture loop reports it as such)
+            advice = one_line(exc).split(" Example:")[0]  # (Keras appends a page of example code)
+            raise CaptureError(f"cannot save the Keras model {self.model.name!r} as a .keras file, which "
+                               f"the store keeps: {advice}") from exc
 
     def describe(self) -> dict[str, Any]:
         import keras
@@ -618,6 +648,7 @@ def _layer_failed(operation: Any, exc: Exception) -> CaptureError:
         return exc
     original = exc.__context__ if getattr(exc, "_keras_call_info_injected", False) and exc.__context__ else exc
     message = getattr(original, "message", None) or str(original)  # tf.errors.OpError keeps it apart
+    message = " ".join(str(message).split())  # one line
     return CaptureError(
         f"layer {getattr(operation, 'name', operation)!r} ({type(operation).__name__}) raised "
         f"{type(original).__name__}: {message}"
@@ -685,7 +716,27 @@ def _is_sequential(model: Any) -> bool:
     return isinstance(model, keras.Sequential)
 
 
-def _unwrap_single_array(inputs: Any) -> np.ndarray:
+def _input_names(model: Any, model_input: Any) -> set[str]:
+    """The names the model's one input goes by in a dict of inputs: the key it was built with (PRIVATE
+    ``Functional._inputs_struct``), and its ``keras.Input`` name."""
+    names = {str(name) for name in [getattr(model_input, "name", None)] if name}
+    struct = getattr(model, "_inputs_struct", None)
+    if isinstance(struct, dict):
+        names.update(str(key) for key in struct)
+    return names
+
+
+def _unwrap_single_array(inputs: Any, names: set[str] = frozenset()) -> np.ndarray:  # type: ignore[assignment]
+    if isinstance(inputs, dict):
+        # {"x": rows} for a model built as keras.Model({"x": x}, ...), as model.predict takes it
+        key, value = next(iter(inputs.items())) if len(inputs) == 1 else (None, None)
+        if key not in names or not isinstance(value, np.ndarray):
+            raise CaptureError(
+                f"got a dict of {len(inputs)} item(s) ({', '.join(repr(k) for k in list(inputs)[:4])}); the model "
+                f"takes one input ({', '.join(repr(n) for n in sorted(names)) or 'unnamed'}): pass its numpy array "
+                "of shape (N, ...), alone or as the one value of a dict under that name"
+            )
+        inputs = value
     if isinstance(inputs, (list, tuple)):
         if len(inputs) != 1 or not isinstance(inputs[0], np.ndarray):
             raise CaptureError(
@@ -703,17 +754,33 @@ def _unwrap_single_array(inputs: Any) -> np.ndarray:
     return inputs
 
 
-def _fixed_width_text(array: np.ndarray) -> np.ndarray:
-    """An object array of text (a pandas column's to_numpy()) as fixed-width str or bytes: the store keeps
-    fixed-width dtypes only, and the model gets the same strings either way."""
+def _text_dtype(array: np.ndarray) -> np.dtype:
+    """The fixed-width str or bytes dtype an object array of text (a pandas column's to_numpy()) becomes:
+    the store keeps fixed-width dtypes only, and the model gets the same strings either way. Reads every
+    value, converts none."""
     items = array.ravel()
-    for kind in (str, bytes):
+    for kind, code in ((str, "U"), (bytes, "S")):
         if all(isinstance(item, kind) for item in items):
-            return array.astype(np.str_ if kind is str else np.bytes_)
-    bad = next(item for item in items if not isinstance(item, (str, bytes)))
+            return np.dtype(f"{code}{max((len(item) for item in items), default=0) or 1}")
+    none = object()
+    bad = next((item for item in items if not isinstance(item, (str, bytes))), none)
+    if bad is none:
+        raise CaptureError("the inputs are an object array mixing str and bytes values; the model takes "
+                           "strings: pass an array of str (or of bytes) only")
     raise CaptureError(f"the inputs are an object array holding {type(bad).__name__} values (e.g. {bad!r}); "
                        "the model takes strings: pass an array of str (or of bytes) only, missing values "
                        "filled in")
+
+
+def _fixed_width_text(array: np.ndarray, dtype: np.dtype | None = None) -> np.ndarray:
+    """An object array of text as ``dtype`` (the width of the whole inputs; by default, its own)."""
+    own = _text_dtype(array)
+    if dtype is None:
+        dtype = own
+    elif own.kind != dtype.kind or own.itemsize > dtype.itemsize:  # (changed since it was measured)
+        raise CaptureError(f"these inputs hold {own} text where the inputs measured held {dtype}; pass the "
+                           "same inputs to every call")
+    return array.astype(dtype)
 
 
 def _check_dtype(array: np.ndarray, model_dtype: str) -> None:

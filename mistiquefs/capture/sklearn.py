@@ -5,7 +5,8 @@ Stages and their names (fixed once, when the adapter is built, so every batch yi
 * A ``Pipeline``'s steps are stages named by their step names, in execution order; ``None`` and
   ``"passthrough"`` steps produce no stage. Every step but the last runs ``transform``; the last step of
   the *model* runs ``predict`` when it has one (the model's predictions are its last stage), otherwise
-  ``transform``.
+  ``transform``; a ``Pipeline`` whose own last step is ``None``/``"passthrough"`` has no final estimator
+  (it transforms: its ``predict`` fails), so there every step runs ``transform``.
 * ``Pipeline``, ``ColumnTransformer`` and ``FeatureUnion`` are containers and are recursed into, also
   when nested: each child is a stage named ``outer__inner`` (scikit-learn's own parameter convention),
   emitted before the container's own output, which is the stage named by the container's own name.
@@ -51,7 +52,8 @@ timezone-aware datetimes are refused with a message saying what to fix.
 
 The default batch size holds the outputs of every stage for one batch within ``batch_bytes`` (64 MiB),
 measured on a first small batch, up to 4096 rows: sparse outputs are made dense, so a wide one-hot
-encoding gets smaller batches.
+encoding gets smaller batches. A model that fails on that batch gets 4096: the capture's first batch
+then fails the same way, as a CaptureError naming the examples.
 
 pandas is imported lazily: it is not a dependency of mistiquefs, only of DataFrame inputs.
 """
@@ -123,6 +125,11 @@ def _describe_class(estimator: Any) -> str:
 
 
 def _check_fitted(estimator: Any, raw_name: str) -> None:
+    if isinstance(estimator, type):
+        raise CaptureError(
+            f"stage {raw_name!r} is the class {estimator.__qualname__}, not a fitted estimator: fit an "
+            f"instance ({estimator.__qualname__}(...).fit(X, y)) and capture that"
+        )
     if not hasattr(estimator, "fit") or isinstance(estimator, Pipeline):
         # Duck-typed models without fit cannot be checked; a Pipeline's steps are checked one by
         # one, which names the step that is not fitted.
@@ -165,10 +172,17 @@ def _method_of(estimator: Any, raw_name: str, final: bool) -> Method:
 
 def _plan_steps(pipe: Pipeline, prefix: str | None, namer: _Namer, final: bool) -> tuple[_Node, ...]:
     steps = [(name, step) for name, step in pipe.steps if step is not None and step != "passthrough"]
+    # A Pipeline whose own last step is passthrough/None has no final estimator: it transforms (its
+    # predict fails), so its last real step runs transform, not predict
+    final = final and bool(pipe.steps) and _is_step(pipe.steps[-1][1])
     return tuple(
         _plan(step, _join(prefix, name), namer, final and i == len(steps) - 1)
         for i, (name, step) in enumerate(steps)
     )
+
+
+def _is_step(step: Any) -> bool:
+    return step is not None and not (isinstance(step, str) and step == "passthrough")
 
 
 def _plan_column_children(ct: ColumnTransformer, prefix: str, namer: _Namer) -> tuple[_Node, ...]:
@@ -262,7 +276,8 @@ def _invoke(node: _Node, X: Any) -> Any:
         return getattr(node.estimator, node.method)(X)
     except (ValueError, TypeError, KeyError, IndexError, AttributeError) as exc:
         raise CaptureError(
-            f"stage {node.name!r} ({type(node.estimator).__name__}.{node.method}) failed: {exc}"
+            f"stage {node.name!r} ({type(node.estimator).__name__}.{node.method}) failed: "
+            f"{one_line(exc, typed=False)}"
         ) from exc
 
 
@@ -305,7 +320,10 @@ def _as_labels(columns: Any, names: np.ndarray) -> Any:
 
 
 def _num_rows(X: Any) -> int:
-    return int(X.shape[0])
+    """Rows of what a step gets: an array or frame, or a list of rows (a step may return one, and
+    scikit-learn's next step takes it as an array)."""
+    shape = getattr(X, "shape", None)
+    return int(shape[0]) if shape else len(X)
 
 
 def _to_array(result: Any, node: _Node, rows: int) -> np.ndarray:
@@ -730,7 +748,11 @@ class SklearnAdapter(Adapter):
             self._batch_size = self.max_batch_size
             if self._measured is not None:
                 rows = min(self.probe_rows, len(self._measured))
-                outputs = self.run_batch(self.slice_inputs(self._measured, 0, rows))
+                try:
+                    outputs = self.run_batch(self.slice_inputs(self._measured, 0, rows))
+                except Exception:  # noqa: BLE001 (a measurement: the capture's first batch runs these rows
+                    # again, and its failure is the one reported, naming the examples)
+                    return self._batch_size
                 row_bytes = sum(out.array.nbytes for out in outputs) / rows
                 self._batch_size = max(1, min(self.max_batch_size, int(self.batch_bytes // max(row_bytes, 1))))
         return self._batch_size
