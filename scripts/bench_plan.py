@@ -167,6 +167,7 @@ def measure_case(repo: Repository, planner: Planner, model, rec, start: int, sto
     choice = estimate.best
     reads, reruns = [], []
     inp = repo.reader(next(r for r in repo.layers_of(model.id) if r.name == "input"))
+    lo, hi = planner.rerun_span(rec, start, stop)  # the capture batches that hold these rows, as run_rows runs
     for _ in range(repeat):
         repo.cache.clear()
         drop_caches()
@@ -174,7 +175,7 @@ def measure_case(repo: Repository, planner: Planner, model, rec, start: int, sto
         # no drop_caches here: it would also evict TensorFlow's and numpy's code pages, which a running
         # mount keeps in memory; the decoded cache (input rows included) is empty
         repo.cache.clear()
-        reruns.append(timed(lambda: planner.rerunner.run(model, rec, inp.rows, start, stop))[0])
+        reruns.append(timed(lambda: planner.rerunner.run(model, rec, inp.rows, lo, hi)[start - lo:stop - lo])[0])
     read, rerun = statistics.median(reads), statistics.median(reruns)
     chosen = read if choice == "read" else rerun
     return {"model": model.name, "layer": rec.name, "rows": stop - start, "read": read, "rerun": rerun,

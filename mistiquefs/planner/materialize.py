@@ -47,7 +47,9 @@ the log, and materializes nothing. Rows only are dropped (gc reclaims the chunks
 by re-running.
 
 Writes need the capture lock (a running capture or gc makes materialization wait for a later query) and a
-writable store; a read-only store never materializes.
+writable store; a read-only store never materializes. The mount's own writes (materializations, eviction)
+wait for one another; under the lock, a layer that is stored already (a reader's plan, older than the write
+that stored it, asked again) or no longer fits the budget is not written.
 """
 
 from __future__ import annotations
@@ -95,6 +97,10 @@ class Materializer:
         self.budget = budget
         self.enabled = os.access(self.repo.root, os.W_OK)
         self._lock = threading.Lock()
+        #: held by this mount's writes (materializations, eviction under the capture lock): they wait for one
+        #: another here instead of finding the capture lock taken (which skipped all but one of the layers
+        #: whose re-runs ended together, and postponed the first open's budget check)
+        self._writing = threading.RLock()
         self._busy: set[int] = set()
         #: layer id -> bytes its write added to the store (known after a write, then used instead of a guess)
         self._sizes: dict[int, int] = {}
@@ -172,8 +178,19 @@ class Materializer:
         dropped: list[IntermediateRecord] = []
         others = False  # the budget needs other layers dropped: weighed with their models checked, off the lock
         try:
-            with self.repo.capture_lock("materialization"):
+            with self._writing, self.repo.capture_lock("materialization"):
+                self.repo.forget_records()
+                current = self._record(rec.id)
                 before = self.repo.catalog.referenced_bytes()
+                if current is None or current.stored:  # stored meanwhile (a reader's plan older than that), or gone
+                    changed = set()
+                    return
+                if before + self.stored_size(rec) > self.budget:  # no longer fits: what got written meanwhile
+                    log.info("materialization of %s skipped: the store now references %d bytes, and its %d more "
+                             "would not fit the budget of %d", self._name(rec), before, self.stored_size(rec),
+                             self.budget)
+                    changed = set()
+                    return
                 self._write(rec, pieces)
                 self._sizes[rec.id] = max(self.repo.catalog.referenced_bytes() - before, 0)
                 # the records as committed: the new layer is stored now, and eviction weighs it like the others
@@ -278,7 +295,7 @@ class Materializer:
         vetting = _Vetting()
         self._plan(used, self._candidates()[0], vetting, new)
         try:
-            with self.repo.capture_lock("materialization"):
+            with self._writing, self.repo.capture_lock("materialization"):
                 return self.evict(vetting, new)
         except StoreError:
             if new is not None:  # the new layer keeps the store over its budget until a later open's check

@@ -173,7 +173,8 @@ class Planner:
         read_s = self.cost.read_seconds(rec, *self.rows_touched(rec, start, stop)) if rec.stored else None
         rerun_s = math.inf
         if self.can_rerun(rec):
-            rerun_s = self.rerun_seconds(rec, start, stop, max(stop - start, 2 if stop > start else 0))
+            lo, hi = self.rerun_span(rec, start, stop)  # (what run_rows computes for these rows)
+            rerun_s = self.rerun_seconds(rec, lo, hi, max(hi - lo, 2 if hi > lo else 0))
         return Estimate(read_s, rerun_s)
 
     def rerun_seconds(self, rec: IntermediateRecord, start: int, stop: int, rows: int) -> float:
@@ -214,7 +215,7 @@ class Planner:
         length = rec.n_rows * row_size
         if kind == "row":
             stream = Stream(row_size, length, lambda b: ("rerun-row", rec.id, b),
-                            lambda b: self.run_rows(rec, b, b + 1))
+                            lambda b: self.run_rows(rec, b, b + 1, aligned=False))
             return NpyView(npy_header(rec.dtype, rec.shape), stream, index * row_size, row_size)
         rows_stream = self._rerun_rows_stream(rec)
         if kind == "all":
@@ -236,14 +237,31 @@ class Planner:
                       lambda b: ("rerun-rows", rec.id, b),
                       lambda b: self.run_rows(rec, b * piece_rows, min((b + 1) * piece_rows, rec.n_rows)))
 
-    def run_rows(self, rec: IntermediateRecord, start: int, stop: int) -> np.ndarray:
-        """Examples ``[start, stop)`` of ``rec`` computed by its model (the cost model learns from it)."""
+    def run_rows(self, rec: IntermediateRecord, start: int, stop: int, *, aligned: bool = True) -> np.ndarray:
+        """Examples ``[start, stop)`` of ``rec`` computed by its model (the cost model learns from it).
+
+        ``aligned``: where a row's bits depend on the rows computed with it (``EXACT_ANY_BATCH``), rows of
+        two or more run in the capture's own batches (those that hold them, then cut), so some rows of a
+        layer are those rows of the whole layer and of the capture. One example runs as itself (beside a
+        neighbour), within the documented tolerance, as a mount's ``<i>.npy`` does (``aligned=False``)."""
         model, layers = self.model_and_layers(rec)
         inp = self.repo.reader(self._input_of(rec))
-        out = self.rerunner.run(model, rec, inp.rows, start, stop,
+        lo, hi = self.rerun_span(rec, start, stop) if aligned else (start, stop)
+        out = self.rerunner.run(model, rec, inp.rows, lo, hi,
                                 observe=lambda rows, s: self.cost.observe_rerun(model, layers, rec, rows, s),
                                 assembled=self.cost.observe_assembly)
+        if (lo, hi) != (start, stop):
+            out = np.ascontiguousarray(out[start - lo:stop - lo])
         return out
+
+    def rerun_span(self, rec: IntermediateRecord, start: int, stop: int) -> tuple[int, int]:
+        """The examples a re-run of ``[start, stop)`` (two or more) computes: the capture's batches that hold
+        them, where a row's bits depend on the rows computed with it (``run_rows``), else those rows."""
+        model = self.model_and_layers(rec)[0]
+        if stop - start > 1 and not EXACT_ANY_BATCH.get(model.framework, False):
+            batch = int(model.info.get("batch_size") or 256)
+            return start // batch * batch, min(-(-stop // batch) * batch, rec.n_rows)
+        return start, stop
 
     def _observe_read(self, rec: IntermediateRecord, key: Hashable, nbytes: int, seconds: float) -> None:
         if isinstance(key, tuple) and key and key[0] == "tile":  # one chunk decoded (not a joined block)

@@ -156,16 +156,24 @@ class ReRunner:
         """``layer``'s output for examples ``[start, stop)``, computed by the model from the stored inputs
         (``input_rows(start, stop)``), in batches of the capture's batch size. ``observe(rows, seconds)``
         hears the time of each model call (with making its inputs; without the load and the input read);
-        ``assembled(nbytes, seconds)`` the time to join several calls' outputs into one array."""
+        ``assembled(nbytes, seconds)`` the time to join several calls' outputs into one array. Several calls
+        write into that one array as they come (their outputs are not all held, then joined: twice the
+        layer's memory for a whole-layer re-run); no rows are an empty array."""
+        stop = max(start, stop)
+        if stop == start:
+            return np.empty((0, *layer.shape), dtype=layer.dtype)
         warm = self.model(model)
         batch = int(model.info.get("batch_size") or 256)
-        parts = []
+        whole: np.ndarray | None = None  # several calls' outputs, joined as they come
+        joining = 0.0
         for lo in range(start, stop, batch):
             hi = min(lo + batch, stop)
             # A 1-row call takes other BLAS/oneDNN kernels than any bigger batch (a PCA row differed by an
-            # ulp; see capture/keras.py for Keras): run it with a neighbour and keep it. Except the lone last
-            # row of a capture that ran it alone (scikit-learn; Keras pads it): alone again, as captured
-            lone_at_capture = layer.n_rows % batch == 1 and lo == layer.n_rows - 1 \
+            # ulp; see capture/keras.py for Keras): run it with a neighbour and keep it. Except a row the
+            # capture ran alone (scikit-learn; Keras pads it): the lone last row of its last batch, or every
+            # row of a capture in one-row batches: alone again, as captured
+            captured_from = lo // batch * batch
+            lone_at_capture = min(captured_from + batch, layer.n_rows) - captured_from == 1 \
                 and not warm.adapter.pads_lone_rows
             pad = hi - lo == 1 and layer.n_rows > 1 and not lone_at_capture
             first = lo - 1 if pad and hi == layer.n_rows else lo
@@ -194,14 +202,19 @@ class ReRunner:
                 self.rows_run += hi - lo
             if pad:
                 out = out[lo - first:lo - first + 1]
-            parts.append(self._checked(out, layer, hi - lo))
-        if len(parts) == 1:
-            return parts[0]
-        started = time.perf_counter()
-        out = np.concatenate(parts)
+            out = self._checked(out, layer, hi - lo)
+            if hi - lo == stop - start:
+                return out
+            started = time.perf_counter()
+            if whole is None:
+                whole = np.empty((stop - start, *layer.shape), dtype=layer.dtype)
+            whole[lo - start:hi - start] = out
+            joining += time.perf_counter() - started
+            del out
+        assert whole is not None
         if assembled is not None:
-            assembled(out.nbytes, time.perf_counter() - started)
-        return out
+            assembled(whole.nbytes, joining)
+        return whole
 
     @staticmethod
     def _checked(out: np.ndarray, layer: IntermediateRecord, rows: int) -> np.ndarray:
