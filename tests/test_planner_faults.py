@@ -7,6 +7,7 @@ from __future__ import annotations
 import io
 import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -115,58 +116,58 @@ def slow_writes(monkeypatch: pytest.MonkeyPatch, materializer, seconds: float) -
     return written
 
 
-def test_layers_whose_re_runs_end_together_are_all_materialized(tmp_path: Path,
-                                                               monkeypatch: pytest.MonkeyPatch) -> None:
+@pytest.fixture
+def unstored(tmp_path: Path) -> Iterator[tuple[Repository, Pipeline, np.ndarray]]:
+    """A 400-row pipeline captured with nothing stored but its inputs (model "none"), its store open."""
+    pipe, x = wide_pca(rows=400)
+    with mistiquefs.open_store(tmp_path / "s") as store:
+        store.capture(pipe, x, name="none", policy="none", progress=False)
+    repo = Repository(tmp_path / "s", create=False)
+    try:
+        yield repo, pipe, x
+    finally:
+        repo.close()
+
+
+def test_layers_whose_re_runs_end_together_are_all_materialized(unstored, monkeypatch: pytest.MonkeyPatch) -> None:
     """Readers scanned several layers that are not stored at once: every one qualified, but only the first
     write got the capture lock, and the mount's own other writes were skipped ("another materialization is
     writing"), so those layers kept being re-run. They wait for one another now."""
-    pipe, x = wide_pca(rows=400)
-    with mistiquefs.open_store(tmp_path / "s") as store:
-        store.capture(pipe, x, name="none", policy="none", progress=False)
-    repo = Repository(tmp_path / "s", create=False)
-    try:
-        planner = Planner(repo, budget=1 << 30)
-        materializer = planner.materializer
-        written = slow_writes(monkeypatch, materializer, 0.3)
-        layers = [record(repo, "none", name) for name in ("sc", "poly", "pca")]
-        for rec in layers:
-            materializer.store_from_cache(rec, [planner.run_rows(rec, 0, rec.n_rows)])
-        settle()
-        assert sorted(written) == ["pca", "poly", "sc"]
-        assert sorted(materializer.materialized) == ["pca", "poly", "sc"]
-        assert all(record(repo, "none", rec.name).stored for rec in layers)
-    finally:
-        repo.close()
+    repo, pipe, x = unstored
+    planner = Planner(repo, budget=1 << 30)
+    materializer = planner.materializer
+    written = slow_writes(monkeypatch, materializer, 0.3)
+    layers = [record(repo, "none", name) for name in ("sc", "poly", "pca")]
+    for rec in layers:
+        materializer.store_from_cache(rec, [planner.run_rows(rec, 0, rec.n_rows)])
+    settle()
+    assert sorted(written) == ["pca", "poly", "sc"]
+    assert sorted(materializer.materialized) == ["pca", "poly", "sc"]
+    assert all(record(repo, "none", rec.name).stored for rec in layers)
 
 
 def test_a_reader_with_a_plan_older_than_a_materialization_does_not_write_the_layer_again(
-        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+        unstored, monkeypatch: pytest.MonkeyPatch) -> None:
     """A file opened while its layer was being materialized keeps its re-run plan and the layer's record as
     it was; its release asked to store the layer again: the whole layer was encoded and written once more,
     then refused by the catalog ("layer id 8 is gone or already stored" in the log)."""
-    pipe, x = wide_pca(rows=400)
-    with mistiquefs.open_store(tmp_path / "s") as store:
-        store.capture(pipe, x, name="none", policy="none", progress=False)
-    repo = Repository(tmp_path / "s", create=False)
-    try:
-        planner = Planner(repo, budget=1 << 30)
-        tree = Tree(repo, planner)
-        materializer = planner.materializer
-        written = slow_writes(monkeypatch, materializer, 0.5)
-        planner.stats[record(repo, "none", "pca").id] = LayerStats(queries=50)  # read all day: worth storing
-        ino = inode(tree, "none", "pca")
-        assert np.array_equal(load(tree, ino), pipe.transform(x))  # its release starts the write
-        deadline = time.monotonic() + 30
-        while not written and time.monotonic() < deadline:
-            time.sleep(0.01)
-        tree.opened(ino)  # another reader, while the layer is being written
-        assert tree.plan(ino).choice == "rerun"
-        tree.read(ino, 0, tree.attr(ino).size)
-        settle()
-        assert written == ["pca"] and record(repo, "none", "pca").stored
-        tree.released(ino)
-        settle()
-        assert written == ["pca"] and materializer.materialized == ["pca"]
-        assert np.array_equal(load(tree, ino), pipe.transform(x))
-    finally:
-        repo.close()
+    repo, pipe, x = unstored
+    planner = Planner(repo, budget=1 << 30)
+    tree = Tree(repo, planner)
+    materializer = planner.materializer
+    written = slow_writes(monkeypatch, materializer, 0.5)
+    planner.stats[record(repo, "none", "pca").id] = LayerStats(queries=50)  # read all day: worth storing
+    ino = inode(tree, "none", "pca")
+    assert np.array_equal(load(tree, ino), pipe.transform(x))  # its release starts the write
+    deadline = time.monotonic() + 30
+    while not written and time.monotonic() < deadline:
+        time.sleep(0.01)
+    tree.opened(ino)  # another reader, while the layer is being written
+    assert tree.plan(ino).choice == "rerun"
+    tree.read(ino, 0, tree.attr(ino).size)
+    settle()
+    assert written == ["pca"] and record(repo, "none", "pca").stored
+    tree.released(ino)
+    settle()
+    assert written == ["pca"] and materializer.materialized == ["pca"]
+    assert np.array_equal(load(tree, ino), pipe.transform(x))
