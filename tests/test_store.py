@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import sqlite3
+import threading
 import time
 from pathlib import Path
 
@@ -143,6 +144,21 @@ def test_a_random_read_that_ends_a_piece_reads_nothing_ahead_and_a_continued_rea
     while 4 not in cached() and time.monotonic() < deadline:
         time.sleep(0.01)
     assert {2, 3, 4} <= set(cached()) and 0 not in cached() and 1 not in cached()
+    # a read from the file's start notes where it ended too: the kernel's next request continues it
+    repo.cache.clear()
+    assert reader.read(view, 0, 4096) == npy_bytes(data)[:4096]
+    assert reader._continues(view.stream, 4096 - len(view.header), 8192)
+    # a read of several pieces (in-process rows(a, b)) has its later pieces decoded on the read-ahead
+    # threads while it decodes its first, and none past its end
+    time.sleep(0.5)
+    repo.cache.clear()
+    threads = {}
+    reader.observer = lambda _rec, key, _n, _s: threads.setdefault(key[-1], threading.current_thread().name)
+    start, stop = 2 * rec.block_rows + 5, 5 * rec.block_rows
+    np.testing.assert_array_equal(reader.rows(start, stop), data[start:stop])
+    time.sleep(0.5)
+    assert sorted(threads) == [2, 3, 4]
+    assert any(threads[b].startswith("mistiquefs-prefetch") for b in (3, 4)), threads
 
 
 def test_the_cached_share_of_a_large_view_is_judged_from_a_bounded_sample(tmp_path: Path,
