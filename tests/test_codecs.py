@@ -1242,6 +1242,22 @@ def test_kbit_1_gives_relu_zeros_their_own_bin() -> None:
     assert len(np.unique(roundtrip(layer_chain("kbit:1", between), between)[1])) == 2
 
 
+def test_kbit_with_few_edges_the_table_cannot_tell_apart_searches() -> None:
+    """kbit:1 has one edge, so no check on how many edges survive snapping could fire: epoch milliseconds
+    (float64) read back as one value. A table that fills fewer bins than the learned edges do now means
+    binary search, at any K; where the table fills them (1000 + N(0, 0.05) around the prefix 1000), not."""
+    rng = np.random.default_rng(4)
+    epoch_ms = 1.7e12 + rng.uniform(0, 60_000, (5000, 1))
+    for x in (epoch_ms, (1000 + rng.standard_normal((5000, 1)) * 0.05).astype(np.float32)):
+        for scheme in ("kbit:1", "kbit:2"):
+            chain = layer_chain(scheme, x)
+            _, out = roundtrip(chain, x)
+            assert len(np.unique(out)) == chain.array.bins, (scheme, x.dtype)  # every bin used
+            assert chain.array.exact or x.dtype == np.float32  # (1000 +- 0.05: the prefix at 1000 splits it)
+    relu = np.maximum(rng.standard_normal((4000, 8)), 0).astype(np.float32)  # ordinary: the table
+    assert not layer_chain("kbit:1", relu).array.exact and not layer_chain("kbit:8", relu).array.exact
+
+
 def test_threshold_describes_its_percentile_so_it_round_trips() -> None:
     """threshold:99.99999 described itself as threshold:100 (a different scheme)."""
     for text in ("threshold:99.99999", "threshold:99", "threshold:99.5", "threshold:0.001"):

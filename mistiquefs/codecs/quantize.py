@@ -23,7 +23,8 @@ places every value exactly where the stored edges say, and reconstruction uses t
 as the table assigns them. Values packed into a few prefixes (1000 + N(0, 0.05) has 2 of them) would lose
 most of their edges so: a layer that keeps less than 3/4 of its edges after snapping keeps the learned
 edges and is encoded by ``numpy.searchsorted`` (``exact`` in its configuration, and a note in its
-info.json). So is a layer whose atoms or distinct values (those the sample holds more than once) the table
+info.json), as is one whose sample the table puts in fewer than 3/4 of the bins the learned edges fill
+(kbit:1's single edge cannot be lost to snapping, yet can put every value in one bin). So is a layer whose atoms or distinct values (those the sample holds more than once) the table
 would put in one bin (1.0 and 1.001 share a bucket), and a float64 layer whose values float32 cannot hold
 or tell apart (1e40; 1.7e12 + 0..60000 ms): that one keeps float64 edges and searches float64 values
 (older chains' edges are float32, and search float32 values as before). These checks look at the
@@ -144,6 +145,17 @@ def snap_edges(edges: np.ndarray) -> np.ndarray:
     the table lookup on a value's top 16 bits places every value exactly as the edges say."""
     finite = edges[np.isfinite(edges)].astype(np.float32)
     return np.unique((finite.view(np.uint32) & np.uint32(0xFFFF0000)).view(np.float32))
+
+
+def _bins_filled(codes: np.ndarray) -> int:
+    """How many bins ``codes`` fall in."""
+    return int(np.count_nonzero(np.bincount(codes))) if len(codes) else 0
+
+
+def _learned_bins(edges: np.ndarray, values: np.ndarray) -> int:
+    """How many bins learned ``edges`` fill with the sample ``values`` they were taken from: every edge is a
+    sample value, so each bin above an edge holds one, and the first holds the values below the first edge."""
+    return len(edges) + int(bool(len(edges)) and bool(len(values)) and values.min() < edges[0])
 
 
 def _clashes(codes: np.ndarray) -> np.ndarray:
@@ -397,11 +409,20 @@ class KBitCodec(ArrayCodec):
         with np.errstate(over="ignore"):  # float64 beyond float32's range: inf, caught below
             learned32 = [e.astype(np.float32) for e in learned]
             kept32 = [k.astype(np.float32) for k in kept]
+            fit_values32 = [np.ascontiguousarray(v, dtype=np.float32) for v in fit_values]
         snapped = [snap_edges(e) for e in learned32]
         # Values packed into few 16-bit prefixes (1000 + N(0, 0.05); a saturated sigmoid) lose most of their
         # edges to snapping (2 and 18 of 255 left). Then keep the learned edges and find codes by binary
         # search: ~14x slower to encode, for such layers only (the demo CNN's and VGG's layers keep 84-100%)
-        narrow = any(len(s) < len(e) * MIN_SNAPPED_SHARE for s, e in zip(snapped, learned))
+        # So do values the table puts in fewer bins than the learned edges make (one edge, K = 1, of values
+        # float32 cannot tell apart: every value fell in one bin)
+        # (per layer: the encoding table, built once here; encode uses it too. Per unit: its codes by search)
+        tables = [_code_table(_padded(s, self.bins)) for s in snapped] if per == "layer" else None
+        table_codes = [tables[g][_top16(v32)] if tables else _search_codes(_padded(snapped[g], self.bins), _trunc16(v32))
+                       for g, v32 in enumerate(fit_values32)]
+        narrow = any(len(s) < len(e) * MIN_SNAPPED_SHARE or
+                     _bins_filled(codes) < _learned_bins(e, v) * MIN_SNAPPED_SHARE
+                     for s, e, v, codes in zip(snapped, learned, fit_values, table_codes))
         # Values that must read back exactly (atoms, a few distinct values) need bins of their own, which
         # the table cannot give two of them in one 16-bit bucket (1.0 and 1.001) or float32 (float64 1.0 and
         # 1.0 + 1e-12). Checked on those values only (<= 2^K each), and only values the sample holds more
@@ -428,13 +449,11 @@ class KBitCodec(ArrayCodec):
             if exact:
                 codes, kept_codes = _search_codes(edges[g], v), _search_codes(edges[g], kept[g])
             else:
-                with np.errstate(over="ignore"):
-                    v32 = np.ascontiguousarray(v, dtype=np.float32)
-                if per == "layer":  # the encoding table, built once: encode uses it too
-                    table = _code_table(edges[g])
-                    codes, kept_codes = table[_top16(v32)], table[_top16(kept32[g])]
+                codes = table_codes[g]
+                if tables:  # the encoding table, built once: encode uses it too
+                    table = tables[g]
+                    kept_codes = table[_top16(kept32[g])]
                 else:  # the table's codes, without building one per unit
-                    codes = _search_codes(edges[g], _trunc16(v32))
                     kept_codes = _search_codes(edges[g], _trunc16(kept32[g]))
             alone = ~kept_clash[g] if not exact else np.ones(len(kept[g]), dtype=bool)  # (a shared bin: its mean)
             values[g] = _bin_means(codes, v.astype(np.float64), edges[g, :len(e)], self.bins, kept_codes[alone],
