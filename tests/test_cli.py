@@ -88,26 +88,33 @@ def test_a_failed_first_capture_leaves_no_store_and_a_failed_later_one_keeps_the
     assert main(["capture", str(kept), *args]) != 0
     with mistiquefs.open_store(kept, create=False) as opened:
         assert opened.models() == ["p0"]
-    # two first captures at once, both into a missing store: the other one makes the store and takes its lock
-    # right after this one looked; this one, refused, removes nothing
-    racing, held = tmp_path / "racing", []
-    real_open = mistiquefs.api.open_store
+    # two first captures at once, both into a missing store: the other one makes the store right after this
+    # one looked, and holds it open (before its capture lock: this one fails on its inputs; holding it:
+    # this one is refused). Neither removes anything
+    for ours, other_locks in ((args, False), (["--model", str(model_path), "--inputs", str(inputs_path),
+                                               "--name", "p0", "--no-progress"], True)):
+        racing, others, held = tmp_path / f"racing{int(other_locks)}", [], []
+        real_open = mistiquefs.api.open_store
 
-    def other_capture_first(path, **kwargs):
-        opened = real_open(path, **kwargs)
-        held.append(os.open(racing / "capture.lock", os.O_RDWR | os.O_CREAT))
-        fcntl.flock(held[0], fcntl.LOCK_EX | fcntl.LOCK_NB)
-        return opened
+        def other_capture_first(path, **kwargs):
+            others.append(real_open(path, **kwargs))
+            if other_locks:
+                held.append(os.open(racing / "capture.lock", os.O_RDWR | os.O_CREAT))
+                fcntl.flock(held[0], fcntl.LOCK_EX | fcntl.LOCK_NB)
+            return real_open(path, **kwargs)
 
-    monkeypatch.setattr(mistiquefs.api, "open_store", other_capture_first)
-    try:
-        assert main(["capture", str(racing), "--model", str(model_path), "--inputs", str(inputs_path),
-                     "--name", "p0", "--no-progress"]) != 0
-        assert "another capture is writing" in capsys.readouterr().err
-        assert (racing / "capture.lock").exists() and (racing / "catalog.sqlite").exists()
-    finally:
-        for fd in held:
-            os.close(fd)
+        monkeypatch.setattr(mistiquefs.api, "open_store", other_capture_first)
+        try:
+            assert main(["capture", str(racing), *ours]) != 0
+            err = capsys.readouterr().err
+            assert ("another capture is writing" in err) == other_locks, err
+            assert (racing / "catalog.sqlite").exists() and (racing / "packs").is_dir()
+        finally:
+            monkeypatch.undo()
+            for fd in held:
+                os.close(fd)
+            for other in others:
+                other.close()
 
 
 @pytest.mark.keras

@@ -5,6 +5,7 @@ an older store at once, and rm in a store that lost its models/ directory."""
 from __future__ import annotations
 
 import errno
+import fcntl
 import os
 import resource
 import shutil
@@ -353,3 +354,33 @@ def test_rm_in_a_store_without_its_models_directory_succeeds(store, capsys) -> N
     finally:
         repo.close()
     assert np.array_equal(read_all(path, "cnn", "dense"), arrays["cnn", "dense"])
+
+
+def test_an_unused_store_is_removed_only_while_nobody_has_it_open(tmp_path: Path) -> None:
+    """A failed first capture removes the store it made (discard_unused_store) only if no other process
+    opened it meanwhile (each open holds the store's users lock shared) and it holds no model; while the
+    removal holds that lock, a new open is refused instead of getting a store about to vanish."""
+    from mistiquefs.store.maintenance import discard_unused_store
+    from mistiquefs.store.repository import USERS_LOCK
+
+    path = tmp_path / "s"
+    other = Repository(path)
+    try:
+        assert not discard_unused_store(path, keep_dir=False)  # open elsewhere: kept
+    finally:
+        other.close()
+    fd = os.open(path / USERS_LOCK, os.O_RDWR)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)  # as a removal holds it
+        with pytest.raises(StoreError, match="is being removed"):
+            Repository(path, create=False)
+    finally:
+        os.close(fd)
+    with_model = tmp_path / "m"
+    repo = Repository(with_model)
+    try:
+        capture_arrays(repo, "m", {"x": np.ones((4, 3), np.float32)}, table=False)
+    finally:
+        repo.close()
+    assert not discard_unused_store(with_model, keep_dir=False) and (with_model / "catalog.sqlite").exists()
+    assert discard_unused_store(path, keep_dir=False) and not path.exists()

@@ -6,12 +6,10 @@ from __future__ import annotations
 import argparse
 import logging
 import os
-import shutil
 import sqlite3
 import sys
 import tempfile
 from pathlib import Path
-from typing import Any
 
 from mistiquefs.errors import MistiqueError
 
@@ -120,16 +118,21 @@ def cmd_capture(args: argparse.Namespace) -> int:
     inputs = load_inputs_file(args.inputs, model)  # the model decides how a CSV's columns are read
     existed = args.store.exists()
     made = not existed or (args.store.is_dir() and not any(args.store.iterdir()))  # this capture makes the store
-    with open_store(args.store) as store:
-        try:
+    try:
+        with open_store(args.store) as store:
             summary = store.capture(model, inputs, name=args.name, batch_size=args.batch_size,
                                     progress=False if args.no_progress else None,
                                     skip_existing=args.skip_existing, schemes=schemes or None,
                                     policy=args.policy, budget=args.budget)
-        except BaseException:
-            if made:  # a failed first capture leaves no empty store behind (a directory it found empty stays)
-                _discard_if_empty(store, keep_dir=existed)
-            raise
+    except BaseException:
+        if made:  # a failed first capture leaves no empty store behind (a directory it found empty stays)
+            from mistiquefs.store.maintenance import discard_unused_store
+
+            try:
+                discard_unused_store(args.store, keep_dir=existed)
+            except OSError:  # (the capture's own error is the one to report)
+                pass
+        raise
     if summary.skipped:
         print(f"{summary.name} is already in {args.store}: skipped")
         return 0
@@ -137,27 +140,6 @@ def cmd_capture(args: argparse.Namespace) -> int:
           f"{summary.raw_bytes / 1e6:.1f} MB raw -> {summary.stored_bytes / 1e6:.1f} MB stored "
           f"({summary.new_bytes / 1e6:.1f} MB new) in {summary.seconds:.1f} s")
     return 0
-
-
-def _discard_if_empty(store: Any, keep_dir: bool) -> None:
-    """Remove the files of ``store`` (a failed first capture made it), and its directory unless it was there,
-    if it holds no model. Under its capture lock: another capture that started meanwhile (both saw no store,
-    this one was refused or failed first) holds the lock or has committed, and then nothing is removed."""
-    try:
-        with store.repo.capture_lock("clean-up"):
-            if store.models():
-                return
-            path = store.path
-            if not keep_dir:
-                shutil.rmtree(path, ignore_errors=True)
-                return
-            for child in path.iterdir():
-                if child.is_dir() and not child.is_symlink():
-                    shutil.rmtree(child, ignore_errors=True)
-                else:
-                    child.unlink(missing_ok=True)
-    except MistiqueError:  # another capture holds the lock: the store is in use
-        return
 
 
 def cmd_mount(args: argparse.Namespace) -> int:

@@ -35,7 +35,11 @@ the leftovers reclaimable, and the next gc deletes them.
 
 from __future__ import annotations
 
+import fcntl
 import logging
+import os
+import shutil
+import sqlite3
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -43,7 +47,7 @@ from mistiquefs.errors import CorruptChunk, NotFound, StoreError
 from mistiquefs.store.packs import (OBJECT_HEADER, PACK_MAGIC, ChunkLocation, PackWriter, decode_payload, fsync_dir,
                                     scan_pack)
 from mistiquefs.store.records import ModelRecord
-from mistiquefs.store.repository import Repository
+from mistiquefs.store.repository import CATALOG, USERS_LOCK, Repository
 
 log = logging.getLogger(__name__)
 #: a pack is compacted when more than this fraction of its bytes is garbage
@@ -315,3 +319,40 @@ def _model_file(repo: Repository, relative: str) -> Path | None:
 
 def _packs_dir(repo: Repository) -> Path:
     return repo.root / "packs"
+
+
+def discard_unused_store(path: Path, *, keep_dir: bool) -> bool:
+    """Remove the store at ``path`` (a first capture made it, then failed) if nobody has it open and it holds
+    no model: its files, and the directory unless ``keep_dir`` (it was there, empty, before). Whoever opened
+    it meanwhile (another first capture, a mount) holds its users lock shared, and then nothing is removed;
+    while this holds it exclusively, a new opener is refused rather than given a store about to vanish.
+    True if it was removed. Call it with the store closed."""
+    try:
+        fd = os.open(path / USERS_LOCK, os.O_RDWR)
+    except OSError:  # no lock file: not a store this version made, or already gone
+        return False
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return False
+        try:
+            db = sqlite3.connect(f"file:{path / CATALOG}?mode=ro", uri=True)
+            try:
+                if db.execute("SELECT count(*) FROM models").fetchone()[0]:
+                    return False
+            finally:
+                db.close()
+        except sqlite3.Error:
+            return False
+        if not keep_dir:
+            shutil.rmtree(path, ignore_errors=True)
+            return True
+        for child in path.iterdir():
+            if child.is_dir() and not child.is_symlink():
+                shutil.rmtree(child, ignore_errors=True)
+            else:
+                child.unlink(missing_ok=True)
+        return True
+    finally:
+        os.close(fd)

@@ -6,6 +6,8 @@ Layout::
     STORE/packs/*.pack     append-only chunk packs
     STORE/models/*         saved models (.keras, .skops), referenced by the catalog
     STORE/capture.lock     flock'ed by the one capture (or gc, or fsck --repair) that may write at a time
+    STORE/users.lock       flock'ed shared by every open Repository (a mount, a capture, fsck...), so a
+                           failed first capture removes the store it made only if nobody else opened it
 
 Only the holder of the capture lock adds chunks or moves them, so a capture's dedup lookups and gc never
 race. ``rm`` needs no lock: it only deletes catalog rows, in one transaction, and never chunks.
@@ -34,6 +36,7 @@ from mistiquefs.store.records import IntermediateRecord, ModelRecord
 from mistiquefs.store.writer import CaptureWriter
 
 CATALOG = "catalog.sqlite"
+USERS_LOCK = "users.lock"
 
 
 class Repository:
@@ -44,6 +47,11 @@ class Repository:
         elif not (self.root / CATALOG).is_file():
             raise StoreError(f"{self.root} is not a mistiquefs store (no {CATALOG} in it)")
         self.catalog = Catalog(self.root / CATALOG, create=create)
+        try:
+            self._users = _shared_lock(self.root / USERS_LOCK)
+        except BaseException:
+            self.catalog.close()
+            raise
         self.packs = PackReader(self.root / "packs")
         self.cache = ByteLRU(cache_bytes)
         #: what lossy chains already encoded (this store's records, and fits done in this process: memo.py)
@@ -174,3 +182,22 @@ class Repository:
     def close(self) -> None:
         self.packs.close()
         self.catalog.close()
+        users, self._users = self._users, None
+        if users is not None:
+            os.close(users)
+
+
+def _shared_lock(path: Path) -> int | None:
+    """A shared flock on ``path`` for as long as the repository is open (None where the store cannot be
+    written: nothing removes a store on read-only media). A failed first capture that is removing the
+    store holds it exclusively: then this open fails instead of using a store about to vanish."""
+    try:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    except OSError:
+        return None
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        raise StoreError(f"{path.parent} is being removed (a capture that made it failed); try again") from None
+    return fd
