@@ -342,7 +342,7 @@ class LayerReader:
         # read through all.npy often ends there, and reading ahead for it decoded 8 MiB that nobody asked
         # for (40 random rows of a cold mmap'ed conv3: 0.70 s of daemon CPU). A read of several pieces has
         # its later ones decoded on the read-ahead threads all the same, up to its own end (in-process
-        # rows(a, b) decoded them one after another on one thread: 58 -> 92 ms for 8 pieces).
+        # rows(a, b) of 8 pieces: 58 ms so, 92 ms decoding them one after another on one thread).
         follows = self._continues(stream, first, last)  # (every read's end is noted, a scan's too)
         ahead_to = view_end if first == view_start or follows else last
         for b in range(first // size, (last - 1) // size + 1):
