@@ -171,3 +171,28 @@ def test_a_reader_with_a_plan_older_than_a_materialization_does_not_write_the_la
     settle()
     assert written == ["pca"] and materializer.materialized == ["pca"]
     assert np.array_equal(load(tree, ino), pipe.transform(x))
+
+
+def test_a_re_run_piece_larger_than_the_cache_is_run_once_for_a_scan(tmp_path: Path) -> None:
+    """A capture in one batch of every row makes a layer that is not stored one re-run piece; with a cache
+    smaller than that piece (``--cache-size``), the piece was never kept, so every read the kernel made of
+    the file (1 MiB at most) ran the whole batch again: a scan re-ran the model once per request."""
+    pipe, x = wide_pca(rows=3000)
+    with mistiquefs.open_store(tmp_path / "s") as store:
+        store.capture(pipe, x, name="one", policy="none", batch_size=len(x), progress=False)
+    repo = Repository(tmp_path / "s", create=False, cache_bytes=256 << 10)
+    try:
+        planner = Planner(repo, mode="rerun")
+        tree = Tree(repo, planner)
+        ino = inode(tree, "one", "poly")  # 3000 x 496 float64: 11.9 MB, one piece
+        tree.opened(ino)
+        try:
+            size, got = tree.attr(ino).size, bytearray()
+            for offset in range(0, size, 128 << 10):  # what the kernel asks for
+                got += tree.read(ino, offset, 128 << 10)
+        finally:
+            tree.released(ino)
+        np.testing.assert_array_equal(np.load(io.BytesIO(bytes(got))), pipe[:-1].transform(x))
+        assert planner.rerunner.rows_run == len(x)  # one run of the batch, not one per request
+    finally:
+        repo.close()

@@ -527,3 +527,24 @@ def test_a_one_column_table_round_trips(tmp_path: Path) -> None:
     got = repo.reader(layer(repo, "t", "input")).rows(0, len(table))
     assert np.array_equal(got, table)
     repo.close()
+
+
+def test_the_cache_keeps_the_last_entry_larger_than_its_budget_beside_it() -> None:
+    """An entry larger than the whole budget was dropped at once (a re-run piece under a small cache was
+    computed again for every read of its file); now the last such one is kept, outside the budget."""
+    from mistiquefs.store.cache import ByteLRU
+
+    cache = ByteLRU(100)
+    cache.put("small", b"x" * 60)
+    cache.put("big", b"y" * 500)
+    assert cache.get("big") == b"y" * 500 and "big" in cache and cache.get("small") == b"x" * 60
+    assert cache.size == 60  # (the budget counts the entries within it)
+    cache.put("bigger", b"z" * 800)
+    assert "big" not in cache and cache.get("bigger") == b"z" * 800
+    cache.discard("bigger")
+    assert "bigger" not in cache
+    cache.put("big", b"y" * 500)
+    cache.put("big", b"s" * 10)  # the same key again, now within the budget
+    assert cache.get("big") == b"s" * 10 and cache.size == 70
+    cache.clear()
+    assert "big" not in cache and "small" not in cache
