@@ -417,8 +417,9 @@ class KBitCodec(ArrayCodec):
         # So do values the table puts in fewer bins than the learned edges make (one edge, K = 1, of values
         # float32 cannot tell apart: every value fell in one bin)
         # (per layer: the encoding table, built once here; encode uses it too. Per unit: its codes by search)
-        tables = [_code_table(_padded(s, self.bins)) for s in snapped] if per == "layer" else None
-        table_codes = [tables[g][_top16(v32)] if tables else _search_codes(_padded(snapped[g], self.bins), _trunc16(v32))
+        padded = [_padded(s, self.bins) for s in snapped]
+        tables = [_code_table(p) for p in padded] if per == "layer" else None
+        table_codes = [tables[g][_top16(v32)] if tables else _search_codes(padded[g], _trunc16(v32))
                        for g, v32 in enumerate(fit_values32)]
         narrow = any(len(s) < len(e) * MIN_SNAPPED_SHARE or
                      _bins_filled(codes) < _learned_bins(e, v) * MIN_SNAPPED_SHARE
@@ -428,7 +429,8 @@ class KBitCodec(ArrayCodec):
         # 1.0 + 1e-12). Checked on those values only (<= 2^K each), and only values the sample holds more
         # than once count: a continuous layer's small sample (256 examples of a unit: <= 256 distinct
         # values, most once) is no reason for the slower search
-        kept_clash = [_clashes(_search_codes(_padded(s, self.bins), _trunc16(k32))) for s, k32 in zip(snapped, kept32)]
+        kept_table_codes = [_search_codes(p, _trunc16(k32)) for p, k32 in zip(padded, kept32)]  # (= the table's)
+        kept_clash = [_clashes(codes) for codes in kept_table_codes]
         merged = any(np.any(clash & (c > 1)) for clash, c in zip(kept_clash, kept_counts))
         # float64 values float32 cannot hold (beyond +-3.4e38), or whose edges it cannot tell apart
         beyond = wide and any(not np.all(np.isfinite(e32)) or np.any(np.diff(e32) <= 0) or
@@ -442,26 +444,20 @@ class KBitCodec(ArrayCodec):
         # an exact float64 layer searches float64 edges; every other codec float32 ones, as before
         edges = np.full((len(groups), self.bins - 1), np.inf, dtype=np.float64 if exact and wide else np.float32)
         values = np.zeros((len(groups), self.bins), dtype=np.float64)
-        table = None
         for g, v in enumerate(fit_values):
             e = (learned[g] if wide else learned32[g]) if exact else snapped[g]
             edges[g, :len(e)] = e
             if exact:
                 codes, kept_codes = _search_codes(edges[g], v), _search_codes(edges[g], kept[g])
             else:
-                codes = table_codes[g]
-                if tables:  # the encoding table, built once: encode uses it too
-                    table = tables[g]
-                    kept_codes = table[_top16(kept32[g])]
-                else:  # the table's codes, without building one per unit
-                    kept_codes = _search_codes(edges[g], _trunc16(kept32[g]))
+                codes, kept_codes = table_codes[g], kept_table_codes[g]
             alone = ~kept_clash[g] if not exact else np.ones(len(kept[g]), dtype=bool)  # (a shared bin: its mean)
             values[g] = _bin_means(codes, v.astype(np.float64), edges[g, :len(e)], self.bins, kept_codes[alone],
                                    kept[g][alone].astype(np.float64))
         fitted = KBitCodec(k=self.k, per=per, edges=edges, values=values.astype(sample.dtype), note=note,
                            exact=exact)
-        if table is not None:
-            fitted.__dict__["_encode_tables"] = table[None]  # (the cached_property's slot)
+        if tables is not None and not exact:  # the encoding table, built once: encode uses it too
+            fitted.__dict__["_encode_tables"] = np.stack(tables)  # (the cached_property's slot)
         return fitted
 
     # -- tables, built once per codec instance ---------------------------------------------------------
