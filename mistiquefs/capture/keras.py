@@ -190,17 +190,14 @@ class KerasAdapter(Adapter):
         array, measured once (converting the whole array for every batch took time quadratic in N and a
         copy of every input per batch)."""
         array = _unwrap_single_array(inputs, self._input_names)
-        if array.dtype == object and self._input.dtype == "string":
-            dtype = self._text_dtype(array)
-            _check_example_shape(array, tuple(self._input.shape[1:]))
-            if len(array) == 0:
-                raise CaptureError("the inputs have 0 rows; pass at least one example")
-            return _fixed_width_text(array if rows is None else array[rows], dtype)
-        _check_dtype(array, self._input.dtype)
+        text = self._text_dtype(array) if array.dtype == object and self._input.dtype == "string" else None
+        if text is None:
+            _check_dtype(array, self._input.dtype)
         _check_example_shape(array, tuple(self._input.shape[1:]))
         if len(array) == 0:
             raise CaptureError("the inputs have 0 rows; pass at least one example")
-        return array if rows is None else array[rows]
+        part = array if rows is None else array[rows]
+        return part if text is None else _fixed_width_text(part, text)
 
     def _text_dtype(self, array: np.ndarray) -> np.dtype:
         """The fixed-width dtype of an object array of text, measured once for the same array (n_rows sees
