@@ -412,9 +412,9 @@ class _Tracer:
     """Names the examples that tiles hold: "model M, layer L[, column j], examples a..b"."""
 
     def __init__(self, repo: Repository) -> None:
-        rows = repo.catalog.model_rows()
-        self.models = {ident: name for ident, name, _file in rows}
-        self.model_files = [(ident, name, model_file) for ident, name, model_file in rows]
+        #: (id, name, model file) of every model, as the snapshot holds them (``_check_model_files``)
+        self.model_files = list(repo.catalog.model_rows())
+        self.models = {ident: name for ident, name, _file in self.model_files}
         # (model, what) of each row that does not decode: a problem of its own; its layer is not traced
         layers, self.damaged = repo.catalog.decoded_intermediates()
         self.damaged += repo.catalog.decoded_models()[1]
