@@ -797,6 +797,11 @@ def _structure_types() -> types.SimpleNamespace:
         IsotonicRegression=IsotonicRegression)
 
 
+def _is_int_array(value: Any) -> bool:
+    """A plain numpy array of integers (signed or not)."""
+    return type(value) is np.ndarray and value.dtype.kind in "iu"
+
+
 def _is_int(value: Any) -> bool:
     return isinstance(value, (int, np.integer)) and not isinstance(value, (bool, np.bool_))
 
@@ -1264,8 +1269,7 @@ class _Structures:
             if not vector(fields.get("center"), root=depth == 0):
                 return f"{where} has a center {_described(fields.get('center'))} that is not {expected}"
             indices, score = fields.get("indices"), fields.get("score", 0)
-            if indices is not None and not (type(indices) is np.ndarray and indices.ndim == 1
-                                            and indices.dtype.kind in "iu"):
+            if indices is not None and not (_is_int_array(indices) and indices.ndim == 1):
                 return f"{where} has indices {_shown(indices)!r} (None, or the indices of its rows in fit, expected)"
             if not (_is_int(score) or isinstance(score, (float, np.floating))):
                 return f"{where} has score {_shown(score)!r} (a number expected)"
@@ -1301,8 +1305,7 @@ class _Structures:
         labels, n_features = state["labels_"], state.get("n_features_in_")
         expected = (f"one cluster index in [0, {_shown(n_features)!r}) for each of its n_features_in_ "
                     f"({_shown(n_features)!r}) columns")
-        if not (_is_int(n_features) and type(labels) is np.ndarray and labels.dtype.kind in "iu"
-                and labels.shape == (n_features,)):
+        if not (_is_int(n_features) and _is_int_array(labels) and labels.shape == (n_features,)):
             return f"whose labels_ {_described(labels)} is not {expected}"
         bad = (labels < 0) | (labels >= n_features)
         if bad.any():
@@ -1489,7 +1492,7 @@ class _Structures:
         labels, classes, two_d = state["_y"], state.get("classes_"), state.get("outputs_2d_")
         if two_d is not True and two_d is not False and not isinstance(two_d, np.bool_):
             return f"whose outputs_2d_ is {_shown(two_d)!r}"
-        if not (type(labels) is np.ndarray and labels.dtype.kind in "iu"
+        if not (_is_int_array(labels)
                 and labels.shape == ((n_fit, len(classes) if isinstance(classes, list) else -1) if two_d else (n_fit,))):
             return (f"whose _y {_described(labels)} is not one integer label per _fit_X row ({n_fit}) and output "
                     f"(outputs_2d_ {bool(two_d)})")
@@ -1536,12 +1539,12 @@ class _Structures:
         for i, known in enumerate(categories):
             codes = np.arange(len(known) if _searchsorted_within(known) else len(known) + 1)
             if infrequent and indices[i] is not None:
-                if not (type(indices[i]) is np.ndarray and indices[i].dtype.kind in "iu" and indices[i].size):
+                if not (_is_int_array(indices[i]) and indices[i].size):
                     return f"whose _infrequent_indices[{i}] {_described(indices[i])} is not a vector of indices"
                 codes = np.append(codes, indices[i].flat[0])
             if infrequent and i < len(mappings) and mappings[i] is not None:
                 mapping = mappings[i]
-                if not (type(mapping) is np.ndarray and mapping.dtype.kind in "iu" and mapping.ndim == 1):
+                if not (_is_int_array(mapping) and mapping.ndim == 1):
                     return f"whose _default_to_infrequent_mappings[{i}] {_described(mapping)} is not a vector of codes"
                 codes = mapping[codes[(codes >= -len(mapping)) & (codes < len(mapping))]]  # (np.take raises past it)
             if drop is not None:
