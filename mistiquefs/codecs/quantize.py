@@ -24,13 +24,14 @@ as the table assigns them. Values packed into a few prefixes (1000 + N(0, 0.05) 
 most of their edges so: a layer that keeps less than 3/4 of its edges after snapping keeps the learned
 edges and is encoded by ``numpy.searchsorted`` (``exact`` in its configuration, and a note in its
 info.json), as is one whose sample the table puts in fewer than 3/4 of the bins the learned edges fill
-(kbit:1's single edge cannot be lost to snapping, yet can put every value in one bin). So is a layer
-whose atoms or distinct values (those the sample holds more than once) the table would put in one bin
-(1.0 and 1.001 share a bucket), and a float64 layer whose values float32 cannot hold or tell apart (1e40; 1.7e12 + 0..60000 ms): that one keeps float64 edges and searches float64 values
-(older chains' edges are float32, and search float32 values as before). These checks look at the
-<= 2^K atoms or distinct values only, so continuous float32 layers keep the table. Per-unit codecs keep
-tables only for rows tiles of at most ``MAX_TABLE_UNITS`` units; other tiles find the table's codes by
-binary search on the 16-bit prefixes. Decoding is a 2^K-entry table lookup.
+(kbit:1's single edge cannot be lost to snapping, yet can put every value in one bin). So is a layer whose
+atoms or distinct values (those the sample holds more than once) the table would put in one bin (1.0 and
+1.001 share a bucket), and a float64 layer whose values float32 cannot hold or tell apart (1e40; 1.7e12 +
+0..60000 ms): that one keeps float64 edges and searches float64 values (older chains' edges are float32,
+and search float32 values as before). These checks look at the <= 2^K atoms or distinct values only, so
+continuous float32 layers keep the table. Per-unit codecs keep tables only for rows tiles of at most
+``MAX_TABLE_UNITS`` units; other tiles find the table's codes by binary search on the 16-bit prefixes.
+Decoding is a 2^K-entry table lookup.
 
 Non-finite values have no bin: NaN and +Inf read as the top bin's value, -Inf as the bottom one's;
 ``float16`` keeps them (and turns values beyond +-65504 into +-Inf). The fidelity figures in
