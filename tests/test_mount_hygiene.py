@@ -317,6 +317,29 @@ def test_umount_of_a_stopped_daemon_does_not_hang(store: Path, mnt: Path) -> Non
         cleanup(mnt, [pid])
 
 
+def test_mount_on_a_stopped_daemons_mount_is_refused_without_hanging(store: Path, mnt: Path) -> None:
+    """mount resolved its mount point with a stat of the path itself, which a stopped daemon never answers
+    once the kernel's cached root attributes expire: it hung there instead of refusing the mount point."""
+    from mistiquefs.fs.fuse import ROOT_TIMEOUT
+
+    pid = mount_background(store, mnt, log_file=mnt.parent / "stopped.log", extra=[])
+    try:
+        os.kill(pid, signal.SIGSTOP)
+        time.sleep(ROOT_TIMEOUT + 0.5)  # (not a timing check: the root's cached attributes must expire)
+        for foreground_flag in ([], ["-f"]):
+            result = subprocess.run([sys.executable, "-m", "mistiquefs", "mount", *foreground_flag, str(store),
+                                     str(mnt)], capture_output=True, text=True, timeout=60)
+            assert result.returncode == MountError.exit_code, result.stderr
+            assert f"{mnt} is already a mount point" in result.stderr
+    finally:
+        try:
+            os.kill(pid, signal.SIGCONT)
+        except ProcessLookupError:
+            pass
+        subprocess.run(["fusermount3", "-u", str(mnt)], capture_output=True)
+        cleanup(mnt, [pid])
+
+
 def test_two_mounts_started_at_once_exactly_one_succeeds(store: Path, mnt: Path) -> None:
     """Each mount reports success only when its own daemon mounted (before: both saw the one mount and
     said so, one with the pid of a daemon that had exited)."""

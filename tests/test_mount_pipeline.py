@@ -187,3 +187,34 @@ def test_eight_processes_read_at_once(captured, mount) -> None:
         wanted.append(digests)
     with ProcessPoolExecutor(8, mp_context=get_context("spawn")) as pool:
         assert list(pool.map(_digest_files, jobs)) == wanted
+
+
+def test_info_json_size_is_that_of_what_an_open_reads(tmp_path: Path, mount) -> None:
+    """A layer's info.json changes as files are read (the planner's live figures); each open reads its own
+    rendering. Its size was cached by the kernel for minutes, so fstat of a fresh open gave the size of an
+    old rendering: tail (which reads back from st_size) showed a cut document and wc -c a wrong count."""
+    import json
+
+    from mistiquefs.store.repository import Repository
+    from test_store import capture_arrays
+
+    values = np.arange(400, dtype=np.float32).reshape(100, 4)
+    repo = Repository(tmp_path / "s")
+    capture_arrays(repo, "m", {"dense": values}, table=False)
+    repo.close()
+    layer = mount(tmp_path / "s") / "m" / "dense"
+    before = os.stat(layer / "info.json").st_size
+    for i in range(10):  # ten queries: at least one more digit in the document
+        np.testing.assert_array_equal(np.load(layer / f"{i}.npy"), values[i])
+    fd = os.open(layer / "info.json", os.O_RDONLY)
+    try:
+        size, data = os.fstat(fd).st_size, b""
+        while chunk := os.read(fd, 1 << 16):
+            data += chunk
+    finally:
+        os.close(fd)
+    assert json.loads(data)["plan"]["queries"] >= 10 and len(data) != before
+    assert size == len(data)
+    assert os.stat(layer / "info.json").st_size == len(data)
+    tail = subprocess.run(["tail", "-c", "2", str(layer / "info.json")], capture_output=True, check=True).stdout
+    assert tail == b"}\n"

@@ -96,9 +96,16 @@ def test_adapter_maps_errors_to_errno(tree: Tree, caplog: pytest.LogCaptureFixtu
         assert err.value.errno == errno.EROFS
     import os
 
-    with pytest.raises(pyfuse3.FUSEError) as err:
-        ask(ops.open, tree.lookup(layer, b"0.npy"), os.O_RDWR, None)
-    assert err.value.errno == errno.EROFS
+    for flags in (os.O_RDWR, os.O_WRONLY, os.O_WRONLY | os.O_APPEND, os.O_RDONLY | os.O_TRUNC):
+        with pytest.raises(pyfuse3.FUSEError) as err:
+            ask(ops.open, tree.lookup(layer, b"0.npy"), flags, None)
+        assert err.value.errno == errno.EROFS
+    # O_APPEND writes nothing without write access: read-only file systems open it, and so does this one
+    for name in (b"0.npy", b"info.json"):
+        expected = b"\x93NUMPY" if name == b"0.npy" else b"{"
+        handle = ask(ops.open, tree.lookup(layer, name), os.O_RDONLY | os.O_APPEND, None).fh
+        assert bytes(ask(ops.read, handle, 0, len(expected))) == expected
+        ask(ops.release, handle)
 
     def explode(*_args, **_kwargs):
         raise RuntimeError("a bug")
@@ -235,6 +242,42 @@ def test_requests_for_a_removed_model_are_enoent_and_pin_nothing(tree: Tree, cap
         ops.close()
 
 
+def test_a_read_within_the_second_after_a_removal_is_enoent(tree: Tree, caplog: pytest.LogCaptureFixture,
+                                                            monkeypatch: pytest.MonkeyPatch) -> None:
+    """The tree notices another process's rm at most once a second; a read in that second found the
+    layer's tiles gone and was EIO, logged as a damaged catalog ("run mistiquefs fsck"). It is ENOENT, as
+    once the tree has noticed, with no log line."""
+    import math
+    import os
+
+    import mistiquefs.fs.tree as tree_module
+    from mistiquefs.store.maintenance import remove_model
+
+    ops = FuseOps(tree)
+    layer = tree.lookup(tree.lookup(ROOT, b"net"), b"conv")
+    whole = ask(ops.open, tree.lookup(layer, b"all.npy"), os.O_RDONLY, None).fh  # open before the rm
+    monkeypatch.setattr(tree_module, "REFRESH_SECONDS", math.inf)  # (the second has not passed)
+    other = Repository(tree.repo.root, create=False)
+    try:
+        remove_model(other, "net")
+    finally:
+        other.close()
+    try:
+        row = ask(ops.open, tree.lookup(layer, b"7.npy"), os.O_RDONLY, None).fh  # the tree has not noticed yet
+        with caplog.at_level(logging.ERROR):
+            for handle in (whole, row):
+                with pytest.raises(pyfuse3.FUSEError) as err:
+                    ask(ops.read, handle, 0, 1 << 17)
+                assert err.value.errno == errno.ENOENT
+                ask(ops.release, handle)
+        assert caplog.text == ""
+        assert tree._pinned == {}  # noqa: SLF001
+        with pytest.raises(NotFound):
+            tree.lookup(ROOT, b"net")
+    finally:
+        ops.close()
+
+
 def test_a_layer_changed_by_another_process_gets_a_fresh_reader(tmp_path: Path) -> None:
     """A reader holds its layer's record (stored or not, chunk layout): after another process changes the
     layer (materialization stores it, eviction drops its chunks) the tree's refresh must replace it, or
@@ -258,6 +301,32 @@ def test_a_layer_changed_by_another_process_gets_a_fresh_reader(tmp_path: Path) 
     after = {name: repo.reader(tree.layers[ident]) for name, ident in ids.items()}
     assert after["a"] is not before["a"] and not after["a"].rec.stored
     assert after["b"] is before["b"]
+
+
+def test_a_layer_that_cannot_be_produced_still_lists_and_says_why(tmp_path: Path) -> None:
+    """A layer that is not stored and that its model cannot re-run: its arrays are EIO, but its directory
+    lists and its info.json says why (planning that info.json raised, so its size, and with it the
+    attributes every listing of the directory sends, failed: ls of the layer was EIO)."""
+    import json
+
+    repo = Repository(tmp_path / "s")
+    capture_arrays(repo, "net", {"a": np.ones((50, 3), np.float32)}, table=False)  # (a framework no re-run loads)
+    repo.catalog.unmaterialize(next(rec.id for rec in repo.intermediates() if rec.name == "a"))
+    tree = Tree(repo)
+    layer = tree.lookup(tree.lookup(ROOT, b"net"), b"a")
+    listed = {name: tree.attr(inode) for name, inode, _next in tree.entries(layer)}
+    assert len(listed) == 3 + 50
+    info = tree.lookup(layer, b"info.json")
+    doc = json.loads(tree.json_bytes(info))
+    assert doc["stored"] is False and "cannot re-run" in doc["plan"]["error"]
+    assert listed[b"info.json"].size == len(tree.json_bytes(info))
+    ops = FuseOps(tree)
+    try:
+        with pytest.raises(pyfuse3.FUSEError) as err:
+            ask(ops.open, tree.lookup(layer, b"all.npy"), 0, None)
+        assert err.value.errno == errno.EIO
+    finally:
+        ops.close()
 
 
 def test_reply_buffers_kept_after_a_burst_are_few(tree: Tree) -> None:

@@ -143,9 +143,12 @@ def cmd_capture(args: argparse.Namespace) -> int:
 
 
 def cmd_mount(args: argparse.Namespace) -> int:
-    from mistiquefs.fs.mount import mount_background, serve
+    from mistiquefs.fs.mount import _followed, mount_background, serve
 
-    store, mountpoint = args.store.resolve(), args.mountpoint.resolve()
+    # not resolve() on the mount point: it stats the path itself, and a mount there whose daemon is stopped
+    # never answers (mount hung instead of saying "already a mount point"); _followed follows the links
+    # without asking it, as umount does
+    store, mountpoint = args.store.resolve(), _followed(args.mountpoint)
     if args.foreground:
         _setup_logging(args.log, args.debug)
         serve(store, mountpoint, allow_other=args.allow_other, debug=args.debug, cache_bytes=args.cache_size,

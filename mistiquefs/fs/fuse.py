@@ -128,10 +128,13 @@ class FuseOps(pyfuse3.Operations):
         entry = pyfuse3.EntryAttributes()
         entry.st_ino = attr.inode
         entry.generation = 0
-        timeout = ROOT_TIMEOUT if attr.inode == pyfuse3.ROOT_INODE or attr.inode >> 60 == Kind.MODEL \
-            else ENTRY_TIMEOUT
+        kind = attr.inode >> 60
+        timeout = ROOT_TIMEOUT if attr.inode == pyfuse3.ROOT_INODE or kind == Kind.MODEL else ENTRY_TIMEOUT
         entry.entry_timeout = timeout
-        entry.attr_timeout = timeout
+        # An info.json's size is that of its latest rendering (each open renders one, see open), so the
+        # kernel must ask again: with the size cached for minutes, fstat of a fresh open gave an old size,
+        # and tail (which reads back from st_size) and wc -c showed a cut or stale document
+        entry.attr_timeout = 0 if kind in JSON_KINDS else timeout
         entry.st_mode = attr.mode
         entry.st_nlink = 2 if attr.is_dir else 1
         entry.st_uid, entry.st_gid = self.uid, self.gid
@@ -183,7 +186,8 @@ class FuseOps(pyfuse3.Operations):
         # Every open of a warm example pays this round trip, so it does only what must be done here (the
         # kernel may still hold the name of a file that is gone: a removed model is ENOENT here): count the
         # query, its plan reused for a second.
-        if flags & (os.O_WRONLY | os.O_RDWR | os.O_TRUNC | os.O_APPEND | os.O_CREAT):
+        # (not O_APPEND: alone with O_RDONLY it writes nothing, and read-only file systems open it)
+        if flags & (os.O_WRONLY | os.O_RDWR | os.O_TRUNC | os.O_CREAT):
             raise pyfuse3.FUSEError(errno.EROFS)
         if self.tree.is_dir(inode):
             raise pyfuse3.FUSEError(errno.EISDIR)

@@ -16,8 +16,9 @@ chunks and is called from worker threads, except with ``cached_only=True`` (neve
 
 Other processes may capture, ``rm`` and ``gc`` while the tree is mounted. ``refresh`` notices (the catalog's
 data_version, at most once a second, on lookups and listings in the root and in a model's directory, and
-before a read that must decode) and reloads the models, and the repository drops readers of removed layers
-and chunk maps into deleted packs.
+before a read that must decode; at once when a read fails, so a model removed within that second is ENOENT,
+not EIO) and reloads the models, and the repository drops readers of removed layers and chunk maps into
+deleted packs.
 """
 
 from __future__ import annotations
@@ -34,7 +35,7 @@ from dataclasses import dataclass
 from enum import IntEnum
 from typing import NewType
 
-from mistiquefs.errors import NotFound
+from mistiquefs.errors import MistiqueError, NotFound
 from mistiquefs.planner.planner import Plan, Planner
 from mistiquefs.store.describe import layer_info, model_info
 from mistiquefs.store.reader import LayerReader, NpyView, Part, join_parts, start_prefetcher
@@ -396,11 +397,31 @@ class Tree:
         started = time.perf_counter()
         plan = self.plan(inode)
         # re-run pieces stay: they cost a model run to get back, and materialization stores them from the cache
-        parts = self.reader(ident).read_parts(plan.view, offset, size, cached_only=cached_only,
-                                              use_once=use_once and plan.choice == "read")
+        try:
+            parts = self.reader(ident).read_parts(plan.view, offset, size, cached_only=cached_only,
+                                                  use_once=use_once and plan.choice == "read")
+        except NotFound:
+            raise
+        except Exception:
+            self._raise_if_removed(ident)
+            raise
         if not cached_only:
             self.planner.spent(inode, time.perf_counter() - started)
         return parts
+
+    def _raise_if_removed(self, ident: int) -> None:
+        """NotFound if layer ``ident`` is gone from the catalog, checked now (not at most once a second).
+
+        A read that fails because another process removed its model within the last second (its tiles are
+        gone, its model file too) is ENOENT, as for every other request of a removed model: it was EIO, with
+        a log line calling the catalog damaged ("has no chunk for tile 0 ... run mistiquefs fsck")."""
+        with self._refreshing:
+            version = self.repo.catalog.data_version()
+            if version != self._version:
+                self._checked = time.monotonic()
+                self._reload(version)
+        if ident not in self._state.layers:
+            raise NotFound(f"layer id {ident} was removed") from None
 
     def _json_bytes(self, inode: Inode) -> bytes:
         data = self._json.get(inode)
@@ -415,7 +436,14 @@ class Tree:
                 rec = self._layer(ident)
                 doc = layer_info(rec)
                 if rec.n_rows:
-                    doc["plan"] = self.planner.describe(rec)
+                    try:
+                        doc["plan"] = self.planner.describe(rec)
+                    except NotFound:
+                        raise
+                    except MistiqueError as exc:  # (a layer not stored that its model cannot re-run)
+                        # the document says why its arrays cannot be read: failing here made its size, and
+                        # so every listing of the layer's directory (attributes of each entry), EIO
+                        doc["plan"] = {"mode": self.planner.mode, "error": str(exc)}
             data = self._json[inode] = (json.dumps(doc, indent=2) + "\n").encode()
         return data
 
