@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import errno
 import logging
+import math
 import threading
 from pathlib import Path
 
@@ -276,6 +277,31 @@ def test_a_read_within_the_second_after_a_removal_is_enoent(tree: Tree, caplog: 
             tree.lookup(ROOT, b"net")
     finally:
         ops.close()
+
+
+def test_a_removed_models_info_and_figures_are_let_go(tree: Tree) -> None:
+    """A long-running mount keeps each info.json rendering and each layer's query figures; those of a model
+    another process removed went nowhere, so a store that captures and removes models grew the daemon."""
+    from mistiquefs.store.maintenance import remove_model
+
+    model = tree.lookup(ROOT, b"net")
+    layer = tree.lookup(model, b"conv")
+    for inode in (tree.lookup(model, b"info.json"), tree.lookup(layer, b"info.json")):
+        tree.attr(inode)  # (its size: a rendering)
+    row = tree.lookup(layer, b"3.npy")
+    tree.opened(row)  # (a query the planner counts)
+    tree.read(row, 0, 1 << 16)
+    tree.released(row)
+    assert tree._json and tree.planner.stats  # noqa: SLF001
+    other = Repository(tree.repo.root, create=False)
+    try:
+        remove_model(other, "net")
+    finally:
+        other.close()
+    tree._checked = -math.inf  # noqa: SLF001 (the second has passed)
+    with pytest.raises(NotFound):
+        tree.lookup(ROOT, b"net")
+    assert tree._json == {} and tree.planner.stats == {}  # noqa: SLF001
 
 
 def test_a_layer_changed_by_another_process_gets_a_fresh_reader(tmp_path: Path) -> None:

@@ -164,8 +164,17 @@ class Tree:
         with self._lock:
             self._state = state
             self._version = version
+            # the info.json renderings and planner figures of removed models and layers go with them (a
+            # long-running mount of a store that captures and removes models kept every one)
+            self._json = {inode: data for inode, data in self._json.items() if self._exists(inode, state)}
+        self.planner.forget_layers(set(self.planner.stats) - set(state.layers))
         # after the swap: a reader created meanwhile for a removed layer would otherwise stay cached
         self.repo.forget_stale()
+
+    @staticmethod
+    def _exists(inode: Inode, state: _State) -> bool:
+        kind, ident, _ = split_inode(inode)
+        return ident in (state.models if kind == Kind.MODEL_INFO else state.layers)
 
     def _planner_changed_catalog(self) -> None:
         """Our own commits do not change data_version (only other connections' do): reload now."""

@@ -329,6 +329,13 @@ class Planner:
         with self._lock:
             return {entry.rec.id for entry in self._open.values() if entry.plan.choice == "read"}
 
+    def forget_layers(self, removed: set[int]) -> None:
+        """Drop the query figures of layers that are gone from the catalog."""
+        if removed:
+            with self._lock:
+                for ident in removed:
+                    self.stats.pop(ident, None)
+
     def records_changed(self, changed: set[int] = frozenset()) -> None:
         """This planner changed the catalog (the layers ``changed``, among others it may have counted)."""
         self.repo.forget_records(set(self.stats) | set(changed))
