@@ -28,6 +28,7 @@ removed unless ``--keep``.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import errno
 import fcntl
 import os
@@ -49,8 +50,8 @@ import numpy as np
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO / "examples"))  # examples/ is not a package
 
-from benchlib import (DROP_CACHES, drop_caches, log, log_tails, make_workdir, median, print_table,  # noqa: E402
-                      remove_workdir, store_disk_bytes, timed)
+from benchlib import (DROP_CACHES, Signals, drop_caches, is_mounted, log, log_tails, make_workdir,  # noqa: E402
+                      median, print_table, remove_workdir, store_disk_bytes, timed)
 
 MODEL = "cnn_e3"
 #: the biggest layer, a mid-sized one and a small one
@@ -109,6 +110,12 @@ def check_prereqs() -> Prereqs:
     if os.geteuid() != 0 or not os.access(DROP_CACHES, os.W_OK):
         found.missing.append(f"root with a writable {DROP_CACHES} (cold reads)")
         found.cold = False
+    else:
+        try:  # a container may refuse it although the file looks writable: find out now, not mid-run
+            drop_caches()
+        except OSError as exc:
+            found.missing.append(f"a {DROP_CACHES} that takes writes (cold reads): {exc.strerror}")
+            found.cold = False
     return found
 
 
@@ -116,8 +123,11 @@ def check_prereqs() -> Prereqs:
 class Mounts:
     """The two FUSE mounts of this run. ``close`` undoes whatever is still mounted or running."""
 
-    def __init__(self, workdir: Path, store_path: Path, image: Path | None) -> None:
+    def __init__(self, workdir: Path, store_path: Path, image: Path | None,
+                 starting: Callable[[], Any] = contextlib.nullcontext) -> None:
         self.store_path = store_path
+        #: around each start: no signal lands between a process's start and the record of its pid
+        self._starting = starting
         self.image = image
         self.mq = workdir / "mqmnt"
         self.sq = workdir / "sqmnt"
@@ -131,14 +141,19 @@ class Mounts:
     def mount_mq(self) -> None:
         from mistiquefs.fs.mount import mount_background
 
-        seconds, self.mq_pid = timed(lambda: mount_background(self.store_path, self.mq, log_file=self.log_file,
-                                                              extra=[]))
+        with self._starting():
+            seconds, self.mq_pid = timed(lambda: mount_background(self.store_path, self.mq,
+                                                                  log_file=self.log_file, extra=[]))
         self.mq_mount_seconds.append(seconds)
 
     def unmount_mq(self) -> None:
+        with self._starting():  # a stop is not cut short either: the pid is forgotten only once reaped
+            self._unmount_mq()
+
+    def _unmount_mq(self) -> None:
         from mistiquefs.fs.mount import unmount
 
-        if self.mq_pid is None and not os.path.ismount(self.mq):
+        if self.mq_pid is None and not is_mounted(self.mq):
             return
         try:
             unmount(self.mq)
@@ -149,7 +164,7 @@ class Mounts:
         if self.mq_pid is not None:
             _reap(self.mq_pid)
             self.mq_pid = None
-        if os.path.ismount(self.mq):
+        if is_mounted(self.mq):
             subprocess.run(["fusermount3", "-u", "-z", str(self.mq)], capture_output=True)
 
     def remount_mq(self) -> None:
@@ -158,9 +173,10 @@ class Mounts:
 
     def mount_sq(self) -> None:
         # -f keeps squashfuse our child, so it is never left behind; its own session keeps Ctrl-C off it
-        self.sq_proc = subprocess.Popen(["squashfuse", "-f", str(self.image), str(self.sq)],
-                                        stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
-                                        stderr=subprocess.PIPE, start_new_session=True)
+        with self._starting():
+            self.sq_proc = subprocess.Popen(["squashfuse", "-f", str(self.image), str(self.sq)],
+                                            stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                                            stderr=subprocess.PIPE, start_new_session=True)
         deadline = time.monotonic() + 30
         while not os.path.ismount(self.sq):
             if self.sq_proc.poll() is not None:
@@ -171,7 +187,11 @@ class Mounts:
             time.sleep(0.01)
 
     def unmount_sq(self) -> None:
-        if os.path.ismount(self.sq):
+        with self._starting():
+            self._unmount_sq()
+
+    def _unmount_sq(self) -> None:
+        if is_mounted(self.sq):  # also a mount whose squashfuse died (os.path.ismount misses it)
             result = subprocess.run(["fusermount3", "-u", str(self.sq)], capture_output=True, text=True)
             if result.returncode != 0:
                 log(f"fusermount3 -u {self.sq}: {result.stderr.strip()}; detaching lazily")
@@ -311,8 +331,9 @@ def report_sizes(facts: dict[str, dict[str, Any]], npy_sizes: dict[str, int], im
                  store_path: Path, squash_s: float, level: int) -> None:
     """Sizes; the store must be closed (its catalog's write-ahead log folded in)."""
     mb = lambda b: fmt(b / 1e6, 1)  # noqa: E731
-    shared, referenced = shared_chunks(store_path)
+    # first: shared_chunks' read-only connection to the catalog leaves a catalog.sqlite-shm (32 KiB) behind
     disk = store_disk_bytes(store_path)
+    shared, referenced = shared_chunks(store_path)
     rows = []
     for layer, size in npy_sizes.items():
         info = facts[layer]
@@ -631,11 +652,12 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--seed", type=int, default=0, help="seed of the random example indices")
     args = parser.parse_args(argv)
     if args.repeat < 1 or args.images_per_class_multiplier < 1 or args.cold_samples < 0 or args.warm_samples < 1:
-        parser.error("--repeat, --images-per-class-multiplier and --warm-samples must be >= 1")
+        parser.error("--repeat, --images-per-class-multiplier and --warm-samples must be >= 1, "
+                     "--cold-samples >= 0")
     return args
 
 
-def run(args: argparse.Namespace, prereqs: Prereqs, workdir: Path, mounts_box: list[Mounts]) -> bool:
+def run(args: argparse.Namespace, prereqs: Prereqs, workdir: Path, mounts_box: list[Mounts], signals: Signals) -> bool:
     store_path, npy_dir = workdir / "store", workdir / "npy"
     image = workdir / "img.sqfs" if prereqs.squashfs else None
     store, times, (x, summary) = bench_capture(args, store_path)
@@ -653,7 +675,7 @@ def run(args: argparse.Namespace, prereqs: Prereqs, workdir: Path, mounts_box: l
     store.close()
     del x, store
     report_sizes(facts, npy_sizes, image, store_path, squash_s, args.squashfs_level)
-    mounts = Mounts(workdir, store_path, image)
+    mounts = Mounts(workdir, store_path, image, signals.holding)
     mounts_box.append(mounts)
     mounts.mount_mq()
     if image:
@@ -678,10 +700,6 @@ def run(args: argparse.Namespace, prereqs: Prereqs, workdir: Path, mounts_box: l
     return report_targets(bench, npy_sizes)
 
 
-def _raise_interrupt(signum: int, _frame: Any) -> None:
-    raise KeyboardInterrupt(f"signal {signum}")
-
-
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
     prereqs = check_prereqs()
@@ -696,17 +714,20 @@ def main(argv: Sequence[str] | None = None) -> int:
         print("cold: skipped (needs root)")
     print(f"machine: {os.cpu_count()} cores, Linux {os.uname().release}, numpy {np.__version__}; "
           f"started {time.strftime('%Y-%m-%d %H:%M:%S')}")
-    signal.signal(signal.SIGTERM, _raise_interrupt)
+    # SIGTERM ends the run like Ctrl-C; neither lands between a mount's start and the record of its process,
+    # and a second one cannot cut the clean-up short
+    signals = Signals().install()
     workdir = make_workdir(args.workdir, "bench_read.")
     mounts_box: list[Mounts] = []
     started = time.perf_counter()
     ok = False
     try:
-        ok = run(args, prereqs, workdir, mounts_box)
+        ok = run(args, prereqs, workdir, mounts_box, signals)
     except BaseException:
         log_tails([workdir / "mistiquefs.log"])
         raise
     finally:
+        signals.hold()
         for mounts in mounts_box:
             mounts.close()
         remove_workdir(workdir, args.keep, (workdir / "mqmnt", workdir / "sqmnt"))

@@ -46,7 +46,6 @@ from __future__ import annotations
 import argparse
 import os
 import shutil
-import signal
 import sqlite3
 import sys
 import time
@@ -65,8 +64,8 @@ for _path in (REPO / "examples", REPO / "scripts"):  # neither is a package
         sys.path.insert(0, str(_path))
 
 import benchlib  # noqa: E402
-from benchlib import (DROP_CACHES, Mounts, log, log_tails, make_workdir, median, print_table,  # noqa: E402
-                      remove_workdir, timed)
+from benchlib import (DROP_CACHES, Mounts, Signals, log, log_tails, make_workdir, median,  # noqa: E402
+                      print_table, remove_workdir, timed)
 
 MB = 1e6
 
@@ -320,7 +319,9 @@ def report_dict(results: Sequence[DictResult], targets: list[Target]) -> None:
                  "with dict + dict MB", "gain", "train s"], rows, notes)
     # the product stores chunks without a shared dictionary: right as long as one does not pay
     targets.append(Target("(c)", f"shared zstd dictionary kept only if >= {DICT_PAYS:g} % smaller overall "
-                                 "(the store keeps none)", f"{overall:+.2f} %: none kept", overall < DICT_PAYS))
+                                 "(the store keeps none)",
+                          "not measured (a dictionary training failed)" if nan(overall)
+                          else f"{overall:+.2f} %: none kept", None if nan(overall) else overall < DICT_PAYS))
 
 
 # ---- (a) pipelines ---------------------------------------------------------------------------------------
@@ -733,6 +734,7 @@ def bench_cnn(args: argparse.Namespace, workdir: Path, prereqs: Prereqs, mounts:
         predict.append(median([timed(lambda: model.predict(images, batch_size=PREDICT_BATCH, verbose=0))[0]
                                for _ in range(args.repeat)]))
     predict_s = median(predict)
+    first_predict_s = predict[0]  # the baseline of the first checkpoint's capture ("1st")
     queries = np.sort(np.random.default_rng(0).choice(n, size=min(KNN_QUERIES, n), replace=False))
     results: list[SchemeResult] = []
     refs: dict[str, CheckpointRef] = {}
@@ -799,12 +801,12 @@ def bench_cnn(args: argparse.Namespace, workdir: Path, prereqs: Prereqs, mounts:
             log("(c) dictionary experiment on the lossless CNN store")
             dict_results.append(dict_experiment(store_path, "CNN lossless"))
         results.append(res)
-    report_cnn(args, results, names, n, train_s, predict_s, raw_total, raw_frozen, raw_input, local_reads,
-               local_from, prereqs, targets)
+    report_cnn(args, results, names, n, train_s, predict_s, first_predict_s, raw_total, raw_frozen, raw_input,
+               local_reads, local_from, prereqs, targets)
 
 
 def report_cnn(args: argparse.Namespace, results: list[SchemeResult], names: list[str], n: int, train_s: float,
-               predict_s: float, raw_total: int, raw_frozen: int, raw_input: int,
+               predict_s: float, first_predict_s: float, raw_total: int, raw_frozen: int, raw_input: int,
                local_reads: dict[tuple[str, ...], tuple[float, float]], local_from: dict[tuple[str, ...], str],
                prereqs: Prereqs, targets: list[Target]) -> None:
     cold_label = "cold GB/s" if prereqs.cold else "1st read GB/s"
@@ -818,7 +820,7 @@ def report_cnn(args: argparse.Namespace, results: list[SchemeResult], names: lis
         local = local_reads.get(r.read_key, nan2)
         rows.append([r.scheme, mb(r.stored), xs(div(raw_total, r.stored)), mb(r.chunks), mb(r.frozen_stored),
                      xs(div(raw_frozen, r.frozen_stored)), fmt(cap, 2), xs(div(cap, predict_s), 2),
-                     xs(div(r.capture_s[0], predict_s), 2) if r.capture_s else "-",
+                     xs(div(r.capture_s[0], first_predict_s), 2) if r.capture_s else "-",
                      base_name[r.read_key].replace("local .npy (", "").rstrip(")") if r.read_key in base_name else "-",
                      f"{fmt(r.cold_gbps, 2)} ({xs(div(r.cold_gbps, local[0]), 2)})",
                      f"{fmt(r.warm_gbps, 2)} ({xs(div(r.warm_gbps, local[1]), 2)})",
@@ -848,8 +850,8 @@ def report_cnn(args: argparse.Namespace, results: list[SchemeResult], names: lis
                  f"compression, model file, commit; learned codecs include their sampling pass); predict: "
                  f"model.predict(images, batch_size={PREDICT_BATCH}), one warm-up "
                  f"then the median of {args.repeat}, median over checkpoints; 1st = the first checkpoint's "
-                 "capture / predict (an open store re-encodes no tile it already encoded: the later checkpoints' "
-                 "frozen layers cost a hash)",
+                 "capture / its own predict (an open store re-encodes no tile it already encoded: the later "
+                 "checkpoints' frozen layers cost a hash)",
                  f"reads: np.load of every stored layer's all.npy of {names[-1]} through a fresh mount ("
                  f"{next((r.read_layers for r in results if r.read_layers), 0)} files, ~{read_mb / MB:,.0f} MB of "
                  f"float32 for lossless); GB/s = array bytes delivered / total load time, median of "
@@ -911,7 +913,7 @@ def report_cnn(args: argparse.Namespace, results: list[SchemeResult], names: lis
         cap = div(median(t.capture_s), predict_s)
         targets.append(Target("(b)", f"CNN {TARGET_SCHEME}: capture (whole store.capture call) <= "
                                      f"{CNN_CAPTURE_TARGET:g}x predict",
-                              f"{xs(cap, 2)} (first checkpoint {xs(div(t.capture_s[0], predict_s), 2)})",
+                              f"{xs(cap, 2)} (first checkpoint {xs(div(t.capture_s[0], first_predict_s), 2)})",
                               cap <= CNN_CAPTURE_TARGET))
         if nan(t.cold_gbps):
             targets.append(Target("(b)", f"CNN {TARGET_SCHEME}: cold read >= {CNN_READ_TARGET:g} GB/s",
@@ -952,10 +954,6 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     return args
 
 
-def _raise_interrupt(signum: int, _frame: Any) -> None:
-    raise KeyboardInterrupt(f"signal {signum}")
-
-
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
     prereqs = check_prereqs()
@@ -963,9 +961,11 @@ def main(argv: Sequence[str] | None = None) -> int:
           f"started {time.strftime('%Y-%m-%d %H:%M:%S')}; mode: {'quick' if args.quick else 'full'}")
     for note in prereqs.notes:
         print(f"note: {note}")
-    signal.signal(signal.SIGTERM, _raise_interrupt)
+    # SIGTERM ends the run like Ctrl-C; neither lands between a daemon's start (or stop) and its record,
+    # and a second one cannot cut the clean-up short
+    signals = Signals().install()
     workdir = make_workdir(args.workdir, "bench_storage.")
-    mounts = Mounts()
+    mounts = Mounts(signals.holding)
     targets: list[Target] = []
     dict_results: list[DictResult] = []
     started = time.perf_counter()
@@ -978,6 +978,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         log_tails(sorted(workdir.glob("mount-*.log")))
         raise
     finally:
+        signals.hold()
         mounts.close()
         remove_workdir(workdir, args.keep, (workdir / "mnt",))
         print(f"\ntotal run time {time.perf_counter() - started:.0f} s")

@@ -7,11 +7,12 @@ from __future__ import annotations
 import contextlib
 import os
 import shutil
+import signal
 import statistics
 import sys
 import tempfile
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -91,19 +92,68 @@ def log_tails(log_files: Iterable[Path], lines: int = 10) -> None:
                 log(f"{log_file.name} (last lines):\n  " + "\n  ".join(tail))
 
 
+def is_mounted(mountpoint: Path) -> bool:
+    """Whether anything is mounted on ``mountpoint``, read from /proc/self/mountinfo: unlike
+    ``os.path.ismount`` (a stat), it sees a FUSE mount whose daemon died (the stat fails: ENOTCONN) and
+    never hangs on a daemon that is stopped."""
+    from mistiquefs.fs.mount import mount_type
+
+    return mount_type(mountpoint) is not None
+
+
 def remove_workdir(workdir: Path, keep: bool, mountpoints: Iterable[Path]) -> None:
     """Remove the work directory at the end, unless ``keep`` or one of its ``mountpoints`` is still mounted
     (the clean-up failed: removing it would walk into the mount); says where it was kept."""
-    still = [m for m in mountpoints if os.path.ismount(m)]
+    still = [m for m in mountpoints if is_mounted(m)]
     if keep or still:
         print(f"kept {workdir}" + (f" (still mounted: {still})" if still else ""))
     else:
         shutil.rmtree(workdir, ignore_errors=True)
 
 
+class Signals:
+    """SIGTERM ends a run the way Ctrl-C does (KeyboardInterrupt, so every ``finally`` runs), except while
+    ``holding``: around the start of a process the run must stop (until its pid is recorded) and around a
+    stop, a SIGTERM or SIGINT that arrives is held and raised once the block has ended; after ``hold`` (the
+    clean-up), every later one is only noted, so a second Ctrl-C or SIGTERM cannot cut the clean-up short
+    and leave a mount behind. ``raising``: what a signal raises (default KeyboardInterrupt)."""
+
+    def __init__(self, raising: Callable[[int], BaseException] | None = None) -> None:
+        self._raising = raising or (lambda signum: KeyboardInterrupt(f"signal {signum}"))
+        self._holding = 0
+        self.held: list[int] = []
+
+    def install(self) -> Signals:
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(signum, self._handler)
+        return self
+
+    def _handler(self, signum: int, _frame: Any) -> None:
+        if self._holding:
+            self.held.append(signum)
+            return
+        raise self._raising(signum)
+
+    @contextlib.contextmanager
+    def holding(self) -> Iterator[None]:
+        self._holding += 1
+        try:
+            yield
+        finally:
+            self._holding -= 1
+        if self.held and not self._holding:
+            raise self._raising(self.held[0])
+
+    def hold(self) -> None:
+        """From now on every signal is only noted (call at the start of the clean-up)."""
+        self._holding += 1
+
+
 class Mounts:
     """The mistiquefs mounts this run started; ``close`` undoes every one still live. ``starting``: a
-    context around each daemon's start (bench_plan holds its SIGTERM there until the pid is recorded)."""
+    context around each daemon's start and stop (bench_plan holds its SIGTERM there until the pid is
+    recorded; ``Signals.holding`` does the same for SIGTERM and Ctrl-C), so that no signal lands between a
+    daemon's start and the record of its pid, or between its stop and the end of that record."""
 
     def __init__(self, starting: Callable[[], contextlib.AbstractContextManager[Any]] = contextlib.nullcontext) -> None:
         self.live: list[tuple[Path, int]] = []
@@ -120,8 +170,10 @@ class Mounts:
         from mistiquefs.fs.mount import stop_mount
 
         for entry in [e for e in self.live if e[0] == mountpoint]:
-            self.live.remove(entry)
-            stop_mount(*entry)
+            with self._starting():
+                # forgotten only once it is stopped: a stop cut short (an error) is retried by close
+                stop_mount(*entry)
+                self.live.remove(entry)
 
     def close(self) -> None:
         from mistiquefs.fs.mount import stop_mount

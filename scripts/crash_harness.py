@@ -296,6 +296,7 @@ class Attempt:
     phase: str  # the last event before the kill
     events: list[tuple[float, str, str]]  # (time, kind, model)
     seconds: float
+    timed_out: bool = False  # killed because it ran past the timeout (it hung), not as planned
 
 
 def run_attempt(victim: Victim, store: Path, job: int, plan: KillPlan | None, *, batch: int = BATCH_ROWS,
@@ -306,10 +307,11 @@ def run_attempt(victim: Victim, store: Path, job: int, plan: KillPlan | None, *,
     kill_at = started + plan.delay if plan and plan.kind is None else None
     events: list[tuple[float, str, str]] = []
     seen: Counter[tuple[str, str]] = Counter()
-    phase, killed = "start", False
+    phase, killed, timed_out = "start", False, False
     while True:
         now = time.monotonic()
         if not killed and (kill_at is not None and now >= kill_at or now > started + timeout):
+            timed_out = kill_at is None or now < kill_at  # not the planned kill: the capture hung
             os.kill(pid, signal.SIGKILL)  # still ours: the victim reaps it only after we read its "exit"
             killed = True
             continue
@@ -318,13 +320,16 @@ def run_attempt(victim: Victim, store: Path, job: int, plan: KillPlan | None, *,
             continue
         when, words = item
         if words[0] == "exit":
-            return Attempt(int(words[2]), phase, events, when - started)
-        if words[0] == "ev" and not killed:
+            return Attempt(int(words[2]), phase, events, when - started, timed_out)
+        if words[0] == "ev":
+            # an event read after the kill was sent still happened before it landed (the child writes it
+            # first): the last phase and the capture in flight must count it
             kind, name = words[2], words[3]
             events.append((when, kind, name))
             seen[kind, name] += 1
             phase = kind
-            if plan and kill_at is None and (kind, name) == (plan.kind, plan.model) and seen[kind, name] == plan.nth:
+            if plan and not killed and kill_at is None and (kind, name) == (plan.kind, plan.model) and \
+                    seen[kind, name] == plan.nth:
                 kill_at = when + plan.delay
 
 
@@ -392,7 +397,10 @@ class KillHarness:
         attempt = run_attempt(self.victim, self.store, self.job, plan, batch=self.batch)
         known = len(self.problems)
         self._check(f"kill {len(self.kills) + 1} ({mode}, after {attempt.phase})")
-        if attempt.status == -signal.SIGKILL:
+        if attempt.timed_out:  # killed because it hung, not a kill that landed where it was aimed
+            self.problems.append(f"job {self.job} hung (killed after the timeout, in phase {attempt.phase}); "
+                                 f"see {self.victim.log_path}")
+        elif attempt.status == -signal.SIGKILL:
             self.kill_failures += len(self.problems) > known
             in_flight = next((name for _t, kind, name in reversed(attempt.events) if kind == "begin"), "")
             self.kills.append((mode, attempt.phase, in_flight in self.committed))

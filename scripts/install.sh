@@ -13,7 +13,8 @@ done
 if ((${#missing[@]})); then
     sudo=""; [ "$(id -u)" -eq 0 ] || sudo="sudo"
     $sudo apt-get update -qq
-    DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq "${missing[@]}"
+    # through env: sudo resets the environment, so a DEBIAN_FRONTEND set before it never reached apt-get
+    $sudo env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${missing[@]}"
 fi
 
 # Debian's own Python refuses pip installs outside a virtual environment (PEP 668: "externally managed"):

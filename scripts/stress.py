@@ -44,6 +44,7 @@ from typing import Any
 
 import numpy as np
 
+from benchlib import Signals, log_tails
 from crash_harness import (KILL_MODES, KillHarness, Victim, Workload, check_store, commit_times, library_fsck,
                            npy_bytes, unreferenced_files)
 
@@ -196,12 +197,21 @@ def main(argv: list[str] | None = None) -> int:
     if not (os.path.exists("/dev/fuse") and shutil.which("fusermount3")):
         print("stress: FUSE is not available here (/dev/fuse or fusermount3 missing)", file=sys.stderr)
         return 2
-    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # unwind: unmount, stop what we started
+    # SIGTERM unwinds (exit 143), Ctrl-C too; neither lands between the mount's start and its clean-up
+    # being registered, and a second one cannot cut the clean-up short
+    signals = Signals(lambda signum: SystemExit(143) if signum == signal.SIGTERM else KeyboardInterrupt()).install()
     workdir = args.workdir or Path(tempfile.mkdtemp(prefix="mistiquefs-stress-"))
     workdir.mkdir(parents=True, exist_ok=True)
+    stress = Stress(args, workdir, signals)
+    failed = True
     try:
-        report = Stress(args, workdir).run()
+        report = stress.run()
+        failed = report.failed
     finally:
+        signals.hold()
+        stress.cleanup.close()
+        if failed:  # the errors point at these logs: show them before they go
+            log_tails([workdir / "victim.log", workdir / "mount.log"], lines=20)
         if not args.keep:
             _remove_work(workdir, remove_dir=args.workdir is None)
     print(report.table())
@@ -276,14 +286,19 @@ class Report:
 
 
 class Stress:
-    def __init__(self, args: argparse.Namespace, workdir: Path) -> None:
+    def __init__(self, args: argparse.Namespace, workdir: Path, signals: Signals | None = None) -> None:
         self.args = args
+        self.signals = signals or Signals()
+        #: what run started, undone in reverse (each step even if another fails); main closes it again
+        #: with every signal held
+        self.cleanup = contextlib.ExitStack()
         self.store, self.mnt = workdir / "store", workdir / "mnt"
         self.workdir = workdir
         self.rng = random.Random(args.seed)
         self.report = Report(args)
 
     def run(self) -> Report:
+        """The run; what it starts is undone by ``self.cleanup`` (main closes it, every signal held)."""
         import multiprocessing
 
         from mistiquefs.fs.mount import mount_background, stop_mount
@@ -291,34 +306,35 @@ class Stress:
         ctx = multiprocessing.get_context("spawn")  # readers import only numpy and mistiquefs
         ready, start, stop, results = ctx.Queue(), ctx.Event(), ctx.Event(), ctx.Queue()
         self.mnt.mkdir(exist_ok=True)
-        with contextlib.ExitStack() as cleanup:  # undone in reverse, each step even if another fails
-            workload = Workload(self.args.rows)
-            workload.save(self.workdir / "workload.pkl")
-            victim = Victim(self.workdir)
-            cleanup.callback(victim.close)
-            harness = KillHarness(victim, self.store, workload, self.rng, batch=self.args.batch)
-            harness.complete_job()  # the models there before the mount
+        cleanup = self.cleanup  # undone in reverse, each step even if another fails
+        workload = Workload(self.args.rows)
+        workload.save(self.workdir / "workload.pkl")
+        victim = Victim(self.workdir)
+        cleanup.callback(victim.close)
+        harness = KillHarness(victim, self.store, workload, self.rng, batch=self.args.batch)
+        harness.complete_job()  # the models there before the mount
+        with self.signals.holding():  # its clean-up is registered before any signal is raised
             daemon = mount_background(self.store, self.mnt, log_file=self.workdir / "mount.log", extra=[])
             cleanup.callback(stop_mount, self.mnt, daemon)
-            self.report.initial = set(os.listdir(self.mnt))
-            readers = [ctx.Process(target=reader_main, args=(self.store, self.mnt, self.report.initial, seed,
-                                                             ready, start, stop, results))
-                       for seed in range(self.args.readers)]
-            cleanup.callback(_stop_readers, readers, start, stop)
-            for reader in readers:
-                reader.start()
-            for _ in readers:
-                ready.get(timeout=120)
-            watcher = Watcher(self.mnt)
-            watcher.start()
-            cleanup.callback(watcher.stop)
-            started = time.monotonic()
-            start.set()
-            self._capture_until(harness, started, started + self.args.seconds)
-            stop.set()
-            self.report.seconds = time.monotonic() - started
-            self.report.readers = _collect(results, len(readers))
-            self._finish(harness, workload, watcher)
+        self.report.initial = set(os.listdir(self.mnt))
+        readers = [ctx.Process(target=reader_main, args=(self.store, self.mnt, self.report.initial, seed,
+                                                         ready, start, stop, results))
+                   for seed in range(self.args.readers)]
+        cleanup.callback(_stop_readers, readers, start, stop)
+        for reader in readers:
+            reader.start()
+        for _ in readers:
+            ready.get(timeout=120)
+        watcher = Watcher(self.mnt)
+        watcher.start()
+        cleanup.callback(watcher.stop)
+        started = time.monotonic()
+        start.set()
+        self._capture_until(harness, started, started + self.args.seconds)
+        stop.set()
+        self.report.seconds = time.monotonic() - started
+        self.report.readers = _collect(results, len(readers))
+        self._finish(harness, workload, watcher)
         return self.report
 
     def _capture_until(self, harness: KillHarness, started: float, deadline: float) -> None:

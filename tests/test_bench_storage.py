@@ -3,6 +3,11 @@
 Only the script's plumbing is checked: every section prints its table, the summary lists every target,
 the fidelity of the exact-vs-approx measures is sane, and nothing stays mounted or on disk. The numbers
 themselves are the benchmark's business (printed, never asserted).
+
+Then the bookkeeping of the benchmark and harness scripts, piece by piece with the slow parts replaced:
+what bench_read counts as the store on disk, mounts and work directories undone whatever signal comes
+(benchlib), a verdict only where something was measured, ratios against their own baseline, and a hung
+capture in the crash harness told from a kill that landed.
 """
 
 from __future__ import annotations
@@ -69,3 +74,215 @@ def test_quick_mode_runs(tmp_path: Path) -> None:
     if os.path.exists("/dev/fuse") and shutil.which("fusermount3"):
         lossless = next(line for line in out.splitlines() if line.startswith("lossless "))
         assert "-" not in lossless.split()[-4:], "mounted reads were measured"
+
+
+# ---- the scripts' bookkeeping (no benchmark run: each piece alone, the slow parts replaced) -------------
+
+
+def _restore_signals():
+    """Saves the SIGTERM and SIGINT handlers (the code under test installs its own); until then a SIGTERM
+    to this process raises instead of ending pytest. Returns what puts the saved ones back."""
+    import signal
+
+    saved = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGINT)}
+
+    def unexpected(signum, _frame):
+        raise KeyboardInterrupt(f"signal {signum} with no handler of the code under test")
+
+    signal.signal(signal.SIGTERM, unexpected)
+    return lambda: [signal.signal(s, h) for s, h in saved.items()]
+
+
+def test_bench_read_counts_the_store_before_a_read_only_catalog_connection(tmp_path: Path, monkeypatch) -> None:
+    """A read-only connection to the catalog leaves catalog.sqlite-shm (32 KiB) beside it: the store's
+    bytes on disk are measured before bench_read's own query of the catalog, not with that file."""
+    import bench_read
+    import mistiquefs
+
+    store = tmp_path / "store"
+    mistiquefs.open_store(store).close()
+    seen: list[list[str]] = []
+    measure = bench_read.store_disk_bytes
+
+    def recording(path: Path) -> dict[str, int]:
+        seen.append(sorted(os.listdir(path)))
+        return measure(path)
+
+    monkeypatch.setattr(bench_read, "store_disk_bytes", recording)
+    bench_read.report_sizes({}, {}, None, store, 0.0, 3)
+    assert seen and not any(name.endswith(("-shm", "-wal")) for name in seen[0]), seen
+
+
+def test_mounts_keep_a_daemon_whose_start_or_stop_a_signal_interrupts(tmp_path: Path, monkeypatch) -> None:
+    """A SIGTERM that lands right as a daemon has started is raised only once its pid is recorded (else
+    close could not stop it), and a stop cut short leaves the mount recorded for close to retry."""
+    import signal
+
+    import benchlib
+
+    from mistiquefs.fs import mount as mount_module
+
+    started, stopped = [], []
+
+    def fake_start(store, mountpoint, *, log_file, extra):
+        started.append(mountpoint)
+        os.kill(os.getpid(), signal.SIGTERM)  # arrives before mount_background has returned the pid
+        return 424242
+
+    def fake_stop(mountpoint, pid, **_kw):
+        stopped.append((mountpoint, pid))
+        if len(stopped) == 1:
+            raise OSError("the first stop was cut short")
+
+    monkeypatch.setattr(mount_module, "mount_background", fake_start)
+    monkeypatch.setattr(mount_module, "stop_mount", fake_stop)
+    restore = _restore_signals()
+    try:
+        signals = benchlib.Signals().install()
+        mounts = benchlib.Mounts(signals.holding)
+        with pytest.raises(KeyboardInterrupt):
+            mounts.mount(tmp_path / "store", tmp_path / "mnt", tmp_path / "log")
+        assert mounts.live == [(tmp_path / "mnt", 424242)], "the daemon's pid was lost to the signal"
+        with pytest.raises(OSError):
+            mounts.unmount(tmp_path / "mnt")
+        assert mounts.live == [(tmp_path / "mnt", 424242)], "a mount whose stop failed was forgotten"
+        mounts.close()
+        assert stopped == [(tmp_path / "mnt", 424242)] * 2 and not mounts.live
+    finally:
+        restore()
+
+
+def test_bench_storage_clean_up_survives_a_second_signal(tmp_path: Path, monkeypatch) -> None:
+    """Ctrl-C, then a SIGTERM while the mounts are being undone: the clean-up still ends (work directory
+    removed) and the first interrupt is what the run ends with."""
+    import signal
+
+    bench = _load()
+    workdir = tmp_path / "work"
+    closed = []
+
+    def interrupted(*_args, **_kwargs):
+        raise KeyboardInterrupt("the first Ctrl-C")
+
+    real_close = bench.Mounts.close
+
+    def close(self) -> None:
+        os.kill(os.getpid(), signal.SIGTERM)  # a second signal, in the middle of the clean-up
+        closed.append(True)
+        real_close(self)
+
+    monkeypatch.setattr(bench, "bench_pipelines", interrupted)
+    monkeypatch.setattr(bench.Mounts, "close", close)
+    restore = _restore_signals()
+    try:
+        with pytest.raises(KeyboardInterrupt, match="first Ctrl-C"):
+            bench.main(["--quick", "--skip-peers", "--workdir", str(workdir)])
+    finally:
+        restore()
+    assert closed == [True]
+    assert not workdir.exists(), "the clean-up was cut short"
+
+
+def test_remove_workdir_keeps_a_directory_with_a_dead_mount(tmp_path: Path, capsys) -> None:
+    """A FUSE mount whose daemon died is still a mount (os.path.ismount says no: its stat fails); the work
+    directory holding it is kept, not walked into."""
+    import signal
+    import time
+
+    import benchlib
+
+    import mistiquefs
+    from mistiquefs.fs.mount import mount_background, mount_type
+
+    if not (os.path.exists("/dev/fuse") and shutil.which("fusermount3")):
+        pytest.skip("no FUSE here")
+    work = tmp_path / "work"
+    store, mnt = work / "store", work / "mnt"
+    mistiquefs.open_store(store).close()
+    mnt.mkdir()
+    pid = mount_background(store, mnt, log_file=tmp_path / "mount.log", extra=[])
+    try:
+        os.kill(pid, signal.SIGKILL)  # our own daemon
+        os.waitpid(pid, 0)
+        for _ in range(100):  # the kernel may answer a stat from cached attributes for a second more
+            if not os.path.ismount(mnt):
+                break
+            time.sleep(0.05)
+        assert mount_type(mnt) is not None and not os.path.ismount(mnt)
+        benchlib.remove_workdir(work, False, (mnt,))
+        assert "still mounted" in capsys.readouterr().out
+        assert store.exists(), "the work directory was removed around a mount"
+    finally:
+        subprocess.run(["fusermount3", "-u", "-z", str(mnt)], capture_output=True)
+    assert mount_type(mnt) is None
+
+
+def test_dictionary_experiment_that_failed_is_not_a_verdict() -> None:
+    bench = _load()
+    targets: list = []
+    bench.report_dict([bench.DictResult("pipelines", 3, 100, 50, 40, 0, 0, trained=[])], targets)
+    assert targets[-1].ok is None, targets[-1]
+
+
+def test_first_checkpoint_capture_ratio_uses_its_own_predict(capsys) -> None:
+    bench = _load()
+    fid = bench.Fidelity(knn={"fc1": 1.0}, top={"fc1": 1.0}, svcca={"block2_pool": 0.0}, agree=1.0)
+    result = bench.SchemeResult("kbit:8", stored=100, frozen_stored=10, capture_s=[6.0, 1.0, 1.0],
+                                read_key=("input",), fidelity=fid)
+    prereqs = bench.Prereqs(fuse=False, squashfs=False, cold=False)
+    args = bench.parse_args(["--quick"])
+    targets: list = []
+    # predict: median over checkpoints 1.0 s, the first checkpoint's own 3.0 s
+    bench.report_cnn(args, [result], ["vgg_src", "vgg_ft1", "vgg_ft2"], 10, 0.0, 1.0, 3.0, 1000, 500, 10,
+                     {("input",): (1.0, 1.0)}, {("input",): "kbit:8"}, prereqs, targets)
+    capture = next(t for t in targets if "capture" in t.name)
+    assert "first checkpoint 2.00x" in capture.measured, capture.measured
+
+
+def test_crash_harness_tells_a_hung_capture_from_a_planned_kill(tmp_path: Path) -> None:
+    """An attempt killed because it ran past the timeout hung: it is not a kill that landed (which the
+    harness counts as survived when the store checks out)."""
+    import time
+
+    import crash_harness as harness
+
+    class FakeVictim:  # a "capture" that says it began, then never moves: a sleep of our own
+        def __init__(self) -> None:
+            self.proc = subprocess.Popen(["sleep", "60"])
+            self.lines = [["ev", str(self.proc.pid), "begin", "m"]]
+
+        def start(self, store, job, batch):
+            return self.proc.pid
+
+        def next(self, timeout):
+            if self.lines:
+                return time.monotonic(), self.lines.pop(0)
+            if self.proc.poll() is not None:
+                return time.monotonic(), ["exit", str(self.proc.pid), str(self.proc.returncode)]
+            time.sleep(min(max(timeout, 0.0), 0.05))
+            return None
+
+    for plan, timeout, hung in ((None, 0.3, True), (harness.KillPlan("time", delay=0.1), 60, False)):
+        victim = FakeVictim()
+        try:
+            attempt = harness.run_attempt(victim, tmp_path, 0, plan, timeout=timeout)
+        finally:
+            if victim.proc.poll() is None:
+                victim.proc.kill()
+            victim.proc.wait()
+        assert attempt.status == -9 and attempt.timed_out is hung, (plan, attempt)
+
+
+def test_bench_read_finds_a_refused_drop_caches_before_it_starts(monkeypatch) -> None:
+    """Where drop_caches looks writable but the write is refused (a container), cold reads are skipped
+    from the start instead of the run crashing at its first cold sample."""
+    import bench_read
+
+    def refused() -> None:
+        raise PermissionError(1, "Operation not permitted")
+
+    monkeypatch.setattr(bench_read.os, "geteuid", lambda: 0)
+    monkeypatch.setattr(bench_read.os, "access", lambda path, mode: True)
+    monkeypatch.setattr(bench_read, "drop_caches", refused)
+    prereqs = bench_read.check_prereqs()
+    assert not prereqs.cold and any("drop_caches" in item for item in prereqs.missing), prereqs
