@@ -30,7 +30,8 @@ def npy_bytes(array: np.ndarray) -> bytes:
 
 
 def capture_arrays(repo: Repository, name: str, arrays: dict[str, np.ndarray], *, table: bool,
-                   batch: int = 1000, schemes: str | None = None, framework: str = "test") -> None:
+                   batch: int = 1000, schemes: str | dict[str, str] | None = None,
+                   framework: str = "test") -> None:
     n_rows = len(next(iter(arrays.values())))
     with repo.capture_lock():
         writer = repo.begin_capture(name, table=table, policy=SchemePolicy.parse(schemes))
@@ -548,3 +549,38 @@ def test_the_cache_keeps_the_last_entry_larger_than_its_budget_beside_it() -> No
     assert cache.get("big") == b"s" * 10 and cache.size == 70
     cache.clear()
     assert "big" not in cache and "small" not in cache
+
+
+def test_layer_info_says_what_reads_give(tmp_path: Path, rng: np.random.Generator) -> None:
+    """A layer that is not stored reads as the model's own values, re-run: its info said "exact": false, as
+    if reads were an approximation. A scheme that could not apply says why at the top of the layer's info
+    (the reason sat inside the codec list), naming a map smaller than the pool window as such; and the
+    fidelity of a float16 layer holding inf is measured without a RuntimeWarning on the user's stderr."""
+    import warnings
+
+    from sklearn.decomposition import PCA
+    from sklearn.pipeline import Pipeline
+    from sklearn.preprocessing import StandardScaler
+
+    import mistiquefs
+    from mistiquefs.store.describe import layer_info
+
+    x = rng.standard_normal((300, 6))
+    pipe = Pipeline([("scale", StandardScaler()), ("pca", PCA(3))]).fit(x)
+    store = mistiquefs.open_store(tmp_path / "s")
+    store.capture(pipe, x, name="none", policy="none", progress=False)
+    maps = rng.standard_normal((40, 6, 6, 2)).astype(np.float32)
+    maps[0, 0, 0, 0] = np.inf
+    repo = store.repo
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # (a RuntimeWarning fails the capture)
+        capture_arrays(repo, "maps", {"big": maps, "small": maps[:, :3, :3]}, table=False,
+                       schemes={"big": "float16", "small": "pool:4"})
+    infos = {(repo.model(r.model_id).name, r.name): layer_info(r) for r in repo.intermediates()}
+    assert infos[("none", "pca")]["stored"] is False
+    assert infos[("none", "pca")]["fidelity"] == {"exact": True, "recomputed": True}
+    assert infos[("none", "input")]["fidelity"] == {"exact": True}
+    assert infos[("maps", "big")]["fidelity"]["nonfinite"] == 1 and "note" not in infos[("maps", "big")]
+    assert infos[("maps", "small")]["note"] == ("pool:4 needs every spatial axis of at least 4 (this map is "
+                                                 "3x3x2): not pooled")
+    store.close()

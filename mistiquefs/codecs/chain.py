@@ -91,7 +91,12 @@ class Chain:
         name is picked for the resulting array codec, and a ``shuffle`` filter learns the element size."""
         chain, notes = self, []
         if chain.summary is not None and not chain.summary.applies_to(shape, dtype):
-            notes.append(f"{chain.summary.describe()} needs a (spatial..., channels) map: not pooled")
+            pool = chain.summary
+            if len(shape) >= 2 and dtype.names is None and dtype.kind in "fiub":  # a map, smaller than a window
+                notes.append(f"{pool.describe()} needs every spatial axis of at least {pool.size} (this map is "
+                             f"{'x'.join(map(str, shape))}): not pooled")
+            else:
+                notes.append(f"{pool.describe()} needs a (spatial..., channels) map of numbers: not pooled")
             chain = replace(chain, summary=None)
         if chain.summary is not None:  # the array codec stores the summary
             shape, dtype = chain.summary.pooled_shape(shape), chain.summary.pooled_dtype(dtype)

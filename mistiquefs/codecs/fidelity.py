@@ -51,11 +51,12 @@ class ErrorStats:
         o = original.reshape(-1)
         if o.dtype.itemsize < 4:  # float16 sums and squares would overflow and round: measure in float32
             o, decoded, scratch = o.astype(np.float32), decoded.astype(np.float32), True
-        if scratch and decoded.flags.c_contiguous and decoded.flags.writeable and decoded.dtype == o.dtype:
-            err = np.subtract(decoded.reshape(-1), o, out=decoded.reshape(-1))
-        else:
-            err = decoded.reshape(-1) - o
+        # (inf - inf and overflowing differences are counted below, not warned about on the user's stderr)
         with np.errstate(over="ignore", invalid="ignore", under="ignore"):
+            if scratch and decoded.flags.c_contiguous and decoded.flags.writeable and decoded.dtype == o.dtype:
+                err = np.subtract(decoded.reshape(-1), o, out=decoded.reshape(-1))
+            else:
+                err = decoded.reshape(-1) - o
             return cls._measure(o, err)
 
     @classmethod

@@ -20,7 +20,8 @@ def layer_info(rec: IntermediateRecord) -> dict[str, Any]:
         "stored": rec.stored,
         "scheme": rec.chain.describe() if rec.stored else "not stored (read by re-running the model)",
         "codec": rec.codec,
-        "fidelity": rec.fidelity if rec.fidelity is not None else {"exact": rec.stored},
+        **({"note": rec.chain.note} if rec.stored and rec.chain.note else {}),
+        "fidelity": _fidelity(rec),
         "raw_bytes": rec.raw_bytes,
         "stored_bytes": rec.stored_bytes,
         "new_bytes": rec.new_bytes,
@@ -28,6 +29,14 @@ def layer_info(rec: IntermediateRecord) -> dict[str, Any]:
         "stage_seconds_per_example": rec.seconds / rec.n_rows if rec.n_rows else 0.0,
         "plan": _plan(rec),
     }
+
+
+def _fidelity(rec: IntermediateRecord) -> dict[str, Any]:
+    """What reads of the layer give: the stored copy's measured error, or (a layer not stored) the model's
+    own values, re-run (it said "exact": false, as if reads were an approximation)."""
+    if not rec.stored:
+        return {"exact": True, "recomputed": True}
+    return rec.fidelity if rec.fidelity is not None else {"exact": True}
 
 
 def _plan(rec: IntermediateRecord) -> dict[str, str]:
