@@ -196,3 +196,39 @@ def test_a_re_run_piece_larger_than_the_cache_is_run_once_for_a_scan(tmp_path: P
         assert planner.rerunner.rows_run == len(x)  # one run of the batch, not one per request
     finally:
         repo.close()
+
+
+def test_a_model_that_does_not_load_has_its_lossless_layers_read_under_plan_rerun(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """``mount --plan rerun`` (or a cost model preferring re-runs) of a model whose file does not load (a
+    Lambda refused, a damaged file): every layer was EIO though all of them were stored. A lossless stored
+    layer holds the same bytes, so it is read, with one log line; a layer not stored fails naming why."""
+    import logging
+
+    from mistiquefs.errors import StoreError
+
+    pipe, x = wide_pca()
+    with mistiquefs.open_store(tmp_path / "s") as store:
+        store.capture(pipe, x, name="m", progress=False)
+        store.capture(pipe, x, name="bare", policy="none", progress=False)
+        want = store.read("m", "pca")
+    repo = Repository(tmp_path / "s", create=False)
+    try:
+        for name in ("m", "bare"):
+            (repo.root / repo.model(next(r.model_id for r in repo.intermediates()
+                                         if repo.model(r.model_id).name == name)).model_file).write_bytes(b"junk")
+        tree = Tree(repo, Planner(repo, mode="rerun"))
+        ino = inode(tree, "m", "pca")
+        assert tree.plan(ino).choice == "rerun"
+        with caplog.at_level(logging.WARNING):
+            assert load(tree, ino).tobytes() == want.tobytes()
+            assert load(tree, inode(tree, "m", "sc", "3.npy")).shape == (30,)
+        assert caplog.text.count("its lossless stored layers are read instead") == 1
+        bare = inode(tree, "bare", "pca")
+        with pytest.raises(StoreError, match="cannot re-run model 'bare'.*not a skops model file"):
+            load(tree, bare)
+        tree._plans.clear()  # noqa: SLF001 (a second later: planned again, knowing the model does not load)
+        with pytest.raises(StoreError, match="not stored and its model cannot re-run it .cannot re-run model"):
+            load(tree, bare)
+    finally:
+        repo.close()

@@ -125,6 +125,8 @@ class Tree:
         self._version = -1
         self._checked = -REFRESH_SECONDS
         self._json: dict[Inode, bytes] = {}
+        #: models whose failed re-runs fell back to reading (logged once each: _read_instead)
+        self._fell_back: set[int] = set()
         self._state = _State({}, {}, {}, {})
         self.refresh()
 
@@ -413,10 +415,37 @@ class Tree:
             raise
         except Exception:
             self._raise_if_removed(ident)
-            raise
+            plan = self._read_instead(inode, plan)
+            if plan is None:
+                raise
+            parts = self.reader(ident).read_parts(plan.view, offset, size, cached_only=cached_only,
+                                                  use_once=use_once)
         if not cached_only:
             self.planner.spent(inode, time.perf_counter() - started)
         return parts
+
+    def _read_instead(self, inode: int, plan: Plan) -> Plan | None:
+        """After a re-run of ``inode`` failed because its model does not load (refused, damaged; the
+        re-runner remembers it): the plan that reads the stored copy, where that copy is lossless (the same
+        bytes), now also the open files' plan. ``mount --plan rerun`` made every layer of such a model EIO
+        though all of them were stored. None where there is nothing to fall back to."""
+        rec, kind, index = self._array_file(inode)
+        if plan.choice != "rerun" or not rec.stored or rec.chain.lossy or self.planner.can_rerun(rec):
+            return None
+        fallback = self.planner.plan(rec, _PLANNED[kind], index)
+        if fallback.choice != "read":
+            return None
+        with self._lock:
+            pinned = self._pinned.get(inode)
+            if pinned is not None:
+                pinned[1] = fallback
+            self._plans[inode] = (time.monotonic(), fallback)
+        model = self._model(rec.model_id)
+        if model.id not in self._fell_back:
+            self._fell_back.add(model.id)
+            log.warning("re-runs of model %s fail (%s): its lossless stored layers are read instead", model.name,
+                        self.planner.rerunner.load_failure(model))
+        return fallback
 
     def _raise_if_removed(self, ident: int) -> None:
         """NotFound if layer ``ident`` is gone from the catalog, checked now (not at most once a second).

@@ -115,7 +115,10 @@ class Planner:
         if rec.name == "input" or rec.chain.summary is not None \
                 or not any(r.name == "input" and r.stored for r in self.repo.layers_of(rec.model_id)):
             return False
-        return self.model_and_layers(rec)[0].framework in EXACT_ANY_BATCH
+        model = self.model_and_layers(rec)[0]
+        # a model that failed to load (refused, damaged) cannot, until its file changes: its stored layers
+        # are read (see Tree.read_parts), those not stored fail with the load's error
+        return model.framework in EXACT_ANY_BATCH and self.rerunner.load_failure(model) is None
 
     # ---- choosing ----------------------------------------------------------------------------------
     def plan(self, rec: IntermediateRecord, kind: str, index: int = 0) -> Plan:
@@ -127,7 +130,9 @@ class Planner:
         read_view = self._stored_view(reader, kind, index) if rec.stored else None
         rerun_view = self._rerun_view(rec, kind, index) if self.can_rerun(rec) else None
         if read_view is None and rerun_view is None:
-            raise StoreError(f"layer {rec.name!r} is not stored and its model cannot re-run it")
+            failure = self.rerunner.load_failure(self.model_and_layers(rec)[0])
+            raise StoreError(f"layer {rec.name!r} is not stored and its model cannot re-run it"
+                             + (f" ({failure})" if failure else ""))
         estimate = self.estimate(rec, kind, read_view, rerun_view, rows)
         choice, why = self._choose(rec, estimate, rerun_view is not None)
         if choice == "rerun" and read_view is not None and kind == "row" and not rec.chain.lossy and \

@@ -131,6 +131,11 @@ class ReRunner:
                     self._loading.pop(model.id, None)
                 event.set()
 
+    def load_failure(self, model: ModelRecord) -> str | None:
+        """Why ``model`` failed to load, while its file is the one that failed; else None."""
+        failed = self._failed.get(model.id)
+        return failed[1] if failed is not None and failed[0] == self._file_state(model) else None
+
     def probe(self, model: ModelRecord) -> None:
         """Load ``model`` as ``model()`` does and let it go (StoreError when it does not load): a check that
         keeps nothing warm, so checking many models pushes out none that readers keep warm."""
