@@ -8,7 +8,8 @@ serves it. Importing this package imports neither TensorFlow nor scikit-learn.
 from __future__ import annotations
 
 from mistiquefs.errors import MistiqueError
+from mistiquefs.capture.base import CaptureWarning
 from mistiquefs.api import CaptureSummary, Store, open_store
 
 __version__ = "0.1.0"
-__all__ = ["CaptureSummary", "MistiqueError", "Store", "open_store", "__version__"]
+__all__ = ["CaptureSummary", "CaptureWarning", "MistiqueError", "Store", "open_store", "__version__"]

@@ -9,7 +9,9 @@ it was.
 from __future__ import annotations
 
 import errno
+import fnmatch
 import numbers
+import warnings
 from functools import partial
 import sqlite3
 import statistics
@@ -23,7 +25,7 @@ import numpy as np
 from tqdm import tqdm
 
 from mistiquefs.capture import Adapter, adapter_for
-from mistiquefs.capture.base import NAME_MAX
+from mistiquefs.capture.base import NAME_MAX, CaptureWarning
 from mistiquefs.codecs import SchemePolicy
 from mistiquefs.planner.cost import PER_STAGE
 from mistiquefs.planner.policy import POLICIES, choose_kept
@@ -56,6 +58,9 @@ class CaptureSummary:
     #: True when ``skip_existing`` found the model already in the store: nothing ran, the figures are
     #: those of the capture that stored it
     skipped: bool = False
+    #: what the capture warned of (each also a ``CaptureWarning`` as it happened), e.g. a scheme rule that
+    #: matched no layer
+    notes: tuple[str, ...] = ()
 
 
 def check_model_name(name: str) -> str:
@@ -162,15 +167,21 @@ class Store:
         model_path = writer.new_file(adapter.model_suffix)
         adapter.save_model(model_path)
         if writer.store_nothing or keep is not None or any(c.summary for _glob, c in writer.policy.rules):
-            _check_reloads(model_path)
+            _check_reloads(adapter, model_path)
         bar = tqdm(total=n_rows, unit="ex", desc=f"capture {writer.name}", leave=False,
                    disable=None if progress is None else not progress)
+        notes: list[str] = []
         with bar:
             for batch_index, start in enumerate(range(0, n_rows, size)):
                 stop = min(start + size, n_rows)
                 batch = adapter.slice_inputs(inputs, start, stop)
                 writer.add("input", adapter.input_array(batch))
-                for out in _run_batch(adapter, batch, start, stop):
+                outputs = _run_batch(adapter, batch, start, stop)
+                if batch_index == 0:  # the stage names are known now: said before a long capture goes on
+                    notes = _unmatched_schemes(writer.policy, [out.name for out in outputs])
+                    for note in notes:
+                        warnings.warn(CaptureWarning(note), stacklevel=3)  # (at the caller of Store.capture)
+                for out in outputs:
                     writer.add(out.name, out.array, out.seconds, batch_index)
                 bar.update(stop - start)
         info = {**adapter.describe(), "batch_size": size, "schemes": writer.policy.describe()}
@@ -181,7 +192,7 @@ class Store:
         writer.commit(framework=adapter.framework, n_rows=n_rows, seconds=seconds, model_file=model_path,
                       info=info, keep=keep, budget=budget)
         self.repo.forget_records()  # a re-run read of this capture looks its model up there
-        return _summary(writer.name, n_rows, writer.committed_layers, seconds)
+        return _summary(writer.name, n_rows, writer.committed_layers, seconds, notes=tuple(notes))
 
     def _existing_summary(self, name: str) -> CaptureSummary:
         rec = self._model(name)
@@ -299,13 +310,29 @@ def _sample_outputs(adapter: Adapter, inputs: Any, n_rows: int, policy: SchemePo
 
 
 def _summary(name: str, n_rows: int, layers: Sequence[NewIntermediate | IntermediateRecord], seconds: float,
-             skipped: bool = False) -> CaptureSummary:
+             skipped: bool = False, notes: tuple[str, ...] = ()) -> CaptureSummary:
     return CaptureSummary(
         name=name, n_rows=n_rows, layers=[layer.name for layer in layers],
         raw_bytes=sum(layer.raw_bytes for layer in layers),
         stored_bytes=sum(layer.stored_bytes for layer in layers),
-        new_bytes=sum(layer.new_bytes for layer in layers), seconds=seconds, skipped=skipped,
+        new_bytes=sum(layer.new_bytes for layer in layers), seconds=seconds, skipped=skipped, notes=notes,
     )
+
+
+def _unmatched_schemes(policy: SchemePolicy, stages: list[str]) -> list[str]:
+    """A note for each scheme rule whose glob matches none of the model's stages: it is no error (the
+    layers are stored lossless, as unmatched layers are), but a mistyped glob ('Conv*' for conv1) had
+    silently stored every layer lossless."""
+    notes = []
+    for glob, chain in policy.rules:
+        if any(fnmatch.fnmatchcase(stage, glob) for stage in stages):
+            continue
+        folded = [stage for stage in stages if fnmatch.fnmatchcase(stage.lower(), glob.lower())]
+        hint = f" (globs are case-sensitive; ignoring case it would match {', '.join(folded[:4])})" if folded else ""
+        shown = ", ".join(stages[:10]) + (f", ... ({len(stages)} in all)" if len(stages) > 10 else "")
+        notes.append(f"scheme rule {glob!r} ({chain.describe()}) matches no layer, so no layer is stored that way"
+                     f"{hint}; the layers are {shown or 'none'}")
+    return notes
 
 
 def _disk_full(exc: BaseException | None) -> bool:
@@ -329,14 +356,18 @@ def open_store(path: str | Path, *, create: bool = True, cache_bytes: int | None
     return Store(path, create=create, cache_bytes=cache_bytes)
 
 
-def _check_reloads(path: Path) -> None:
-    """CaptureError unless the saved model loads back the way the mount loads it (safely: no code run)."""
+def _check_reloads(adapter: Adapter, path: Path) -> None:
+    """CaptureError unless the saved model loads back the way the mount loads it: safely (no code run),
+    and in another process (loading it here succeeds where this process registered a custom class the
+    mount's daemon never sees, so that is checked first)."""
     from mistiquefs.capture.files import load_model_file
 
     try:
+        adapter.check_loads_elsewhere(path)
         load_model_file(path)
     except CaptureError as exc:
         raise CaptureError(
-            f"this capture may leave layers unstored (policy 'none' or 'auto', a budget, or a pool summary), "
-            f"and recomputing them needs the model loaded back, which is refused: {exc}. Store every layer "
-            "(policy 'all', no budget, no pool scheme) or capture a model that loads safely") from None
+            f"this capture may leave layers unstored (policy 'none' or 'auto', a budget, or a pool summary), and "
+            f"recomputing them needs the model loaded back in the mount, which fails: {one_line(exc, typed=False)}. "
+            "Store every layer (policy 'all', no budget, no pool scheme) or capture a model that loads "
+            "safely in any process") from None

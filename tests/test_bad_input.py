@@ -356,6 +356,33 @@ def test_a_first_row_of_missing_numbers_and_known_categories_is_data(tmp_path: P
         assert len(rows) == n, first
 
 
+def test_a_word_in_a_csv_column_of_numbers_names_the_line_not_missing_values(store, tmp_path: Path,
+                                                                             capsys) -> None:
+    """`mistiquefs capture STORE --model ridge.skops --inputs f.csv` where column a is numbers but for one
+    cell 'abc' (and an empty one) said "column 'a' holds missing values (None/NaN); fill them first, e.g.
+    df['a'] = df['a'].fillna('missing')": the wrong error and the wrong fix. Without the empty cell a stage
+    said "could not convert string to float: 'abc'", naming no line."""
+    from sklearn.linear_model import Ridge
+
+    rng = np.random.default_rng(6)
+    frame = pd.DataFrame({"a": rng.standard_normal(30), "b": rng.standard_normal(30)})
+    skops.io.dump(Ridge().fit(frame, rng.standard_normal(30)), tmp_path / "ridge.skops")
+    lines = frame.to_csv(index=False).splitlines()
+    lines[3] = "abc," + lines[3].split(",")[1]
+    before = store_state(store.path)
+    for empty in (True, False):
+        if empty:
+            lines[8] = "," + lines[8].split(",")[1]
+        (tmp_path / "f.csv").write_text("\n".join(lines) + "\n")
+        assert main(["capture", str(store.path), "--model", str(tmp_path / "ridge.skops"), "--inputs",
+                     str(tmp_path / "f.csv"), "--name", "c6"]) == CaptureError.exit_code
+        err = capsys.readouterr().err
+        assert err == (f"mistiquefs: error: {tmp_path / 'f.csv'}: line 4 has 'abc' in column 'a' (field 1), a column "
+                       "of numbers the model reads as numbers: correct that cell, or leave it empty for a missing "
+                       "value\n"), empty
+    assert store_state(store.path) == before
+
+
 def _pickle_files(tmp_path: Path) -> dict[str, Path]:
     whole = io.BytesIO()
     import joblib

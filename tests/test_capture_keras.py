@@ -358,12 +358,118 @@ def test_save_load_round_trip_gives_identical_stages(
 
 
 def test_lambda_model_refused_by_safe_mode(tmp_path: Path) -> None:
+    """The refusal recommends what loads in any process (Keras's own layers, keras.ops), not a registered
+    custom layer, which the mount's daemon cannot load either (test below)."""
     x = keras.Input((3,))
     model = keras.Model(x, layers.Lambda(lambda t: t * 2)(x))
     path = tmp_path / "lambda.keras"
     KerasAdapter(model).save_model(path)
-    with pytest.raises(CaptureError, match="bytecode"):
+    with pytest.raises(CaptureError, match="bytecode") as refused:
         load_model(path)
+    assert "keras.ops" in str(refused.value) and "register_keras_serializable" not in str(refused.value)
+
+
+@keras.saving.register_keras_serializable(package="mistiquefs_capture_tests")
+class Times2(layers.Layer):
+    def call(self, x):
+        return x * 2
+
+
+@keras.saving.register_keras_serializable(package="mistiquefs_capture_tests")
+def tripled_relu(x):
+    return keras.ops.relu(x) * 3
+
+
+@keras.saving.register_keras_serializable(package="mistiquefs_capture_tests")
+class Ones(keras.initializers.Initializer):
+    def __call__(self, shape, dtype=None):
+        return keras.ops.ones(shape, dtype=dtype)
+
+    def get_config(self):
+        return {}
+
+
+def _times2_model(custom: bool) -> keras.Model:
+    """Dense -> x * 2 -> Dense: the doubling a registered custom layer, or a keras.ops call."""
+    keras.utils.set_random_seed(4)
+    x = keras.Input((4,))
+    h = layers.Dense(6, name="d1")(x)
+    h = Times2(name="t2")(h) if custom else keras.ops.multiply(h, 2.0)
+    return keras.Model(x, layers.Dense(3, name="d2")(h))
+
+
+def test_a_registered_custom_class_is_refused_where_layers_may_go_unstored(tmp_path: Path) -> None:
+    """A registered custom layer loads back in the capturing process only: the mount's daemon (any other
+    process) cannot load the model ("Could not locate class"), so every layer the capture left unstored
+    was EIO for good. Refused up front where layers may be left unstored, the store unchanged; with every
+    layer stored nothing reloads the model, and it captures. The same model built with keras.ops (what
+    the refusal recommends) re-runs in a fresh process."""
+    import mistiquefs
+
+    batch = _features(20, seed=5)[:, :4]
+    custom, plain = _times2_model(custom=True), _times2_model(custom=False)
+    with mistiquefs.open_store(tmp_path / "s") as store:
+        for how in ({"policy": "none"}, {"policy": "auto"}, {"budget": "10M"}, {"schemes": {"d1": "pool:2"}}):
+            with pytest.raises(CaptureError, match=r"may leave layers unstored.*class 'Times2' \(from "
+                               rf"{__name__}, registered as 'mistiquefs_capture_tests>Times2'\) in layer 't2'.*"
+                               r"keras\.ops.*policy 'all'") as refused:
+                store.capture(custom, batch, name="custom", progress=False, **how)
+            assert "\n" not in str(refused.value)
+        assert store.models() == [] and not any((tmp_path / "s" / "models").iterdir())
+        assert store.capture(custom, batch, name="custom", progress=False).layers == ["input", "d1", "t2", "d2"]
+        np.testing.assert_array_equal(store.read("custom", "t2"), _direct(custom, "t2", batch))
+        store.capture(plain, batch, name="plain", progress=False, policy="none")
+        want = {s.name: s.array for s in KerasAdapter(plain).run_batch(batch)}
+    stage = next(name for name in want if name.startswith("multiply"))
+    # in a fresh process, as the mount loads it: the custom one fails, the keras.ops one re-runs
+    code = f"""if True:
+        import sys, numpy as np, mistiquefs
+        from mistiquefs.capture.keras import load_model
+        store = mistiquefs.open_store({str(tmp_path / "s")!r}, create=False)
+        np.save(sys.argv[1], store.read("plain", "d2"))
+        np.save(sys.argv[2], store.read("plain", {stage!r}))
+        try:
+            load_model(store.repo.root / store._model("custom").model_file)
+        except Exception as exc:
+            sys.exit("Could not locate class 'Times2'" not in str(exc))
+        sys.exit(2)
+    """
+    out = [tmp_path / "d2.npy", tmp_path / "mul.npy"]
+    run = subprocess.run([sys.executable, "-c", code, *map(str, out)], capture_output=True, text=True)
+    assert run.returncode == 0, run.stderr[-2000:]
+    np.testing.assert_array_equal(np.load(out[0]), want["d2"])
+    np.testing.assert_array_equal(np.load(out[1]), want[stage])
+
+
+def test_foreign_objects_finds_custom_classes_and_functions_in_nested_models(tmp_path: Path) -> None:
+    """Every class or function of the saved config that is not Keras's own, in nested models too, named
+    with its layer; Keras's layers, initializers, activations and keras.ops calls are not; a Lambda is the
+    safe loader's refusal."""
+    from mistiquefs.capture.keras import foreign_objects
+
+    class Unregistered(layers.Layer):
+        def call(self, x):
+            return x + 1
+
+    inner = keras.Sequential([keras.Input((8,)), Times2(name="inner_t2")], name="inner")
+    x = keras.Input((4,))
+    h = layers.Dense(8, activation=tripled_relu, kernel_initializer=Ones(), name="d1")(x)
+    h = Unregistered(name="u")(keras.ops.add(h, inner(h)))
+    h = layers.Dense(8, activation="relu", kernel_initializer="he_normal", name="d2")(h)
+    h = layers.Rescaling(2.0, name="scale")(layers.Dense(8, activation=keras.activations.tanh, name="d3")(h))
+    model = keras.Model(x, layers.Lambda(lambda t: t * 2, name="lam")(h))
+    model.compile(optimizer="adam", loss=keras.losses.MeanSquaredError())
+    model.save(tmp_path / "m.keras")
+    assert foreign_objects(tmp_path / "m.keras") == [
+        "function 'mistiquefs_capture_tests>tripled_relu' in layer 'd1'",
+        f"class 'Ones' (from {__name__}, registered as 'mistiquefs_capture_tests>Ones') in layer 'd1'",
+        f"class 'Times2' (from {__name__}, registered as 'mistiquefs_capture_tests>Times2') in layer "
+        "'inner/inner_t2'",
+        f"class 'Unregistered' (from {__name__}) in layer 'u'",
+    ]
+    model = keras.Sequential([keras.Input((4,)), layers.Dense(3, activation="softmax", name="d")])
+    model.save(tmp_path / "own.keras")
+    assert foreign_objects(tmp_path / "own.keras") == []
 
 
 def test_load_missing_or_garbage_file(tmp_path: Path) -> None:

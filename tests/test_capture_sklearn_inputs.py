@@ -30,6 +30,7 @@ import mistiquefs
 import mistiquefs.capture.sklearn as sk
 from mistiquefs.capture import files
 from mistiquefs.capture.files import load_inputs_file
+from mistiquefs.capture.base import CaptureWarning
 from mistiquefs.capture.sklearn import SklearnAdapter, inputs_from_stored, load_model
 from mistiquefs.errors import CaptureError
 from test_untrusted import schema_of, with_schema
@@ -155,9 +156,82 @@ def test_a_headerless_csv_for_a_model_fitted_on_an_array(tmp_path: Path) -> None
     np.testing.assert_array_equal(rows, X)
     layers = captured(pipe, rows, tmp_path)
     assert_captured(layers, {"input": X, "standardscaler": pipe[0].transform(X), "logisticregression": pipe.predict(X)})
-    # a header written by pandas for a frame without column names is a header
+    # a header written by pandas for a frame without column names is a header, with a warning (it may be
+    # data: tests/test_cli.py, --csv-header)
     pd.DataFrame(X).to_csv(tmp_path / "named.csv", index=False)
-    np.testing.assert_array_equal(load_inputs_file(tmp_path / "named.csv", pipe), X)
+    with pytest.warns(CaptureWarning, match=r"took the first row of .*named.csv \(0,1,2\) for column names"):
+        np.testing.assert_array_equal(load_inputs_file(tmp_path / "named.csv", pipe), X)
+    np.testing.assert_array_equal(load_inputs_file(tmp_path / "named.csv", pipe, header=True), X)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no warning where the caller said what the row is
+        rows = load_inputs_file(tmp_path / "named.csv", pipe, header=False)
+    np.testing.assert_array_equal(rows, np.vstack([[0, 1, 2], X]))
+
+
+def test_a_stray_word_in_a_csv_column_of_numbers_names_its_line(tmp_path: Path) -> None:
+    """A word in a column of numbers made pandas read the column as text, and the capture then said the
+    column "holds missing values (None/NaN); fill them first, e.g. ...fillna('missing')" (with an empty
+    cell in it too) or a stage "could not convert string to float" (without): neither where nor what to fix.
+    A column the model drops may hold anything (an id beside the features)."""
+    df = pd.DataFrame({"a": RNG.normal(size=30), "id": [str(i) for i in range(29)] + ["X9"],
+                       "b": RNG.normal(size=30)})
+    ct = make_column_transformer((StandardScaler(), ["a", "b"]), remainder="drop")
+    pipe = make_pipeline(ct, LogisticRegression()).fit(df, RNG.integers(0, 2, 30))
+    lines = df.to_csv(index=False).splitlines()
+    lines[3] = "abc," + lines[3].split(",", 1)[1]  # row 2, on line 4
+    lines[6] = "," + lines[6].split(",", 1)[1]  # a missing value too
+    (tmp_path / "rows.csv").write_text("\n".join(lines) + "\n")
+    with pytest.raises(CaptureError, match=r"rows.csv: line 4 has 'abc' in column 'a' \(field 1\), a column "
+                       r"of numbers the model reads as numbers: correct that cell, or leave it empty") as refused:
+        load_inputs_file(tmp_path / "rows.csv", pipe)
+    assert "missing values" not in str(refused.value)
+    # headerless, for a model fitted on an array: the field and the line
+    X = RNG.normal(size=(20, 3))
+    scaler = StandardScaler().fit(X)
+    rows = [",".join(map(str, row)) for row in X]
+    rows[5], rows[9] = "1.0,2.0,n/a?", "1.0,2.0,x"
+    (tmp_path / "bare.csv").write_text("\n".join(rows[:3]) + "\n\n" + "\n".join(rows[3:]) + "\n")  # a blank line
+    with pytest.raises(CaptureError, match=r"bare.csv: line 7 has 'n/a\?' in field 3, a column of numbers the "
+                       r"model reads as numbers \(1 more cell of it is no number either\)"):
+        load_inputs_file(tmp_path / "bare.csv", scaler)
+    # the dropped id column's "X9" is no stray word: the same file without 'abc' loads and captures
+    lines[3] = "0.5," + lines[3].split(",", 1)[1]
+    (tmp_path / "rows.csv").write_text("\n".join(lines) + "\n")
+    rows = load_inputs_file(tmp_path / "rows.csv", pipe)
+    assert rows["id"].iloc[-1] == "X9" and np.isnan(rows["a"].iloc[5])
+
+
+def test_a_dataframe_column_of_numbers_and_text_says_so(tmp_path: Path) -> None:
+    """A word among the numbers of an object column was refused as "holds missing values (None/NaN); fill
+    them first, e.g. df['a'].fillna('missing')" where it also held a NaN: the wrong fix."""
+    df = pd.DataFrame({"a": RNG.normal(size=6), "b": RNG.normal(size=6)})
+    model = StandardScaler().fit(df)
+    bad = df.astype({"a": object})
+    bad.loc[2, "a"], bad.loc[4, "a"] = "abc", np.nan
+    with mistiquefs.open_store(tmp_path / "store") as store:
+        with pytest.raises(CaptureError, match=r"column 'a' holds numbers and text \(e.g. 'abc' at index 2\).*"
+                           r"pd.to_numeric") as refused:
+            store.capture(model, bad, name="m", progress=False)
+    assert "fillna" not in str(refused.value)
+
+
+def test_a_scheme_rule_that_matches_no_layer_is_a_warning(tmp_path: Path) -> None:
+    """schemes={"nomatch*": ...} (or 'StandardScaler*' for standardscaler: globs are case-sensitive) stored
+    every layer lossless without a word."""
+    X = RNG.normal(size=(40, 3))
+    pipe = make_pipeline(StandardScaler(), FunctionTransformer(np.tanh)).fit(X)
+    with mistiquefs.open_store(tmp_path / "store") as store:
+        with pytest.warns(CaptureWarning) as caught:
+            summary = store.capture(pipe, X, "m", progress=False,
+                                    schemes={"nomatch*": "kbit:8", "Standard*": "float16", "func*": "float16"})
+    notes = [str(w.message) for w in caught if issubclass(w.category, CaptureWarning)]
+    assert notes == list(summary.notes) and len(notes) == 2
+    assert notes[0].startswith("scheme rule 'nomatch*' (kbit:8") and "matches no layer" in notes[0]
+    assert notes[0].endswith("the layers are standardscaler, functiontransformer")
+    assert "case-sensitive; ignoring case it would match standardscaler" in notes[1]
+    assert all(w.filename == __file__ for w in caught)  # shown at the caller's line
+    with mistiquefs.open_store(tmp_path / "store") as store:
+        assert store.info("m", "functiontransformer")["scheme"].startswith("float16")
 
 
 def test_text_columns_of_a_csv_stay_text(tmp_path: Path) -> None:

@@ -133,6 +133,102 @@ def test_capture_a_saved_keras_model_from_npy(tmp_path: Path) -> None:
         np.testing.assert_array_equal(store.read("mlp", "out"), np.asarray(model(x, training=False)))
 
 
+@pytest.mark.keras
+def test_a_csv_a_keras_model_cannot_take_is_explained_in_terms_of_the_file(tmp_path: Path, capsys) -> None:
+    """A CSV with a text column gave a Keras model a DataFrame, and the error spoke of Python types:
+    "got inputs of type DataFrame; ... (convert with numpy.asarray)"."""
+    keras = pytest.importorskip("keras")
+    model = keras.Sequential([keras.Input((2,)), keras.layers.Dense(3, name="d")])
+    model.save(tmp_path / "m.keras")
+    (tmp_path / "text.csv").write_text("region,x\nEU,1.0\nUS,2.0\n")
+    (tmp_path / "stray.csv").write_text("a,b\n1.0,2.0\n3.0,abc\n5.0,6.0\n")
+    (tmp_path / "numbers.csv").write_text("a,b\n1.0,2.0\n3.0,4.0\n")
+    argv = ["capture", str(tmp_path / "s"), "--model", str(tmp_path / "m.keras"), "--name", "k", "--no-progress",
+            "--inputs"]
+    assert main([*argv, str(tmp_path / "text.csv")]) != 0
+    err = capsys.readouterr().err
+    assert "text.csv holds text in 'region', and a Keras model takes an array of numbers" in err
+    assert ".npy" in err and "DataFrame" not in err and "asarray" not in err
+    assert main([*argv, str(tmp_path / "stray.csv")]) != 0
+    assert "stray.csv: line 3 has 'abc' in column 'b' (field 2)" in capsys.readouterr().err
+    assert main([*argv, str(tmp_path / "numbers.csv")]) == 0
+    with mistiquefs.open_store(tmp_path / "s", create=False) as store:
+        np.testing.assert_array_equal(store.read("k", "input"), [[1, 2], [3, 4]])
+
+
+def test_a_first_row_0_to_k_minus_1_is_a_header_with_a_warning_and_csv_header_decides(tmp_path: Path,
+                                                                                      capsys) -> None:
+    """A headerless CSV whose first row is 0,1,...,k-1 lost that row without a word: the row is what
+    DataFrame.to_csv writes for unnamed columns, so auto still takes it for names, but says so, and
+    --csv-header no keeps it (yes: the first row names the columns, whatever it holds)."""
+    X = np.random.default_rng(4).standard_normal((10, 3))
+    model = StandardScaler().fit(X)
+    skops.io.dump(model, tmp_path / "scaler.skops")
+    rows = "".join(",".join(repr(float(v)) for v in row) + "\n" for row in X)
+    (tmp_path / "rows.csv").write_text("0,1,2\n" + rows)
+    argv = ["capture", str(tmp_path / "s"), "--model", str(tmp_path / "scaler.skops"), "--inputs",
+            str(tmp_path / "rows.csv"), "--no-progress"]
+    assert main([*argv, "--name", "auto"]) == 0
+    err = capsys.readouterr().err.splitlines()
+    assert err == [f"mistiquefs: warning: took the first row of {tmp_path / 'rows.csv'} (0,1,2) for column names, "
+                   "as DataFrame.to_csv writes them for unnamed columns; if it is a row of data, read the file "
+                   "with --csv-header no"]
+    assert main([*argv, "--name", "no", "--csv-header", "no"]) == 0
+    assert main([*argv, "--name", "yes", "--csv-header", "yes"]) == 0
+    assert capsys.readouterr().err == ""
+    with mistiquefs.open_store(tmp_path / "s", create=False) as store:
+        np.testing.assert_array_equal(store.read("auto", "input"), X)
+        np.testing.assert_array_equal(store.read("yes", "input"), X)
+        np.testing.assert_array_equal(store.read("no", "input"), np.vstack([[0, 1, 2], X]))
+    (tmp_path / "plain.csv").write_text(rows)
+    argv[5] = str(tmp_path / "plain.csv")
+    assert main([*argv, "--name", "plain_yes", "--csv-header", "yes"]) == 0  # the first row, taken for names
+    assert main([*argv, "--name", "plain"]) == 0 and capsys.readouterr().err == ""
+    with mistiquefs.open_store(tmp_path / "s", create=False) as store:
+        np.testing.assert_array_equal(store.read("plain_yes", "input"), X[1:])
+        np.testing.assert_array_equal(store.read("plain", "input"), X)
+
+
+def test_csv_header_no_for_a_model_that_selects_columns_by_name_is_refused(tmp_path: Path, saved_pipeline,
+                                                                           capsys) -> None:
+    model_path, inputs_path, _pipe, _frame = saved_pipeline
+    assert main(["capture", str(tmp_path / "s"), "--model", str(model_path), "--inputs", str(inputs_path),
+                 "--name", "p", "--csv-header", "no"]) != 0
+    assert "--csv-header no: the model was fitted on a DataFrame and selects its columns by name" in \
+        capsys.readouterr().err
+    assert not (tmp_path / "s").exists()
+
+
+def test_a_scheme_rule_that_matches_no_layer_is_one_warning_line(tmp_path: Path, saved_pipeline, capsys) -> None:
+    """--scheme 'Scale*=kbit:8' matched no layer (globs are case-sensitive) and every layer stayed lossless
+    without a word."""
+    model_path, inputs_path, _pipe, _frame = saved_pipeline
+    assert main(["capture", str(tmp_path / "s"), "--model", str(model_path), "--inputs", str(inputs_path),
+                 "--name", "p", "--no-progress", "--scheme", "Scale*=kbit:8", "--scheme", "clf=float16"]) == 0
+    captured = capsys.readouterr()
+    assert captured.err.splitlines() == [
+        "mistiquefs: warning: scheme rule 'Scale*' (kbit:8+zstd:1) matches no layer, so no layer is stored that "
+        "way (globs are case-sensitive; ignoring case it would match scale); the layers are scale, clf"]
+    assert "captured p: 500 examples" in captured.out
+
+
+def test_sizes_are_printed_in_a_unit_that_shows_them(tmp_path: Path, capsys) -> None:
+    """A small capture printed "0.0 MB raw -> 0.0 MB stored (0.0 MB new)", and ls "0.0 MB raw"."""
+    from mistiquefs.cli.main import format_size
+
+    assert [format_size(n) for n in (0, 999, 1000, 48_349, 999_949, 1_500_000, 2_130_000_000)] == \
+        ["0 B", "999 B", "1.0 kB", "48.3 kB", "999.9 kB", "1.5 MB", "2.1 GB"]
+    skops.io.dump(StandardScaler().fit(np.ones((4, 2))), tmp_path / "m.skops")
+    np.save(tmp_path / "x.npy", np.ones((10, 2)))
+    assert main(["capture", str(tmp_path / "s"), "--model", str(tmp_path / "m.skops"), "--inputs",
+                 str(tmp_path / "x.npy"), "--name", "tiny", "--no-progress"]) == 0
+    out = capsys.readouterr().out
+    assert "10 examples, 2 intermediates, 320 B raw -> " in out and " B new) in " in out and "MB" not in out
+    assert main(["ls", str(tmp_path / "s")]) == 0
+    assert capsys.readouterr().out.split("\t")[-2:] == ["320 B raw", f"{out.split('-> ')[1].split(' stored')[0]} "
+                                                        "stored\n"]
+
+
 def test_bad_inputs_are_readable_errors(tmp_path: Path, saved_pipeline, capsys) -> None:
     model_path, inputs_path, pipe, _ = saved_pipeline
     import joblib

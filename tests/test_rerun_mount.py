@@ -281,7 +281,7 @@ def test_concurrent_readers_share_one_computation_and_the_mount_stays_responsive
 
     # Slow is a test-only type the safe loader refuses, so a capture that leaves layers unstored would be
     # refused; the first part re-runs it through in_memory_planner instead
-    monkeypatch.setattr(mistiquefs.api, "_check_reloads", lambda _path: None)
+    monkeypatch.setattr(mistiquefs.api, "_check_reloads", lambda _adapter, _path: None)
     x, _ = data()
     slow = Pipeline([("scale", StandardScaler()), ("slow", Slow(per_call=0.6))]).fit(x)
     path = tmp_path / "s"

@@ -48,6 +48,11 @@ def stage_file_name(name: str) -> str:
     return name
 
 
+class CaptureWarning(UserWarning):
+    """Something about a capture the user should know that does not stop it (a scheme rule that matched no
+    layer, a CSV row taken for column names). The command line prints each as one line on stderr."""
+
+
 @dataclass(frozen=True)
 class StageOutput:
     """One stage's output for one batch."""
@@ -105,6 +110,11 @@ class Adapter(ABC):
     @abstractmethod
     def save_model(self, path: Path) -> None:
         """Write the model to ``path`` in a format that does not execute arbitrary code when loaded."""
+
+    def check_loads_elsewhere(self, path: Path) -> None:
+        """CaptureError where the model saved at ``path`` needs something only this process has to load
+        (a class the script defined and registered): it loads here, but not in the mount's daemon, which
+        loads it to re-run the layers a capture left unstored. Nothing to check by default."""
 
     def describe(self) -> dict[str, Any]:
         """Framework-specific facts for the model's ``info.json`` (class name, versions...)."""

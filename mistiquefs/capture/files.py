@@ -6,17 +6,20 @@ are refused unless the caller says it trusts the file. Inputs: ``.npy`` (never w
 structured array, such as a stored ``input``, is a table) or ``.csv``, read for the model it is given to: a
 header row where the model knows its columns' names, the columns its encoders were fitted on as text
 (pandas when it is installed; else numpy's structured arrays). Every row of a CSV has as many fields as its
-first row: a missing value is an empty field (``4.0,,6.0``), not a short row.
+first row: a missing value is an empty field (``4.0,,6.0``), not a short row. A word in a column of numbers
+the model reads is refused naming its line (``_refuse_stray_text``), as is a CSV with text for a Keras model.
 """
 
 from __future__ import annotations
 
 import csv
+import warnings
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from mistiquefs.capture.base import CaptureWarning
 from mistiquefs.errors import CaptureError, one_line
 
 PICKLE_SUFFIXES = {".pkl", ".pickle", ".joblib"}
@@ -67,16 +70,17 @@ NA_SPELLINGS = ("", "#N/A", "#N/A N/A", "#NA", "-1.#IND", "-1.#QNAN", "-NaN", "-
                 "N/A", "NA", "NULL", "NaN", "None", "n/a", "nan", "null")
 
 
-def load_inputs_file(path: Path, model: Any = None) -> Any:
+def load_inputs_file(path: Path, model: Any = None, *, header: bool | None = None) -> Any:
     """The inputs in ``path`` for ``model`` (the loaded model, which decides how a CSV is read; without it,
     a CSV is read by its contents alone). A ``.npy`` file is memory-mapped: a capture reads it batch by
-    batch, so memory follows the batch, not the file."""
+    batch, so memory follows the batch, not the file. ``header``: whether a CSV's first row names its
+    columns (None: decided from the row and the model, ``_has_header``)."""
     _require_file(path, "inputs file")
     suffix = path.suffix.lower()
     if suffix == ".npy":
         return _load_npy(path)
     if suffix == ".csv":
-        return _load_csv(path, model)
+        return _load_csv(path, model, header)
     raise CaptureError(f"unknown inputs format {suffix!r}: use .npy or .csv")
 
 
@@ -112,7 +116,8 @@ def _is_number(cell: str) -> bool:
     return bool(cell.strip())
 
 
-def _has_header(path: Path, first: list[str], names: list[str] | None, text: dict[Any, set[str]]) -> bool:
+def _has_header(path: Path, first: list[str], names: list[str] | None, text: dict[Any, set[str]],
+                header: bool | None = None) -> bool:
     """Whether the first row of the CSV names its columns. For a model fitted on a DataFrame it must: it
     names the model's columns, which scikit-learn selects by name. For one fitted on an array (``text``:
     the positions it reads as text, with their categories), a header is a row of names, and an empty cell
@@ -120,7 +125,17 @@ def _has_header(path: Path, first: list[str], names: list[str] | None, text: dic
     (DataFrame.to_csv writes NaN as an empty cell). Deciding from the other cells, the first row is data
     where every one in the columns read as numbers is a number (np.savetxt writes no header); where there
     is none there, where a cell of a text column is one of its categories; and where no cell is left (a
-    row of missing values only)."""
+    row of missing values only). A row ``0,1,...,k-1`` is a header (DataFrame.to_csv of unnamed columns
+    writes it), with a warning: it may be data. ``header`` (the user's word) overrides all that, except
+    that a model fitted on a DataFrame needs its column names."""
+    if names is not None and header is False:
+        raise CaptureError(
+            f"--csv-header no: the model was fitted on a DataFrame and selects its columns by name, so the "
+            f"first row of {path} must name them; give the file a header row with the model's column names "
+            "(DataFrame.to_csv(index=False) writes one) and leave --csv-header at auto or yes"
+        )
+    if names is None and header is not None:
+        return header
     if names is not None:
         missing = [name for name in names if name not in set(first)]
         if missing:
@@ -131,7 +146,14 @@ def _has_header(path: Path, first: list[str], names: list[str] | None, text: dic
                 "writes one)"
             )
         return True
-    if not first or first == [str(i) for i in range(len(first))]:  # DataFrame.to_csv of unnamed columns
+    if not first:
+        return True
+    if first == [str(i) for i in range(len(first))]:  # DataFrame.to_csv of unnamed columns
+        # numbers, which the rule below would take for data: say so, as it may be (--csv-header no)
+        shown = ",".join(first[:6]) + (",..." if len(first) > 6 else "")
+        warnings.warn(CaptureWarning(
+            f"took the first row of {path} ({shown}) for column names, as DataFrame.to_csv writes them for "
+            "unnamed columns; if it is a row of data, read the file with --csv-header no"), stacklevel=4)
         return True
     numbers = [cell for i, cell in enumerate(first) if i not in text and cell not in NA_SPELLINGS]
     if numbers:
@@ -142,14 +164,14 @@ def _has_header(path: Path, first: list[str], names: list[str] | None, text: dic
     return any(cell not in NA_SPELLINGS for _i, cell in texts)  # a name; a row of missing values is data
 
 
-def _load_csv(path: Path, model: Any) -> Any:
+def _load_csv(path: Path, model: Any, header: bool | None = None) -> Any:
     try:
         first = _first_row(path)
     except OSError as exc:
         raise CaptureError(f"{path} is not a readable CSV file: {exc.strerror or exc}") from exc
     names = _model_names(model)
     text = _text_columns(model)
-    header = _has_header(path, first, names, text)
+    header = _has_header(path, first, names, text, header)
     pandas = _pandas()
     if pandas is None:
         return _csv_without_pandas(path, header, len(first))
@@ -174,12 +196,81 @@ def _load_csv(path: Path, model: Any) -> Any:
     # then shows in the last column: only then is the file read again, to find the short row
     if len(frame.columns) > 1 and frame.iloc[:, -1].isna().any():
         _refuse_short_rows(path, len(first), header)
+    if model is not None:
+        read = _read_columns(model)
+        if read is not None and names is None and header:  # (positions: as the text columns above)
+            read = {columns[i] for i in read if isinstance(i, int) and i < len(columns)}
+        numeric = [c for c in (names or frame.columns) if c not in text and (read is None or c in read)]
+        _refuse_stray_text(path, frame, numeric, header, pandas)
     if names is None and (model is not None or not header):
         # a model fitted on an array gets an array, as it was fitted (a DataFrame of numbers is one too)
         dtypes = list(frame.dtypes)
         if dtypes and all(isinstance(d, np.dtype) and d.kind in "biuf" for d in dtypes):
             return frame.to_numpy(dtype=np.result_type(*dtypes))
+        if _is_keras(model):
+            _refuse_text_for_keras(path, frame, header)
     return frame
+
+
+def _refuse_stray_text(path: Path, frame: Any, numeric: list[Any], header: bool, pandas: Any) -> None:
+    """CaptureError naming the line and field of a cell that is not a number in a column of numbers (one
+    of ``numeric``, which the model reads and not as text, where the cells that are numbers outnumber
+    those that are not: a column of words with a "42" in it is text): pandas reads such a column as text,
+    and what the model then said of it was wrong (a text column "holds missing values" where an empty
+    cell was there too, or "could not convert string to float", with no line)."""
+    for column in numeric:
+        values = frame[column]
+        if isinstance(values.dtype, np.dtype) and values.dtype.kind in "biufcmM":
+            continue
+        numbers = pandas.to_numeric(values, errors="coerce")  # pandas' own number syntax, as read_csv's
+        stray = values.notna() & numbers.isna()
+        if not stray.any() or stray.sum() >= numbers.notna().sum():  # a column of text
+            continue
+        row = int(np.flatnonzero(stray.to_numpy())[0])
+        line = _line_of_row(path, row + header)
+        field = list(frame.columns).index(column) + 1
+        named = f"column {column!r} (field {field})" if header else f"field {field}"
+        more = int(stray.sum()) - 1
+        others = f" ({more} more cell{'s' * (more > 1)} of it {'are' if more > 1 else 'is'} no number either)"
+        raise CaptureError(
+            f"{path}: line {line} has {values.iloc[row]!r} in {named}, a column of numbers the model reads as "
+            f"numbers{others if more else ''}: correct that cell, or leave it empty for a missing value")
+
+
+def _refuse_text_for_keras(path: Path, frame: Any, header: bool) -> None:
+    """CaptureError for a CSV with text columns given to a Keras model, which takes one array of numbers."""
+    columns = [column for column, dtype in frame.dtypes.items() if not (isinstance(dtype, np.dtype)
+                                                                       and dtype.kind in "biuf")]
+    shown = ", ".join(repr(c) if header else f"field {list(frame.columns).index(c) + 1}" for c in columns[:4])
+    raise CaptureError(
+        f"{path} holds text in {shown}{', ...' if len(columns) > 4 else ''}, and a Keras model takes an array "
+        "of numbers: give it a CSV of numbers only (a header row is fine), or a .npy file of the array the "
+        "model takes (numpy.save)")
+
+
+def _is_keras(model: Any) -> bool:
+    return any(klass.__module__.split(".")[0] in ("keras", "tf_keras") for klass in type(model).__mro__)
+
+
+def _rows(path: Path) -> Any:
+    """(line, fields) of each row of ``path``, the line it starts on counted from 1 as an editor counts
+    them; blank lines (csv: [] or whitespace), which pandas skips, are no rows, and a line of only ""
+    is one empty field ([''])."""
+    with path.open(newline="", encoding="utf-8-sig", errors="replace") as file:
+        reader = csv.reader(file)
+        line = 1
+        for row in reader:
+            if row and not (len(row) == 1 and row[0] != "" and not row[0].strip()):
+                yield line, row
+            line = reader.line_num + 1
+
+
+def _line_of_row(path: Path, index: int) -> int:
+    """The line row ``index`` (counted from 0, the header included) of ``path`` starts on."""
+    for number, (line, _row) in enumerate(_rows(path)):
+        if number == index:
+            return line
+    return index + 1  # (not reached: pandas read that row)
 
 
 def _refuse_short_rows(path: Path, width: int, header: bool) -> None:
@@ -187,18 +278,12 @@ def _refuse_short_rows(path: Path, width: int, header: bool) -> None:
     which pandas skips, are no rows). The line named is the one the row starts on, counted from 1 as an
     editor counts them (pandas' error for a row with too many fields counts rows instead, which differs
     only after a quoted field holding a line break)."""
-    with path.open(newline="", encoding="utf-8-sig", errors="replace") as file:
-        reader = csv.reader(file)
-        line = 1
-        for row in reader:
-            # blank lines (csv: [] or whitespace) are no rows; a line of only "" is one empty field ([''])
-            blank = not row or (len(row) == 1 and row[0] != "" and not row[0].strip())
-            if len(row) < width and not blank:
-                what = "the header" if header else "the first row"
-                raise CaptureError(
-                    f"{path} is not a readable CSV file: expected {width} fields in line {line}, saw "
-                    f"{len(row)} ({what} has {width}; a missing value is an empty field, as in 1.0,,3.0)")
-            line = reader.line_num + 1
+    for line, row in _rows(path):
+        if len(row) < width:
+            what = "the header" if header else "the first row"
+            raise CaptureError(
+                f"{path} is not a readable CSV file: expected {width} fields in line {line}, saw "
+                f"{len(row)} ({what} has {width}; a missing value is an empty field, as in 1.0,,3.0)")
 
 
 def _pandas() -> Any:
@@ -223,6 +308,15 @@ def _text_columns(model: Any) -> dict[Any, set[str]]:
     from mistiquefs.capture.sklearn import text_columns
 
     return text_columns(model)
+
+
+def _read_columns(model: Any) -> set[Any] | None:
+    """The columns ``model`` reads at all (names where it knows them, else positions); None: all."""
+    if type(model).__module__.split(".")[0] != "sklearn":
+        return None
+    from mistiquefs.capture.sklearn import read_columns
+
+    return read_columns(model)
 
 
 def _csv_without_pandas(path: Path, header: bool, width: int) -> np.ndarray:

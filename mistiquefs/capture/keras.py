@@ -84,7 +84,11 @@ each batch converts only its own rows.
 
 Saving. ``save_model`` writes the native ``.keras`` zip (a model Keras cannot serialize, e.g. a custom
 layer without ``get_config`` for its arguments, is a CaptureError); ``load_model`` reads it in Keras safe mode, so a
-file carrying Python bytecode (a ``Lambda`` wrapping a Python function) is refused, never executed.
+file carrying Python bytecode (a ``Lambda`` wrapping a Python function) is refused, never executed. A
+class or function that is not Keras's own (a custom layer, initializer, activation..., registered with
+``register_keras_serializable`` or not) loads only in a process that ran the code defining it, never in the
+mount's daemon: ``check_loads_elsewhere`` finds them in the saved config (``foreign_objects``), and a
+capture that may leave layers unstored refuses such a model.
 
 TensorFlow/Keras are imported inside functions only, so importing this module stays cheap.
 """
@@ -134,11 +138,15 @@ def load_model(path: Path | str) -> keras.Model:
         return keras.saving.load_model(str(path), safe_mode=True, compile=False)
     except Exception as exc:  # Keras raises ValueError/TypeError/KeyError/OSError alike for bad files
         if "safe_mode" in str(exc):
+            # (not "a registered custom layer": that loads only where the script that registers it ran,
+            # so the mount's daemon cannot load it either; see foreign_objects)
             raise CaptureError(
                 f"refusing to load {path}: it contains Python bytecode (e.g. a Lambda layer wrapping a "
-                "Python function), which would run arbitrary code when loaded. Replace the Lambda by a "
-                "custom layer registered with keras.saving.register_keras_serializable, or, if you trust "
-                "the file, load it yourself with keras.saving.load_model(path, safe_mode=False)"
+                "Python function), which would run arbitrary code when loaded. Build that step from Keras's "
+                "own layers or keras.ops calls on the functional model's tensors instead (e.g. "
+                "keras.layers.Rescaling(2.0), or y = keras.ops.multiply(x, 2.0)), which load in any process; "
+                "or, if you trust the file, load it yourself with keras.saving.load_model(path, "
+                "safe_mode=False)"
             ) from exc
         raise CaptureError(f"cannot load the Keras model {path}: {exc}") from exc
 
@@ -284,6 +292,16 @@ class KerasAdapter(Adapter):
             raise CaptureError(f"cannot save the Keras model {self.model.name!r} as a .keras file, which "
                                f"the store keeps: {advice}") from exc
 
+    def check_loads_elsewhere(self, path: Path) -> None:
+        foreign = foreign_objects(path)
+        if foreign:
+            shown = "; ".join(foreign[:3]) + (f"; and {len(foreign) - 3} more" if len(foreign) > 3 else "")
+            raise CaptureError(
+                f"the model uses {shown}, not Keras's own: only a process that runs the code defining "
+                "(and registering) it can load the model, and the mount's daemon runs none (\"Could not "
+                "locate class\"); build that part from Keras's own layers and keras.ops calls"
+            )
+
     def describe(self) -> dict[str, Any]:
         import keras
 
@@ -297,6 +315,76 @@ class KerasAdapter(Adapter):
             "execution": "eager" if self.eager else "compiled",
             "layers": [_describe_layer(layer) for layer in _non_input_layers(self.model)],
         }
+
+
+# -- what a saved model needs to load ------------------------------------------------------------------
+
+#: the packages whose classes Keras's loader finds in any process: Keras's own (by their public names)
+#: and those it imports by itself (``serialization_lib._retrieve_class_or_fn``, Keras 3.15). Any other
+#: class or function is found only through ``register_keras_serializable``, a registration that exists
+#: only in a process that ran the code making it.
+_LOADABLE_PACKAGES = frozenset({"keras", "keras_hub", "keras_cv", "keras_nlp"})
+
+
+def foreign_objects(path: Path | str) -> list[str]:
+    """The classes and functions named in the config of the ``.keras`` file at ``path`` that are not
+    Keras's own (custom layers, initializers, activations..., registered or not, in nested models too),
+    each described with the layer it is in. The mount's daemon cannot load a model that names one: it
+    never ran the code defining it. The compile config is left out (the mount loads without compiling)."""
+    import json
+
+    with zipfile.ZipFile(path) as archive:
+        config = json.loads(archive.read("config.json"))
+    found: list[str] = []
+    _walk_config(config, (), found)
+    return list(dict.fromkeys(found))
+
+
+def _walk_config(node: Any, layers: tuple[str, ...], found: list[str]) -> None:
+    """Adds to ``found`` what ``node`` (a part of a saved config, inside the layers named ``layers``)
+    names that Keras loads only where it was registered."""
+    if isinstance(node, list):
+        for item in node:
+            _walk_config(item, layers, found)
+        return
+    if not isinstance(node, dict):
+        return
+    class_name = node.get("class_name")
+    # serialized objects are {"module", "class_name", "config", "registered_name"}; "__tensor__",
+    # "__lambda__" and the like are values (a Lambda's code is the safe loader's refusal)
+    if isinstance(class_name, str) and "module" in node and not class_name.startswith("__"):
+        what = _foreign(node, class_name)
+        if what is not None:
+            found.append(what + (f" in layer {'/'.join(layers)!r}" if layers else ""))
+    for key, value in node.items():
+        if key == "compile_config":
+            continue
+        if key == "layers" and isinstance(value, list):
+            for layer in value:
+                inner = layer.get("config") if isinstance(layer, dict) else None
+                name = (layer.get("name") if isinstance(layer, dict) else None) or \
+                    (inner.get("name") if isinstance(inner, dict) else None)
+                _walk_config(layer, layers + (str(name),) if name else layers, found)
+        else:
+            _walk_config(value, layers, found)
+
+
+def _foreign(node: dict[str, Any], class_name: str) -> str | None:
+    """How a serialized object that Keras cannot load elsewhere is described; None for Keras's own."""
+    module = node.get("module")
+    package = module.split(".")[0] if isinstance(module, str) else None
+    registered = node.get("registered_name")
+    if class_name == "function":
+        # Keras's own functions are saved by name ("relu"), a registered one as "package>name"
+        name = node.get("config")
+        if (package in _LOADABLE_PACKAGES or module == "builtins") and ">" not in str(name):
+            return None
+        return f"function {str(name)!r}" + (f" (from {module})" if module not in (None, "builtins") else "")
+    if package in _LOADABLE_PACKAGES:
+        return None
+    where = f"from {module}" if module else "defined in the script"  # (Keras saves __main__ as None)
+    also = f", registered as {registered!r}" if isinstance(registered, str) and ">" in registered else ""
+    return f"class {class_name!r} ({where}{also})"
 
 
 # -- the model as a list of operations ------------------------------------------------------------------

@@ -552,6 +552,19 @@ def _text_width(series: Any, column: Any) -> int:
     """Characters of the longest value; refuses missing and non-string values (never lossy)."""
     import pandas as pd
 
+    if not isinstance(series.dtype, pd.CategoricalDtype) and \
+            pd.api.types.infer_dtype(series, skipna=True) in ("mixed", "mixed-integer"):
+        # numbers and text (a column of numbers with a stray word): filling its missing values with
+        # 'missing', the advice below, would be the wrong fix
+        kinds = series.map(lambda value: isinstance(value, str))
+        if kinds.any() and series[~kinds & series.notna()].map(
+                lambda value: isinstance(value, (int, float, np.number)) and not isinstance(value, bool)).any():
+            label = kinds.idxmax()
+            raise CaptureError(
+                f"column {column!r} holds numbers and text (e.g. {series[label]!r} at index {label!r}), which "
+                f"cannot be stored as one column; make it numbers only (correct those values; pd.to_numeric("
+                f"df[{column!r}], errors='coerce') makes every one that is not a number NaN) or text only"
+            )
     if series.isna().any():
         raise CaptureError(
             f"column {column!r} holds missing values (None/NaN); fill them first, e.g. "
@@ -677,6 +690,49 @@ def text_columns(model: Any) -> dict[Any, set[str]]:
     found: dict[Any, set[str]] = {}
     _collect_text(model, labels, found)
     return found
+
+
+def read_columns(model: Any) -> set[Any] | None:
+    """The input columns some part of ``model`` reads (names where it knows them, else positions): all of
+    them but those every ColumnTransformer on their way drops. A CSV reader checks that these hold what
+    the model takes; a dropped column may hold anything (an id beside the features). None where the model
+    does not know its columns."""
+    names = getattr(model, "feature_names_in_", None)
+    width = getattr(model, "n_features_in_", None)
+    if names is not None:
+        labels: list[Any] = [str(name) for name in names]
+    elif width is not None:
+        labels = list(range(int(width)))
+    else:
+        return None
+    found: set[Any] = set()
+    _collect_read(model, labels, found)
+    return found
+
+
+def _collect_read(estimator: Any, labels: list[Any], found: set[Any]) -> None:
+    if isinstance(estimator, Pipeline):
+        steps = [step for _, step in estimator.steps if step is not None and step != "passthrough"]
+        if steps:  # only the first step gets the raw columns
+            _collect_read(steps[0], labels, found)
+        else:
+            found.update(labels)
+        return
+    if isinstance(estimator, ColumnTransformer):
+        indices = getattr(estimator, "_transformer_to_input_indices", None)
+        if indices is None:  # (not fitted the way this reads it: every column counts as read)
+            found.update(labels)
+            return
+        for name, trans, _columns in getattr(estimator, "transformers_", []):
+            if trans == "drop" or name not in indices:
+                continue
+            selected = [labels[i] for i in indices[name] if i < len(labels)]
+            if isinstance(trans, str):  # passthrough
+                found.update(selected)
+            else:
+                _collect_read(trans, selected, found)
+        return
+    found.update(labels)  # a FeatureUnion's parts, and any estimator, read every column they get
 
 
 def _collect_text(estimator: Any, labels: list[Any], found: dict[Any, set[str]]) -> None:

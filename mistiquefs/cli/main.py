@@ -9,7 +9,10 @@ import os
 import sqlite3
 import sys
 import tempfile
+import warnings
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 from mistiquefs.errors import MistiqueError
 
@@ -31,6 +34,9 @@ def build_parser() -> argparse.ArgumentParser:
     cap.add_argument("store", type=Path)
     cap.add_argument("--model", type=Path, required=True, help="a .keras model or a .skops scikit-learn pipeline")
     cap.add_argument("--inputs", type=Path, required=True, help="the examples: .npy or .csv")
+    cap.add_argument("--csv-header", choices=("auto", "yes", "no"), default="auto",
+                     help="whether the first row of a .csv names its columns: auto (decided from the row and the "
+                          "model; a row 0,1,...,k-1 names them, with a warning), yes, or no (the row is data)")
     cap.add_argument("--name", required=True, help="the model's directory name in the mount")
     cap.add_argument("--batch-size", type=int, default=None)
     cap.add_argument("--trust-pickle", action="store_true", help="allow a .pkl/.joblib model (runs its code)")
@@ -103,7 +109,39 @@ def main(argv: list[str] | None = None) -> int:
         return 1
 
 
+def format_size(n: float) -> str:
+    """Bytes for people: 512 B, 48.3 kB, 1.5 MB, 2.1 GB (powers of 1000: MB where "0.0 MB" hid a small
+    capture)."""
+    for unit, scale in (("GB", 1e9), ("MB", 1e6), ("kB", 1e3)):
+        if abs(n) >= scale:
+            return f"{n / scale:.1f} {unit}"
+    return f"{int(n)} B"
+
+
+def _print_capture_warnings(original: Callable[..., None]) -> Callable[..., None]:
+    """A ``warnings.showwarning`` that prints a CaptureWarning as one line on stderr, as errors are, and
+    hands any other warning (the frameworks' own) to ``original``."""
+    from mistiquefs.capture.base import CaptureWarning
+
+    def show(message: Warning | str, category: type[Warning], filename: str, lineno: int, file: Any = None,
+             line: str | None = None) -> None:
+        if issubclass(category, CaptureWarning):
+            print(f"mistiquefs: warning: {message}", file=sys.stderr)
+        else:
+            original(message, category, filename, lineno, file, line)
+    return show
+
+
 def cmd_capture(args: argparse.Namespace) -> int:
+    from mistiquefs.capture.base import CaptureWarning
+
+    with warnings.catch_warnings():  # (restores showwarning and the filters)
+        warnings.simplefilter("always", CaptureWarning)
+        warnings.showwarning = _print_capture_warnings(warnings.showwarning)
+        return _capture(args)
+
+
+def _capture(args: argparse.Namespace) -> int:
     from mistiquefs.api import check_model_name, open_store
     from mistiquefs.capture.files import load_inputs_file, load_model_file
     from mistiquefs.codecs import SchemePolicy, parse_scheme_option
@@ -115,7 +153,8 @@ def cmd_capture(args: argparse.Namespace) -> int:
     SchemePolicy.parse(schemes)  # a bad scheme or name fails before the model is loaded or the store made
     check_model_name(args.name)
     model = load_model_file(args.model, trust_pickle=args.trust_pickle)
-    inputs = load_inputs_file(args.inputs, model)  # the model decides how a CSV's columns are read
+    # the model decides how a CSV's columns are read
+    inputs = load_inputs_file(args.inputs, model, header={"auto": None, "yes": True, "no": False}[args.csv_header])
     existed = args.store.exists()
     made = not existed or (args.store.is_dir() and not any(args.store.iterdir()))  # this capture makes the store
     try:
@@ -137,8 +176,8 @@ def cmd_capture(args: argparse.Namespace) -> int:
         print(f"{summary.name} is already in {args.store}: skipped")
         return 0
     print(f"captured {summary.name}: {summary.n_rows} examples, {len(summary.layers)} intermediates, "
-          f"{summary.raw_bytes / 1e6:.1f} MB raw -> {summary.stored_bytes / 1e6:.1f} MB stored "
-          f"({summary.new_bytes / 1e6:.1f} MB new) in {summary.seconds:.1f} s")
+          f"{format_size(summary.raw_bytes)} raw -> {format_size(summary.stored_bytes)} stored "
+          f"({format_size(summary.new_bytes)} new) in {summary.seconds:.1f} s")
     return 0
 
 
@@ -192,7 +231,7 @@ def cmd_ls(args: argparse.Namespace) -> int:
         for name in store.models():
             info = store.info(name)
             print(f"{name}\t{info['framework']}\t{info['examples']} examples\t{len(info['layers'])} layers\t"
-                  f"{info['raw_bytes'] / 1e6:.1f} MB raw\t{info['stored_bytes'] / 1e6:.1f} MB stored")
+                  f"{format_size(info['raw_bytes'])} raw\t{format_size(info['stored_bytes'])} stored")
     return 0
 
 
