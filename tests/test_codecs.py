@@ -29,7 +29,8 @@ from mistiquefs.codecs.base import array_from_json, array_to_json
 from mistiquefs.codecs.fidelity import ErrorStats
 from mistiquefs.codecs.lossless import BytesCodec, ShuffleCodec
 from mistiquefs.codecs.pool import PoolCodec
-from mistiquefs.codecs.quantize import MAX_UNITS, KBitCodec, ThresholdCodec, _unpack_codes, quantile_edges
+from mistiquefs.codecs.quantize import (MAX_TABLE_UNITS, MAX_UNITS, KBitCodec, ThresholdCodec, _unpack_codes,
+                                        quantile_edges)
 from mistiquefs.errors import MistiqueError
 
 FAST = settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow])
@@ -741,7 +742,11 @@ def test_pool_is_dropped_on_non_spatial_layers(shape, dtype, kept) -> None:
     dtype = np.dtype(dtype)
     chain = parse_scheme("pool:2+float16").for_layer(shape, dtype)
     assert (chain.summary is not None) == kept
-    assert ("pool:2 needs a (spatial..., channels) map: not pooled" in chain.note) == (not kept)
+    assert ("not pooled" in chain.note) == (not kept)
+    if not kept:  # (a map too small for the window is named as such)
+        small = len(shape) >= 2 and dtype.names is None and dtype.kind in "fiub"
+        assert ("needs every spatial axis of at least 2" in chain.note) == small, chain.note
+        assert ("needs a (spatial..., channels) map of numbers" in chain.note) == (not small), chain.note
 
 
 @pytest.mark.parametrize(("scheme", "dtype", "itemsize"), [
@@ -1267,8 +1272,10 @@ def test_threshold_describes_its_percentile_so_it_round_trips() -> None:
 
 
 def encode_table_bytes(codec: KBitCodec) -> int:
-    """The lookup arrays a codec holds beside its learned bins (its encoding tables)."""
-    return sum(v.nbytes for k, v in vars(codec).items() if isinstance(v, np.ndarray) and k not in ("edges", "values"))
+    """The lookup arrays a codec holds beside its learned bins (its encoding tables, block tables)."""
+    held = [v for k, v in vars(codec).items() if k not in ("edges", "values")]
+    held += [a for v in held if isinstance(v, tuple) for a in v]
+    return sum(v.nbytes for v in held if isinstance(v, np.ndarray))
 
 
 @pytest.mark.parametrize("layout", ["rows", "columns"])
@@ -1313,3 +1320,139 @@ def test_a_lossy_codec_after_average_pooling_an_integer_map_applies_to_the_poole
     assert chain.zstd.level == (1 if "kbit" in scheme else 3)
     max_pooled = parse_scheme(scheme.replace("pool:2", "pool:2:max")).for_layer((4, 4, 3), np.dtype(np.int16))
     assert isinstance(max_pooled.array, BytesCodec) and "floating layers only" in max_pooled.note
+
+
+def wide_layer(rng: np.random.Generator, kind: str, rows: int, units: int, dtype: np.dtype) -> np.ndarray:
+    """Per-unit layers the fast paths of wide rows tiles must encode as the search does: units of varied
+    scales and offsets, ReLU zeros, constant units, atoms, levels, values float32 packs into few prefixes."""
+    scale = np.exp(rng.uniform(-4, 4, units))
+    g = rng.standard_normal((rows, units)) * scale + rng.normal(0, 1, units) * scale * rng.integers(0, 2, units)
+    if kind == "relu":
+        g = np.maximum(g, 0)
+    elif kind == "constant":
+        g[:, rng.random(units) < 0.3] = 1.5
+    elif kind == "atoms":
+        g = np.where(rng.random((rows, units)) < 0.3, rng.normal(size=units), g)
+    elif kind == "levels":
+        g = rng.integers(0, 17, (rows, units)) / 16.0
+    elif kind == "narrow":  # exact: edges as learned, found by the branchless search
+        g = 1000 + rng.normal(0, 0.05, (rows, units))
+    elif kind == "epoch":  # float64 beyond float32's resolution: float64 edges
+        g = 1.7e12 + rng.integers(0, 60000, (rows, units)).astype(np.float64)
+    elif kind == "wide-range":
+        g = np.sign(g) * np.exp(rng.uniform(-80, 80, (rows, units)))
+    with np.errstate(over="ignore"):
+        return g.astype(dtype)
+
+
+@pytest.mark.parametrize("kind", ["gauss", "relu", "constant", "atoms", "levels", "narrow", "epoch", "wide-range"])
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_kbit_per_unit_wide_rows_tiles_get_the_codes_of_the_search(kind, dtype) -> None:
+    """Rows tiles of more than MAX_TABLE_UNITS units hold no 64 KiB table per unit: their codes come from
+    the tables cut into shared blocks of 256 prefixes, or (``exact`` codecs) from a branchless search over
+    all units at once, both ~10x faster than a binary search per unit. Each must give the codes of that
+    search (recomputed here from the edges) for every value: NaN payloads of both signs (which truncation
+    to 16 bits can turn into +-inf), +-inf, -0.0, subnormals, values beyond the sample, conv-shaped tiles."""
+    if kind == "epoch" and dtype == np.float32:
+        pytest.skip("float64 values")
+    rng = np.random.default_rng(11)
+    for units, k in ((MAX_TABLE_UNITS + 1, 8), (300, 1), (600, 4), (1000, 8), (1000, 2), (MAX_UNITS, 5)):
+        sample = wide_layer(rng, kind, 200, units, np.dtype(dtype))
+        chain = layer_chain(f"kbit:{k}:unit", sample)
+        codec = chain.array
+        assert codec.per == "unit"
+        if not codec.exact and kind != "wide-range":  # (its edges, spread over 230 factors of 2, span up
+            assert codec._block_tables is not None       # to 115 blocks a unit: over budget, the search)
+        rows = int(rng.integers(1, 40))
+        raw = np.frombuffer(rng.bytes(rows * units * 4), dtype=np.float32).reshape(rows, units)
+        with np.errstate(invalid="ignore"):  # (signalling NaNs)
+            tiles = [sample[rng.integers(0, len(sample), rows)] * rng.choice([1.0, -1.0, 3.0], units),
+                     mixed_floats(rng, (rows, units), np.dtype(dtype)), raw.astype(dtype)]
+        tiles.append(np.broadcast_to(tiles[0][:, None, :], (rows, 3, units)))
+        for tile in tiles:
+            with np.errstate(over="ignore", invalid="ignore"):
+                tile = np.ascontiguousarray(tile, dtype=dtype)
+            spec = TileSpec(tuple(tile.shape), tile.dtype)
+            with np.errstate(over="ignore", invalid="ignore"):  # (signalling NaNs, beyond float32)
+                codes = _unpack_codes(bytes(codec.encode(tile, spec)), k, tile.size).reshape(tile.shape)
+                _, want = kbit_codes(codec, tile, None)
+            assert np.array_equal(codes, want), (kind, units, k)
+
+
+@pytest.mark.parametrize("exact", [False, True])
+def test_kbit_per_unit_wide_rows_tiles_of_any_edges_get_the_codes_of_the_search(exact) -> None:
+    """Edges no fit makes must encode as the search encodes them too: off the 16-bit grid, in every block
+    (beyond the block tables' budget: the search), -inf, -0.0, +inf padding, float64 ones; unsorted or
+    NaN edges (a damaged configuration) keep numpy's search itself."""
+    rng = np.random.default_rng(5)
+    units = 400
+    for case in ("bits", "grid", "padded", "float64", "unsorted", "nan"):
+        for k in (1, 3, 8):
+            n = (1 << k) - 1
+            if case in ("bits", "grid"):
+                e = np.frombuffer(rng.bytes(units * n * 4), dtype=np.float32).reshape(units, n).copy()
+                e[~np.isfinite(e)] = 1.0
+                if case == "grid":
+                    e = (e.view(np.uint32) & np.uint32(0xFFFF0000)).view(np.float32)
+                e.sort(axis=1)
+            elif case == "padded":
+                e = np.sort(rng.standard_normal((units, n)), axis=1).astype(np.float32)
+                e[:, -(n // 2 + 1):] = np.inf
+                e[:, 0] = rng.choice(np.array([-np.inf, -0.0, 0.0], dtype=np.float32), units)
+                e.sort(axis=1)
+            elif case == "float64":
+                e = np.sort(rng.standard_normal((units, n)), axis=1)
+            else:
+                e = rng.standard_normal((units, n)).astype(np.float32)
+                if case == "nan":
+                    e.sort(axis=1)
+                    e[rng.integers(0, units), -1] = np.nan
+            values = np.sort(rng.standard_normal((units, n + 1)), axis=1).astype(np.float32)
+            codec = KBitCodec(k=k, per="unit", edges=e, values=values, exact=exact)
+            for dtype in (np.float32, np.float64):
+                tile = mixed_floats(rng, (int(rng.integers(1, 30)), units), np.dtype(dtype))
+                spec = TileSpec(tuple(tile.shape), tile.dtype)
+                with np.errstate(over="ignore", invalid="ignore"):  # (signalling NaNs, beyond float32)
+                    codes = _unpack_codes(bytes(codec.encode(tile, spec)), k, tile.size).reshape(tile.shape)
+                    _, want = kbit_codes(codec, tile, None)
+                    x = tile.astype(e.dtype) if exact else trunc16(tile)
+                if case in ("unsorted", "nan"):  # numpy's search as it is, one unit at a time
+                    want = np.stack([np.searchsorted(e[u], x[:, u], side="right") for u in range(units)], axis=1)
+                assert np.array_equal(codes, want), (case, k, dtype)
+            if case == "bits" and k == 8 and not exact:
+                assert codec._block_tables is None  # edges in every block: over MAX_BLOCK_BYTES
+
+
+def test_kbit_per_unit_block_tables_stay_small() -> None:
+    """The blocks of 1000 units' tables: a unit's edges span a few blocks of 256 prefixes (a factor of 4
+    each), so a Gaussian or ReLU layer's take a few MiB where whole tables took 62.5 MiB."""
+    rng = np.random.default_rng(2)
+    for kind in ("gauss", "relu"):
+        sample = wide_layer(rng, kind, 600, 1000, np.dtype(np.float32))
+        chain = layer_chain("kbit:4:unit", sample)
+        roundtrip(chain, np.ascontiguousarray(sample[:8]))
+        assert not chain.array.exact and chain.array._block_tables is not None
+        assert encode_table_bytes(chain.array) <= 6 << 20
+
+
+@pytest.mark.parametrize("scheme", ["kbit:8", "kbit:3", "kbit:8:unit", "kbit:1:unit"])
+@pytest.mark.parametrize("kind, dtype", [("narrow", np.float32), ("narrow", np.float64), ("epoch", np.float64)])
+def test_kbit_exact_codecs_search_as_numpy_does(scheme, kind, dtype) -> None:
+    """``exact`` codecs (values too narrow for the 16-bit table; float64 edges) find codes by a branchless
+    search of all tables at once, per layer and per unit, for rows and column tiles: the codes must be
+    ``np.searchsorted``'s, NaN (of either sign) the top one, -0.0 equal to 0.0, +-inf at the ends."""
+    rng = np.random.default_rng(8)
+    sample = wide_layer(rng, kind, 300, 6, np.dtype(dtype))
+    chain = layer_chain(scheme, sample)
+    codec = chain.array
+    assert codec.exact
+    base = sample[rng.integers(0, len(sample), 50)]
+    with np.errstate(invalid="ignore"):
+        specials = mixed_floats(rng, base.shape, np.dtype(dtype))
+    tile = np.where(rng.random(base.shape) < 0.3, specials, base)
+    for part, unit in tiles_of(tile, "rows", 50) + tiles_of(tile, "columns", 50):
+        spec = TileSpec(tuple(part.shape), part.dtype, unit)
+        with np.errstate(over="ignore", invalid="ignore"):
+            codes = _unpack_codes(bytes(codec.encode(part, spec)), codec.k, part.size).reshape(part.shape)
+            _, want = kbit_codes(codec, part, unit)
+        assert np.array_equal(codes, want), unit
