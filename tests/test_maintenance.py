@@ -384,7 +384,7 @@ def test_rm_and_gc_reclaim_the_space_and_keep_the_rest(store, capsys) -> None:
     report = check(path)
     assert report.clean and any("no tile refers to" in note for note in report.reclaimable)
     assert main(["gc", str(path)]) == 0
-    assert "7 chunks; packs: 1 deleted, 0 compacted" in capsys.readouterr().out
+    assert "7 unreferenced chunks dropped from the index; packs: 1 deleted, 0 compacted" in capsys.readouterr().out
     assert store_size(path) < before - 1_000_000
     report = check(path)
     assert report.clean and not report.reclaimable, report.summary()

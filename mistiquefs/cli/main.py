@@ -15,6 +15,8 @@ from pathlib import Path
 from typing import Any
 
 from mistiquefs.errors import MistiqueError
+from mistiquefs.store.describe import format_size
+
 
 def parse_size(text: str) -> int:
     """'512M' -> 536870912; also '2GB', '1.5G', '4096'."""
@@ -107,15 +109,6 @@ def main(argv: list[str] | None = None) -> int:
     except (OSError, sqlite3.Error) as exc:  # a full disk, a permission, a damaged catalog: say which
         print(f"mistiquefs: error: {exc}", file=sys.stderr)
         return 1
-
-
-def format_size(n: float) -> str:
-    """Bytes for people: 512 B, 48.3 kB, 1.5 MB, 2.1 GB (powers of 1000: MB where "0.0 MB" hid a small
-    capture)."""
-    for unit, scale in (("GB", 1e9), ("MB", 1e6), ("kB", 1e3)):
-        if abs(n) >= scale:
-            return f"{n / scale:.1f} {unit}"
-    return f"{int(n)} B"
 
 
 def _print_capture_warnings(original: Callable[..., None]) -> Callable[..., None]:

@@ -8,6 +8,15 @@ from typing import Any
 from mistiquefs.store.records import IntermediateRecord, ModelRecord
 
 
+def format_size(n: float) -> str:
+    """Bytes for people: 512 B, 48.3 kB, 1.5 MB, 2.1 GB (powers of 1000: MB where "0.0 MB" hid a small
+    capture)."""
+    for unit, scale in (("GB", 1e9), ("MB", 1e6), ("kB", 1e3)):
+        if abs(n) >= scale:
+            return f"{n / scale:.1f} {unit}"
+    return f"{int(n)} B"
+
+
 def layer_info(rec: IntermediateRecord) -> dict[str, Any]:
     return {
         "name": rec.name,
