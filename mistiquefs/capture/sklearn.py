@@ -674,18 +674,23 @@ def inputs_from_stored(stored: np.ndarray, model: Any) -> Any:
     return pd.DataFrame(columns)
 
 
+def _input_labels(model: Any) -> list[Any] | None:
+    """The model's input columns: their names where it knows them, else their positions; None where it
+    knows neither."""
+    names = getattr(model, "feature_names_in_", None)
+    if names is not None:
+        return [str(name) for name in names]
+    width = getattr(model, "n_features_in_", None)
+    return list(range(int(width))) if width is not None else None
+
+
 def text_columns(model: Any) -> dict[Any, set[str]]:
     """The input columns ``model`` reads as text, with the strings it was fitted on for each: those an
     encoder (or an imputer) that gets the raw input columns was fitted on strings for, by name where the
     model knows them, else by position. A CSV reader keeps them text ("02134" stays a zip code for a
     OneHotEncoder fitted on strings)."""
-    names = getattr(model, "feature_names_in_", None)
-    width = getattr(model, "n_features_in_", None)
-    if names is not None:
-        labels: list[Any] = [str(name) for name in names]
-    elif width is not None:
-        labels = list(range(int(width)))
-    else:
+    labels = _input_labels(model)
+    if labels is None:
         return {}
     found: dict[Any, set[str]] = {}
     _collect_text(model, labels, found)
@@ -697,13 +702,8 @@ def read_columns(model: Any) -> set[Any] | None:
     them but those every ColumnTransformer on their way drops. A CSV reader checks that these hold what
     the model takes; a dropped column may hold anything (an id beside the features). None where the model
     does not know its columns."""
-    names = getattr(model, "feature_names_in_", None)
-    width = getattr(model, "n_features_in_", None)
-    if names is not None:
-        labels: list[Any] = [str(name) for name in names]
-    elif width is not None:
-        labels = list(range(int(width)))
-    else:
+    labels = _input_labels(model)
+    if labels is None:
         return None
     found: set[Any] = set()
     _collect_read(model, labels, found)
