@@ -284,10 +284,13 @@ def check_kbit(chain: Chain, sample: np.ndarray, values: np.ndarray, layout: str
     lo, hi = np.stack([b[0] for b in bounds]), np.stack([b[1] for b in bounds])
     for tile, unit in tiles_of(values, layout, tile_rows):
         data, out = roundtrip(chain, tile, unit)
-        assert len(data) == -(-tile.size * codec.k // 8)
+        nonfinite = ~np.isfinite(tile)  # kept exactly, after the codes: values, uint32 positions, count
+        patched = int(nonfinite.sum())
+        assert len(data) == -(-tile.size * codec.k // 8) + (patched * (tile.itemsize + 4) + 4 if patched else 0)
         t, code = kbit_codes(codec, tile, unit)
         assert np.all(code < bins)
-        assert same_bits(out, codec.values.astype(tile.dtype)[t, code])
+        assert same_bits(out[~nonfinite], codec.values.astype(tile.dtype)[t, code][~nonfinite])
+        assert out[nonfinite].tobytes() == tile[nonfinite].tobytes()
         # the error bound, for finite values in the sampled range
         x = tile.astype(np.float64)
         with np.errstate(over="ignore"):  # the value as the codes see it (float32, or float64 edges' dtype)
@@ -295,8 +298,8 @@ def check_kbit(chain: Chain, sample: np.ndarray, values: np.ndarray, layout: str
         fin = np.isfinite(x32)
         assert np.all(lo[t, code][fin] <= x32[fin]) and np.all(x32[fin] <= hi[t, code][fin])  # oracle sanity
         inside = fin & (x >= rmin[t]) & (x <= rmax[t])
-        err = np.abs(out.astype(np.float64) - x)
-        with np.errstate(invalid="ignore"):
+        with np.errstate(invalid="ignore"):  # (inf - inf where the tile is infinite, left out below)
+            err = np.abs(out.astype(np.float64) - x)
             slack = np.abs(x - x32) + 1e-12 * np.abs(x)
         full = occupied[t, code]
         bad = inside & full & ~(err <= (hi - lo)[t, code] + slack)
@@ -407,12 +410,15 @@ def test_kbit_few_distinct_values_read_back_exactly(values) -> None:
 
 
 @pytest.mark.parametrize("distinct", [[0.0, 1.0, 2.0], [5.0]], ids=["three", "one"])
-def test_kbit_nan_and_inf_read_as_the_top_and_bottom_values(distinct) -> None:
+def test_kbit_nan_and_inf_read_back_as_themselves(distinct) -> None:
+    """NaN and +-inf read back exactly (they read as the top and bottom bins' values, hiding a model's NaN);
+    they follow the codes: their values, their positions (uint32) and their count (uint32)."""
     sample = np.array(distinct * 4, dtype=np.float32).reshape(-1, 1)
     chain = layer_chain("kbit:8", sample)
     tile = np.array([np.inf, np.nan, -np.inf], dtype=np.float32).reshape(-1, 1)
-    _, out = roundtrip(chain, tile)
-    assert out.reshape(-1).tolist() == [max(distinct), max(distinct), min(distinct)]
+    data, out = roundtrip(chain, tile)
+    assert out.tobytes() == tile.tobytes()
+    assert data[3:] == tile.tobytes() + np.array([0, 1, 2, 3], dtype="<u4").tobytes()
 
 
 def test_kbit_error_within_the_bin_of_a_sample_empty_bin() -> None:
@@ -1456,3 +1462,222 @@ def test_kbit_exact_codecs_search_as_numpy_does(scheme, kind, dtype) -> None:
             codes = _unpack_codes(bytes(codec.encode(part, spec)), codec.k, part.size).reshape(part.shape)
             _, want = kbit_codes(codec, part, unit)
         assert np.array_equal(codes, want), unit
+
+
+# ------------------------------------------------------------------ kbit: non-finite values kept exactly
+
+#: NaNs of either sign, quiet and signalling, with payloads; and the infinities
+NONFINITE_BITS = {
+    np.dtype(np.float32): ("<u4", [0x7FC00000, 0xFFC00000, 0x7FC00123, 0xFFD0BEEF, 0x7F800001, 0x7F800000,
+                                   0xFF800000]),
+    np.dtype(np.float64): ("<u8", [0x7FF8000000000000, 0xFFF8000000000000, 0x7FF8000000000123,
+                                   0xFFFABCDEF0123456, 0x7FF0000000000001, 0x7FF0000000000000,
+                                   0xFFF0000000000000]),
+    np.dtype(np.float16): ("<u2", [0x7E00, 0xFE00, 0x7E01, 0xFD23, 0x7C01, 0x7C00, 0xFC00]),
+}
+
+
+def nonfinite_values(dtype: np.dtype) -> np.ndarray:
+    bits, patterns = NONFINITE_BITS[np.dtype(dtype)]
+    return np.array(patterns, dtype=bits).view(dtype)
+
+
+def with_nonfinite(rng: np.random.Generator, x: np.ndarray, tile_rows: int, share: float = 0.05) -> np.ndarray:
+    """``x`` with the non-finite values of ``nonfinite_values`` at the first and last value of every block
+    of ``tile_rows`` rows, at the first and last unit of a row, and at random."""
+    out = x.copy()
+    flat = out.reshape(-1)
+    specials = nonfinite_values(x.dtype)
+    per_row = flat.size // len(x) if len(x) else 0
+    where = [0, flat.size - 1, per_row - 1, per_row]
+    for start in range(0, len(x), tile_rows):
+        stop = min(start + tile_rows, len(x))
+        where += [start * per_row, stop * per_row - 1, stop * per_row - 2]
+    where += list(rng.integers(0, flat.size, max(1, int(flat.size * share))))
+    where = np.array([w for w in where if 0 <= w < flat.size])
+    flat[where] = specials[np.arange(len(where)) % len(specials)]
+    return out
+
+
+def check_nonfinite_roundtrip(chain: Chain, x: np.ndarray, layout: str, tile_rows: int) -> None:
+    """Every tile of ``x``: its non-finite values read back bit for bit, every other value as the tile with
+    only its finite values decodes it; lazily (where per layer) and eagerly alike."""
+    codec = chain.array
+    for tile, unit in tiles_of(x, layout, tile_rows):
+        spec = TileSpec(tuple(tile.shape), tile.dtype, unit)
+        data = bytes(chain.encode(tile, spec))
+        bad = ~np.isfinite(tile)
+        packed = -(-tile.size * codec.k // 8)
+        n = int(bad.sum())
+        assert len(data) == packed + (n * (tile.itemsize + 4) + 4 if n else 0)
+        out = chain.decode(data, spec)
+        assert out.shape == tile.shape and out.dtype == tile.dtype
+        assert out[bad].tobytes() == tile[bad].tobytes()
+        finite_only = np.where(bad, np.zeros((), tile.dtype), tile)
+        plain = chain.decode(bytes(chain.encode(finite_only, spec)), spec)
+        assert out[~bad].tobytes() == plain[~bad].tobytes()
+        lazy = chain.decode_lazy(data, spec)
+        if lazy is not None:
+            assert lazy.array().tobytes() == out.tobytes()
+            whole = bytearray(lazy.size)
+            lazy.render(0, lazy.size, memoryview(whole))
+            assert bytes(whole) == out.tobytes()
+            assert lazy.nbytes == tile.size + n * (tile.itemsize + np.dtype(np.intp).itemsize)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("layout", ["rows", "columns"])
+@pytest.mark.parametrize("per", ["layer", "unit"])
+@pytest.mark.parametrize("k", range(1, 9))
+def test_kbit_keeps_nan_and_inf_exactly(k, per, layout, dtype) -> None:
+    """NaN (both signs, payloads, signalling) and +-inf read back bit for bit: they read as the top and
+    bottom bins' values, so a model's NaN activations could not be found in a kbit layer. At tile starts
+    and ends, per layer and per unit, rows and column tiles, every K, float32 and float64."""
+    rng = np.random.default_rng(k * 7 + (per == "unit") * 3 + (layout == "rows") + (dtype == np.float64) * 100)
+    shape = (23, 4) if layout == "columns" else (23, 3, 4)
+    x = layer_values(rng, "normal", shape, np.dtype(dtype))
+    chain = layer_chain(f"kbit:{k}" + (":unit" if per == "unit" else ""), x)
+    check_nonfinite_roundtrip(chain, with_nonfinite(rng, x, 8), layout, 8)
+
+
+@pytest.mark.parametrize("scheme", ["kbit:8", "kbit:3", "kbit:8:unit", "kbit:4:unit"])
+@pytest.mark.parametrize("kind", ["narrow", "discrete"])
+def test_kbit_keeps_nan_and_inf_exactly_in_searched_layers(scheme, kind) -> None:
+    """The binary-search encodings (values too narrow for the 16-bit table, exact distinct values) and
+    float64 edges keep them too."""
+    rng = np.random.default_rng(len(scheme) + len(kind))
+    for dtype in (np.float32, np.float64):
+        x = layer_values(rng, kind, (40, 5), np.dtype(dtype))
+        chain = layer_chain(scheme, x)
+        check_nonfinite_roundtrip(chain, with_nonfinite(rng, x, 16), "rows", 16)
+        check_nonfinite_roundtrip(chain, with_nonfinite(rng, x, 16), "columns", 16)
+    huge = np.concatenate([rng.standard_normal(200), [1e40, -1e40]]).reshape(-1, 2)  # float64 edges
+    chain = layer_chain(scheme, huge)
+    assert chain.array.exact and chain.array.edges.dtype == np.float64
+    check_nonfinite_roundtrip(chain, with_nonfinite(rng, huge, 32), "rows", 32)
+
+
+def test_kbit_keeps_nan_and_inf_in_wide_per_unit_tiles() -> None:
+    """Rows tiles of more than MAX_TABLE_UNITS units (block tables) and a per-unit table codec."""
+    rng = np.random.default_rng(9)
+    x = rng.standard_normal((12, MAX_TABLE_UNITS + 8)).astype(np.float32)
+    chain = layer_chain("kbit:8:unit", x)
+    assert chain.array._block_tables is not None
+    check_nonfinite_roundtrip(chain, with_nonfinite(rng, x, 5), "rows", 5)
+
+
+@pytest.mark.parametrize("single_below", [0, 1 << 30])
+@pytest.mark.parametrize("dtype", [np.float16, np.float32])
+def test_a_lazy_kbit_tile_writes_nonfinite_values_at_every_alignment(monkeypatch, dtype, single_below) -> None:
+    """A lazy tile writes the non-finite values over the looked-up ones in any byte range: ranges that
+    start or end inside such a value, next to one, between two adjacent ones, or hold none."""
+    from mistiquefs.codecs import quantize
+
+    monkeypatch.setattr(quantize, "SINGLE_RENDER_BYTES", single_below)
+    rng = np.random.default_rng(4)
+    x = rng.standard_normal((6, 5)).astype(dtype)
+    chain = parse_scheme("kbit:8").fit(x, 5)
+    y = x.copy().reshape(-1)
+    specials = nonfinite_values(np.dtype(dtype))
+    for i, at in enumerate([0, 1, 7, 8, 9, 16, 28, 29]):
+        y[at] = specials[i % len(specials)]
+    y = y.reshape(x.shape)
+    spec = TileSpec(y.shape, np.dtype(dtype))
+    encoded = bytes(chain.encode(y, spec))
+    expected = chain.decode(encoded, spec).tobytes()
+    assert np.frombuffer(expected, dtype=dtype).tobytes() != chain.decode(
+        bytes(chain.encode(x, spec)), spec).tobytes()
+    assert expected[:2 * y.itemsize] == y.tobytes()[:2 * y.itemsize]
+    tile = chain.decode_lazy(encoded, spec)
+    for lo in range(0, tile.size + 1):
+        for hi in range(lo, tile.size + 1):
+            out = bytearray(b"\xee" * (hi - lo + 2))
+            tile.render(lo, hi, memoryview(out)[1:1 + hi - lo])
+            assert bytes(out[1:1 + hi - lo]) == expected[lo:hi], (lo, hi)
+            assert out[0] == out[-1] == 0xEE
+
+
+@pytest.mark.parametrize("scheme", ["kbit:8", "kbit:3", "kbit:8:unit"])
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_a_kbit_chunk_with_a_damaged_trailer_does_not_decode(scheme, dtype) -> None:
+    """Bytes after the codes must be a whole trailer: cut short, grown, or holding positions out of order
+    or beyond the tile, they raise ValueError (which a read turns into CorruptChunk, EIO)."""
+    rng = np.random.default_rng(1)
+    x = rng.standard_normal((10, 3)).astype(dtype)
+    chain = layer_chain(scheme, x)
+    y = x.copy()
+    y[0, 0], y[4, 1], y[9, 2] = np.nan, np.inf, -np.inf
+    spec = TileSpec(y.shape, y.dtype)
+    data = bytes(chain.encode(y, spec))
+    packed = -(-y.size * chain.array.k // 8)
+    itemsize = y.itemsize
+    assert len(data) == packed + 3 * (itemsize + 4) + 4
+
+    def decodes(raw: bytes) -> None:
+        chain.decode(raw, spec)
+        lazy = chain.decode_lazy(raw, spec)
+        if lazy is not None:
+            lazy.array()
+
+    decodes(data)
+    decodes(data[:packed])  # the codes alone: a chunk without non-finite values
+    bad = [data[:cut] for cut in range(packed + 1, len(data))] + [data[:packed - 1]]
+    bad += [data + b"\0" * extra for extra in (1, 4, itemsize + 4)]
+    bad += [data[:packed] + b"\0" * extra for extra in (1, 4)]  # a count of 0
+    positions = packed + 3 * itemsize
+    for where in ([4, 0, 29], [0, 13, 13], [0, 13, 30], [0, 13, 2**32 - 1]):
+        bad.append(data[:positions] + np.array(where, dtype="<u4").tobytes() + data[-4:])
+    for raw in bad:
+        with pytest.raises(ValueError):
+            decodes(raw)
+
+
+def pack_oracle(codes: np.ndarray, k: int) -> bytes:
+    """K-bit codes packed as the format has always been: K = 8 a byte each; K = 1, 2, 4 first code in the
+    lowest bits; K = 3, 5, 6, 7 code after code, most significant bit first."""
+    codes = np.asarray(codes, dtype=np.uint8).reshape(-1)
+    if k == 8:
+        return codes.tobytes()
+    if 8 % k == 0:
+        per = 8 // k
+        padded = np.zeros(-(-len(codes) // per) * per, dtype=np.uint16)
+        padded[:len(codes)] = codes
+        return (padded.reshape(-1, per) << (np.arange(per) * k)).sum(axis=1).astype(np.uint8).tobytes()
+    bits = np.unpackbits(codes[:, None], axis=1)[:, 8 - k:]
+    return np.packbits(bits.reshape(-1)).tobytes()
+
+
+@pytest.mark.parametrize("layout", ["rows", "columns"])
+@pytest.mark.parametrize("per", ["layer", "unit"])
+@pytest.mark.parametrize("k", range(1, 9))
+def test_kbit_all_finite_tiles_encode_to_the_same_bytes_as_before(k, per, layout) -> None:
+    """A tile without non-finite values gets no trailer: its bytes are its packed codes, as before, so
+    stores and chunk ids of finite data do not change (a regression guard: it passed before too)."""
+    rng = np.random.default_rng(k + 50)
+    shape = (21, 5) if layout == "columns" else (21, 2, 5)
+    x = layer_values(rng, "lognormal", shape, np.dtype(np.float32))
+    chain = layer_chain(f"kbit:{k}" + (":unit" if per == "unit" else ""), x)
+    for tile, unit in tiles_of(x * 1.5, layout, 8):
+        data = bytes(chain.encode(tile, TileSpec(tuple(tile.shape), tile.dtype, unit)))
+        assert data == pack_oracle(kbit_codes(chain.array, tile, unit)[1], k)
+
+
+def unpack_oracle(data: bytes, k: int, count: int) -> np.ndarray:
+    """Codes of K = 3, 5, 6, 7 bits read bit by bit (what ``_unpack_codes`` did through np.unpackbits)."""
+    bits = np.unpackbits(np.frombuffer(data, dtype=np.uint8), count=count * k).reshape(count, k)
+    padded = np.zeros((count, 8), dtype=np.uint8)
+    padded[:, 8 - k:] = bits
+    return np.packbits(padded, axis=1).reshape(-1)
+
+
+@pytest.mark.parametrize("k", [3, 5, 6, 7])
+def test_unpack_codes_of_bit_planes_reads_every_count(k) -> None:
+    """K = 3, 5, 6, 7 codes are read 8 at a time from k bytes (a guard of an equivalent rewrite: any bytes,
+    every count of a partial last group)."""
+    rng = np.random.default_rng(k)
+    for count in [*range(0, 40), 1001, 4099]:
+        data = rng.bytes(-(-count * k // 8))
+        got = _unpack_codes(data, k, count)
+        assert got.dtype == np.uint8 and np.array_equal(got, unpack_oracle(data, k, count)), count
+        codes = rng.integers(0, 1 << k, count).astype(np.uint8)
+        assert np.array_equal(_unpack_codes(pack_oracle(codes, k), k, count), codes)

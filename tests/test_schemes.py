@@ -439,3 +439,112 @@ def test_an_integer_map_pooled_then_float16_stores_the_summary_as_float16(tmp_pa
     want = PoolCodec(2).summarize(x)
     assert got.dtype == np.float64 and np.array_equal(got, want.astype(np.float16).astype(np.float64))
     repo.close()
+
+
+# ------------------------------------------------------------------- non-finite values under kbit
+
+def check_nonfinite_layer(got: np.ndarray, want: np.ndarray, codec_json: list, fidelity: dict, *,
+                          columns: bool) -> None:
+    """``got`` (a kbit layer as read) holds ``want``'s NaN and +-inf at their places, bit for bit, and its
+    dequantized values elsewhere; info.json's fidelity figures are finite and match a recomputation in
+    which an equal non-finite value is exact (counted in ``nonfinite``, left out of the error figures)."""
+    bad = ~np.isfinite(want)
+    assert bad.any()
+    assert got.dtype == want.dtype and got.shape == want.shape
+    assert np.array_equal(~np.isfinite(got), bad)
+    assert got[bad].tobytes() == want[bad].tobytes()
+    assert got.tobytes() == decoded(codec_json, want, columns=columns).tobytes()
+    finite = want[~bad].astype(np.float64)
+    err = got[~bad].astype(np.float64) - finite
+    rmse = math.sqrt(float(np.mean(err ** 2)))
+    assert fidelity["exact"] is False
+    assert fidelity["values"] == finite.size and fidelity["nonfinite"] == int(bad.sum())
+    assert fidelity["overflowed"] == 0
+    for key in ("max_abs_error", "rmse", "rmse_over_std", "std"):
+        assert isinstance(fidelity[key], float) and math.isfinite(fidelity[key]), key
+    assert fidelity["max_abs_error"] == pytest.approx(float(np.abs(err).max()), rel=1e-5)
+    assert fidelity["rmse"] == pytest.approx(rmse, rel=1e-4)
+    assert fidelity["std"] == pytest.approx(float(finite.std()), rel=1e-4)
+    assert fidelity["rmse_over_std"] == pytest.approx(rmse / float(finite.std()), rel=1e-4)
+    json.loads(json.dumps(fidelity, allow_nan=False))
+
+
+@pytest.mark.parametrize("scheme", ["kbit:8", "kbit:8:unit", "kbit:2"])
+def test_nan_and_inf_of_a_pipeline_read_back_from_kbit_layers(tmp_path: Path, mount, scheme: str) -> None:
+    """A scaler before a log (NaN of missing inputs and of negative values, -inf of zeros, +inf negated):
+    kbit layers read them back as the plain values of the top and bottom bins, so a user looking for the
+    NaN found none. Now read in process and through the mount, they are where the model put them."""
+    import warnings
+
+    from sklearn.pipeline import make_pipeline
+    from sklearn.preprocessing import FunctionTransformer
+
+    rng = np.random.default_rng(0)
+    n = 20000  # three blocks of 8192 rows: NaN at block starts and ends
+    x = np.stack([rng.uniform(0.5, 2, n), rng.standard_normal(n), rng.uniform(0, 1, n)], axis=1).astype(np.float32)
+    x[rng.random(n) < 0.01, 2] = 0
+    x[[0, 8191, 8192, 16383, n - 1], 0] = np.nan
+    pipe = make_pipeline(StandardScaler(with_mean=False), FunctionTransformer(np.log),
+                         FunctionTransformer(np.negative)).fit(x)
+    with np.errstate(all="ignore"):
+        expected = {"standardscaler": pipe[:1].transform(x), "functiontransformer-1": pipe[:2].transform(x),
+                    "functiontransformer-2": pipe.transform(x)}
+    kinds = [np.concatenate([f(v).reshape(-1) for v in expected.values()]).any()
+             for f in (np.isnan, np.isposinf, np.isneginf)]
+    assert all(kinds)
+    path = tmp_path / "s"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)  # the model's own log of negative values
+        with mistiquefs.open_store(path) as store:
+            store.capture(pipe, x, name="p", schemes={"*": scheme}, progress=False)
+    with mistiquefs.open_store(path) as store:
+        infos = {layer: store.info("p", layer) for layer in expected}
+        for layer, want in expected.items():
+            info = infos[layer]
+            assert info["scheme"].startswith(scheme + "+"), layer
+            check_nonfinite_layer(store.read("p", layer), want, info["codec"], info["fidelity"], columns=True)
+        assert np.array_equal(store.read("p", "input"), x, equal_nan=True)
+    mnt = mount(path)
+    for layer, want in expected.items():
+        layer_info = json.loads((mnt / "p" / layer / "info.json").read_text())
+        assert layer_info["fidelity"] == infos[layer]["fidelity"]
+        got = np.load(mnt / "p" / layer / "all.npy")
+        check_nonfinite_layer(got, want, layer_info["codec"], layer_info["fidelity"], columns=True)
+        for j in range(3):
+            assert np.load(mnt / "p" / layer / "columns" / f"{j}.npy").tobytes() == got[:, j].tobytes()
+        for i in (0, 8191, 8192, n - 1):
+            assert np.load(mnt / "p" / layer / f"{i}.npy").tobytes() == got[i].tobytes()
+
+
+@pytest.mark.keras
+@pytest.mark.parametrize("scheme", ["kbit:8", "kbit:8:unit"])
+def test_nan_and_inf_of_a_keras_model_read_back_from_kbit_layers(tmp_path: Path, mount, scheme: str) -> None:
+    """Dense(8) -> Dense(3) on inputs with NaN and +-inf: rows tiles, read per layer two codes at a time
+    (the lazy tiles a mount renders), keep the model's NaN and infinities."""
+    keras = pytest.importorskip("keras")
+    keras.utils.set_random_seed(3)
+    rng = np.random.default_rng(3)
+    x = rng.standard_normal((600, 4)).astype(np.float32)
+    x[[0, 1, 299, 599], 1] = np.nan
+    x[[5, 300, 598], 2] = np.inf
+    x[[7, 301], 3] = -np.inf
+    inputs = keras.Input((4,))
+    hidden = keras.layers.Dense(8, name="hidden")(inputs)
+    model = keras.Model(inputs, keras.layers.Dense(3, name="out")(hidden))
+    probe = keras.Model(model.inputs, [model.get_layer("hidden").output, model.output])
+    expected = dict(zip(("hidden", "out"), (np.asarray(v) for v in probe(x, training=False))))
+    assert all(np.concatenate([f(v).reshape(-1) for v in expected.values()]).any()
+               for f in (np.isnan, np.isposinf, np.isneginf))
+    path = tmp_path / "s"
+    with mistiquefs.open_store(path) as store:
+        store.capture(model, x, name="m", batch_size=128, schemes={"*": scheme}, progress=False)
+        for layer, want in expected.items():
+            info = store.info("m", layer)
+            check_nonfinite_layer(store.read("m", layer), want, info["codec"], info["fidelity"], columns=False)
+    mnt = mount(path)
+    for layer, want in expected.items():
+        layer_info = json.loads((mnt / "m" / layer / "info.json").read_text())
+        got = np.load(mnt / "m" / layer / "all.npy")
+        check_nonfinite_layer(got, want, layer_info["codec"], layer_info["fidelity"], columns=False)
+        for i in (0, 5, 7, 299, 300, 599):
+            assert np.load(mnt / "m" / layer / f"{i}.npy").tobytes() == got[i].tobytes(), (layer, i)

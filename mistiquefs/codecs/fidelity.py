@@ -2,7 +2,8 @@
 
 ``info.json`` shows, for a lossy layer: ``max_abs_error`` and ``rmse`` over the finite values,
 ``rmse_over_std`` (RMSE relative to the standard deviation of the layer's values; null when that is 0
-and the error is not), ``nonfinite`` (values with no finite original, which lossy codecs clamp) and
+and the error is not), ``nonfinite`` (values with no finite original: ``float16`` and ``kbit`` keep them
+exactly, ``threshold`` reads them as 0/1; either way they are not errors to average) and
 ``overflowed`` (finite values the codec made infinite, e.g. 1e5 under float16); both are left out of the
 other figures, so every figure is a finite number (or null) and the JSON stays valid. ``rmse_over_std`` is
 also null when no value was measured (``values`` 0: an empty layer, or every value overflowed) or when the

@@ -37,13 +37,22 @@ codecs') run branchless over all units of a tile at once (``_unit_search``), 3-4
 ``numpy.searchsorted``, unless edges are unsorted (a damaged configuration: numpy's search as it is).
 Decoding is a 2^K-entry table lookup.
 
-Non-finite values have no bin: NaN and +Inf read as the top bin's value, -Inf as the bottom one's;
-``float16`` keeps them (and turns values beyond +-65504 into +-Inf). The fidelity figures in
-``info.json`` count such values instead of letting them poison the error statistics.
+Non-finite values have no bin (NaN and +Inf get the top code, -Inf the bottom one), so they are kept
+exactly as exceptions after the codes: a tile that holds any is encoded as its packed codes
+(``ceil(count * K / 8)`` bytes), then a trailer of its non-finite values' bytes in the layer's dtype
+(little-endian, as they were: NaN signs and payloads kept), their flat positions in the tile (increasing,
+little-endian uint32) and their count (little-endian uint32, the last 4 bytes). Decoding writes them over
+the codes' values; bytes after the codes that are not exactly such a trailer are a ValueError (a corrupt
+chunk). A tile of finite values has no trailer: its bytes are what they always were. The check costs one
+BLAS dot product of the tile with itself (``_all_finite``: 0.5-0.8 ms per 8 MiB of float32, against 5-7
+ms of encoding). ``float16`` keeps them as well (and turns values beyond +-65504 into +-Inf); ``threshold``
+reads NaN and -Inf as 0, +Inf as 1. The fidelity figures in ``info.json`` count non-finite values
+(``nonfinite``) and leave them out of the error statistics.
 """
 
 from __future__ import annotations
 
+import math
 import threading
 from collections import OrderedDict
 from dataclasses import dataclass
@@ -91,8 +100,8 @@ def _floating(dtype: np.dtype) -> bool:
 
 
 def _as_f32(tile: np.ndarray) -> np.ndarray:
-    if tile.dtype.itemsize > 4:  # float64 beyond float32's range: +-inf, the top or bottom bin (no warning)
-        with np.errstate(over="ignore"):
+    if tile.dtype.itemsize > 4:  # float64 beyond float32's range: +-inf, the top or bottom bin (no warning;
+        with np.errstate(over="ignore", invalid="ignore"):  # nor for a signalling NaN: patched, see encode)
             return np.ascontiguousarray(tile, dtype=np.float32)
     return np.ascontiguousarray(tile, dtype=np.float32)
 
@@ -371,10 +380,91 @@ def _unpack_codes(data: bytes | memoryview, k: int, count: int) -> np.ndarray:
         per_byte = 8 // k
         shifts = (np.arange(per_byte, dtype=np.uint8) * k)
         return ((raw[:, None] >> shifts) & np.uint8((1 << k) - 1)).reshape(-1)[:count]
-    bits = np.unpackbits(raw, count=count * k).reshape(count, k)
-    padded = np.zeros((count, 8), dtype=np.uint8)
-    padded[:, 8 - k:] = bits
-    return np.packbits(padded, axis=1).reshape(-1)
+    # bit planes (_pack_codes): every k bytes hold 8 codes, read as one big-endian integer, not through
+    # np.unpackbits (one byte per bit: 8 MiB of float32 at k = 3 decoded in ~110 ms; same codes)
+    groups = -(-count // 8)
+    words = np.zeros((groups, 8), dtype=np.uint8)
+    used = raw[:_packed_length(count, k)]
+    whole = len(used) // k
+    words[:whole, 8 - k:] = used[:whole * k].reshape(-1, k)
+    if whole < groups:  # the last group's bytes, short of k
+        words[whole, 8 - k:8 - k + len(used) - whole * k] = used[whole * k:]
+    word = words.reshape(-1).view(">u8").astype(np.uint64)
+    codes = np.empty((groups, 8), dtype=np.uint8)
+    mask = np.uint64((1 << k) - 1)
+    for i in range(8):
+        codes[:, i] = (word >> np.uint64(k * (7 - i))) & mask
+    return codes.reshape(-1)[:count]
+
+
+
+#: a patch trailer's count and positions are uint32: a tile holds fewer values (a ~1 MiB chunk)
+MAX_PATCHED_VALUES = (1 << 32) - 1
+_U32 = np.dtype("<u4")
+
+
+def _packed_length(count: int, k: int) -> int:
+    """Bytes of ``count`` codes of ``k`` bits (``_pack_codes``)."""
+    return -(-count * k // 8)
+
+
+def _all_finite(flat: np.ndarray) -> bool:
+    """Whether every value of the 1-D floating ``flat`` is finite. A dot product of the values with
+    themselves is finite only if they all are (NaN and +-inf make it NaN or inf): one BLAS pass, no
+    temporary, faster than ``np.isfinite(x).all()`` (8 MiB of float32: 0.5-0.8 vs 0.7-0.9 ms). A sum of squares
+    that overflows (values beyond ~1e19 in float32) is checked again value by value; float16 (no BLAS
+    kernel, squares overflow at 256) is checked by value."""
+    if not len(flat):
+        return True
+    if flat.dtype.itemsize >= 4:
+        with np.errstate(over="ignore", invalid="ignore"):
+            if math.isfinite(float(np.dot(flat, flat))):
+                return True
+    return bool(np.isfinite(flat).all())
+
+
+def _nonfinite_trailer(tile: np.ndarray, dtype: np.dtype) -> bytes | None:
+    """The patches of ``tile``'s non-finite values, to follow its packed codes (module docstring): their
+    values in ``dtype`` (little-endian, their bits as they are: NaN payloads and signs kept), their flat
+    positions as little-endian uint32, their count as a little-endian uint32. None if all are finite."""
+    flat = tile.reshape(-1)
+    if _all_finite(flat):
+        return None
+    if len(flat) > MAX_PATCHED_VALUES:
+        raise ValueError(f"a kbit tile of {len(flat)} values: patch positions are uint32")
+    where = np.flatnonzero(~np.isfinite(flat))
+    values = flat[where].astype(np.dtype(dtype).newbyteorder("<"))  # (same dtype: a copy of the bits)
+    return (values.tobytes() + where.astype(_U32).tobytes()
+            + np.array([len(where)], dtype=_U32).tobytes())
+
+
+def _split_patches(data: bytes | memoryview, count: int, k: int,
+                   dtype: np.dtype) -> tuple[bytes | memoryview | np.ndarray, tuple[np.ndarray, np.ndarray] | None]:
+    """``(codes bytes, patches)`` of a kbit chunk of ``count`` values: patches are None, or (sorted flat
+    positions, values in ``dtype``) of the non-finite values its trailer holds. ValueError for bytes
+    that are too short, or a trailer whose length or positions do not fit."""
+    raw = np.frombuffer(data, dtype=np.uint8)
+    packed = _packed_length(count, k)
+    extra = len(raw) - packed
+    if extra == 0:
+        return data, None
+    if extra < 0:
+        raise ValueError(f"{len(raw)} bytes hold fewer than {count} codes of {k} bits ({packed} bytes)")
+    dtype = np.dtype(dtype)
+    n = int.from_bytes(raw[-4:].tobytes(), "little") if extra >= 4 else 0
+    if n == 0 or extra != 4 + n * (dtype.itemsize + 4):
+        raise ValueError(f"{extra} bytes after {count} codes of {k} bits are no trailer of non-finite values"
+                         f" (count {n})")
+    values = np.frombuffer(raw, dtype=dtype.newbyteorder("<"), count=n, offset=packed).astype(dtype)
+    where = np.frombuffer(raw, dtype=_U32, count=n, offset=packed + n * dtype.itemsize).astype(np.intp)
+    if where[-1] >= count or (n > 1 and not bool(np.all(where[1:] > where[:-1]))):
+        raise ValueError(f"the positions of a kbit tile's {n} non-finite values are not increasing, below {count}")
+    return raw[:packed], (where, values)
+
+
+def _apply_patches(flat: np.ndarray, patches: tuple[np.ndarray, np.ndarray] | None) -> None:
+    if patches is not None:
+        flat[patches[0]] = patches[1]
 
 
 #: per value size, the unsigned type holding two values: what a pair table's entries are copied as
@@ -427,13 +517,16 @@ def _decode_pairs(pairs: np.ndarray, codes: np.ndarray, dtype: np.dtype) -> np.n
 
 
 class PairTile(LazyTile):
-    """A per-layer kbit tile kept as its codes (one byte each), values looked up as they are read."""
+    """A per-layer kbit tile kept as its codes (one byte each), values looked up as they are read; its
+    non-finite values (``patches``: sorted flat positions, values) are written over them."""
 
-    def __init__(self, pairs: tuple[bytes, str], codes: np.ndarray, spec: TileSpec) -> None:
+    def __init__(self, pairs: tuple[bytes, str], codes: np.ndarray, spec: TileSpec,
+                 patches: tuple[np.ndarray, np.ndarray] | None = None) -> None:
         self._pairs, self._codes, self._spec = pairs, codes, spec  # (the pair table's key: pair_table)
         self._itemsize = spec.dtype.itemsize
+        self._patches = patches
         self.size = len(codes) * self._itemsize
-        self.nbytes = codes.nbytes
+        self.nbytes = codes.nbytes + (patches[0].nbytes + patches[1].nbytes if patches is not None else 0)
 
     def render(self, lo: int, hi: int, out: memoryview) -> None:
         size, step = self._itemsize, 2 * self._itemsize
@@ -443,24 +536,52 @@ class PairTile(LazyTile):
             values = np.take(single, self._codes[first:-(-hi // size)], mode="wrap")
             skip = lo - first * size
             out[:hi - lo] = values.view(np.uint8)[skip:skip + hi - lo]
+        else:
+            pairs = pair_table(self._pairs)
+            # the whole pairs inside [lo, hi) go straight from the pair table into out; at most one partial
+            # value pair at either end goes through a small array
+            a = min(-(-lo // step) * step, hi)
+            b = max(hi // step * step, a)
+            if a < b:
+                np.take(pairs, self._codes[a // size:b // size].view("<u2"), mode="wrap",
+                        out=np.frombuffer(out, dtype=pairs.dtype, count=(b - a) // step, offset=a - lo))
+            for start, stop in ((lo, a), (b, hi)):
+                if start < stop:
+                    first = start // size
+                    values = _decode_pairs(pairs, self._codes[first:-(-stop // size)], self._spec.dtype)
+                    skip = start - first * size
+                    out[start - lo:stop - lo] = values.view(np.uint8)[skip:skip + stop - start]
+        if self._patches is not None:
+            self._patch(lo, hi, out)
+
+    def _patch(self, lo: int, hi: int, out: memoryview) -> None:
+        """The non-finite values' bytes that fall in ``[lo, hi)`` written over the looked-up ones (a value
+        cut by ``lo`` or ``hi`` in part)."""
+        if hi <= lo:
             return
-        pairs = pair_table(self._pairs)
-        # the whole pairs inside [lo, hi) go straight from the pair table into out; at most one partial
-        # value pair at either end goes through a small array
-        a = min(-(-lo // step) * step, hi)
-        b = max(hi // step * step, a)
-        if a < b:
-            np.take(pairs, self._codes[a // size:b // size].view("<u2"), mode="wrap",
-                    out=np.frombuffer(out, dtype=pairs.dtype, count=(b - a) // step, offset=a - lo))
-        for start, stop in ((lo, a), (b, hi)):
-            if start < stop:
-                first = start // size
-                values = _decode_pairs(pairs, self._codes[first:-(-stop // size)], self._spec.dtype)
-                skip = start - first * size
-                out[start - lo:stop - lo] = values.view(np.uint8)[skip:skip + stop - start]
+        where, values = self._patches  # type: ignore[misc]
+        size = self._itemsize
+        i, j = np.searchsorted(where, (lo // size, (hi - 1) // size + 1))
+        if i == j:
+            return
+        raw = values.view(np.uint8).reshape(-1, size)
+        target = np.frombuffer(out, dtype=np.uint8, count=hi - lo)
+        # a value cut by lo or hi byte by byte, the others whole
+        i, j = int(i), int(j)
+        cut_first, cut_last = int(where[i]) * size < lo, (int(where[j - 1]) + 1) * size > hi
+        cut = ([i] if cut_first else []) + ([j - 1] if cut_last and not (cut_first and j - 1 == i) else [])
+        for at in cut:
+            start = int(where[at]) * size
+            a, b = max(start, lo), min(start + size, hi)
+            target[a - lo:b - lo] = raw[at, a - start:b - start]
+        whole = slice(i + cut_first, j - cut_last)
+        if whole.start < whole.stop:
+            target[(where[whole] * size - lo)[:, None] + np.arange(size)] = raw[whole]
 
     def array(self) -> np.ndarray:
-        return _decode_pairs(pair_table(self._pairs), self._codes, self._spec.dtype).reshape(self._spec.shape)
+        out = _decode_pairs(pair_table(self._pairs), self._codes, self._spec.dtype)
+        _apply_patches(out, self._patches)
+        return out.reshape(self._spec.shape)
 
 
 @dataclass(frozen=True, eq=False)
@@ -627,6 +748,12 @@ class KBitCodec(ArrayCodec):
         return spec.unit is None and len(self._fitted()[0]) <= MAX_TABLE_UNITS
 
     def encode(self, tile: np.ndarray, spec: TileSpec) -> bytes | memoryview:
+        """The packed codes, then, if the tile holds non-finite values, their patches (module docstring)."""
+        codes = self._encode_codes(tile, spec)
+        trailer = _nonfinite_trailer(tile, spec.dtype)
+        return codes if trailer is None else bytes(codes) + trailer
+
+    def _encode_codes(self, tile: np.ndarray, spec: TileSpec) -> bytes | memoryview:
         if self.exact:
             edges, _ = self._fitted()
             x = np.ascontiguousarray(tile, dtype=np.float64) if edges.dtype == np.float64 else _as_f32(tile)
@@ -683,6 +810,7 @@ class KBitCodec(ArrayCodec):
         if lazy is not None:
             return lazy.array()
         _, values = self._fitted()
+        data, patches = _split_patches(data, spec.count, self.k, spec.dtype)
         codes = _unpack_codes(data, self.k, spec.count)
         # np.take without bounds checks (mode="wrap": every code is below 2^K, the table's length) runs
         # ~2x faster than fancy indexing, which checks each index: 2.75 vs 1.39 GB/s of float32 out
@@ -696,7 +824,9 @@ class KBitCodec(ArrayCodec):
             offsets = (np.arange(units) * self.bins).astype(index_type)
             flat = values.astype(spec.dtype, copy=False).reshape(-1)
             out = np.take(flat, codes.reshape(-1, units).astype(index_type) + offsets, mode="wrap")
-        return out.reshape(spec.shape)
+        out = out.reshape(spec.shape)
+        _apply_patches(out.reshape(-1), patches)
+        return out
 
     def decodes_lazily(self, dtype: np.dtype) -> bool:
         return self.per == "layer" and np.dtype(dtype).itemsize in PAIR_UNITS
@@ -704,7 +834,8 @@ class KBitCodec(ArrayCodec):
     def decode_lazy(self, data: bytes | memoryview, spec: TileSpec) -> PairTile | None:
         if not self.decodes_lazily(spec.dtype):
             return None
-        return PairTile(self._pair_key(spec.dtype), _unpack_codes(data, self.k, spec.count), spec)
+        data, patches = _split_patches(data, spec.count, self.k, spec.dtype)
+        return PairTile(self._pair_key(spec.dtype), _unpack_codes(data, self.k, spec.count), spec, patches)
 
 
 @dataclass(frozen=True, eq=False)

@@ -38,7 +38,7 @@ MAX_ENTRIES = 1 << 16
 MAX_FITS = 32
 #: part of every tile key: a release whose encoders or error figures change must raise it, so that no
 #: record made by another encoder is taken for its own result
-MEMO_VERSION = 1
+MEMO_VERSION = 2  # 2: kbit keeps non-finite values (a record made before reads them as bins)
 
 
 @dataclass(frozen=True)
