@@ -369,7 +369,7 @@ def _pack_codes(codes: np.ndarray, k: int) -> bytes | memoryview:
     for i in range(8):
         word |= by_group[:, i].astype(np.uint64) << np.uint64(k * (7 - i))
     out = word.astype(">u8").view(np.uint8).reshape(-1, 8)[:, 8 - k:]
-    return memoryview(np.ascontiguousarray(out).reshape(-1)[:-(-len(codes) * k // 8)])
+    return memoryview(np.ascontiguousarray(out).reshape(-1)[:_packed_length(len(codes), k)])
 
 
 def _unpack_codes(data: bytes | memoryview, k: int, count: int) -> np.ndarray:
