@@ -30,7 +30,8 @@ def main(argv: list[str] | None = None) -> int:
         X, y = flights_pipelines.load_flights(args.rows)
         for name, pipe in flights_pipelines.variants().items():
             if name not in done:
-                report(store.capture(pipe.fit(X, y), X, name=name))
+                # the classifier's probabilities too, as the layer model.predict_proba
+                report(store.capture(pipe.fit(X, y), X, name=name, methods=("predict_proba",)))
         images, _labels = digits_cnn.load_images()
         if not {"cnn_e1", "cnn_e2", "cnn_e3"} <= done:
             started = time.perf_counter()

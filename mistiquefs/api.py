@@ -96,7 +96,7 @@ class Store:
     def capture(self, model: Any, inputs: Any, name: str, *, batch_size: int | None = None,
                 progress: bool | None = None, skip_existing: bool = False,
                 schemes: Mapping[str, str] | str | None = None, policy: str = "all",
-                budget: int | str | None = None) -> CaptureSummary:
+                budget: int | str | None = None, methods: Sequence[str] = ()) -> CaptureSummary:
         """Run ``model`` over ``inputs`` and store every intermediate under ``name``.
 
         ``model``: a fitted scikit-learn estimator or pipeline, or a Keras model. ``inputs``: what the model
@@ -107,7 +107,10 @@ class Store:
         "none" (only the inputs and the model) or "auto" (those that read faster than they re-run);
         ``budget`` (bytes, or "2G"): what the store's chunks may add up to, filled with the layers that
         save the most time per byte (``mistiquefs.planner.policy``). Layers not stored are read by
-        re-running the model. ``progress``: a progress bar on stderr;
+        re-running the model. ``methods``: further methods of a scikit-learn model's final estimator to
+        capture, each a stage of its own beside the predictions (``("predict_proba",)`` gives the stage
+        ``<final step>.predict_proba``; also predict_log_proba, decision_function, score_samples); a method
+        the estimator lacks is a CaptureError. ``progress``: a progress bar on stderr;
         None shows it when stderr is a terminal. ``skip_existing``: when ``name`` is already in the store,
         return its summary (``skipped=True``) without running the model, so an interrupted series of
         captures can simply be run again; the stored capture is not compared with ``model`` or ``inputs``.
@@ -129,7 +132,9 @@ class Store:
             raise UnsupportedModel(
                 f"got the class {model.__module__}.{model.__qualname__}, not a model: capture a fitted "
                 "instance of it")
-        adapter = adapter_for(model)
+        if isinstance(methods, str):
+            methods = (methods,)
+        adapter = adapter_for(model, tuple(methods))
         n_rows = adapter.n_rows(inputs)
         if batch_size is not None and (not isinstance(batch_size, numbers.Integral) or isinstance(batch_size, bool)):
             raise CaptureError(f"batch_size is a whole number of examples, not {batch_size!r}")

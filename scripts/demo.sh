@@ -25,7 +25,8 @@ python3 - "$mnt" <<'PY'
 import sys
 import numpy as np
 mnt = sys.argv[1]
-for path in (f"{mnt}/cnn_e3/conv1/17.npy", f"{mnt}/cnn_e3/conv1/all.npy", f"{mnt}/flights_logreg/preprocess/all.npy"):
+for path in (f"{mnt}/cnn_e3/conv1/17.npy", f"{mnt}/cnn_e3/conv1/all.npy", f"{mnt}/flights_logreg/preprocess/all.npy",
+             f"{mnt}/flights_logreg/model.predict_proba/all.npy"):
     a = np.load(path, mmap_mode="r")
     print(f"np.load({path!r}): shape {a.shape}, dtype {a.dtype}, mean {float(np.mean(a)):.4f}")
 PY

@@ -15,7 +15,8 @@ from sklearn.datasets import load_wine
 from sklearn.decomposition import PCA
 from sklearn.feature_selection import SelectKBest
 from sklearn.impute import SimpleImputer
-from sklearn.linear_model import LogisticRegression
+from sklearn.linear_model import LinearRegression, LogisticRegression
+from sklearn.neighbors import KNeighborsClassifier
 from sklearn.pipeline import FeatureUnion, Pipeline
 from sklearn.preprocessing import FunctionTransformer, OneHotEncoder, StandardScaler
 
@@ -115,6 +116,52 @@ def test_each_stage_equals_sklearn(pipe: Pipeline, wine: Any) -> None:
         np.testing.assert_array_equal(stage.array, expected[stage.name], err_msg=stage.name)
         assert stage.array.dtype == expected[stage.name].dtype or stage.name == "clf"
         assert stage.array.flags.c_contiguous and stage.seconds >= 0
+
+
+def test_methods_are_stages_beside_the_predictions(pipe: Pipeline, wine: Any) -> None:
+    """``methods``: the final estimator's further methods, each a stage just before its predictions, with
+    what scikit-learn's own call gives (the predictions stay the last stage, the pipeline's flow as it was)."""
+    X = wine[0].iloc[10:70]
+    methods = ("predict_proba", "decision_function", "predict_log_proba")
+    adapter = SklearnAdapter(pipe, methods)
+    outputs = adapter.run_batch(X)
+    names = [stage.name for stage in outputs]
+    assert names == [*STAGES[:-1], *(f"clf.{m}" for m in methods), "clf"]
+    assert adapter.describe()["methods"] == list(methods)
+    assert [s["method"] for s in adapter.describe()["stages"]][-4:] == [*methods, "predict"]
+    expected = {**_expected_stages(pipe, X), **{f"clf.{m}": getattr(pipe, m)(X) for m in methods}}
+    for stage in outputs:
+        np.testing.assert_array_equal(stage.array, expected[stage.name], err_msg=stage.name)
+        assert stage.seconds >= 0
+    assert outputs[-3].array.shape == (60, 3) and outputs[-3].array.dtype == np.float64
+    for name in ("clf.predict_proba", "clf", "union"):  # re-running one stage runs its own path
+        np.testing.assert_array_equal(adapter.run_stage(X, name), expected[name], err_msg=name)
+
+
+def test_methods_a_model_lacks_are_refused(wine: Any) -> None:
+    from sklearn.svm import SVC
+
+    X, y = wine
+    array = X[NUMERIC].fillna(0.0).to_numpy()
+    svc = Pipeline([("scale", StandardScaler()), ("svc", SVC())]).fit(array, y)
+    with pytest.raises(CaptureError, match=r"'svc' \(SVC\) has no predict_proba; it has decision_function "
+                                           r".*probability=True"):
+        SklearnAdapter(svc, ("predict_proba",))
+    assert [s.name for s in SklearnAdapter(svc, ("decision_function",)).run_batch(array[:3])] == \
+        ["scale", "svc.decision_function", "svc"]
+    scaler = Pipeline([("scale", StandardScaler())]).fit(array)
+    with pytest.raises(CaptureError, match="has none .*last step transforms"):
+        SklearnAdapter(scaler, ("predict_proba",))
+    regressor = Pipeline([("scale", StandardScaler()), ("lr", LinearRegression())]).fit(array, np.arange(len(array)))
+    with pytest.raises(CaptureError, match=r"'lr' \(LinearRegression\) has no decision_function; it has none of"):
+        SklearnAdapter(regressor, ("decision_function",))
+    with pytest.raises(CaptureError, match="'predict' is not one of predict_proba"):
+        SklearnAdapter(svc, ("predict",))
+    with pytest.raises(CaptureError, match="names a method twice"):
+        SklearnAdapter(svc, ("decision_function", "decision_function"))
+    multi = KNeighborsClassifier(3).fit(array, np.stack([y, y[::-1]], axis=1))
+    with pytest.raises(CaptureError, match="several outputs, and its predict_proba returns one array for each"):
+        SklearnAdapter(multi, ("predict_proba",))
 
 
 def test_column_children_stack_to_the_container(pipe: Pipeline, wine: Any) -> None:

@@ -66,6 +66,24 @@ def test_capture_a_saved_pipeline_from_csv(tmp_path: Path, saved_pipeline, capsy
     assert main([*again, "--skip-existing"]) == 0 and "skipped" in capsys.readouterr().out
 
 
+def test_capture_method_adds_the_final_estimators_scores(tmp_path: Path, saved_pipeline, capsys) -> None:
+    model_path, inputs_path, pipe, frame = saved_pipeline
+    argv = ["capture", str(tmp_path / "store"), "--model", str(model_path), "--inputs", str(inputs_path),
+            "--no-progress"]
+    assert main([*argv, "--name", "p", "--method", "predict_proba", "--method", "decision_function"]) == 0
+    with mistiquefs.open_store(tmp_path / "store", create=False) as opened:
+        assert opened.layers("p") == ["input", "scale", "clf.predict_proba", "clf.decision_function", "clf"]
+        np.testing.assert_array_equal(opened.read("p", "clf.predict_proba"), pipe.predict_proba(frame))
+        np.testing.assert_array_equal(opened.read("p", "clf.decision_function"), pipe.decision_function(frame))
+    capsys.readouterr()
+    assert main([*argv, "--name", "q", "--method", "score_samples"]) != 0
+    assert "'clf' (LogisticRegression) has no score_samples; it has predict_proba, predict_log_proba, " \
+           "decision_function" in capsys.readouterr().err
+    with pytest.raises(SystemExit):  # argparse: not one of the choices
+        main([*argv, "--name", "q", "--method", "transform"])
+    assert "invalid choice: 'transform'" in capsys.readouterr().err
+
+
 def test_a_failed_first_capture_leaves_no_store_and_a_failed_later_one_keeps_the_store(
         tmp_path: Path, saved_pipeline, capsys, monkeypatch) -> None:
     """A capture whose model fails on the inputs makes no empty store where there was none (nor files in a
@@ -131,6 +149,8 @@ def test_capture_a_saved_keras_model_from_npy(tmp_path: Path) -> None:
     with mistiquefs.open_store(tmp_path / "s", create=False) as store:
         assert store.layers("mlp") == ["input", "hidden", "out"]
         np.testing.assert_array_equal(store.read("mlp", "out"), np.asarray(model(x, training=False)))
+    assert main(["capture", str(tmp_path / "s"), "--model", str(tmp_path / "m.keras"), "--inputs",
+                 str(tmp_path / "x.npy"), "--name", "mlp2", "--no-progress", "--method", "predict_proba"]) != 0
 
 
 @pytest.mark.keras

@@ -34,14 +34,24 @@ def dense(array) -> np.ndarray:
 
 
 @pytest.fixture(scope="module")
-def captured(tmp_path_factory: pytest.TempPathFactory):
-    """A store with two pipeline variants, and each layer's expected values computed directly."""
+def fitted():
     X, y = flights.load_flights(N_ROWS)
-    pipes = flights.fitted_variants(X, y)
+    return X, flights.fitted_variants(X, y)
+
+
+@pytest.fixture(scope="module")
+def captured(fitted, tmp_path_factory: pytest.TempPathFactory):
+    """A store with two pipeline variants, and each layer's expected values computed directly."""
+    X, pipes = fitted
     store_path = tmp_path_factory.mktemp("store") / "store"
     with mistiquefs.open_store(store_path) as store:
         for name in ("flights_logreg", "flights_union_sgd"):
             store.capture(pipes[name], X, name=name, batch_size=3000)
+        # the final estimator's probabilities and scores as layers of their own: stored, and not stored
+        # (a read re-runs the model, loaded with the same methods)
+        for name, policy in (("scores_kept", "all"), ("scores_rerun", "none")):
+            store.capture(pipes["flights_logreg"], X, name=name, batch_size=3000, policy=policy,
+                          methods=("predict_proba", "decision_function"))
     pipe = pipes["flights_logreg"]
     ct = pipe.named_steps["preprocess"]
     num, cat = ct.named_transformers_["num"], ct.named_transformers_["cat"]
@@ -62,6 +72,35 @@ def test_every_layer_is_bit_identical(captured, mount) -> None:
     mnt = mount(store_path)
     model = mnt / "flights_logreg"
     assert sorted(os.listdir(model)) == sorted(["info.json", "input", *expected])
+    _check_layers(model, expected)
+
+
+def test_methods_are_layers_stored_or_re_run(fitted, captured, mount) -> None:
+    import json
+
+    X, pipes = fitted
+    store_path, _, expected = captured
+    pipe = pipes["flights_logreg"]
+    # what the capture's batches of 3000 rows give (BLAS may round another grouping differently)
+    scores = {f"model.{method}": np.concatenate([getattr(pipe, method)(X.iloc[lo:lo + 3000])
+                                                 for lo in range(0, N_ROWS, 3000)])
+              for method in ("predict_proba", "decision_function")}
+    assert scores["model.predict_proba"].shape == (N_ROWS, 2)
+    assert scores["model.decision_function"].shape == (N_ROWS,)
+    mnt = mount(store_path)
+    for name in ("scores_kept", "scores_rerun"):
+        model = mnt / name
+        assert sorted(os.listdir(model)) == sorted(["info.json", "input", *expected, *scores]), name
+        info = json.loads((model / "info.json").read_text())
+        assert info["layers"][-3:] == [*scores, "model"], name
+        assert info["model"]["methods"] == ["predict_proba", "decision_function"], name
+        _check_layers(model, {**scores, "model": expected["model"]})
+        stored = [json.loads((model / layer / "info.json").read_text())["stored"] for layer in scores]
+        assert stored == ([True, True] if name == "scores_kept" else [False, False]), name
+
+
+def _check_layers(model: Path, expected: dict[str, np.ndarray]) -> None:
+    """Every file of each layer's three views read through the mount equals numpy.save of its values."""
     for layer, values in expected.items():
         path = model / layer / "all.npy"
         raw = npy_bytes(values)

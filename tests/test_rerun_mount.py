@@ -120,7 +120,8 @@ def in_memory_planner(repo: Repository, models: Pipeline | dict[str, Pipeline]) 
     by_file = {}
     for model in repo.models():
         by_file[str(repo.root / model.model_file)] = models[model.name] if isinstance(models, dict) else models
-    return Planner(repo, rerunner=ReRunner(repo, loader=lambda _framework, path: adapter_for(by_file[path])))
+    return Planner(repo, rerunner=ReRunner(
+        repo, loader=lambda _framework, path, methods: adapter_for(by_file[path], methods)))
 
 
 class _Wide(TransformerMixin, BaseEstimator):
@@ -492,7 +493,7 @@ def test_a_model_that_fails_to_load_is_not_loaded_again_for_every_piece(stores, 
     repo = Repository(copy, create=False)
     calls = []
 
-    def refusing(framework, model_path):
+    def refusing(framework, model_path, methods):
         calls.append(model_path)
         raise CaptureError("refusing to load it")
 
@@ -520,10 +521,10 @@ def test_warm_models_are_bounded_by_their_files_bytes(stores, monkeypatch) -> No
     try:
         models = sorted(repo.models(), key=lambda m: m.name)[:2]
         sizes = [(path / m.model_file).stat().st_size for m in models]
-        rerunner = ReRunner(repo, loader=lambda framework, model_path: object())
+        rerunner = ReRunner(repo, loader=lambda framework, model_path, methods: object())
         rerunner.model(models[0]), rerunner.model(models[1])
         assert rerunner.is_warm(models[0]) and rerunner.is_warm(models[1])  # the default fits both
-        rerunner = ReRunner(repo, loader=lambda framework, model_path: object())
+        rerunner = ReRunner(repo, loader=lambda framework, model_path, methods: object())
         monkeypatch.setattr(rerun, "WARM_MODEL_BYTES", sum(sizes) - 1)
         rerunner.model(models[0]), rerunner.model(models[1])
         assert not rerunner.is_warm(models[0]) and rerunner.is_warm(models[1])

@@ -134,6 +134,13 @@ def _regressor(wine: Any) -> tuple[Any, Any]:
     return model.fit(array, data.target), array
 
 
+def _bare(wine: Any) -> tuple[Any, Any]:
+    X, y = wine
+    array = X[NUMERIC + ["hue"]].fillna(0.0).to_numpy()
+    array = (array - array.mean(axis=0)) / array.std(axis=0)  # (a bare estimator: scaled beforehand)
+    return LogisticRegression(max_iter=500).fit(array, y), array
+
+
 def _bare_columns(wine: Any) -> tuple[Any, Any]:
     X, _ = wine
     ct = ColumnTransformer(
@@ -142,8 +149,19 @@ def _bare_columns(wine: Any) -> tuple[Any, Any]:
     return ct.fit(X), X
 
 
-MODELS = {
+#: name -> (the model and its inputs, its stages, the further methods captured: ``methods``)
+MODELS: dict[str, tuple[Any, list[str]] | tuple[Any, list[str], tuple[str, ...]]] = {
     "plain": (_plain, ["scale", "pca", "clf"]),
+    # the final estimator's further methods: stages of their own just before its predictions
+    "plain_scores": (_plain, ["scale", "pca", "clf.predict_proba", "clf.decision_function", "clf"],
+                     ("predict_proba", "decision_function")),
+    "nested_scores": (
+        _nested,
+        ["prep__impute", "prep__scale__std", "prep__scale__minmax", "prep__scale", "prep", "pca",
+         "head__poly", "head__clf.predict_log_proba", "head__clf", "head"],
+        ("predict_log_proba",),
+    ),
+    "bare_scores": (_bare, ["logisticregression.predict_proba", "logisticregression"], ("predict_proba",)),
     "nested": (
         _nested,
         ["prep__impute", "prep__scale__std", "prep__scale__minmax", "prep__scale", "prep", "pca",
@@ -169,14 +187,17 @@ MODELS = {
 @pytest.fixture(scope="module", params=sorted(MODELS))
 def captured(request: pytest.FixtureRequest, wine: Any, tmp_path_factory: pytest.TempPathFactory):
     """A store holding one captured model, the model, its inputs, and the adapter of the saved model."""
-    build, stages = MODELS[request.param]
+    build, stages, *rest = MODELS[request.param]
+    methods = rest[0] if rest else ()
     model, inputs = build(wine)
     store = mistiquefs.open_store(tmp_path_factory.mktemp(request.param) / "s")
-    store.capture(model, inputs, name="m", batch_size=BATCH)
+    store.capture(model, inputs, name="m", batch_size=BATCH, methods=methods)
     assert store.layers("m") == ["input", *stages]
     (record,) = store.repo.models()
-    loaded = adapter_for(load_model(store.repo.root / record.model_file))  # what a re-run on read loads
-    yield store, model, inputs, stages, loaded
+    assert record.info["methods"] == list(methods)
+    # what a re-run on read loads
+    loaded = adapter_for(load_model(store.repo.root / record.model_file), record.info["methods"])
+    yield store, SklearnAdapter(model, methods), inputs, stages, loaded
     store.close()
 
 
@@ -201,9 +222,9 @@ def _rerun_aligned(adapter: Any, store: Any, stage: str, rows: slice, n: int) ->
 
 
 def test_rerun_gives_the_stored_bytes(captured: Any) -> None:
-    store, model, inputs, stages, loaded = captured
+    store, adapter, inputs, stages, loaded = captured
     n = len(inputs)
-    for adapter in (SklearnAdapter(model), loaded):
+    for adapter in (adapter, loaded):
         for stage in stages:
             for rows in _rows(n):
                 got = _rerun_aligned(adapter, store, stage, rows, n)

@@ -27,6 +27,9 @@ import numpy as np
 from mistiquefs.errors import CaptureError, one_line
 
 
+#: the methods of a scikit-learn model's final estimator a capture may store beside its predictions, each as a
+#: stage of its own (``Store.capture(methods=...)``; see ``capture/sklearn.py``)
+RESPONSE_METHODS = ("predict_proba", "predict_log_proba", "decision_function", "score_samples")
 #: names the store uses for its own entries beside the stages of a model
 RESERVED_NAMES = frozenset({"input", "info.json"})
 #: the longest file name (bytes) a mount shows, as on local file systems; longer stage names are cut to

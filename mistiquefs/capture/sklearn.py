@@ -7,6 +7,12 @@ Stages and their names (fixed once, when the adapter is built, so every batch yi
   the *model* runs ``predict`` when it has one (the model's predictions are its last stage), otherwise
   ``transform``; a ``Pipeline`` whose own last step is ``None``/``"passthrough"`` has no final estimator
   (it transforms: its ``predict`` fails), so there every step runs ``transform``.
+* ``methods`` (the capture's option, e.g. ``("predict_proba",)``): further methods of that final
+  estimator (``RESPONSE_METHODS``: class probabilities, decision scores, outlier scores), each a stage of
+  its own named ``<final stage>.<method>`` (``model.predict_proba``), run on what ``predict`` gets and
+  emitted just before the predictions, which stay the model's last stage. A method the final estimator
+  does not have (``SVC`` without ``probability=True`` has no ``predict_proba``), a model with no final
+  predictor, and probabilities of a multi-output classifier (one array per output) are refused.
 * ``Pipeline``, ``ColumnTransformer`` and ``FeatureUnion`` are containers and are recursed into, also
   when nested: each child is a stage named ``outer__inner`` (scikit-learn's own parameter convention),
   emitted before the container's own output, which is the stage named by the container's own name.
@@ -75,14 +81,18 @@ from sklearn.pipeline import FeatureUnion, Pipeline
 from sklearn.utils import _safe_indexing
 from sklearn.utils.validation import check_is_fitted
 
-from mistiquefs.capture.base import Adapter, StageOutput, check_unpacked_size, stage_file_name
+from mistiquefs.capture.base import RESPONSE_METHODS, Adapter, StageOutput, check_unpacked_size, stage_file_name
 from mistiquefs.capture.skops_trust import check_loaded, loaders_by_type, refusal
 from mistiquefs.errors import CaptureError, NotFound, one_line
 
 __all__ = ["SklearnAdapter", "inputs_from_stored", "load_model"]
 
-Method = Literal["transform", "predict"]
-Kind = Literal["leaf", "pipeline", "columns", "union", "passthrough"]
+Method = Literal["transform", "predict", "predict_proba", "predict_log_proba", "decision_function",
+                 "score_samples"]
+#: "response": a further method of the final estimator (``methods``), run beside its predict
+Kind = Literal["leaf", "pipeline", "columns", "union", "passthrough", "response"]
+#: those that give one array per output for a multi-output classifier (``classes_`` a list)
+_PER_OUTPUT_METHODS = ("predict_proba", "predict_log_proba")
 
 
 @dataclass(frozen=True)
@@ -143,11 +153,12 @@ def _check_fitted(estimator: Any, raw_name: str) -> None:
         ) from exc
 
 
-def _plan(estimator: Any, raw_name: str, namer: _Namer, final: bool) -> _Node:
-    """The node for ``estimator``; ``final`` says its output is the model's output (use predict)."""
+def _plan(estimator: Any, raw_name: str, namer: _Namer, final: bool, methods: tuple[str, ...] = ()) -> _Node:
+    """The node for ``estimator``; ``final`` says its output is the model's output (use predict), and
+    ``methods`` are the final estimator's further methods to capture (see ``_responses``)."""
     _check_fitted(estimator, raw_name)
     if isinstance(estimator, Pipeline):
-        children = _plan_steps(estimator, raw_name, namer, final)
+        children = _plan_steps(estimator, raw_name, namer, final, methods)
         return _Node(namer.claim(raw_name), estimator, "pipeline", "transform", children)
     if isinstance(estimator, ColumnTransformer):
         children = _plan_column_children(estimator, raw_name, namer)
@@ -170,15 +181,39 @@ def _method_of(estimator: Any, raw_name: str, final: bool) -> Method:
     )
 
 
-def _plan_steps(pipe: Pipeline, prefix: str | None, namer: _Namer, final: bool) -> tuple[_Node, ...]:
+def _plan_steps(pipe: Pipeline, prefix: str | None, namer: _Namer, final: bool,
+                methods: tuple[str, ...] = ()) -> tuple[_Node, ...]:
     steps = [(name, step) for name, step in pipe.steps if step is not None and step != "passthrough"]
     # A Pipeline whose own last step is passthrough/None has no final estimator: it transforms (its
     # predict fails), so its last real step runs transform, not predict
     final = final and bool(pipe.steps) and _is_step(pipe.steps[-1][1])
-    return tuple(
-        _plan(step, _join(prefix, name), namer, final and i == len(steps) - 1)
-        for i, (name, step) in enumerate(steps)
-    )
+    nodes = [_plan(step, _join(prefix, name), namer, final and i == len(steps) - 1, methods if final else ())
+             for i, (name, step) in enumerate(steps)]
+    if final and nodes:
+        nodes[-1:] = [*_responses(nodes[-1], namer, methods), nodes[-1]]
+    return tuple(nodes)
+
+
+def _responses(node: _Node, namer: _Namer, methods: tuple[str, ...]) -> list[_Node]:
+    """The stages of ``methods`` of ``node``, the model's final estimator, when it is one (a leaf that
+    predicts; a nested Pipeline adds them inside itself); none for ``methods`` empty."""
+    if not methods or node.kind != "leaf" or node.method != "predict":
+        return []
+    estimator, responses = node.estimator, []
+    for method in methods:
+        if not hasattr(estimator, method):
+            has = [m for m in RESPONSE_METHODS if hasattr(estimator, m)]
+            raise CaptureError(
+                f"the final estimator {node.name!r} ({type(estimator).__name__}) has no {method}; "
+                + (f"it has {', '.join(has)}" if has else f"it has none of {', '.join(RESPONSE_METHODS)}")
+                + (" (SVC and NuSVC have predict_proba only when fitted with probability=True)"
+                   if method == "predict_proba" and type(estimator).__name__ in ("SVC", "NuSVC") else ""))
+        if method in _PER_OUTPUT_METHODS and isinstance(getattr(estimator, "classes_", None), list):
+            raise CaptureError(
+                f"the final estimator {node.name!r} ({type(estimator).__name__}) has several outputs, and its "
+                f"{method} returns one array for each; mistiquefs captures stages of one array")
+        responses.append(_Node(namer.claim(f"{node.name}.{method}"), estimator, "response", method))
+    return responses
 
 
 def _is_step(step: Any) -> bool:
@@ -221,15 +256,29 @@ def _plan_union_children(fu: FeatureUnion, prefix: str, namer: _Namer) -> tuple[
     return tuple(children)
 
 
-def _build_plan(model: Any) -> _Node:
-    """The root node; a top-level Pipeline has no name (its steps are the top-level stages)."""
+def _build_plan(model: Any, methods: tuple[str, ...] = ()) -> _Node:
+    """The root node; a top-level Pipeline has no name (its steps are the top-level stages), nor has the
+    one-step pipeline a bare estimator becomes where ``methods`` add stages beside its predictions."""
+    unknown = [method for method in methods if method not in RESPONSE_METHODS]
+    if unknown:
+        raise CaptureError(f"methods: {', '.join(map(repr, unknown))} is not one of {', '.join(RESPONSE_METHODS)}")
+    if len(set(methods)) != len(methods):
+        raise CaptureError(f"methods: {', '.join(methods)} names a method twice")
     namer = _Namer()
     if isinstance(model, Pipeline):
-        children = _plan_steps(model, None, namer, final=True)
+        children = _plan_steps(model, None, namer, final=True, methods=methods)
         if not children:
             raise CaptureError("the pipeline has only passthrough steps: there is nothing to capture")
-        return _Node(None, model, "pipeline", "transform", children)
-    return _plan(model, type(model).__name__.lower(), namer, final=True)
+        root = _Node(None, model, "pipeline", "transform", children)
+    else:
+        node = _plan(model, type(model).__name__.lower(), namer, final=True, methods=methods)
+        responses = _responses(node, namer, methods)
+        root = _Node(None, model, "pipeline", "transform", (*responses, node)) if responses else node
+    if methods and not any(node.kind == "response" for node in _iter_stages(root)):
+        raise CaptureError(
+            f"methods: {', '.join(methods)} are methods of a final estimator that predicts, and this model "
+            "has none (its last step transforms)")
+    return root
 
 
 def _iter_stages(node: _Node) -> list[_Node]:
@@ -255,7 +304,8 @@ def _call(node: _Node, X: Any, out: list[StageOutput]) -> Any:
         result = _invoke(node, X)
     seconds = time.perf_counter() - started
     out.append(StageOutput(node.name or "", _to_array(result, node, _num_rows(X)), seconds))
-    return result
+    # a response stage is beside the pipeline's flow: the final estimator's predict gets the same X
+    return X if node.kind == "response" else result
 
 
 def _call_pipeline(node: _Node, X: Any, out: list[StageOutput]) -> Any:
@@ -263,7 +313,8 @@ def _call_pipeline(node: _Node, X: Any, out: list[StageOutput]) -> Any:
     for child in node.children:
         Xt = _call(child, Xt, out)
     if node.name is not None:
-        direct = {child.name for child in node.children}  # their times include their children's
+        # their times include their children's (a response stage is no part of the pipeline's output)
+        direct = {child.name for child in node.children if child.kind != "response"}
         seconds = sum(stage.seconds for stage in out[first:] if stage.name in direct)
         # The last stage appended is the last child's own output, which is this pipeline's output.
         array = out[-1].array if node.children else _to_array(Xt, node, _num_rows(X))
@@ -447,7 +498,7 @@ def _raw(node: _Node, X: Any) -> Any:
         for child in node.children:
             X = _raw(child, X)
         return X
-    if node.kind == "passthrough":
+    if node.kind in ("passthrough", "response"):
         return X
     return _invoke(node, X)  # leaves, and containers through their own transform (as ``_call`` does)
 
@@ -782,9 +833,11 @@ class SklearnAdapter(Adapter):
     #: rows of the batch that measures the stages' widths
     probe_rows = 64
 
-    def __init__(self, model: Any) -> None:
+    def __init__(self, model: Any, methods: tuple[str, ...] | list[str] = ()) -> None:
         super().__init__(model)
-        self._plan = _build_plan(model)
+        #: the final estimator's further methods captured as stages (see the module docstring)
+        self.methods = tuple(methods)
+        self._plan = _build_plan(model, self.methods)
         self._stages = _iter_stages(self._plan)
         self._nodes = {node.name: node for node in self._stages}
         self._paths = _stage_paths(self._plan)
@@ -959,6 +1012,7 @@ class SklearnAdapter(Adapter):
         return {
             **super().describe(),
             "sklearn_version": sklearn.__version__,
+            "methods": list(self.methods),
             "stages": [
                 {"name": node.name, "estimator": _describe_class(node.estimator), "method": node.method}
                 for node in self._stages

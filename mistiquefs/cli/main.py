@@ -14,6 +14,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from mistiquefs.capture.base import RESPONSE_METHODS
 from mistiquefs.errors import MistiqueError
 from mistiquefs.store.describe import format_size
 
@@ -51,6 +52,10 @@ def build_parser() -> argparse.ArgumentParser:
     cap.add_argument("--budget", type=parse_size, default=None,
                      help="bytes of chunks the whole store may reference (e.g. 2G): the layers with the most "
                           "time saved per byte are kept first")
+    cap.add_argument("--method", action="append", default=[], choices=RESPONSE_METHODS, dest="methods",
+                     help="a scikit-learn model's final estimator's method to capture as a stage of its own "
+                          "beside its predictions, e.g. predict_proba (the stage <final step>.predict_proba); "
+                          "repeatable")
     cap.add_argument("--scheme", action="append", default=[], metavar="GLOB=SCHEME",
                      help="how layers matching GLOB are stored, e.g. 'conv*=kbit:8' or 'pool:2+kbit:8' (all "
                           "layers); repeatable, first match wins, the rest are lossless. Schemes: lossless, "
@@ -155,7 +160,7 @@ def _capture(args: argparse.Namespace) -> int:
             summary = store.capture(model, inputs, name=args.name, batch_size=args.batch_size,
                                     progress=False if args.no_progress else None,
                                     skip_existing=args.skip_existing, schemes=schemes or None,
-                                    policy=args.policy, budget=args.budget)
+                                    policy=args.policy, budget=args.budget, methods=args.methods)
     except BaseException:
         if made:  # a failed first capture leaves no empty store behind (a directory it found empty stays)
             from mistiquefs.store.maintenance import discard_unused_store

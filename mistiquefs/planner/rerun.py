@@ -45,7 +45,9 @@ class WarmModel:
     run_lock: threading.Lock = field(default_factory=threading.Lock)
 
 
-def _load_adapter(framework: str, path: str) -> Any:
+def _load_adapter(framework: str, path: str, methods: tuple[str, ...] = ()) -> Any:
+    """The adapter of the model file at ``path``, with the further methods its capture stored (``methods``
+    in its info)."""
     from mistiquefs.capture import adapter_for
 
     if framework == "keras":
@@ -54,11 +56,11 @@ def _load_adapter(framework: str, path: str) -> Any:
         from mistiquefs.capture.sklearn import load_model
     else:
         raise StoreError(f"cannot re-run a {framework!r} model: no loader for that framework")
-    return adapter_for(load_model(path))
+    return adapter_for(load_model(path), methods)
 
 
 class ReRunner:
-    def __init__(self, repo: Repository, loader: Callable[[str, str], Any] = _load_adapter) -> None:
+    def __init__(self, repo: Repository, loader: Callable[[str, str, tuple[str, ...]], Any] = _load_adapter) -> None:
         self.repo = repo
         self._loader = loader
         self._lock = threading.Lock()
@@ -149,7 +151,8 @@ class ReRunner:
         if failed is not None and failed[0] == self._file_state(model):
             raise StoreError(failed[1])
         try:
-            return self._loader(model.framework, str(self.repo.root / model.model_file))
+            return self._loader(model.framework, str(self.repo.root / model.model_file),
+                                tuple(model.info.get("methods") or ()))
         except MistiqueError as exc:  # a refused or broken model file is this read's I/O error
             message = f"cannot re-run model {model.name!r}: {exc}"
             self._failed[model.id] = (self._file_state(model), message)
