@@ -90,8 +90,9 @@ def build_parser() -> argparse.ArgumentParser:
                                       "affects. Exit status 0: clean; 6: damage found; 3: not a store it can open.")
     fsck.add_argument("store", type=Path)
     fsck.add_argument("--repair", action="store_true",
-                      help="rebuild the chunk index from the packs (under the capture lock), then report the "
-                           "models still incomplete")
+                      help="rebuild the chunk index from the packs (under the capture lock), make chunks no pack "
+                           "holds again by re-running their models (only bytes that hash to the lost chunk), then "
+                           "report the models still incomplete")
 
     rm = sub.add_parser("rm", help="remove a model from a store (its space comes back with gc)")
     rm.add_argument("store", type=Path)
@@ -235,12 +236,13 @@ def cmd_ls(args: argparse.Namespace) -> int:
 
 def cmd_fsck(args: argparse.Namespace) -> int:
     from mistiquefs.errors import DamageFound
+    from mistiquefs.planner.recover import rederive_lost
     from mistiquefs.store.check import check_store, repair_store
     from mistiquefs.store.repository import Repository
 
     repo = Repository(args.store, create=False)
     try:
-        report = repair_store(repo) if args.repair else check_store(repo)
+        report = repair_store(repo, rederive_lost) if args.repair else check_store(repo)
     finally:
         repo.close()
     print(report.summary())

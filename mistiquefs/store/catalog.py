@@ -646,6 +646,14 @@ class Catalog:
                 [(cid, l.pack, l.offset, l.stored_length, l.raw_length, l.compression) for cid, l in rows.items()],
             )
 
+    def add_chunks(self, rows: dict[bytes, ChunkLocation]) -> None:
+        """fsck --repair: rows for chunks made again (``planner.recover``), in one transaction."""
+        with self._transaction() as db:
+            db.executemany(
+                "INSERT OR IGNORE INTO chunks VALUES (?, ?, ?, ?, ?, ?)",
+                [(cid, l.pack, l.offset, l.stored_length, l.raw_length, l.compression) for cid, l in rows.items()],
+            )
+
     def note_gc(self) -> None:
         """A commit after gc deleted packs: running mounts see the catalog change and let go of them."""
         with self._transaction() as db:

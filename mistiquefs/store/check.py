@@ -29,7 +29,10 @@ commit), so that a rebuild from the packs alone can find it again. All in one tr
 lock. Old rows that do not decode (or an index that cannot be read at all) are rebuilt from the packs alone;
 when SQLite cannot rewrite the index (a malformed page), the repair stops with DamageFound and
 ``CATALOG_ADVICE``. It then reports which models are still incomplete: tiles whose chunk exists nowhere
-(reads of those tiles fail; the layers' other tiles read as before).
+(reads of those tiles fail; the layers' other tiles read as before). Given ``rederive``
+(``planner.recover.rederive_lost``: the command line passes it), it first makes such chunks again where
+their layer's model recomputes them from the stored inputs, taking back only bytes that hash to the lost
+id, and indexes them in a second commit; what it could not make again is reported with the reason.
 
 Concurrency: a plain check takes no lock and only reads. A gc may move chunks between its reads, so every
 chunk problem is checked again against the catalog as it is at the end, and dropped if gc explains it. What
@@ -52,7 +55,7 @@ from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TypeVar
+from typing import Any, TypeVar
 
 from mistiquefs.errors import CorruptChunk, DamageFound, MistiqueError, StoreError
 from mistiquefs.store.maintenance import copy_chunks
@@ -105,6 +108,9 @@ class FsckReport:
     repaired: str = ""
     #: SQLite could not read (or rewrite) part of the catalog file: fsck --repair cannot help (CATALOG_ADVICE)
     catalog_unreadable: bool = False
+    #: what a repair made again by re-running models (``rederive``): the examples, and why others could not be
+    remade: tuple[str, ...] = ()
+    not_remade: list[str] = field(default_factory=list)
 
     @property
     def clean(self) -> bool:
@@ -115,6 +121,12 @@ class FsckReport:
                  f"{_mb(self.bytes_verified)} of chunk data verified"]
         if self.repaired:
             lines.append(self.repaired)
+        if self.remade:
+            lines.append("made again by re-running their models (bit for bit: each hashes to its lost chunk's id):")
+            lines += [f"    {line}" for line in self.remade[:SUMMARY_LINES]]
+            if len(self.remade) > SUMMARY_LINES:
+                lines.append(f"    ... and {len(self.remade) - SUMMARY_LINES} more ranges")
+        lines += [f"not made again: {line}" for line in self.not_remade]
         if self.reclaimable:
             lines.append(f"reclaimable by gc: {_mb(self.reclaimable_bytes)}")
             lines += [f"  {note}" for note in self.reclaimable]
@@ -158,10 +170,12 @@ def check_store(repo: Repository) -> FsckReport:
     return report
 
 
-def repair_store(repo: Repository) -> FsckReport:
+def repair_store(repo: Repository, rederive: Callable[[Repository, list[tuple[int, int, bytes]]], Any] | None = None
+                 ) -> FsckReport:
     """Rebuild the chunk index from the packs alone (one transaction, under the capture lock), then check
     the catalog against it: the problems left are data that exists nowhere. DamageFound when SQLite cannot
-    rewrite the index (the catalog file itself is damaged: CATALOG_ADVICE)."""
+    rewrite the index (the catalog file itself is damaged: CATALOG_ADVICE). ``rederive(repo, lost)``: makes
+    lost chunks again (``planner.recover.rederive_lost``, whose result it returns), before that check."""
     with repo.capture_lock("fsck --repair"):
         report = FsckReport()
         # The old rows only say which copy running mounts read (kept if intact): a row that does not decode
@@ -191,6 +205,8 @@ def repair_store(repo: Repository) -> FsckReport:
                               f"its chunk index ({exc}): {CATALOG_ADVICE}") from None
         report.repaired = _describe_repair(old, rows, len(scans), len(rewritten), len(damaged), unreadable)
         try:
+            if rederive is not None:
+                _remake(repo, rederive, report)
             _check_integrity(repo, report)
             with repo.catalog.snapshot():  # (rm takes no lock)
                 tracer = _Tracer(repo)
@@ -205,6 +221,21 @@ def repair_store(repo: Repository) -> FsckReport:
             report.problems.append(Problem(f"the catalog's database file is still damaged after the rebuild of its "
                                            f"chunk index: {CATALOG_ADVICE}"))
     return report
+
+
+def _remake(repo: Repository, rederive: Callable[[Repository, list[tuple[int, int, bytes]]], Any],
+           report: FsckReport) -> None:
+    """The chunks tiles refer to that no pack holds, made again where ``rederive`` can (fsynced by it), and
+    indexed in one more commit: a crash before it leaves only unreferenced pack bytes."""
+    lost = repo.catalog.tiles_without_chunks()
+    if not lost:
+        return
+    remade = rederive(repo, lost)
+    if remade.chunks:
+        repo.catalog.add_chunks(remade.chunks)
+    with repo.catalog.snapshot():
+        report.remade = _Tracer(repo).describe(remade.tiles)
+    report.not_remade = list(remade.failures)
 
 
 def _sync_packs(packs_dir: Path, old: Chunks, rows: Chunks, rewritten: Chunks) -> None:
