@@ -29,10 +29,11 @@ atoms or distinct values (those the sample holds more than once) the table would
 1.001 share a bucket), and a float64 layer whose values float32 cannot hold or tell apart (1e40; 1.7e12 +
 0..60000 ms): that one keeps float64 edges and searches float64 values (older chains' edges are float32,
 and search float32 values as before). These checks look at the <= 2^K atoms or distinct values only, so
-continuous float32 layers keep the table. Per-unit codecs keep whole tables only for rows tiles of at
-most ``MAX_TABLE_UNITS`` units; rows tiles of more units look the same codes up in the tables cut into
-blocks of 256 prefixes, each distinct block kept once (``_block_tables``: a unit's edges span a few blocks),
-and column tiles find them by binary search on the 16-bit prefixes. Binary searches (those, and ``exact``
+continuous float32 layers keep the table. Per-unit codecs look rows tiles' codes up in the units' tables
+cut into blocks of 256 prefixes, each distinct block kept once (``_block_tables``: a unit's edges span a
+few blocks); whole tables only where those blocks would be too many (edges over many factors of 2) and a
+tile has at most ``MAX_TABLE_UNITS`` units; column tiles find the codes by binary search on the 16-bit
+prefixes. Binary searches (those, and ``exact``
 codecs') run branchless over all units of a tile at once (``_unit_search``), 3-4.5x faster than
 ``numpy.searchsorted``, unless edges are unsorted (a damaged configuration: numpy's search as it is).
 Decoding is a 2^K-entry table lookup.
@@ -71,9 +72,13 @@ MAX_FIT_VALUES = 1 << 16
 MAX_UNITS = 1024
 #: per-unit encoding tables cost 64 KiB each and were built for every unit of a layer (64 MiB at 1024 units,
 #: held as long as the fitted chain: a capture of 6 (600, 1000) layers grew by 465 MB, now 49 MB). A
-#: per-unit codec keeps tables for rows tiles of at most this many units (16 MiB); column tiles (a table's
-#: 8192 rows of one unit, cheaper to search than to build a table for: 0.6 ms each) find the same codes by
-#: binary search on the 16-bit prefixes, rows tiles of more units in block tables (``MAX_BLOCK_BYTES``)
+#: per-unit codec's rows tiles use block tables (``MAX_BLOCK_BYTES``), and whole tables only where those
+#: would be too many and the tile has at most this many units (16 MiB); column tiles (a table's 8192 rows of
+#: one unit, cheaper to search than to build a table for: 0.6 ms each) find the same codes by binary search
+#: on the 16-bit prefixes. Block tables against whole ones, 8 MiB of float32 ReLU tiles, kbit:8:unit, 7
+#: alternating runs (medians, a busy VM): 16 / 64 / 128 / 256 units: built with the first tile 15 / 27 / 31 /
+#: 31 ms against 27 / 64 / 116 / 203 ms; later tiles 14 / 18 / 13 / 15 ms against 17 / 14 / 19 / 14 ms;
+#: 0.12 / 0.30 / 0.53 / 0.98 MiB kept against 1 / 4 / 8 / 16 MiB; the same bytes
 MAX_TABLE_UNITS = 256
 #: rows tiles of more than MAX_TABLE_UNITS units look their codes up in the units' tables cut into blocks of
 #: 256 prefixes (a factor of 4 of magnitude), each distinct block kept once (``_block_tables``): a unit's
@@ -734,18 +739,18 @@ class KBitCodec(ArrayCodec):
 
     @cached_property
     def _encode_tables(self) -> np.ndarray:
-        """(tables, 65536) uint8: per layer, or per unit for rows tiles of at most MAX_TABLE_UNITS units."""
+        """(tables, 65536) uint8: per layer, or per unit (``uses_tables``)."""
         edges, _ = self._fitted()
         return np.stack([_code_table(e) for e in edges])
 
     def uses_tables(self, spec: TileSpec) -> bool:
         """Whether ``encode`` looks ``spec``'s tile up in whole 16-bit tables (else: block tables for a per-unit
-        codec's wide rows tiles, or binary search)."""
+        codec's rows tiles, or binary search)."""
         if self.exact:
             return False
         if self.per == "layer":
             return True
-        return spec.unit is None and len(self._fitted()[0]) <= MAX_TABLE_UNITS
+        return spec.unit is None and self._block_tables is None and len(self._fitted()[0]) <= MAX_TABLE_UNITS
 
     def encode(self, tile: np.ndarray, spec: TileSpec) -> bytes | memoryview:
         """The packed codes, then, if the tile holds non-finite values, their patches (module docstring)."""
@@ -777,8 +782,8 @@ class KBitCodec(ArrayCodec):
 
     @cached_property
     def _block_tables(self) -> tuple[np.ndarray, np.ndarray] | None:
-        """A per-unit codec's tables for rows tiles of more than MAX_TABLE_UNITS units (``_block_tables``), built
-        at the first such tile and kept as long as the codec (None: the search)."""
+        """A per-unit codec's tables for rows tiles (``_block_tables``), built at the first such tile and kept
+        as long as the codec (None: whole tables or the search, see ``uses_tables``)."""
         edges, _ = self._fitted()
         return _block_tables(edges) if self.per == "unit" and not self.exact else None
 
