@@ -32,6 +32,7 @@ from mistiquefs.planner.policy import POLICIES, choose_kept
 from mistiquefs.sizes import size_in_bytes
 from mistiquefs.errors import CaptureError, MistiqueError, NotFound, UnsupportedModel, one_line
 from mistiquefs.store.describe import layer_info, model_info
+from mistiquefs.store.maintenance import reclaim_packs
 from mistiquefs.store.catalog import NewIntermediate
 from mistiquefs.store.records import IntermediateRecord
 from mistiquefs.store.repository import Repository
@@ -197,6 +198,13 @@ class Store:
         writer.commit(framework=adapter.framework, n_rows=n_rows, seconds=seconds, model_file=model_path,
                       info=info, keep=keep, budget=budget)
         self.repo.forget_records()  # a re-run read of this capture looks its model up there
+        if keep is not None:  # the chunks of the layers it did not keep lie in its packs: reclaimed now
+            try:
+                reclaim_packs(self.repo, {path.name for path in writer.packs.written})
+            except (MistiqueError, OSError) as exc:  # (the capture is committed: its garbage waits for a gc)
+                note = f"the chunks of the layers {writer.name} did not keep stay on disk until mistiquefs gc: {exc}"
+                notes.append(note)
+                warnings.warn(CaptureWarning(note), stacklevel=3)
         return _summary(writer.name, n_rows, writer.committed_layers, seconds, notes=tuple(notes))
 
     def _existing_summary(self, name: str) -> CaptureSummary:

@@ -186,16 +186,18 @@ def _incomplete_layers(repo: Repository, lost: list[tuple[int, int, bytes]]) -> 
             for (model, name), count in sorted(tiles.items())]
 
 
-def plan_gc(repo: Repository, compact_fraction: float = COMPACT_FRACTION) -> GcPlan:
-    """Which packs to delete and to compact, and which model files are orphans; changes nothing."""
+def plan_gc(repo: Repository, compact_fraction: float = COMPACT_FRACTION, only: set[str] | None = None) -> GcPlan:
+    """Which packs to delete and to compact, and which model files are orphans; changes nothing. ``only``:
+    those packs alone (``reclaim_packs``), and no model files."""
     rows = repo.catalog.chunk_rows()
     live = repo.catalog.referenced_chunk_ids()
-    uses = {path.name: PackUse(path.name, path.stat().st_size) for path in sorted(_packs_dir(repo).glob("*.pack"))}
+    uses = {path.name: PackUse(path.name, path.stat().st_size) for path in sorted(_packs_dir(repo).glob("*.pack"))
+            if only is None or path.name in only}
     lost = []
     for cid, loc in rows.items():
         use = uses.get(loc.pack)
         if use is None:
-            if cid not in live:
+            if cid not in live and only is None:
                 lost.append(cid)
         elif cid in live:
             use.live.append((cid, loc))
@@ -204,7 +206,23 @@ def plan_gc(repo: Repository, compact_fraction: float = COMPACT_FRACTION) -> GcP
     delete = [use for use in uses.values() if not use.live]
     compact = [use for use in uses.values() if use.live and use.garbage > compact_fraction * use.size]
     _refuse_to_delete_the_last_good_copy(repo, rows, live, delete + compact)
-    return GcPlan(delete, compact, lost, repo.orphan_model_files())
+    return GcPlan(delete, compact, lost, repo.orphan_model_files() if only is None else [])
+
+
+def reclaim_packs(repo: Repository, names: set[str]) -> GcReport:
+    """gc of the packs ``names`` alone, under the capture lock the caller holds, by the same steps: a
+    capture that kept only some of the layers it wrote (a budget, policy "auto") reclaims the chunks of
+    the others from its own packs at once, so the store's disk use is what it references, not that plus
+    every unkept layer until the next gc."""
+    report = GcReport()
+    plan = plan_gc(repo, only=names)
+    if plan.delete or plan.compact:
+        moves = copy_live_chunks(repo, plan, report)
+        report.chunks = commit_relocations(repo, plan, moves)
+        remove_files(repo, plan, report)
+        repo.catalog.note_gc()
+        repo.packs.retire_missing()
+    return report
 
 
 def _refuse_to_delete_the_last_good_copy(repo: Repository, rows: dict[bytes, ChunkLocation], live: set[bytes],
