@@ -32,6 +32,9 @@ def main(argv: list[str] | None = None) -> int:
             if name not in done:
                 # the classifier's probabilities too, as the layer model.predict_proba
                 report(store.capture(pipe.fit(X, y), X, name=name, methods=("predict_proba",)))
+            elif "model.predict_proba" not in store.layers(name):
+                print(f"{name} was captured without its probabilities (model.predict_proba); to add them: "
+                      f"mistiquefs rm {args.store} {name}, and run this again")
         images, _labels = digits_cnn.load_images()
         if not {"cnn_e1", "cnn_e2", "cnn_e3"} <= done:
             started = time.perf_counter()

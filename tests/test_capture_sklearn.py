@@ -16,6 +16,8 @@ from sklearn.decomposition import PCA
 from sklearn.feature_selection import SelectKBest
 from sklearn.impute import SimpleImputer
 from sklearn.linear_model import LinearRegression, LogisticRegression
+from sklearn.ensemble import VotingClassifier
+from sklearn.multioutput import ClassifierChain
 from sklearn.neighbors import KNeighborsClassifier
 from sklearn.pipeline import FeatureUnion, Pipeline
 from sklearn.preprocessing import FunctionTransformer, OneHotEncoder, StandardScaler
@@ -145,7 +147,7 @@ def test_methods_a_model_lacks_are_refused(wine: Any) -> None:
     array = X[NUMERIC].fillna(0.0).to_numpy()
     svc = Pipeline([("scale", StandardScaler()), ("svc", SVC())]).fit(array, y)
     with pytest.raises(CaptureError, match=r"'svc' \(SVC\) has no predict_proba; it has decision_function "
-                                           r".*probability=True"):
+                                           r".*probability=True, or wrapped in CalibratedClassifierCV\(SVC\(\)\)"):
         SklearnAdapter(svc, ("predict_proba",))
     assert [s.name for s in SklearnAdapter(svc, ("decision_function",)).run_batch(array[:3])] == \
         ["scale", "svc.decision_function", "svc"]
@@ -160,8 +162,18 @@ def test_methods_a_model_lacks_are_refused(wine: Any) -> None:
     with pytest.raises(CaptureError, match="names a method twice"):
         SklearnAdapter(svc, ("decision_function", "decision_function"))
     multi = KNeighborsClassifier(3).fit(array, np.stack([y, y[::-1]], axis=1))
-    with pytest.raises(CaptureError, match="several outputs, and its predict_proba returns one array for each"):
-        SklearnAdapter(multi, ("predict_proba",))
+    with pytest.raises(CaptureError, match=r"'kneighborsclassifier.predict_proba': KNeighborsClassifier.predict_proba "
+                                           r"returns one array for each of the model's outputs"):
+        SklearnAdapter(multi, ("predict_proba",)).run_batch(array[:5])
+    # a ClassifierChain has a list of classes_ too, but its probabilities are one array: captured
+    labels = np.stack([y == "class_0", y == "class_1", array[:, 0] > np.median(array[:, 0])], axis=1).astype(int)
+    chain = ClassifierChain(LogisticRegression(), random_state=0).fit(array, labels)
+    (proba, _predicted) = SklearnAdapter(chain, ("predict_proba",)).run_batch(array[:5])
+    np.testing.assert_array_equal(proba.array, chain.predict_proba(array[:5]))
+    voting = VotingClassifier([("a", LogisticRegression()), ("b", LogisticRegression(C=0.1))]).fit(array, y)
+    with pytest.raises(CaptureError, match="has no predict_proba.*voting='soft'"):
+        SklearnAdapter(voting, ("predict_proba",))
+    assert SklearnAdapter(svc, None).methods == ()
 
 
 def test_column_children_stack_to_the_container(pipe: Pipeline, wine: Any) -> None:

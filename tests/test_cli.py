@@ -18,6 +18,7 @@ from sklearn.preprocessing import StandardScaler
 
 import mistiquefs
 from mistiquefs.cli.main import main
+from mistiquefs.errors import CaptureError
 from conftest import FUSE_OK
 
 pd = pytest.importorskip("pandas")
@@ -82,6 +83,46 @@ def test_capture_method_adds_the_final_estimators_scores(tmp_path: Path, saved_p
     with pytest.raises(SystemExit):  # argparse: not one of the choices
         main([*argv, "--name", "q", "--method", "transform"])
     assert "invalid choice: 'transform'" in capsys.readouterr().err
+
+
+def test_method_with_a_keras_file_is_refused_before_tensorflow_loads(tmp_path: Path) -> None:
+    (tmp_path / "m.keras").write_bytes(b"not even a model")
+    np.save(tmp_path / "x.npy", np.zeros((3, 2), np.float32))
+    code = ("import sys; from mistiquefs.cli.main import main; "
+            f"rc = main(['capture', {str(tmp_path / 's')!r}, '--model', {str(tmp_path / 'm.keras')!r}, '--inputs', "
+            f"{str(tmp_path / 'x.npy')!r}, '--name', 'k', '--method', 'predict_proba']); "
+            "assert 'tensorflow' not in sys.modules and 'keras' not in sys.modules; sys.exit(rc)")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert done.returncode not in (0, 1), done.stderr  # a capture error, not a crash or the assertion
+    assert "--method (predict_proba) applies to scikit-learn models" in done.stderr
+    assert not (tmp_path / "s").exists()
+
+
+def test_skip_existing_says_when_the_stored_model_lacks_methods_asked_for(tmp_path: Path, saved_pipeline,
+                                                                          capsys) -> None:
+    model_path, inputs_path, _pipe, _frame = saved_pipeline
+    argv = ["capture", str(tmp_path / "store"), "--model", str(model_path), "--inputs", str(inputs_path),
+            "--no-progress", "--name", "p"]
+    assert main(argv) == 0
+    capsys.readouterr()
+    assert main([*argv, "--skip-existing", "--method", "predict_proba"]) == 0
+    out, err = capsys.readouterr()
+    assert "p is already in" in out and "skipped" in out
+    assert "p is already in the store without the stage(s) of predict_proba: skipped as it is" in err
+    with mistiquefs.open_store(tmp_path / "store", create=False) as store:
+        with pytest.raises(CaptureError, match="'nonsense' is not one of"):
+            store.capture(_pipe, _frame, name="p", skip_existing=True, methods=("nonsense",))
+        with pytest.warns(mistiquefs.CaptureWarning, match="without the stage"):
+            summary = store.capture(_pipe, _frame, name="p", skip_existing=True, methods="decision_function")
+        assert summary.skipped and "decision_function" in summary.notes[0]
+
+
+def test_an_empty_csv_is_said_to_be_empty(tmp_path: Path, saved_pipeline, capsys) -> None:
+    model_path, _inputs, _pipe, _frame = saved_pipeline
+    (tmp_path / "empty.csv").write_text("")
+    assert main(["capture", str(tmp_path / "s"), "--model", str(model_path), "--inputs",
+                 str(tmp_path / "empty.csv"), "--name", "e", "--no-progress"]) != 0
+    assert "empty.csv is empty: there is nothing to capture" in capsys.readouterr().err
 
 
 def test_a_failed_first_capture_leaves_no_store_and_a_failed_later_one_keeps_the_store(

@@ -358,3 +358,20 @@ def test_paths_are_computed_once(wine: Any) -> None:
     paths = adapter._paths
     adapter.run_stage(array[:2], "union__deep__pca")
     assert adapter._paths is paths and set(paths) == set(MODELS["union"][1])
+
+
+def test_a_capture_of_a_model_in_memory_gives_the_bits_its_saved_file_re_runs(tmp_path: Path) -> None:
+    """A fitted PCA (randomized solver) keeps ``components_`` in neither C nor F order; skops loads it C
+    ordered, BLAS takes other kernels, and every stage after it differed in the last bits between the
+    capture (the model in memory) and a re-run on read (its file): one file, two contents. The capture now
+    runs the model as its file loads."""
+    rng = np.random.default_rng(0)
+    X = rng.standard_normal((8000, 30))
+    pipe = Pipeline([("poly", PolynomialFeatures(2)), ("pca", PCA(8, svd_solver="randomized", random_state=0)),
+                     ("clf", LogisticRegression())]).fit(X, (X[:, 0] > 0).astype(int))
+    assert not pipe["pca"].components_.flags.c_contiguous  # (what made the difference)
+    with mistiquefs.open_store(tmp_path / "s") as store:
+        store.capture(pipe, X, name="kept", methods=("predict_proba",), progress=False)
+        store.capture(pipe, X, name="rerun", methods=("predict_proba",), policy="none", progress=False)
+        for stage in ("pca", "clf.predict_proba"):
+            assert _same(store.read("rerun", stage), store.read("kept", stage)), stage

@@ -30,6 +30,22 @@ from mistiquefs.errors import CaptureError, one_line
 #: the methods of a scikit-learn model's final estimator a capture may store beside its predictions, each as a
 #: stage of its own (``Store.capture(methods=...)``; see ``capture/sklearn.py``)
 RESPONSE_METHODS = ("predict_proba", "predict_log_proba", "decision_function", "score_samples")
+
+
+def check_methods(methods: Any) -> tuple[str, ...]:
+    """``methods`` (a capture's option: one name, several, or None) as a tuple of known, distinct names;
+    CaptureError otherwise."""
+    if methods is None:
+        return ()
+    names = (methods,) if isinstance(methods, str) else tuple(methods)
+    unknown = [method for method in names if method not in RESPONSE_METHODS]
+    if unknown:
+        raise CaptureError(f"methods: {', '.join(map(repr, unknown))} is not one of {', '.join(RESPONSE_METHODS)}")
+    if len(set(names)) != len(names):
+        raise CaptureError(f"methods: {', '.join(names)} names a method twice")
+    return names
+
+
 #: names the store uses for its own entries beside the stages of a model
 RESERVED_NAMES = frozenset({"input", "info.json"})
 #: the longest file name (bytes) a mount shows, as on local file systems; longer stage names are cut to
@@ -113,6 +129,11 @@ class Adapter(ABC):
     @abstractmethod
     def save_model(self, path: Path) -> None:
         """Write the model to ``path`` in a format that does not execute arbitrary code when loaded."""
+
+    def use_saved(self, path: Path) -> None:
+        """Capture with the model as the file ``save_model`` wrote at ``path`` loads, where that differs from
+        the model in memory in what it computes: re-runs on read load the file, and must give the captured
+        bits. Nothing by default."""
 
     def check_loads_elsewhere(self, path: Path) -> None:
         """CaptureError where the model saved at ``path`` needs something only this process has to load

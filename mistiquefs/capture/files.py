@@ -169,6 +169,8 @@ def _load_csv(path: Path, model: Any, header: bool | None = None) -> Any:
         first = _first_row(path)
     except OSError as exc:
         raise CaptureError(f"{path} is not a readable CSV file: {exc.strerror or exc}") from exc
+    if not first:  # (not even a header: an empty file, or blank lines only)
+        raise CaptureError(f"{path} is empty: there is nothing to capture")
     names = _model_names(model)
     text = _text_columns(model)
     header = _has_header(path, first, names, text, header)

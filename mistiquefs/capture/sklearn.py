@@ -12,7 +12,8 @@ Stages and their names (fixed once, when the adapter is built, so every batch yi
   its own named ``<final stage>.<method>`` (``model.predict_proba``), run on what ``predict`` gets and
   emitted just before the predictions, which stay the model's last stage. A method the final estimator
   does not have (``SVC`` without ``probability=True`` has no ``predict_proba``), a model with no final
-  predictor, and probabilities of a multi-output classifier (one array per output) are refused.
+  predictor, and probabilities of a multi-output classifier (one array per output; at the first batch, where the
+  method returns them) are refused.
 * ``Pipeline``, ``ColumnTransformer`` and ``FeatureUnion`` are containers and are recursed into, also
   when nested: each child is a stage named ``outer__inner`` (scikit-learn's own parameter convention),
   emitted before the container's own output, which is the stage named by the container's own name.
@@ -81,7 +82,8 @@ from sklearn.pipeline import FeatureUnion, Pipeline
 from sklearn.utils import _safe_indexing
 from sklearn.utils.validation import check_is_fitted
 
-from mistiquefs.capture.base import RESPONSE_METHODS, Adapter, StageOutput, check_unpacked_size, stage_file_name
+from mistiquefs.capture.base import (RESPONSE_METHODS, Adapter, StageOutput, check_methods, check_unpacked_size,
+                                     stage_file_name)
 from mistiquefs.capture.skops_trust import check_loaded, loaders_by_type, refusal
 from mistiquefs.errors import CaptureError, NotFound, one_line
 
@@ -91,7 +93,7 @@ Method = Literal["transform", "predict", "predict_proba", "predict_log_proba", "
                  "score_samples"]
 #: "response": a further method of the final estimator (``methods``), run beside its predict
 Kind = Literal["leaf", "pipeline", "columns", "union", "passthrough", "response"]
-#: those that give one array per output for a multi-output classifier (``classes_`` a list)
+#: the methods that give class probabilities
 _PER_OUTPUT_METHODS = ("predict_proba", "predict_log_proba")
 
 
@@ -203,15 +205,16 @@ def _responses(node: _Node, namer: _Namer, methods: tuple[str, ...]) -> list[_No
     for method in methods:
         if not hasattr(estimator, method):
             has = [m for m in RESPONSE_METHODS if hasattr(estimator, m)]
+            kind = type(estimator).__name__
+            hint = ""
+            if method in _PER_OUTPUT_METHODS and kind in ("SVC", "NuSVC"):
+                hint = (f" ({kind} gives probabilities when fitted with probability=True, or wrapped in "
+                        f"CalibratedClassifierCV({kind}()))")
+            elif method in _PER_OUTPUT_METHODS and kind == "VotingClassifier":
+                hint = " (a VotingClassifier has them with voting='soft')"
             raise CaptureError(
-                f"the final estimator {node.name!r} ({type(estimator).__name__}) has no {method}; "
-                + (f"it has {', '.join(has)}" if has else f"it has none of {', '.join(RESPONSE_METHODS)}")
-                + (" (SVC and NuSVC have predict_proba only when fitted with probability=True)"
-                   if method == "predict_proba" and type(estimator).__name__ in ("SVC", "NuSVC") else ""))
-        if method in _PER_OUTPUT_METHODS and isinstance(getattr(estimator, "classes_", None), list):
-            raise CaptureError(
-                f"the final estimator {node.name!r} ({type(estimator).__name__}) has several outputs, and its "
-                f"{method} returns one array for each; mistiquefs captures stages of one array")
+                f"the final estimator {node.name!r} ({kind}) has no {method}; "
+                + (f"it has {', '.join(has)}" if has else f"it has none of {', '.join(RESPONSE_METHODS)}") + hint)
         responses.append(_Node(namer.claim(f"{node.name}.{method}"), estimator, "response", method))
     return responses
 
@@ -259,11 +262,7 @@ def _plan_union_children(fu: FeatureUnion, prefix: str, namer: _Namer) -> tuple[
 def _build_plan(model: Any, methods: tuple[str, ...] = ()) -> _Node:
     """The root node; a top-level Pipeline has no name (its steps are the top-level stages), nor has the
     one-step pipeline a bare estimator becomes where ``methods`` add stages beside its predictions."""
-    unknown = [method for method in methods if method not in RESPONSE_METHODS]
-    if unknown:
-        raise CaptureError(f"methods: {', '.join(map(repr, unknown))} is not one of {', '.join(RESPONSE_METHODS)}")
-    if len(set(methods)) != len(methods):
-        raise CaptureError(f"methods: {', '.join(methods)} names a method twice")
+    methods = check_methods(methods)
     namer = _Namer()
     if isinstance(model, Pipeline):
         children = _plan_steps(model, None, namer, final=True, methods=methods)
@@ -379,6 +378,13 @@ def _num_rows(X: Any) -> int:
 
 def _to_array(result: Any, node: _Node, rows: int) -> np.ndarray:
     """``result`` as a dense array with a dtype every batch shares (see the module docstring)."""
+    if node.kind == "response" and isinstance(result, list):
+        # a multi-output classifier's probabilities (MultiOutputClassifier, a multi-output forest: one array per
+        # output, of as many columns as that output has classes); a ClassifierChain's are one array
+        raise CaptureError(
+            f"stage {node.name!r}: {type(node.estimator).__name__}.{node.method} returns one array for each of the "
+            f"model's outputs, and mistiquefs captures stages of one array; capture {node.method} of each "
+            "output's estimator on its own, or leave it out")
     if scipy.sparse.issparse(result):
         array = result.toarray()
     elif _is_dataframe(result):  # set_output(transform="pandas")
@@ -833,10 +839,10 @@ class SklearnAdapter(Adapter):
     #: rows of the batch that measures the stages' widths
     probe_rows = 64
 
-    def __init__(self, model: Any, methods: tuple[str, ...] | list[str] = ()) -> None:
+    def __init__(self, model: Any, methods: tuple[str, ...] | list[str] | None = ()) -> None:
         super().__init__(model)
         #: the final estimator's further methods captured as stages (see the module docstring)
-        self.methods = tuple(methods)
+        self.methods = check_methods(methods)
         self._plan = _build_plan(model, self.methods)
         self._stages = _iter_stages(self._plan)
         self._nodes = {node.name: node for node in self._stages}
@@ -999,6 +1005,24 @@ class SklearnAdapter(Adapter):
 
     def inputs_from_stored(self, stored: np.ndarray) -> Any:
         return inputs_from_stored(stored, self.model)
+
+    def use_saved(self, path: Path) -> None:
+        """The model as skops loads it back: a fitted array's memory layout can change on the way (PCA's
+        randomized ``components_``: neither C- nor F-ordered when fitted, C-ordered loaded), and with it the
+        BLAS kernels and the last bits of every stage after it (probabilities differed by up to 8.9e-16), so a
+        capture of the model in memory and a re-run of its file gave one file two contents. A model that does
+        not load safely is captured as it is (nothing re-runs it)."""
+        try:
+            loaded = load_model(path)
+        except CaptureError:
+            return
+        plan = _build_plan(loaded, self.methods)
+        if [node.name for node in _iter_stages(plan)] != [node.name for node in self._stages]:
+            return  # (cannot happen for a faithful round trip; the stages must not change mid-capture)
+        self.model, self._plan = loaded, plan
+        self._stages = _iter_stages(plan)
+        self._nodes = {node.name: node for node in self._stages}
+        self._paths = _stage_paths(plan)
 
     def save_model(self, path: Path) -> None:
         import skops.io

@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from mistiquefs.capture.base import RESPONSE_METHODS
-from mistiquefs.errors import MistiqueError
+from mistiquefs.errors import CaptureError, MistiqueError
 from mistiquefs.store.describe import format_size
 
 
@@ -151,6 +151,9 @@ def _capture(args: argparse.Namespace) -> int:
         schemes.setdefault(glob, scheme)
     SchemePolicy.parse(schemes)  # a bad scheme or name fails before the model is loaded or the store made
     check_model_name(args.name)
+    if args.methods and args.model.suffix.lower() == ".keras":  # (said before TensorFlow is imported)
+        raise CaptureError(f"--method ({', '.join(args.methods)}) applies to scikit-learn models; a Keras model's "
+                           "every layer is captured already")
     model = load_model_file(args.model, trust_pickle=args.trust_pickle)
     # the model decides how a CSV's columns are read
     inputs = load_inputs_file(args.inputs, model, header={"auto": None, "yes": True, "no": False}[args.csv_header])

@@ -27,6 +27,7 @@ from mistiquefs.codecs.fidelity import ErrorStats
 from mistiquefs.codecs.lossless import BytesCodec
 from mistiquefs.errors import CaptureError
 from mistiquefs.store.catalog import Catalog, NewIntermediate
+from mistiquefs.store.describe import format_size
 from mistiquefs.store.layout import choose_layout, split_block
 from mistiquefs.store.memo import Encoded, EncodeMemo, chain_key
 from mistiquefs.store.packs import ChunkLocation, PackWriter, chunk_id, compress, fsync_dir, fsync_path
@@ -289,8 +290,9 @@ def over_budget(budget: int, used: int, required: list[str]) -> CaptureError:
     store reference ``used`` bytes, over ``budget``."""
     summaries = [name for name in required if name != "input"]
     what = f"inputs and summaries ({', '.join(summaries)})" if summaries else "inputs"
-    return CaptureError(f"the budget of {budget} bytes cannot hold even this capture's {what} (the store "
-                        f"would reference {used} bytes): raise it, or remove models (mistiquefs rm, gc)")
+    return CaptureError(f"the budget of {format_size(budget)} ({budget} bytes) cannot hold even this capture's "
+                        f"{what} (the store would reference {format_size(used)}): raise it, or remove models "
+                        "(mistiquefs rm, gc)")
 
 
 class CaptureWriter:
