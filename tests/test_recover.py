@@ -21,17 +21,10 @@ import mistiquefs
 from mistiquefs.cli.main import main
 from mistiquefs.errors import DamageFound
 from mistiquefs.store.repository import Repository
+from test_maintenance import flip
 from test_store import layer
 
 N = 10_000  # two column blocks (8192 rows each) of the table layers
-
-
-def _flip(path: Path, offset: int) -> None:
-    with open(path, "r+b") as f:
-        f.seek(offset)
-        byte = f.read(1)
-        f.seek(offset)
-        f.write(bytes([byte[0] ^ 0x5A]))
 
 
 def _damage(store: Path, model: str, name: str, tile: int) -> None:
@@ -42,7 +35,7 @@ def _damage(store: Path, model: str, name: str, tile: int) -> None:
         _t, _cid, loc = repo.catalog.tiles(layer(repo, model, name).id)[tile]
     finally:
         repo.close()
-    _flip(store / "packs" / loc.pack, loc.offset + loc.stored_length // 2)
+    flip(store / "packs" / loc.pack, loc.offset + loc.stored_length // 2)
 
 
 def _npy(array: np.ndarray) -> bytes:
