@@ -563,14 +563,14 @@ def test_eviction_loads_each_model_once_without_the_capture_lock_and_keeps_warm_
     loads: list[tuple[str, bool]] = []
     real = rerunner._loader
 
-    def loader(framework: str, path: str):
+    def loader(framework: str, path: str, methods: tuple[str, ...] = ()):
         try:
             with repo.capture_lock("probe"):
                 held = False
         except StoreError:
             held = True
         loads.append((Path(path).name, held))
-        return real(framework, path)
+        return real(framework, path, methods)
 
     rerunner._loader = loader
     dropped = planner.materializer.enforce()

@@ -27,6 +27,7 @@ import sys
 import threading
 from dataclasses import dataclass
 
+from mistiquefs.capture.base import RESPONSE_METHODS
 from mistiquefs.store.records import COLUMNS, IntermediateRecord, ModelRecord
 
 #: weight of a new observation in the moving averages
@@ -150,12 +151,23 @@ class _Stage:
     seconds: float              # its whole time (a container's includes its parts'), as captured
     children: list[_Stage]
     in_sequence: bool           # a Pipeline: each child gets the previous one's output
+    beside: bool = False        # a final estimator's further method (``_beside``): no other stage runs it
+
+
+def _beside(name: str, names: set[str]) -> bool:
+    """Whether stage ``name`` is a further method of a final estimator, ``<final>.<method>`` (a capture's
+    ``methods=``): emitted just before the predictions, but beside the flow (capture/sklearn.py ``_raw``
+    passes its input on), so a re-run of the predictions, or of anything else, never calls it. Counted as a
+    step before them, a KNN's predict_proba doubled the estimate of re-running its predictions."""
+    base, dot, method = name.rpartition(".")
+    return bool(dot) and method in RESPONSE_METHODS and base in names
 
 
 def _stage_tree(stages: list[tuple[str, float]], classes: dict[str, str]) -> list[_Stage]:
     """The top-level stages, each with the stages inside it. A container ``outer`` is emitted right after
     its parts ``outer__inner`` (capture/sklearn.py: names follow scikit-learn's ``__`` convention, which
     step names may not contain otherwise; Keras layers have no such parts)."""
+    names = {name for name, _seconds in stages}
     top: list[_Stage] = []
     for name, seconds in stages:
         if name == "input":
@@ -164,31 +176,34 @@ def _stage_tree(stages: list[tuple[str, float]], classes: dict[str, str]) -> lis
         while top and top[-1].name.startswith(name + "__"):
             children.append(top.pop())
         children.reverse()
-        top.append(_Stage(name, seconds, children, _in_sequence(name, seconds, children, classes)))
+        top.append(_Stage(name, seconds, children, _in_sequence(name, seconds, children, classes),
+                          _beside(name, names)))
     return top
 
 
 def _in_sequence(name: str, seconds: float, children: list[_Stage], classes: dict[str, str]) -> bool:
     """Whether container ``name`` is a Pipeline: by its recorded class, else (a capture's own records, which
     have no classes) by its time, which the sklearn adapter records for a Pipeline as the sum of its direct
-    children's (a ColumnTransformer's or FeatureUnion's is a measurement of its own transform call)."""
+    children's, further methods of its final step left out (a ColumnTransformer's or FeatureUnion's is a
+    measurement of its own transform call)."""
     if not children:
         return True
     known = classes.get(name)
     if known is not None:
         return known.rsplit(".", 1)[-1] not in SIDE_BY_SIDE
-    return math.isclose(seconds, sum(child.seconds for child in children), rel_tol=1e-9)
+    return math.isclose(seconds, sum(child.seconds for child in children if not child.beside), rel_tol=1e-9)
 
 
 def rerun_stages(stages: list[tuple[str, float]], target: str, classes: dict[str, str] | None = None) -> list[_Stage]:
     """The stages a re-run of ``target`` runs whole, as the sklearn adapter's ``run_stage`` does: in the model
     and in each Pipeline on the way down to ``target``, the steps before the one that leads to it; then
     ``target`` itself (its parts included in its time). Not the siblings of a ColumnTransformer's or
-    FeatureUnion's part, nor anything after it. (A Keras stage: every stage before it.)"""
+    FeatureUnion's part, nor a final estimator's further methods (``_beside``), nor anything after it. (A
+    Keras stage: every stage before it.)"""
 
     def walk(level: list[_Stage], in_sequence: bool) -> list[_Stage] | None:
         for i, stage in enumerate(level):
-            before = level[:i] if in_sequence else []
+            before = [s for s in level[:i] if not s.beside] if in_sequence else []
             if stage.name == target:
                 return [*before, stage]
             if target.startswith(stage.name + "__"):
@@ -205,8 +220,10 @@ def rerun_stages(stages: list[tuple[str, float]], target: str, classes: dict[str
 
 def _calls(stage: _Stage) -> int:
     """Estimator calls running ``stage`` whole makes: a Pipeline's steps; a ColumnTransformer's or
-    FeatureUnion's own transform and, inside it, its parts'; a leaf's one."""
-    return (0 if stage.children and stage.in_sequence else 1) + sum(_calls(child) for child in stage.children)
+    FeatureUnion's own transform and, inside it, its parts'; a leaf's one (a Pipeline's final estimator's
+    further methods are not called when the Pipeline runs)."""
+    return (0 if stage.children and stage.in_sequence else 1) + \
+        sum(_calls(child) for child in stage.children if not child.beside)
 
 
 def _overhead_units(model: ModelRecord, layers: list[IntermediateRecord], rec: IntermediateRecord) -> int:
@@ -231,6 +248,7 @@ class CostModel:
         self.load_seconds: dict[str, float] = {}      # framework -> observed model load (import excluded)
         self.assemble_seconds_per_byte = ASSEMBLE_SECONDS_PER_BYTE
         self._seen_assembly = False
+        self._model_of: dict[int, int] = {}           # layer id -> its model's id, for the layers re-run
 
     # ---- estimates ---------------------------------------------------------------------------------
     def read_seconds(self, rec: IntermediateRecord, tiles: int, raw_bytes: int) -> float:
@@ -240,15 +258,23 @@ class CostModel:
         return tiles * self.tile_seconds + raw_bytes * per_byte
 
     def rerun_seconds(self, model: ModelRecord, layers: list[IntermediateRecord], rec: IntermediateRecord,
-                      rows: int, *, warm: bool, traced: bool, input_seconds: float) -> float:
-        batch = int(model.info.get("batch_size") or 256)
-        calls = -(-rows // batch)
+                      rows: int, *, warm: bool, traced: bool, input_seconds: float,
+                      piece_rows: int | None = None) -> float:
+        """Re-running ``rows`` rows of ``rec``: in one re-run whose calls' outputs are joined into one array
+        (``piece_rows`` None: ``Store.read``), or streamed as separate re-runs of ``piece_rows`` rows each
+        (a mount's ``all.npy``: one call per piece of at most a batch, nothing joined)."""
+        batch = max(int(model.info.get("batch_size") or 256), 1)
+        run = rows if piece_rows is None else max(min(piece_rows, rows), 1)  # rows of one re-run
+        pieces = -(-rows // run) if rows else 0
+        calls = pieces * -(-run // batch) if piece_rows is not None else -(-rows // batch)
         stages, per_row = _stage_costs(model, layers, rec)
         overhead = self.call_seconds.get(model.id, CALL_SECONDS.get(model.framework, 1e-3)) + stages
         load = 0.0 if warm else self.load_estimate(model.framework)
         trace = 0.0 if traced else TRACE_SECONDS.get(model.framework, 0.0)
         per_row *= self.factor.get(rec.id, 1.0)
-        assemble = rows * rec.row_size * self.assemble_seconds_per_byte if rows > batch else 0.0
+        # joined only where one re-run makes several calls: a mount's pieces are a call each, and charging
+        # them the join (~1 ns/B, as much as decoding) made its whole-layer re-runs look up to twice as slow
+        assemble = rows * rec.row_size * self.assemble_seconds_per_byte if run > batch else 0.0
         return load + trace + input_seconds + calls * overhead + rows * per_row + assemble
 
     def load_estimate(self, framework: str) -> float:
@@ -299,6 +325,7 @@ class CostModel:
         stages, per_row = _stage_costs(model, layers, rec)
         with self._lock:
             self.observations += 1
+            self._model_of[rec.id] = model.id
             overhead = self.call_seconds.get(model.id, CALL_SECONDS.get(model.framework, 1e-3))
             if rows <= 2 or per_row <= 0:  # a tiny call measures the overhead (the first one replaces the prior)
                 seen = max(seconds - rows * per_row - stages, 0.0)
@@ -308,3 +335,14 @@ class CostModel:
             factor = max(seconds - overhead - stages, 0.0) / (rows * per_row)
             old = self.factor.get(rec.id, factor)
             self.factor[rec.id] = (1 - ALPHA) * old + ALPHA * factor
+
+    def forget(self, layers: set[int]) -> None:
+        """Drop what was learned of ``layers``, which are gone from the catalog, and of their models once
+        none of their layers is left (ids are never reused: a mount of a store that keeps capturing and
+        removing models kept a factor and an overhead for every layer and model it ever re-ran)."""
+        with self._lock:
+            models = {self._model_of.pop(ident) for ident in layers if ident in self._model_of}
+            for ident in layers:
+                self.factor.pop(ident, None)
+            for model in models - set(self._model_of.values()):
+                self.call_seconds.pop(model, None)

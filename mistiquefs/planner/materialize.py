@@ -118,8 +118,13 @@ class Materializer:
         """Seconds one whole-layer query saves by reading ``rec`` instead of re-running it (cold: what a
         later query would pay)."""
         planner = self.planner
-        rerun = planner.rerun_seconds(rec, 0, rec.n_rows, rec.n_rows)
+        rerun = planner.rerun_seconds(rec, 0, rec.n_rows, rec.n_rows, streamed=True)
         return rerun - planner.cost.read_seconds(rec, *planner.tiles_touched(rec, "all"))
+
+    def forget(self, layers: set[int]) -> None:
+        """Drop the measured sizes of ``layers``, which are gone from the catalog (ids are never reused)."""
+        for ident in layers:
+            self._sizes.pop(ident, None)
 
     def stored_size(self, rec: IntermediateRecord) -> float:
         """Bytes storing ``rec`` adds to the store: measured by an earlier write of it, else guessed."""
@@ -146,8 +151,8 @@ class Materializer:
         """Whether to store ``rec`` now (``wants``: a catalog query), and if so, store it from ``pieces()``
         (its re-run rows, if still cached), all on a thread of its own: this is called as a re-read file
         is released, on the daemon's event loop, which must not wait on the catalog."""
-        threading.Thread(target=self._consider, args=(rec, queries, pieces), name="mistiquefs-materialize",
-                         daemon=True).start()
+        _start(threading.Thread(target=self._consider, args=(rec, queries, pieces), name="mistiquefs-materialize",
+                                daemon=True), f"deciding whether to materialize {rec.name}")
 
     def _consider(self, rec: IntermediateRecord, queries: int,
                   pieces: Callable[[], list[np.ndarray] | None]) -> None:
@@ -162,8 +167,10 @@ class Materializer:
     def store_from_cache(self, rec: IntermediateRecord, pieces: list[np.ndarray]) -> None:
         """Write ``rec`` from the re-run ``pieces`` (its rows in order) in a background thread."""
         if pieces and self._claim(rec):
-            threading.Thread(target=self._store, args=(rec, pieces), name="mistiquefs-materialize",
-                             daemon=True).start()
+            if not _start(threading.Thread(target=self._store, args=(rec, pieces), name="mistiquefs-materialize",
+                                           daemon=True), f"materializing {rec.name}"):
+                with self._lock:
+                    self._busy.discard(rec.id)
 
     def _claim(self, rec: IntermediateRecord) -> bool:
         """Whether this caller stores ``rec`` (no other thread is storing it); ``_store`` lets it go."""
@@ -212,6 +219,9 @@ class Materializer:
                     dropped = self._enforce(new)
                 except StoreError as exc:  # a capture or gc holds the lock
                     log.info("%s stays stored over the budget until a later open's check: %s", self._name(rec), exc)
+                except Exception:  # (written all the same: not a failed materialization)
+                    log.exception("%s stays stored over the budget until a later open's check, which failed",
+                                  self._name(rec))
             changed |= {d.id for d in dropped}
             if rec.id in {d.id for d in dropped}:
                 log.info("materialization of %s undone: its %d stored bytes are worth less than what the budget "
@@ -263,7 +273,10 @@ class Materializer:
             if self._enforcing or now - self._enforce_tried < ENFORCE_RETRY_SECONDS:
                 return
             self._enforcing, self._enforce_tried = True, now
-        threading.Thread(target=self.enforce, name="mistiquefs-budget", daemon=True).start()
+        if not _start(threading.Thread(target=self.enforce, name="mistiquefs-budget", daemon=True),
+                      "the budget check"):
+            with self._lock:  # a later open tries again
+                self._enforcing = False
 
     def enforce(self) -> list[IntermediateRecord]:
         """Drop layers (``evict``) while the store is over the budget; returns the dropped layers."""
@@ -276,7 +289,11 @@ class Materializer:
             log.info("the budget check waits for a later open: %s", exc)
             again = True
         except Exception:
-            log.exception("enforcing the budget of %d bytes failed", self.budget)
+            # (a full disk as rows are dropped, a model removed meanwhile): a later open tries again, at most
+            # every ENFORCE_RETRY_SECONDS. Ended for good, the store stayed over its budget, and as nothing
+            # fits a store over its budget, the mount never materialized again
+            log.exception("enforcing the budget of %d bytes failed; a later open tries again", self.budget)
+            again = True
         finally:
             with self._lock:
                 self._enforcing, self._enforce_pending = False, again
@@ -288,16 +305,16 @@ class Materializer:
         """One eviction pass. What takes seconds (loading models, reading their inputs) is done first, without
         the capture lock: a capture meanwhile is not refused (a mount held the lock ~6.5 s importing scikit-learn
         and Keras). Then, under the lock, ``evict`` plans again on the catalog as it is then, and drops."""
-        used = self.repo.catalog.referenced_bytes()
-        if used <= self.budget:
-            self._kept_open = False
-            return []
-        vetting = _Vetting()
-        self._plan(used, self._candidates()[0], vetting, new)
         try:
+            used = self.repo.catalog.referenced_bytes()
+            if used <= self.budget:
+                self._kept_open = False
+                return []
+            vetting = _Vetting()
+            self._plan(used, self._candidates()[0], vetting, new)
             with self._writing, self.repo.capture_lock("materialization"):
                 return self.evict(vetting, new)
-        except StoreError:
+        except Exception:
             if new is not None:  # the new layer keeps the store over its budget until a later open's check
                 with self._lock:
                     self._enforce_pending = True
@@ -429,6 +446,14 @@ class Materializer:
             if version.get(ident) != seen or ident not in remaining or not unit.isdisjoint(chosen) \
                     or not all(i in remaining for i in unit):
                 continue  # weighed again since, or gone
+            now = weights.gain(unit, chosen)
+            if now != gain:
+                # A unit weighed through a member the last choices did not touch, while another member shares
+                # chunks with what they chose: it frees more now. Counted at its old gain, the bytes freed fell
+                # short of the real ones, the budget seemed not to hold, and units it did not need stayed chosen
+                # (layers A-B and B-C sharing chunks: a small fourth layer dropped for nothing)
+                heapq.heappush(heap, (weights.key(unit, now), next(order), ident, seen, unit, now))
+                continue
             refused = [i for i in unit if not vet(remaining[i])]
             if refused:  # not droppable after all: choose again without them
                 for i in refused:
@@ -537,6 +562,18 @@ class Materializer:
         except Exception:  # a removed model, a catalog that does not read: the log line still goes out
             model = f"#{rec.model_id}"
         return f"model {model}, layer {rec.name}"
+
+
+def _start(thread: threading.Thread, what: str) -> bool:
+    """Start ``thread``; False (and a log line) where no thread can be had (``can't start new thread``: a
+    process at its thread limit). This is background work started by a file's open or release: failing it
+    made that open EIO, and left the budget check marked as running, so no later open tried it again."""
+    try:
+        thread.start()
+    except RuntimeError as exc:
+        log.warning("%s is put off: %s", what, exc)
+        return False
+    return True
 
 
 @dataclass

@@ -169,7 +169,7 @@ class Planner:
             read_s = self.cost.read_seconds(rec, *self.tiles_touched(rec, kind)) * uncached(read_view)
         rerun_s = math.inf
         if rerun_view is not None:
-            rerun_s = self.rerun_seconds(rec, *span, rows) * uncached(rerun_view)
+            rerun_s = self.rerun_seconds(rec, *span, rows, streamed=kind != "row") * uncached(rerun_view)
         return Estimate(read_s, rerun_s)
 
     def estimate_rows(self, rec: IntermediateRecord, start: int, stop: int) -> Estimate:
@@ -182,13 +182,16 @@ class Planner:
             rerun_s = self.rerun_seconds(rec, lo, hi, max(hi - lo, 2 if hi > lo else 0))
         return Estimate(read_s, rerun_s)
 
-    def rerun_seconds(self, rec: IntermediateRecord, start: int, stop: int, rows: int) -> float:
-        """Re-running ``rows`` rows of ``rec``, reading the inputs ``[start, stop)`` for it."""
+    def rerun_seconds(self, rec: IntermediateRecord, start: int, stop: int, rows: int, *,
+                      streamed: bool = False) -> float:
+        """Re-running ``rows`` rows of ``rec``, reading the inputs ``[start, stop)`` for it: in one re-run
+        (``run_rows``), or ``streamed`` piece by piece as a mount's whole-layer files are (``piece_rows``)."""
         model, layers = self.model_and_layers(rec)
         inp = self._input_of(rec)
         input_s = self.cost.read_seconds(inp, *self.rows_touched(inp, start, stop))
         return self.cost.rerun_seconds(model, layers, rec, rows, warm=self.rerunner.is_warm(model),
-                                       traced=self.rerunner.traced(model, rec), input_seconds=input_s)
+                                       traced=self.rerunner.traced(model, rec), input_seconds=input_s,
+                                       piece_rows=self.piece_rows(rec, model) if streamed else None)
 
     @staticmethod
     def rows_touched(rec: IntermediateRecord, start: int, stop: int) -> tuple[int, int]:
@@ -231,13 +234,18 @@ class Planner:
                         lambda _b: self.repo.reader(rec).gather_column(index, rows_stream))
         return NpyView(npy_header(dtype, (rec.n_rows,)), column, 0, column.length)
 
-    def _rerun_rows_stream(self, rec: IntermediateRecord) -> Stream:
-        model, _ = self.model_and_layers(rec)
+    @staticmethod
+    def piece_rows(rec: IntermediateRecord, model: ModelRecord) -> int:
+        """Rows of one re-run piece of ``rec``'s whole-layer files, each re-run on its own."""
         batch = int(model.info.get("batch_size") or 256)
-        piece_rows = batch  # the capture's batches: bit-identical for every framework
         if EXACT_ANY_BATCH.get(model.framework, False):
             # at least 2: a 1-row piece runs as two rows (a lone row's kernels differ), doing twice the work
-            piece_rows = max(2, min(batch, RERUN_PIECE_BYTES // max(1, rec.row_size)))
+            return max(2, min(batch, RERUN_PIECE_BYTES // max(1, rec.row_size)))
+        return batch  # the capture's batches: bit-identical for every framework
+
+    def _rerun_rows_stream(self, rec: IntermediateRecord) -> Stream:
+        model, _ = self.model_and_layers(rec)
+        piece_rows = self.piece_rows(rec, model)
         return Stream(piece_rows * rec.row_size, rec.n_rows * rec.row_size,
                       lambda b: ("rerun-rows", rec.id, b),
                       lambda b: self.run_rows(rec, b * piece_rows, min((b + 1) * piece_rows, rec.n_rows)))
@@ -335,11 +343,15 @@ class Planner:
             return {entry.rec.id for entry in self._open.values() if entry.plan.choice == "read"}
 
     def forget_layers(self, removed: set[int]) -> None:
-        """Drop the query figures of layers that are gone from the catalog."""
+        """Drop the query figures of layers that are gone from the catalog, and what the cost model and the
+        materializer learned of them."""
         if removed:
             with self._lock:
                 for ident in removed:
                     self.stats.pop(ident, None)
+            self.cost.forget(removed)
+            if self.materializer is not None:
+                self.materializer.forget(removed)
 
     def records_changed(self, changed: set[int] = frozenset()) -> None:
         """This planner changed the catalog (the layers ``changed``, among others it may have counted)."""
