@@ -16,29 +16,11 @@ from sklearn.pipeline import Pipeline
 from sklearn.preprocessing import PolynomialFeatures, StandardScaler
 
 import mistiquefs
-from mistiquefs.fs.tree import ROOT, Tree
+from mistiquefs.fs.tree import Tree
 from mistiquefs.planner import cost, materialize
 from mistiquefs.planner.planner import RERUN_PIECE_BYTES, Planner
-from mistiquefs.store.records import IntermediateRecord
 from mistiquefs.store.repository import Repository
-
-
-def record(repo: Repository, model: str, layer: str) -> IntermediateRecord:
-    repo.forget_records()
-    ident = next(m.id for m in repo.models() if m.name == model)
-    return next(r for r in repo.layers_of(ident) if r.name == layer)
-
-
-def inode(tree: Tree, model: str, layer: str, name: str = "all.npy") -> int:
-    return tree.lookup(tree.lookup(tree.lookup(ROOT, model.encode()), layer.encode()), name.encode())
-
-
-def read_file(tree: Tree, ino: int) -> bytes:
-    tree.opened(ino)
-    try:
-        return bytes(tree.read(ino, 0, tree.attr(ino).size))
-    finally:
-        tree.released(ino)
+from test_materialize import inode, read_file, record
 
 
 def settle(timeout: float = 60.0) -> None:
@@ -302,8 +284,6 @@ def test_a_budget_check_that_fails_is_tried_again_at_a_later_open(tmp_path: Path
     """Only a capture lock held by another process made a later open try the budget check again; any other
     error (here the disk full as a layer's rows are dropped) ended it for good: the store stayed over its
     budget, and as nothing fits a store over its budget, the mount never materialized anything again."""
-    import sqlite3
-
     pipe, x = scale_pca(20000, 16, 8)
     with mistiquefs.open_store(tmp_path / "s") as store:
         store.capture(pipe, x, name="m", progress=False)
@@ -313,15 +293,7 @@ def test_a_budget_check_that_fails_is_tried_again_at_a_later_open(tmp_path: Path
         planner = Planner(repo, budget=budget)
         tree = Tree(repo, planner)
         monkeypatch.setattr(materialize, "ENFORCE_RETRY_SECONDS", 0.0)
-        unmaterialize, failures = repo.catalog.unmaterialize, []
-
-        def disk_full(ident: int) -> int:
-            if not failures:
-                failures.append(ident)
-                raise sqlite3.OperationalError("database or disk is full")
-            return unmaterialize(ident)
-
-        monkeypatch.setattr(repo.catalog, "unmaterialize", disk_full)
+        failures = fail_once_disk_full(repo, monkeypatch)
         read_file(tree, inode(tree, "m", "input", "0.npy"))  # the first open: its check fails
         settle()
         assert failures and repo.catalog.referenced_bytes() > budget
@@ -333,13 +305,27 @@ def test_a_budget_check_that_fails_is_tried_again_at_a_later_open(tmp_path: Path
         repo.close()
 
 
+def fail_once_disk_full(repo: Repository, monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    """The catalog's first ``unmaterialize`` fails as on a full disk; the ids it failed for."""
+    import sqlite3
+
+    unmaterialize, failures = repo.catalog.unmaterialize, []
+
+    def disk_full(ident: int) -> int:
+        if not failures:
+            failures.append(ident)
+            raise sqlite3.OperationalError("database or disk is full")
+        return unmaterialize(ident)
+
+    monkeypatch.setattr(repo.catalog, "unmaterialize", disk_full)
+    return failures
+
+
 def test_a_write_whose_budget_check_fails_leaves_the_check_to_a_later_open(tmp_path: Path,
                                                                            monkeypatch: pytest.MonkeyPatch) -> None:
     """A materialization left the store over its budget (its size guessed low) and the layer to drop instead
     was worth less; that drop failed (the disk full): logged as a failed materialization, though the layer
     was written, and nothing tried the budget again."""
-    import sqlite3
-
     from mistiquefs.planner.planner import LayerStats
 
     monkeypatch.setattr(materialize, "GUESSED_RATIO", 2.0)
@@ -357,15 +343,7 @@ def test_a_write_whose_budget_check_fails_leaves_the_check_to_a_later_open(tmp_p
         settle()
         planner.stats[record(repo, "a", "pca").id] = LayerStats(queries=1)
         planner.stats[record(repo, "b", "pca").id] = LayerStats(queries=400)
-        unmaterialize, failures = repo.catalog.unmaterialize, []
-
-        def disk_full(ident: int) -> int:
-            if not failures:
-                failures.append(ident)
-                raise sqlite3.OperationalError("database or disk is full")
-            return unmaterialize(ident)
-
-        monkeypatch.setattr(repo.catalog, "unmaterialize", disk_full)
+        failures = fail_once_disk_full(repo, monkeypatch)
         read_file(tree, inode(tree, "b", "pca"))  # re-run, then written: over the budget, a's pca to go
         settle()
         assert failures and record(repo, "b", "pca").stored and repo.catalog.referenced_bytes() > budget
