@@ -46,48 +46,67 @@ class Recovered:
 def rederive_lost(repo: Repository, lost: list[tuple[int, int, bytes]], loader: Loader | None = None) -> Recovered:
     """Recompute the lost chunks of ``lost`` ((layer id, tile, chunk id) of tiles whose chunk exists
     nowhere) that a re-run of their model gives back exactly; write them to a new pack and fsync it. The
-    caller indexes ``chunks`` in the catalog (under the capture lock it holds)."""
+    caller indexes ``chunks`` in the catalog (under the capture lock it holds).
+
+    A chunk is made once, by the first layer that can (dedup: several layers, of several models, may share
+    it), and every tile that uses it is among ``tiles``; a layer is named in ``failures`` only for chunks
+    that did not come back. A block whose re-run fails (its inputs damaged there) fails alone: the layer's
+    other blocks are still tried. The re-runs read the stored inputs through the catalog, so a chunk of
+    some model's inputs made again here serves that model's re-runs only once it is indexed: the caller
+    tries again then (``store.check._remake``)."""
+    out = Recovered()
+    try:
+        # Re-runs find models and layers through the repository's records, which refuse a catalog with a row
+        # that does not decode (fsck names that row): nothing can be re-run then
+        layers = {rec.id: rec for rec in repo.intermediates()}
+        names = {model.id: model.name for model in repo.models()}
+    except MistiqueError as exc:
+        out.failures.append(f"no model was re-run, since a catalog row does not decode ({exc})")
+        return out
     planner = Planner(repo, rerunner=ReRunner(repo, loader) if loader is not None else None)
-    layers = {rec.id: rec for rec in repo.intermediates()}
     # (layer, block) -> {tile: chunk id}: a block is computed once for all its lost column tiles
     blocks: dict[tuple[int, int], dict[int, bytes]] = {}
     for iid, tile, cid in lost:
         rec = layers.get(iid)
-        if rec is not None:
+        if rec is not None and rec.block_rows > 0:
             block = tile // rec.n_columns if rec.layout == COLUMNS else tile
             blocks.setdefault((iid, block), {})[tile] = cid
-    out = Recovered()
-    verdicts: dict[int, str] = {}  # layer id -> why its chunks cannot be made again ("": they can)
-    mismatched: dict[int, int] = {}
+    verdicts: dict[int, str] = {}  # layer id -> why none of its chunks can be made again ("": they can)
+    loads: dict[int, str] = {}  # model id -> why it does not load here ("": it does)
+    failed_runs: dict[int, list[tuple[int, int, str]]] = {}  # layer id -> (first, last example, why)
+    mismatched: dict[int, set[bytes]] = {}
     packs = PackWriter(repo.root / "packs")
     try:
         for (iid, block), tiles in sorted(blocks.items()):
+            if all(cid in out.chunks for cid in tiles.values()):
+                continue  # made already, for another layer that shares these chunks
             rec = layers[iid]
             if iid not in verdicts:
-                verdicts[iid] = _why_not(planner, rec)
+                verdicts[iid] = _why_not(planner, rec, loads)
             if verdicts[iid]:
                 continue
             start = block * rec.block_rows
+            stop = min(start + rec.block_rows, rec.n_rows)
             try:
-                values = planner.run_rows(rec, start, min(start + rec.block_rows, rec.n_rows))
-            except Exception as exc:  # noqa: BLE001 (inputs damaged too, a model that fails on them: this
-                # layer stays lost, the others are still tried)
-                verdicts[iid] = f"re-running it failed: {one_line(exc)}"
+                values = planner.run_rows(rec, start, stop)
+            except Exception as exc:  # noqa: BLE001 (inputs damaged in these rows, a model that fails on
+                # them: this block stays lost, the layer's other blocks and the other layers are still tried)
+                failed_runs.setdefault(iid, []).append((start, stop - 1, one_line(exc)))
                 continue
             parts = split_block(values, rec.layout)
+            del values
             for tile, cid in tiles.items():
                 if cid in out.chunks:  # (the same chunk lost in two tiles: made once)
-                    out.tiles.append((iid, tile))
                     continue
                 part = parts[tile % rec.n_columns] if rec.layout == COLUMNS else parts[0]
                 spec = TileSpec(part.shape, part.dtype, tile % rec.n_columns if rec.layout == COLUMNS else None)
                 data = rec.chain.encode(part, spec)
                 if chunk_id(data) != cid:
-                    mismatched[iid] = mismatched.get(iid, 0) + 1
+                    mismatched.setdefault(iid, set()).add(cid)
                     continue
                 payload, compression = compress(data, rec.chain.zstd.level)
                 out.chunks[cid] = packs.append(cid, payload, compression, len(data))
-                out.tiles.append((iid, tile))
+            del parts
         if out.chunks:
             packs.sync()  # durable before the catalog refers to them
     except BaseException:
@@ -99,28 +118,55 @@ def rederive_lost(repo: Repository, lost: list[tuple[int, int, bytes]], loader: 
     for path in packs.written:
         if not out.chunks:
             path.unlink(missing_ok=True)
-    names = {model.id: model.name for model in repo.models()}
-    for iid, why in verdicts.items():
-        if not why:
+    # every tile whose chunk came back, whichever layer made it; the layers whose chunks did not, and why
+    out.tiles = [(iid, tile) for iid, tile, cid in lost if cid in out.chunks]
+    still: dict[int, set[int]] = {}
+    for iid, tile, cid in lost:
+        if cid not in out.chunks and iid in layers:
+            still.setdefault(iid, set()).add(tile)
+    for iid in sorted(still):
+        rec = layers[iid]
+        where = f"model {names.get(rec.model_id, f'#{rec.model_id}')}, layer {rec.name}"
+        if verdicts.get(iid):
+            out.failures.append(f"{where}: {verdicts[iid]}")
             continue
-        out.failures.append(f"model {names.get(layers[iid].model_id)}, layer {layers[iid].name}: {why}")
-    for iid, count in mismatched.items():
-        out.failures.append(f"model {names.get(layers[iid].model_id)}, layer {layers[iid].name}: re-running it "
-                            f"does not give the lost bytes back ({count} chunk{'s' * (count != 1)}): the model file "
-                            "or the inputs are not those of the capture")
+        runs = failed_runs.get(iid, [])
+        if len(runs) == 1:
+            first, last, why = runs[0]
+            out.failures.append(f"{where}: re-running examples {first}..{last} failed: {why}")
+        elif runs:
+            first, last, why = runs[0]
+            out.failures.append(f"{where}: re-running {len(runs)} blocks of its examples failed (the first, "
+                                f"examples {first}..{last}: {why})")
+        count = len(mismatched.get(iid, set()) - out.chunks.keys())
+        if count:
+            out.failures.append(f"{where}: re-running it does not give the lost bytes back ({count} "
+                                f"chunk{'s' * (count != 1)}): the model file or the inputs are not those of the "
+                                "capture")
     return out
 
 
-def _why_not(planner: Planner, rec: IntermediateRecord) -> str:
-    """Why ``rec``'s chunks cannot be made again by a re-run, or ""."""
+def _why_not(planner: Planner, rec: IntermediateRecord, loads: dict[int, str]) -> str:
+    """Why ``rec``'s chunks cannot be made again by a re-run, or "". ``loads``: why each model tried so far
+    does not load ("": it does), so that a model is loaded (or fails to) once, not once per layer."""
     if rec.name == "input":
         return "the inputs are what every re-run starts from: nothing computes them"
-    if rec.chain.summary is not None:
-        return "a summary (pool) is stored only: no stage of the model computes it"
     try:
-        planner.rerunner.model(planner.model_and_layers(rec)[0])  # loaded once, kept for its other layers
-    except MistiqueError as exc:
-        return str(exc)
+        summary = rec.chain.summary
+    except (MistiqueError, AttributeError, TypeError, ValueError) as exc:  # (fsck names it a problem)
+        return f"its codec does not load: {exc}"
+    if summary is not None:
+        return "a summary (pool) is stored only: no stage of the model computes it"
+    if rec.model_id not in loads:
+        try:
+            planner.rerunner.model(planner.model_and_layers(rec)[0])  # loaded once, kept for its other layers
+            loads[rec.model_id] = ""
+        except MistiqueError as exc:
+            loads[rec.model_id] = str(exc)
+        except Exception as exc:  # noqa: BLE001 (its framework missing here: an ImportError, not ours)
+            loads[rec.model_id] = f"its model does not load here: {one_line(exc)}"
+    if loads[rec.model_id]:
+        return loads[rec.model_id]
     if not planner.can_rerun(rec):
         return "its model cannot be re-run (its inputs are not stored, or its framework has no loader)"
     return ""

@@ -226,16 +226,31 @@ def repair_store(repo: Repository, rederive: Callable[[Repository, list[tuple[in
 def _remake(repo: Repository, rederive: Callable[[Repository, list[tuple[int, int, bytes]]], Any],
            report: FsckReport) -> None:
     """The chunks tiles refer to that no pack holds, made again where ``rederive`` can (fsynced by it), and
-    indexed in one more commit: a crash before it leaves only unreferenced pack bytes."""
-    lost = repo.catalog.tiles_without_chunks()
-    if not lost:
-        return
-    remade = rederive(repo, lost)
-    if remade.chunks:
-        repo.catalog.add_chunks(remade.chunks)
-    with repo.catalog.snapshot():
-        report.remade = _Tracer(repo).describe(remade.tiles)
-    report.not_remade = list(remade.failures)
+    indexed in one more commit: a crash before it leaves only unreferenced pack bytes.
+
+    Re-runs read the stored inputs through the index, so where a chunk made again is also one of some
+    model's inputs (a model captured on another's stage: its chunks are stored once), that model's stages
+    whose re-runs needed it are tried again once it is indexed, in another round; rounds stop when one makes
+    no such chunk. The report names every tile made again, and why the rest could not be (the last round)."""
+    names: dict[int, tuple[str, str]] | None = None
+    tiles: list[tuple[int, int]] = []
+    while True:
+        lost = repo.catalog.tiles_without_chunks()
+        if not lost:
+            break
+        remade = rederive(repo, lost)
+        if remade.chunks:
+            repo.catalog.add_chunks(remade.chunks)
+        tiles += remade.tiles
+        report.not_remade = list(remade.failures)
+        if names is None:
+            names = repo.catalog.layer_names()
+        inputs = {cid for iid, _tile, cid in lost if names.get(iid, ("", ""))[1] == "input"}
+        if not inputs & remade.chunks.keys():
+            break
+    if tiles:
+        with repo.catalog.snapshot():
+            report.remade = _Tracer(repo).describe(tiles)
 
 
 def _sync_packs(packs_dir: Path, old: Chunks, rows: Chunks, rewritten: Chunks) -> None:

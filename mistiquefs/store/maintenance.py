@@ -213,16 +213,50 @@ def reclaim_packs(repo: Repository, names: set[str]) -> GcReport:
     """gc of the packs ``names`` alone, under the capture lock the caller holds, by the same steps: a
     capture that kept only some of the layers it wrote (a budget, policy "auto") reclaims the chunks of
     the others from its own packs at once, so the store's disk use is what it references, not that plus
-    every unkept layer until the next gc."""
+    every unkept layer until the next gc.
+
+    An unkept chunk may be one that tiles of other models refer to while the index lost it (no intact copy
+    was left: ``fsck --repair`` dropped its row): the capture made it again, and its pack holds the only
+    intact copy, which gc would refuse to delete. Such chunks are indexed first (the capture's commit
+    fsynced its packs), as ``fsck --repair`` would index them, so they are live and stay.
+
+    A catalog error here (SQLite's "database or disk is full") is a StoreError: the capture has committed,
+    and its caller warns that the unkept chunks wait for gc rather than failing the capture."""
     report = GcReport()
-    plan = plan_gc(repo, only=names)
-    if plan.delete or plan.compact:
-        moves = copy_live_chunks(repo, plan, report)
-        report.chunks = commit_relocations(repo, plan, moves)
-        remove_files(repo, plan, report)
-        repo.catalog.note_gc()
-        repo.packs.retire_missing()
+    try:
+        _index_lost_chunks(repo, names)
+        plan = plan_gc(repo, only=names)
+        if plan.delete or plan.compact:
+            moves = copy_live_chunks(repo, plan, report)
+            report.chunks = commit_relocations(repo, plan, moves)
+            remove_files(repo, plan, report)
+            repo.catalog.note_gc()
+            repo.packs.retire_missing()
+    except sqlite3.Error as exc:
+        raise StoreError(f"the catalog of {repo.root} could not be updated: {exc}") from exc
     return report
+
+
+def _index_lost_chunks(repo: Repository, names: set[str]) -> None:
+    """Index the intact copies that the packs ``names`` hold of chunks that tiles refer to and the index
+    lacks (one transaction); only objects with no chunk row are looked at, and only those tiles use are read."""
+    unindexed: dict[bytes, ChunkLocation] = {}
+    for name in sorted(names):
+        try:
+            objects = scan_pack(_packs_dir(repo) / name).objects
+        except FileNotFoundError:
+            continue
+        for cid, loc in objects:
+            if cid not in unindexed and repo.catalog.chunk_location(cid) is None:
+                unindexed[cid] = loc
+    if not unindexed:
+        return
+    wanted = {cid for _iid, _tile, cid in repo.catalog.tiles_using(unindexed)}
+    found = {cid: loc for cid, loc in unindexed.items() if cid in wanted and _verifies(repo, cid, loc)}
+    if found:
+        log.info("indexing %d chunks other models had lost, found again in the packs %s", len(found),
+                 ", ".join(sorted({loc.pack for loc in found.values()})))
+        repo.catalog.add_chunks(found)
 
 
 def _refuse_to_delete_the_last_good_copy(repo: Repository, rows: dict[bytes, ChunkLocation], live: set[bytes],
