@@ -18,7 +18,7 @@ from sklearn.preprocessing import PolynomialFeatures, StandardScaler
 import mistiquefs
 from mistiquefs.fs.tree import Tree
 from mistiquefs.planner import cost, materialize
-from mistiquefs.planner.planner import RERUN_PIECE_BYTES, Planner
+from mistiquefs.planner.planner import Planner
 from mistiquefs.store.repository import Repository
 from test_materialize import inode, read_file, record
 
@@ -229,30 +229,6 @@ def test_a_whole_file_re_run_is_not_charged_a_join_it_never_makes(tmp_path: Path
         assert planner.estimate_rows(rec, 0, rec.n_rows).rerun_seconds > rec.raw_bytes
     finally:
         settle()
-        repo.close()
-
-
-def test_a_wide_keras_layers_whole_file_re_run_is_estimated_with_the_calls_it_makes(tmp_path: Path) -> None:
-    """A Keras layer's ``all.npy`` re-runs in pieces of at most 8 MiB (``RERUN_PIECE_BYTES``), a call each:
-    here 512 KiB rows, 16 a piece, four calls for 64 rows captured in one 64-row batch. The estimate counted
-    the capture's batches (one call), so a model whose call costs a second was estimated at 1 s, not 4."""
-    pytest.importorskip("tensorflow")
-    keras = pytest.importorskip("keras")
-
-    model = keras.Sequential([keras.Input((4,)), keras.layers.Dense(131072, name="wide")])
-    x = np.random.default_rng(0).standard_normal((64, 4)).astype("float32")
-    with mistiquefs.open_store(tmp_path / "s") as store:
-        store.capture(model, x, name="k", policy="none", batch_size=64, progress=False)
-    repo = Repository(tmp_path / "s", create=False)
-    try:
-        planner = Planner(repo)
-        rec = record(repo, "k", "wide")
-        assert rec.row_size == 512 << 10 and RERUN_PIECE_BYTES // rec.row_size == 16
-        planner.cost.call_seconds[rec.model_id] = 0.0
-        free = planner.plan(rec, "all").estimate.rerun_seconds
-        planner.cost.call_seconds[rec.model_id] = 1.0  # the model's own overhead: a second a call
-        assert planner.plan(rec, "all").estimate.rerun_seconds - free == pytest.approx(4.0)
-    finally:
         repo.close()
 
 
