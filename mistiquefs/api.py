@@ -205,6 +205,11 @@ class Store:
                 note = f"the chunks of the layers {writer.name} did not keep stay on disk until mistiquefs gc: {exc}"
                 notes.append(note)
                 warnings.warn(CaptureWarning(note), stacklevel=3)
+            except KeyboardInterrupt:  # (gc's steps: an interrupt between any two loses nothing)
+                warnings.warn(CaptureWarning(f"{writer.name} is captured; interrupted while reclaiming the chunks "
+                                             "of the layers it did not keep, which stay on disk until mistiquefs gc"),
+                              stacklevel=3)
+                raise
         return _summary(writer.name, n_rows, writer.committed_layers, seconds, notes=tuple(notes))
 
     def _existing_summary(self, name: str, methods: tuple[str, ...] = ()) -> CaptureSummary:

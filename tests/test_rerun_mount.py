@@ -262,6 +262,22 @@ def test_policies_and_budgets(tmp_path: Path) -> None:
                 assert np.array_equal(again.read("b", layer), want), layer
 
 
+def test_an_interrupt_while_a_capture_reclaims_says_the_capture_is_kept(tmp_path: Path, monkeypatch) -> None:
+    import mistiquefs.api
+
+    def interrupted(_repo, _names):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(mistiquefs.api, "reclaim_packs", interrupted)
+    x, _ = data()
+    with mistiquefs.open_store(tmp_path / "s") as store:
+        with pytest.warns(mistiquefs.CaptureWarning, match="b is captured; interrupted while reclaiming"):
+            with pytest.raises(KeyboardInterrupt):
+                store.capture(pipeline(), x, name="b", policy="auto", progress=False)
+        assert store.models() == ["b"]
+        np.testing.assert_array_equal(store.read("b", "input"), x)
+
+
 def test_a_budget_counts_chunks_rm_left_that_a_capture_reuses(tmp_path: Path) -> None:
     """After rm (before gc) the removed model's chunks stay in the index, referenced by no layer; a capture
     of the same data reuses them, and the store references them again: they count against the budget."""
