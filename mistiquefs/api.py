@@ -31,7 +31,7 @@ from mistiquefs.planner.cost import PER_STAGE
 from mistiquefs.planner.policy import POLICIES, choose_kept
 from mistiquefs.sizes import size_in_bytes
 from mistiquefs.errors import CaptureError, MistiqueError, NotFound, UnsupportedModel, one_line
-from mistiquefs.store.describe import layer_info, model_info
+from mistiquefs.store.describe import format_size, layer_info, model_info
 from mistiquefs.store.maintenance import reclaim_packs
 from mistiquefs.store.catalog import NewIntermediate
 from mistiquefs.store.records import IntermediateRecord
@@ -144,6 +144,12 @@ class Store:
         with self.repo.capture_lock():
             if skip_existing and self.repo.catalog.model_exists(name):
                 return self._existing_summary(name, methods)
+            if budget_bytes is not None and (existing := self.repo.catalog.referenced_bytes()) > budget_bytes:
+                # refused before any batch runs: the inputs (kept always) could only add to that
+                raise CaptureError(
+                    f"the store already references {format_size(existing)}, more than the budget of "
+                    f"{format_size(budget_bytes)} ({budget_bytes} bytes): raise it, or remove models (mistiquefs "
+                    "rm, gc)")
             writer = self.repo.begin_capture(name, table=adapter.table, policy=schemes_policy,
                                              store_nothing=policy == "none", n_rows=n_rows)
             keep = None

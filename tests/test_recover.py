@@ -135,3 +135,24 @@ def test_a_lost_chunk_of_a_keras_layer_is_made_again(tmp_path: Path, capsys) -> 
     with mistiquefs.open_store(store, create=False) as opened:
         for name, values in stored.items():
             np.testing.assert_array_equal(opened.read("k", name), values, err_msg=name)
+
+
+def test_fsck_finds_a_damaged_model_file_and_names_the_layers_it_no_longer_re_runs(tmp_path: Path, capsys) -> None:
+    """The model file re-runs what a capture did not store; a damaged one made those reads EIO while fsck
+    called the store clean (it only checked that the file exists)."""
+    rng = np.random.default_rng(2)
+    X = rng.standard_normal((2000, 5))
+    pipe = Pipeline([("scale", StandardScaler()), ("clf", LogisticRegression())]).fit(X, (X[:, 0] > 0).astype(int))
+    store = tmp_path / "s"
+    with mistiquefs.open_store(store) as opened:
+        opened.capture(pipe, X, name="n", policy="none", progress=False)
+    assert main(["fsck", str(store)]) == 0
+    repo = Repository(store, create=False)
+    model_file = store / repo.models()[0].model_file
+    repo.close()
+    flip(model_file, model_file.stat().st_size // 2)
+    capsys.readouterr()
+    assert main(["fsck", str(store)]) == DamageFound.exit_code
+    out = capsys.readouterr().out
+    assert f"PROBLEM: model n: its model file models/{model_file.name} is damaged (" in out, out
+    assert "its layers not stored (scale, clf) cannot be re-run" in out, out

@@ -239,6 +239,17 @@ def test_policies_and_budgets(tmp_path: Path) -> None:
         with pytest.raises(CaptureError, match="cannot hold even this capture's inputs"):
             store.capture(pipe, x, name="tiny", budget=1000, progress=False)
         full = store.capture(pipe, x, name="full", progress=False)
+        # a store already over the budget: refused before any batch runs (it ran the whole capture first)
+        from mistiquefs import api as api_module
+        ran = []
+        real = api_module._run_batch
+        api_module._run_batch = lambda *args: ran.append(1) or real(*args)
+        try:
+            with pytest.raises(CaptureError, match=r"the store already references .* more than the budget of 1.0 kB"):
+                store.capture(pipe, x, name="over", budget=1000, progress=False)
+        finally:
+            api_module._run_batch = real
+        assert not ran and "over" not in store.models()
         budget = full.stored_bytes - store.info("full", "scale")["stored_bytes"] // 2
         before = Repository(path, create=False)
         assert before.catalog.referenced_bytes() == full.stored_bytes

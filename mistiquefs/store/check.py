@@ -50,6 +50,8 @@ from __future__ import annotations
 
 import os
 import sqlite3
+import zipfile
+import zlib
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -584,16 +586,48 @@ def _check_catalog(repo: Repository, tracer: _Tracer, report: FsckReport) -> Non
 
 
 def _check_model_files(repo: Repository, tracer: _Tracer, report: FsckReport) -> None:
-    """Every model's kept file exists. Called after the snapshot ``tracer`` read: a file found missing is a
-    problem only if its model's row is still there now (rm deletes the file after its commit)."""
-    missing = [row for row in tracer.model_files if not (repo.root / row[2]).is_file()]
-    if not missing:
+    """Every model's kept file exists and, where it is a zip (``.skops``, ``.keras``), every member's CRC
+    holds: the file is what re-runs the layers a capture did not store (a policy, a budget, a summary's
+    stage), and a damaged one made those reads EIO while fsck called the store clean. Called after the
+    snapshot ``tracer`` read: a file found missing is a problem only if its model's row is still there now
+    (rm deletes the file after its commit)."""
+    missing, damaged = [], []
+    for row in tracer.model_files:
+        path = repo.root / row[2]
+        if not path.is_file():
+            missing.append(row)
+        elif path.suffix.lower() in ZIP_MODEL_SUFFIXES:
+            why = _damaged_zip(path)
+            if why:
+                damaged.append((*row, why))
+    if not missing and not damaged:
         return
     now = set(repo.catalog.model_rows())
     for ident, name, model_file in missing:
         if (ident, name, model_file) in now:
             report.problems.append(Problem(f"model {name}: its model file {model_file} is missing"))
             report.affected_models.add(name)
+    for ident, name, model_file, why in damaged:
+        if (ident, name, model_file) in now:
+            unstored = [rec.name for rec in tracer.layers.values() if rec.model_id == ident and not rec.stored]
+            lost = (f"; its layers not stored ({', '.join(unstored)}) cannot be re-run, nor can a repair make its "
+                    "lost chunks again" if unstored else "; a repair cannot make its lost chunks again")
+            report.problems.append(Problem(f"model {name}: its model file {model_file} is damaged ({why}){lost}"))
+            report.affected_models.add(name)
+
+
+#: model files that are zips, whose members' CRCs fsck checks (skops, Keras)
+ZIP_MODEL_SUFFIXES = (".skops", ".keras")
+
+
+def _damaged_zip(path: Path) -> str:
+    """Why the zip at ``path`` is damaged (a member whose CRC fails, a broken directory), or ""."""
+    try:
+        with zipfile.ZipFile(path) as archive:
+            bad = archive.testzip()
+    except (zipfile.BadZipFile, zlib.error, OSError, EOFError, ValueError, RuntimeError) as exc:
+        return f"not a readable zip: {exc}"
+    return f"member {bad!r} fails its CRC" if bad is not None else ""
 
 
 # ---- reclaimable space ------------------------------------------------------------------------------
