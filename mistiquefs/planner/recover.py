@@ -150,7 +150,9 @@ def _why_not(planner: Planner, rec: IntermediateRecord, loads: dict[int, str]) -
     """Why ``rec``'s chunks cannot be made again by a re-run, or "". ``loads``: why each model tried so far
     does not load ("": it does), so that a model is loaded (or fails to) once, not once per layer."""
     if rec.name == "input":
-        return "the inputs are what every re-run starts from: nothing computes them"
+        return ("the inputs are what every re-run starts from: nothing computes them (a capture of the same "
+                "inputs, under another name with --policy none, stores their chunks again; run fsck --repair "
+                "then, and rm that model)")
     try:
         summary = rec.chain.summary
     except (MistiqueError, AttributeError, TypeError, ValueError) as exc:  # (fsck names it a problem)
