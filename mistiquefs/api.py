@@ -53,6 +53,7 @@ class CaptureSummary:
     n_rows: int
     layers: list[str]
     raw_bytes: int
+    #: the distinct chunks the model references (a chunk two of its layers share counted once)
     stored_bytes: int
     new_bytes: int
     seconds: float
@@ -216,7 +217,8 @@ class Store:
                                              "of the layers it did not keep, which stay on disk until mistiquefs gc"),
                               stacklevel=3)
                 raise
-        return _summary(writer.name, n_rows, writer.committed_layers, seconds, notes=tuple(notes))
+        return _summary(writer.name, n_rows, writer.committed_layers, seconds, notes=tuple(notes),
+                        stored_bytes=self.repo.catalog.model_stored_bytes(self._model(writer.name).id))
 
     def _existing_summary(self, name: str, methods: tuple[str, ...] = ()) -> CaptureSummary:
         rec = self._model(name)
@@ -226,7 +228,8 @@ class Store:
             notes = (f"{name} is already in the store without the stage(s) of {', '.join(missing)}: skipped as it "
                      f"is (mistiquefs rm it and capture it again to add them)",)
             warnings.warn(CaptureWarning(notes[0]), stacklevel=3)
-        return _summary(rec.name, rec.n_rows, self._layers(name), rec.capture_seconds, skipped=True, notes=notes)
+        return _summary(rec.name, rec.n_rows, self._layers(name), rec.capture_seconds, skipped=True, notes=notes,
+                        stored_bytes=self.repo.catalog.model_stored_bytes(rec.id))
 
     # ---- reading ---------------------------------------------------------------------------------
     def models(self) -> list[str]:
@@ -240,7 +243,7 @@ class Store:
         if layer is not None:
             return layer_info(self._layer(model, layer))
         rec = self._model(model)
-        return model_info(rec, self._layers(model))
+        return model_info(rec, self._layers(model), self.repo.catalog.model_stored_bytes(rec.id))
 
     def read(self, model: str, layer: str, rows: slice | None = None) -> np.ndarray:
         """The values of ``layer`` for the examples in ``rows`` (all by default): the stored ones (a lossy
@@ -340,11 +343,11 @@ def _sample_outputs(adapter: Adapter, inputs: Any, n_rows: int, policy: SchemePo
 
 
 def _summary(name: str, n_rows: int, layers: Sequence[NewIntermediate | IntermediateRecord], seconds: float,
-             skipped: bool = False, notes: tuple[str, ...] = ()) -> CaptureSummary:
+             skipped: bool = False, notes: tuple[str, ...] = (), stored_bytes: int | None = None) -> CaptureSummary:
     return CaptureSummary(
         name=name, n_rows=n_rows, layers=[layer.name for layer in layers],
         raw_bytes=sum(layer.raw_bytes for layer in layers),
-        stored_bytes=sum(layer.stored_bytes for layer in layers),
+        stored_bytes=sum(layer.stored_bytes for layer in layers) if stored_bytes is None else stored_bytes,
         new_bytes=sum(layer.new_bytes for layer in layers), seconds=seconds, skipped=skipped, notes=notes,
     )
 

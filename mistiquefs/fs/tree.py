@@ -469,7 +469,7 @@ class Tree:
                 state = self._state
                 model = self._model(ident, state)  # NotFound (ENOENT) for a removed model, before its layers
                 layers = [state.layers[lid] for lid in state.layers_of.get(ident, {}).values()]
-                doc = model_info(model, layers)
+                doc = model_info(model, layers, self.repo.catalog.model_stored_bytes(ident))
             else:
                 rec = self._layer(ident)
                 doc = layer_info(rec)

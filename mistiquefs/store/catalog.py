@@ -388,6 +388,14 @@ class Catalog:
                           " WHERE id IN (SELECT chunk_id FROM tiles)")
         return int(row[0][0])
 
+    def model_stored_bytes(self, model_id: int) -> int:
+        """Stored bytes of the distinct chunks a model's layers reference: a chunk two of its layers share
+        (dedup) counted once, as the store holds it and a budget counts it."""
+        row = self._query(
+            "SELECT COALESCE(SUM(stored_length), 0) FROM chunks WHERE id IN (SELECT t.chunk_id FROM tiles t"
+            " JOIN intermediates i ON i.id = t.intermediate_id WHERE i.model_id = ?)", (model_id,))
+        return int(row[0][0])
+
     def encoding(self, key: bytes) -> tuple[bytes, int, str | None] | None:
         """(chunk id, raw length, stats JSON) a capture recorded for ``key`` (store/memo.py), if any."""
         try:

@@ -56,9 +56,11 @@ def _plan(rec: IntermediateRecord) -> dict[str, str]:
     return {"choice": "read", "why": "stored losslessly"}
 
 
-def model_info(model: ModelRecord, layers: list[IntermediateRecord]) -> dict[str, Any]:
+def model_info(model: ModelRecord, layers: list[IntermediateRecord], stored_bytes: int | None = None) -> dict[str, Any]:
+    """``stored_bytes``: the distinct chunks the model references (``Catalog.model_stored_bytes``); without
+    it, the layers' sum, which counts a chunk two layers share (a Flatten and its conv) twice."""
     raw = sum(rec.raw_bytes for rec in layers)
-    stored = sum(rec.stored_bytes for rec in layers)
+    stored = sum(rec.stored_bytes for rec in layers) if stored_bytes is None else stored_bytes
     return {
         "name": model.name,
         "framework": model.framework,
