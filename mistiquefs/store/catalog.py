@@ -351,9 +351,7 @@ class Catalog:
                  intermediate_id)).rowcount
             if changed != 1:
                 raise StoreError(f"layer id {intermediate_id} is gone or already stored")
-            db.executemany("INSERT OR IGNORE INTO chunks VALUES (?, ?, ?, ?, ?, ?)",
-                           [(cid, l.pack, l.offset, l.stored_length, l.raw_length, l.compression)
-                            for cid, l in new_chunks.items()])
+            _insert_chunks(db, new_chunks)
             db.executemany("INSERT INTO tiles VALUES (?, ?, ?)", [(intermediate_id, t, cid) for t, cid in layer.tiles])
 
     def unmaterialize(self, intermediate_id: int) -> int:
@@ -475,11 +473,7 @@ class Catalog:
             db.execute(MEMO_SCHEMA)
             db.executemany("INSERT OR REPLACE INTO encodings VALUES (?, ?, ?, ?)", list(encodings))
             model_id = self._insert_model(db, name, framework, n_rows, capture_seconds, model_file, info)
-            db.executemany(
-                "INSERT OR IGNORE INTO chunks VALUES (?, ?, ?, ?, ?, ?)",
-                [(cid, l.pack, l.offset, l.stored_length, l.raw_length, l.compression)
-                 for cid, l in new_chunks.items()],
-            )
+            _insert_chunks(db, new_chunks)
             for position, inter in enumerate(intermediates):
                 self._insert_intermediate(db, model_id, position, inter)
         return model_id
@@ -649,18 +643,12 @@ class Catalog:
         """fsck --repair: the whole chunk index, replaced in one transaction."""
         with self._transaction() as db:
             db.execute("DELETE FROM chunks")
-            db.executemany(
-                "INSERT INTO chunks VALUES (?, ?, ?, ?, ?, ?)",
-                [(cid, l.pack, l.offset, l.stored_length, l.raw_length, l.compression) for cid, l in rows.items()],
-            )
+            _insert_chunks(db, rows)
 
     def add_chunks(self, rows: dict[bytes, ChunkLocation]) -> None:
         """fsck --repair: rows for chunks made again (``planner.recover``), in one transaction."""
         with self._transaction() as db:
-            db.executemany(
-                "INSERT OR IGNORE INTO chunks VALUES (?, ?, ?, ?, ?, ?)",
-                [(cid, l.pack, l.offset, l.stored_length, l.raw_length, l.compression) for cid, l in rows.items()],
-            )
+            _insert_chunks(db, rows)
 
     def note_gc(self) -> None:
         """A commit after gc deleted packs: running mounts see the catalog change and let go of them."""
@@ -670,6 +658,12 @@ class Catalog:
     def close(self) -> None:
         with self._lock:
             self._db.close()
+
+
+def _insert_chunks(db: sqlite3.Connection, rows: dict[bytes, ChunkLocation]) -> None:
+    """Chunk rows for ``rows`` (an id already indexed keeps its row)."""
+    db.executemany("INSERT OR IGNORE INTO chunks VALUES (?, ?, ?, ?, ?, ?)",
+                   [(cid, l.pack, l.offset, l.stored_length, l.raw_length, l.compression) for cid, l in rows.items()])
 
 
 def _read_only(exc: sqlite3.Error) -> bool:

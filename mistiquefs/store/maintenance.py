@@ -160,19 +160,22 @@ def _refuse_a_damaged_catalog(repo: Repository) -> None:
     repo.catalog.chunk_rows()
 
 
-def recoverable_chunks(repo: Repository, cids: set[bytes]) -> set[bytes]:
-    """Those of ``cids`` that some pack object holds with an intact header and bytes that verify (the
-    copies fsck --repair would index again). Reads headers, and only the payloads of those ids."""
-    found: set[bytes] = set()
+def recoverable_chunks(repo: Repository, cids: set[bytes], packs: set[str] | None = None
+                       ) -> dict[bytes, ChunkLocation]:
+    """Those of ``cids`` that some pack object (of ``packs``, by default of any) holds with an intact header
+    and bytes that verify, each with its first such copy (the copies fsck --repair would index again).
+    Reads headers, and only the payloads of those ids."""
+    found: dict[bytes, ChunkLocation] = {}
     for path in sorted(_packs_dir(repo).glob("*.pack")):
-        for cid, loc in scan_pack(path).objects:
-            if cid not in cids or cid in found:
-                continue
-            try:
-                repo.packs.read(cid, loc)
-            except (CorruptChunk, FileNotFoundError):  # a damaged copy: what the repair already passed over
-                continue
-            found.add(cid)
+        if packs is not None and path.name not in packs:
+            continue
+        try:
+            objects = scan_pack(path).objects
+        except FileNotFoundError:  # deleted by a gc since the listing
+            continue
+        for cid, loc in objects:
+            if cid in cids and cid not in found and _verifies(repo, cid, loc):
+                found[cid] = loc
     return found
 
 
@@ -224,7 +227,11 @@ def reclaim_packs(repo: Repository, names: set[str]) -> GcReport:
     and its caller warns that the unkept chunks wait for gc rather than failing the capture."""
     report = GcReport()
     try:
-        _index_lost_chunks(repo, names)
+        found = recoverable_chunks(repo, {cid for _iid, _tile, cid in repo.catalog.tiles_without_chunks()}, names)
+        if found:
+            log.info("indexing %d chunks other models had lost, found again in the packs %s", len(found),
+                     ", ".join(sorted({loc.pack for loc in found.values()})))
+            repo.catalog.add_chunks(found)
         plan = plan_gc(repo, only=names)
         if plan.delete or plan.compact:
             moves = copy_live_chunks(repo, plan, report)
@@ -235,28 +242,6 @@ def reclaim_packs(repo: Repository, names: set[str]) -> GcReport:
     except sqlite3.Error as exc:
         raise StoreError(f"the catalog of {repo.root} could not be updated: {exc}") from exc
     return report
-
-
-def _index_lost_chunks(repo: Repository, names: set[str]) -> None:
-    """Index the intact copies that the packs ``names`` hold of chunks that tiles refer to and the index
-    lacks (one transaction); only objects with no chunk row are looked at, and only those tiles use are read."""
-    unindexed: dict[bytes, ChunkLocation] = {}
-    for name in sorted(names):
-        try:
-            objects = scan_pack(_packs_dir(repo) / name).objects
-        except FileNotFoundError:
-            continue
-        for cid, loc in objects:
-            if cid not in unindexed and repo.catalog.chunk_location(cid) is None:
-                unindexed[cid] = loc
-    if not unindexed:
-        return
-    wanted = {cid for _iid, _tile, cid in repo.catalog.tiles_using(unindexed)}
-    found = {cid: loc for cid, loc in unindexed.items() if cid in wanted and _verifies(repo, cid, loc)}
-    if found:
-        log.info("indexing %d chunks other models had lost, found again in the packs %s", len(found),
-                 ", ".join(sorted({loc.pack for loc in found.values()})))
-        repo.catalog.add_chunks(found)
 
 
 def _refuse_to_delete_the_last_good_copy(repo: Repository, rows: dict[bytes, ChunkLocation], live: set[bytes],
