@@ -12,8 +12,8 @@ Stages and their names (fixed once, when the adapter is built, so every batch yi
   its own named ``<final stage>.<method>`` (``model.predict_proba``), run on what ``predict`` gets and
   emitted just before the predictions, which stay the model's last stage. A method the final estimator
   does not have (``SVC`` without ``probability=True`` has no ``predict_proba``), a model with no final
-  predictor, and probabilities of a multi-output classifier (one array per output; at the first batch, where the
-  method returns them) are refused.
+  predictor, and probabilities of a multi-output classifier (one array per output; at the first batch,
+  where the method returns them) are refused.
 * ``Pipeline``, ``ColumnTransformer`` and ``FeatureUnion`` are containers and are recursed into, also
   when nested: each child is a stage named ``outer__inner`` (scikit-learn's own parameter convention),
   emitted before the container's own output, which is the stage named by the container's own name.
@@ -261,8 +261,8 @@ def _plan_union_children(fu: FeatureUnion, prefix: str, namer: _Namer) -> tuple[
 
 def _build_plan(model: Any, methods: tuple[str, ...] = ()) -> _Node:
     """The root node; a top-level Pipeline has no name (its steps are the top-level stages), nor has the
-    one-step pipeline a bare estimator becomes where ``methods`` add stages beside its predictions."""
-    methods = check_methods(methods)
+    one-step pipeline a bare estimator becomes where ``methods`` (checked: ``check_methods``) add stages
+    beside its predictions."""
     namer = _Namer()
     if isinstance(model, Pipeline):
         children = _plan_steps(model, None, namer, final=True, methods=methods)
@@ -843,10 +843,7 @@ class SklearnAdapter(Adapter):
         super().__init__(model)
         #: the final estimator's further methods captured as stages (see the module docstring)
         self.methods = check_methods(methods)
-        self._plan = _build_plan(model, self.methods)
-        self._stages = _iter_stages(self._plan)
-        self._nodes = {node.name: node for node in self._stages}
-        self._paths = _stage_paths(self._plan)
+        self._use_plan(_build_plan(model, self.methods))
         # (id, rows, columns) of the DataFrame last measured by n_rows, and its stored fields
         self._fields_key: tuple[int, int, tuple[Any, ...]] | None = None
         self._fields: tuple[_Field, ...] | None = None
@@ -1019,7 +1016,11 @@ class SklearnAdapter(Adapter):
         plan = _build_plan(loaded, self.methods)
         if [node.name for node in _iter_stages(plan)] != [node.name for node in self._stages]:
             return  # (cannot happen for a faithful round trip; the stages must not change mid-capture)
-        self.model, self._plan = loaded, plan
+        self.model = loaded
+        self._use_plan(plan)
+
+    def _use_plan(self, plan: _Node) -> None:
+        self._plan = plan
         self._stages = _iter_stages(plan)
         self._nodes = {node.name: node for node in self._stages}
         self._paths = _stage_paths(plan)

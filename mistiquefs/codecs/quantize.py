@@ -402,7 +402,6 @@ def _unpack_codes(data: bytes | memoryview, k: int, count: int) -> np.ndarray:
     return codes.reshape(-1)[:count]
 
 
-
 #: a patch trailer's count and positions are uint32: a tile holds fewer values (a ~1 MiB chunk)
 MAX_PATCHED_VALUES = (1 << 32) - 1
 _U32 = np.dtype("<u4")

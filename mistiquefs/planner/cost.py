@@ -258,13 +258,11 @@ class CostModel:
         return tiles * self.tile_seconds + raw_bytes * per_byte
 
     def rerun_seconds(self, model: ModelRecord, layers: list[IntermediateRecord], rec: IntermediateRecord,
-                      rows: int, *, warm: bool, traced: bool, input_seconds: float,
-                      piece_rows: int | None = None) -> float:
+                      rows: int, *, warm: bool, traced: bool, input_seconds: float, joined: bool = True) -> float:
         """Re-running ``rows`` rows of ``rec``: in one re-run whose calls' outputs are joined into one array
-        (``piece_rows`` None: ``Store.read``), or streamed as separate re-runs of ``piece_rows`` rows each
-        (a mount's ``all.npy``: nothing joined)."""
+        (``joined``: ``Store.read``), or streamed as separate re-runs of at most a batch each (a mount's
+        ``all.npy``: nothing joined)."""
         batch = max(int(model.info.get("batch_size") or 256), 1)
-        run = rows if piece_rows is None else max(min(piece_rows, rows), 1)  # rows of one re-run
         # Calls are counted by the capture's batches, also where a mount's pieces are smaller (a wide Keras
         # layer's 8 MiB): the per-call overhead is learned from two-row calls, and counting each piece with it
         # overstated whole-layer CNN re-runs (bench_plan, same VM: the faster plan chosen in 94.1% of cases,
@@ -277,7 +275,7 @@ class CostModel:
         per_row *= self.factor.get(rec.id, 1.0)
         # joined only where one re-run makes several calls: a mount's pieces are a call each, and charging
         # them the join (~1 ns/B, as much as decoding) made its whole-layer re-runs look up to twice as slow
-        assemble = rows * rec.row_size * self.assemble_seconds_per_byte if run > batch else 0.0
+        assemble = rows * rec.row_size * self.assemble_seconds_per_byte if joined and rows > batch else 0.0
         return load + trace + input_seconds + calls * overhead + rows * per_row + assemble
 
     def load_estimate(self, framework: str) -> float:

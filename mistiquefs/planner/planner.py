@@ -185,13 +185,13 @@ class Planner:
     def rerun_seconds(self, rec: IntermediateRecord, start: int, stop: int, rows: int, *,
                       streamed: bool = False) -> float:
         """Re-running ``rows`` rows of ``rec``, reading the inputs ``[start, stop)`` for it: in one re-run
-        (``run_rows``), or ``streamed`` piece by piece as a mount's whole-layer files are (``piece_rows``)."""
+        (``run_rows``), or ``streamed`` piece by piece as a mount's whole-layer files are (nothing joined)."""
         model, layers = self.model_and_layers(rec)
         inp = self._input_of(rec)
         input_s = self.cost.read_seconds(inp, *self.rows_touched(inp, start, stop))
         return self.cost.rerun_seconds(model, layers, rec, rows, warm=self.rerunner.is_warm(model),
                                        traced=self.rerunner.traced(model, rec), input_seconds=input_s,
-                                       piece_rows=self.piece_rows(rec, model) if streamed else None)
+                                       joined=not streamed)
 
     @staticmethod
     def rows_touched(rec: IntermediateRecord, start: int, stop: int) -> tuple[int, int]:
@@ -234,18 +234,13 @@ class Planner:
                         lambda _b: self.repo.reader(rec).gather_column(index, rows_stream))
         return NpyView(npy_header(dtype, (rec.n_rows,)), column, 0, column.length)
 
-    @staticmethod
-    def piece_rows(rec: IntermediateRecord, model: ModelRecord) -> int:
-        """Rows of one re-run piece of ``rec``'s whole-layer files, each re-run on its own."""
-        batch = int(model.info.get("batch_size") or 256)
-        if EXACT_ANY_BATCH.get(model.framework, False):
-            # at least 2: a 1-row piece runs as two rows (a lone row's kernels differ), doing twice the work
-            return max(2, min(batch, RERUN_PIECE_BYTES // max(1, rec.row_size)))
-        return batch  # the capture's batches: bit-identical for every framework
-
     def _rerun_rows_stream(self, rec: IntermediateRecord) -> Stream:
         model, _ = self.model_and_layers(rec)
-        piece_rows = self.piece_rows(rec, model)
+        batch = int(model.info.get("batch_size") or 256)
+        piece_rows = batch  # the capture's batches: bit-identical for every framework
+        if EXACT_ANY_BATCH.get(model.framework, False):
+            # at least 2: a 1-row piece runs as two rows (a lone row's kernels differ), doing twice the work
+            piece_rows = max(2, min(batch, RERUN_PIECE_BYTES // max(1, rec.row_size)))
         return Stream(piece_rows * rec.row_size, rec.n_rows * rec.row_size,
                       lambda b: ("rerun-rows", rec.id, b),
                       lambda b: self.run_rows(rec, b * piece_rows, min((b + 1) * piece_rows, rec.n_rows)))

@@ -98,8 +98,9 @@ def rederive_lost(repo: Repository, lost: list[tuple[int, int, bytes]], loader: 
             for tile, cid in tiles.items():
                 if cid in out.chunks:  # (the same chunk lost in two tiles: made once)
                     continue
-                part = parts[tile % rec.n_columns] if rec.layout == COLUMNS else parts[0]
-                spec = TileSpec(part.shape, part.dtype, tile % rec.n_columns if rec.layout == COLUMNS else None)
+                unit = tile % rec.n_columns if rec.layout == COLUMNS else None
+                part = parts[unit or 0]
+                spec = TileSpec(part.shape, part.dtype, unit)
                 data = rec.chain.encode(part, spec)
                 if chunk_id(data) != cid:
                     mismatched.setdefault(iid, set()).add(cid)
@@ -115,8 +116,8 @@ def rederive_lost(repo: Repository, lost: list[tuple[int, int, bytes]], loader: 
             path.unlink(missing_ok=True)
         raise
     packs.close()
-    for path in packs.written:
-        if not out.chunks:
+    if not out.chunks:
+        for path in packs.written:
             path.unlink(missing_ok=True)
     # every tile whose chunk came back, whichever layer made it; the layers whose chunks did not, and why
     out.tiles = [(iid, tile) for iid, tile, cid in lost if cid in out.chunks]
