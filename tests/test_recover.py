@@ -1,12 +1,14 @@
 """fsck --repair makes chunks no pack holds intact again by re-running their models, bit for bit: a lost
-chunk of a stage comes back (lossless and kbit), read through a real mount as captured; what a re-run cannot
-give back (the inputs, a model file replaced by another model) stays lost, with the reason."""
+chunk of a stage (lossless and kbit) or of a pool summary of one (its stage re-run, then pooled) comes back,
+read through a real mount as captured; what a re-run cannot give back (the inputs, a model file replaced by
+another model) stays lost, with the reason."""
 
 from __future__ import annotations
 
 import io
 import os
 import shutil
+import subprocess
 from pathlib import Path
 
 import numpy as np
@@ -156,3 +158,113 @@ def test_fsck_finds_a_damaged_model_file_and_names_the_layers_it_no_longer_re_ru
     out = capsys.readouterr().out
     assert f"PROBLEM: model n: its model file models/{model_file.name} is damaged (" in out, out
     assert "its layers not stored (scale, clf) cannot be re-run" in out, out
+
+
+# ---- pool summaries: no stage computes them, but each is its stage's rows pooled as the capture pooled them
+POOL_ROWS = 600  # conva.pool2: 4 tiles of 163 rows, which cut across the capture's batches of 256; convb: 2
+POOL_SCHEMES = {"conva": "pool:2", "convb": "pool:2:max+kbit:8"}  # avg lossless; max, then its fitted bins
+
+
+def _pool_model(keras, seed: int):
+    keras.utils.set_random_seed(seed)
+    return keras.Sequential([keras.Input((12, 12, 2)), keras.layers.Conv2D(8, 3, activation="relu", name="conva"),
+                             keras.layers.Conv2D(4, 3, name="convb"), keras.layers.Flatten(name="flat"),
+                             keras.layers.Dense(5, name="dense")])
+
+
+@pytest.fixture(scope="module")
+def pooled(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict[str, np.ndarray]]:
+    """A Keras model whose conv layers are captured as pool summaries only (their stages not stored); the
+    tests damage copies of it."""
+    keras = pytest.importorskip("keras")
+    images = np.random.default_rng(4).standard_normal((POOL_ROWS, 12, 12, 2)).astype(np.float32)
+    store = tmp_path_factory.mktemp("pooled") / "s"
+    with mistiquefs.open_store(store) as opened:
+        opened.capture(_pool_model(keras, 3), images, name="k", batch_size=256, schemes=POOL_SCHEMES,
+                       progress=False)
+        stored = {name: opened.read("k", name) for name in ("conva", "conva.pool2", "convb", "convb.pool2max")}
+    return store, stored
+
+
+def _copy(store: Path, tmp_path: Path) -> Path:
+    shutil.copytree(store, tmp_path / "s")
+    return tmp_path / "s"
+
+
+@pytest.mark.keras
+def test_lost_chunks_of_pool_summaries_are_made_again_bit_for_bit(pooled, tmp_path: Path, capsys, mount) -> None:
+    """A summary's lost chunk used to stay lost ("a summary (pool) is stored only"): it comes back from its
+    stage's rows re-run and pooled (avg and max), its stage not stored (conva) or stored (convb, made so as a
+    mount's materialization does), read back as captured in-process and through a real mount."""
+    from mistiquefs.planner.planner import Planner
+
+    store = _copy(pooled[0], tmp_path)
+    stored = pooled[1]
+    repo = Repository(store, create=False)
+    try:
+        assert not layer(repo, "k", "conva").stored and not layer(repo, "k", "convb").stored
+        planner = Planner(repo, budget=1 << 40)  # convb stored, from its re-run rows (what a mount writes)
+        convb = layer(repo, "k", "convb")
+        planner.materializer._store(convb, [planner.run_rows(convb, 0, convb.n_rows)])
+        repo.forget_records(set())
+        assert layer(repo, "k", "convb").stored and not layer(repo, "k", "conva").stored
+        summary = {name: layer(repo, "k", name) for name in ("conva.pool2", "convb.pool2max")}
+        assert [len(repo.catalog.tiles(rec.id)) for rec in summary.values()] == [4, 2]
+        rows, max_rows = (rec.block_rows for rec in summary.values())
+        assert rows < 256 < 2 * rows  # its tile 1 spans two of the capture's batches
+    finally:
+        repo.close()
+    _damage(store, "k", "conva.pool2", 1)
+    _damage(store, "k", "convb.pool2max", 0)
+    _damage(store, "k", "convb", 0)  # its stage's own chunk as well: both made again
+    capsys.readouterr()
+    assert main(["fsck", "--repair", str(store)]) == 0
+    out = capsys.readouterr().out
+    assert "3 rows dropped" in out and "made again by re-running their models" in out, out
+    for line in (f"model k, layer conva.pool2, examples {rows}..{2 * rows - 1}",
+                 f"model k, layer convb.pool2max, examples 0..{max_rows - 1}",
+                 f"model k, layer convb, examples 0..{POOL_ROWS - 1}"):
+        assert line in out, out
+    assert "not made again" not in out and "the store is clean" in out, out
+    assert main(["fsck", str(store)]) == 0
+    with mistiquefs.open_store(store, create=False) as opened:
+        for name, values in stored.items():
+            np.testing.assert_array_equal(opened.read("k", name), values, err_msg=name)
+    mnt = mount(store)
+    try:
+        for name in summary:
+            assert (mnt / "k" / name / "all.npy").read_bytes() == _npy(stored[name]), name
+    finally:
+        subprocess.run(["fusermount3", "-u", str(mnt)], check=False)
+
+
+@pytest.mark.keras
+def test_a_pool_summary_that_a_re_run_cannot_give_back_stays_lost_with_the_reason(pooled, tmp_path: Path,
+                                                                                   capsys) -> None:
+    """A summary made again is checked against its lost id like any layer: with the kept model replaced by
+    another one (other weights), its pooled re-run is other bytes, and the report says so; with no model
+    file at all, it names the load's failure."""
+    keras = pytest.importorskip("keras")
+    store = _copy(pooled[0], tmp_path)
+    repo = Repository(store, create=False)
+    model_file = store / repo.models()[0].model_file
+    repo.close()
+    os.chmod(model_file, 0o644)
+    model_file.unlink()
+    _pool_model(keras, 4).save(model_file)
+    _damage(store, "k", "conva.pool2", 0)
+    _damage(store, "k", "convb.pool2max", 0)
+    capsys.readouterr()
+    assert main(["fsck", "--repair", str(store)]) == DamageFound.exit_code
+    out = capsys.readouterr().out
+    for name in ("conva.pool2", "convb.pool2max"):
+        assert (f"not made again: model k, layer {name}: re-running it does not give the lost bytes back "
+                "(1 chunk)") in out, out
+    assert "a summary (pool) is stored only" not in out and "models still incomplete: k" in out, out
+    model_file.unlink()
+    capsys.readouterr()
+    assert main(["fsck", "--repair", str(store)]) == DamageFound.exit_code
+    out = capsys.readouterr().out
+    for name in ("conva.pool2", "convb.pool2max"):
+        assert f"not made again: model k, layer {name}: cannot re-run model 'k': no Keras model file" in out, out
+    assert "re-running it does not give" not in out, out

@@ -108,8 +108,8 @@ class Planner:
 
     def can_rerun(self, rec: IntermediateRecord) -> bool:
         """Whether the model can recompute ``rec``: any stage but the inputs of a model whose inputs are
-        stored, of a framework the re-runner loads. A summary (``<stage>.pool<S>``) is no stage: its stored
-        chunks are its only copy. Whether the model file itself loads (skops's trust rules) and whether the
+        stored, of a framework the re-runner loads. A summary (``<stage>.pool<S>``) is no stage: reads never re-run
+        it (only ``fsck --repair`` makes its lost chunks again, from its stage: planner/recover.py). Whether the model file itself loads (skops's trust rules) and whether the
         stored input is whole (a lost or corrupt chunk fails the re-run of its rows) are known only by loading
         it and reading every input chunk, which planning does not do: eviction does, before it drops a layer."""
         if rec.name == "input" or rec.chain.summary is not None \

@@ -8,10 +8,14 @@ result hashes to the lost chunk's id: the id is the hash of the encoded bytes, s
 the chunk that was lost, bit for bit, or it is not used at all. Nothing is trusted to the re-run's
 exactness.
 
-What cannot come back this way stays lost (its tiles read EIO, as before): the inputs themselves, pool
-summaries (no stage computes them), layers of a model whose file does not load or whose stored inputs are
-damaged where those rows need them, and layers a re-run does not reproduce bit for bit (a model file
-replaced by a different model).
+A pool summary (``<stage>.pool<S>``) is no stage, but a function of one: its lost chunk's rows of that
+stage (stored or not) are re-run the same way, pooled by the very ``summarize`` the capture applied
+(``PoolCodec.summarize``, which pools each example on its own), and encoded with the summary's own chain,
+under the same hash check.
+
+What cannot come back this way stays lost (its tiles read EIO, as before): the inputs themselves, layers
+(and summaries) of a model whose file does not load or whose stored inputs are damaged where those rows
+need them, and those a re-run does not reproduce bit for bit (a model file replaced by a different model).
 """
 
 from __future__ import annotations
@@ -72,6 +76,7 @@ def rederive_lost(repo: Repository, lost: list[tuple[int, int, bytes]], loader: 
             block = tile // rec.n_columns if rec.layout == COLUMNS else tile
             blocks.setdefault((iid, block), {})[tile] = cid
     verdicts: dict[int, str] = {}  # layer id -> why none of its chunks can be made again ("": they can)
+    stages: dict[int, IntermediateRecord] = {}  # summary's layer id -> the stage it summarizes (re-run for it)
     loads: dict[int, str] = {}  # model id -> why it does not load here ("": it does)
     failed_runs: dict[int, list[tuple[int, int, str]]] = {}  # layer id -> (first, last example, why)
     mismatched: dict[int, set[bytes]] = {}
@@ -82,16 +87,24 @@ def rederive_lost(repo: Repository, lost: list[tuple[int, int, bytes]], loader: 
                 continue  # made already, for another layer that shares these chunks
             rec = layers[iid]
             if iid not in verdicts:
-                verdicts[iid] = _why_not(planner, rec, loads)
+                verdicts[iid] = _why_not(planner, rec, loads, stages)
             if verdicts[iid]:
                 continue
             start = block * rec.block_rows
             stop = min(start + rec.block_rows, rec.n_rows)
             try:
-                values = planner.run_rows(rec, start, stop)
+                # a summary's rows: its stage's rows re-run, then pooled as the capture pooled them
+                stage = stages.get(iid)
+                values = planner.run_rows(stage or rec, start, stop)
+                if stage is not None and rec.chain.summary is not None:
+                    values = rec.chain.summary.summarize(values)
             except Exception as exc:  # noqa: BLE001 (inputs damaged in these rows, a model that fails on
                 # them: this block stays lost, the layer's other blocks and the other layers are still tried)
                 failed_runs.setdefault(iid, []).append((start, stop - 1, one_line(exc)))
+                continue
+            if values.shape != (stop - start, *rec.shape) or values.dtype != rec.dtype:
+                # (a summary of a stage whose re-run now gives another shape: not the bytes that were lost)
+                mismatched.setdefault(iid, set()).update(tiles.values())
                 continue
             parts = split_block(values, rec.layout)
             del values
@@ -147,9 +160,11 @@ def rederive_lost(repo: Repository, lost: list[tuple[int, int, bytes]], loader: 
     return out
 
 
-def _why_not(planner: Planner, rec: IntermediateRecord, loads: dict[int, str]) -> str:
+def _why_not(planner: Planner, rec: IntermediateRecord, loads: dict[int, str],
+             stages: dict[int, IntermediateRecord]) -> str:
     """Why ``rec``'s chunks cannot be made again by a re-run, or "". ``loads``: why each model tried so far
-    does not load ("": it does), so that a model is loaded (or fails to) once, not once per layer."""
+    does not load ("": it does), so that a model is loaded (or fails to) once, not once per layer. For a
+    summary that can be made again, ``stages[rec.id]`` is set to the stage it summarizes (what is re-run)."""
     if rec.name == "input":
         return ("the inputs are what every re-run starts from: nothing computes them (a capture of the same "
                 "inputs, under another name with --policy none, stores their chunks again; run fsck --repair "
@@ -158,8 +173,18 @@ def _why_not(planner: Planner, rec: IntermediateRecord, loads: dict[int, str]) -
         summary = rec.chain.summary
     except (MistiqueError, AttributeError, TypeError, ValueError) as exc:  # (fsck names it a problem)
         return f"its codec does not load: {exc}"
-    if summary is not None:
-        return "a summary (pool) is stored only: no stage of the model computes it"
+    stage = rec
+    if summary is not None:  # <stage><suffix>: the model re-runs <stage>, the capture's pooling does the rest
+        name = rec.name[:-len(summary.suffix)] if rec.name.endswith(summary.suffix) else None
+        found = [r for r in planner.repo.layers_of(rec.model_id) if r.name == name]
+        if not found:
+            return (f"a summary ({summary.describe()}) of a stage its model does not list"
+                    f"{f' ({name})' if name else ''}: nothing computes it")
+        stage = found[0]
+        try:
+            stage.chain.summary  # noqa: B018 (can_rerun reads it)
+        except (MistiqueError, AttributeError, TypeError, ValueError) as exc:
+            return f"the codec of its stage {stage.name} does not load: {exc}"
     if rec.model_id not in loads:
         try:
             planner.rerunner.model(planner.model_and_layers(rec)[0])  # loaded once, kept for its other layers
@@ -170,6 +195,9 @@ def _why_not(planner: Planner, rec: IntermediateRecord, loads: dict[int, str]) -
             loads[rec.model_id] = f"its model does not load here: {one_line(exc)}"
     if loads[rec.model_id]:
         return loads[rec.model_id]
-    if not planner.can_rerun(rec):
-        return "its model cannot be re-run (its inputs are not stored, or its framework has no loader)"
+    if not planner.can_rerun(stage):
+        what = f"its stage {stage.name} (which it summarizes)" if stage is not rec else "its model"
+        return f"{what} cannot be re-run (its inputs are not stored, or its framework has no loader)"
+    if stage is not rec:
+        stages[rec.id] = stage
     return ""
