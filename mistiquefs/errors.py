@@ -7,6 +7,7 @@ convert in exactly one place (``fs/fuse.py`` and ``cli/main.py``).
 from __future__ import annotations
 
 import errno
+import os
 
 
 class MistiqueError(Exception):
@@ -34,6 +35,17 @@ class StoreError(MistiqueError):
     """The store on disk is missing, unreadable or of an unknown format."""
 
     exit_code = 3
+
+
+class StoreBusy(StoreError):
+    """Another capture, gc, repair or materialization holds the store's capture lock: nothing is wrong with
+    the store, and the same command run again once that one has finished succeeds. A StoreError (every
+    ``except StoreError`` that waits for the lock still catches it), with an exit code of its own: a script
+    running ``fsck --repair`` or ``gc`` from cron read exit 3, "not a store it can open", for a store that was
+    merely busy. 75 is sysexits' EX_TEMPFAIL ("try again later"), which schedulers and mailers already read
+    that way."""
+
+    exit_code = os.EX_TEMPFAIL  # 75
 
 
 class CorruptChunk(StoreError):

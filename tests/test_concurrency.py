@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 import mistiquefs
-from mistiquefs.errors import StoreError
+from mistiquefs.errors import StoreBusy, StoreError
 
 SCRIPTS = Path(__file__).resolve().parent.parent / "scripts"
 
@@ -46,7 +46,7 @@ def test_a_second_capture_is_refused_and_the_first_finishes(workload, tmp_path: 
              "--inputs", str(tmp_path / "rows.csv"), "--name", "second", "--no-progress"],
             capture_output=True, text=True, timeout=120,
         )
-        assert cli.returncode == StoreError.exit_code, cli.stderr
+        assert cli.returncode == StoreBusy.exit_code, cli.stderr
         assert f"another capture is writing to {store}; try again when it has finished" in cli.stderr
         with mistiquefs.open_store(store) as other, pytest.raises(StoreError, match="another capture"):
             other.capture(pipe, load.X, name="third", progress=False)

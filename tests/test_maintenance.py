@@ -144,12 +144,13 @@ def test_a_truncated_pack_is_reported(store) -> None:
     path, _ = store
     _cid, loc = tile_location(path, "cnn", "conv", 5)  # the last conv chunk: rows 5120..5999
     lost = [other for _c, other in iter_objects(path / "packs" / loc.pack) if other.offset >= loc.offset]
-    os.truncate(path / "packs" / loc.pack, loc.offset + loc.stored_length // 2)
+    size = loc.offset + loc.stored_length // 2
+    os.truncate(path / "packs" / loc.pack, size)
     report = check(path)
-    affected = {a for p in report.problems for a in p.affects}
-    assert "model cnn, layer conv, examples 5120..5999" in affected
-    assert any("truncated" in p.what for p in report.problems)
-    assert len(report.problems) == len(lost)
+    (problem,) = report.problems  # one for the pack, not one per chunk past its end
+    assert problem.what == f"pack {loc.pack} is truncated at {size} bytes: {len(lost)} chunks the catalog indexes " \
+                           f"in it, from offset {loc.offset} on, run past its end"
+    assert problem.affects == ("model cnn, layer conv, examples 5120..5999", "model cnn, layer dense, examples 0..5999")
     assert not any("torn write" in note for note in report.reclaimable)  # referenced bytes: damage, not a tail
 
 
@@ -191,7 +192,9 @@ def test_repair_rebuilds_a_lost_chunk_index(store, capsys) -> None:
     path, arrays = store
     update_catalog(path, "DELETE FROM chunks")
     (problem,) = check(path).problems
-    assert problem.what == "17 chunks that tiles refer to exist nowhere (no chunk row)"
+    assert problem.what == "17 chunks that tiles refer to have no chunk row, but a pack holds an intact copy: fsck " \
+                           "--repair indexes them again"
+    assert problem.repairable
     assert "model cnn, layer dense, examples 0..5999" in problem.affects
     # gc must not run now: the packs it would call garbage hold the only copies of those chunks
     assert main(["gc", str(path)]) == StoreError.exit_code

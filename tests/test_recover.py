@@ -268,3 +268,23 @@ def test_a_pool_summary_that_a_re_run_cannot_give_back_stays_lost_with_the_reaso
     for name in ("conva.pool2", "convb.pool2max"):
         assert f"not made again: model k, layer {name}: cannot re-run model 'k': no Keras model file" in out, out
     assert "re-running it does not give" not in out, out
+
+
+def test_fsck_suggests_a_repair_for_a_lost_pool_summary_chunk(pooled, tmp_path: Path, capsys) -> None:
+    """A summary chunk with no row and no intact copy (what a repair that found it damaged leaves): fsck
+    said no repair could make it again ("a summary (pool) is stored only"); a repair now does, from its
+    layer's rows re-run, so fsck suggests one, and the repair brings it back."""
+    from test_maintenance import check
+    from test_fsck_wording import REPAIR_HINT, _lose
+
+    store = _copy(pooled[0], tmp_path)
+    _lose(store, "k", "conva.pool2", 1)
+    (problem,) = check(store).problems
+    assert problem.repairable, problem.what
+    capsys.readouterr()
+    assert main(["fsck", str(store)]) == DamageFound.exit_code
+    assert REPAIR_HINT in capsys.readouterr().err
+    assert main(["fsck", "--repair", str(store)]) == 0
+    assert "model k, layer conva.pool2" in capsys.readouterr().out
+    with mistiquefs.open_store(store, create=False) as opened:
+        np.testing.assert_array_equal(opened.read("k", "conva.pool2"), pooled[1]["conva.pool2"])

@@ -15,8 +15,12 @@ from pathlib import Path
 from typing import Any
 
 from mistiquefs.capture.base import RESPONSE_METHODS
-from mistiquefs.errors import CaptureError, MistiqueError
+from mistiquefs.errors import CaptureError, MistiqueError, StoreBusy
 from mistiquefs.store.describe import format_size
+
+#: what exit status StoreBusy.exit_code means (a held capture lock said 3, "not a store it can open")
+BUSY = ("busy: another writer (a capture, gc, repair, or a mount storing a layer) holds the store's capture lock; "
+        "run it again once that has finished")
 
 
 def parse_size(text: str) -> int:
@@ -87,7 +91,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     fsck = sub.add_parser("fsck", help="verify every chunk, pack and catalog row; exit 0 only when clean",
                           description="Verify a store; name the models, layers and examples any damage "
-                                      "affects. Exit status 0: clean; 6: damage found; 3: not a store it can open.")
+                                      "affects. Exit status 0: clean; 6: damage found; 3: not a store it can open; "
+                                      f"{StoreBusy.exit_code} (--repair only): {BUSY}.")
     fsck.add_argument("store", type=Path)
     fsck.add_argument("--repair", action="store_true",
                       help="rebuild the chunk index from the packs (under the capture lock), make chunks no pack "
@@ -98,7 +103,10 @@ def build_parser() -> argparse.ArgumentParser:
     rm.add_argument("store", type=Path)
     rm.add_argument("model")
 
-    gc = sub.add_parser("gc", help="reclaim the chunks, packs and model files nothing refers to")
+    gc = sub.add_parser("gc", help="reclaim the chunks, packs and model files nothing refers to",
+                        description="Reclaim the chunks, packs and model files nothing refers to. Exit status 0: "
+                                    "done; 3: not a store it can open, or one gc must not touch yet (it says why); "
+                                    f"{StoreBusy.exit_code}: {BUSY}.")
     gc.add_argument("store", type=Path)
     return parser
 
@@ -251,8 +259,15 @@ def cmd_fsck(args: argparse.Namespace) -> int:
     print(report.summary())
     if report.clean:
         return 0
-    hint = "" if args.repair or report.catalog_unreadable else \
-        "; mistiquefs fsck --repair rebuilds the chunk index from the packs"
+    # a repair is suggested only where it would change something: after one that did all it could, what is
+    # left (chunks nothing can make again, a missing model file...) is no business of a repair
+    if args.repair or report.catalog_unreadable:
+        hint = ""
+    elif report.repairable:
+        hint = "; mistiquefs fsck --repair rebuilds the chunk index from the packs"
+    else:
+        hint = "; fsck --repair would change nothing here" + (
+            ": capture the models affected again, or rm them" if report.affected_models else "")
     found = len(report.problems)
     print(f"mistiquefs: error: {args.store} is damaged ({found} problem{'s' * (found != 1)}){hint}", file=sys.stderr)
     return DamageFound.exit_code

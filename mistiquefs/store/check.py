@@ -18,8 +18,14 @@ index from the packs alone.
 - every model's kept model file exists.
 
 Every damaged or missing chunk is traced to what it holds: "model M, layer L, examples a..b" (columns
-layout: "model M, layer L, column j, examples a..b"). Unreferenced bytes (packs of torn captures, torn
-tails, chunks of removed models, duplicates, orphan model files) are listed as reclaimable by gc.
+layout: "model M, layer L, column j, examples a..b"). Damage of a pack's own (missing, truncated, its magic
+damaged) is one problem for the pack that names everything its chunks hold, not one per chunk. Tiles whose
+chunk has no row are told apart by what a repair would do: index an intact copy a pack still holds, make
+them again by re-running their model (where the catalog and the model file leave that possible), or nothing:
+the examples are lost. A plain check suggests fsck --repair only where it would change something (each
+``Problem.repairable``): after a repair that did all it could, it said to run one again. Only bytes that
+verified count as verified. Unreferenced bytes (packs of torn captures, torn tails, chunks of removed
+models, duplicates, orphan model files) are listed as reclaimable by gc.
 
 ``repair_store`` (``fsck --repair``) rebuilds the chunks table from the packs: for each id it keeps the copy
 the catalog already points at if its bytes verify under an intact object header (so running mounts need not
@@ -60,10 +66,10 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from mistiquefs.errors import CorruptChunk, DamageFound, MistiqueError, StoreError
-from mistiquefs.store.maintenance import copy_chunks
-from mistiquefs.store.packs import (NO_DESCRIPTORS, OBJECT_HEADER, ChunkLocation, PackReader, PackScan, fsync_dir,
-                                    fsync_path, object_at, scan_pack)
-from mistiquefs.store.records import COLUMNS
+from mistiquefs.store.maintenance import copy_chunks, recoverable_chunks
+from mistiquefs.store.packs import (NO_DESCRIPTORS, OBJECT_HEADER, PACK_MAGIC, ChunkLocation, PackReader, PackScan,
+                                    fsync_dir, fsync_path, object_at, scan_pack)
+from mistiquefs.store.records import COLUMNS, IntermediateRecord
 from mistiquefs.store.repository import Repository
 
 T = TypeVar("T")
@@ -83,6 +89,12 @@ VERIFY_WORKERS = max(2, os.cpu_count() or 1)
 #: lines of affected examples a summary prints per problem (the report keeps them all)
 SUMMARY_LINES = 12
 MISSING_PACK = "its pack is missing"
+#: a chunk problem's note where its bytes verify though its object header (or its pack's magic) does not
+STILL_VERIFY = "its bytes still verify: fsck --repair copies them under a fresh header"
+#: damage of a pack's own, reported once for the pack with every chunk it affects (not once per chunk)
+TRUNCATED, BAD_MAGIC = "truncated", "bad magic"
+#: what is left to do about examples whose chunk exists nowhere and that nothing can make again
+LOST_ADVICE = "those examples are lost (the model's other examples read): capture the model again, or rm it"
 #: descriptors of packs fsck keeps open while no read uses them (it walks the packs in order)
 IDLE_PACKS = 2 * VERIFY_WORKERS
 Chunks = dict[bytes, ChunkLocation]
@@ -90,10 +102,13 @@ Chunks = dict[bytes, ChunkLocation]
 
 @dataclass(frozen=True)
 class Problem:
-    """One finding that means data is damaged, missing or inconsistent, and what it affects."""
+    """One finding that means data is damaged, missing or inconsistent, and what it affects. ``repairable``:
+    fsck --repair would change something about it (it rebuilds the chunk index and makes lost chunks again);
+    a plain fsck suggests a repair only for those (after a repair that did all it could, it still did)."""
 
     what: str
     affects: tuple[str, ...] = ()
+    repairable: bool = False
 
 
 @dataclass
@@ -117,6 +132,11 @@ class FsckReport:
     @property
     def clean(self) -> bool:
         return not self.problems
+
+    @property
+    def repairable(self) -> bool:
+        """Whether fsck --repair would change something about some problem."""
+        return any(problem.repairable for problem in self.problems)
 
     def summary(self) -> str:
         lines = [f"checked {_count(self.packs, 'pack')}, {_count(self.chunks, 'chunk')}: "
@@ -162,9 +182,9 @@ def check_store(repo: Repository) -> FsckReport:
             packs.close()
         with repo.catalog.snapshot():  # an rm committing meanwhile must not look like damage
             tracer = _Tracer(repo)
-            _report_bad_chunks(repo, bad, tracer, report)
+            _report_bad_chunks(repo, bad, scans, tracer, report)
             _report_damaged_chunk_rows(repo, damaged, tracer, report)
-            _check_catalog(repo, tracer, report)
+            _check_catalog(repo, tracer, report, indexed=False, remade=False)
             _note_reclaimable(repo, rows, scans, report)
         _check_model_files(repo, tracer, report)
     except sqlite3.DatabaseError as exc:
@@ -212,7 +232,8 @@ def repair_store(repo: Repository, rederive: Callable[[Repository, list[tuple[in
             _check_integrity(repo, report)
             with repo.catalog.snapshot():  # (rm takes no lock)
                 tracer = _Tracer(repo)
-                _check_catalog(repo, tracer, report)
+                # every intact copy is indexed now, and what a re-run could make again is made
+                _check_catalog(repo, tracer, report, indexed=True, remade=rederive is not None)
                 _note_reclaimable(repo, rows, scans, report)
             _check_model_files(repo, tracer, report)
         except sqlite3.DatabaseError as exc:
@@ -319,11 +340,12 @@ def _check_chunk_rows(packs: PackReader, rows: Chunks, scans: dict[str, PackScan
                 packs.forget(walked)
             walked = loc.pack
         report.chunks += 1
-        report.bytes_verified += loc.stored_length
-        if error:
+        if error:  # (read, but not verified: the report counted these as verified bytes)
             bad[cid] = (loc, error)
-        elif cid in bad:
-            bad[cid] = (loc, f"{bad[cid][1]} (its bytes still verify: fsck --repair copies them under a fresh header)")
+            continue
+        report.bytes_verified += loc.stored_length
+        if cid in bad:
+            bad[cid] = (loc, f"{bad[cid][1]} ({STILL_VERIFY})")
     return bad
 
 
@@ -403,10 +425,10 @@ def _intact_copies(packs_dir: Path, old: Chunks, scans: dict[str, PackScan],
     headless: Chunks = {}
     packs = PackReader(packs_dir, max_idle=IDLE_PACKS)
     try:
-        for (cid, _copies), (loc, tried) in zip(items, _parallel(_first_intact(packs, headed), items)):
+        for (cid, _copies), loc in zip(items, _parallel(_first_intact(packs, headed), items)):
             report.chunks += 1
-            report.bytes_verified += tried
-            if loc is not None:
+            if loc is not None:  # only the copy that verified counts (copies that failed were counted too)
+                report.bytes_verified += loc.stored_length
                 rows[cid] = loc
                 if (cid, loc) not in headed:
                     headless[cid] = loc
@@ -416,12 +438,10 @@ def _intact_copies(packs_dir: Path, old: Chunks, scans: dict[str, PackScan],
 
 
 def _first_intact(packs: PackReader, headed: set[tuple[bytes, ChunkLocation]]
-                  ) -> Callable[[bytes, list[ChunkLocation]], tuple[ChunkLocation | None, int]]:
-    def first(cid: bytes, copies: list[ChunkLocation]) -> tuple[ChunkLocation | None, int]:
-        tried = 0
+                  ) -> Callable[[bytes, list[ChunkLocation]], ChunkLocation | None]:
+    def first(cid: bytes, copies: list[ChunkLocation]) -> ChunkLocation | None:
         fallback = None
         for loc in copies:
-            tried += loc.stored_length
             try:
                 packs.read(cid, loc)
             except CorruptChunk:
@@ -431,11 +451,11 @@ def _first_intact(packs: PackReader, headed: set[tuple[bytes, ChunkLocation]]
             # Any other OSError (EIO, EMFILE...) may pass: repair must not drop a row for it, so it
             # propagates and the repair transaction never starts.
             if (cid, loc) in headed:
-                return loc, tried
+                return loc
             # bytes that verify under a damaged header (only an old row leads there): kept, to be copied
             # under a fresh one, unless another copy has an intact header
             fallback = fallback or loc
-        return fallback, tried
+        return fallback
     return first
 
 
@@ -505,26 +525,52 @@ def _merge(ranges: list[tuple[int, int]]) -> list[tuple[int, int]]:
     return merged
 
 
-def _report_bad_chunks(repo: Repository, bad: dict[bytes, tuple[ChunkLocation, str]], tracer: _Tracer,
-                       report: FsckReport) -> None:
-    """One problem per damaged chunk, one per missing pack, each with the examples it affects."""
+def _report_bad_chunks(repo: Repository, bad: dict[bytes, tuple[ChunkLocation, str]], scans: dict[str, PackScan],
+                       tracer: _Tracer, report: FsckReport) -> None:
+    """One problem per damaged chunk, and one per pack for damage of the pack's own (missing, truncated, its
+    magic damaged), each with the examples it affects. A damaged magic or a truncation was one problem per
+    chunk of the pack: hundreds of lines for one damaged file. fsck --repair acts on each (it drops, moves
+    or copies the rows)."""
     users: dict[bytes, list[tuple[int, int]]] = {}
     for iid, tile, cid in repo.catalog.tiles_using(bad):
         users.setdefault(cid, []).append((iid, tile))
-    missing: dict[str, list[bytes]] = {}
+    whole: dict[tuple[str, str], list[tuple[bytes, ChunkLocation]]] = {}  # (pack, damage) -> its chunks
     for cid, (loc, reason) in sorted(bad.items(), key=lambda item: (item[1][0].pack, item[1][0].offset)):
-        if reason == MISSING_PACK:
-            missing.setdefault(loc.pack, []).append(cid)
+        damage = _pack_damage(loc, reason, scans.get(loc.pack))
+        if damage:
+            whole.setdefault((loc.pack, damage), []).append((cid, loc))
             continue
         unused = "" if users.get(cid) else " (no tile uses it, but a capture could reuse it: fsck --repair)"
         report.problems.append(Problem(f"chunk {cid.hex()} in pack {loc.pack} at offset {loc.offset}: "
-                                       f"{reason}{unused}", tracer.describe(users.get(cid, ()))))
-    for pack, cids in missing.items():
-        report.problems.append(Problem(
-            f"pack {pack} is missing: {_count(len(cids), 'chunk')} lost",
-            tracer.describe(t for cid in cids for t in users.get(cid, ())),
-        ))
+                                       f"{reason}{unused}", tracer.describe(users.get(cid, ())), repairable=True))
+    for (pack, damage), chunks in whole.items():
+        count = _count(len(chunks), "chunk")
+        if damage == MISSING_PACK:
+            what = f"pack {pack} is missing: {count} lost"
+        elif damage == TRUNCATED:
+            what = (f"pack {pack} is truncated at {scans[pack].size} bytes: {count} the catalog indexes in it, from "
+                    f"offset {chunks[0][1].offset} on, run{'s' * (len(chunks) == 1)} past its end")
+        else:
+            what = (f"pack {pack}: its magic (its first {len(PACK_MAGIC)} bytes) is damaged, so a rebuild of the index "
+                    f"from the packs finds none of its objects; the bytes of the {count} the catalog indexes in it "
+                    "still verify: fsck --repair copies them into a new pack")
+        report.problems.append(Problem(what, tracer.describe(t for cid, _loc in chunks for t in users.get(cid, ())),
+                                       repairable=True))
     report.affected_models |= tracer.affected
+
+
+def _pack_damage(loc: ChunkLocation, reason: str, scan: PackScan | None) -> str:
+    """The damage of the pack itself that explains a chunk's problem (MISSING_PACK, TRUNCATED, BAD_MAGIC), or
+    "" where the chunk's own bytes or header are damaged."""
+    if reason == MISSING_PACK:
+        return MISSING_PACK
+    if scan is None:  # (a pack gc wrote since the scan)
+        return ""
+    if scan.tail <= loc.offset and loc.stored_length >= 0 and loc.offset + loc.stored_length > scan.size:
+        return TRUNCATED  # past the last intact object, and past the end
+    if not scan.has_magic and reason.endswith(f"({STILL_VERIFY})"):
+        return BAD_MAGIC  # (a chunk whose own bytes fail too is a problem of its own)
+    return ""
 
 
 def _report_damaged_chunk_rows(repo: Repository, damaged: list[tuple[bytes, str]], tracer: _Tracer,
@@ -535,7 +581,7 @@ def _report_damaged_chunk_rows(repo: Repository, damaged: list[tuple[bytes, str]
         users.setdefault(cid, []).append((iid, tile))
     for cid, what in damaged:
         report.problems.append(Problem(f"{what} (fsck --repair indexes the chunk again from the packs)",
-                                       tracer.describe(users.get(cid, ()))))
+                                       tracer.describe(users.get(cid, ())), repairable=True))
     report.affected_models |= tracer.affected
 
 
@@ -544,11 +590,13 @@ INTEGRITY = "the catalog is damaged (PRAGMA integrity_check)"
 
 
 def _check_integrity(repo: Repository, report: FsckReport) -> None:
-    for line in repo.catalog.integrity_problems():
-        report.problems.append(Problem(f"{INTEGRITY}: {line}"))
+    for line in repo.catalog.integrity_problems():  # (--repair rebuilds the chunk index inside the file)
+        report.problems.append(Problem(f"{INTEGRITY}: {line}", repairable=True))
 
 
-def _check_catalog(repo: Repository, tracer: _Tracer, report: FsckReport) -> None:
+def _check_catalog(repo: Repository, tracer: _Tracer, report: FsckReport, *, indexed: bool, remade: bool) -> None:
+    """The catalog's rows against each other. ``indexed``: every intact copy in the packs is indexed (a repair
+    just rebuilt the index); ``remade``: a repair just made again what re-running the models could."""
     catalog = repo.catalog
     for model, what in tracer.damaged:
         report.problems.append(Problem(what))
@@ -562,9 +610,7 @@ def _check_catalog(repo: Repository, tracer: _Tracer, report: FsckReport) -> Non
             tracer.affected.add(model)
     lost = catalog.tiles_without_chunks()
     if lost:
-        chunks = len({cid for _i, _t, cid in lost})
-        report.problems.append(Problem(f"{chunks} chunks that tiles refer to exist nowhere (no chunk row)",
-                                       tracer.describe((iid, tile) for iid, tile, _cid in lost)))
+        _report_lost(repo, tracer, report, lost, indexed=indexed, remade=remade)
     stats = catalog.tile_stats()
     for rec in tracer.layers.values():
         expected = rec.n_blocks * (rec.n_columns if rec.layout == COLUMNS else 1) if rec.stored else 0
@@ -583,6 +629,92 @@ def _check_catalog(repo: Repository, tracer: _Tracer, report: FsckReport) -> Non
     for what, count in catalog.orphan_rows().items():
         report.problems.append(Problem(f"{count} {what} (the catalog is inconsistent)"))
     report.affected_models |= tracer.affected
+
+
+def _report_lost(repo: Repository, tracer: _Tracer, report: FsckReport, lost: list[tuple[int, int, bytes]], *,
+                 indexed: bool, remade: bool) -> None:
+    """Tiles whose chunk has no row, in one problem for each thing that can be done: a pack holds an intact
+    copy (fsck --repair indexes it again); a re-run of a model using the chunk may make it again (fsck --repair
+    tries); or nothing can bring it back, and its examples are lost. A plain fsck after a repair that did all
+    it could said to run --repair again, which changed nothing. A chunk several layers share comes back if
+    any of them can make it. Whether a model loads, and whether its re-run gives back the very bytes lost,
+    only a repair finds out: fsck says a repair may, and a repair names the chunks it could not make again."""
+    copies = set() if indexed else set(recoverable_chunks(repo, {cid for _i, _t, cid in lost}))
+    layers: dict[bytes, set[int]] = {}
+    for iid, _tile, cid in lost:
+        layers.setdefault(cid, set()).add(iid)
+    verdicts: dict[int, str] = {}  # layer id -> why no re-run makes its chunks again ("": one may)
+    models: dict[int, str] = {}  # model id -> why its model cannot re-run anything ("": it may)
+    why: dict[bytes, str] = {}  # chunk id -> _INDEXABLE, _REMAKEABLE, or why no repair can make it again
+    for cid, iids in layers.items():
+        if cid in copies:
+            why[cid] = _INDEXABLE
+        elif remade:
+            why[cid] = f"the repair could not (it says why under \"not made again\"); {LOST_ADVICE}"
+        else:
+            for iid in iids - verdicts.keys():
+                verdicts[iid] = _why_not_remade(repo, tracer, iid, models)
+            reasons = [verdicts[iid] for iid in sorted(iids)]
+            why[cid] = _REMAKEABLE if "" in reasons else reasons[0]
+    groups: dict[str, list[tuple[int, int, bytes]]] = {}
+    for iid, tile, cid in lost:
+        groups.setdefault(why[cid], []).append((iid, tile, cid))
+    for reason, tiles in sorted(groups.items(), key=lambda item: (item[0] != _INDEXABLE, item[0] != _REMAKEABLE)):
+        n = len({cid for _i, _t, cid in tiles})
+        count, one = _count(n, "chunk"), n == 1
+        it, exist = ("it", "exists") if one else ("them", "exist")
+        if reason == _INDEXABLE:
+            what = (f"{count} that tiles refer to {'has' if one else 'have'} no chunk row, but a pack holds an intact "
+                    f"copy: fsck --repair indexes {it} again")
+        elif reason == _REMAKEABLE:
+            what = (f"{count} that tiles refer to {exist} nowhere (no chunk row, no intact copy in a pack): fsck "
+                    f"--repair makes {it} again where re-running the model gives back the very bytes lost, and says "
+                    "why where it cannot")
+        else:
+            what = (f"{count} that tiles refer to {exist} nowhere (no chunk row, no intact copy in a pack), and no "
+                    f"repair can make {it} again: {reason}")
+        report.problems.append(Problem(what, tracer.describe((iid, tile) for iid, tile, _cid in tiles),
+                                       repairable=reason in (_INDEXABLE, _REMAKEABLE)))
+
+
+#: what fsck --repair does about a chunk tiles refer to that has no row (``_report_lost``'s keys)
+_INDEXABLE, _REMAKEABLE = "indexed again", "made again"
+
+
+def _why_not_remade(repo: Repository, tracer: _Tracer, iid: int, models: dict[int, str]) -> str:
+    """Why no re-run can make the lost chunks of layer ``iid`` again, known from the catalog and the model
+    file alone (``planner.recover`` gives the same reasons, and more once it has loaded and run the model),
+    or "" where one may. ``models``: the verdicts on each model's file so far (a zip is read once)."""
+    rec = tracer.layers.get(iid)
+    if rec is None or tracer.damaged:  # (planner.recover re-runs nothing then: it finds models through every row)
+        return "a repair re-runs no model while a catalog row does not decode (named above)"
+    if rec.name == "input":
+        return f"nothing computes a model's inputs (every re-run starts from them); {LOST_ADVICE}"
+    try:
+        summary = rec.chain.summary
+    except (MistiqueError, AttributeError, TypeError, ValueError):
+        return "its layer's codec does not load (named above)"
+    if summary is not None:  # made again from the layer it summarizes, re-run (planner.recover)
+        name = rec.name[:-len(summary.suffix)] if rec.name.endswith(summary.suffix) else None
+        if not any(other.model_id == rec.model_id and other.name == name for other in tracer.layers.values()):
+            return f"a summary of a layer its model does not list: nothing computes it; {LOST_ADVICE}"
+    if rec.model_id not in models:
+        models[rec.model_id] = _why_no_model(repo, tracer, rec)
+    return models[rec.model_id]
+
+
+def _why_no_model(repo: Repository, tracer: _Tracer, rec: IntermediateRecord) -> str:
+    """Why ``rec``'s model cannot re-run any of its layers, from the catalog and its model file, or ""."""
+    if not any(other.model_id == rec.model_id and other.name == "input" and other.stored
+               for other in tracer.layers.values()):
+        return f"its model's inputs are not stored, so nothing re-runs it; {LOST_ADVICE}"
+    model_file = next((row[2] for row in tracer.model_files if row[0] == rec.model_id), None)
+    path = repo.root / model_file if model_file is not None else None
+    if path is None or not path.is_file():
+        return f"its model file is missing; {LOST_ADVICE}"
+    if path.suffix.lower() in ZIP_MODEL_SUFFIXES and _damaged_zip(path):
+        return f"its model file is damaged (named below); {LOST_ADVICE}"
+    return ""
 
 
 def _check_model_files(repo: Repository, tracer: _Tracer, report: FsckReport) -> None:

@@ -10,7 +10,8 @@ Layout::
                            failed first capture removes the store it made only if nobody else opened it
 
 Only the holder of the capture lock adds chunks or moves them, so a capture's dedup lookups and gc never
-race. ``rm`` needs no lock: it only deletes catalog rows, in one transaction, and never chunks.
+race. ``rm`` needs no lock: it only deletes catalog rows, in one transaction, and never chunks. A writer that
+finds the lock held is refused with ``StoreBusy`` (its own exit code: the store is fine, try again later).
 
 A repository opened by a mount outlives other processes' captures, rm and gc: ``forget_stale`` (called
 when the catalog's data_version changes) drops what those may have invalidated. Pieces in the decoded
@@ -25,7 +26,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-from mistiquefs.errors import NotFound, StoreError
+from mistiquefs.errors import NotFound, StoreBusy, StoreError
 from mistiquefs.codecs import SchemePolicy
 from mistiquefs.store.cache import DEFAULT_CACHE_BYTES, ByteLRU
 from mistiquefs.store.catalog import Catalog
@@ -78,7 +79,7 @@ class Repository:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except BlockingIOError:
                 other = os.pread(fd, 64, 0).decode(errors="replace").strip() or "capture"
-                raise StoreError(f"another {other} is writing to {self.root}; try again when it has finished") \
+                raise StoreBusy(f"another {other} is writing to {self.root}; try again when it has finished") \
                     from None
             os.ftruncate(fd, 0)
             os.pwrite(fd, holder.encode(), 0)
