@@ -579,3 +579,42 @@ def test_eviction_loads_each_model_once_without_the_capture_lock_and_keeps_warm_
     assert len(loads) == 5 and len({name for name, _held in loads}) == 5  # m0 was warm already
     assert rerunner.is_warm(warm) and rerunner.loads == 1
     repo.close()
+
+
+def test_the_names_of_layers_written_and_dropped_stay_bounded(monkeypatch) -> None:
+    """A mount under a tight budget may write and drop layers for months: the lists keep the latest few."""
+    from mistiquefs.planner import materialize
+
+    monkeypatch.setattr(materialize, "MAX_EVENTS", 3)
+    events: list[str] = []
+    for name in "abcde":
+        materialize._note(events, name)
+    assert events == ["c", "d", "e"]
+
+
+def test_a_write_whose_budget_check_fails_during_the_first_opens_check_is_tried_again(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The first open's check (``enforce``) ended by clearing the retry flag, also where a write's own check
+    had failed meanwhile and set it: the store stayed over its budget for the mount's life, as a store over
+    it materializes nothing and no later open checked again. The write's failure now survives that end."""
+    x = data(4000, 8)
+    repo = capture(tmp_path / "s", ("m", scale_pca(x), x, "all"))
+    planner = Planner(repo, budget=1 << 40)
+    materializer = planner.materializer
+    real = materializer._enforce
+    new = record(repo, "m", "pca")
+
+    def first_open_check(layer):
+        # the open's check finds the store within its budget; meanwhile a write's check fails (busy lock)
+        if layer is None:
+            with monkeypatch.context() as m:
+                m.setattr(repo.catalog, "referenced_bytes", lambda: (_ for _ in ()).throw(StoreError("busy")))
+                with pytest.raises(StoreError):
+                    real(new)
+        return real(layer)
+
+    monkeypatch.setattr(materializer, "_enforce", first_open_check)
+    materializer._enforcing = True  # (as opened() sets it before the thread starts)
+    assert materializer.enforce() == []
+    assert materializer._enforce_pending, "the failed write's check was forgotten"
+    repo.close()

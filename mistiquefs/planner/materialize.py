@@ -88,6 +88,9 @@ GUESSED_RATIO = 1.0
 #: while a budget could not be enforced at the mount's first open (the capture lock was busy, or open files
 #: kept layers), a later open tries again, at most this often
 ENFORCE_RETRY_SECONDS = 10.0
+#: layer names ``Materializer.materialized`` and ``.dropped`` keep at most (a mount that runs for months
+#: under a tight budget writes and drops layers over and over)
+MAX_EVENTS = 1000
 
 
 class Materializer:
@@ -107,8 +110,11 @@ class Materializer:
         # the budget check at the mount's first open (``opened``)
         self._enforce_pending = True
         self._enforcing = False
+        # a write's budget check failed while an ``enforce`` ran: that run's end must not clear the retry
+        self._failed_meanwhile = False
         self._enforce_tried = -ENFORCE_RETRY_SECONDS
         self._kept_open = False  # the last eviction left the store over budget because open files kept layers
+        #: the names of the layers written and dropped, the latest MAX_EVENTS of each (the log has them all)
         self.materialized: list[str] = []
         self.dropped: list[str] = []
         #: (framework, model file, its mtime and size) of the model files that loaded: they load again
@@ -227,7 +233,7 @@ class Materializer:
                 log.info("materialization of %s undone: its %d stored bytes are worth less than what the budget "
                          "holds", self._name(rec), self._sizes[rec.id])
             else:
-                self.materialized.append(rec.name)
+                _note(self.materialized, rec.name)
                 log.info("materialized %s (layer id %d) after repeated re-runs", self._name(rec), rec.id)
         except StoreError as exc:  # another writer holds the lock: a later query tries again
             log.info("materialization of %s skipped: %s", self._name(rec), exc)
@@ -273,6 +279,7 @@ class Materializer:
             if self._enforcing or now - self._enforce_tried < ENFORCE_RETRY_SECONDS:
                 return
             self._enforcing, self._enforce_tried = True, now
+            self._failed_meanwhile = False
         if not _start(threading.Thread(target=self.enforce, name="mistiquefs-budget", daemon=True),
                       "the budget check"):
             with self._lock:  # a later open tries again
@@ -296,7 +303,7 @@ class Materializer:
             again = True
         finally:
             with self._lock:
-                self._enforcing, self._enforce_pending = False, again
+                self._enforcing, self._enforce_pending = False, again or self._failed_meanwhile
         if dropped:
             self.planner.records_changed({d.id for d in dropped})
         return dropped
@@ -316,8 +323,8 @@ class Materializer:
                 return self.evict(vetting, new)
         except Exception:
             if new is not None:  # the new layer keeps the store over its budget until a later open's check
-                with self._lock:
-                    self._enforce_pending = True
+                with self._lock:  # (also where a check of the first open runs now: its end keeps this)
+                    self._enforce_pending = self._failed_meanwhile = True
             raise
 
     def evict(self, vetting: _Vetting | None = None, new: IntermediateRecord | None = None
@@ -355,7 +362,7 @@ class Materializer:
         for rec in plan:
             used -= self.repo.catalog.unmaterialize(rec.id)
             dropped.append(rec)
-            self.dropped.append(rec.name)
+            _note(self.dropped, rec.name)
             log.info("dropped stored %s (least value per freed byte) to stay within the budget", self._name(rec))
         if used > self.budget:
             log.warning("the store references %d bytes, over the budget of %d, and nothing more may go: inputs, "
@@ -562,6 +569,12 @@ class Materializer:
         except Exception:  # a removed model, a catalog that does not read: the log line still goes out
             model = f"#{rec.model_id}"
         return f"model {model}, layer {rec.name}"
+
+
+def _note(events: list[str], name: str) -> None:
+    events.append(name)
+    if len(events) > MAX_EVENTS:
+        del events[:len(events) - MAX_EVENTS]
 
 
 def _start(thread: threading.Thread, what: str) -> bool:
