@@ -72,6 +72,19 @@ def every_kind_model() -> keras.Model:
     return keras.Model(x, out, name="every_kind")
 
 
+def batch_dependent_model() -> keras.Model:
+    """Dense(5) -> LayerNormalization -> sigmoid -> Dense(3). On TF CPU the elements of a tensor past its last
+    whole SIMD packet are computed by other code (measured: LayerNormalization over 5 units and a sigmoid
+    not fused into its Dense), so a row's last bits depend on where it sits in the batch it runs in: 1 ulp
+    on 13 of 40 one-example re-runs beside a neighbour."""
+    keras.utils.set_random_seed(10)
+    x = keras.Input((7,))
+    h = layers.Dense(5, name="d")(x)
+    h = layers.LayerNormalization(name="ln")(h)
+    h = layers.Activation("sigmoid", name="sig")(h)
+    return keras.Model(x, layers.Dense(3, name="out")(h), name="batch_dependent")
+
+
 def _digits(n: int) -> np.ndarray:
     return np.random.default_rng(0).random((n, 32, 32, 1), dtype=np.float32)
 
@@ -171,3 +184,108 @@ def test_eager_models_re_run_eagerly_and_identically() -> None:
     for stage in stages:
         got = adapter.run_stage(inputs[3:4], stage.name)
         np.testing.assert_array_equal(got, stage.array[3:4], err_msg=stage.name)
+
+
+@pytest.mark.parametrize("eager", [False, True])
+def test_a_model_whose_rows_depend_on_their_batch_re_runs_the_capture_batches(tmp_path: Path, eager: bool) -> None:
+    """Stages whose rows' bits depend on the batch they ran in (found at capture) re-run in the capture's
+    own batches: one example, some rows and the whole layer give the bits stored by a capture of every
+    layer (one example beside a neighbour gave other last bits: 13 of 40 rows of ``ln``). Compiled or
+    layer by layer (``run_eagerly``) alike."""
+    import mistiquefs
+
+    model, inputs = batch_dependent_model(), np.random.default_rng(3).normal(size=(40, 7)).astype(np.float32)
+    model.run_eagerly = eager
+    with mistiquefs.open_store(tmp_path / "s") as store:
+        store.capture(model, inputs, name="all", progress=False, batch_size=16)
+        store.capture(model, inputs, name="none", progress=False, batch_size=16, policy="none")
+        for layer in ("d", "ln", "sig", "out"):
+            stored = store.read("all", layer)
+            np.testing.assert_array_equal(store.read("none", layer), stored, err_msg=layer)
+            ones = np.concatenate([store.read("none", layer, slice(i, i + 1)) for i in range(40)])
+            np.testing.assert_array_equal(ones, stored, err_msg=f"{layer}: one example at a time")
+            for rows in (slice(3, 20), slice(15, 17), slice(31, 40), slice(39, 40)):
+                np.testing.assert_array_equal(store.read("none", layer, rows), stored[rows], err_msg=f"{layer} {rows}")
+        dependent = store.info("none")["model"]["batch_dependent"]  # (info.json's "model")
+        assert set(dependent) <= {"d", "ln", "sig", "out"}
+        if "ln" in dependent:  # (what depends on such a stage does too)
+            assert {"sig", "out"} <= set(dependent)
+
+
+@pytest.mark.parametrize("rows", [1, 2, 5])
+def test_which_stages_depend_on_their_batch(rows: int) -> None:
+    """The capture compares a few rows of its first batch run in batches of 1 (as two copies), 2 and 3 rows
+    with the same rows in the batch: the stages that differ, and every stage after them, are listed; models
+    measured batch-independent list none. A capture of a lone row (or of one-row batches) compares nothing
+    and lists every stage: their re-runs in the capture's batches cost no more."""
+    for build, make, expected in ((two_paths_model, _pixels, set()), (every_kind_model, _features, set())):
+        adapter = KerasAdapter(build())
+        adapter.run_batch(make(rows))
+        names = {stage.name for stage in adapter.graph.stages}
+        assert set(adapter.describe()["batch_dependent"]) == (names if rows == 1 else expected)
+    adapter = KerasAdapter(batch_dependent_model())
+    adapter.run_batch(np.random.default_rng(3).normal(size=(rows, 7)).astype(np.float32))
+    dependent = adapter.describe()["batch_dependent"]
+    assert dependent == [s.name for s in adapter.graph.stages if s.name in dependent]  # execution order
+    if rows == 1:
+        assert dependent == ["d", "ln", "sig", "out"]
+
+
+def test_a_model_captured_eagerly_re_runs_eagerly_from_its_file(tmp_path: Path) -> None:
+    """``run_eagerly`` is not kept in the .keras file: the re-runs of a model captured layer by layer ran its
+    loaded file compiled, whose fused Dense+tanh kernels differ from the eager ones by an ulp (every layer
+    from ``a`` on but ``b``: 1.2e-7..2.4e-7). They run as the capture did (the model's info says "eager")."""
+    import mistiquefs
+
+    keras.utils.set_random_seed(11)
+    x = keras.Input((5,))
+    a = layers.Dense(4, activation="tanh", name="a")(x)
+    h = layers.Dense(6, activation="tanh", name="h")(layers.Add(name="sum")([a, layers.Dense(4, name="b")(x)]))
+    model, inputs = keras.Model(x, layers.Dense(2, name="out")(h)), _features(40)
+    model.run_eagerly = True
+    with mistiquefs.open_store(tmp_path / "s") as store:
+        store.capture(model, inputs, name="all", progress=False, batch_size=16)
+        store.capture(model, inputs, name="none", progress=False, batch_size=16, policy="none")
+        assert store.info("none")["model"]["execution"] == "eager"
+        for layer in store.layers("all")[1:]:
+            stored = store.read("all", layer)
+            np.testing.assert_array_equal(store.read("none", layer), stored, err_msg=layer)
+            np.testing.assert_array_equal(store.read("none", layer, slice(17, 18)), stored[17:18], err_msg=layer)
+
+
+def test_the_planner_runs_and_prices_a_batch_dependent_stage_in_capture_batches(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A stage whose re-runs run the capture's batches (found batch-dependent at capture): a mount's
+    whole-layer file re-runs it in capture batches, not in smaller pieces (each of which re-ran a whole
+    batch to keep a few of its rows), and one example is priced as the capture batch it runs, not as two
+    rows. Its stages before it keep the small pieces and two-row estimates."""
+    import mistiquefs
+    from mistiquefs.planner import planner as planning
+    from mistiquefs.planner.planner import Planner
+    from mistiquefs.store.repository import Repository
+
+    monkeypatch.setattr(planning, "RERUN_PIECE_BYTES", 80)  # pieces of 4 rows of 5 float32 (not 16)
+    model, inputs = batch_dependent_model(), np.random.default_rng(3).normal(size=(40, 7)).astype(np.float32)
+    with mistiquefs.open_store(tmp_path / "s") as store:
+        store.capture(model, inputs, name="none", progress=False, batch_size=16, policy="none")
+        dependent = store.info("none")["model"]["batch_dependent"]
+    assert "out" in dependent, dependent
+    repo = Repository(tmp_path / "s", create=False)
+    try:
+        planner = Planner(repo)
+        by_name = {rec.name: rec for rec in repo.intermediates()}
+        out = by_name["out"]
+        assert planner.batch_dependent(out)
+        assert planner.rerun_span(out, 20, 21) == (16, 32) and planner.rerun_span(out, 39, 40) == (32, 40)
+        assert planner.plan(out, "all").view.stream.piece_size == 16 * out.row_size
+        one = planner.plan(out, "row", 20).estimate.rerun_seconds
+        assert one == pytest.approx(planner.rerun_seconds(out, 0, 16, 16))
+        assert one > planner.rerun_seconds(out, 0, 2, 2)
+        independent = [name for name in by_name if name != "input" and name not in dependent]
+        for name in independent:
+            rec = by_name[name]
+            assert not planner.batch_dependent(rec) and planner.rerun_span(rec, 20, 21) == (20, 21)
+            assert planner.plan(rec, "all").view.stream.piece_size == 80
+        np.testing.assert_array_equal(planner.run_rows(out, 20, 21), model.predict(inputs[16:32], verbose=0)[4:5])
+    finally:
+        repo.close()

@@ -2,7 +2,9 @@
 
 Stages. Every operation of the model's graph, in execution order, except the ``InputLayer`` (the capture
 loop stores the inputs itself): each layer, each raw ``keras.ops`` call made while building a functional
-model (e.g. ``keras.ops.add`` shows up as a stage named ``add``), and each nested model as ONE stage. A
+model (e.g. ``keras.ops.add`` shows up as a stage named ``add``; so does the op a layer's mask is
+computed with, e.g. ``not_equal``, a bool stage, for ``Embedding(mask_zero=True)``), and each nested model
+as ONE stage. A
 stage is named after its layer; a layer whose output is a list/tuple/dict yields ``<layer>.<k>`` (index
 or key); the second and later calls of a shared layer (in the order of its own node list, as
 ``layer.output`` is its first call) are ``<layer>.call<i>``. Names are made usable as
@@ -51,7 +53,10 @@ is traced on a stage's first re-run and cached per stage name; a later call cost
 3-11 ms for the eager sub-model ``keras.Model(inputs, layer.output)(x)``). 1-row batches are padded as in
 ``run_batch``. Multi-output sub-stages (``<layer>.<k>``), shared-layer calls (``<layer>.call<i>``), raw
 ``keras.ops`` stages and nested models re-run like any stage. The stage names are learned by tracing the
-whole model once (no execution). With ``run_eagerly`` the sub-graph runs eagerly.
+whole model once (no execution). With ``run_eagerly`` the sub-graph runs eagerly (a re-run from the kept
+file, which does not keep ``run_eagerly``, runs eagerly where the model's info says ``"execution": "eager"``:
+``planner/rerun.py``). A stage whose rows' bits depend on the batch they run in (``batch_dependent`` in
+``describe()``; "Fidelity") is bit-identical only in the capture's own batches, which re-runs of it run.
 
 Fidelity, measured on TF 2.21 CPU (oneDNN on, an AVX-512/AMX Xeon, 2 cores), Keras 3.15, float32:
 
@@ -73,14 +78,29 @@ Fidelity, measured on TF 2.21 CPU (oneDNN on, an AVX-512/AMX Xeon, 2 cores), Ker
   example reproduces the captured row exactly. (It also means a 1-row capture is not bit-identical to a
   plain ``model(x[i:i+1])``, which is the odd one out.) These are properties of this CPU's kernels, not
   guarantees: another CPU or a GPU may differ, so compare across machines with ``rtol=1e-5``.
+* ...but not for every layer: TensorFlow's CPU kernels compute the elements of a tensor past its last whole
+  SIMD packet with other code, so where an example's elements do not fill whole packets a row's last bit
+  depends on its place in its batch and the batch's size: ``LayerNormalization`` over 5 units (1.2e-7..2.4e-7),
+  a sigmoid not fused into its Dense (``Activation("sigmoid")`` after ``Dense(3)``, 6e-8), ``GRU(3)``,
+  ``LSTM(2)``, ``keras.ops.exp``/``sigmoid`` on 5 values; not Dense/Conv with fused activations, softmax,
+  BatchNormalization, MultiHeadAttention, ``LSTM(8)``. So the first batch of two rows or more a capture
+  runs is run again in part (``_Graph.batch_dependent``: its first ``PROBE_ROWS`` rows in batches of 2 and
+  of 3, and one row as two copies; 14 calls of a few rows, ~35 ms for the digits CNN): the stages whose
+  rows differ, and every stage after them, are ``describe()["batch_dependent"]`` (the model's info), and
+  re-runs of those run the capture's own batches that hold the rows asked for, then cut them out (one
+  example costs a capture batch). A capture whose batches all had one row lists every stage (nothing to
+  compare; such batches cost no more). A sample, not a proof: it finds the packet tails, which batches of 2
+  and 3 rows expose unless an example's elements fill whole packets. A stage that mixes the examples of a
+  batch (an op over axis 0) is refused, also where its length is the batch's by chance.
 
 Inputs. One numpy array ``(N, *example_shape)``, a list/tuple holding exactly one, or a dict holding
 exactly one under the input's name (a model built as ``keras.Model({"x": x}, ...)``, or the name of its
 ``keras.Input``); its example shape must match the model's input shape (``None`` matches any size).
-Models with several inputs are refused. The array is stored as given (uint8 images stay uint8) and cast
-to the model's input dtype when run, as ``model(x)`` does. An object array of text (for a string input)
-is stored as fixed-width text at the width of its longest value, measured once over the whole array;
-each batch converts only its own rows.
+Models with several inputs are refused (the message says how to make one input of them), as are stateful
+RNNs (``stateful=True``: their outputs depend on every call before). The array is stored as given (uint8
+images stay uint8) and cast to the model's input dtype when run, as ``model(x)`` does. An object array of
+text (for a string input) is stored as fixed-width text at the width of its longest value, measured once
+over the whole array; each batch converts only its own rows.
 
 Saving. ``save_model`` writes the native ``.keras`` zip (a model Keras cannot serialize, e.g. a custom
 layer without ``get_config`` for its arguments, is a CaptureError); ``load_model`` reads it in Keras safe mode, so a
@@ -172,6 +192,7 @@ class KerasAdapter(Adapter):
                 "supported; build it with keras.Input(...) and keras.Model(inputs, outputs))"
             )
         self._input = _single_model_input(model)
+        _refuse_stateful(model)
         #: the keys a dict of inputs may give the one input under (``keras.Model({"x": x}, ...)``)
         self._input_names = _input_names(model, self._input)
         #: the object array of text last measured and its fixed-width dtype (``_text_dtype``)
@@ -179,6 +200,10 @@ class KerasAdapter(Adapter):
         #: Keras's own switch (model.predict honours it too): run layer by layer, never compiled
         self.eager = bool(getattr(model, "run_eagerly", False))
         self._graph: _Graph | None = None
+        #: the stages whose rows' bits depend on the batch they ran in (``_Graph.batch_dependent``), found on
+        #: the first batch of two rows or more; ``_lone_rows``: batches of one row ran (nothing to compare)
+        self._batch_dependent: list[str] | None = None
+        self._lone_rows = False
 
     # -- inputs ---------------------------------------------------------------------------------------
 
@@ -248,14 +273,14 @@ class KerasAdapter(Adapter):
             arrays = graph.call(function, x)
             total = time.perf_counter() - start
             op_seconds = [total * share for share in graph.shares or ()]
+        if self._batch_dependent is None:
+            if n_rows >= MIN_ROWS_PER_CALL:  # (after the timing: the comparison's runs are in no stage's time)
+                self._batch_dependent = graph.batch_dependent(x, arrays, self.eager)
+            else:
+                self._lone_rows = True
         stages = []
         for ref, array in zip(graph.stages, arrays):
-            if array.ndim == 0 or array.shape[0] != len(x):
-                raise CaptureError(
-                    f"stage {ref.name!r} ({type(graph.ops[ref.op].operation).__name__}) returned shape "
-                    f"{array.shape}, not one row per example ({len(x)} rows); only per-example outputs can "
-                    "be captured"
-                )
+            _check_rows(array, len(x), graph.describe(ref))
             if len(array) != n_rows:
                 array = array[:n_rows].copy()
             # A layer's time goes to its first output only, so that summing the stages up to any layer
@@ -273,8 +298,7 @@ class KerasAdapter(Adapter):
         else:
             function, position = graph.prefix(name)
             array = graph.call(function, x, position)
-        if array.ndim == 0 or array.shape[0] != len(x):
-            raise CaptureError(f"stage {name!r} returned shape {array.shape}, not one row per example")
+        _check_rows(array, len(x), graph.describe(graph.stage(name)))
         return array[:n_rows].copy() if len(array) != n_rows else array
 
     # -- saving and describing ------------------------------------------------------------------------
@@ -314,7 +338,19 @@ class KerasAdapter(Adapter):
             "input_dtype": str(self._input.dtype),
             "execution": "eager" if self.eager else "compiled",
             "layers": [_describe_layer(layer) for layer in _non_input_layers(self.model)],
+            "batch_dependent": self.batch_dependent(),
         }
+
+    def batch_dependent(self) -> list[str] | None:
+        """The stages whose rows' bits depended on the batch they ran in (module docstring, "Fidelity"), in
+        execution order: a re-run gives their captured bits only in the capture's own batches
+        (``planner/rerun.py`` runs those). Every stage where only batches of one row ran (nothing to compare;
+        re-running a capture batch of one row costs no more); None before any batch ran."""
+        if self._batch_dependent is not None:
+            return list(self._batch_dependent)
+        if self._lone_rows:
+            return [ref.name for ref in self.graph.stages]
+        return None
 
 
 # -- what a saved model needs to load ------------------------------------------------------------------
@@ -426,6 +462,8 @@ class _Graph:
         self.shares: list[float] | None = None
         self._full: Any = None
         self._prefixes: dict[str, tuple[Any, int]] = {}
+        #: each compiled function's outputs, as stages (by the function's id): messages name them
+        self._outputs: dict[int, list[_StageRef]] = {}
         self._lock = threading.RLock()
 
     def __deepcopy__(self, memo: dict[int, Any]) -> None:
@@ -520,7 +558,9 @@ class _Graph:
             start = time.perf_counter()
             out = _call(operation, args, kwargs)
             leaves = _leaves(out)
-            arrays.append([_array(tensor) for _, tensor in leaves])
+            kind = type(operation).__name__
+            arrays.append([_array(tensor, f"stage {self.ops[index].base + suffix!r} ({kind})")
+                           for suffix, tensor in leaves])
             seconds[index] = time.perf_counter() - start
             suffixes.append([suffix for suffix, _ in leaves])
             return out
@@ -536,6 +576,38 @@ class _Graph:
         wanted = self.ancestors(ref.op)
         arrays, _ = self.run_eager(x, wanted)
         return arrays[self._position(wanted, ref)]
+
+    def batch_dependent(self, x: Any, arrays: list[np.ndarray], eager: bool) -> list[str]:
+        """The stages whose rows' bits depend on the batch they run in: some rows of the batch ``x`` (whose
+        stages gave ``arrays``) run again in batches of 1 (as two copies), 2 and 3 rows (``_probe_spans``);
+        a stage whose rows differ from the batch's, and every stage after it, is listed (execution order).
+        TensorFlow's CPU kernels compute a tensor's elements past its last whole SIMD packet with other code,
+        so LayerNormalization over 5 units, a sigmoid not fused into its Dense, a GRU(3)... differ by an ulp
+        with the row's place in its batch; a stage mixing rows (an op over the batch axis) differs too. A
+        sample of rows, not a proof: it finds the packet tails, which every batch of 2 and 3 rows has unless
+        a row's elements fill whole packets. Where running them fails, every stage is listed."""
+        import keras
+
+        n_rows, differs = len(x), set()
+        for lo, hi in _probe_spans(n_rows):
+            part = x[lo:hi]
+            if hi - lo < MIN_ROWS_PER_CALL:
+                part = keras.ops.concatenate([part] * MIN_ROWS_PER_CALL)
+            try:
+                got = self.run_eager(part, range(len(self.ops)))[0] if eager else self.call(self.full(), part)
+            except Exception:  # noqa: BLE001 (a model that fails on a few rows: its re-runs use the capture's batches)
+                differs = set(range(len(self.ops)))
+                break
+            for ref, whole, rows in zip(self.stages, arrays, got):
+                # (a batch's own length by chance, e.g. a mean over the batch axis of 3 units in 3 rows)
+                _check_rows(rows, len(part), self.describe(ref))
+                if ref.op not in differs and not _same_bits(whole[lo:hi], rows[:hi - lo]):
+                    differs.add(ref.op)
+        dependent: set[int] = set()
+        for index, op in enumerate(self.ops):
+            if index in differs or any(dep in dependent for dep in op.deps):
+                dependent.add(index)
+        return [ref.name for ref in self.stages if ref.op in dependent]
 
     def measure_shares(self, sample: Any) -> None:
         """Each operation's share of an eager run's time on ``sample``: the second of two runs, as the
@@ -555,6 +627,7 @@ class _Graph:
         with self._lock:
             if self._full is None:
                 self._full = self._compile(list(range(len(self.ops))))
+                self._outputs[id(self._full)] = list(self.stages)
             return self._full
 
     def prefix(self, name: str) -> tuple[Any, int]:
@@ -570,6 +643,7 @@ class _Graph:
             found = self._prefixes.get(name)
             if found is None:
                 function = self.full() if len(wanted) == len(self.ops) else self._compile(wanted)
+                self._outputs[id(function)] = [other for other in self.stages if other.op in set(wanted)]
                 found = self._prefixes[name] = (function, self._position(wanted, ref))
         return found
 
@@ -604,9 +678,14 @@ class _Graph:
             if named is exc:
                 raise
             raise named from exc
+        refs = self._outputs.get(id(function), ())
         if position is not None:
-            return _array(outputs[position])
-        return [_array(tensor) for tensor in outputs]
+            return _array(outputs[position], self.describe(refs[position]) if refs else "a layer")
+        return [_array(tensor, self.describe(refs[k]) if refs else "a layer") for k, tensor in enumerate(outputs)]
+
+    def describe(self, ref: _StageRef) -> str:
+        """How messages name a stage: ``stage 'conv1' (Conv2D)``."""
+        return f"stage {ref.name!r} ({type(self.ops[ref.op].operation).__name__})"
 
     def _run_failed(self, exc: Exception) -> Exception:
         """A TensorFlow error while running a compiled function, naming the layer when its node says
@@ -624,6 +703,24 @@ class _Graph:
                     f"{_what_failed(message)}"
                 )
         return exc
+
+
+#: how many of a batch's first rows ``_Graph.batch_dependent`` runs again in smaller batches
+PROBE_ROWS = 16
+
+
+def _probe_spans(n_rows: int) -> list[tuple[int, int]]:
+    """The row spans ``_Graph.batch_dependent`` runs again out of a batch of ``n_rows`` (two or more): its
+    first ``PROBE_ROWS`` rows in batches of 2, then of 3 (a row's elements are whole SIMD packets in
+    both only where they are in every batch), and the last of them alone; not the batch itself."""
+    rows = min(n_rows, PROBE_ROWS)
+    spans = [(lo, min(lo + size, rows)) for size in (2, 3) for lo in range(0, rows, size)] + [(rows - 1, rows)]
+    return [span for span in dict.fromkeys(spans) if span != (0, n_rows)]
+
+
+def _same_bits(a: np.ndarray, b: np.ndarray) -> bool:
+    return a.shape == b.shape and a.dtype == b.dtype and \
+        np.ascontiguousarray(a).tobytes() == np.ascontiguousarray(b).tobytes()
 
 
 def _what_failed(message: str) -> str:
@@ -740,37 +837,49 @@ def _layer_failed(operation: Any, exc: Exception) -> CaptureError:
     )
 
 
-def _array(tensor: Any) -> np.ndarray:
-    """A layer's output tensor as numpy. Dense CPU tensors are not copied: the array is a read-only view
-    of the tensor's buffer, which it keeps alive."""
+def _array(tensor: Any, what: str = "a layer") -> np.ndarray:
+    """A layer's output tensor as numpy (``what``: the stage, as messages name it). Dense CPU tensors are
+    not copied: the array is a read-only view of the tensor's buffer, which it keeps alive."""
     if type(tensor).__name__ == "EagerTensor" and tensor.dtype.is_numpy_compatible and tensor.dtype != "string":
-        return _numeric(np.asarray(tensor))
-    return _to_numpy(tensor)
+        return _numeric(np.asarray(tensor), what)
+    return _to_numpy(tensor, what)
 
 
-def _to_numpy(tensor: Any) -> np.ndarray:
+def _to_numpy(tensor: Any, what: str) -> np.ndarray:
     import keras
 
     if type(tensor).__name__ == "RaggedTensor":
-        raise CaptureError("a layer returned a ragged tensor; mistiquefs only captures dense outputs")
+        raise CaptureError(f"{what} returned a ragged tensor; mistiquefs only captures dense outputs (give "
+                           "the layer a fixed output length, e.g. output_sequence_length, or ragged=False)")
     if getattr(tensor, "dtype", None) == "string":
         # Their width differs from batch to batch and from a re-run's rows to the capture's: a stored
         # array needs one fixed width, which a layer's strings do not have
-        raise CaptureError("a layer returned strings (a tf.string tensor); mistiquefs stores numeric "
+        raise CaptureError(f"{what} returned strings (a tf.string tensor); mistiquefs stores numeric "
                            "outputs only: map strings to numbers inside the model (e.g. StringLookup)")
-    return _numeric(keras.ops.convert_to_numpy(tensor))  # densifies sparse tensors
+    return _numeric(keras.ops.convert_to_numpy(tensor), what)  # densifies sparse tensors
 
 
-def _numeric(array: np.ndarray) -> np.ndarray:
+def _numeric(array: np.ndarray, what: str) -> np.ndarray:
     """``array`` in a dtype every reader of a .npy knows: bfloat16 and float8 outputs (mixed precision;
     numpy sees ml_dtypes' types, which a .npy header writes as raw bytes) become float32, exactly."""
     if array.dtype.kind == "V" and not array.dtype.names:
         try:
             return array.astype(np.float32)
         except (TypeError, ValueError):
-            raise CaptureError(f"a layer returned values of type {array.dtype}, which mistiquefs cannot "
+            raise CaptureError(f"{what} returned values of type {array.dtype}, which mistiquefs cannot "
                                "store") from None
     return array
+
+
+def _check_rows(array: np.ndarray, rows: int, what: str) -> None:
+    """CaptureError unless ``array`` (the output of the stage ``what`` for a batch of ``rows`` rows) holds
+    one row per example."""
+    if array.ndim == 0 or array.shape[0] != rows:
+        raise CaptureError(
+            f"{what} returned shape {array.shape}, not one row per example ({rows} rows): only per-example "
+            "outputs can be captured (an op over the batch axis, e.g. a mean over axis 0, mixes the examples; "
+            "reduce over the axes of an example instead)"
+        )
 
 
 # -- input checks -------------------------------------------------------------------------------------
@@ -790,9 +899,27 @@ def _single_model_input(model: Any) -> Any:
     if len(inputs) > 1:
         raise UnsupportedModel(
             f"models with several inputs are not supported yet: {getattr(model, 'name', '')!r} takes "
-            f"{len(inputs)} ({', '.join(str(tuple(x.shape)) for x in inputs)})"
+            f"{len(inputs)} ({', '.join(str(tuple(x.shape)) for x in inputs)}); capture a model with one "
+            "keras.Input that takes the inputs joined into one array (each example's values flattened and "
+            "concatenated) and split it inside the model (slicing and keras.ops.reshape), or capture each "
+            "branch as a model of its own"
         )
     return inputs[0]
+
+
+def _refuse_stateful(model: Any) -> None:
+    """UnsupportedModel for a model with a stateful layer (an RNN built with ``stateful=True``, in nested
+    models too): it carries its state from one call to the next, so what it gives depends on every call
+    before (a capture's own timing and checks, an earlier capture), and no re-run can give it back."""
+    layers = getattr(model, "_flatten_layers", None)
+    for layer in layers(include_self=False, recursive=True) if layers else model.layers:
+        if getattr(layer, "stateful", False) is True:
+            raise UnsupportedModel(
+                f"layer {layer.name!r} ({type(layer).__name__}) is stateful: it carries its state from one call "
+                "to the next, so its outputs depend on every call before and no re-run can give them back; "
+                "capture a copy of the model built with stateful=False (model.get_config() with that "
+                "changed, and model.get_weights()), which starts every sequence afresh"
+            )
 
 
 def _is_sequential(model: Any) -> bool:

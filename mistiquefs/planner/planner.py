@@ -12,7 +12,9 @@ pick either, per file. A layer stored lossily reads as its approximation unless 
 - ``exact``: like auto, but lossy layers are re-run, so every file holds exact values.
 
 Re-run views stream: ``all.npy`` is cut into pieces of at most ``RERUN_PIECE_BYTES`` (a capture batch or
-less), computed as the reader reaches them with read-ahead; ``<i>.npy`` runs its one example;
+less; a capture batch for a stage the capture found batch-dependent, whose re-runs run whole capture
+batches), computed as the reader reaches them with read-ahead; ``<i>.npy`` runs its one example (such a
+stage: the capture batch that holds it, and it is priced so);
 ``columns/<j>.npy`` gathers column j from the ``all.npy`` pieces. Pieces go through the same decoded
 cache and single-flight as chunks, so two readers of the same data share one computation.
 
@@ -163,7 +165,8 @@ class Planner:
         def uncached(view: NpyView) -> float:
             return 1 - reader.cached_share(view)
 
-        span = (0, 1) if kind == "row" else (0, rec.n_rows)
+        span = self.rerun_span(rec, 0, 1) if kind == "row" else (0, rec.n_rows)
+        rows = max(rows, span[1] - span[0])  # (a batch-dependent stage's one example runs its capture batch)
         read_s = None
         if read_view is not None:
             read_s = self.cost.read_seconds(rec, *self.tiles_touched(rec, kind)) * uncached(read_view)
@@ -238,7 +241,7 @@ class Planner:
         model, _ = self.model_and_layers(rec)
         batch = int(model.info.get("batch_size") or 256)
         piece_rows = batch  # the capture's batches: bit-identical for every framework
-        if EXACT_ANY_BATCH.get(model.framework, False):
+        if EXACT_ANY_BATCH.get(model.framework, False) and not self.batch_dependent(rec):
             # at least 2: a 1-row piece runs as two rows (a lone row's kernels differ), doing twice the work
             piece_rows = max(2, min(batch, RERUN_PIECE_BYTES // max(1, rec.row_size)))
         return Stream(piece_rows * rec.row_size, rec.n_rows * rec.row_size,
@@ -262,11 +265,19 @@ class Planner:
             out = np.ascontiguousarray(out[start - lo:stop - lo])
         return out
 
+    def batch_dependent(self, rec: IntermediateRecord) -> bool:
+        """Whether ``rec`` is a stage whose rows' bits the capture found to depend on the batch they ran in
+        (Keras: the model's info ``batch_dependent``, see capture/keras.py): its re-runs run the capture's own
+        batches that hold the rows asked for (``ReRunner.run``), one example too."""
+        return rec.name in (self.model_and_layers(rec)[0].info.get("batch_dependent") or ())
+
     def rerun_span(self, rec: IntermediateRecord, start: int, stop: int) -> tuple[int, int]:
-        """The examples a re-run of ``[start, stop)`` (two or more) computes: the capture's batches that hold
-        them, where a row's bits depend on the rows computed with it (``run_rows``), else those rows."""
+        """The examples a re-run of ``[start, stop)`` computes: the capture's batches that hold them, where a
+        row's bits depend on the rows computed with it (two or more rows: ``run_rows``; any rows of a
+        batch-dependent stage: ``ReRunner.run``), else those rows."""
         model = self.model_and_layers(rec)[0]
-        if stop - start > 1 and not EXACT_ANY_BATCH.get(model.framework, False):
+        if stop > start and (self.batch_dependent(rec) or
+                             stop - start > 1 and not EXACT_ANY_BATCH.get(model.framework, False)):
             batch = int(model.info.get("batch_size") or 256)
             return start // batch * batch, min(-(-stop // batch) * batch, rec.n_rows)
         return start, stop

@@ -151,18 +151,26 @@ class ReRunner:
         if failed is not None and failed[0] == self._file_state(model):
             raise StoreError(failed[1])
         try:
-            return self._loader(model.framework, str(self.repo.root / model.model_file),
-                                tuple(model.info.get("methods") or ()))
+            adapter = self._loader(model.framework, str(self.repo.root / model.model_file),
+                                   tuple(model.info.get("methods") or ()))
         except MistiqueError as exc:  # a refused or broken model file is this read's I/O error
             message = f"cannot re-run model {model.name!r}: {exc}"
             self._failed[model.id] = (self._file_state(model), message)
             raise StoreError(message) from exc
+        if model.framework == "keras" and model.info.get("execution") == "eager" and hasattr(adapter, "eager"):
+            # captured layer by layer (the model's run_eagerly, which its .keras file does not keep): the
+            # compiled function's fused kernels differ from the eager ones by an ulp (Dense+tanh), so its
+            # re-runs run layer by layer too
+            adapter.eager = True
+        return adapter
 
     def run(self, model: ModelRecord, layer: IntermediateRecord, input_rows: Callable[[int, int], np.ndarray],
             start: int, stop: int, observe: Callable[[int, float], None] | None = None,
             assembled: Callable[[int, float], None] | None = None) -> np.ndarray:
         """``layer``'s output for examples ``[start, stop)``, computed by the model from the stored inputs
-        (``input_rows(start, stop)``), in batches of the capture's batch size. ``observe(rows, seconds)``
+        (``input_rows(start, stop)``), in batches of the capture's batch size (a stage the capture found
+        batch-dependent, ``batch_dependent`` in the model's info: in the capture's own batches that hold those
+        rows, then cut). ``observe(rows, seconds)``
         hears the time of each model call (with making its inputs; without the load and the input read);
         ``assembled(nbytes, seconds)`` the time to join several calls' outputs into one array. Several calls
         write into that one array as they come (their outputs are not all held, then joined: twice the
@@ -172,10 +180,16 @@ class ReRunner:
             return np.empty((0, *layer.shape), dtype=layer.dtype)
         warm = self.model(model)
         batch = int(model.info.get("batch_size") or 256)
+        # A stage whose rows' bits depend on the batch they run in (a Keras capture lists them: LayerNorm
+        # over 5 units, a sigmoid... see capture/keras.py) runs in the capture's own batches that hold the
+        # rows, which are then cut out: the captured bits, however few rows are asked for
+        own_batches = layer.name in (model.info.get("batch_dependent") or ())
+        span_start = start // batch * batch if own_batches else start
+        span_stop = min(-(-stop // batch) * batch, layer.n_rows) if own_batches else stop
         whole: np.ndarray | None = None  # several calls' outputs, joined as they come
         joining = 0.0
-        for lo in range(start, stop, batch):
-            hi = min(lo + batch, stop)
+        for lo in range(span_start, span_stop, batch):
+            hi = min(lo + batch, span_stop)
             # A 1-row call takes other BLAS/oneDNN kernels than any bigger batch (a PCA row differed by an
             # ulp; see capture/keras.py for Keras): run it with a neighbour and keep it. Except a row the
             # capture ran alone (scikit-learn; Keras pads it): the lone last row of its last batch, or every
@@ -183,7 +197,7 @@ class ReRunner:
             captured_from = lo // batch * batch
             lone_at_capture = min(captured_from + batch, layer.n_rows) - captured_from == 1 \
                 and not warm.adapter.pads_lone_rows
-            pad = hi - lo == 1 and layer.n_rows > 1 and not lone_at_capture
+            pad = hi - lo == 1 and layer.n_rows > 1 and not lone_at_capture and not own_batches
             first = lo - 1 if pad and hi == layer.n_rows else lo
             rows = input_rows(first, first + 2) if pad else input_rows(lo, hi)
             # the call's time includes making the framework's inputs (a DataFrame for a pipeline: ~1 ms a
@@ -211,12 +225,14 @@ class ReRunner:
             if pad:
                 out = out[lo - first:lo - first + 1]
             out = self._checked(out, layer, hi - lo)
-            if hi - lo == stop - start:
+            if (lo, hi) != (max(lo, start), min(hi, stop)):  # (a capture batch: the rows asked for)
+                out = out[max(lo, start) - lo:min(hi, stop) - lo].copy()  # (not holding the whole batch)
+            if len(out) == stop - start:
                 return out
             started = time.perf_counter()
             if whole is None:
                 whole = np.empty((stop - start, *layer.shape), dtype=layer.dtype)
-            whole[lo - start:hi - start] = out
+            whole[max(lo, start) - start:min(hi, stop) - start] = out
             joining += time.perf_counter() - started
             del out
         assert whole is not None
