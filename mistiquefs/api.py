@@ -11,14 +11,15 @@ from __future__ import annotations
 import errno
 import fnmatch
 import numbers
-import warnings
-from functools import partial
 import sqlite3
 import statistics
 import time
-from dataclasses import dataclass
-from pathlib import Path
+import unicodedata
+import warnings
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from functools import partial
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -68,9 +69,21 @@ class CaptureSummary:
 def check_model_name(name: str) -> str:
     if not isinstance(name, str):
         raise CaptureError(f"a model name is a string, not {type(name).__name__} ({name!r})")
-    if name in _RESERVED or "/" in name or "\0" in name or name.startswith("."):
+    if name in _RESERVED:
+        raise CaptureError(f"{name!r} cannot be a model name: the mount reserves it" if name else
+                           "a model name cannot be empty")
+    if "/" in name or "\0" in name or name.startswith("."):
         raise CaptureError(f"{name!r} cannot be a model name: it must be a file name (no '/', not starting "
                            "with '.')")
+    # A name is a directory in the mount and a field of `mistiquefs ls`'s tab-separated lines: control
+    # characters broke those lines, a leading '-' reads as an option to every command given it (rm, ls,
+    # mistiquefs rm), and leading or trailing blanks are invisible in a listing
+    if any(unicodedata.category(c) in ("Cc", "Zl", "Zp") for c in name):
+        raise CaptureError(f"{name!r} cannot be a model name: it holds a control character (a newline, a tab...)")
+    if name.startswith("-"):
+        raise CaptureError(f"{name!r} cannot be a model name: it starts with '-', which commands read as an option")
+    if name != name.strip():
+        raise CaptureError(f"{name!r} cannot be a model name: it starts or ends with a blank")
     try:
         encoded = name.encode("utf-8")
     except UnicodeEncodeError:  # (a shell argument that was not UTF-8 arrives with surrogates)
@@ -191,7 +204,8 @@ class Store:
                 writer.add("input", adapter.input_array(batch))
                 outputs = _run_batch(adapter, batch, start, stop)
                 if batch_index == 0:  # the stage names are known now: said before a long capture goes on
-                    notes = _unmatched_schemes(writer.policy, [out.name for out in outputs])
+                    notes = _unmatched_schemes(writer.policy, [out.name for out in outputs]) + \
+                        _unapplied_schemes(writer.policy, outputs)
                     for note in notes:
                         warnings.warn(CaptureWarning(note), stacklevel=3)  # (at the caller of Store.capture)
                 for out in outputs:
@@ -245,14 +259,36 @@ class Store:
         rec = self._model(model)
         return model_info(rec, self._layers(model), self.repo.catalog.model_stored_bytes(rec.id))
 
-    def read(self, model: str, layer: str, rows: slice | None = None) -> np.ndarray:
-        """The values of ``layer`` for the examples in ``rows`` (all by default): the stored ones (a lossy
-        layer's approximation), or, for a layer that is not stored, computed by re-running the model."""
+    def read(self, model: str, layer: str, rows: int | slice | Sequence[int] | np.ndarray | None = None
+             ) -> np.ndarray:
+        """The values of ``layer`` for the examples in ``rows`` (all by default), indexed as numpy indexes the
+        layer's first axis: an int (one example, without that axis), a slice (any step), a sequence or
+        array of ints (negative ones count from the end; repeats and any order), or a boolean mask of the
+        examples. The stored values (a lossy layer's approximation), or, for a layer that is not stored,
+        computed by re-running the model (each run of consecutive examples once)."""
         rec = self._layer(model, layer)
-        start, stop, step = (rows or slice(None)).indices(rec.n_rows)
-        if step != 1:
-            raise MistiqueError("read() takes a contiguous slice of rows")
-        stop = max(start, stop)
+        if rows is None or isinstance(rows, slice) and rows.step in (None, 1):
+            start, stop, _ = (rows or slice(None)).indices(rec.n_rows)
+            return self._rows(rec, start, max(start, stop))
+        if isinstance(rows, (int, np.integer)) and not isinstance(rows, bool):
+            i = int(rows) + (rec.n_rows if rows < 0 else 0)
+            if not 0 <= i < rec.n_rows:
+                raise NotFound(f"example {int(rows)} is out of range: layer {layer!r} of {model!r} has "
+                               f"{rec.n_rows} examples")
+            return self._rows(rec, i, i + 1)[0]
+        index = _row_index(rows, rec.n_rows, f"layer {layer!r} of {model!r}")
+        out = np.empty((len(index), *rec.shape), dtype=rec.dtype)
+        wanted = np.unique(index)
+        # runs of consecutive examples, each read (or re-run) once, then placed where the index asks
+        breaks = np.flatnonzero(np.diff(wanted) != 1) + 1
+        for run in np.split(wanted, breaks) if len(wanted) else ():
+            values = self._rows(rec, int(run[0]), int(run[-1]) + 1)
+            at = np.flatnonzero((index >= run[0]) & (index <= run[-1]))
+            out[at] = values[index[at] - run[0]]
+        out.flags.writeable = False
+        return out
+
+    def _rows(self, rec: IntermediateRecord, start: int, stop: int) -> np.ndarray:
         if rec.stored:
             return self.repo.reader(rec).rows(start, stop)
         if self._planner is None:
@@ -360,11 +396,30 @@ def _unmatched_schemes(policy: SchemePolicy, stages: list[str]) -> list[str]:
     for glob, chain in policy.rules:
         if any(fnmatch.fnmatchcase(stage, glob) for stage in stages):
             continue
+        if fnmatch.fnmatchcase("input", glob):
+            notes.append(f"scheme rule {glob!r} ({chain.describe()}) matches only the inputs, which are always "
+                         "stored lossless: every re-run starts from them")
+            continue
         folded = [stage for stage in stages if fnmatch.fnmatchcase(stage.lower(), glob.lower())]
         hint = f" (globs are case-sensitive; ignoring case it would match {', '.join(folded[:4])})" if folded else ""
         shown = ", ".join(stages[:10]) + (f", ... ({len(stages)} in all)" if len(stages) > 10 else "")
         notes.append(f"scheme rule {glob!r} ({chain.describe()}) matches no layer, so no layer is stored that way"
                      f"{hint}; the layers are {shown or 'none'}")
+    return notes
+
+
+def _unapplied_schemes(policy: SchemePolicy, outputs: list[Any]) -> list[str]:
+    """A note for each stage a scheme rule matched that cannot be stored that way (kbit of an integer
+    layer, pool of a dense one: stored lossless, which its info.json said, and nothing else did)."""
+    notes = []
+    for out in outputs:
+        if not any(fnmatch.fnmatchcase(out.name, glob) for glob, _chain in policy.rules):
+            continue  # (lossless by default: nothing was asked of it)
+        chain = policy.chain_for(out.name)
+        note = chain.for_layer(tuple(out.array.shape[1:]), out.array.dtype).note
+        if note:
+            notes.append(f"layer {out.name!r} ({out.array.dtype}, {'x'.join(map(str, out.array.shape[1:])) or 'scalar'} "
+                         f"per example): {note}")
     return notes
 
 
@@ -404,3 +459,29 @@ def _check_reloads(adapter: Adapter, path: Path) -> None:
             f"recomputing them needs the model loaded back in the mount, which fails: {one_line(exc, typed=False)}. "
             "Store every layer (policy 'all', no budget, no pool scheme) or capture a model that loads "
             "safely in any process") from None
+
+
+def _row_index(rows: Any, n_rows: int, what: str) -> np.ndarray:
+    """``rows`` (a stepped slice, a sequence or array of ints, a boolean mask) as example numbers in
+    ``[0, n_rows)``, in the order asked; MistiqueError naming what is wrong with it."""
+    if isinstance(rows, slice):
+        return np.arange(*rows.indices(n_rows))
+    if isinstance(rows, (str, bytes)) or not hasattr(rows, "__len__") and not isinstance(rows, np.ndarray):
+        raise MistiqueError(f"read() takes rows as an int, a slice, a sequence of ints or a boolean mask, not "
+                            f"{type(rows).__name__}")
+    index = np.asarray(rows)
+    if index.size == 0:
+        return np.empty(0, dtype=np.int64)
+    if index.dtype == bool:
+        if index.shape != (n_rows,):
+            raise MistiqueError(f"a boolean mask of rows must have one value per example: {what} has {n_rows}, "
+                                f"the mask {index.shape}")
+        return np.flatnonzero(index)
+    if index.ndim != 1 or index.dtype.kind not in "iu":
+        raise MistiqueError(f"read() takes rows as a 1-D sequence of ints, not an array of {index.dtype} with "
+                            f"shape {index.shape}")
+    index = index.astype(np.int64)
+    bad = (index < -n_rows) | (index >= n_rows)
+    if bad.any():
+        raise NotFound(f"example {int(index[bad][0])} is out of range: {what} has {n_rows} examples")
+    return np.where(index < 0, index + n_rows, index)

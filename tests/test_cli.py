@@ -5,6 +5,7 @@ from __future__ import annotations
 import fcntl
 import io
 import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -269,8 +270,18 @@ def test_a_scheme_rule_that_matches_no_layer_is_one_warning_line(tmp_path: Path,
     captured = capsys.readouterr()
     assert captured.err.splitlines() == [
         "mistiquefs: warning: scheme rule 'Scale*' (kbit:8+zstd:1) matches no layer, so no layer is stored that "
-        "way (globs are case-sensitive; ignoring case it would match scale); the layers are scale, clf"]
+        "way (globs are case-sensitive; ignoring case it would match scale); the layers are scale, clf",
+        # a rule that matched a layer it cannot apply to said so only in that layer's info.json
+        "mistiquefs: warning: layer 'clf' (int64, scalar per example): float16 applies to floating layers only: "
+        "stored lossless"]
     assert "captured p: 500 examples" in captured.out
+    assert main(["capture", str(tmp_path / "s"), "--model", str(model_path), "--inputs", str(inputs_path),
+                 "--name", "q", "--no-progress", "--scheme", "input=kbit:4"]) == 0
+    assert "matches only the inputs, which are always stored lossless" in capsys.readouterr().err
+    # 'GLOB:SCHEME' was read as a scheme named 'scale*' for every layer: the message shows the form
+    assert main(["capture", str(tmp_path / "s"), "--model", str(model_path), "--inputs", str(inputs_path),
+                 "--name", "r", "--no-progress", "--scheme", "scale*:kbit:8"]) == 2
+    assert "--scheme takes GLOB=SCHEME, e.g. 'conv*=kbit:8'" in capsys.readouterr().err
 
 
 def test_sizes_are_printed_in_a_unit_that_shows_them(tmp_path: Path, capsys) -> None:
@@ -386,6 +397,30 @@ def test_model_names_the_mount_cannot_show_are_refused(tmp_path: Path, saved_pip
     assert main(["capture", str(store), "--model", str(model_path), "--inputs", str(inputs_path), "--name",
                  "é" * 127, "--no-progress"]) == 0  # 254 bytes
     assert main(["rm", str(store), "bad\udcffname"]) != 0 and "no model" in capsys.readouterr().err
+    # a newline or tab broke `mistiquefs ls`'s lines; '-rf' could only be removed after '--'; blanks hide
+    for name, message in (("a\nb", "control character"), ("tab\tx", "control character"), ("-rf", "option"),
+                          ("v1 ", "blank"), (" v1", "blank"), ("info.json", "the mount reserves it"),
+                          ("", "cannot be empty")):
+        assert main(["capture", str(store), "--model", str(model_path), "--inputs", str(inputs_path),
+                     f"--name={name}", "--no-progress"]) == 4, name
+        assert message in capsys.readouterr().err, name
+
+
+def test_ls_into_a_closed_pipe_stops_quietly(tmp_path: Path, saved_pipeline) -> None:
+    """`mistiquefs ls STORE | head -1` printed "error: [Errno 32] Broken pipe" and exited 1: a reader that
+    has gone ends the listing quietly, as ls does (128 + SIGPIPE)."""
+    model_path, inputs_path, _pipe, _frame = saved_pipeline
+    store = tmp_path / "store"
+    assert main(["capture", str(store), "--model", str(model_path), "--inputs", str(inputs_path),
+                 "--name", "p1", "--no-progress"]) == 0
+    read, write = os.pipe()
+    os.close(read)  # the reader is gone before anything is written
+    try:
+        done = subprocess.run([sys.executable, "-m", "mistiquefs", "ls", str(store)], stdout=write,
+                              stderr=subprocess.PIPE, text=True, timeout=60)
+    finally:
+        os.close(write)
+    assert done.returncode == 128 + signal.SIGPIPE and done.stderr == "", done.stderr
 
 
 def test_stage_names_too_long_for_a_file_name_are_cut_and_stay_distinct() -> None:

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 from mistiquefs.codecs import SchemePolicy, TileSpec
-from mistiquefs.errors import CaptureError, CorruptChunk, StoreError
+from mistiquefs.errors import CaptureError, CorruptChunk, MistiqueError, StoreError
 from mistiquefs.store.layout import CHUNK_BYTES, TABLE_BLOCK_ROWS
 from mistiquefs.store.packs import iter_objects
 from mistiquefs.store.reader import LazyPart, join_parts
@@ -584,3 +584,34 @@ def test_layer_info_says_what_reads_give(tmp_path: Path, rng: np.random.Generato
     assert infos[("maps", "small")]["note"] == ("pool:4 needs every spatial axis of at least 4 (this map is "
                                                  "3x3x2): not pooled")
     store.close()
+
+
+def test_store_read_indexes_examples_as_numpy_does(tmp_path: Path) -> None:
+    """Store.read took only a contiguous slice: an int, a list, an array of ints or a mask crashed with an
+    AttributeError. Every numpy-style row index now gives what numpy gives, stored and re-run alike, and a
+    bad one is a message."""
+    from sklearn.decomposition import PCA
+    from sklearn.pipeline import Pipeline
+    from sklearn.preprocessing import StandardScaler
+
+    import mistiquefs
+
+    x = np.random.default_rng(0).normal(size=(300, 6))
+    pipe = Pipeline([("sc", StandardScaler()), ("pca", PCA(3))]).fit(x)
+    with mistiquefs.open_store(tmp_path / "s") as store:
+        store.capture(pipe, x, name="all", progress=False, batch_size=64)
+        store.capture(pipe, x, name="none", progress=False, batch_size=64, policy="none")
+        for model in ("all", "none"):
+            whole = store.read(model, "pca")
+            mask = whole[:, 0] > 0
+            for rows in (5, -1, np.int64(7), [1, 5, 9], [9, 1, 1, -2], np.array([250, 3, 64, 63]),
+                         slice(2, 200, 7), slice(None, None, -1), mask, [], np.arange(300)):
+                got = store.read(model, "pca", rows)
+                np.testing.assert_allclose(got, whole[rows], rtol=0, atol=1e-12, err_msg=f"{model} {rows!r}")
+                assert got.shape == whole[rows].shape
+            np.testing.assert_array_equal(store.read(model, "pca", [3, 200]), whole[[3, 200]])
+        for bad, message in ((300, "example 300 is out of range"), ([0, -301], "example -301 is out of range"),
+                             ("3", "takes rows as"), ([1.5], "1-D sequence of ints"), (mask[:10], "one value per example"),
+                             ([[1, 2]], "1-D sequence of ints")):
+            with pytest.raises(MistiqueError, match=message):
+                store.read("all", "pca", bad)

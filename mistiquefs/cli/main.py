@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import signal
 import sqlite3
 import sys
 import tempfile
@@ -120,6 +121,11 @@ def main(argv: list[str] | None = None) -> int:
         return exc.exit_code
     except KeyboardInterrupt:
         return 130
+    except BrokenPipeError:
+        # the reader of our output went (``mistiquefs ls STORE | head -1``): stop quietly, as ls does; what
+        # is still buffered must not fail again at exit
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 128 + signal.SIGPIPE
     except (OSError, sqlite3.Error) as exc:  # a full disk, a permission, a damaged catalog: say which
         print(f"mistiquefs: error: {exc}", file=sys.stderr)
         return 1
@@ -152,12 +158,19 @@ def _capture(args: argparse.Namespace) -> int:
     from mistiquefs.api import check_model_name, open_store
     from mistiquefs.capture.files import load_inputs_file, load_model_file
     from mistiquefs.codecs import SchemePolicy, parse_scheme_option
+    from mistiquefs.codecs.base import SchemeError
 
     schemes: dict[str, str] = {}
     for text in args.scheme:  # first match wins, so a glob given again keeps its first scheme
         glob, scheme = parse_scheme_option(text)
         schemes.setdefault(glob, scheme)
-    SchemePolicy.parse(schemes)  # a bad scheme or name fails before the model is loaded or the store made
+    try:
+        SchemePolicy.parse(schemes)  # a bad scheme or name fails before the model is loaded or the store made
+    except SchemeError as exc:
+        if any("=" not in text for text in args.scheme):  # ('conv*:kbit:8' read as a scheme for every layer)
+            raise SchemeError(f"{exc}. --scheme takes GLOB=SCHEME, e.g. 'conv*=kbit:8' (a bare SCHEME applies "
+                              "to every layer)") from None
+        raise
     check_model_name(args.name)
     if args.methods and args.model.suffix.lower() == ".keras":  # (said before TensorFlow is imported)
         raise CaptureError(f"--method ({', '.join(args.methods)}) applies to scikit-learn models; a Keras model's "
