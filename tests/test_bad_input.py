@@ -442,6 +442,7 @@ def test_an_interrupted_model_load_is_not_a_capture_error(tmp_path: Path, impute
     """The loaders turn the errors of a bad file into CaptureError, never Ctrl-C."""
     import joblib
 
+    from mistiquefs.capture import sklearn as sklearn_capture
     from mistiquefs.capture.files import load_model_file
 
     def interrupted(*_args: Any, **_kwargs: Any) -> Any:
@@ -450,6 +451,7 @@ def test_an_interrupted_model_load_is_not_a_capture_error(tmp_path: Path, impute
     model, pipe = imputer_model
     joblib.dump(pipe, tmp_path / "imp.pkl")
     monkeypatch.setattr(skops.io, "loads", interrupted)
+    monkeypatch.setattr(sklearn_capture, "_read_tree", interrupted)  # (how load_model reads the members)
     monkeypatch.setattr(joblib, "load", interrupted)
     for path in (model, tmp_path / "imp.pkl"):
         with pytest.raises(KeyboardInterrupt):

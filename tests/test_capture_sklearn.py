@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import io
+import re
 from pathlib import Path
 from typing import Any
 
@@ -318,3 +320,51 @@ def test_load_refuses_a_file_that_is_not_skops(tmp_path: Path) -> None:
     path.write_bytes(b"\x80\x04not a zip")
     with pytest.raises(CaptureError, match="not a skops model file"):
         load_model(path)
+
+
+def test_save_model_writes_the_members_skops_writes(pipe: Pipeline, wine: Any, tmp_path: Path) -> None:
+    """save_model writes the file as it goes (skops.io.dump makes the whole file in memory first): the same
+    members with the same bytes, stored, and it loads back."""
+    import zipfile
+
+    def members(archive: zipfile.ZipFile) -> dict[str, bytes]:
+        """The members by name, the object ids in names and schema (which differ from one dump to the
+        next) numbered in order of appearance."""
+        ids: dict[str, str] = {}
+        number = lambda found: ids.setdefault(found.group(0), f"#{len(ids)}")  # noqa: E731
+        schema = re.sub(r"\d{6,}", number, archive.read("schema.json").decode())
+        assert all(info.compress_type == zipfile.ZIP_STORED for info in archive.infolist())
+        return {re.sub(r"\d{6,}", number, name): archive.read(name) for name in archive.namelist()
+                if name != "schema.json"} | {"schema.json": schema.encode()}
+
+    path = tmp_path / "model.skops"
+    SklearnAdapter(pipe).save_model(path)
+    with zipfile.ZipFile(path) as ours, zipfile.ZipFile(io.BytesIO(skops.io.dumps(pipe))) as theirs:
+        mine = members(ours)
+        assert mine == members(theirs) and len(mine) > 10
+    assert [s.name for s in SklearnAdapter(load_model(path)).run_batch(wine[0].iloc[:3])] == STAGES
+
+
+def test_graft_shares_only_what_computes_the_same() -> None:
+    """What ``use_saved`` keeps of a loaded copy: every part that is the same (type, layout, bits) is the
+    original's; anything else is the loaded part."""
+    from mistiquefs.capture.sklearn import _graft
+
+    base = np.arange(12.0).reshape(3, 4)
+    same, other = {"a": base, "f": np.log1p, "x": 0.5, "n": np.nan}, {"a": base.copy(), "f": np.log1p, "x": 0.5,
+                                                                       "n": float("nan")}
+    assert _graft(other, same, {}) == (same, True)
+    cases = [([0.0], [-0.0]),  # equal, not the same bits
+             ([base.copy()], [np.asfortranarray(base)]),  # another layout
+             ([base[:, ::2].copy()], [base[:, ::2]]),  # a view with strides: not C-contiguous
+             ([np.float32(1)], [np.float64(1)]), ([1], [True]), ([(1, 2)], [[1, 2]]),
+             ([{"a": 1, "b": 2}], [{"b": 2, "a": 1}])]  # (key order)
+    for loaded, original in cases:
+        assert _graft(loaded, original, {}) == (loaded, False), (loaded, original)
+    scaler = StandardScaler().fit(base)
+    original = [scaler, np.asfortranarray(base)[:, 1:], base[:, ::2]]  # F-ordered; neither C- nor F-ordered
+    loaded = skops.io.loads(skops.io.dumps(original))
+    part, ok = _graft(loaded, original, {})
+    assert not ok and part is loaded
+    assert loaded[0] is scaler and loaded[1] is original[1]  # shared: they load back the same
+    assert loaded[2] is not original[2] and loaded[2].flags.c_contiguous  # as loaded: C-ordered

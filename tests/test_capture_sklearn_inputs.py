@@ -9,6 +9,8 @@ the stored inputs ("none").
 
 from __future__ import annotations
 
+import io
+import subprocess
 import warnings
 from pathlib import Path
 from typing import Any
@@ -99,6 +101,32 @@ def test_categories_that_cannot_hold_a_missing_value_are_refused() -> None:
         adapter.input_array(codes)
     big = pd.DataFrame({"k": pd.Categorical([2**60 + 1, None, 3])})  # not a float64 exactly
     with pytest.raises(CaptureError, match=r"'k' is categorical with int64 categories and holds missing values"):
+        SklearnAdapter(FunctionTransformer().fit(big)).n_rows(big)
+
+
+def test_nullable_integers_with_missing_values_are_stored_as_the_model_sees_them(tmp_path: Path) -> None:
+    """A nullable integer column (Int64, UInt8: pandas' integers with gaps) with a missing value was refused
+    as "cannot be stored as int64 without loss; fill missing values", though scikit-learn takes it (as float64
+    with NaN) and filling it changes what the model gets."""
+    n = 40
+    df = pd.DataFrame({"i": pd.array(RNG.integers(0, 5, n), dtype="Int64"),
+                       "u": pd.array(RNG.integers(0, 200, n), dtype="UInt8"), "x": RNG.normal(size=n)})
+    df.loc[::6, "i"], df.loc[3, "u"] = pd.NA, pd.NA
+    y = RNG.integers(0, 2, n)
+    ct = make_column_transformer((OneHotEncoder(handle_unknown="ignore", sparse_output=False), ["i"]),
+                                 (SimpleImputer(), ["u", "x"]))
+    pipe = make_pipeline(ct, LogisticRegression()).fit(df, y)
+    layers = captured(pipe, df, tmp_path, batch_size=16)
+    stored = layers["input"][0]
+    assert stored.dtype["i"] == stored.dtype["u"] == np.float64
+    np.testing.assert_array_equal(stored["i"], df["i"].to_numpy(dtype=np.float64, na_value=np.nan))
+    assert_captured(layers, {"columntransformer": ct.transform(df), "logisticregression": pipe.predict(df)})
+    whole = pd.DataFrame({"i": pd.array(RNG.integers(0, 5, 4), dtype="Int64")})  # no gap: stored as int64
+    adapter = SklearnAdapter(FunctionTransformer().fit(whole))
+    adapter.n_rows(whole)
+    assert adapter.input_array(whole).dtype["i"] == np.int64
+    big = pd.DataFrame({"i": pd.array([2**60 + 1, None, 3], dtype="Int64")})  # not a float64 exactly
+    with pytest.raises(CaptureError, match=r"'i' holds integers that float64 does not hold exactly .* and missing"):
         SklearnAdapter(FunctionTransformer().fit(big)).n_rows(big)
 
 
@@ -371,6 +399,105 @@ def test_structured_inputs_without_pandas(tmp_path: Path, monkeypatch: pytest.Mo
     text = np.array([("a", 1.0, 2.0)], dtype=[("s", "U1"), ("v", "f8"), ("w", "f8")])
     with pytest.raises(CaptureError, match=r"field\(s\) \['s'\] are not numbers.*needs pandas"):
         SklearnAdapter(scaler).n_rows(text)
+
+
+def npy_bytes(array: np.ndarray) -> bytes:
+    """What numpy.save writes for ``array``, as a file of the mount must hold."""
+    buffer = io.BytesIO()
+    np.save(buffer, np.asarray(array, order="C"))
+    return buffer.getvalue()
+
+
+def _records(n: int) -> np.ndarray:
+    """Records with a subarray field: ``a`` (3 float32 values), ``b`` (int64, past float64's exact range)
+    and ``s`` (text)."""
+    records = np.zeros(n, dtype=[("a", "<f4", (3,)), ("b", "<i8"), ("s", "<U4")])
+    records["a"] = RNG.normal(size=(n, 3)).astype(np.float32)
+    records["a"][::5, 1] = np.nan
+    records["b"] = 2**60 + RNG.integers(0, 1000, n)
+    records["s"] = RNG.choice(["x", "yy", "zzzz"], n)
+    return records
+
+
+def _records_frame(records: np.ndarray) -> pd.DataFrame:
+    return pd.DataFrame({"a_0": records["a"][:, 0], "a_1": records["a"][:, 1], "a_2": records["a"][:, 2],
+                         "b": records["b"], "s": records["s"].astype(object)})
+
+
+@pytest.mark.mount
+def test_records_with_subarray_fields_are_a_column_for_each_value(tmp_path: Path, mount: Any) -> None:
+    """A structured array with a subarray field (dtype [('a', 'f4', (3,)), ...]) was refused. Its records are
+    a table with a column for each value, a_0, a_1, a_2 (what a model fitted on such a DataFrame selects by
+    name, and in that order what one fitted on an array gets); the input is stored as those columns, the same
+    bytes as the packed records (``all.npy`` viewed as their dtype is the array given), and read as inputs
+    again it gives the model the same table, stored with the same fields."""
+    n = 300
+    records = _records(n)
+    frame = _records_frame(records)
+    y = RNG.integers(0, 2, n)
+    ct = make_column_transformer((make_pipeline(SimpleImputer(), StandardScaler()), ["a_0", "a_1", "a_2"]),
+                                 (OneHotEncoder(sparse_output=False), ["s"]), ("passthrough", ["b"]))
+    pipe = make_pipeline(ct, LogisticRegression(max_iter=200)).fit(frame, y)
+    layers = captured(pipe, records, tmp_path, batch_size=128)  # (batches that do not divide N)
+    stored = layers["input"][0]
+    assert stored.dtype.names == ("a_0", "a_1", "a_2", "b", "s")
+    assert stored.tobytes() == records.tobytes()  # (so all.npy viewed as the records' dtype is the array given)
+    assert stored.view(records.dtype)["a"].tobytes() == records["a"].tobytes()
+    direct = {"columntransformer": ct.transform(frame), "logisticregression": pipe.predict(frame)}
+    assert_captured(layers, direct)
+    with mistiquefs.open_store(tmp_path / "store") as store:
+        store.capture(make_pipeline(StandardScaler()).fit(records["a"]), records["a"], "plain", progress=False)
+    mnt = mount(tmp_path / "store")
+    try:
+        read = np.load(mnt / "all" / "input" / "all.npy")
+        assert read.dtype == stored.dtype and read.tobytes() == records.tobytes()
+        for j, column in enumerate([records["a"][:, 0], records["a"][:, 1], records["a"][:, 2], records["b"]]):
+            assert (mnt / "all" / "input" / "columns" / f"{j}.npy").read_bytes() == npy_bytes(column), j
+        assert np.load(mnt / "all" / "input" / "7.npy").tobytes() == records[7].tobytes()
+        for name in ("all", "none"):  # stored, and re-run from the stored input by the mount
+            for layer, want in direct.items():
+                np.testing.assert_array_equal(np.load(mnt / name / layer / "all.npy"), want, err_msg=f"{name} {layer}")
+        again = load_inputs_file(mnt / "all" / "input" / "all.npy", pipe)
+        assert again.dtype == stored.dtype
+        with mistiquefs.open_store(tmp_path / "store") as store:
+            store.capture(pipe, again, "again", progress=False)
+            assert store.read("again", "input").tobytes() == records.tobytes()
+            np.testing.assert_array_equal(store.read("again", "columntransformer"), direct["columntransformer"])
+            assert store.info("again", "input")["stored_bytes"] == store.info("all", "input")["stored_bytes"]
+    finally:
+        subprocess.run(["fusermount3", "-u", str(mnt)], check=False, capture_output=True)
+
+
+def test_records_with_subarray_fields_for_a_model_fitted_on_an_array(tmp_path: Path,
+                                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    """A model fitted on an array gets the records' columns in order (2-D without pandas); the widths are
+    counted in columns; records it cannot take say how their columns are named."""
+    records = _records(40)[["a", "b"]]
+    flat = np.column_stack([records["a"].astype(np.float64), records["b"].astype(np.float64)])
+    scaler = StandardScaler().fit(np.nan_to_num(flat))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # (a DataFrame for a model fitted without column names)
+        layers = captured(scaler, records, tmp_path / "pandas")
+    assert layers["input"][0].dtype.names == ("a_0", "a_1", "a_2", "b")
+    assert_captured(layers, {"standardscaler": scaler.transform(flat)})
+    monkeypatch.setattr(sk, "_has_pandas", lambda: False)
+    layers = captured(scaler, records, tmp_path / "numpy")
+    assert_captured(layers, {"input": flat, "standardscaler": scaler.transform(flat)})
+    monkeypatch.undo()
+    with pytest.raises(CaptureError, match="the inputs have 3 columns but the model was fitted on 4"):
+        SklearnAdapter(scaler).n_rows(np.zeros(3, dtype=[("a", "f8", (2,)), ("b", "f8")]))
+    named = make_column_transformer((StandardScaler(), ["a[0]", "b"])).fit(pd.DataFrame({"a[0]": [1.0, 2.0],
+                                                                                          "b": [3.0, 4.0]}))
+    with pytest.raises(CaptureError, match=r"lack column\(s\) \['a\[0\]'\].*subarray fields give the columns "
+                                           r"a_0, a_1, a_2, b"):
+        SklearnAdapter(named).n_rows(records)
+    with pytest.raises(CaptureError, match=r"column 'a_0' is named twice: by the field 'a_0' and by the field 'a'"):
+        SklearnAdapter(scaler).n_rows(np.zeros(2, dtype=[("a_0", "f8"), ("a", "f8", (3,))]))
+    with pytest.raises(CaptureError, match=r"field 'p' of the inputs is an array of records"):
+        SklearnAdapter(scaler).n_rows(np.zeros(2, dtype=[("p", [("x", "f8"), ("y", "f8")], (2,))]))
+    with pytest.raises(CaptureError, match=r"field 'k' .*dtype \|S2.*decode it"):
+        SklearnAdapter(make_column_transformer((OneHotEncoder(), [0])).fit(np.array([["a"], ["b"]]))).n_rows(
+            np.zeros(2, dtype=[("k", "S2")]))
 
 
 # ----------------------------------------------------------------------------------------- 8. batch size
