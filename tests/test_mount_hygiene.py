@@ -402,3 +402,78 @@ def test_umount_of_a_busy_live_mount_leaves_it_mounted(store: Path, mnt: Path, c
         assert mount_options(mnt) is None
     finally:
         cleanup(mnt, [pid])
+
+
+# ------------------------------------------------------------------------ what tools see of the files
+
+
+def test_an_info_json_stat_size_is_what_reading_it_gives(store: Path, mount) -> None:
+    """ls -l, stat, find -size, rsync's and tar's file lists take an info.json's size from a stat before any
+    open; tail and wc -c from fstat after theirs. Each open renders the document afresh (live planner
+    figures), and a stat gave the size of the last open's rendering: after the layer's files were opened
+    (its query count went from 9 to 10) stat said 2 bytes less than a read gave."""
+    mnt = mount(store)
+    layer = mnt / "m" / "dense"
+    held = []
+    try:
+        for i in range(12):
+            # an open counts a query at once; kept open, so no release changes the figures meanwhile
+            held.append(open(layer / f"{i}.npy", "rb"))
+            for info in (layer / "info.json", mnt / "m" / "info.json"):
+                listed = subprocess.run(["stat", "-c", "%s", str(info)], capture_output=True, text=True,
+                                        check=True).stdout
+                with open(info, "rb") as f:
+                    opened_size = os.fstat(f.fileno()).st_size
+                    data = f.read()
+                assert int(listed) == opened_size == len(data), (i, info)
+    finally:
+        for f in held:
+            f.close()
+
+
+def _handle_calls():
+    import ctypes
+
+    class FileHandle(ctypes.Structure):
+        _fields_ = [("handle_bytes", ctypes.c_uint), ("handle_type", ctypes.c_int),
+                    ("f_handle", ctypes.c_ubyte * 128)]
+
+    libc = ctypes.CDLL(None, use_errno=True)
+
+    def name_to_handle(path: Path) -> FileHandle:
+        handle, mount_id = FileHandle(handle_bytes=128), ctypes.c_int()
+        if libc.name_to_handle_at(-100, os.fsencode(path), ctypes.byref(handle), ctypes.byref(mount_id), 0):
+            raise OSError(ctypes.get_errno(), f"name_to_handle_at {path}")
+        return handle
+
+    def open_by_handle(mount_fd: int, handle: FileHandle, flags: int) -> int:
+        fd = libc.open_by_handle_at(mount_fd, ctypes.byref(handle), flags)
+        if fd < 0:
+            raise OSError(ctypes.get_errno(), "open_by_handle_at")
+        return fd
+
+    return name_to_handle, open_by_handle
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="open_by_handle_at needs CAP_DAC_READ_SEARCH")
+def test_file_handles_of_directories_open_on_another_mount(store: Path, mount) -> None:
+    """Inodes are computed from catalog ids, so a file handle (name_to_handle_at, an NFS export) names the
+    same file on any mount of the store. The mount tells the kernel it answers "." and ".." lookups (what
+    it needs to find an inode it has not seen, and a directory's parents): ".." was ENOENT, so every
+    directory's handle was ESTALE."""
+    name_to_handle, open_by_handle = _handle_calls()
+    first, second = mount(store), mount(store)
+    paths = ["m", "m/dense", "m/dense/columns", "m/dense/3.npy", "m/dense/columns/1.npy", "m/info.json"]
+    handles = {rel: name_to_handle(first / rel) for rel in paths}
+    mount_fd = os.open(second, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        for rel in paths:  # before anything on the second mount has looked those names up
+            fd = open_by_handle(mount_fd, handles[rel], os.O_RDONLY)
+            try:
+                assert os.fstat(fd).st_ino == os.stat(first / rel).st_ino, rel
+                if (first / rel).is_dir():
+                    assert sorted(os.listdir(fd)) == sorted(os.listdir(first / rel)), rel
+            finally:
+                os.close(fd)
+    finally:
+        os.close(mount_fd)

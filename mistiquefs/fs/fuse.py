@@ -117,8 +117,11 @@ class FuseOps(pyfuse3.Operations):
         # Re-runs take their own threads: a long model run never holds the threads stored files need
         # (the re-runner serializes calls per model anyway).
         self.rerun_limiter = trio.CapacityLimiter(RERUN_WORKERS)
-        # open info.json files: handle -> the bytes that open saw (handles above every inode)
+        # open info.json files: handle -> the bytes that open saw (handles above every inode), and the
+        # newest such handle of each (inode, opening thread): see _attr
         self._snapshots: dict[int, bytes] = {}
+        self._snapshot_keys: dict[int, tuple[int, int]] = {}
+        self._opened_json: dict[tuple[int, int], int] = {}
         self._next_snapshot = SNAPSHOT_HANDLES
         self.uid, self.gid = os.getuid(), os.getgid()
         self._reply_buffer = bytearray(1 << 20)  # see _reply
@@ -131,9 +134,9 @@ class FuseOps(pyfuse3.Operations):
         kind = attr.inode >> 60
         timeout = ROOT_TIMEOUT if attr.inode == pyfuse3.ROOT_INODE or kind == Kind.MODEL else ENTRY_TIMEOUT
         entry.entry_timeout = timeout
-        # An info.json's size is that of its latest rendering (each open renders one, see open), so the
-        # kernel must ask again: with the size cached for minutes, fstat of a fresh open gave an old size,
-        # and tail (which reads back from st_size) and wc -c showed a cut or stale document
+        # An info.json's size changes with the planner's figures (each open renders one, see open and
+        # _attr), so the kernel must ask again: with the size cached for minutes, fstat of a fresh open gave
+        # an old size, and tail (which reads back from st_size) and wc -c showed a cut or stale document
         entry.attr_timeout = 0 if kind in JSON_KINDS else timeout
         entry.st_mode = attr.mode
         entry.st_nlink = 2 if attr.is_dir else 1
@@ -145,18 +148,29 @@ class FuseOps(pyfuse3.Operations):
         entry.st_atime_ns = entry.st_mtime_ns = entry.st_ctime_ns = ns
         return entry
 
+    def _attr(self, inode: int, ctx: Any) -> Attr:
+        """``inode``'s attributes for the process asking. An info.json's size is that of a fresh rendering
+        (what an open now reads), except for a thread that has it open: there, that open's snapshot (fstat
+        after open: tail, wc -c), which the planner's figures may have outgrown meanwhile."""
+        if inode >> 60 in JSON_KINDS and ctx is not None:
+            handle = self._opened_json.get((inode, ctx.pid))
+            if handle is not None:
+                return self.tree.attr(inode, len(self._snapshots[handle]))
+        return self.tree.attr(inode)
+
     @_answer
     async def lookup(self, parent_inode: int, name: bytes, ctx: Any = None) -> pyfuse3.EntryAttributes:
         if len(name) > NAME_MAX:
             # The FUSE kernel module passes names up to 1024 bytes; say what statfs promises (f_namemax).
             raise pyfuse3.FUSEError(errno.ENAMETOOLONG)
-        if name == b".":
-            return self._entry(self.tree.attr(parent_inode))
-        return self._entry(self.tree.attr(self.tree.lookup(parent_inode, name)))
+        if name == b"." or name == b"..":
+            # (the kernel asks for these only to find an inode by a file handle: supports_dot_lookup)
+            return self._entry(self.tree.attr(parent_inode if name == b"." else self.tree.parent(parent_inode)))
+        return self._entry(self._attr(self.tree.lookup(parent_inode, name), ctx))
 
     @_answer
     async def getattr(self, inode: int, ctx: Any = None) -> pyfuse3.EntryAttributes:
-        return self._entry(self.tree.attr(inode))
+        return self._entry(self._attr(inode, ctx))
 
     @_answer
     async def opendir(self, inode: int, ctx: Any) -> int:
@@ -196,8 +210,11 @@ class FuseOps(pyfuse3.Operations):
             # differ from what getattr said, so the kernel must not trust the size (direct_io)
             snapshot = self.tree.json_bytes(inode)
             self._next_snapshot += 1
-            self._snapshots[self._next_snapshot] = snapshot
-            return pyfuse3.FileInfo(fh=self._next_snapshot, direct_io=True)
+            handle = self._next_snapshot
+            self._snapshots[handle] = snapshot
+            key = self._snapshot_keys[handle] = (inode, ctx.pid if ctx is not None else 0)
+            self._opened_json[key] = handle
+            return pyfuse3.FileInfo(fh=handle, direct_io=True)
         self.tree.opened(inode)
         # keep_cache: contents are immutable, so pages cached by an earlier open stay valid
         return pyfuse3.FileInfo(fh=inode, keep_cache=True)
@@ -253,6 +270,10 @@ class FuseOps(pyfuse3.Operations):
     async def release(self, fh: int) -> None:
         if self._snapshots.pop(fh, None) is None:
             self.tree.released(fh)
+            return
+        key = self._snapshot_keys.pop(fh)
+        if self._opened_json.get(key) == fh:
+            del self._opened_json[key]
 
     @_answer
     async def releasedir(self, fh: int) -> None:

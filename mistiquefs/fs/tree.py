@@ -275,8 +275,25 @@ class Tree:
             return make_inode(Kind.ROW, rec.id, index)
         raise NotFound(f"no {name!r} in layer {rec.name}")
 
+    def parent(self, inode: int) -> Inode:
+        """The directory holding directory ``inode`` (its ".."; the root's is the root). The kernel asks for
+        it to reconnect a directory it found by a file handle (open_by_handle_at, an NFS export)."""
+        if inode == ROOT:
+            return ROOT
+        kind, ident, _ = split_inode(inode)
+        if kind == Kind.MODEL:
+            self._model(ident)
+            return ROOT
+        if kind == Kind.LAYER:
+            return make_inode(Kind.MODEL, self._layer(ident).model_id)
+        if kind == Kind.COLUMNS:
+            self._layer(ident)
+            return make_inode(Kind.LAYER, ident)
+        raise NotFound(f"inode {inode} is not a directory")
+
     # ---- attributes ------------------------------------------------------------------------------
-    def attr(self, inode: int) -> Attr:
+    def attr(self, inode: int, size: int | None = None) -> Attr:
+        """``size``: a file's size where the caller knows it (an info.json rendering it holds)."""
         if inode == ROOT:
             newest = max((m.created for m in self.models.values()), default=0.0)
             return Attr(ROOT, True, 0, newest)
@@ -287,12 +304,15 @@ class Tree:
             model = self._model(self._layer(ident).model_id)
         if kind in DIRECTORIES:
             return Attr(Inode(inode), True, 0, model.created)
-        return Attr(Inode(inode), False, self.size(inode), model.created)
+        return Attr(Inode(inode), False, self.size(inode) if size is None else size, model.created)
 
     def size(self, inode: int) -> int:
+        """A file's size. An info.json's is that of a fresh rendering, what an open now would read: the last
+        rendering's (an earlier open's) was stale once the planner's figures had moved, and ls -l, stat and
+        the file lists of tar and rsync, which stat before they open, disagreed with the bytes read."""
         kind, _ident, _index = split_inode(inode)
         if kind in (Kind.MODEL_INFO, Kind.LAYER_INFO):
-            return len(self._json_bytes(Inode(inode)))
+            return len(self.json_bytes(inode))
         return self.view(inode).size
 
     def view(self, inode: int) -> NpyView:
