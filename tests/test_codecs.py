@@ -892,7 +892,8 @@ def test_error_stats_merge_equals_measure_of_the_whole(dtype, n, cuts, nonfinite
         assert stats.max_abs == whole.max_abs
         report = stats.report()
         assert report["values"] == want["values"] and report["nonfinite"] == want["nonfinite"]
-        assert report["exact"] is False
+        assert report["exact"] is (stats.values > 0 and stats.max_abs == 0 and not stats.nonfinite
+                                   and not stats.overflowed)
         assert math.isfinite(report["rmse"]) and math.isfinite(report["max_abs_error"])
         assert report["max_abs_error"] == pytest.approx(want["max_abs_error"], rel=1e-6, abs=0)
         assert report["rmse"] == pytest.approx(want["rmse"], rel=max(rtol, 1e-6), abs=1e-300)
@@ -1684,3 +1685,23 @@ def test_unpack_codes_of_bit_planes_reads_every_count(k) -> None:
         assert got.dtype == np.uint8 and np.array_equal(got, unpack_oracle(data, k, count)), count
         codes = rng.integers(0, 1 << k, count).astype(np.uint8)
         assert np.array_equal(_unpack_codes(pack_oracle(codes, k), k, count), codes)
+
+
+
+def test_a_lossy_layer_that_gave_every_value_back_says_it_is_exact(tmp_path) -> None:
+    """kbit:2 of one-hot columns (two distinct values) reads them exactly: info.json said "exact": false
+    beside a max_abs_error of 0.0. A layer it does not give back stays "exact": false."""
+    from sklearn.pipeline import Pipeline
+    from sklearn.preprocessing import OneHotEncoder, StandardScaler
+
+    import mistiquefs
+
+    x = np.random.default_rng(0).integers(0, 4, size=(500, 3)).astype(np.float64)
+    pipe = Pipeline([("onehot", OneHotEncoder(sparse_output=False)), ("scale", StandardScaler())]).fit(x)
+    with mistiquefs.open_store(tmp_path / "s") as store:
+        store.capture(pipe, x, name="m", progress=False, schemes={"onehot": "kbit:2", "scale": "kbit:1"})
+        onehot = store.info("m", "onehot")["fidelity"]
+        assert onehot["exact"] is True and onehot["max_abs_error"] == 0.0, onehot
+        np.testing.assert_array_equal(store.read("m", "onehot"), pipe[:1].transform(x))
+        scale = store.info("m", "scale")["fidelity"]
+        assert scale["exact"] is False and scale["max_abs_error"] > 0, scale

@@ -1,6 +1,7 @@
 """The error a lossy chain makes, measured over every value of a layer as it is captured.
 
-``info.json`` shows, for a lossy layer: ``max_abs_error`` and ``rmse`` over the finite values,
+``info.json`` shows, for a lossy layer: ``exact`` (true only where every value came back as it was, and
+none was non-finite), ``max_abs_error`` and ``rmse`` over the finite values,
 ``rmse_over_std`` (RMSE relative to the standard deviation of the layer's values; null when that is 0
 and the error is not), ``nonfinite`` (values with no finite original: ``float16`` and ``kbit`` keep them
 exactly, ``threshold`` reads them as 0/1; either way they are not errors to average) and
@@ -118,5 +119,8 @@ class ErrorStats:
         figures = {"max_abs_error": self.max_abs, "rmse": rmse, "rmse_over_std": relative, "std": std}
         # JSON has no inf or NaN (float64 values near 1e308 can still overflow a sum of squares)
         figures = {k: v if v is None or math.isfinite(v) else None for k, v in figures.items()}
-        return {"exact": False, **figures, "values": self.values, "nonfinite": self.nonfinite,
+        # a lossy chain that gave every value back (kbit of a layer of at most 2^K distinct values, one-hot
+        # columns under threshold) reads exactly: it said "exact": false beside a max_abs_error of 0.0
+        exact = bool(self.values) and self.max_abs == 0 and not self.overflowed and not self.nonfinite
+        return {"exact": exact, **figures, "values": self.values, "nonfinite": self.nonfinite,
                 "overflowed": self.overflowed}
