@@ -396,7 +396,7 @@ def test_umount_of_a_busy_live_mount_leaves_it_mounted(store: Path, mnt: Path, c
     try:
         with open(mnt / "m" / "dense" / "all.npy", "rb") as held:
             assert main(["umount", str(mnt)]) == MountError.exit_code
-            assert "busy" in capsys.readouterr().err
+            assert "busy (files are open on it: `fuser -vm MOUNTPOINT` lists the processes)" in capsys.readouterr().err
             assert mount_options(mnt) is not None and held.read(6) == b"\x93NUMPY"
         assert main(["umount", str(mnt)]) == 0
         assert mount_options(mnt) is None
@@ -477,3 +477,29 @@ def test_file_handles_of_directories_open_on_another_mount(store: Path, mount) -
                 os.close(fd)
     finally:
         os.close(mount_fd)
+
+
+
+def test_a_daemon_that_fails_is_explained_by_its_own_log_lines(store: Path, mnt: Path) -> None:
+    """The log is per mount point: a daemon that failed was explained by the last lines of the whole file,
+    an earlier daemon's lines and TensorFlow's start-up chatter first, its own reason last. Only its own
+    lines are shown now, without the frameworks' noise."""
+    log_file = mnt.parent / "shared.log"
+    log_file.write_text("2026-01-01 mistiquefs.fs.mount INFO serving an earlier store\n"
+                        "WARNING: All log messages before absl::InitializeLog() is called are written to STDERR\n"
+                        "I0000 00:00:1795821454.842284    4974 port.cc:153] oneDNN custom operations are on.\n"
+                        "2026-01-01 mistiquefs.fs.mount INFO unmounted /somewhere\n")
+    with pytest.raises(MountError) as failed:
+        mount_background(store, mnt, log_file=log_file, extra=["--plan", "bogus"])  # (the daemon refuses it)
+    message = str(failed.value)
+    assert "the mount daemon exited" in message and "invalid choice: 'bogus'" in message, message
+    assert "earlier store" not in message and "oneDNN" not in message and "/somewhere" not in message, message
+    # (the lines it shows: those after where the daemon began, without TensorFlow's start-up lines)
+    from mistiquefs.fs.mount import _tail
+
+    start = log_file.stat().st_size
+    with open(log_file, "a") as log:
+        log.write("I0000 00:00:1795821455.284035    4974 cpu_feature_guard.cc:227] This TensorFlow binary\n"
+                  "To enable the following instructions: AVX2 AVX512F, in other operations, rebuild\n"
+                  "another mistiquefs daemon is mounting on /mnt/x\n")
+    assert _tail(log_file, start) == "another mistiquefs daemon is mounting on /mnt/x"

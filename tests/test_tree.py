@@ -6,6 +6,7 @@ import errno
 import logging
 import math
 import threading
+import time
 from pathlib import Path
 
 import numpy as np
@@ -492,3 +493,40 @@ def test_lookups_and_listings_never_see_a_reload_half_done(tmp_path: Path) -> No
         thread.join()
         sys.setswitchinterval(interval)
     assert wrong == []
+
+
+def test_a_mount_imports_ahead_the_frameworks_its_re_runs_need(tmp_path: Path, mount) -> None:
+    """The first read of a layer that is not stored waited for its framework's import (TensorFlow: 6.5-12 s).
+    A mount imports ahead the frameworks of models some of whose layers only a re-run gives (not stored;
+    lossy under the exact plan), on a thread of its own; a store whose reads are all stored imports nothing."""
+    from sklearn.decomposition import PCA
+    from sklearn.pipeline import Pipeline
+    from sklearn.preprocessing import StandardScaler
+
+    import mistiquefs
+    from mistiquefs.planner.planner import Planner
+
+    x = np.random.default_rng(0).normal(size=(200, 5))
+    pipe = Pipeline([("sc", StandardScaler()), ("pca", PCA(2))]).fit(x)
+    with mistiquefs.open_store(tmp_path / "s") as store:
+        store.capture(pipe, x, name="all", progress=False, schemes={"pca": "kbit:4"})
+    repo = Repository(tmp_path / "s", create=False)
+    try:
+        assert Tree(repo, Planner(repo)).rerun_frameworks() == set()
+        assert Tree(repo, Planner(repo, mode="exact")).rerun_frameworks() == {"sklearn"}  # (pca is kbit:4)
+    finally:
+        repo.close()
+    with mistiquefs.open_store(tmp_path / "s") as store:
+        store.capture(pipe, x, name="none", progress=False, policy="none")
+    repo = Repository(tmp_path / "s", create=False)
+    try:
+        assert Tree(repo, Planner(repo)).rerun_frameworks() == {"sklearn"}
+    finally:
+        repo.close()
+    mnt = mount(tmp_path / "s")
+    log_file = mnt.parent / f"{mnt.name}.log"
+    deadline = time.monotonic() + 60
+    while "imported sklearn ahead of re-runs" not in log_file.read_text() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert "imported sklearn ahead of re-runs" in log_file.read_text()
+    np.testing.assert_allclose(np.load(mnt / "none" / "pca" / "all.npy"), pipe.transform(x), rtol=0, atol=1e-12)

@@ -40,6 +40,9 @@ STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
 
 #: the file system type mistiquefs mounts show in /proc/self/mountinfo
 MOUNT_TYPE = "fuse.mistiquefs"
+#: what TensorFlow/absl write on stderr as they start (a daemon's log holds them): not why a daemon ended
+_FRAMEWORK_NOISE = re.compile(r"(WARNING: All log messages before absl|[IWEF]\d{4} \d\d:\d\d:\d\d|"
+                              r"To enable the following instructions)")
 #: the environment variable that hands a background daemon the pipe it reports "mounted" on
 READY_FD_ENV = "MISTIQUEFS_READY_FD"
 #: how long a statfs may take before a FUSE daemon counts as stuck (alive, not answering)
@@ -146,6 +149,7 @@ def _serve(store: Path, mountpoint: Path, *, allow_other: bool, debug: bool, cac
     from mistiquefs.fs.fuse import FuseOps
     from mistiquefs.fs.tree import Tree
     from mistiquefs.planner.planner import Planner
+    from mistiquefs.planner.rerun import import_frameworks
 
     check_mountpoint(mountpoint)  # again, under the lock: a mount another daemon made meanwhile
     _keep_freed_memory()  # before any thread starts: threads made earlier keep heaps of their own
@@ -178,6 +182,10 @@ def _serve(store: Path, mountpoint: Path, *, allow_other: bool, debug: bool, cac
         try:
             # a plain daemon thread, not a trio one: it must never hold up the loop's shutdown
             threading.Thread(target=_raise_read_ahead, args=(mountpoint,), daemon=True).start()
+            frameworks = tree.rerun_frameworks()
+            if frameworks:
+                threading.Thread(target=import_frameworks, args=(frameworks,), name="mistiquefs-import",
+                                 daemon=True).start()
             log.info("serving %s on %s (pid %d)", store, mountpoint, os.getpid())
             trio.run(_main, mountpoint, pending)
         finally:
@@ -329,6 +337,7 @@ def mount_background(store: Path, mountpoint: Path, *, log_file: Path, extra: li
         out = open(log_file, "ab")
     except OSError as exc:
         raise MountError(f"cannot write the daemon log {log_file}: {exc.strerror}") from None
+    started_at = out.seek(0, os.SEEK_END)  # the log is per mount point: what earlier daemons wrote is not ours
     ready, ready_w = os.pipe()
     # A Ctrl-C inside Popen, after the fork, would leave a daemon nobody stops: until proc is known, it is
     # only noted (the child starts with the default handler: exec resets caught signals), then raised
@@ -361,7 +370,7 @@ def mount_background(store: Path, mountpoint: Path, *, log_file: Path, extra: li
                 proc.wait(10)
             except subprocess.TimeoutExpired:
                 pass
-            raise MountError(f"the mount daemon exited ({proc.returncode}): {_tail(log_file)}")
+            raise MountError(f"the mount daemon exited ({proc.returncode}): {_tail(log_file, started_at)}")
         raise MountError(f"{mountpoint} did not appear within {MOUNT_WAIT_SECONDS:.0f} s; see {log_file}")
     except BaseException:
         # timed out, or interrupted (Ctrl-C) while waiting: the daemon must not mount behind our back. It
@@ -372,11 +381,17 @@ def mount_background(store: Path, mountpoint: Path, *, log_file: Path, extra: li
         os.close(ready)
 
 
-def _tail(path: Path, lines: int = 5) -> str:
+def _tail(path: Path, start: int = 0, lines: int = 5) -> str:
+    """The last ``lines`` lines the log got from ``start`` on (one daemon's), without the frameworks' own
+    chatter (TensorFlow's start-up lines on stderr): the mistiquefs lines say why it ended."""
     try:
-        return " | ".join(path.read_text(errors="replace").strip().splitlines()[-lines:])
+        with open(path, "rb") as f:
+            f.seek(start)
+            text = f.read().decode(errors="replace")
     except OSError:
         return "(no log)"
+    kept = [line for line in text.strip().splitlines() if not _FRAMEWORK_NOISE.match(line)]
+    return " | ".join(kept[-lines:]) or "(nothing in its log)"
 
 
 def unmount(mountpoint: Path) -> None:
@@ -395,7 +410,9 @@ def unmount(mountpoint: Path) -> None:
         # lazily. A live daemon whose mount is busy (files open on it) is left mounted, with the error
         result = _fusermount(mountpoint, "-z")
     if result.returncode != 0:
-        raise MountError(f"cannot unmount {mountpoint}: {result.stderr.strip()}")
+        busy = " (files are open on it: `fuser -vm MOUNTPOINT` lists the processes)" \
+            if "busy" in result.stderr.lower() else ""
+        raise MountError(f"cannot unmount {mountpoint}: {result.stderr.strip()}{busy}")
 
 
 def _followed(path: Path) -> Path:

@@ -239,6 +239,15 @@ class Tree:
             except Exception:  # a damaged chunk must not stop the rest of the store from mounting
                 log.exception("warm-up read of %s failed", rec.name)
 
+    def rerun_frameworks(self) -> set[str]:
+        """The frameworks of the models some of whose files reads will re-run: a layer that is not stored,
+        or lossy ones under the ``exact``/``rerun`` plans (the mount imports them ahead, see rerun.py)."""
+        exact = self.planner.mode in ("exact", "rerun")
+        state = self._state
+        return {state.models[rec.model_id].framework for rec in state.layers.values()
+                if rec.model_id in state.models and rec.name != "input"
+                and (not rec.stored or exact and (rec.chain.lossy or self.planner.mode == "rerun"))}
+
     # ---- lookup ----------------------------------------------------------------------------------
     def lookup(self, parent: int, name: bytes) -> Inode:
         if parent == ROOT:

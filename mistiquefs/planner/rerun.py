@@ -59,6 +59,24 @@ def _load_adapter(framework: str, path: str, methods: tuple[str, ...] = ()) -> A
     return adapter_for(load_model(path), methods)
 
 
+def import_frameworks(frameworks: set[str]) -> None:
+    """Import what loading the models of ``frameworks`` needs (a mount starts this on a thread of its own
+    where some layer of such a model can only be re-run): the first read of a Keras layer that is not
+    stored waited 6.5-12 s for TensorFlow's import. Failures are left to the load that needs it to report."""
+    for framework in sorted(frameworks):
+        started = time.perf_counter()
+        try:
+            if framework == "keras":
+                import mistiquefs.capture.keras  # noqa: F401
+                import keras  # noqa: F401 (imports TensorFlow)
+            elif framework == "sklearn":
+                import mistiquefs.capture.sklearn  # noqa: F401
+        except Exception:  # noqa: BLE001 (a missing framework: the re-run's own load says so)
+            log.debug("importing %s ahead of re-runs failed", framework, exc_info=True)
+            continue
+        log.info("imported %s ahead of re-runs in %.2f s", framework, time.perf_counter() - started)
+
+
 class ReRunner:
     def __init__(self, repo: Repository, loader: Callable[[str, str, tuple[str, ...]], Any] = _load_adapter) -> None:
         self.repo = repo
