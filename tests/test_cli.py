@@ -57,7 +57,8 @@ def test_capture_a_saved_pipeline_from_csv(tmp_path: Path, saved_pipeline, capsy
     store = tmp_path / "store"
     assert main(["capture", str(store), "--model", str(model_path), "--inputs", str(inputs_path),
                  "--name", "p1", "--no-progress"]) == 0
-    assert "captured p1: 500 examples" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "captured p1: 500 examples" in out and f"; created the store {store}" in out
     with mistiquefs.open_store(store, create=False) as opened:
         np.testing.assert_array_equal(opened.read("p1", "scale"), pipe.named_steps["scale"].transform(frame))
         np.testing.assert_array_equal(opened.read("p1", "clf"), pipe.predict(frame))
@@ -66,6 +67,7 @@ def test_capture_a_saved_pipeline_from_csv(tmp_path: Path, saved_pipeline, capsy
     again = ["capture", str(store), "--model", str(model_path), "--inputs", str(inputs_path), "--name", "p1"]
     assert main(again) != 0 and "already" in capsys.readouterr().err
     assert main([*again, "--skip-existing"]) == 0 and "skipped" in capsys.readouterr().out
+    assert main([*again[:-1], "p2", "--no-progress"]) == 0 and "created the store" not in capsys.readouterr().out
 
 
 def test_capture_method_adds_the_final_estimators_scores(tmp_path: Path, saved_pipeline, capsys) -> None:

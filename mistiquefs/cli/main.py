@@ -200,7 +200,9 @@ def _capture(args: argparse.Namespace) -> int:
         return 0
     print(f"captured {summary.name}: {summary.n_rows} examples, {len(summary.layers)} intermediates, "
           f"{format_size(summary.raw_bytes)} raw -> {format_size(summary.stored_bytes)} stored "
-          f"({format_size(summary.new_bytes)} new) in {summary.seconds:.1f} s")
+          f"({format_size(summary.new_bytes)} new) in {summary.seconds:.1f} s"
+          # (a mistyped store path made a new store without a word)
+          + (f"; created the store {args.store}" if made else ""))
     return 0
 
 
