@@ -155,6 +155,14 @@ def test_a_random_read_that_ends_a_piece_reads_nothing_ahead_and_a_continued_rea
     repo.cache.clear()
     threads = {}
     reader.observer = lambda _rec, key, _n, _s: threads.setdefault(key[-1], threading.current_thread().name)
+    decoded = reader._decoded
+
+    def slow_first(tile: int, lazy: bool = False):  # the read's own first piece takes its time: on a busy
+        if tile == 2 and threading.current_thread() is threading.main_thread():  # machine the reader went
+            time.sleep(0.5)  # on to decode pieces 3 and 4 itself before a read-ahead thread ran
+        return decoded(tile, lazy)
+
+    reader._decoded = slow_first
     start, stop = 2 * rec.block_rows + 5, 5 * rec.block_rows
     np.testing.assert_array_equal(reader.rows(start, stop), data[start:stop])
     time.sleep(0.5)
