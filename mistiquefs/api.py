@@ -191,9 +191,13 @@ class Store:
         # layers may not be stored (the mount recomputes those by loading it)
         model_path = writer.new_file(adapter.model_suffix)
         adapter.save_model(model_path)
+        reloaded = None
         if writer.store_nothing or keep is not None or any(c.summary for _glob, c in writer.policy.rules):
-            _check_reloads(adapter, model_path)
-        adapter.use_saved(model_path)  # what a re-run on read loads: the bits it gives are the ones stored
+            reloaded = _check_reloads(adapter, model_path)
+        # what a re-run on read loads: the bits it gives are the ones stored (the file loaded once: the check's
+        # copy is that model, and use_saved keeps what it needs of it, nothing of a model that loads back the same)
+        adapter.use_saved(model_path, reloaded)
+        del reloaded
         bar = tqdm(total=n_rows, unit="ex", desc=f"capture {writer.name}", leave=False,
                    disable=None if progress is None else not progress)
         notes: list[str] = []
@@ -444,15 +448,17 @@ def open_store(path: str | Path, *, create: bool = True, cache_bytes: int | None
     return Store(path, create=create, cache_bytes=cache_bytes)
 
 
-def _check_reloads(adapter: Adapter, path: Path) -> None:
-    """CaptureError unless the saved model loads back the way the mount loads it: safely (no code run),
-    and in another process (loading it here succeeds where this process registered a custom class the
-    mount's daemon never sees, so that is checked first)."""
+def _check_reloads(adapter: Adapter, path: Path) -> Any:
+    """The saved model as the mount's loader gives it (``load_model_file``, run here, in this process),
+    CaptureError unless it loads back the way the mount loads it: safely (no code run), and in another process
+    (loading it here succeeds where this process registered a custom class the mount's daemon never sees, so
+    ``check_loads_elsewhere`` looks for one in the file first). The capture goes on with this copy
+    (``Adapter.use_saved``): the file is loaded once."""
     from mistiquefs.capture.files import load_model_file
 
     try:
         adapter.check_loads_elsewhere(path)
-        load_model_file(path)
+        return load_model_file(path)
     except CaptureError as exc:
         raise CaptureError(
             f"this capture may leave layers unstored (policy 'none' or 'auto', a budget, or a pool summary), and "

@@ -130,10 +130,13 @@ class Adapter(ABC):
     def save_model(self, path: Path) -> None:
         """Write the model to ``path`` in a format that does not execute arbitrary code when loaded."""
 
-    def use_saved(self, path: Path) -> None:
+    def use_saved(self, path: Path, loaded: Any = None) -> None:
         """Capture with the model as the file ``save_model`` wrote at ``path`` loads, where that differs from
         the model in memory in what it computes: re-runs on read load the file, and must give the captured
-        bits. Nothing by default."""
+        bits. ``loaded``: that file as ``capture.files.load_model_file`` already loaded it in this process (a
+        capture that may leave layers unstored checks first that its model loads back), to be used instead of
+        loading the file again; the adapter may change it, and keeps no more of it than it needs. None: the
+        adapter loads the file itself where it needs it. Nothing by default."""
 
     def check_loads_elsewhere(self, path: Path) -> None:
         """CaptureError where the model saved at ``path`` needs something only this process has to load

@@ -71,7 +71,6 @@ pandas is imported lazily: it is not a dependency of mistiquefs, only of DataFra
 
 from __future__ import annotations
 
-import gc
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -1084,22 +1083,24 @@ class SklearnAdapter(Adapter):
     def inputs_from_stored(self, stored: np.ndarray) -> Any:
         return inputs_from_stored(stored, self.model)
 
-    def use_saved(self, path: Path) -> None:
+    def use_saved(self, path: Path, loaded: Any = None) -> None:
         """The model as skops loads it back: a fitted array's memory layout can change on the way (PCA's
         randomized ``components_``: neither C- nor F-ordered when fitted, C-ordered loaded), and with it the
         BLAS kernels and the last bits of every stage after it (probabilities differed by up to 8.9e-16), so a
         capture of the model in memory and a re-run of its file gave one file two contents. A model that does
-        not load safely is captured as it is (nothing re-runs it).
+        not load safely is captured as it is (nothing re-runs it). ``loaded``: the file as ``load_model``
+        already gave it (a capture's check that the model loads back), used instead of loading it again.
 
         Only the parts that differ are kept from the loaded copy (``_graft``): every part of it that is the
         same as the model in memory (same types, the same bits in arrays of the same layout) is that part of
         the model in memory, and a model whose file loads back the same is captured as it is. The caller holds
         the model in memory throughout, so a copy kept here doubled what a capture held (a 292 MB forest: 292
         MB more through every batch)."""
-        try:
-            loaded = load_model(path)
-        except CaptureError:
-            return
+        if loaded is None:
+            try:
+                loaded = load_model(path)
+            except CaptureError:
+                return
         try:
             model, same = _graft(loaded, self.model, {})
         except Exception:  # noqa: BLE001 (an object that compares in ways not foreseen: the copy as loaded)
@@ -1147,9 +1148,6 @@ _PLAIN_SIZE = type("_Plain", (), {}).__basicsize__
 _SCALARS = (type(None), bool, int, str, bytes)
 #: bytes of two arrays compared at a time (``_same_bits``: no whole copy of a large array)
 _COMPARE_BYTES = 4 << 20
-#: a model file larger than this is followed by a full garbage collection once loaded (``load_model``): ~0.1 s
-#: with scikit-learn and pandas imported, less than reading such a file takes
-_COLLECT_BYTES = 32 << 20
 
 
 def _graft(loaded: Any, original: Any, seen: dict[tuple[int, int], tuple[Any, ...]]) -> tuple[Any, bool]:
@@ -1324,7 +1322,6 @@ def load_model(path: Path | str) -> Any:
             "loading (inspect the file with skops.io.get_untrusted_types and load it yourself if you "
             "trust it)"
         )
-    size = len(data)
     try:
         tree = _read_tree(data, untrusted)
         del data  # (every member is read: the file's bytes are not needed to build the model)
@@ -1332,12 +1329,9 @@ def load_model(path: Path | str) -> Any:
         del tree
     except Exception as exc:  # a damaged member (a cut .npy: ValueError), or state an estimator refuses
         raise CaptureError(f"cannot load the skops model file {path}: {one_line(exc)}") from exc
+    # (check_loaded leaves no reference cycle holding the model: a copy its caller drops, such as a capture's
+    # check that the file loads, is freed at once, not at the interpreter's next full collection)
     why = check_loaded(model)
-    if size > _COLLECT_BYTES:
-        # check_loaded leaves reference cycles (its closures, its structures' bound methods) that hold the
-        # model: a copy its caller drops (use_saved's, a capture's check that the file loads) stayed until the
-        # interpreter's next full collection (a 54 MB KNN through three of a capture's four batches)
-        gc.collect()
     if why is not None:
         raise CaptureError(f"refusing to use {path}: it holds {why} (a re-run of the model would run it as the "
                            "file says)")

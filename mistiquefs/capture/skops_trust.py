@@ -825,14 +825,16 @@ class _Structures:
         self._memo: dict[tuple[str, int], str | None] = {}
         self._keep: list[Any] = []  # what the memo's ids name stays alive while it is used
         self._probes: list[Any] = []
-        t = self.t
-        # estimators whose fitted arrays compiled prediction code indexes (each check names the field at fault)
-        self._estimator_checks = ((t.BaseKMeans, self._kmeans), (t.BisectingKMeans, self._bisecting_kmeans),
-                                  (t.BaseLibSVM, self._libsvm), (t.NeighborsBase, self._neighbours),
-                                  (t.OneHotEncoder, self._one_hot_encoder), (t.vectorizers, self._vocabulary),
-                                  (t.MultiLabelBinarizer, self._label_cache),
-                                  (t.FeatureAgglomeration, self._feature_agglomeration),
-                                  (t.IsotonicRegression, self._isotonic))
+        # estimators whose fitted arrays compiled prediction code indexes (each check names the field at fault),
+        # by the names of their types in ``t`` and of their checks: no bound method is kept (one would make a
+        # reference cycle through this instance, keeping every object ``_keep`` holds, the loaded model's trees
+        # and estimators, alive until the interpreter's next full garbage collection)
+        self._estimator_checks = (("BaseKMeans", "_kmeans"), ("BisectingKMeans", "_bisecting_kmeans"),
+                                  ("BaseLibSVM", "_libsvm"), ("NeighborsBase", "_neighbours"),
+                                  ("OneHotEncoder", "_one_hot_encoder"), ("vectorizers", "_vocabulary"),
+                                  ("MultiLabelBinarizer", "_label_cache"),
+                                  ("FeatureAgglomeration", "_feature_agglomeration"),
+                                  ("IsotonicRegression", "_isotonic"))
 
     def _once(self, kind: str, obj: Any, check: Any) -> str | None:
         key = (kind, id(obj))
@@ -881,8 +883,8 @@ class _Structures:
                     if why is not None:
                         return f"a {name} whose {key} (a {type(value).__name__}) {why}"
             for kind, check in self._estimator_checks:
-                if isinstance(obj, kind):
-                    why = self._once(check.__name__, obj, check)
+                if isinstance(obj, getattr(t, kind)):
+                    why = self._once(check, obj, getattr(self, check))
                     if why is not None:
                         return f"a {name} {why}"
         if _is_sparse(obj):  # one met outside an estimator's own attributes (in a list, a dict...)
