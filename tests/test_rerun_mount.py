@@ -4,6 +4,7 @@ stays responsive while a model runs."""
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import threading
@@ -79,6 +80,9 @@ def test_layers_that_are_not_stored_are_recomputed_bit_for_bit(stores, mount) ->
     path, pipe = stores
     x, _ = data()
     mnt = mount(path)
+    cold = json.loads((mnt / "none" / "pca" / "info.json").read_text())["plan"]
+    assert cold["all_examples"]["cached"] == cold["one_example"]["cached"] == {"read": None, "rerun": 0.0}
+    assert cold["all_examples"]["rerun_seconds"] > 0
     for layer, want in expected(pipe, x).items():
         info = json.loads((mnt / "none" / layer / "info.json").read_text())
         assert info["stored"] is (layer == "input")
@@ -92,19 +96,38 @@ def test_layers_that_are_not_stored_are_recomputed_bit_for_bit(stores, mount) ->
     info = json.loads((mnt / "none" / "pca" / "info.json").read_text())
     assert info["plan"]["all_examples"]["choice"] == "rerun" and info["plan"]["queries"] >= 5
     assert info["plan"]["last_query"]["choice"] == "rerun" and info["plan"]["last_query"]["measured_s"] > 0
+    # what the decoded cache holds counts as free: a re-run layer's all.npy, whose pieces are cached now, is
+    # predicted at 0 s, and its info.json says why (it showed 0.0 beside a one-example re-run of some ms)
+    whole = info["plan"]["all_examples"]
+    assert whole["cached"] == {"read": None, "rerun": 1.0} and whole["rerun_seconds"] == 0.0
+    assert info["plan"]["one_example"]["cached"] == {"read": None, "rerun": 1.0}  # (0.npy was read)
+    stored = json.loads((mnt / "none" / "input" / "info.json").read_text())["plan"]["all_examples"]
+    assert stored["cached"]["rerun"] is None and 0.0 <= stored["cached"]["read"] <= 1.0
 
 
 @pytest.mark.parametrize("mode", ["read", "rerun", "exact"])
 def test_plan_modes(stores, mount, mode: str) -> None:
     path, pipe = stores
     x, _ = data()
+    with mistiquefs.open_store(path) as store:  # in-process: the stored copy's figures, whatever a mount does
+        stored = store.info("lossy", "pca")["fidelity"]
+    assert stored["exact"] is False and stored["max_abs_error"] > 0 and "stored_copy" not in stored
     mnt = mount(path, "--plan", mode)
     want = expected(pipe, x)
     lossy = np.load(mnt / "lossy" / "pca" / "all.npy")
+    info = json.loads((mnt / "lossy" / "pca" / "info.json").read_text())
     if mode == "read":
         assert not np.array_equal(lossy, want["pca"]) and np.abs(lossy - want["pca"]).mean() < 0.2
-    else:  # re-run: exact values even for a layer stored lossily
-        assert np.array_equal(lossy, want["pca"])
+        assert info["fidelity"] == stored
+    else:  # re-run: exact values even for a layer stored lossily, and its info.json says so (it showed the
+        assert np.array_equal(lossy, want["pca"])  # stored copy's error, "exact": false), keeping those figures
+        assert np.array_equal(np.load(mnt / "lossy" / "pca" / "17.npy"), want["pca"][17])
+        assert info["fidelity"] == {"exact": True, "recomputed": True, "stored_copy": stored}
+        assert info["plan"]["all_examples"]["choice"] == info["plan"]["one_example"]["choice"] == "rerun"
+    assert info["scheme"].startswith("kbit:4") and info["stored"] is True
+    assert json.loads((mnt / "all" / "pca" / "info.json").read_text())["fidelity"] == {"exact": True}
+    assert json.loads((mnt / "none" / "pca" / "info.json").read_text())["fidelity"] == \
+        {"exact": True, "recomputed": True}
     for layer in ("scale", "pca", "clf"):
         assert np.array_equal(np.load(mnt / "all" / layer / "all.npy"), want[layer])
         plan = json.loads((mnt / "all" / layer / "info.json").read_text())["plan"]
@@ -112,6 +135,61 @@ def test_plan_modes(stores, mount, mode: str) -> None:
         assert plan["all_examples"]["choice"] == ("rerun" if mode == "rerun" else plan["all_examples"]["choice"])
         if mode == "read":
             assert plan["all_examples"]["choice"] == "read"
+
+
+@pytest.mark.parametrize("broken", ["model file", "input"])
+def test_a_lossy_layer_its_model_cannot_re_run_keeps_the_stored_figures(stores, mount, tmp_path: Path,
+                                                                         broken: str) -> None:
+    """``--plan exact`` on a lossy layer whose model cannot re-run it (its file does not load, its inputs are
+    not stored): the mount promises exact values, so its files read EIO, every time, and info.json says why
+    (the first read failed, later ones gave the approximation); the stored figures stand. A plain mount
+    reads the approximation."""
+    import shutil
+
+    path, _pipe = stores
+    copy = tmp_path / "store"
+    shutil.copytree(path, copy)
+    with mistiquefs.open_store(copy) as store:
+        stored = store.info("lossy", "pca")["fidelity"]
+        approximation = store.read("lossy", "pca")
+        model_file = copy / store.info("lossy")["model_file"]
+    if broken == "model file":
+        model_file.write_bytes(b"not a model")
+    else:
+        repo = Repository(copy, create=False)
+        model_id = next(m.id for m in repo.models() if m.name == "lossy")
+        repo.catalog.unmaterialize(next(rec.id for rec in repo.layers_of(model_id) if rec.name == "input"))
+        repo.close()
+    mnt = mount(copy, "--plan", "exact")
+    layer = mnt / "lossy" / "pca"
+    for _ in range(2):  # (the first read finds out that the model file does not load; the second knows it)
+        with pytest.raises(OSError) as failed:
+            np.load(layer / "all.npy")
+        assert failed.value.errno == errno.EIO
+    info = json.loads((layer / "info.json").read_text())
+    assert info["fidelity"] == stored and info["fidelity"]["exact"] is False
+    assert "the mount asks for exact values (--plan exact), and its model cannot re-run it" in info["plan"]["error"]
+    plain = mount(copy)
+    assert np.array_equal(np.load(plain / "lossy" / "pca" / "all.npy"), approximation)
+
+
+def test_a_lossy_layer_with_no_measured_error_is_not_called_exact(stores, tmp_path: Path) -> None:
+    """A lossy layer whose catalog row has no measured error (no capture writes one; a catalog edited by hand)
+    said "exact": true."""
+    import shutil
+    import sqlite3
+
+    path, _pipe = stores
+    copy = tmp_path / "store"
+    shutil.copytree(path, copy)
+    with sqlite3.connect(copy / "catalog.sqlite") as db:
+        db.execute("UPDATE intermediates SET fidelity = NULL")
+    db.close()
+    with mistiquefs.open_store(copy) as store:
+        fidelity = store.info("lossy", "pca")["fidelity"]
+        assert fidelity["exact"] is False and "not measured" in fidelity["note"]
+        assert store.info("all", "pca")["fidelity"] == {"exact": True}
+        assert store.info("none", "pca")["fidelity"] == {"exact": True, "recomputed": True}
 
 
 def in_memory_planner(repo: Repository, models: Pipeline | dict[str, Pipeline]) -> Planner:

@@ -131,9 +131,14 @@ class Planner:
         rows = 1 if kind == "row" else rec.n_rows
         read_view = self._stored_view(reader, kind, index) if rec.stored else None
         rerun_view = self._rerun_view(rec, kind, index) if self.can_rerun(rec) else None
-        if read_view is None and rerun_view is None:
+        if rerun_view is None and (read_view is None or rec.chain.lossy and rec.chain.summary is None
+                                   and self.mode in ("exact", "rerun")):
             failure = self.rerunner.load_failure(self.model_and_layers(rec)[0])
-            raise StoreError(f"layer {rec.name!r} is not stored and its model cannot re-run it"
+            # (a lossy layer under --plan exact/rerun: the mount promises exact values, so the stored
+            # approximation is no answer; it read EIO once a re-run had failed, then the approximation)
+            what = "is not stored" if read_view is None else \
+                f"is stored as {rec.chain.describe()}, the mount asks for exact values (--plan {self.mode}),"
+            raise StoreError(f"layer {rec.name!r} {what} and its model cannot re-run it"
                              + (f" ({failure})" if failure else ""))
         estimate = self.estimate(rec, kind, read_view, rerun_view, rows)
         choice, why = self._choose(rec, estimate, rerun_view is not None)
@@ -146,7 +151,11 @@ class Planner:
 
     def _choose(self, rec: IntermediateRecord, estimate: Estimate, can_rerun: bool) -> tuple[str, str]:
         if not can_rerun:
-            return "read", "the inputs are always read" if rec.name == "input" else "the model cannot re-run it"
+            if rec.name == "input":
+                return "read", "the inputs are always read"
+            if rec.chain.summary is not None:
+                return "read", "a summary: reads never re-run it (its layer re-runs)"
+            return "read", "the model cannot re-run it"
         if not rec.stored:
             return "rerun", "not stored"
         if rec.chain.lossy:

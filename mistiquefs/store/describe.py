@@ -41,11 +41,23 @@ def layer_info(rec: IntermediateRecord) -> dict[str, Any]:
 
 
 def _fidelity(rec: IntermediateRecord) -> dict[str, Any]:
-    """What reads of the layer give: the stored copy's measured error, or (a layer not stored) the model's
-    own values, re-run (it said "exact": false, as if reads were an approximation)."""
+    """What reads of the layer's stored copy give: its measured error, or (a layer not stored) the model's
+    own values, re-run (it said "exact": false, as if reads were an approximation). A mount whose reads
+    re-run a lossy layer says so instead (``recomputed_fidelity``)."""
     if not rec.stored:
         return {"exact": True, "recomputed": True}
-    return rec.fidelity if rec.fidelity is not None else {"exact": True}
+    if rec.fidelity is not None:
+        return rec.fidelity
+    if rec.chain.lossy:  # (no capture writes such a row, a catalog edited by hand may: it said "exact": true)
+        return {"exact": False, "note": "stored lossily; its error was not measured at capture"}
+    return {"exact": True}
+
+
+def recomputed_fidelity(rec: IntermediateRecord) -> dict[str, Any]:
+    """The ``fidelity`` of a stored lossy layer whose reads re-run the model (``mount --plan exact`` or
+    ``rerun``): the model's own values, exact; the stored copy's measured error stays, under
+    ``stored_copy`` (it said "exact": false while every file held exact values)."""
+    return {"exact": True, "recomputed": True, "stored_copy": _fidelity(rec)}
 
 
 def _plan(rec: IntermediateRecord) -> dict[str, str]:
