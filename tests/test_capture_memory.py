@@ -63,19 +63,7 @@ def _loaded_refs(monkeypatch: pytest.MonkeyPatch) -> list[weakref.ref[Any]]:
 
     def recording(path: Any) -> Any:
         model = load(path)
-        stack, seen = [model], set()
-        while stack:
-            item = stack.pop()
-            if id(item) in seen:
-                continue
-            seen.add(id(item))
-            if isinstance(item, (list, tuple)):
-                stack.extend(item)
-            elif isinstance(item, dict):
-                stack.extend(item.values())
-            elif isinstance(item, np.ndarray) or hasattr(item, "get_params"):
-                refs.append(weakref.ref(item))
-                stack.extend(vars(item).values() if hasattr(item, "get_params") else ())
+        refs.extend(_weak_parts(model))
         return model
 
     monkeypatch.setattr(sk, "load_model", recording)
