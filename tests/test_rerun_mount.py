@@ -7,6 +7,7 @@ from __future__ import annotations
 import errno
 import json
 import os
+import re
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -96,6 +97,10 @@ def test_layers_that_are_not_stored_are_recomputed_bit_for_bit(stores, mount) ->
     info = json.loads((mnt / "none" / "pca" / "info.json").read_text())
     assert info["plan"]["all_examples"]["choice"] == "rerun" and info["plan"]["queries"] >= 5
     assert info["plan"]["last_query"]["choice"] == "rerun" and info["plan"]["last_query"]["measured_s"] > 0
+    # (its time as UTC ISO 8601, not seconds since 1970; no catalog id; seconds to the microsecond)
+    last = info["plan"]["last_query"]
+    assert re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z", last["time"]) and "layer" not in last, last
+    assert last["measured_s"] == round(last["measured_s"], 6)
     # what the decoded cache holds counts as free: a re-run layer's all.npy, whose pieces are cached now, is
     # predicted at 0 s, and its info.json says why (it showed 0.0 beside a one-example re-run of some ms)
     whole = info["plan"]["all_examples"]

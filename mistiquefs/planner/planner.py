@@ -25,6 +25,7 @@ producing data; overlapping opens of one file make one record) go to a bounded q
 
 from __future__ import annotations
 
+import datetime
 import math
 import threading
 import time
@@ -385,7 +386,7 @@ class Planner:
             "one_example": _plan_doc(one),
             "queries": stats.queries,
             "by_choice": dict(stats.by_choice),
-            "last_query": stats.last,
+            "last_query": _query_doc(stats.last),
             "materialization": None if self.materializer is None else {
                 "budget_bytes": self.materializer.budget,
                 "gamma": None if rec.stored else self.materializer.gamma(rec, stats.queries),
@@ -395,6 +396,17 @@ class Planner:
 
 def _finite(seconds: float | None) -> float | None:
     return seconds if seconds is not None and math.isfinite(seconds) else None
+
+
+def _query_doc(record: dict[str, Any] | None) -> dict[str, Any] | None:
+    """A query log record as info.json shows it: its time as UTC ISO 8601 (it showed seconds since 1970),
+    seconds rounded to the microsecond, and without the layer's catalog id (the file is in the layer)."""
+    if record is None:
+        return None
+    doc = {key: round(value, 6) if isinstance(value, float) else value
+           for key, value in record.items() if key not in ("time", "layer")}
+    when = datetime.datetime.fromtimestamp(record["time"], datetime.timezone.utc)
+    return {"time": when.isoformat(timespec="milliseconds").replace("+00:00", "Z"), **doc}
 
 
 def _plan_doc(plan: Plan) -> dict[str, Any]:
