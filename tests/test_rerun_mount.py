@@ -667,3 +667,44 @@ def test_warm_models_are_bounded_by_their_files_bytes(stores, monkeypatch) -> No
         assert rerunner.is_warm(models[0]) and not rerunner.is_warm(models[1])
     finally:
         repo.close()
+
+
+def test_an_example_of_a_re_run_all_npy_whose_pieces_are_cached_runs_nothing(tmp_path: Path) -> None:
+    """``<i>.npy`` re-ran the model for its one example even where the re-run pieces of the layer's
+    ``all.npy`` (same rows, computed in the capture's batches) were in the decoded cache: they are cut from
+    those now, the very bytes of ``all.npy``; without them, it re-runs as before."""
+    x = np.random.default_rng(0).normal(size=(600, 6))
+    pipe = Pipeline([("sc", StandardScaler()), ("pca", PCA(3))]).fit(x)
+    with mistiquefs.open_store(tmp_path / "s") as store:
+        store.capture(pipe, x, name="none", progress=False, batch_size=256, policy="none")
+    from mistiquefs.store.repository import Repository
+
+    repo = Repository(tmp_path / "s", create=False)
+    try:
+        tree = Tree(repo, Planner(repo))
+        model = tree.lookup(1, b"none")
+        layer = tree.lookup(model, b"pca")
+        whole = tree.lookup(layer, b"all.npy")
+        size = tree.attr(whole).size
+        tree.opened(whole)
+        data = bytes(tree.read(whole, 0, size))
+        tree.released(whole)
+        runs = []
+        real = tree.planner.rerunner.run
+        tree.planner.rerunner.run = lambda *a, **k: runs.append(a[3:5]) or real(*a, **k)
+        header = len(data) - 600 * 3 * 8
+        for i in (0, 255, 256, 599):
+            row = tree.lookup(layer, f"{i}.npy".encode())
+            tree.opened(row)
+            got = bytes(tree.read(row, 0, tree.attr(row).size))
+            tree.released(row)
+            assert got[-24:] == data[header + 24 * i:header + 24 * (i + 1)], i
+        assert runs == []
+        repo.cache.clear()
+        row = tree.lookup(layer, b"7.npy")
+        tree.opened(row)
+        tree.read(row, 0, tree.attr(row).size)
+        tree.released(row)
+        assert len(runs) == 1
+    finally:
+        repo.close()

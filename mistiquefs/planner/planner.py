@@ -234,11 +234,13 @@ class Planner:
     def _rerun_view(self, rec: IntermediateRecord, kind: str, index: int) -> NpyView:
         row_size = rec.row_size
         length = rec.n_rows * row_size
+        rows_stream = self._rerun_rows_stream(rec)
         if kind == "row":
             stream = Stream(row_size, length, lambda b: ("rerun-row", rec.id, b),
-                            lambda b: self.run_rows(rec, b, b + 1, aligned=False))
+                            lambda b: self._row_of_pieces(rec, rows_stream, b)
+                            if rows_stream.key(b * row_size // rows_stream.piece_size) in self.repo.cache
+                            else self.run_rows(rec, b, b + 1, aligned=False))
             return NpyView(npy_header(rec.dtype, rec.shape), stream, index * row_size, row_size)
-        rows_stream = self._rerun_rows_stream(rec)
         if kind == "all":
             return NpyView(npy_header(rec.dtype, (rec.n_rows, *rec.shape)), rows_stream, 0, length)
         dtype = rec.column_dtype(index)
@@ -246,6 +248,15 @@ class Planner:
                         lambda _b: ("rerun-column", rec.id, index),
                         lambda _b: self.repo.reader(rec).gather_column(index, rows_stream))
         return NpyView(npy_header(dtype, (rec.n_rows,)), column, 0, column.length)
+
+    def _row_of_pieces(self, rec: IntermediateRecord, rows: Stream, b: int) -> np.ndarray:
+        """Example ``b`` out of the re-run piece of ``all.npy`` that holds it, which the decoded cache has
+        (an ``<i>.npy`` read after the layer's ``all.npy`` ran the model again for it), else re-run alone."""
+        piece = self.repo.cache.get(rows.key(b * rec.row_size // rows.piece_size))
+        if piece is None:  # (evicted since it was looked for)
+            return self.run_rows(rec, b, b + 1, aligned=False)
+        first = b * rec.row_size // rows.piece_size * (rows.piece_size // rec.row_size)
+        return np.ascontiguousarray(np.asarray(piece).reshape(-1, *rec.shape)[b - first:b - first + 1])
 
     def _rerun_rows_stream(self, rec: IntermediateRecord) -> Stream:
         model, _ = self.model_and_layers(rec)
