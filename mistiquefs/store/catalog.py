@@ -453,6 +453,22 @@ class Catalog:
                 if db.in_transaction:
                     db.execute("ROLLBACK")
                 raise
+            self._checkpoint(db)
+
+    @staticmethod
+    def _checkpoint(db: sqlite3.Connection) -> None:
+        """Copy what was just committed from the WAL into catalog.sqlite itself (synchronous=FULL: fsynced).
+        A commit lives only in the -wal file until a checkpoint, which SQLite otherwise runs only every 1000
+        pages or when the last connection closes cleanly: after a crash, a -wal file lost (deleted as a
+        temporary file, a catalog copied without it) took every capture committed since with it, and fsck
+        then called their packs and model files reclaimable, for gc to delete. PASSIVE waits for no reader
+        (a mount in a read transaction leaves the frames it needs for a later one). Best effort: the commit
+        is durable already, so a failed checkpoint must not make it look failed (a capture would abort and
+        delete the packs its committed rows point into)."""
+        try:
+            db.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchall()
+        except sqlite3.Error:
+            pass
 
     def commit_capture(
         self,
