@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import json
 import math
+import warnings
 
 import numpy as np
 import pytest
@@ -1705,3 +1706,45 @@ def test_a_lossy_layer_that_gave_every_value_back_says_it_is_exact(tmp_path) -> 
         np.testing.assert_array_equal(store.read("m", "onehot"), pipe[:1].transform(x))
         scale = store.info("m", "scale")["fidelity"]
         assert scale["exact"] is False and scale["max_abs_error"] > 0, scale
+
+
+@pytest.mark.parametrize("scale", [1e160, 1e300])
+def test_error_stats_of_a_float64_layer_beyond_1e154_do_not_raise(scale) -> None:
+    """Squaring the mean of a float64 layer beyond ~1e154 (Python float ** 2) raised OverflowError, so a
+    lossy capture of such a layer failed; its figures are finite numbers or null."""
+    rng = np.random.default_rng(0)
+    original = rng.standard_normal(64) * scale + scale
+    decoded = original * (1 + 1e-3)
+    report = ErrorStats.measure(original, decoded).report()
+    json.loads(json.dumps(report, allow_nan=False))
+    assert report["values"] == 64 and report["max_abs_error"] == pytest.approx(
+        float(np.abs(decoded - original).max()), rel=1e-12)
+    constant = ErrorStats.measure(np.full(8, scale), np.full(8, scale)).report()
+    assert constant["exact"] and constant["rmse_over_std"] == 0.0
+
+
+def test_error_stats_whose_float64_squares_underflow_report_no_rmse_of_zero() -> None:
+    """Errors of subnormal float64 values square to 0.0: a layer kbit changed read "rmse": 0.0 and
+    "rmse_over_std": 0.0 beside a max_abs_error above 0, as if exact. Figures it cannot measure are null."""
+    rng = np.random.default_rng(0)
+    original = rng.standard_normal(64) * 1e-310
+    decoded = np.zeros(64)
+    report = ErrorStats.measure(original, decoded).report()
+    assert report["max_abs_error"] == float(np.abs(original).max()) > 0
+    assert report["rmse"] != 0.0 and report["rmse_over_std"] != 0.0 and not report["exact"]
+    chain = layer_chain("kbit:1", original.reshape(-1, 4))
+    _, out = roundtrip(chain, original.reshape(-1, 4))
+    report = ErrorStats.measure(original.reshape(-1, 4), out).report()
+    assert report["max_abs_error"] > 0 and report["rmse_over_std"] != 0.0
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_float16_of_values_beyond_its_range_warns_nobody(dtype) -> None:
+    """Values beyond +-65504 become +-inf under float16 (documented); numpy's "overflow encountered in
+    cast" RuntimeWarning went to the capturing user's stderr for each such tile."""
+    tile = np.array([[1e5, -1e5, 1.0, 7e4]], dtype=dtype)
+    chain = parse_scheme("float16").for_layer((4,), np.dtype(dtype))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        _, out = roundtrip(chain, tile)
+    assert out.tolist() == [[np.inf, -np.inf, 1.0, np.inf]]

@@ -84,7 +84,8 @@ class ErrorStats:
         mean = float(o.sum()) / n if n else 0.0
         dev = np.subtract(o, o.dtype.type(mean), out=err)  # err is spent
         m2 = float(np.dot(dev, dev))
-        if n and m2 <= n * (1e-6 * mean) ** 2 and o.min() == o.max():
+        # (as a square root: squaring a float64 mean beyond ~1e154 raised OverflowError)
+        if n and math.sqrt(m2 / n) <= 1e-6 * abs(mean) and o.min() == o.max():
             # a constant tile: its float32 sum's rounding would leave a std of ~1e-7 of its value (and a
             # relative error of 1e3 for a codec's tiny one); only so flat a tile pays the check
             mean, m2 = float(o[0]), 0.0
@@ -111,11 +112,13 @@ class ErrorStats:
 
     def report(self) -> dict[str, Any]:
         rmse = math.sqrt(self.squared_error / self.values) if self.values else 0.0
+        if rmse == 0 and self.max_abs > 0:  # errors whose squares underflowed even float64 (below ~1e-162):
+            rmse = math.nan                 # not measurable, and not 0.0 (null, as is rmse_over_std)
         std = math.sqrt(self.m2 / self.values) if self.values else 0.0
         if not self.values or not math.isfinite(std):
             relative = None  # nothing measured (every value overflowed?), or no finite std to scale by
         else:
-            relative = rmse / std if std else (0.0 if rmse == 0 else None)
+            relative = rmse / std if std else (0.0 if rmse == 0 else None)  # (nan / std: null below)
         figures = {"max_abs_error": self.max_abs, "rmse": rmse, "rmse_over_std": relative, "std": std}
         # JSON has no inf or NaN (float64 values near 1e308 can still overflow a sum of squares)
         figures = {k: v if v is None or math.isfinite(v) else None for k, v in figures.items()}
