@@ -53,6 +53,24 @@ RESERVED_NAMES = frozenset({"input", "info.json"})
 NAME_MAX, LONG_NAME_KEPT = 255, 200
 
 
+#: bytes of two arrays ``same_bits`` compares at a time (no whole copy of a large array)
+COMPARE_BYTES = 4 << 20
+
+
+def same_bits(a: np.ndarray, b: np.ndarray) -> bool:
+    """Whether two arrays hold the same values bit for bit: the same dtype and shape, and the same bytes,
+    compared ``COMPARE_BYTES`` at a time; of records, the bytes of their fields (not the padding between
+    them, which nothing reads: a tree's nodes have 7 bytes of it, as the allocator left them)."""
+    if a.dtype != b.dtype or a.shape != b.shape:
+        return False
+    if a.dtype.names is not None:
+        return all(same_bits(a[name], b[name]) for name in a.dtype.names)
+    if a.ndim == 0 or a.size == 0:
+        return a.tobytes() == b.tobytes()
+    step = max(1, COMPARE_BYTES // max(1, a[0].nbytes))
+    return all(a[i:i + step].tobytes() == b[i:i + step].tobytes() for i in range(0, len(a), step))
+
+
 def stage_file_name(name: str) -> str:
     """``name`` made safe as a file name beside the store's own entries (no '/', NUL, leading '.')."""
     name = name.replace("/", "_").replace("\0", "_") or "_"

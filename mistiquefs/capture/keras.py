@@ -128,7 +128,7 @@ from typing import TYPE_CHECKING, Any, ClassVar
 
 import numpy as np
 
-from mistiquefs.capture.base import Adapter, StageOutput, check_unpacked_size, stage_file_name
+from mistiquefs.capture.base import Adapter, StageOutput, check_unpacked_size, same_bits, stage_file_name
 from mistiquefs.errors import CaptureError, NotFound, UnsupportedModel, one_line
 
 if TYPE_CHECKING:
@@ -624,7 +624,7 @@ class _Graph:
             for ref, whole, rows in zip(self.stages, arrays, got):
                 # (a batch's own length by chance, e.g. a mean over the batch axis of 3 units in 3 rows)
                 _check_rows(rows, len(part), self.describe(ref))
-                if ref.op not in differs and not _same_bits(whole[lo:hi], rows[:hi - lo]):
+                if ref.op not in differs and not same_bits(whole[lo:hi], rows[:hi - lo]):
                     differs.add(ref.op)
         dependent: set[int] = set()
         for index, op in enumerate(self.ops):
@@ -745,11 +745,6 @@ def _probe_spans(n_rows: int) -> list[tuple[int, int]]:
     rows = min(n_rows, PROBE_ROWS)
     spans = [(lo, min(lo + size, rows)) for size in (2, 3) for lo in range(0, rows, size)] + [(rows - 1, rows)]
     return [span for span in dict.fromkeys(spans) if span != (0, n_rows)]
-
-
-def _same_bits(a: np.ndarray, b: np.ndarray) -> bool:
-    return a.shape == b.shape and a.dtype == b.dtype and \
-        np.ascontiguousarray(a).tobytes() == np.ascontiguousarray(b).tobytes()
 
 
 def _what_failed(message: str) -> str:

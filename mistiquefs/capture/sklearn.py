@@ -87,7 +87,7 @@ from sklearn.utils import _safe_indexing
 from sklearn.utils.validation import check_is_fitted
 
 from mistiquefs.capture.base import (RESPONSE_METHODS, Adapter, StageOutput, check_methods, check_unpacked_size,
-                                     stage_file_name)
+                                     same_bits, stage_file_name)
 from mistiquefs.capture.skops_trust import check_loaded, loaders_by_type, refusal
 from mistiquefs.errors import CaptureError, NotFound, one_line
 
@@ -1146,8 +1146,6 @@ _HEAPTYPE = 1 << 9
 #: the size of an instance of a Python class without ``__slots__`` (its state is its ``__dict__``)
 _PLAIN_SIZE = type("_Plain", (), {}).__basicsize__
 _SCALARS = (type(None), bool, int, str, bytes)
-#: bytes of two arrays compared at a time (``_same_bits``: no whole copy of a large array)
-_COMPARE_BYTES = 4 << 20
 
 
 def _graft(loaded: Any, original: Any, seen: dict[tuple[int, int], tuple[Any, ...]]) -> tuple[Any, bool]:
@@ -1253,19 +1251,7 @@ def _same_array(loaded: np.ndarray, original: np.ndarray, seen: dict[tuple[int, 
     if loaded.dtype.hasobject:
         return loaded.dtype == object and \
             all(_graft(a, b, seen)[1] for a, b in zip(loaded.flat, original.flat))
-    return _same_bits(loaded, original)
-
-
-def _same_bits(a: np.ndarray, b: np.ndarray) -> bool:
-    """Whether two arrays of one dtype and shape hold the same bytes, compared ``_COMPARE_BYTES`` at a time;
-    of records, the bytes of their fields (not the padding between them, which nothing reads: a tree's nodes
-    have 7 bytes of it, as the allocator left them)."""
-    if a.dtype.names is not None:
-        return all(_same_bits(a[name], b[name]) for name in a.dtype.names)
-    if a.ndim == 0 or a.size == 0:
-        return a.tobytes() == b.tobytes()
-    step = max(1, _COMPARE_BYTES // max(1, a[0].nbytes))
-    return all(a[i:i + step].tobytes() == b[i:i + step].tobytes() for i in range(0, len(a), step))
+    return same_bits(loaded, original)
 
 
 def _dump(model: Any, path: Path) -> None:
