@@ -274,13 +274,8 @@ class Store:
         if rows is None or isinstance(rows, slice) and rows.step in (None, 1):
             start, stop, _ = (rows or slice(None)).indices(rec.n_rows)
             return self._rows(rec, start, max(start, stop))
-        if isinstance(rows, (int, np.integer)) and not isinstance(rows, bool):
-            i = int(rows) + (rec.n_rows if rows < 0 else 0)
-            if not 0 <= i < rec.n_rows:
-                raise NotFound(f"example {int(rows)} is out of range: layer {layer!r} of {model!r} has "
-                               f"{rec.n_rows} examples")
-            return self._rows(rec, i, i + 1)[0]
-        index = _row_index(rows, rec.n_rows, f"layer {layer!r} of {model!r}")
+        one = isinstance(rows, (int, np.integer)) and not isinstance(rows, bool)
+        index = _row_index([rows] if one else rows, rec.n_rows, f"layer {layer!r} of {model!r}")
         out = np.empty((len(index), *rec.shape), dtype=rec.dtype)
         wanted = np.unique(index)
         # runs of consecutive examples, each read (or re-run) once, then placed where the index asks
@@ -290,7 +285,7 @@ class Store:
             at = np.flatnonzero((index >= run[0]) & (index <= run[-1]))
             out[at] = values[index[at] - run[0]]
         out.flags.writeable = False
-        return out
+        return out[0] if one else out
 
     def _rows(self, rec: IntermediateRecord, start: int, stop: int) -> np.ndarray:
         if rec.stored:
