@@ -175,7 +175,7 @@ def _why_not(planner: Planner, rec: IntermediateRecord, loads: dict[int, str],
         return f"its codec does not load: {exc}"
     stage = rec
     if summary is not None:  # <stage><suffix>: the model re-runs <stage>, the capture's pooling does the rest
-        name = rec.name[:-len(summary.suffix)] if rec.name.endswith(summary.suffix) else None
+        name = rec.summarized
         found = [r for r in planner.repo.layers_of(rec.model_id) if r.name == name]
         if not found:
             return (f"a summary ({summary.describe()}) of a stage its model does not list"

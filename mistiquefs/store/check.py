@@ -695,7 +695,7 @@ def _why_not_remade(repo: Repository, tracer: _Tracer, iid: int, models: dict[in
     except (MistiqueError, AttributeError, TypeError, ValueError):
         return "its layer's codec does not load (named above)"
     if summary is not None:  # made again from the layer it summarizes, re-run (planner.recover)
-        name = rec.name[:-len(summary.suffix)] if rec.name.endswith(summary.suffix) else None
+        name = rec.summarized
         if not any(other.model_id == rec.model_id and other.name == name for other in tracer.layers.values()):
             return f"a summary of a layer its model does not list: nothing computes it; {LOST_ADVICE}"
     if rec.model_id not in models:

@@ -82,6 +82,16 @@ class IntermediateRecord:
         return Chain.from_json(self.codec)
 
     @property
+    def summarized(self) -> str | None:
+        """The name of the layer this summary summarizes (``<layer>.pool<S>``: ``<layer>``, whose re-run
+        rows pooled give it back), None where it is no summary (or is named otherwise); raises as ``chain``
+        does where its codec does not load."""
+        summary = self.chain.summary
+        if summary is None or not self.name.endswith(summary.suffix):
+            return None
+        return self.name[:-len(summary.suffix)]
+
+    @property
     def row_size(self) -> int:
         """Bytes of one example."""
         return math.prod(self.shape) * self.dtype.itemsize
