@@ -517,29 +517,8 @@ class Tree:
                             # what reads give here: the model's values (--plan exact/rerun), not the stored
                             # copy's approximation, whose figures it showed as if they were the files'
                             doc["fidelity"] = recomputed_fidelity(rec)
-                        self._cached_shares(rec, plan)
             data = self._json[inode] = (json.dumps(doc, indent=2) + "\n").encode()
         return data
-
-    def _cached_shares(self, rec: IntermediateRecord, plan: dict) -> None:
-        """Add to each plan of ``plan`` (a layer's info.json "plan") the share of its file's pieces that the
-        decoded cache holds now, per way of producing it: the estimates count those as free, so a layer
-        whose all.npy was just re-run showed "rerun_seconds": 0.0 (its pieces cached) beside a one-example
-        re-run of some milliseconds (a piece of its own, not cached), as if re-running the whole layer cost
-        nothing. Null where that way is not open (not stored; the model cannot re-run it)."""
-        reader = self.repo.reader(rec)
-        for key, kind in (("all_examples", "all"), ("one_example", "row")):
-            entry = plan[key]
-            read = rerun = None
-            if entry["read_seconds"] is not None:
-                read = reader.cached_share(self.planner._stored_view(reader, kind, 0))
-            if entry["rerun_seconds"] is not None:
-                rerun = reader.cached_share(self.planner._rerun_view(rec, kind, 0))
-            entry["cached"] = {"read": _share(read), "rerun": _share(rerun)}
-
-
-def _share(share: float | None) -> float | None:
-    return None if share is None else round(share, 3)
 
 
 _PLANNED = {Kind.ALL: "all", Kind.ROW: "row", Kind.COLUMN: "column"}

@@ -77,6 +77,10 @@ def imported(framework: str) -> bool:
 class Estimate:
     read_seconds: float | None     # None: not readable from the store (not stored)
     rerun_seconds: float
+    #: the share of the file's pieces the decoded cache held when estimated (counted as free), per way of
+    #: producing it; None where that way is not open, or not looked at (``Planner.estimate_rows``)
+    read_cached: float | None = None
+    rerun_cached: float | None = None
 
     @property
     def best(self) -> str:

@@ -171,19 +171,17 @@ class Planner:
                  rerun_view: NpyView | None, rows: int) -> Estimate:
         """Predicted seconds of each plan; what the decoded cache already holds is free."""
         reader = self.repo.reader(rec)
-
-        def uncached(view: NpyView) -> float:
-            return 1 - reader.cached_share(view)
-
         span = self.rerun_span(rec, 0, 1) if kind == "row" else (0, rec.n_rows)
         rows = max(rows, span[1] - span[0])  # (a batch-dependent stage's one example runs its capture batch)
-        read_s = None
+        read_s = read_cached = rerun_cached = None
         if read_view is not None:
-            read_s = self.cost.read_seconds(rec, *self.tiles_touched(rec, kind)) * uncached(read_view)
+            read_cached = reader.cached_share(read_view)
+            read_s = self.cost.read_seconds(rec, *self.tiles_touched(rec, kind)) * (1 - read_cached)
         rerun_s = math.inf
         if rerun_view is not None:
-            rerun_s = self.rerun_seconds(rec, *span, rows, streamed=kind != "row") * uncached(rerun_view)
-        return Estimate(read_s, rerun_s)
+            rerun_cached = reader.cached_share(rerun_view)
+            rerun_s = self.rerun_seconds(rec, *span, rows, streamed=kind != "row") * (1 - rerun_cached)
+        return Estimate(read_s, rerun_s, read_cached, rerun_cached)
 
     def estimate_rows(self, rec: IntermediateRecord, start: int, stop: int) -> Estimate:
         """Predicted seconds to get examples ``[start, stop)`` of ``rec`` by reading or by re-running (cold
@@ -422,6 +420,11 @@ def _query_doc(record: dict[str, Any] | None) -> dict[str, Any] | None:
 
 def _plan_doc(plan: Plan) -> dict[str, Any]:
     est = plan.estimate
+    # cached: the share of the file's pieces the decoded cache holds, which the estimates count as free (a
+    # layer whose all.npy was just re-run showed "rerun_seconds": 0.0 beside a one-example re-run of some
+    # milliseconds, as if re-running the whole layer cost nothing); null where that way is not open
     return {"choice": plan.choice, "why": plan.why,
             "read_seconds": None if est.read_seconds is None else round(est.read_seconds, 6),
-            "rerun_seconds": None if math.isinf(est.rerun_seconds) else round(est.rerun_seconds, 6)}
+            "rerun_seconds": None if math.isinf(est.rerun_seconds) else round(est.rerun_seconds, 6),
+            "cached": {"read": None if est.read_cached is None else round(est.read_cached, 3),
+                       "rerun": None if est.rerun_cached is None else round(est.rerun_cached, 3)}}
