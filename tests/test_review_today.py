@@ -98,30 +98,30 @@ def test_inputs_that_another_models_stage_makes_again_let_that_models_stages_com
             np.testing.assert_array_equal(opened.read(model, name), values, err_msg=f"{model}/{name}")
 
 
-def test_a_damaged_catalog_row_and_a_lost_chunk_are_reported_not_an_error(captured, capsys) -> None:
-    """fsck --repair names what a damaged row and a lost chunk affect, as it did before re-derivation: it
-    stopped with the one-line error of the first row that does not decode (exit 3), after rebuilding the
-    index, and reported nothing."""
+@pytest.mark.parametrize("layer, tile, sql, lines", [
+    # fsck --repair names what a damaged row and a lost chunk affect, as it did before re-derivation: it
+    # stopped with the one-line error of the first row that does not decode (exit 3), after rebuilding the
+    # index, and reported nothing
+    ("scale", 6, "UPDATE intermediates SET shape = 'x' WHERE name = 'clf'",
+     ("PROBLEM: the catalog row of layer 'clf' of model 'p'",
+      "affects model p, layer scale, column 0, examples 8192..9999", "not made again: ", "does not decode")),
+    # a layer whose codec row does not load and that lost a chunk: fsck --repair stopped with that error
+    # (rederive read the chain outside any guard) instead of reporting both problems
+    ("pca", 2, "UPDATE intermediates SET codec = '[{\"name\": \"nope\"}]' WHERE name = 'pca'",
+     ("not made again: model p, layer pca: its codec does not load: unknown codec 'nope'",
+      "PROBLEM: model p, layer pca: its codec does not load")),
+], ids=["damaged row", "codec that does not load"])
+def test_a_damaged_catalog_row_beside_a_lost_chunk_is_reported_not_an_error(captured, capsys, layer: str, tile: int,
+                                                                            sql: str, lines: tuple[str, ...]) -> None:
+    """A lost chunk and a catalog row that does not decode: fsck --repair reports both (exit 6), whichever
+    row it is."""
     store, _pipe, _stored = captured
-    _damage(store, "p", "scale", 6)
-    update_catalog(store, "UPDATE intermediates SET shape = 'x' WHERE name = 'clf'")
+    _damage(store, "p", layer, tile)
+    update_catalog(store, sql)
     assert main(["fsck", "--repair", str(store)]) == DamageFound.exit_code
     out = capsys.readouterr().out
-    assert "PROBLEM: the catalog row of layer 'clf' of model 'p'" in out, out
-    assert "affects model p, layer scale, column 0, examples 8192..9999" in out, out
-    assert "not made again: " in out and "does not decode" in out, out
-
-
-def test_a_lost_chunk_of_a_layer_whose_codec_does_not_load_is_reported(captured, capsys) -> None:
-    """A layer whose codec row does not load and that lost a chunk: fsck --repair stopped with that error
-    (rederive read the chain outside any guard) instead of reporting both problems."""
-    store, _pipe, _stored = captured
-    _damage(store, "p", "pca", 2)
-    update_catalog(store, "UPDATE intermediates SET codec = '[{\"name\": \"nope\"}]' WHERE name = 'pca'")
-    assert main(["fsck", "--repair", str(store)]) == DamageFound.exit_code
-    out = capsys.readouterr().out
-    assert "not made again: model p, layer pca: its codec does not load: unknown codec 'nope'" in out, out
-    assert "PROBLEM: model p, layer pca: its codec does not load" in out, out
+    for line in lines:
+        assert line in out, out
 
 
 def test_a_model_that_cannot_be_loaded_here_is_a_reason_not_a_traceback(captured, capsys, monkeypatch) -> None:
