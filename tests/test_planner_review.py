@@ -235,6 +235,57 @@ def test_a_whole_file_re_run_is_not_charged_a_join_it_never_makes(tmp_path: Path
         repo.close()
 
 
+# ---- decode rates: the pieces decoded lately, not the last one -------------------------------------------------
+def test_the_decode_rate_is_the_recent_pieces_seconds_over_their_bytes(tmp_path: Path) -> None:
+    """One piece's decode time is noise (within one cold scan of a CNN layer, 0.06-1.45 GB/s): a moving
+    average over pieces (weight 0.3 each) followed the last few, so a whole-layer read was predicted at half
+    to four times its time, whichever pieces came last. The rate is the recent pieces' seconds over their
+    bytes; the first piece replaces the prior, and old pieces fade as new bytes are decoded."""
+    x = np.random.default_rng(0).standard_normal((4000, 8))
+    with mistiquefs.open_store(tmp_path / "s") as store:
+        store.capture(StandardScaler().fit(x), x, name="m", progress=False)
+    repo = Repository(tmp_path / "s", create=False)
+    try:
+        rec = record(repo, "m", "input")
+        model = cost.CostModel()
+        mib = 1 << 20
+        piece = lambda: model.read_seconds(rec, 1, mib)  # noqa: E731
+        model.observe_read(rec, mib, 1e-3)  # 1 GB/s: replaces the prior
+        assert piece() == pytest.approx(1e-3)
+        for _ in range(10):  # alternating 0.5 and 2 ms a MiB: the estimate is their mean, whichever came last
+            model.observe_read(rec, mib, 0.5e-3)
+            model.observe_read(rec, mib, 2e-3)
+        assert piece() == pytest.approx(1.25e-3, rel=0.1)
+        model.observe_read(rec, mib, 0.5e-3)
+        assert piece() == pytest.approx(1.25e-3, rel=0.1)
+        for _ in range(200):  # the layer got slower for good (a colder disk): the estimate follows
+            model.observe_read(rec, mib, 4e-3)
+        assert piece() == pytest.approx(4e-3, rel=0.05)
+    finally:
+        repo.close()
+
+
+def test_reading_many_blocks_into_one_array_is_charged_the_join_a_re_run_is(tmp_path: Path) -> None:
+    """``Store.read`` of many rows copies every block into one new array, as a re-run joins its calls'
+    outputs; only the re-run was charged it, so a lossless layer that compresses well (a CNN's first conv,
+    read 0.32-0.45 s, re-run 0.13-0.18 s) looked cheaper to read. One block's read is not charged."""
+    x = np.random.default_rng(0).standard_normal((20000, 4))
+    with mistiquefs.open_store(tmp_path / "s") as store:
+        store.capture(StandardScaler().fit(x), x, name="m", batch_size=500, progress=False)
+    repo = Repository(tmp_path / "s", create=False)
+    try:
+        planner = Planner(repo)
+        rec = repo.layers_of(repo.models()[0].id)[-1]
+        assert rec.n_rows > rec.block_rows
+        many_before = planner.estimate_rows(rec, 0, rec.n_rows).read_seconds
+        one_before = planner.estimate_rows(rec, 0, 1).read_seconds
+        planner.cost.assemble_seconds_per_byte += 1.0  # one more second a byte
+        assert planner.estimate_rows(rec, 0, rec.n_rows).read_seconds == pytest.approx(many_before + rec.raw_bytes)
+        assert planner.estimate_rows(rec, 0, 1).read_seconds == pytest.approx(one_before)
+    finally:
+        repo.close()
+
+
 # ---- the capture policy "auto" weighs a re-run as the mount runs it ---------------------------------------------
 def test_policy_auto_counts_reading_the_inputs_a_re_run_starts_from(tmp_path: Path) -> None:
     """A re-run reads the stored inputs first; "auto" left that out of its re-run estimate (the cost model

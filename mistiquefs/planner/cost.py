@@ -2,6 +2,7 @@
 
 read   = tiles x (seconds per tile) + raw bytes x (seconds per decoded byte of the layer's codec, plus
          writing the values out where its pieces are lazy)
+         + raw bytes x (seconds per byte to join them into one array, when several blocks make it)
 rerun  = model load (0 when warm; plus the framework's import when the daemon has not imported it yet)
          + the stage's first-call tracing (Keras, once per stage) + read of the input rows
          + calls x (the model's own per-call overhead + the per-call seconds of the stages its re-run runs:
@@ -15,7 +16,8 @@ scikit-learn step's time is mostly per call: it validates and converts its input
 where a capture did not measure them, a prior per estimator call (``STAGE_CALL_SECONDS``). Every constant
 starts from a measurement on this kind of machine (below) and is then updated from what the mount observes
 (exponential moving averages, ``ALPHA``; a first observation replaces the prior): seconds per decoded byte
-per codec from each chunk of 256 KiB or more a reader decodes, the per-tile latency from smaller ones, a
+per codec from the chunks of 256 KiB or more readers decode (their seconds over their bytes, recent ones
+weighing most: ``DECODE_HALF_LIFE_BYTES``), the per-tile latency from smaller ones, a
 model's own per-call overhead and a per-layer correction factor from each re-run, a framework's load time
 from each load of a model once the framework was imported. Thread-safe.
 """
@@ -32,6 +34,11 @@ from mistiquefs.store.records import COLUMNS, IntermediateRecord, ModelRecord
 
 #: weight of a new observation in the moving averages
 ALPHA = 0.3
+#: decode rates are the seconds over the bytes of the pieces decoded lately, each piece's weight halved
+#: by every this many bytes decoded after it. One piece's rate is noise: within one cold scan of a CNN
+#: layer they ranged 0.06-1.45 GB/s, so a per-piece moving average (ALPHA) predicted whole-layer reads
+#: anywhere from half to four times their time (bench_plan's worst regret, 3.1)
+DECODE_HALF_LIFE_BYTES = 32 << 20
 #: pieces smaller than this do not update decode rates (their time is mostly latency)
 MIN_OBSERVED_BYTES = 256 << 10
 #: per tile touched: a pread of a cold chunk plus a thread hand-off (~0.3 ms measured cold, 0.05 warm)
@@ -243,10 +250,10 @@ class CostModel:
     def __init__(self) -> None:
         self._lock = threading.Lock()
         self.decode_seconds_per_byte = dict(DECODE_SECONDS_PER_BYTE)
+        self._decoded: dict[str, tuple[float, float]] = {}  # codec -> (seconds, bytes), decayed sums
         self.call_seconds: dict[int, float] = {}      # model id -> its own per-call overhead
         self.factor: dict[int, float] = {}            # layer id -> observed / predicted row time
         self.observations = 0
-        self._seen_codecs: set[str] = set()
         self.tile_seconds = TILE_SECONDS
         self._seen_tiles = False
         self.load_seconds: dict[str, float] = {}      # framework -> observed model load (import excluded)
@@ -255,11 +262,17 @@ class CostModel:
         self._model_of: dict[int, int] = {}           # layer id -> its model's id, for the layers re-run
 
     # ---- estimates ---------------------------------------------------------------------------------
-    def read_seconds(self, rec: IntermediateRecord, tiles: int, raw_bytes: int) -> float:
+    def read_seconds(self, rec: IntermediateRecord, tiles: int, raw_bytes: int, *, joined: bool = False) -> float:
+        """Reading ``raw_bytes`` of ``rec`` from ``tiles`` tiles; ``joined``: into one new array (``Store.read``
+        of several blocks), which costs what joining a re-run's calls does (a mount's reads join nothing)."""
         per_byte = self.decode_seconds_per_byte.get(rec.chain.array.name, DECODE_SECONDS_PER_BYTE["bytes"])
         if rec.layout != COLUMNS and rec.chain.decodes_lazily(rec.dtype):  # (the reader's lazy row blocks)
             per_byte += RENDER_SECONDS_PER_BYTE
-        return tiles * self.tile_seconds + raw_bytes * per_byte
+        return tiles * self.tile_seconds + raw_bytes * per_byte + (self.join_seconds(raw_bytes) if joined else 0.0)
+
+    def join_seconds(self, nbytes: int) -> float:
+        """Joining pieces, ``nbytes`` in all, into one new array (page faults and a copy)."""
+        return nbytes * self.assemble_seconds_per_byte
 
     def rerun_seconds(self, model: ModelRecord, layers: list[IntermediateRecord], rec: IntermediateRecord,
                       rows: int, *, warm: bool, traced: bool, input_seconds: float, joined: bool = True) -> float:
@@ -279,7 +292,7 @@ class CostModel:
         per_row *= self.factor.get(rec.id, 1.0)
         # joined only where one re-run makes several calls: a mount's pieces are a call each, and charging
         # them the join (~1 ns/B, as much as decoding) made its whole-layer re-runs look up to twice as slow
-        assemble = rows * rec.row_size * self.assemble_seconds_per_byte if joined and rows > batch else 0.0
+        assemble = self.join_seconds(rows * rec.row_size) if joined and rows > batch else 0.0
         return load + trace + input_seconds + calls * overhead + rows * per_row + assemble
 
     def load_estimate(self, framework: str) -> float:
@@ -297,12 +310,13 @@ class CostModel:
                 self.tile_seconds = seen if not self._seen_tiles else (1 - ALPHA) * self.tile_seconds + ALPHA * seen
                 self._seen_tiles = True
             return
-        per_byte = max(seconds - self.tile_seconds, 0.0) / raw_bytes
+        seconds = max(seconds - self.tile_seconds, 0.0)
         with self._lock:
-            first = codec not in self._seen_codecs
-            self._seen_codecs.add(codec)
-            old = self.decode_seconds_per_byte.get(codec, per_byte)
-            self.decode_seconds_per_byte[codec] = per_byte if first else (1 - ALPHA) * old + ALPHA * per_byte
+            total_s, total_b = self._decoded.get(codec, (0.0, 0.0))  # (the first piece replaces the prior)
+            keep = 0.5 ** (raw_bytes / DECODE_HALF_LIFE_BYTES)
+            total_s, total_b = total_s * keep + seconds, total_b * keep + raw_bytes
+            self._decoded[codec] = total_s, total_b
+            self.decode_seconds_per_byte[codec] = total_s / total_b
             self.observations += 1
 
     def observe_load(self, framework: str, seconds: float, *, with_import: bool) -> None:

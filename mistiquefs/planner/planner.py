@@ -41,7 +41,7 @@ from mistiquefs.npy import npy_header
 from mistiquefs.planner.cost import CostModel, Estimate
 from mistiquefs.planner.materialize import GAMMA_THRESHOLD, Materializer
 from mistiquefs.planner.rerun import ReRunner
-from mistiquefs.store.reader import LayerReader, NpyView, Stream
+from mistiquefs.store.reader import JOINED, LayerReader, NpyView, Stream
 from mistiquefs.store.records import COLUMNS, IntermediateRecord, ModelRecord
 from mistiquefs.store.repository import Repository
 
@@ -186,7 +186,9 @@ class Planner:
     def estimate_rows(self, rec: IntermediateRecord, start: int, stop: int) -> Estimate:
         """Predicted seconds to get examples ``[start, stop)`` of ``rec`` by reading or by re-running (cold
         decoded cache), e.g. for a query that needs some rows of a layer."""
-        read_s = self.cost.read_seconds(rec, *self.rows_touched(rec, start, stop)) if rec.stored else None
+        # (several blocks are joined into one array, as a re-run's several calls are)
+        read_s = self.cost.read_seconds(rec, *self.rows_touched(rec, start, stop), joined=stop - start > rec.block_rows
+                                        ) if rec.stored else None
         rerun_s = math.inf
         if self.can_rerun(rec):
             lo, hi = self.rerun_span(rec, start, stop)  # (what run_rows computes for these rows)
@@ -304,6 +306,8 @@ class Planner:
     def _observe_read(self, rec: IntermediateRecord, key: Hashable, nbytes: int, seconds: float) -> None:
         if isinstance(key, tuple) and key and key[0] == "tile":  # one chunk decoded (not a joined block)
             self.cost.observe_read(rec, nbytes, seconds)
+        elif key == JOINED:  # many rows' pieces joined into one array (``LayerReader.rows``)
+            self.cost.observe_assembly(nbytes, seconds)
 
     # ---- accounting --------------------------------------------------------------------------------
     def opened(self, handle: Hashable, rec: IntermediateRecord, plan: Plan) -> None:

@@ -210,6 +210,10 @@ class LazyPart:
 Part = bytes | memoryview | LazyPart
 
 
+#: the key under which a reader's observer hears an in-process read join its pieces into one array
+JOINED = ("join",)
+
+
 def join_parts(parts: list[Part], out: memoryview | None = None) -> bytes | bytearray | memoryview:
     """The parts one after another, written into ``out`` (then its first bytes, returned), else as new bytes
     (a bytearray when lazy parts write into it: no second copy to make it bytes)."""
@@ -526,7 +530,13 @@ class LayerReader:
                                 (stop - start) * self.rec.row_size, exact=True)
         assert parts is not None
         out = np.empty((stop - start, *self.rec.shape), dtype=self.rec.dtype)
+        started = time.perf_counter()
         join_parts(parts, memoryview(as_bytes(out)))
+        observer = self.observer
+        if observer is not None and len(parts) > 1 and not any(isinstance(part, LazyPart) for part in parts):
+            # (the cost model charges this join to reads of many rows, as to a re-run's several calls; lazy
+            # parts write their values out here, which the decode rate of their layer covers)
+            observer(self.rec, JOINED, out.nbytes, time.perf_counter() - started)
         out.flags.writeable = False
         return out
 
