@@ -139,7 +139,7 @@ class FuseOps(pyfuse3.Operations):
         # an old size, and tail (which reads back from st_size) and wc -c showed a cut or stale document
         entry.attr_timeout = 0 if kind in JSON_KINDS else timeout
         entry.st_mode = attr.mode
-        entry.st_nlink = 2 if attr.is_dir else 1
+        entry.st_nlink = attr.nlink
         entry.st_uid, entry.st_gid = self.uid, self.gid
         entry.st_size = attr.size
         entry.st_blksize = BLOCK_SIZE

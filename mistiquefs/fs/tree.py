@@ -104,6 +104,10 @@ class Attr:
     is_dir: bool
     size: int
     mtime: float
+    #: a directory's is 2 + its subdirectories, as local file systems count them (tools that walk trees,
+    #: Perl's File::Find with $dont_use_nlink off, fts leaf optimization where enabled, stop looking for
+    #: subdirectories after that many)
+    nlink: int = 1
 
     @property
     def mode(self) -> int:
@@ -304,15 +308,18 @@ class Tree:
     def attr(self, inode: int, size: int | None = None) -> Attr:
         """``size``: a file's size where the caller knows it (an info.json rendering it holds)."""
         if inode == ROOT:
-            newest = max((m.created for m in self.models.values()), default=0.0)
-            return Attr(ROOT, True, 0, newest)
+            models = self.models
+            newest = max((m.created for m in models.values()), default=0.0)
+            return Attr(ROOT, True, 0, newest, 2 + len(models))
         kind, ident, _ = split_inode(inode)
         if kind in (Kind.MODEL, Kind.MODEL_INFO):
             model = self._model(ident)
         else:
             model = self._model(self._layer(ident).model_id)
         if kind in DIRECTORIES:
-            return Attr(Inode(inode), True, 0, model.created)
+            # subdirectories: a model's layers, a layer's columns/
+            below = len(self._state.layers_of.get(ident, ())) if kind == Kind.MODEL else int(kind == Kind.LAYER)
+            return Attr(Inode(inode), True, 0, model.created, 2 + below)
         return Attr(Inode(inode), False, self.size(inode) if size is None else size, model.created)
 
     def size(self, inode: int) -> int:
