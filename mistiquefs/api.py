@@ -269,12 +269,17 @@ class Store:
         layer's first axis: an int (one example, without that axis), a slice (any step), a sequence or
         array of ints (negative ones count from the end; repeats and any order), or a boolean mask of the
         examples. The stored values (a lossy layer's approximation), or, for a layer that is not stored,
-        computed by re-running the model (each run of consecutive examples once)."""
+        computed by re-running the model (each run of consecutive examples once). The array is read-only
+        either way (a stored layer's may be a view of the store's cache): copy it to change it."""
         rec = self._layer(model, layer)
         if rows is None or isinstance(rows, slice) and rows.step in (None, 1):
             start, stop, _ = (rows or slice(None)).indices(rec.n_rows)
-            return self._rows(rec, start, max(start, stop))
-        one = isinstance(rows, (int, np.integer)) and not isinstance(rows, bool)
+            values = self._rows(rec, start, max(start, stop))
+            if values.flags.writeable:  # (a re-run's own array: read-only like a stored layer's)
+                values.flags.writeable = False
+            return values
+        one = (isinstance(rows, (int, np.integer)) and not isinstance(rows, bool)) or \
+            (isinstance(rows, np.ndarray) and rows.ndim == 0 and rows.dtype.kind in "iu")  # (as numpy: one)
         index = _row_index([rows] if one else rows, rec.n_rows, f"layer {layer!r} of {model!r}")
         out = np.empty((len(index), *rec.shape), dtype=rec.dtype)
         wanted = np.unique(index)

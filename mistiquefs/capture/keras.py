@@ -993,10 +993,16 @@ def _unwrap_single_array(inputs: Any, names: set[str] = frozenset()) -> np.ndarr
 def _text_dtype(array: np.ndarray) -> np.dtype:
     """The fixed-width str or bytes dtype an object array of text (a pandas column's to_numpy()) becomes:
     the store keeps fixed-width dtypes only, and the model gets the same strings either way. Reads every
-    value, converts none."""
+    value, converts none. A value ending in NUL characters is refused: fixed-width text drops them, so the
+    model would get another string than the one given (a StringLookup: another index, silently)."""
     items = array.ravel()
-    for kind, code in ((str, "U"), (bytes, "S")):
+    for kind, code, nul in ((str, "U", "\0"), (bytes, "S", b"\0")):
         if all(isinstance(item, kind) for item in items):
+            ending = next((item for item in items if item.endswith(nul)), None)
+            if ending is not None:
+                raise CaptureError(f"the inputs hold a text ending in a NUL character ({ending[-20:]!r}), which "
+                                   "a stored fixed-width text drops, so the model would get another string; strip "
+                                   "or replace them first")
             return np.dtype(f"{code}{max((len(item) for item in items), default=0) or 1}")
     none = object()
     bad = next((item for item in items if not isinstance(item, (str, bytes))), none)

@@ -61,6 +61,14 @@ missing values (what ``check_array`` gives it). Stored inputs are never lossy: t
 missing values, mixed objects, bool or non-float64-exact integer categories with missing values and
 timezone-aware datetimes are refused with a message saying what to fix.
 
+A model that takes raw documents (its first step a text vectorizer: ``TfidfVectorizer``,
+``CountVectorizer``, ``HashingVectorizer``, or a ``FeatureUnion`` of them) takes one text per example: a
+list or tuple of str, a pandas Series of them or a 1-D array of str. They are stored as a 1-D ``U{w}``
+array (``w`` measured once over all of them) and given to the model as a list of str, at capture and on
+re-runs alike; a missing value or another object is refused, as is a text ending in NUL characters (a
+fixed-width unicode array drops those, and the model would get another text on re-runs; this holds for
+text columns of a DataFrame too).
+
 The default batch size holds the outputs of every stage for one batch within ``batch_bytes`` (64 MiB),
 measured on a first small batch, up to 4096 rows: sparse outputs are made dense, so a wide one-hot
 encoding gets smaller batches. A model that fails on that batch gets 4096: the capture's first batch
@@ -537,6 +545,57 @@ def _rerun(target: _Node, hops: tuple[_Hop, ...], X: Any) -> np.ndarray:
 # ------------------------------------------------------------------------------------------- inputs
 
 
+def _takes_documents(estimator: Any) -> bool:
+    """Whether ``estimator`` takes raw documents (one str per example, a 1-D sequence) rather than a table:
+    its first step is a text vectorizer (scikit-learn's input tags: strings, not a 2-D array), or a
+    FeatureUnion of parts that take them (each part gets the whole input)."""
+    if isinstance(estimator, Pipeline):
+        steps = [step for _, step in estimator.steps if _is_step(step)]
+        return bool(steps) and _takes_documents(steps[0])
+    if isinstance(estimator, FeatureUnion):
+        parts = [part for _, part in estimator.transformer_list if not isinstance(part, str)]
+        return bool(parts) and any(_takes_documents(part) for part in parts)
+    if isinstance(estimator, ColumnTransformer):
+        return False
+    try:
+        from sklearn.utils import get_tags
+
+        tags = get_tags(estimator).input_tags
+    except Exception:  # noqa: BLE001 (an estimator without usable tags: a table, as before)
+        return False
+    return bool(tags.string) and not tags.two_d_array and not tags.dict
+
+
+def _is_series(obj: Any) -> bool:
+    return type(obj).__name__ == "Series" and type(obj).__module__.split(".")[0] == "pandas"
+
+
+def _documents_width(inputs: Any) -> int:
+    """Characters of the longest of ``inputs`` (a sequence of documents); CaptureError for a value that is
+    no str (a missing one, bytes, a number) or that ends in NUL characters, which fixed-width unicode drops."""
+    if isinstance(inputs, np.ndarray) and inputs.dtype.kind == "U":
+        lengths = np.char.str_len(inputs)
+        return max(int(lengths.max()) if len(inputs) else 0, 1)
+    values = inputs.tolist() if hasattr(inputs, "tolist") else list(inputs)
+    width = 0
+    for index, value in enumerate(values):
+        if not isinstance(value, str):
+            what = "a missing value" if value is None or (isinstance(value, float) and value != value) else \
+                f"a {type(value).__name__} ({value!r:.40})"
+            fix = "fill them first, e.g. texts.fillna('')" if what == "a missing value" else \
+                "pass str only (decode bytes first)"
+            raise CaptureError(f"the model takes one text (str) per example, and example {index} is {what}; {fix}")
+        if value.endswith("\0"):
+            raise CaptureError(_nul_message(f"example {index}", value))
+        width = max(width, len(value))
+    return max(width, 1)
+
+
+def _nul_message(where: str, value: str) -> str:
+    return (f"{where} ends in a NUL character ({value[-20:]!r}), which a stored fixed-width text drops: the model "
+            "would get another text when it re-runs; strip or replace them first (e.g. .str.rstrip('\\0'))")
+
+
 def _is_dataframe(obj: Any) -> bool:
     # By module name, so that checking never imports pandas.
     return type(obj).__name__ == "DataFrame" and type(obj).__module__.split(".")[0] == "pandas"
@@ -660,6 +719,9 @@ def _text_width(series: Any, column: Any) -> int:
             f"column {column!r} holds Python objects other than strings; convert it to one type "
             f"first, e.g. df[{column!r}] = df[{column!r}].astype(str)"
         )
+    nul = values.str.endswith("\0")
+    if nul.any():
+        raise CaptureError(_nul_message(f"a value of column {column!r}", str(values[nul].iloc[0])))
     return max(int(values.str.len().max()) if len(values) else 0, 1)
 
 
@@ -922,6 +984,10 @@ class SklearnAdapter(Adapter):
         self._fields: tuple[_Field, ...] | None = None
         self._measured: Any = None  # the inputs n_rows saw last, for default_batch_size
         self._batch_size: int | None = None
+        #: the model takes raw documents (one str per example: ``_takes_documents``); their stored dtype, once
+        #: n_rows measured them
+        self._documents = _takes_documents(model)
+        self._documents_dtype: np.dtype | None = None
 
     @property
     def default_batch_size(self) -> int:  # type: ignore[override]
@@ -943,7 +1009,9 @@ class SklearnAdapter(Adapter):
         return self._batch_size
 
     def n_rows(self, inputs: Any) -> int:
-        if _is_structured(inputs):
+        if self._documents:
+            rows = self._measure_documents(inputs)
+        elif _is_structured(inputs):
             rows = self._measure_structured(inputs)
         elif _is_dataframe(inputs):
             self._check_dataframe_columns(inputs)
@@ -958,13 +1026,35 @@ class SklearnAdapter(Adapter):
         else:
             raise CaptureError(
                 f"cannot capture inputs of type {type(inputs).__name__}: pass a 2-D numpy array, a "
-                "pandas DataFrame or a structured array of one row per example"
+                "pandas DataFrame or a structured array of one row per example (a list or Series of texts "
+                "only for a model whose first step takes them, such as TfidfVectorizer)"
             )
         if rows == 0:
             raise CaptureError("the inputs have 0 rows: there is nothing to capture")
         if self._measured is not inputs:
             self._measured, self._batch_size = inputs, None
         return rows
+
+    def _measure_documents(self, inputs: Any) -> int:
+        """The number of documents in ``inputs``, whose stored dtype is measured here, over all of them."""
+        if isinstance(inputs, str) or not (isinstance(inputs, (list, tuple)) or _is_series(inputs) or (
+                isinstance(inputs, np.ndarray) and inputs.ndim == 1 and inputs.dtype.kind in "UO")):
+            shape = f" of shape {inputs.shape}" if isinstance(inputs, np.ndarray) else ""
+            hint = f" (its text column, df[{str(inputs.columns[0])!r}], is one)" if _is_dataframe(inputs) and \
+                inputs.shape[1] == 1 else ""
+            raise CaptureError(
+                f"the model's first step ({type(self._first_step()).__name__}) takes one text per example: pass a "
+                f"list of str, a pandas Series of str or a 1-D array of str, not {type(inputs).__name__}{shape}{hint}")
+        if len(inputs) == 0:
+            raise CaptureError("the inputs have 0 rows: there is nothing to capture")
+        self._documents_dtype = np.dtype(f"U{_documents_width(inputs)}")
+        return len(inputs)
+
+    def _first_step(self) -> Any:
+        model = self.model
+        while isinstance(model, Pipeline) and (steps := [step for _, step in model.steps if _is_step(step)]):
+            model = steps[0]
+        return model
 
     def _model_columns(self, columns: list[Any]) -> list[Any]:
         """The columns of the inputs that are captured and stored: those the model was fitted on, in its
@@ -1040,6 +1130,10 @@ class SklearnAdapter(Adapter):
             )
 
     def slice_inputs(self, inputs: Any, start: int, stop: int) -> Any:
+        if self._documents:
+            # a list of str, as a re-run gives them back (``inputs_from_stored``): the same objects either way
+            part = inputs.iloc[start:stop] if _is_series(inputs) else inputs[start:stop]
+            return [str(value) for value in (part.tolist() if hasattr(part, "tolist") else part)]
         if _is_structured(inputs):
             rows = _flat_records(inputs[start:stop])
             if not _has_pandas():
@@ -1058,6 +1152,13 @@ class SklearnAdapter(Adapter):
         return np.ascontiguousarray(inputs[start:stop]) if isinstance(inputs, np.ndarray) else inputs[start:stop]
 
     def input_array(self, batch: Any) -> np.ndarray:
+        if self._documents and isinstance(batch, list):
+            width = _documents_width(batch)
+            dtype = self._documents_dtype or np.dtype(f"U{width}")
+            if width > dtype.itemsize // 4:
+                raise CaptureError("these documents hold longer texts than the inputs measured by n_rows; call "
+                                   "n_rows with the full inputs before slicing them")
+            return np.array(batch, dtype=dtype)
         if not _is_dataframe(batch):
             return np.ascontiguousarray(batch)
         fields = self._fields
@@ -1081,6 +1182,8 @@ class SklearnAdapter(Adapter):
         return _rerun(node, self._paths[name], batch)
 
     def inputs_from_stored(self, stored: np.ndarray) -> Any:
+        if self._documents and stored.dtype.kind == "U" and stored.dtype.names is None:
+            return np.atleast_1d(stored).tolist()  # (documents: a list of str, as the capture gave them)
         return inputs_from_stored(stored, self.model)
 
     def use_saved(self, path: Path, loaded: Any = None) -> None:
