@@ -71,6 +71,11 @@ class UnsupportedModel(CaptureError):
     """A model of a framework or shape mistiquefs has no adapter for."""
 
 
+class NameTaken(CaptureError, StoreError):
+    """A capture's name that the store already holds: a capture error (exit 4), and a StoreError as it
+    always was (it said exit 3, "not a store it can open", to a shell)."""
+
+
 class MountError(MistiqueError):
     """Mounting or unmounting failed."""
 

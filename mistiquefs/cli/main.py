@@ -35,20 +35,27 @@ def parse_size(text: str) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="mistiquefs", description="A model's intermediates as .npy files.")
+    parser = argparse.ArgumentParser(
+        prog="mistiquefs", description="A model's intermediates as .npy files.",
+        epilog="Exit status: 0 ok; 1 error; 2 not found (a model rm names), or a command line it cannot read; 3 not "
+               "a store it can open; 4 capture error (a model or inputs file it cannot use, a --name the store "
+               f"already holds); 5 mount error; 6 fsck found damage; {StoreBusy.exit_code} busy (another capture, gc "
+               "or repair holds the store: run it again later).")
     sub = parser.add_subparsers(dest="command", required=True)
 
     cap = sub.add_parser("capture", help="capture every intermediate of a saved model into a store")
-    cap.add_argument("store", type=Path)
+    cap.add_argument("store", type=Path, help="the store directory; made if missing or empty")
     cap.add_argument("--model", type=Path, required=True, help="a .keras model or a .skops scikit-learn pipeline")
     cap.add_argument("--inputs", type=Path, required=True, help="the examples: .npy or .csv")
     cap.add_argument("--csv-header", choices=("auto", "yes", "no"), default="auto",
                      help="whether the first row of a .csv names its columns: auto (decided from the row and the "
                           "model; a row 0,1,...,k-1 names them, with a warning), yes, or no (the row is data)")
     cap.add_argument("--name", required=True, help="the model's directory name in the mount")
-    cap.add_argument("--batch-size", type=int, default=None)
+    cap.add_argument("--batch-size", type=int, default=None,
+                     help="examples per batch (default: 256 for Keras; for scikit-learn, up to 4096, as many as keep "
+                          "one batch's stage outputs within 64 MiB)")
     cap.add_argument("--trust-pickle", action="store_true", help="allow a .pkl/.joblib model (runs its code)")
-    cap.add_argument("--no-progress", action="store_true")
+    cap.add_argument("--no-progress", action="store_true", help="no progress bar (shown when stderr is a terminal)")
     cap.add_argument("--skip-existing", action="store_true",
                      help="a model of that name already in the store is left as it is (restart a series)")
     cap.add_argument("--policy", choices=("all", "none", "auto"), default="all",
@@ -68,10 +75,13 @@ def build_parser() -> argparse.ArgumentParser:
                           "zstd:LEVEL")
 
     mnt = sub.add_parser("mount", help="mount a store (returns once mounted; -f stays in the foreground)")
-    mnt.add_argument("store", type=Path)
-    mnt.add_argument("mountpoint", type=Path)
-    mnt.add_argument("-f", "--foreground", action="store_true")
-    mnt.add_argument("--log", type=Path, default=None, help="daemon log file")
+    mnt.add_argument("store", type=Path, help="a store directory")
+    mnt.add_argument("mountpoint", type=Path, help="an empty directory")
+    mnt.add_argument("-f", "--foreground", action="store_true",
+                     help="serve in this process until unmounted (logs on stderr unless --log)")
+    mnt.add_argument("--log", type=Path, default=None,
+                     help="daemon log file (default: one named after the mount point in $XDG_RUNTIME_DIR/mistiquefs/ "
+                          "or ~/.cache/mistiquefs/; with -f, stderr)")
     mnt.add_argument("--allow-other", action="store_true", help="let other users read the mount")
     mnt.add_argument("--cache-size", type=parse_size, default=None, help="decoded-chunk cache (default 512M)")
     mnt.add_argument("--plan", choices=("auto", "read", "rerun", "exact"), default="auto",
@@ -80,35 +90,36 @@ def build_parser() -> argparse.ArgumentParser:
                           "are re-run: exact values everywhere)")
     mnt.add_argument("--budget", type=parse_size, default=None,
                      help="materialize layers the mount keeps re-running, while the store's chunks stay within "
-                          "this size (e.g. 2G); a store already bigger drops the stored layers re-running "
-                          "gives back at least value; without it the mount never writes to the store")
-    mnt.add_argument("--debug", action="store_true")
+                          "this size (e.g. 2G); a store already bigger drops stored layers that re-running can give "
+                          "back, those saving the least time per byte first; without it the mount never writes to "
+                          "the store")
+    mnt.add_argument("--debug", action="store_true", help="log at debug level, FUSE's requests too")
 
     umnt = sub.add_parser("umount", help="unmount a mistiquefs mount")
-    umnt.add_argument("mountpoint", type=Path)
+    umnt.add_argument("mountpoint", type=Path, help="where a store is mounted")
 
     ls = sub.add_parser("ls", help="list the models of a store")
-    ls.add_argument("store", type=Path)
+    ls.add_argument("store", type=Path, help="a store directory")
 
     fsck = sub.add_parser("fsck", help="verify every chunk, pack and catalog row; exit 0 only when clean",
                           description="Verify a store; name the models, layers and examples any damage "
                                       "affects. Exit status 0: clean; 6: damage found; 3: not a store it can open; "
                                       f"{StoreBusy.exit_code} (--repair only): {BUSY}.")
-    fsck.add_argument("store", type=Path)
+    fsck.add_argument("store", type=Path, help="a store directory")
     fsck.add_argument("--repair", action="store_true",
                       help="rebuild the chunk index from the packs (under the capture lock), make chunks no pack "
                            "holds again by re-running their models (only bytes that hash to the lost chunk), then "
                            "report the models still incomplete")
 
     rm = sub.add_parser("rm", help="remove a model from a store (its space comes back with gc)")
-    rm.add_argument("store", type=Path)
-    rm.add_argument("model")
+    rm.add_argument("store", type=Path, help="a store directory")
+    rm.add_argument("model", help="a model's name, as mistiquefs ls lists it")
 
     gc = sub.add_parser("gc", help="reclaim the chunks, packs and model files nothing refers to",
                         description="Reclaim the chunks, packs and model files nothing refers to. Exit status 0: "
                                     "done; 3: not a store it can open, or one gc must not touch yet (it says why); "
                                     f"{StoreBusy.exit_code}: {BUSY}.")
-    gc.add_argument("store", type=Path)
+    gc.add_argument("store", type=Path, help="a store directory")
     return parser
 
 
@@ -175,6 +186,8 @@ def _capture(args: argparse.Namespace) -> int:
     if args.methods and args.model.suffix.lower() == ".keras":  # (said before TensorFlow is imported)
         raise CaptureError(f"--method ({', '.join(args.methods)}) applies to scikit-learn models; a Keras model's "
                            "every layer is captured already")
+    if _name_taken(args):  # skipped as it is: the model and inputs files are not even read
+        return 0
     model = load_model_file(args.model, trust_pickle=args.trust_pickle)
     # the model decides how a CSV's columns are read
     inputs = load_inputs_file(args.inputs, model, header={"auto": None, "yes": True, "no": False}[args.csv_header])
@@ -195,7 +208,7 @@ def _capture(args: argparse.Namespace) -> int:
             except OSError:  # (the capture's own error is the one to report)
                 pass
         raise
-    if summary.skipped:
+    if summary.skipped:  # (a capture of that name committed while this one loaded its files)
         print(f"{summary.name} is already in {args.store}: skipped")
         return 0
     print(f"captured {summary.name}: {summary.n_rows} examples, {len(summary.layers)} intermediates, "
@@ -204,6 +217,34 @@ def _capture(args: argparse.Namespace) -> int:
           # (a mistyped store path made a new store without a word)
           + (f"; created the store {args.store}" if made else ""))
     return 0
+
+
+def _name_taken(args: argparse.Namespace) -> bool:
+    """A ``--name`` the store already holds, found before the model file is loaded (a Keras one imports
+    TensorFlow: seconds to be told the name is taken) and said as a capture error, exit 4 (it came from the
+    store's own check after the capture, as exit 3, "not a store it can open"). With --skip-existing, True
+    once the skip is printed. A store that is missing or does not open is the capture's own business."""
+    import shlex
+
+    from mistiquefs.api import open_store
+
+    if not (args.store / "catalog.sqlite").is_file():
+        return False
+    try:
+        store = open_store(args.store, create=False)
+    except (MistiqueError, OSError, sqlite3.Error):
+        return False
+    with store:
+        if not store.repo.catalog.model_exists(args.name):
+            return False
+        if not args.skip_existing:
+            remove = f"mistiquefs rm {shlex.quote(str(args.store))} {shlex.quote(args.name)}"
+            raise CaptureError(f"a model named {args.name!r} is already in {args.store}: choose another --name, "
+                               f"or remove it first ({remove}); --skip-existing leaves it as it is")
+        # Store.capture's own skip (it says which --method stages the stored model lacks), without the model
+        store.capture(None, None, name=args.name, skip_existing=True, methods=args.methods)
+    print(f"{args.name} is already in {args.store}: skipped")
+    return True
 
 
 def cmd_mount(args: argparse.Namespace) -> int:

@@ -29,7 +29,7 @@ from typing import Any
 
 import numpy as np
 
-from mistiquefs.errors import CorruptChunk, DamageFound, NotFound, StoreError
+from mistiquefs.errors import CorruptChunk, DamageFound, NameTaken, NotFound, StoreError
 from mistiquefs.store.packs import ChunkLocation
 from mistiquefs.store.records import (COLUMNS, ROWS, IntermediateRecord, ModelRecord, dtype_from_json,
                                       shape_from_json)
@@ -504,7 +504,7 @@ class Catalog:
                 (_next_id(db, "models"), name, framework, n_rows, time.time(), seconds, model_file, json.dumps(info)),
             )
         except sqlite3.IntegrityError as exc:
-            raise StoreError(f"a model named {name!r} is already in this store") from exc
+            raise NameTaken(f"a model named {name!r} is already in this store") from exc
         return int(cur.lastrowid)
 
     @staticmethod

@@ -26,7 +26,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-from mistiquefs.errors import NotFound, StoreBusy, StoreError
+from mistiquefs.errors import NameTaken, NotFound, StoreBusy, StoreError
 from mistiquefs.codecs import SchemePolicy
 from mistiquefs.store.cache import DEFAULT_CACHE_BYTES, ByteLRU
 from mistiquefs.store.catalog import Catalog
@@ -90,7 +90,7 @@ class Repository:
     def begin_capture(self, name: str, *, table: bool, policy: SchemePolicy | None = None,
                       store_nothing: bool = False, n_rows: int | None = None) -> CaptureWriter:
         if self.catalog.model_exists(name):
-            raise StoreError(f"a model named {name!r} is already in {self.root}")
+            raise NameTaken(f"a model named {name!r} is already in {self.root}")
         return CaptureWriter(self.catalog, self.root, name, table=table, policy=policy, store_nothing=store_nothing,
                              memo=self.memo, n_rows=n_rows)
 
