@@ -154,7 +154,8 @@ def test_a_random_read_that_ends_a_piece_reads_nothing_ahead_and_a_continued_rea
     time.sleep(0.5)
     repo.cache.clear()
     threads = {}
-    reader.observer = lambda _rec, key, _n, _s: threads.setdefault(key[-1], threading.current_thread().name)
+    reader.observer = lambda _rec, key, _n, _s: key[0] == "tile" and \
+        threads.setdefault(key[-1], threading.current_thread().name)  # (pieces decoded, not the join)
     decoded = reader._decoded
 
     def slow_first(tile: int, lazy: bool = False):  # the read's own first piece takes its time: on a busy
