@@ -481,11 +481,13 @@ SHORT_ROWS = [
     ('x0,x1,x2\n1.0,2.0,3.0\n   \n""\n4.0,5.0,6.0\n', "expected 3 fields in line 4, saw 1 (the header has 3"),
     # every row a field longer than the header: pandas took the first column for an index
     ("x0,x1\n1.0,2.0,3.0\n4.0,5.0,6.0\n", "its header names 2 columns and its rows have 3"),
+    # a row with a field too many: said as a short row is (it was pandas' "Error tokenizing data. C error")
+    ("x0,x1,x2\n1.0,2.0,3.0\n4.0,5.0,6.0,7.0\n", "expected 3 fields in line 3, saw 4 (the header has 3"),
 ]
 
 
 @pytest.mark.parametrize("text, message", SHORT_ROWS, ids=["headerless", "header", "after-blank-lines",
-                                                           "quoted-empty-line", "header-one-short"])
+                                                           "quoted-empty-line", "header-one-short", "one-too-many"])
 def test_a_csv_row_with_too_few_fields_or_a_header_too_short_is_refused(store, tmp_path: Path, imputer_model,
                                                                         capsys, text: str, message: str) -> None:
     """pandas pads a short row with missing values: "4.0,5.0" was captured as [4, 5, nan]. Refused now,

@@ -106,3 +106,26 @@ def test_a_name_taken_through_the_api_is_a_capture_error_and_still_a_store_error
         with pytest.raises(CaptureError, match="already in") as caught:
             store.capture(model, X, name="a", progress=False)
     assert isinstance(caught.value, StoreError) and caught.value.exit_code == 4
+
+
+def test_a_missing_store_a_file_and_an_empty_scheme_glob_are_said_as_they_are(tmp_path: Path, capsys) -> None:
+    """A store path that does not exist, or is a file, was "not a mistiquefs store (no catalog.sqlite in
+    it)" alike; ``--scheme '=kbit:8'`` (an empty glob) matched no layer and only warned, and the capture
+    stored every layer lossless."""
+    from mistiquefs.codecs.base import SchemeError
+
+    assert main(["ls", str(tmp_path / "nope")]) == 3
+    assert "nope is not a mistiquefs store: it does not exist" in capsys.readouterr().err
+    (tmp_path / "plain").write_text("x")
+    assert main(["ls", str(tmp_path / "plain")]) == 3
+    assert "a file, not a directory" in capsys.readouterr().err
+    with pytest.raises(SchemeError, match="empty layer glob"):
+        mistiquefs.codecs.SchemePolicy.parse({"": "kbit:8"})
+    X = np.random.default_rng(4).standard_normal((10, 2))
+    model = StandardScaler().fit(X)
+    np.save(tmp_path / "x.npy", X)
+    skops.io.dump(model, tmp_path / "m.skops")
+    assert main(["capture", str(tmp_path / "s"), "--model", str(tmp_path / "m.skops"), "--inputs",
+                 str(tmp_path / "x.npy"), "--name", "m", "--scheme", "=kbit:8", "--no-progress"]) == 2
+    assert "empty layer glob" in capsys.readouterr().err
+    assert not (tmp_path / "s").exists()

@@ -13,6 +13,7 @@ the model reads is refused naming its line (``_refuse_stray_text``), as is a CSV
 from __future__ import annotations
 
 import csv
+import re
 import warnings
 from pathlib import Path
 from typing import Any
@@ -188,6 +189,12 @@ def _load_csv(path: Path, model: Any, header: bool | None = None) -> Any:
         frame = pandas.read_csv(path, header=0 if header else None, keep_default_na=False, na_values=na_values,
                                 dtype={column: str for column in columns if column in text} or None)
     except (ValueError, pandas.errors.ParserError) as exc:
+        long = re.search(r"Expected (\d+) fields in line (\d+), saw (\d+)", str(exc))
+        if long:  # (pandas' "Error tokenizing data. C error: ..." said as a short row is)
+            what = "the header" if header else "the first row"
+            raise CaptureError(f"{path} is not a readable CSV file: expected {long[1]} fields in line {long[2]}, saw "
+                               f"{long[3]} ({what} has {long[1]}; a text holding a comma is quoted, as in \"a,b\")"
+                               ) from exc
         raise CaptureError(f"{path} is not a readable CSV file: {one_line(exc, typed=False)}") from exc
     if header and not isinstance(frame.index, pandas.RangeIndex):
         # every data row one field longer than the header: pandas silently takes the first column for an

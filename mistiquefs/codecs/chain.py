@@ -230,6 +230,8 @@ class SchemePolicy:
                                                        for glob, text in schemes.items()):
             raise SchemeError(f"schemes: a scheme string or a mapping of layer globs to scheme strings, e.g. "
                               f"{{'conv*': 'kbit:8'}}, not {schemes!r}")
+        if any(not glob.strip() for glob in schemes):  # ('=kbit:8' from a shell: it only warned, matching nothing)
+            raise SchemeError(f"schemes: an empty layer glob matches no layer ({schemes!r}); '*' means every layer")
         return cls(tuple((glob, parse_scheme(text)) for glob, text in schemes.items()))
 
     @property

@@ -45,8 +45,11 @@ class Repository:
         self.root = Path(root)
         if create:
             self._create_layout()
+        elif not self.root.exists():
+            raise StoreError(f"{self.root} is not a mistiquefs store: it does not exist")
         elif not (self.root / CATALOG).is_file():
-            raise StoreError(f"{self.root} is not a mistiquefs store (no {CATALOG} in it)")
+            what = "a directory" if self.root.is_dir() else "a file, not a directory"
+            raise StoreError(f"{self.root} is not a mistiquefs store ({what} with no {CATALOG} in it)")
         self.catalog = Catalog(self.root / CATALOG, create=create)
         try:
             self._users = _shared_lock(self.root / USERS_LOCK)
