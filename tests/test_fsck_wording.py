@@ -18,6 +18,7 @@ import mistiquefs
 from mistiquefs.cli.main import main
 from mistiquefs.errors import DamageFound, StoreBusy, StoreError
 from mistiquefs.store.check import repair_store
+from mistiquefs.store.describe import format_size
 from mistiquefs.store.packs import PACK_MAGIC, iter_objects
 from mistiquefs.store.repository import Repository
 from test_maintenance import check, flip, store, tile_location, update_catalog  # noqa: F401 (a fixture)
@@ -80,9 +81,9 @@ def test_the_bytes_called_verified_are_those_that_verified(store) -> None:
         report = repair_store(repo)
     finally:
         repo.close()
-    assert "1 rows dropped" in report.repaired
+    assert "1 row dropped" in report.repaired
     assert report.bytes_verified == intact == sum(other.stored_length for other in _rows(path).values())
-    assert f"{intact / 1e6:.1f} MB of chunk data verified" in report.summary()
+    assert f"{format_size(intact)} of chunk data verified" in report.summary()
 
 
 # ---- advice: --repair only where it would change something -------------------------------------------
@@ -182,3 +183,15 @@ def test_help_documents_the_busy_exit_status(capsys) -> None:
             main([command, "--help"])
         text = " ".join(capsys.readouterr().out.split())
         assert "75" in text and "busy: another writer" in text and "holds the store's capture lock" in text, text
+
+
+def test_fsck_and_gc_say_sizes_as_ls_does_and_count_in_the_singular_for_one(tmp_path: Path) -> None:
+    """fsck said "0.0 MB of chunk data verified" of a store ls called 320 B, and both said "1 rows dropped",
+    "1 objects", "1 unreferenced chunks"."""
+    from mistiquefs.store.check import FsckReport
+    from mistiquefs.store.maintenance import GcReport
+
+    report = FsckReport(packs=1, chunks=2, bytes_verified=320)
+    assert "320 B of chunk data verified" in report.summary()
+    assert "1 unreferenced chunk dropped" in GcReport(chunks=1).summary()
+    assert "2 unreferenced chunks dropped" in GcReport(chunks=2).summary()

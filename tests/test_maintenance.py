@@ -231,7 +231,7 @@ def test_repair_names_the_models_still_incomplete(store, capsys) -> None:
     flip(path / "packs" / loc.pack, loc.offset + 3)
     assert main(["fsck", "--repair", str(path)]) == DamageFound.exit_code
     out, err = capsys.readouterr()
-    assert "1 rows dropped" in out
+    assert "1 row dropped" in out
     assert "affects model cnn, layer dense, examples 0..5999" in out
     assert "models still incomplete: cnn" in out and "is damaged" in err
 

@@ -66,6 +66,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from mistiquefs.errors import CorruptChunk, DamageFound, MistiqueError, StoreError
+from mistiquefs.store.describe import format_size
 from mistiquefs.store.maintenance import copy_chunks, recoverable_chunks
 from mistiquefs.store.packs import (NO_DESCRIPTORS, OBJECT_HEADER, PACK_MAGIC, ChunkLocation, PackReader, PackScan,
                                     fsync_dir, fsync_path, object_at, scan_pack)
@@ -140,7 +141,7 @@ class FsckReport:
 
     def summary(self) -> str:
         lines = [f"checked {_count(self.packs, 'pack')}, {_count(self.chunks, 'chunk')}: "
-                 f"{_mb(self.bytes_verified)} of chunk data verified"]
+                 f"{format_size(self.bytes_verified)} of chunk data verified"]
         if self.repaired:
             lines.append(self.repaired)
         if self.remade:
@@ -150,7 +151,7 @@ class FsckReport:
                 lines.append(f"    ... and {len(self.remade) - SUMMARY_LINES} more ranges")
         lines += [f"not made again: {line}" for line in self.not_remade]
         if self.reclaimable:
-            lines.append(f"reclaimable by gc: {_mb(self.reclaimable_bytes)}")
+            lines.append(f"reclaimable by gc: {format_size(self.reclaimable_bytes)}")
             lines += [f"  {note}" for note in self.reclaimable]
         for problem in self.problems:
             lines.append(f"PROBLEM: {problem.what}")
@@ -472,7 +473,7 @@ def _describe_repair(old: Chunks, new: Chunks, n_packs: int, rewritten: int, dam
         unread = f"; {_count(damaged, 'damaged row')} of the old index rebuilt from the packs"
     return (f"repaired: rebuilt the chunk index from {n_packs} packs: {len(new)} intact chunks ({same} as "
             f"before, {moved} moved to an intact copy, {len(new) - same - moved - rewritten} re-indexed from the "
-            f"packs{fresh}), {dropped} rows dropped (damaged or missing){unread}")
+            f"packs{fresh}), {_count(dropped, 'row')} dropped (damaged or missing){unread}")
 
 
 # ---- tracing damage to examples ------------------------------------------------------------------------
@@ -788,7 +789,7 @@ def _note_reclaimable(repo: Repository, rows: Chunks, scans: dict[str, PackScan]
                 duplicates += 1
                 duplicate_bytes += OBJECT_HEADER.size + loc.stored_length
     if duplicates:
-        _reclaim(report, duplicate_bytes, f"{duplicates} objects no chunk row refers to (duplicates, or "
+        _reclaim(report, duplicate_bytes, f"{_count(duplicates, 'object')} no chunk row refers to (duplicates, or "
                                           "chunks of removed models)")
     _note_unreferenced_chunks(repo, rows, report)
     _note_orphan_model_files(repo, report)
@@ -818,7 +819,3 @@ def _reclaim(report: FsckReport, size: int, note: str) -> None:
 
 def _count(n: int, noun: str) -> str:
     return f"{n} {noun}" + ("" if n == 1 else "s")
-
-
-def _mb(size: int) -> str:
-    return f"{size / 1e6:.1f} MB"
