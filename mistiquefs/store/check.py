@@ -66,7 +66,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from mistiquefs.errors import CorruptChunk, DamageFound, MistiqueError, StoreError
-from mistiquefs.store.describe import format_size
+from mistiquefs.store.describe import count_of, format_size
 from mistiquefs.store.maintenance import copy_chunks, recoverable_chunks
 from mistiquefs.store.packs import (NO_DESCRIPTORS, OBJECT_HEADER, PACK_MAGIC, ChunkLocation, PackReader, PackScan,
                                     fsync_dir, fsync_path, object_at, scan_pack)
@@ -140,7 +140,7 @@ class FsckReport:
         return any(problem.repairable for problem in self.problems)
 
     def summary(self) -> str:
-        lines = [f"checked {_count(self.packs, 'pack')}, {_count(self.chunks, 'chunk')}: "
+        lines = [f"checked {count_of(self.packs, 'pack')}, {count_of(self.chunks, 'chunk')}: "
                  f"{format_size(self.bytes_verified)} of chunk data verified"]
         if self.repaired:
             lines.append(self.repaired)
@@ -163,7 +163,7 @@ class FsckReport:
         else:
             models = ", ".join(sorted(self.affected_models)) or "none"
             verb = "still incomplete" if self.repaired else "affected"
-            lines.append(f"{_count(len(self.problems), 'problem')} found; models {verb}: {models}")
+            lines.append(f"{count_of(len(self.problems), 'problem')} found; models {verb}: {models}")
         return "\n".join(lines)
 
 
@@ -470,10 +470,10 @@ def _describe_repair(old: Chunks, new: Chunks, n_packs: int, rewritten: int, dam
     if unreadable:
         unread = f"; the old index could not be read ({unreadable}), so every row was rebuilt from the packs"
     elif damaged:
-        unread = f"; {_count(damaged, 'damaged row')} of the old index rebuilt from the packs"
+        unread = f"; {count_of(damaged, 'damaged row')} of the old index rebuilt from the packs"
     return (f"repaired: rebuilt the chunk index from {n_packs} packs: {len(new)} intact chunks ({same} as "
             f"before, {moved} moved to an intact copy, {len(new) - same - moved - rewritten} re-indexed from the "
-            f"packs{fresh}), {_count(dropped, 'row')} dropped (damaged or missing){unread}")
+            f"packs{fresh}), {count_of(dropped, 'row')} dropped (damaged or missing){unread}")
 
 
 # ---- tracing damage to examples ------------------------------------------------------------------------
@@ -545,7 +545,7 @@ def _report_bad_chunks(repo: Repository, bad: dict[bytes, tuple[ChunkLocation, s
         report.problems.append(Problem(f"chunk {cid.hex()} in pack {loc.pack} at offset {loc.offset}: "
                                        f"{reason}{unused}", tracer.describe(users.get(cid, ())), repairable=True))
     for (pack, damage), chunks in whole.items():
-        count = _count(len(chunks), "chunk")
+        count = count_of(len(chunks), "chunk")
         if damage == MISSING_PACK:
             what = f"pack {pack} is missing: {count} lost"
         elif damage == TRUNCATED:
@@ -662,7 +662,7 @@ def _report_lost(repo: Repository, tracer: _Tracer, report: FsckReport, lost: li
         groups.setdefault(why[cid], []).append((iid, tile, cid))
     for reason, tiles in sorted(groups.items(), key=lambda item: (item[0] != _INDEXABLE, item[0] != _REMAKEABLE)):
         n = len({cid for _i, _t, cid in tiles})
-        count, one = _count(n, "chunk"), n == 1
+        count, one = count_of(n, "chunk"), n == 1
         it, exist = ("it", "exists") if one else ("them", "exist")
         if reason == _INDEXABLE:
             what = (f"{count} that tiles refer to {'has' if one else 'have'} no chunk row, but a pack holds an intact "
@@ -789,7 +789,7 @@ def _note_reclaimable(repo: Repository, rows: Chunks, scans: dict[str, PackScan]
                 duplicates += 1
                 duplicate_bytes += OBJECT_HEADER.size + loc.stored_length
     if duplicates:
-        _reclaim(report, duplicate_bytes, f"{_count(duplicates, 'object')} no chunk row refers to (duplicates, or "
+        _reclaim(report, duplicate_bytes, f"{count_of(duplicates, 'object')} no chunk row refers to (duplicates, or "
                                           "chunks of removed models)")
     _note_unreferenced_chunks(repo, rows, report)
     _note_orphan_model_files(repo, report)
@@ -815,7 +815,3 @@ def _note_orphan_model_files(repo: Repository, report: FsckReport) -> None:
 def _reclaim(report: FsckReport, size: int, note: str) -> None:
     report.reclaimable.append(f"{note}: {size} bytes")
     report.reclaimable_bytes += size
-
-
-def _count(n: int, noun: str) -> str:
-    return f"{n} {noun}" + ("" if n == 1 else "s")

@@ -17,6 +17,11 @@ def format_size(n: float) -> str:
     return f"{int(n)} B"
 
 
+def count_of(n: int, noun: str) -> str:
+    """``n`` and ``noun``, in the plural unless ``n`` is 1 ("1 row", "3 rows", "0 packs")."""
+    return f"{n} {noun}" + ("" if n == 1 else "s")
+
+
 def layer_info(rec: IntermediateRecord) -> dict[str, Any]:
     return {
         "name": rec.name,

@@ -47,7 +47,7 @@ from mistiquefs.errors import CorruptChunk, NotFound, StoreError
 from mistiquefs.store.packs import (OBJECT_HEADER, PACK_MAGIC, ChunkLocation, PackWriter, decode_payload, fsync_dir,
                                     scan_pack)
 from mistiquefs.store.records import ModelRecord
-from mistiquefs.store.describe import format_size
+from mistiquefs.store.describe import count_of, format_size
 from mistiquefs.store.repository import CATALOG, USERS_LOCK, Repository
 
 log = logging.getLogger(__name__)
@@ -70,8 +70,8 @@ class GcReport:
     def summary(self) -> str:
         # (chunks: catalog entries dropped; a capture that was not kept, a budget's unkept layers, left bytes in
         # packs that no entry names: "reclaimed 0.1 MB: 0 chunks" read as a contradiction)
-        lines = [f"reclaimed {format_size(self.bytes)}: {self.chunks} unreferenced chunk{'' if self.chunks == 1 else 's'} "
-                 "dropped from the index; "
+        lines = [f"reclaimed {format_size(self.bytes)}: {count_of(self.chunks, 'unreferenced chunk')} dropped from "
+                 "the index; "
                  f"packs: {self.packs_deleted} deleted, "
                  f"{self.packs_compacted} compacted; model files: {self.model_files} deleted"]
         lines += [f"kept {note}" for note in self.skipped]
