@@ -274,10 +274,7 @@ class Store:
         rec = self._layer(model, layer)
         if rows is None or isinstance(rows, slice) and rows.step in (None, 1):
             start, stop, _ = (rows or slice(None)).indices(rec.n_rows)
-            values = self._rows(rec, start, max(start, stop))
-            if values.flags.writeable:  # (a re-run's own array: read-only like a stored layer's)
-                values.flags.writeable = False
-            return values
+            return self._rows(rec, start, max(start, stop))
         one = (isinstance(rows, (int, np.integer)) and not isinstance(rows, bool)) or \
             (isinstance(rows, np.ndarray) and rows.ndim == 0 and rows.dtype.kind in "iu")  # (as numpy: one)
         index = _row_index([rows] if one else rows, rec.n_rows, f"layer {layer!r} of {model!r}")
@@ -293,13 +290,17 @@ class Store:
         return out[0] if one else out
 
     def _rows(self, rec: IntermediateRecord, start: int, stop: int) -> np.ndarray:
+        """Examples ``[start, stop)``, read-only: a stored layer's as its reader gives them, a re-run's array
+        made so (it was writable, so ``a -= mu`` worked or raised by the storage policy)."""
         if rec.stored:
             return self.repo.reader(rec).rows(start, stop)
         if self._planner is None:
             from mistiquefs.planner.planner import Planner
 
             self._planner = Planner(self.repo)
-        return self._planner.run_rows(rec, start, stop)
+        values = self._planner.run_rows(rec, start, stop)
+        values.flags.writeable = False
+        return values
 
     def _model(self, name: str):
         for rec in self.repo.models():
