@@ -549,9 +549,9 @@ def _takes_documents(estimator: Any) -> bool:
     """Whether ``estimator`` takes raw documents (one str per example, a 1-D sequence) rather than a table:
     its first step is a text vectorizer (scikit-learn's input tags: strings, not a 2-D array), or a
     FeatureUnion of parts that take them (each part gets the whole input)."""
-    if isinstance(estimator, Pipeline):
-        steps = [step for _, step in estimator.steps if _is_step(step)]
-        return bool(steps) and _takes_documents(steps[0])
+    estimator = _first_step(estimator)
+    if isinstance(estimator, Pipeline):  # (of no step)
+        return False
     if isinstance(estimator, FeatureUnion):
         parts = [part for _, part in estimator.transformer_list if not isinstance(part, str)]
         return bool(parts) and any(_takes_documents(part) for part in parts)
@@ -564,6 +564,14 @@ def _takes_documents(estimator: Any) -> bool:
     except Exception:  # noqa: BLE001 (an estimator without usable tags: a table, as before)
         return False
     return bool(tags.string) and not tags.two_d_array and not tags.dict
+
+
+def _first_step(estimator: Any) -> Any:
+    """The estimator that gets a model's inputs first: down each Pipeline's first step (``passthrough`` and
+    ``None`` steps left out), or the model itself."""
+    while isinstance(estimator, Pipeline) and (steps := [step for _, step in estimator.steps if _is_step(step)]):
+        estimator = steps[0]
+    return estimator
 
 
 def _is_series(obj: Any) -> bool:
@@ -1043,18 +1051,10 @@ class SklearnAdapter(Adapter):
             hint = f" (its text column, df[{str(inputs.columns[0])!r}], is one)" if _is_dataframe(inputs) and \
                 inputs.shape[1] == 1 else ""
             raise CaptureError(
-                f"the model's first step ({type(self._first_step()).__name__}) takes one text per example: pass a "
+                f"the model's first step ({type(_first_step(self.model)).__name__}) takes one text per example: pass a "
                 f"list of str, a pandas Series of str or a 1-D array of str, not {type(inputs).__name__}{shape}{hint}")
-        if len(inputs) == 0:
-            raise CaptureError("the inputs have 0 rows: there is nothing to capture")
         self._documents_dtype = np.dtype(f"U{_documents_width(inputs)}")
-        return len(inputs)
-
-    def _first_step(self) -> Any:
-        model = self.model
-        while isinstance(model, Pipeline) and (steps := [step for _, step in model.steps if _is_step(step)]):
-            model = steps[0]
-        return model
+        return len(inputs)  # (n_rows refuses 0)
 
     def _model_columns(self, columns: list[Any]) -> list[Any]:
         """The columns of the inputs that are captured and stored: those the model was fitted on, in its
@@ -1153,9 +1153,9 @@ class SklearnAdapter(Adapter):
 
     def input_array(self, batch: Any) -> np.ndarray:
         if self._documents and isinstance(batch, list):
-            width = _documents_width(batch)
-            dtype = self._documents_dtype or np.dtype(f"U{width}")
-            if width > dtype.itemsize // 4:
+            # (n_rows checked every document; a batch's only need their width, not that walk again)
+            dtype = self._documents_dtype or np.dtype(f"U{_documents_width(batch)}")
+            if max(map(len, batch), default=0) > dtype.itemsize // 4:
                 raise CaptureError("these documents hold longer texts than the inputs measured by n_rows; call "
                                    "n_rows with the full inputs before slicing them")
             return np.array(batch, dtype=dtype)
