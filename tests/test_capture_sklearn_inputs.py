@@ -639,3 +639,87 @@ def test_npy_inputs_are_checked_and_memory_mapped(tmp_path: Path) -> None:
     scaler = StandardScaler().fit(X)
     layers = captured(scaler, rows, tmp_path)
     assert_captured(layers, {"input": X, "standardscaler": scaler.transform(X)})
+
+
+# ------------------------------------------------------------------------------ 11. CSVs of other shapes
+
+
+DOCUMENTS = ["the cat sat", "NA", "", "  ", "a dog, barking", 'she said "hi"', "two\nlines", "None", "cats"] * 3
+
+
+def _text_pipeline() -> Pipeline:
+    from sklearn.feature_extraction.text import TfidfVectorizer
+
+    return make_pipeline(TfidfVectorizer(), LogisticRegression()).fit(DOCUMENTS, np.arange(len(DOCUMENTS)) % 2)
+
+
+def test_a_csv_of_texts_for_a_text_pipeline(tmp_path: Path) -> None:
+    """A model whose first step is a text vectorizer takes a CSV of one column, one text per row, every
+    field as written ("NA", "None", "" and blanks are texts; quoted commas and line breaks kept)."""
+    pipe = _text_pipeline()
+    pd.DataFrame({"text": DOCUMENTS}).to_csv(tmp_path / "named.csv", index=False)
+    with pytest.warns(CaptureWarning, match=r"took the first row of .*named\.csv \('text'\) for the name of "
+                                            r"its column of texts; .*--csv-header no"):
+        texts = load_inputs_file(tmp_path / "named.csv", pipe)
+    assert texts == DOCUMENTS
+    pd.DataFrame({"text": DOCUMENTS}).to_csv(tmp_path / "bare.csv", index=False, header=False)
+    with pytest.warns(CaptureWarning, match=r"\('the cat sat'\) for a text; if it is the column name, read "
+                                            r"the file with --csv-header yes"):
+        assert load_inputs_file(tmp_path / "bare.csv", pipe) == DOCUMENTS
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # the user's word: nothing to warn of
+        assert load_inputs_file(tmp_path / "bare.csv", pipe, header=False) == DOCUMENTS
+        assert load_inputs_file(tmp_path / "named.csv", pipe, header=True) == DOCUMENTS
+    layers = captured(pipe, texts, tmp_path)
+    assert_captured(layers, {"input": np.array(DOCUMENTS), "logisticregression": pipe.predict(DOCUMENTS)})
+    tfidf = pipe.steps[0][1].transform(DOCUMENTS).toarray()
+    np.testing.assert_array_equal(np.asarray(layers["tfidfvectorizer"][0]), tfidf)
+    process = subprocess.run(["mistiquefs", "capture", str(tmp_path / "cli"), "--model", str(_saved(pipe, tmp_path)),
+                              "--inputs", str(tmp_path / "named.csv"), "--name", "docs"],
+                             capture_output=True, text=True)
+    assert process.returncode == 0, process.stderr
+    with mistiquefs.open_store(tmp_path / "cli") as store:
+        np.testing.assert_array_equal(store.read("docs", "input"), np.array(DOCUMENTS))
+
+
+def _saved(model: Any, tmp_path: Path) -> Path:
+    path = tmp_path / "model.skops"
+    skops.io.dump(model, path)
+    return path
+
+
+def test_a_csv_of_texts_with_a_second_column_names_its_line(tmp_path: Path) -> None:
+    (tmp_path / "two.csv").write_text('text\n"a, b"\n"two\nlines"\nc,1\n')
+    with pytest.raises(CaptureError, match=r"two\.csv: line 5 has 2 fields, and the model's first step takes "
+                                           r"one text per example: give it a CSV of one column"):
+        load_inputs_file(tmp_path / "two.csv", _text_pipeline())
+    (tmp_path / "head.csv").write_text("text\n")
+    with pytest.raises(CaptureError, match=r"head\.csv has a header row and no texts: there is nothing"):
+        load_inputs_file(tmp_path / "head.csv", _text_pipeline(), header=True)
+
+
+@pytest.mark.parametrize("pandas_installed", [True, False])
+def test_a_csv_with_a_header_and_no_rows_names_the_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                        pandas_installed: bool) -> None:
+    """It said "the inputs have 0 rows", with no word of the file."""
+    if not pandas_installed:
+        monkeypatch.setattr(files, "_pandas", lambda: None)
+    scaler = StandardScaler().fit(np.arange(12.0).reshape(4, 3))
+    (tmp_path / "empty.csv").write_text("a,b,c\n")
+    with pytest.raises(CaptureError, match=r"empty\.csv has a header row and no rows of data: there is nothing"):
+        load_inputs_file(tmp_path / "empty.csv", scaler)
+
+
+@pytest.mark.parametrize("delimiter, name", [(";", "semicolon"), ("\t", "tab")])
+def test_a_csv_separated_by_another_delimiter_says_so(tmp_path: Path, delimiter: str, name: str) -> None:
+    """A semicolon- or tab-separated file read as one column said "the inputs have 1 columns but the model
+    was fitted on 3"."""
+    X = RNG.normal(size=(6, 3))
+    scaler = StandardScaler().fit(X)
+    for header in ("a;b;c".replace(";", delimiter), ""):
+        np.savetxt(tmp_path / "x.csv", X, delimiter=delimiter, header=header, comments="")
+        with pytest.raises(CaptureError, match=rf"x\.csv has one field per row, and its first row holds 3 fields "
+                                               rf"separated by a {name} .*write it with commas"):
+            load_inputs_file(tmp_path / "x.csv", scaler)
+    with pytest.raises(CaptureError, match=r"the inputs have 1 column but the model was fitted on 3"):
+        captured(scaler, X[:, :1], tmp_path)

@@ -5,7 +5,8 @@ explicit list of trusted types). Pickles (``.pkl``, ``.joblib``) run arbitrary c
 are refused unless the caller says it trusts the file. Inputs: ``.npy`` (never with pickled objects; a
 structured array, such as a stored ``input``, is a table) or ``.csv``, read for the model it is given to: a
 header row where the model knows its columns' names, the columns its encoders were fitted on as text
-(pandas when it is installed; else numpy's structured arrays). Every row of a CSV has as many fields as its
+(pandas when it is installed; else numpy's structured arrays); for a model that takes documents (a text
+vectorizer first), one column of texts. Every row of a CSV has as many fields as its
 first row: a missing value is an empty field (``4.0,,6.0``), not a short row. A word in a column of numbers
 the model reads is refused naming its line (``_refuse_stray_text``), as is a CSV with text for a Keras model.
 """
@@ -172,6 +173,9 @@ def _load_csv(path: Path, model: Any, header: bool | None = None) -> Any:
         raise CaptureError(f"{path} is not a readable CSV file: {exc.strerror or exc}") from exc
     if not first:  # (not even a header: an empty file, or blank lines only)
         raise CaptureError(f"{path} is empty: there is nothing to capture")
+    if _takes_documents(model):
+        return _documents_csv(path, first, header)
+    _refuse_other_delimiters(path, first, model)
     names = _model_names(model)
     text = _text_columns(model)
     header = _has_header(path, first, names, text, header)
@@ -196,6 +200,8 @@ def _load_csv(path: Path, model: Any, header: bool | None = None) -> Any:
                                f"{long[3]} ({what} has {long[1]}; a text holding a comma is quoted, as in \"a,b\")"
                                ) from exc
         raise CaptureError(f"{path} is not a readable CSV file: {one_line(exc, typed=False)}") from exc
+    if frame.empty and len(frame.index) == 0:
+        raise CaptureError(f"{path} has a header row and no rows of data: there is nothing to capture")
     if header and not isinstance(frame.index, pandas.RangeIndex):
         # every data row one field longer than the header: pandas silently takes the first column for an
         # index (and names the others one column off)
@@ -219,6 +225,75 @@ def _load_csv(path: Path, model: Any, header: bool | None = None) -> Any:
         if _is_keras(model):
             _refuse_text_for_keras(path, frame, header)
     return frame
+
+
+#: a first row that names a CSV's one column of texts: one word, as DataFrame.to_csv writes a column's name
+_COLUMN_NAME = re.compile(r"[A-Za-z_][\w.-]{0,63}")
+#: a first row that may name it as well, or be a short text: up to three words ("Review Text")
+_SHORT_PHRASE = re.compile(r"\w+( \w+){1,2}")
+
+
+def _documents_csv(path: Path, first: list[str], header: bool | None) -> list[str]:
+    """The texts of a CSV of one column, one per row, for a model that takes documents (its first step is a
+    text vectorizer): every field as written, none of them missing ("NA" is a text, ``""`` an empty one,
+    a line of blanks one of blanks), a quoted field may span lines; only empty lines are no rows. Where
+    ``header`` does not say, the first row names the column when it is one word (``text``, ``review_body``),
+    with a warning (a text may be one word), and is a text otherwise, with a warning where it is a short
+    phrase (a name may be several words)."""
+    texts: list[str] = []
+    with path.open(newline="", encoding="utf-8-sig", errors="replace") as file:
+        reader = csv.reader(file)
+        line = 1
+        for row in reader:
+            if len(row) > 1:
+                raise CaptureError(
+                    f"{path}: line {line} has {len(row)} fields, and the model's first step takes one text per "
+                    "example: give it a CSV of one column, the texts (a text holding a comma is quoted, as in "
+                    "\"a,b\"; DataFrame.to_csv of that one column writes it so)")
+            if row:
+                texts.append(row[0])
+            line = reader.line_num + 1
+    if header is None:
+        header = bool(_COLUMN_NAME.fullmatch(first[0]))
+        if header or _SHORT_PHRASE.fullmatch(first[0]):
+            took, other = ("the name of its column of texts", "no") if header else ("a text", "yes")
+            warnings.warn(CaptureWarning(
+                f"took the first row of {path} ({first[0]!r}) for {took}; if it is "
+                f"{'a text' if header else 'the column name'}, read the file with --csv-header {other}"),
+                stacklevel=4)
+    if header:
+        texts = texts[1:]
+    if not texts:
+        raise CaptureError(f"{path} has a header row and no texts: there is nothing to capture")
+    return texts
+
+
+def _refuse_other_delimiters(path: Path, first: list[str], model: Any) -> None:
+    """CaptureError for a file of one field per row that holds another delimiter, where the model takes
+    several columns: a semicolon- or tab-separated file (which pandas would read as one column of text)."""
+    width = _input_width(model)
+    if len(first) != 1 or width is None or width < 2:
+        return
+    for delimiter, name in ((";", "semicolon"), ("\t", "tab"), ("|", "bar")):
+        if len(first[0].split(delimiter)) == width:
+            raise CaptureError(
+                f"{path} has one field per row, and its first row holds {width} fields separated by a {name} "
+                f"({delimiter!r}): mistiquefs reads comma-separated files (the model takes {width} columns); "
+                "write it with commas (DataFrame.to_csv(path, index=False), numpy.savetxt(path, X, "
+                "delimiter=',')) or save the array as .npy (numpy.save)")
+
+
+def _input_width(model: Any) -> int | None:
+    """How many columns ``model`` takes, where it says (scikit-learn's ``n_features_in_``, a Keras model's
+    last input axis of a 2-D input)."""
+    width = getattr(model, "n_features_in_", None)
+    if width is None and _is_keras(model):
+        try:
+            shape = model.input_shape
+        except (AttributeError, ValueError, RuntimeError):  # (several inputs, or none built)
+            return None
+        width = shape[-1] if isinstance(shape, tuple) and len(shape) == 2 else None
+    return int(width) if isinstance(width, (int, np.integer)) else None
 
 
 def _refuse_stray_text(path: Path, frame: Any, numeric: list[Any], header: bool, pandas: Any) -> None:
@@ -319,6 +394,16 @@ def _text_columns(model: Any) -> dict[Any, set[str]]:
     return text_columns(model)
 
 
+def _takes_documents(model: Any) -> bool:
+    """Whether ``model`` takes one text per example (a scikit-learn model whose first step is a text
+    vectorizer)."""
+    if model is None or type(model).__module__.split(".")[0] != "sklearn":
+        return False
+    from mistiquefs.capture.sklearn import takes_documents
+
+    return takes_documents(model)
+
+
 def _read_columns(model: Any) -> set[Any] | None:
     """The columns ``model`` reads at all (names where it knows them, else positions); None: all."""
     if type(model).__module__.split(".")[0] != "sklearn":
@@ -335,6 +420,8 @@ def _csv_without_pandas(path: Path, header: bool, width: int) -> np.ndarray:
         array = np.genfromtxt(path, delimiter=",", names=True if header else None, dtype=None, encoding="utf-8")
     except ValueError as exc:  # "Some errors were detected !\n    Line #2 (got 2 columns instead of 3)"
         raise CaptureError(f"{path} is not a readable CSV file: {one_line(exc, typed=False)}") from exc
+    if array.size == 0:
+        raise CaptureError(f"{path} has a header row and no rows of data: there is nothing to capture")
     if array.dtype.names is None:
         return array.reshape(-1, max(width, 1))  # one row or one column reads as 1-D
     return np.atleast_1d(array)

@@ -545,7 +545,7 @@ def _rerun(target: _Node, hops: tuple[_Hop, ...], X: Any) -> np.ndarray:
 # ------------------------------------------------------------------------------------------- inputs
 
 
-def _takes_documents(estimator: Any) -> bool:
+def takes_documents(estimator: Any) -> bool:
     """Whether ``estimator`` takes raw documents (one str per example, a 1-D sequence) rather than a table:
     its first step is a text vectorizer (scikit-learn's input tags: strings, not a 2-D array), or a
     FeatureUnion of parts that take them (each part gets the whole input)."""
@@ -554,7 +554,7 @@ def _takes_documents(estimator: Any) -> bool:
         return False
     if isinstance(estimator, FeatureUnion):
         parts = [part for _, part in estimator.transformer_list if not isinstance(part, str)]
-        return bool(parts) and any(_takes_documents(part) for part in parts)
+        return bool(parts) and any(takes_documents(part) for part in parts)
     if isinstance(estimator, ColumnTransformer):
         return False
     try:
@@ -992,9 +992,9 @@ class SklearnAdapter(Adapter):
         self._fields: tuple[_Field, ...] | None = None
         self._measured: Any = None  # the inputs n_rows saw last, for default_batch_size
         self._batch_size: int | None = None
-        #: the model takes raw documents (one str per example: ``_takes_documents``); their stored dtype, once
+        #: the model takes raw documents (one str per example: ``takes_documents``); their stored dtype, once
         #: n_rows measured them
-        self._documents = _takes_documents(model)
+        self._documents = takes_documents(model)
         self._documents_dtype: np.dtype | None = None
 
     @property
@@ -1125,7 +1125,7 @@ class SklearnAdapter(Adapter):
         expected = getattr(self.model, "n_features_in_", None)
         if expected is not None and columns != expected:
             raise CaptureError(
-                f"the inputs have {columns} columns but the model was fitted on {expected}; pass "
+                f"the inputs have {columns} column{'s' * (columns != 1)} but the model was fitted on {expected}; pass "
                 "inputs with the same columns as at fit time"
             )
 
