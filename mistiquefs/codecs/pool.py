@@ -16,6 +16,8 @@ import numpy as np
 
 from mistiquefs.codecs.base import Codec, SchemeError
 
+_F64_MAX = float(np.finfo(np.float64).max)
+
 
 @dataclass(frozen=True)
 class PoolCodec(Codec):
@@ -65,4 +67,12 @@ class PoolCodec(Codec):
         axes = tuple(2 + 2 * i for i in range(len(spatial)))
         if self.mode == "max":
             return windows.max(axis=axes)
-        return windows.mean(axis=axes, dtype=np.float64).astype(self.pooled_dtype(batch.dtype))
+        with np.errstate(over="ignore"):  # (sums of float64 values beyond ~4e307: mended below)
+            means = windows.mean(axis=axes, dtype=np.float64)
+            if not np.isfinite(means).all():
+                # windows of finite float64 values near its maximum whose sums overflowed (+-inf where their
+                # average is finite): again at 2^-64 of them (exact); windows holding +-inf or NaN stay so
+                scaled = (windows * 2.0 ** -64).mean(axis=axes, dtype=np.float64)
+                mend = ~np.isfinite(means) & np.isfinite(scaled)
+                means[mend] = np.clip(scaled[mend] * 2.0 ** 64, -_F64_MAX, _F64_MAX)
+        return means.astype(self.pooled_dtype(batch.dtype))

@@ -96,6 +96,7 @@ CHUNK_VALUES = 1 << 15
 #: by binary search on the learned edges instead (``KBitCodec.fit``)
 MIN_SNAPPED_SHARE = 0.75
 _FLOAT32 = np.dtype(np.float32)
+_F64_MAX = float(np.finfo(np.float64).max)
 #: float32 bits: the top 16 select an encoding-table entry
 _TOP16 = np.arange(1 << 16, dtype=np.uint32) << 16
 
@@ -345,6 +346,13 @@ def _bin_means(codes: np.ndarray, values: np.ndarray, edges: np.ndarray, bins: i
     real = len(edges) + 1
     lower = np.concatenate([edges[:1] if len(edges) else np.zeros(1), edges]).astype(np.float64)
     means = np.where(counts[:real] > 0, sums[:real] / np.maximum(counts[:real], 1), lower)
+    if not np.isfinite(means).all():  # float64 values near its maximum: sums of ~1e308 overflowed, and every
+        # value read +-inf. Scaled by 2^-64 (exact for them; values it makes subnormal are ~1e-289 of the
+        # bin's largest, below its mean's precision) they cannot; a mean of finite values is finite
+        with np.errstate(under="ignore"):
+            scaled = np.bincount(codes, weights=values * 2.0 ** -64, minlength=bins)[:real]
+        again = np.clip(scaled / np.maximum(counts[:real], 1) * 2.0 ** 64, -_F64_MAX, _F64_MAX)
+        means = np.where(np.isfinite(means), means, again)
     if kept is not None and kept_codes is not None and len(kept):
         means[kept_codes] = kept
     return np.concatenate([means, np.full(bins - real, means[-1])])
@@ -629,6 +637,20 @@ class KBitCodec(ArrayCodec):
             raise SchemeError(f"kbit:{self.k}: K must be 1..8")
         if self.per not in ("layer", "unit"):
             raise SchemeError(f"kbit:{self.k}:{self.per}: bins are per 'layer' or per 'unit'")
+        if self.edges is not None or self.values is not None:
+            self._check_tables()
+
+    def _check_tables(self) -> None:
+        """A fitted codec's tables fit its K: codes index the values without bounds checks (``np.take``
+        wraps), so short values (a damaged configuration) decoded to other bins' values, silently."""
+        edges, values = self.edges, self.values
+        tables = values.shape[0] if values is not None and values.ndim == 2 else -1
+        if (edges is None or values is None or edges.shape != (tables, self.bins - 1)
+                or values.shape != (tables, self.bins) or tables < 1 or (self.per == "layer" and tables != 1)):
+            shapes = [None if a is None else list(a.shape) for a in (edges, values)]
+            tables_of = "one table" if self.per == "layer" else "tables"
+            raise SchemeError(f"{self.describe()}: edges and values of shapes {shapes} are not {tables_of} of "
+                              f"{self.bins - 1} edges and {self.bins} values")
 
     @property
     def bins(self) -> int:
@@ -843,6 +865,17 @@ class KBitCodec(ArrayCodec):
         return PairTile(self._pair_key(spec.dtype), _unpack_codes(data, self.k, spec.count), spec, patches)
 
 
+def _percentile(finite: np.ndarray, percentile: float) -> float:
+    """``np.percentile`` of finite float64 values, finite. numpy interpolates through ``b - a``, which
+    overflows for values of either sign beyond ~9e307 (a threshold of +-inf, and a warning on stderr);
+    halving them is exact there, and so is doubling the result."""
+    with np.errstate(over="ignore", invalid="ignore"):
+        value = float(np.percentile(finite, percentile))
+    if not math.isfinite(value):
+        value = float(np.percentile(finite / 2, percentile)) * 2
+    return value
+
+
 @dataclass(frozen=True, eq=False)
 class ThresholdCodec(ArrayCodec):
     """One bit per value: whether it exceeds its unit's P-th percentile (of the sample). Reads as 0/1."""
@@ -882,7 +915,8 @@ class ThresholdCodec(ArrayCodec):
         thresholds = np.empty(units or 1, dtype=np.float64)
         for u in range(units or 1):
             finite = per_unit[:, u][np.isfinite(per_unit[:, u])]
-            thresholds[u] = np.percentile(finite, self.percentile) if len(finite) else np.inf
+            # a unit whose sample held no finite value: only +inf is above (+inf > +inf is not: it read 0)
+            thresholds[u] = _percentile(finite, self.percentile) if len(finite) else _F64_MAX
         return ThresholdCodec(percentile=self.percentile, thresholds=thresholds)
 
     def _thresholds(self) -> np.ndarray:
