@@ -192,6 +192,40 @@ def test_a_materialization_that_fits_stays(tmp_path: Path) -> None:
     repo.close()
 
 
+def test_a_materialization_that_runs_out_of_space_leaves_no_pack(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                                caplog: pytest.LogCaptureFixture) -> None:
+    """On a full disk the pack's sync fails, and closing it fails again as it flushes the bytes still
+    buffered: the deletion after the close was skipped, and the partial pack stayed on the full disk."""
+    from mistiquefs.store import packs as packs_module
+
+    def full(self: packs_module.PackWriter) -> None:
+        raise OSError(28, "No space left on device")
+
+    x = data(20000, 16)
+    pipe = scale_pca(x, 8)
+    repo = capture(tmp_path / "s", ("b", pipe, x, "none"))
+    before = sorted(p.name for p in (tmp_path / "s" / "packs").iterdir())
+    planner = Planner(repo, budget=repo.catalog.referenced_bytes() + 20000 * 8 * 8 + 100_000)
+    tree = Tree(repo, planner)
+    monkeypatch.setattr(packs_module.PackWriter, "sync", full)
+    real_close = packs_module.PackWriter.close
+
+    def close_full(self: packs_module.PackWriter) -> None:
+        real_close(self)
+        if self.written:
+            raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(packs_module.PackWriter, "close", close_full)
+    with caplog.at_level(logging.ERROR, logger="mistiquefs"):
+        for _ in range(3):
+            assert np.array_equal(load(tree, inode(tree, "b", "pca")), pipe.transform(x))
+            settle()
+    assert "materialization of model b, layer pca failed" in caplog.text
+    assert planner.materializer.materialized == [] and not stored(repo)[("b", "pca")]
+    assert sorted(p.name for p in (tmp_path / "s" / "packs").iterdir()) == before
+    repo.close()
+
+
 # ---- 3: an open file keeps reading ------------------------------------------------------------------------
 def test_eviction_keeps_a_layer_that_an_open_file_reads(tmp_path: Path) -> None:
     x = data()

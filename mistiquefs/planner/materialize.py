@@ -261,9 +261,7 @@ class Materializer:
             self.repo.catalog.materialize(rec.id, layer, sink.new_chunks)
         except BaseException:
             sink.close()
-            packs.close()
-            for path in packs.written:  # nothing references them
-                path.unlink(missing_ok=True)
+            packs.discard()  # nothing references them (closing may fail again on a full disk)
             raise
         sink.close()
         packs.close()

@@ -124,9 +124,7 @@ def rederive_lost(repo: Repository, lost: list[tuple[int, int, bytes]], loader: 
         if out.chunks:
             packs.sync()  # durable before the catalog refers to them
     except BaseException:
-        packs.close()
-        for path in packs.written:  # nothing refers to them
-            path.unlink(missing_ok=True)
+        packs.discard()  # nothing refers to them (closing may fail again on a full disk)
         raise
     packs.close()
     if not out.chunks:

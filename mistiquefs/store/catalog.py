@@ -17,7 +17,9 @@ from __future__ import annotations
 import json
 import math
 import os
+import shutil
 import sqlite3
+import tempfile
 import threading
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
@@ -151,19 +153,47 @@ class Catalog:
         if not create and not path.exists():
             raise StoreError(f"{path.parent} is not a mistiquefs store (no {path.name})")
         self._lock = threading.Lock()
+        #: where a copy of a read-only store's catalog is read (``_open_read_only``)
+        self._private: Path | None = None
         try:
             self._db = self._connect(str(path), uri=False)
         except sqlite3.OperationalError as exc:
             if create or os.access(path.parent, os.W_OK):
                 raise StoreError(f"cannot open the catalog {path}: {exc}") from exc
-            # A store on read-only media (a shared snapshot, a read-only bind mount): WAL needs to write
-            # its -shm file, so read it as an immutable database instead (nothing can change it there).
             try:
-                self._db = self._connect(f"file:{path}?mode=ro&immutable=1", uri=True)
-            except sqlite3.DatabaseError as again:
+                self._db = self._open_read_only(path)
+            except (sqlite3.DatabaseError, OSError) as again:
                 raise StoreError(f"cannot open the catalog {path}: {again}") from again
         except sqlite3.DatabaseError as exc:
             raise StoreError(f"cannot open the catalog {path}: {exc}") from exc
+
+    def _open_read_only(self, path: Path) -> sqlite3.Connection:
+        """A store on read-only media (a shared snapshot, a read-only bind mount) whose -shm file SQLite can
+        neither open nor make: it is read as an immutable database (nothing can change it there). An
+        immutable database ignores its -wal file, though, and commits no checkpoint copied into the file
+        yet (one a mount's read kept out, then a crash) live only there: the last capture was silently
+        missing. A catalog with a -wal file is therefore copied with it into a private temporary directory,
+        where SQLite takes the -wal into the copy, which is then read as an immutable database too (removed by
+        ``close``): a write fails as it does on the store itself, never changing only the copy."""
+        wal = path.with_name(f"{path.name}-wal")
+        if not (wal.exists() and wal.stat().st_size > 0):
+            return self._connect(f"file:{path}?mode=ro&immutable=1", uri=True)
+        private = Path(tempfile.mkdtemp(prefix="mistiquefs-catalog-"))
+        try:
+            copy = private / path.name
+            shutil.copyfile(path, copy)
+            shutil.copyfile(wal, private / wal.name)
+            taking_in = sqlite3.connect(copy, isolation_level=None)
+            try:
+                taking_in.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchall()
+            finally:
+                taking_in.close()
+            db = self._connect(f"file:{copy}?mode=ro&immutable=1", uri=True)
+        except BaseException:
+            shutil.rmtree(private, ignore_errors=True)
+            raise
+        self._private = private
+        return db
 
     def _connect(self, target: str, *, uri: bool) -> sqlite3.Connection:
         db = sqlite3.connect(target, uri=uri, check_same_thread=False, isolation_level=None)
@@ -178,18 +208,40 @@ class Catalog:
 
     def _prepare(self) -> None:
         version = self._meta_version()
+        if version is None:
+            self._create()
+            version = self._meta_version()
         if version is not None and version > FORMAT_VERSION:
             raise StoreError(
                 f"this store has format version {version}; this mistiquefs reads up to {FORMAT_VERSION}: "
                 "upgrade mistiquefs to open it"
             )
-        if version is None:
-            schema = resources.files("mistiquefs.store").joinpath("schema.sql").read_text()
-            self._db.executescript(schema)
-            self._db.execute("INSERT OR IGNORE INTO meta VALUES ('format_version', ?)", (str(FORMAT_VERSION),))
-        elif version < FORMAT_VERSION:
+        if version is not None and version < FORMAT_VERSION:
             self._migrate(version)
         self._db.execute("PRAGMA synchronous = FULL")
+
+    def _create(self) -> None:
+        """A new store's schema and format version (idempotent: a store another process made meanwhile is
+        left as it is). Several processes may make one new store at once (two first captures into one
+        path): switching to WAL, and a write after reading the schema, get "database is locked" at once from
+        SQLite, not after the busy timeout (it refuses to wait where waiting could deadlock), and a first
+        capture failed so; each try is retried until the busy timeout, and the schema is written in one
+        immediate transaction."""
+        schema = resources.files("mistiquefs.store").joinpath("schema.sql").read_text()
+        deadline = time.monotonic() + BUSY_TIMEOUT_MS / 1000
+        while True:
+            try:
+                self._db.execute("PRAGMA journal_mode = WAL").fetchall()
+                # (the script's own journal_mode pragma is then a no-op inside the transaction)
+                self._db.executescript(f"BEGIN IMMEDIATE;\n{schema}\nINSERT OR IGNORE INTO meta VALUES "
+                                       f"('format_version', '{FORMAT_VERSION}');\nCOMMIT;")
+                return
+            except sqlite3.OperationalError as exc:
+                if self._db.in_transaction:
+                    self._db.execute("ROLLBACK")
+                if not _lock_error(exc) or time.monotonic() > deadline:
+                    raise
+            time.sleep(0.01)
 
     def _migrate(self, version: int) -> None:
         """Bring an older store up to FORMAT_VERSION, one transaction per step. A store on read-only
@@ -674,6 +726,9 @@ class Catalog:
     def close(self) -> None:
         with self._lock:
             self._db.close()
+            private, self._private = self._private, None
+        if private is not None:
+            shutil.rmtree(private, ignore_errors=True)
 
 
 def _insert_chunks(db: sqlite3.Connection, rows: dict[bytes, ChunkLocation]) -> None:

@@ -314,9 +314,7 @@ def copy_chunks(repo: Repository,
         writer.sync()
         writer.close()
     except BaseException:
-        writer.close()
-        for path in writer.written:  # nothing refers to them yet
-            path.unlink(missing_ok=True)
+        writer.discard()  # nothing refers to them yet
         raise
     return copied, writer.written
 

@@ -157,6 +157,17 @@ class PackWriter:
         if file is not None:
             file.close()
 
+    def discard(self) -> None:
+        """Close and delete every pack this writer made (only while nothing refers to them). A write that
+        failed (ENOSPC) leaves its bytes in the buffer, so closing fails again as it flushes them: that must
+        not skip the deletions and leave a partial pack behind on a full disk."""
+        try:
+            self.close()
+        except OSError:  # (the file is closed all the same)
+            pass
+        for path in self.written:
+            path.unlink(missing_ok=True)
+
 
 def fsync_path(path: Path, *, directory: bool = False) -> None:
     """Make ``path`` (a file, or a directory's entries) durable."""

@@ -52,6 +52,9 @@ class Repository:
             raise StoreError(f"{self.root} is not a mistiquefs store ({what} with no {CATALOG} in it)")
         self.catalog = Catalog(self.root / CATALOG, create=create)
         try:
+            if create:  # (after the catalog: see _create_layout)
+                for sub in ("packs", "models"):
+                    (self.root / sub).mkdir(exist_ok=True)
             self._users = _shared_lock(self.root / USERS_LOCK)
         except BaseException:
             self.catalog.close()
@@ -65,12 +68,16 @@ class Repository:
         self._records_version = -1
 
     def _create_layout(self) -> None:
+        """The store's directory, refused where it holds things but no catalog. In a new store the catalog
+        is the first entry made (``__init__`` makes packs/ and models/ after it), and the directory is
+        listed before the catalog is looked for, so another process making the same store is never taken
+        for someone else's files: two first captures into one new path, the second one looking between the
+        first's packs/ and its catalog, was refused as "not a mistiquefs store"."""
         if self.root.exists() and not self.root.is_dir():
             raise StoreError(f"{self.root} exists and is not a directory")
-        if self.root.is_dir() and not (self.root / CATALOG).exists() and any(self.root.iterdir()):
+        if self.root.is_dir() and any(self.root.iterdir()) and not (self.root / CATALOG).exists():
             raise StoreError(f"{self.root} is a non-empty directory that is not a mistiquefs store")
-        for sub in ("packs", "models"):
-            (self.root / sub).mkdir(parents=True, exist_ok=True)
+        self.root.mkdir(parents=True, exist_ok=True)
 
     @contextmanager
     def capture_lock(self, holder: str = "capture") -> Iterator[None]:
