@@ -6,6 +6,7 @@ Each compares what the store gives back with what the model computes itself, bit
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import numpy as np
@@ -185,3 +186,20 @@ def test_keras_text_ending_in_nul_is_refused_not_given_to_the_model_changed() ->
     with pytest.raises(CaptureError, match=r"ending in a NUL character"):
         adapter.n_rows(np.array([[b"a\0"], [b"b"]], dtype=object))
     assert adapter.n_rows(np.array([["a"], ["b\0c"]], dtype=object)) == 2  # (inside a text: kept)
+
+
+def test_step_names_with_control_characters_are_listed_as_one_name(tmp_path: Path, mount) -> None:
+    """A step "new\nline" was a layer directory of that name (``ls | wc -l`` counted it twice), and a lone
+    surrogate failed the capture with SQLite's UnicodeEncodeError."""
+    x = np.random.default_rng(3).normal(size=(40, 3))
+    steps = [("new\nline", StandardScaler()), ("tab\there", StandardScaler()), ("a\x7fb", StandardScaler()),
+             ("x\udcff", StandardScaler()), ("p\u2028q", StandardScaler()), ("fit", LinearRegression())]
+    pipe = Pipeline(steps).fit(x, x[:, 0])
+    with mistiquefs.open_store(tmp_path / "s") as store:
+        store.capture(pipe, x, name="odd", progress=False)
+        names = store.layers("odd")
+        assert names[1:6] == ["new_line", "tab_here", "a_b", "x_", "p_q"]
+        np.testing.assert_array_equal(store.read("odd", "x_"), Pipeline(steps[:4]).transform(x))
+    mnt = mount(tmp_path / "s")
+    assert sorted(os.listdir(mnt / "odd")) == sorted([*names, "info.json"])
+    np.testing.assert_array_equal(np.load(mnt / "odd" / "p_q" / "all.npy"), Pipeline(steps[:5]).transform(x))
