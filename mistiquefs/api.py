@@ -266,7 +266,7 @@ class Store:
         how its stored copy reads (``choice``, ``why``): the live estimates a mount's file shows come from
         that mount's planner."""
         if layer is not None:
-            return layer_info(self._layer(model, layer))
+            return layer_info(self._layer(model, layer), self._model(model))
         rec = self._model(model)
         return model_info(rec, self._layers(model), self.repo.catalog.model_stored_bytes(rec.id))
 

@@ -203,3 +203,37 @@ def test_step_names_with_control_characters_are_listed_as_one_name(tmp_path: Pat
     mnt = mount(tmp_path / "s")
     assert sorted(os.listdir(mnt / "odd")) == sorted([*names, "info.json"])
     np.testing.assert_array_equal(np.load(mnt / "odd" / "p_q" / "all.npy"), Pipeline(steps[:5]).transform(x))
+
+
+def test_info_names_the_columns_of_class_and_feature_stages(tmp_path: Path, mount) -> None:
+    """Which class ``predict_proba/columns/1.npy`` is, and which feature a one-hot column is, was nowhere:
+    a layer's info.json lists ``column_names`` where its estimator says (classes; get_feature_names_out)."""
+    import json
+
+    import pandas as pd
+    from sklearn.compose import make_column_transformer
+
+    rng = np.random.default_rng(5)
+    frame = pd.DataFrame({"size": rng.normal(size=60), "colour": rng.choice(["red", "blue", "green"], 60)})
+    labels = rng.choice(["cat", "dog", "emu"], 60)
+    prep = make_column_transformer((StandardScaler(), ["size"]), (OneHotEncoder(sparse_output=False), ["colour"]))
+    clf = make_pipeline(prep, LogisticRegression()).fit(frame, labels)
+    binary = make_pipeline(StandardScaler(), LogisticRegression()).fit(frame[["size"]], labels == "dog")
+    with mistiquefs.open_store(tmp_path / "s") as store:
+        store.capture(clf, frame, name="clf", methods=["predict_proba", "decision_function"], progress=False)
+        store.capture(binary, frame[["size"]], name="bin", methods=["decision_function"], progress=False)
+        info = store.info("clf", "logisticregression.predict_proba")
+        assert info["column_names"] == ["cat", "dog", "emu"]
+        assert store.info("clf", "logisticregression.decision_function")["column_names"] == ["cat", "dog", "emu"]
+        assert store.info("clf", "columntransformer")["column_names"] == \
+            ["standardscaler__size", "onehotencoder__colour_blue", "onehotencoder__colour_green",
+             "onehotencoder__colour_red"]
+        assert store.info("bin", "logisticregression.decision_function")["column_names"] == ["True"]
+        assert "column_names" not in store.info("clf", "logisticregression")  # labels: one column, no names
+        proba = store.read("clf", "logisticregression.predict_proba")
+    mnt = mount(tmp_path / "s")
+    doc = json.loads((mnt / "clf" / "logisticregression.predict_proba" / "info.json").read_text())
+    assert doc["column_names"] == ["cat", "dog", "emu"]
+    dog = doc["column_names"].index("dog")
+    np.testing.assert_array_equal(np.load(mnt / "clf" / "logisticregression.predict_proba" / "columns" /
+                                          f"{dog}.npy"), proba[:, dog])

@@ -80,6 +80,7 @@ pandas is imported lazily: it is not a dependency of mistiquefs, only of DataFra
 from __future__ import annotations
 
 import time
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -1236,10 +1237,38 @@ class SklearnAdapter(Adapter):
             "sklearn_version": sklearn.__version__,
             "methods": list(self.methods),
             "stages": [
-                {"name": node.name, "estimator": _describe_class(node.estimator), "method": node.method}
+                {"name": node.name, "estimator": _describe_class(node.estimator), "method": node.method,
+                 **({"columns": names} if (names := _column_names(node)) is not None else {})}
                 for node in self._stages
             ],
         }
+
+
+#: a stage's column names kept in its model's info.json at most (a text vectorizer's vocabulary can be 10^5)
+MAX_COLUMN_NAMES = 4096
+
+
+def _column_names(node: _Node) -> list[str] | None:
+    """What each output column of a stage is, where its estimator says: a probability stage's classes, a
+    decision function's (a binary one's single column: the second class, the one it scores), a transform's
+    ``get_feature_names_out()``; None where it does not say (or says more than ``MAX_COLUMN_NAMES``).
+    A layer's info.json shows them where they are as many as its columns (``describe.layer_info``)."""
+    estimator = node.estimator
+    try:
+        if node.method in _PER_OUTPUT_METHODS or node.method == "decision_function":
+            classes = getattr(estimator, "classes_", None)
+            if classes is None or np.ndim(classes) != 1:  # (none, or one set per output)
+                return None
+            names = list(classes) if node.method != "decision_function" or len(classes) > 2 else [classes[-1]]
+        elif node.method == "transform" and hasattr(estimator, "get_feature_names_out"):
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                names = list(estimator.get_feature_names_out())
+        else:
+            return None
+    except Exception:  # noqa: BLE001 (an estimator that cannot name its columns: nothing to show)
+        return None
+    return [str(name) for name in names] if len(names) <= MAX_COLUMN_NAMES else None
 
 
 # ---------------------------------------------------------------------------------- the saved model

@@ -508,7 +508,7 @@ class Tree:
                 doc = model_info(model, layers, self.repo.catalog.model_stored_bytes(ident))
             else:
                 rec = self._layer(ident)
-                doc = layer_info(rec)
+                doc = layer_info(rec, self._model(rec.model_id))
                 if rec.n_rows:
                     try:
                         plan = doc["plan"] = self.planner.describe(rec)

@@ -22,13 +22,16 @@ def count_of(n: int, noun: str) -> str:
     return f"{n} {noun}" + ("" if n == 1 else "s")
 
 
-def layer_info(rec: IntermediateRecord) -> dict[str, Any]:
+def layer_info(rec: IntermediateRecord, model: ModelRecord | None = None) -> dict[str, Any]:
+    """``model``: the layer's model, whose capture may have said what its columns are (``column_names``)."""
+    names = column_names(rec, model)
     return {
         "name": rec.name,
         "shape": [rec.n_rows, *rec.shape],
         "example_shape": list(rec.shape),
         "dtype": rec.dtype.str if rec.dtype.names is None else rec.dtype.descr,
         "columns": rec.n_columns,
+        **({"column_names": names} if names is not None else {}),
         "layout": rec.layout,
         "block_rows": rec.block_rows,
         "stored": rec.stored,
@@ -43,6 +46,21 @@ def layer_info(rec: IntermediateRecord) -> dict[str, Any]:
         "stage_seconds_per_example": rec.seconds / rec.n_rows if rec.n_rows else 0.0,
         "plan": _plan(rec),
     }
+
+
+def column_names(rec: IntermediateRecord, model: ModelRecord | None) -> list[str] | None:
+    """What ``columns/<j>.npy`` of the layer is, where its model's capture recorded it (a scikit-learn
+    stage's ``columns``: a probability stage's classes, a transform's feature names) and they are as many as
+    the layer's columns."""
+    if model is None or not isinstance(model.info, dict) or len(rec.shape) > 1:
+        return None
+    for stage in model.info.get("stages") or ():
+        if isinstance(stage, dict) and stage.get("name") == rec.name:
+            names = stage.get("columns")
+            if isinstance(names, list) and len(names) == rec.n_columns and all(isinstance(n, str) for n in names):
+                return names
+            return None
+    return None
 
 
 def _fidelity(rec: IntermediateRecord) -> dict[str, Any]:
