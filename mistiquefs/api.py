@@ -527,12 +527,13 @@ def _check_reloads(adapter: Adapter, path: Path) -> Any:
 def _did_you_mean(name: str, names: list[str]) -> str:
     """`` (did you mean 'x'?)`` for the names ``name`` may have meant: the one it becomes as a file name
     (a step's '/' is '_' in its layer's name), a layer it ends (the method 'predict_proba' is the layer
-    '<final step>.predict_proba', a child 'scale' is 'num__scale'), close spellings; or nothing."""
+    '<final step>.predict_proba', a child 'scale' is 'num__scale'), the same in other case, close spellings;
+    or nothing."""
     if not isinstance(name, str):
         return ""
     fixed = stage_file_name(name)
     found = [fixed] if fixed != name and fixed in names else []
-    found += [other for other in names if other.endswith(("." + name, "__" + name))]
+    found += [other for other in names if other.lower() == name.lower() or other.endswith(("." + name, "__" + name))]
     found += difflib.get_close_matches(name, names, n=3)
     found = list(dict.fromkeys(found))[:3]
     return f" (did you mean {' or '.join(map(repr, found))}?)" if found else ""

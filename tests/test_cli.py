@@ -297,7 +297,7 @@ def test_sizes_are_printed_in_a_unit_that_shows_them(tmp_path: Path, capsys) -> 
     assert main(["capture", str(tmp_path / "s"), "--model", str(tmp_path / "m.skops"), "--inputs",
                  str(tmp_path / "x.npy"), "--name", "tiny", "--no-progress"]) == 0
     out = capsys.readouterr().out
-    assert "10 examples, 2 intermediates, 320 B raw -> " in out and " B new) in " in out and "MB" not in out
+    assert "10 examples, 2 layers, 320 B raw -> " in out and " B new) in " in out and "MB" not in out
     assert main(["ls", str(tmp_path / "s")]) == 0
     assert capsys.readouterr().out.split("\t")[-2:] == ["320 B raw", f"{out.split('-> ')[1].split(' stored')[0]} "
                                                         "stored\n"]

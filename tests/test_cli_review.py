@@ -129,3 +129,23 @@ def test_a_missing_store_a_file_and_an_empty_scheme_glob_are_said_as_they_are(tm
                  str(tmp_path / "x.npy"), "--name", "m", "--scheme", "=kbit:8", "--no-progress"]) == 2
     assert "empty layer glob" in capsys.readouterr().err
     assert not (tmp_path / "s").exists()
+
+
+def test_info_prints_the_documents_the_mount_shows(tmp_path: Path, array_pipeline, capsys) -> None:
+    """There was no way to see a model's or a layer's info.json from the shell without mounting."""
+    import json
+
+    model, rows = array_pipeline
+    store = tmp_path / "store"
+    assert main(["capture", str(store), "--model", str(model), "--inputs", str(rows), "--name", "p",
+                 "--no-progress"]) == 0
+    assert "40 examples, 3 layers," in capsys.readouterr().out  # (as ls counts them; it said "intermediates")
+    assert main(["info", str(store), "p"]) == 0
+    doc = json.loads(capsys.readouterr().out)
+    assert doc["layers"] == ["input", "scale", "pca"] and doc["examples"] == 40
+    assert main(["info", str(store), "p", "pca"]) == 0
+    with mistiquefs.open_store(store, create=False) as opened:
+        assert json.loads(capsys.readouterr().out) == json.loads(json.dumps(opened.info("p", "pca")))
+    assert main(["info", str(store), "p", "PCA"]) == 2
+    assert "model 'p' has no layer 'PCA' (did you mean 'pca'?)" in capsys.readouterr().err
+    assert main(["info", str(store), "q"]) == 2

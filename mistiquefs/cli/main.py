@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import os
 import signal
@@ -37,7 +38,7 @@ def parse_size(text: str) -> int:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="mistiquefs", description="A model's intermediates as .npy files.",
-        epilog="Exit status: 0 ok; 1 error; 2 not found (a model rm names), or a command line it cannot read; 3 not "
+        epilog="Exit status: 0 ok; 1 error; 2 not found (a model rm or info names), or a command line it cannot read; 3 not "
                "a store it can open; 4 capture error (a model or inputs file it cannot use, a --name the store "
                f"already holds); 5 mount error; 6 fsck found damage; {StoreBusy.exit_code} busy (another capture, gc "
                "or repair holds the store: run it again later).")
@@ -100,6 +101,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     ls = sub.add_parser("ls", help="list the models of a store")
     ls.add_argument("store", type=Path, help="a store directory")
+
+    info = sub.add_parser("info", help="print a model's info.json, or a layer's, as the mount shows it")
+    info.add_argument("store", type=Path, help="a store directory")
+    info.add_argument("model", help="a model's name, as mistiquefs ls lists it")
+    info.add_argument("layer", nargs="?", help="one of its layers (default: the model's own document)")
 
     fsck = sub.add_parser("fsck", help="verify every chunk, pack and catalog row; exit 0 only when clean",
                           description="Verify a store; name the models, layers and examples any damage "
@@ -211,7 +217,7 @@ def _capture(args: argparse.Namespace) -> int:
     if summary.skipped:  # (a capture of that name committed while this one loaded its files)
         print(f"{summary.name} is already in {args.store}: skipped")
         return 0
-    print(f"captured {summary.name}: {summary.n_rows} examples, {len(summary.layers)} intermediates, "
+    print(f"captured {summary.name}: {summary.n_rows} examples, {len(summary.layers)} layers, "
           f"{format_size(summary.raw_bytes)} raw -> {format_size(summary.stored_bytes)} stored "
           f"({format_size(summary.new_bytes)} new) in {summary.seconds:.1f} s"
           # (a mistyped store path made a new store without a word)
@@ -301,6 +307,14 @@ def cmd_ls(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_info(args: argparse.Namespace) -> int:
+    from mistiquefs.api import open_store
+
+    with open_store(args.store, create=False) as store:
+        print(json.dumps(store.info(args.model, args.layer), indent=2))
+    return 0
+
+
 def cmd_fsck(args: argparse.Namespace) -> int:
     from mistiquefs.errors import DamageFound
     from mistiquefs.planner.recover import rederive_lost
@@ -363,8 +377,8 @@ def _setup_logging(log_file: Path | None, debug: bool) -> None:
     root.setLevel(logging.DEBUG if debug else logging.INFO)
 
 
-COMMANDS = {"capture": cmd_capture, "mount": cmd_mount, "umount": cmd_umount, "ls": cmd_ls, "fsck": cmd_fsck,
-            "rm": cmd_rm, "gc": cmd_gc}
+COMMANDS = {"capture": cmd_capture, "mount": cmd_mount, "umount": cmd_umount, "ls": cmd_ls, "info": cmd_info,
+            "fsck": cmd_fsck, "rm": cmd_rm, "gc": cmd_gc}
 
 
 def entry() -> None:
