@@ -237,3 +237,18 @@ def test_info_names_the_columns_of_class_and_feature_stages(tmp_path: Path, moun
     dog = doc["column_names"].index("dog")
     np.testing.assert_array_equal(np.load(mnt / "clf" / "logisticregression.predict_proba" / "columns" /
                                           f"{dog}.npy"), proba[:, dog])
+
+
+def test_a_stage_whose_name_was_changed_says_its_step(tmp_path: Path) -> None:
+    """Steps 'a/b' and 'a_b' of a union are the layers 'u__a_b' and 'u__a_b_', and nothing said which was
+    which: the model's info.json gives each renamed stage its step path."""
+    x = np.random.default_rng(4).normal(size=(30, 3))
+    union = make_union(StandardScaler(), StandardScaler())
+    union.transformer_list = [("a/b", StandardScaler()), ("a_b", OneHotEncoder(handle_unknown="ignore"))]
+    pipe = Pipeline([("u", union), ("fit", LinearRegression())]).fit(x, x[:, 0])
+    with mistiquefs.open_store(tmp_path / "s") as store:
+        store.capture(pipe, x, name="m", progress=False)
+        stages = {stage["name"]: stage for stage in store.info("m")["model"]["stages"]}
+        assert stages["u__a_b"]["step"] == "u__a/b" and stages["u__a_b_"]["step"] == "u__a_b"
+        assert "step" not in stages["u"] and "step" not in stages["fit"]
+        np.testing.assert_array_equal(store.read("m", "u__a_b"), StandardScaler().fit_transform(x))

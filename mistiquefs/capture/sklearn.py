@@ -79,6 +79,7 @@ pandas is imported lazily: it is not a dependency of mistiquefs, only of DataFra
 
 from __future__ import annotations
 
+import dataclasses
 import time
 import warnings
 from dataclasses import dataclass
@@ -120,6 +121,8 @@ class _Node:
     method: Method
     children: tuple[_Node, ...] = ()
     columns: Any = None  # a ColumnTransformer child's column selection, as in ``transformers_``
+    #: the root's: (stage name, step path) of each stage whose name is not its step path (``_Namer``)
+    renamed: tuple[tuple[str, str], ...] = ()
 
 
 class _Namer:
@@ -127,12 +130,15 @@ class _Namer:
 
     def __init__(self) -> None:
         self._taken: set[str] = set()
+        self.renamed: dict[str, str] = {}
 
     def claim(self, raw: str) -> str:
         name = stage_file_name(raw)
         while name in self._taken:
             name += "_"
         self._taken.add(name)
+        if name != raw:
+            self.renamed[name] = raw
         return name
 
 
@@ -290,7 +296,7 @@ def _build_plan(model: Any, methods: tuple[str, ...] = ()) -> _Node:
         raise CaptureError(
             f"methods: {', '.join(methods)} are methods of a final estimator that predicts, and this model "
             "has none (its last step transforms)")
-    return root
+    return dataclasses.replace(root, renamed=tuple(namer.renamed.items()))
 
 
 def _iter_stages(node: _Node) -> list[_Node]:
@@ -1223,6 +1229,7 @@ class SklearnAdapter(Adapter):
         self._stages = _iter_stages(plan)
         self._nodes = {node.name: node for node in self._stages}
         self._paths = _stage_paths(plan)
+        self._steps = dict(plan.renamed)
 
     def save_model(self, path: Path) -> None:
         try:
@@ -1237,7 +1244,10 @@ class SklearnAdapter(Adapter):
             "sklearn_version": sklearn.__version__,
             "methods": list(self.methods),
             "stages": [
-                {"name": node.name, "estimator": _describe_class(node.estimator), "method": node.method,
+                {"name": node.name,
+                 # the step path the name was made from, where it differs ('a/b' and 'a_b': a_b and a_b_)
+                 **({"step": self._steps[node.name]} if node.name in self._steps else {}),
+                 "estimator": _describe_class(node.estimator), "method": node.method,
                  **({"columns": names} if (names := _column_names(node)) is not None else {})}
                 for node in self._stages
             ],
