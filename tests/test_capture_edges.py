@@ -252,3 +252,18 @@ def test_a_stage_whose_name_was_changed_says_its_step(tmp_path: Path) -> None:
         assert stages["u__a_b"]["step"] == "u__a/b" and stages["u__a_b_"]["step"] == "u__a_b"
         assert "step" not in stages["u"] and "step" not in stages["fit"]
         np.testing.assert_array_equal(store.read("m", "u__a_b"), StandardScaler().fit_transform(x))
+
+
+def test_text_passed_through_a_column_transformer_is_refused_naming_the_passthrough(tmp_path: Path) -> None:
+    """It said "(FunctionTransformer)", scikit-learn's stand-in for remainder='passthrough', which the user
+    never wrote."""
+    import pandas as pd
+    from sklearn.compose import ColumnTransformer
+
+    rng = np.random.default_rng(6)
+    frame = pd.DataFrame({"a": rng.normal(size=20), "s": rng.choice(["x", "y"], 20)})
+    ct = ColumnTransformer([("num", StandardScaler(), ["a"])], remainder="passthrough").set_output(transform="pandas")
+    with mistiquefs.open_store(tmp_path / "s") as store:
+        with pytest.raises(CaptureError, match=r"stage 'ct__remainder' \(a ColumnTransformer's passthrough\) returns "
+                                               r"Python objects .* in column\(s\) s, .*remainder='drop'"):
+            store.capture(Pipeline([("ct", ct)]).fit(frame), frame, name="m", progress=False)

@@ -457,10 +457,14 @@ def _object_numbers(array: np.ndarray, node: _Node, result: Any) -> np.ndarray:
             return array.astype(np.result_type(*dtypes))
         except OverflowError:  # a Python int beyond int64: no numpy dtype holds it exactly
             pass
+    passthrough = isinstance(node.estimator, str) or (  # (recent versions keep a FunctionTransformer for it)
+        type(node.estimator).__name__ == "FunctionTransformer" and getattr(node.estimator, "func", 0) is None)
+    what = "a ColumnTransformer's passthrough" if passthrough else type(node.estimator).__name__
+    fix = ("encode those columns or leave them out (remainder='drop', the default)" if passthrough else
+           "make it return numbers, e.g. encode string columns inside the pipeline")
     raise CaptureError(
-        f"stage {node.name!r} ({type(node.estimator).__name__}) returns Python objects (dtype object) in "
-        f"{_object_columns(array, result)}, which cannot be stored; make it return numbers, e.g. encode "
-        "string columns inside the pipeline"
+        f"stage {node.name!r} ({what}) returns Python objects (dtype object) in "
+        f"{_object_columns(array, result)}, which cannot be stored; {fix}"
     )
 
 
