@@ -8,10 +8,12 @@ in-process, and how fast the mount answers other readers while a long re-run is 
     python scripts/bench_plan.py [--rows 50000] [--repeat 3] [--workdir DIR] [--keep]
 
 Workloads: the digits CNN (``examples/digits_cnn.py``, checkpoint ``cnn_e3``, all 1797 images) and three
-variants of ``examples/flights_variants.py`` over ``--rows`` flights, captured losslessly. Reads are cold:
-before each read sample the page cache is dropped (``echo 3 > /proc/sys/vm/drop_caches``, needs root) and
-the store's decoded cache emptied; re-runs use a loaded model (the load is reported separately) with an
-empty decoded cache. The planner is calibrated first, as a mount calibrates itself: one small and one
+variants of ``examples/flights_variants.py`` over ``--rows`` flights, captured losslessly. Both plans start
+alike: before each read sample and each re-run sample the store's files are taken out of the page cache
+(``benchlib.evict_files``: fsync + ``posix_fadvise(DONTNEED)``; no root needed) and its decoded cache is
+emptied, so a read fetches its chunks from disk and a re-run its stored input rows; the code of Python,
+numpy, zstd and TensorFlow stays in memory, as in a running mount. Re-runs use a loaded model (the load is
+reported separately). The planner is calibrated first, as a mount calibrates itself: one small and one
 batch-sized re-run per model and one read per codec feed its cost model. Each case is measured
 ``--repeat`` times (median). Regret = time of the planner's choice / time of the faster plan. The three
 pipeline variants differ only in their final model, so their preprocessing stages hold the same data: such
@@ -38,7 +40,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import os
 import signal
 import sqlite3
 import statistics
@@ -56,7 +57,7 @@ sys.path.insert(0, str(ROOT / "examples"))
 
 import benchlib  # noqa: E402
 import mistiquefs  # noqa: E402
-from benchlib import DROP_CACHES, Mounts, make_workdir, timed  # noqa: E402
+from benchlib import Mounts, make_workdir, timed  # noqa: E402
 from mistiquefs.fs.mount import end_process  # noqa: E402
 from mistiquefs.planner.planner import Planner  # noqa: E402
 from mistiquefs.store.repository import Repository  # noqa: E402
@@ -100,9 +101,12 @@ def starting() -> Iterator[None]:
         raise KeyboardInterrupt(f"signal {_deferred[0]}")
 
 
-def drop_caches() -> None:
-    if os.geteuid() == 0 and DROP_CACHES.exists():
-        benchlib.drop_caches()
+def cold_store(path: Path) -> None:
+    """Before every timed sample of either plan: the store's files leave the page cache (and nothing
+    else: dropping the whole page cache before a read only, as this script once did, also evicted the
+    code a running mount keeps, while the re-run that followed found its input rows still cached), and
+    its decoded cache is emptied by the caller."""
+    benchlib.evict_files(path)
 
 
 def capture(workdir: Path, rows: int) -> tuple[Path, dict]:
@@ -170,11 +174,12 @@ def measure_case(repo: Repository, planner: Planner, model, rec, start: int, sto
     lo, hi = planner.rerun_span(rec, start, stop)  # the capture batches that hold these rows, as run_rows runs
     for _ in range(repeat):
         repo.cache.clear()
-        drop_caches()
+        cold_store(repo.root)
         reads.append(timed(lambda: repo.reader(rec).rows(start, stop))[0])
-        # no drop_caches here: it would also evict TensorFlow's and numpy's code pages, which a running
-        # mount keeps in memory; the decoded cache (input rows included) is empty
+        # the same start for the re-run: its stored input rows are not in the page cache either (no
+        # drop_caches: it would also evict TensorFlow's and numpy's code pages, which a running mount keeps)
         repo.cache.clear()
+        cold_store(repo.root)
         reruns.append(timed(lambda: planner.rerunner.run(model, rec, inp.rows, lo, hi)[start - lo:stop - lo])[0])
     read, rerun = statistics.median(reads), statistics.median(reruns)
     chosen = read if choice == "read" else rerun
@@ -247,8 +252,9 @@ def print_planner(results: list[dict]) -> dict:
     return distinct
 
 
-def single_example(path: Path, direct: dict, repo: Repository, workdir: Path, mounts: Mounts) -> float:
-    """Median ratio over layers: one example re-run through the mount / the same model work in-process."""
+def single_example(path: Path, direct: dict, repo: Repository, workdir: Path, mounts: Mounts) -> tuple[float, bool]:
+    """(median ratio over layers: one example re-run through the mount / the same model work in-process,
+    whether every layer's example 5 read through the mount equals the in-process result bit for bit)."""
     from mistiquefs.capture import adapter_for
 
     mnt = workdir / "mnt-rerun"
@@ -293,7 +299,7 @@ def single_example(path: Path, direct: dict, repo: Repository, workdir: Path, mo
           "ratio = what the mount adds: FUSE requests, reading the stored input rows, making the framework's "
           "inputs from them, the .npy header; same values = example 5 read through the mount equals the "
           "in-process result bit for bit")
-    return statistics.median(ratios) if ratios else float("nan")
+    return (statistics.median(ratios) if ratios else float("nan")), all(same for *_, same in rows)
 
 
 PROBE = """\
@@ -386,19 +392,28 @@ def run(args: argparse.Namespace, workdir: Path, mounts: Mounts, repos: list[Rep
     print("model load (s): " + ", ".join(f"{k} {v:.2f}" for k, v in load.items()))
     results = planner_table(repo, planner, args.repeat, layer_chunks(path))
     summary = print_planner(results)
-    ratio = single_example(path, direct, repo, workdir, mounts)
+    ratio, same = single_example(path, direct, repo, workdir, mounts)
     median_s, max_s = responsiveness(path, workdir, repo, mounts)
     print("\n## Targets")
+    for name, value, ok in target_checks(summary, ratio, same, max_s):
+        print(f"{'SKIP' if ok is None else 'PASS' if ok else 'MISS'}  {name}: {value}")
+
+
+def target_checks(summary: dict, ratio: float, same: bool, max_s: float) -> list[tuple[str, str, bool | None]]:
+    """(target, measured, verdict): None where nothing was measured (NaN: a SKIP, not a MISS); the re-run
+    ratio is a MISS whatever its value when the mount's values differ from the in-process ones."""
     during = "not measured (no sample inside the re-runs)" if max_s != max_s else f"{max_s * 1e3:.0f} ms"
-    checks = [(f"faster plan (or within 5% of it) chosen >= 95% of the {summary['n']} distinct cases",
-               f"{summary['right']:.1%}", summary["right"] >= 0.95),
-              ("median regret <= 1.1 (distinct cases)", f"{summary['median']:.2f}", summary["median"] <= 1.1),
-              ("worst regret <= 2 (distinct cases)", f"{summary['worst']:.2f}", summary["worst"] <= 2),
-              ("one example re-run via mount <= 2X the same work in-process (median over layers)",
-               f"{ratio:.2f}X", ratio <= 2),
-              ("ls + stored read during a re-run <= 100 ms (max)", during, max_s <= 0.1)]
-    for name, value, ok in checks:
-        print(f"{'PASS' if ok else 'MISS'}  {name}: {value}")
+    if ratio != ratio:
+        rerun, rerun_ok = "not measured", None
+    else:
+        rerun = f"{ratio:.2f}X" + ("" if same else " (the mount's values differ from the in-process ones)")
+        rerun_ok = same and ratio <= 2
+    return [(f"faster plan (or within 5% of it) chosen >= 95% of the {summary['n']} distinct cases",
+             f"{summary['right']:.1%}", summary["right"] >= 0.95),
+            ("median regret <= 1.1 (distinct cases)", f"{summary['median']:.2f}", summary["median"] <= 1.1),
+            ("worst regret <= 2 (distinct cases)", f"{summary['worst']:.2f}", summary["worst"] <= 2),
+            ("one example re-run via mount <= 2X the same work in-process (median over layers)", rerun, rerun_ok),
+            ("ls + stored read during a re-run <= 100 ms (max)", during, None if max_s != max_s else max_s <= 0.1)]
 
 
 def main(argv: list[str] | None = None) -> int:

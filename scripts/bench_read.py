@@ -52,6 +52,7 @@ sys.path.insert(0, str(REPO / "examples"))  # examples/ is not a package
 
 from benchlib import (DROP_CACHES, Signals, drop_caches, is_mounted, log, log_tails, make_workdir,  # noqa: E402
                       median, print_table, remove_workdir, store_disk_bytes, timed)
+from peers import squashfs_command  # noqa: E402
 
 MODEL = "cnn_e3"
 #: the biggest layer, a mid-sized one and a small one
@@ -292,9 +293,8 @@ def write_npy(store: Any, npy_dir: Path, x: np.ndarray) -> dict[str, int]:
 
 
 def build_squashfs(npy_dir: Path, image: Path, level: int | None) -> float:
-    command = ["mksquashfs", str(npy_dir), str(image), "-comp", "zstd", "-noappend", "-quiet"]
-    if level is not None:
-        command += ["-Xcompression-level", str(level)]
+    # peers' command line: zstd at ``level``, 128 KiB blocks given explicitly (-b), as the size table states
+    command = squashfs_command("mksquashfs", npy_dir, image, level)
     seconds, result = timed(lambda: subprocess.run(command, capture_output=True, text=True))
     if result.returncode != 0:
         raise RuntimeError(f"mksquashfs failed: {result.stderr.strip() or result.stdout.strip()}")

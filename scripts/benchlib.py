@@ -56,6 +56,23 @@ def drop_caches() -> None:
     DROP_CACHES.write_text("3\n")
 
 
+def evict_files(path: Path) -> int:
+    """Take every regular file under ``path`` out of the page cache (written back first, then
+    ``posix_fadvise(DONTNEED)``), leaving every other page (the interpreter's and the libraries' code) where
+    it is; no root needed. Returns the files evicted. (Pages a process has mmap'ed stay: the store reads
+    its packs with pread.)"""
+    count = 0
+    for file in sorted(p for p in Path(path).rglob("*") if p.is_file()):
+        fd = os.open(file, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+            count += 1
+        finally:
+            os.close(fd)
+    return count
+
+
 def store_disk_bytes(path: Path) -> dict[str, int]:
     """Bytes on disk of a store (measure it closed: an open store's catalog has a write-ahead log beside
     it): ``packs`` (chunks and their object headers), ``catalog`` (catalog.sqlite, with any -wal/-shm

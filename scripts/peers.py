@@ -11,12 +11,15 @@ against, in a directory the caller gives, and measures each:
 ``hdf5``     ``<model>.h5``, one per model, one dataset per layer (h5py): gzip (level 4, h5py's
              default) + the shuffle filter, chunked by rows (``chunk_rows``: ~1 MiB chunks)
 ``zarr``     one zarr v3 store, a group per model, an array per layer, chunked like hdf5; serializer
-             ``BytesCodec`` then ``BloscCodec(cname="zstd", clevel=3, shuffle="shuffle")``
+             ``BytesCodec`` then ``BloscCodec(cname="zstd", clevel=2, shuffle="shuffle")`` (blosc's
+             clevel 2 is zstd level 3: see ``blosc_clevel``)
 ``squashfs`` a squashfs image of the ``npy`` tree (``mksquashfs DIR IMG -comp zstd -noappend -quiet
-             -Xcompression-level 3``, 128 KiB blocks)
+             -b 131072 -Xcompression-level 3``: 128 KiB blocks, asked for, not left to the default)
 =========== ============================================================================================
 
-zstd level 3 (zarr, squashfs) is the level mistiquefs' store uses by default. "zstd + shuffle" in zarr
+zstd level 3 (zarr, squashfs) is the level mistiquefs' store uses by default. Blosc does not pass its
+``clevel`` to zstd as it is: c-blosc's ``zstd_wrap_compress`` runs zstd at ``2 * clevel - 1`` (clevel 3 is
+zstd level 5), so the zarr writer asks blosc for ``blosc_clevel(level)``. "zstd + shuffle" in zarr
 3: zarr-python 3.1 offers two ways, the core v3 ``blosc`` codec (``zarr.codecs.BloscCodec`` with
 ``cname="zstd", shuffle="shuffle"``: a byte shuffle with the dtype's item size as ``typesize``, then zstd,
 in blosc blocks) and the numcodecs extension codecs ``zarr.codecs.Shuffle`` + ``zarr.codecs.ZstdCodec``
@@ -81,7 +84,8 @@ from typing import Any, Union
 import numpy as np
 
 __all__ = [
-    "FORMATS", "PeerResult", "ToolMissing", "measure", "iter_collection", "dir_bytes", "chunk_rows",
+    "FORMATS", "PeerResult", "ToolMissing", "measure", "iter_collection", "dir_bytes", "chunk_rows", "blosc_clevel",
+    "squashfs_command",
     "write_npy", "write_npz", "write_hdf5", "write_zarr", "write_squashfs",
     "NpyWriter", "NpzWriter", "Hdf5Writer", "ZarrWriter", "SquashfsWriter",
 ]
@@ -92,6 +96,8 @@ FORMATS = ("npy", "npz", "hdf5", "zarr", "squashfs")
 CHUNK_BYTES = 1 << 20
 ZSTD_LEVEL = 3
 GZIP_LEVEL = 4
+#: mksquashfs's block size, given explicitly (its default, 128 KiB, is what the tables state)
+SQUASHFS_BLOCK = 128 << 10
 
 Layers = Union[Mapping[str, np.ndarray], Iterable[tuple[str, np.ndarray]]]
 ModelLayers = Union[Layers, Callable[[], Layers]]
@@ -420,6 +426,14 @@ def _convert(array: np.ndarray, dtype: np.dtype) -> np.ndarray:
     return array.astype(dtype, copy=False)
 
 
+def blosc_clevel(zstd_level: int) -> int:
+    """The blosc ``clevel`` that runs zstd at ``zstd_level``: c-blosc compresses with zstd level
+    ``2 * clevel - 1`` for clevel 1..8 (``zstd_wrap_compress``), so only odd levels 1..15 can be had."""
+    if zstd_level % 2 == 0 or not 1 <= zstd_level <= 15:
+        raise ValueError(f"blosc cannot run zstd at level {zstd_level} (it runs 2 * clevel - 1: odd, 1..15)")
+    return (zstd_level + 1) // 2
+
+
 class ZarrWriter(Writer):
     """A zarr v3 store: a group per model, an array per layer (see the module docstring for the codecs)."""
 
@@ -434,6 +448,8 @@ class ZarrWriter(Writer):
             raise RuntimeError(f"zarr >= 3 is needed (installed: {zarr.__version__})")
         if zarr_codec not in ("blosc", "zstd"):
             raise ValueError(f"zarr_codec must be 'blosc' or 'zstd', not {zarr_codec!r}")
+        if zarr_codec == "blosc":
+            blosc_clevel(level)  # a level blosc cannot give zstd fails here, before anything is written
         self.level = level
         self.zarr_codec = zarr_codec
         with self.clock:
@@ -444,7 +460,7 @@ class ZarrWriter(Writer):
 
         if self.zarr_codec == "blosc":
             # typesize is filled in from the dtype's item size when the array is created.
-            return [zarr.codecs.BloscCodec(cname="zstd", clevel=self.level, shuffle="shuffle")]
+            return [zarr.codecs.BloscCodec(cname="zstd", clevel=blosc_clevel(self.level), shuffle="shuffle")]
         return [zarr.codecs.Shuffle(elementsize=array.dtype.itemsize), zarr.codecs.ZstdCodec(level=self.level)]
 
     def begin_model(self, model: str) -> None:
@@ -480,7 +496,8 @@ class ZarrWriter(Writer):
 
     def detail(self) -> str:
         if self.zarr_codec == "blosc":
-            codec = f"BytesCodec + BloscCodec(zstd level {self.level}, byte shuffle)"
+            codec = (f"BytesCodec + BloscCodec(zstd level {self.level} = blosc clevel {blosc_clevel(self.level)}, "
+                     "byte shuffle)")
         else:
             codec = f"BytesCodec + numcodecs Shuffle + ZstdCodec(level {self.level})"
         return f"zarr v3, a group per model, {codec}, ~{CHUNK_BYTES >> 20} MiB chunks of rows"
@@ -531,7 +548,8 @@ class SquashfsWriter(Writer):
 
     def detail(self) -> str:
         level = "mksquashfs's default level 15" if self.level is None else f"level {self.level}"
-        return f"mksquashfs -comp zstd ({level}, 128 KiB blocks) of the npy tree"
+        blocks = f"{SQUASHFS_BLOCK >> 10} KiB blocks: -b {SQUASHFS_BLOCK}"
+        return f"mksquashfs -comp zstd ({level}, {blocks}) of the npy tree"
 
 
 def mksquashfs_path() -> str:
@@ -544,12 +562,20 @@ def mksquashfs_path() -> str:
     return path
 
 
-def build_squashfs(source: Path, image: Path, level: int | None = ZSTD_LEVEL,
-                   processors: int | None = None) -> None:
-    """``mksquashfs SOURCE IMAGE -comp zstd -noappend -quiet [-Xcompression-level L] [-processors N]``."""
-    command = [mksquashfs_path(), str(source), str(image), "-comp", "zstd", "-noappend", "-quiet"]
+def squashfs_command(program: str, source: Path, image: Path, level: int | None) -> list[str]:
+    """The mksquashfs command line (without ``-processors``): zstd at ``level`` (None: mksquashfs's own
+    default, 15), blocks of SQUASHFS_BLOCK bytes."""
+    command = [program, str(source), str(image), "-comp", "zstd", "-noappend", "-quiet", "-b", str(SQUASHFS_BLOCK)]
     if level is not None:
         command += ["-Xcompression-level", str(level)]
+    return command
+
+
+def build_squashfs(source: Path, image: Path, level: int | None = ZSTD_LEVEL,
+                   processors: int | None = None) -> None:
+    """``mksquashfs SOURCE IMAGE -comp zstd -noappend -quiet -b 131072 [-Xcompression-level L]
+    [-processors N]``."""
+    command = squashfs_command(mksquashfs_path(), source, image, level)
     if processors is not None:
         command += ["-processors", str(processors)]
     result = subprocess.run(command, capture_output=True, text=True, check=False)

@@ -286,3 +286,143 @@ def test_bench_read_finds_a_refused_drop_caches_before_it_starts(monkeypatch) ->
     monkeypatch.setattr(bench_read, "drop_caches", refused)
     prereqs = bench_read.check_prereqs()
     assert not prereqs.cold and any("drop_caches" in item for item in prereqs.missing), prereqs
+
+
+# ---- fairness of the peers and of the measures (review of the benchmark scripts) ------------------------
+
+
+def test_zarr_peer_runs_zstd_at_the_level_it_states(tmp_path: Path) -> None:
+    """Blosc runs zstd at 2 * clevel - 1: the zarr peer, stated as zstd level 3 like the store, must ask blosc
+    for clevel 2 (clevel 3 was zstd level 5: a higher level than the store's, under the store's name)."""
+    numcodecs = pytest.importorskip("numcodecs")
+    zstandard = pytest.importorskip("zstandard")
+    pytest.importorskip("zarr")
+    import peers
+
+    writer = peers.ZarrWriter(tmp_path / "zarr", sync=False)
+    (codec,) = writer._compressors(np.zeros(4, np.float32))
+    rng = np.random.default_rng(0)
+    data = np.round(np.maximum(rng.normal(size=1 << 16), 0), 2).astype(np.float32).tobytes()
+    blosc = numcodecs.Blosc(cname="zstd", clevel=codec.clevel, shuffle=numcodecs.Blosc.NOSHUFFLE,
+                            blocksize=len(data))
+    by_level = {level: len(zstandard.ZstdCompressor(level=level).compress(data)) for level in (3, 5)}
+    assert by_level[3] != by_level[5]
+    # one blosc block over the whole buffer: zstd's frame plus blosc's 16-byte header and block offsets
+    assert abs(len(blosc.encode(data)) - by_level[peers.ZSTD_LEVEL]) <= 64, (codec.clevel, by_level)
+    assert f"zstd level {peers.ZSTD_LEVEL}" in writer.detail()
+
+
+def test_squashfs_images_are_built_with_the_block_size_the_tables_state(tmp_path: Path, monkeypatch) -> None:
+    """The tables say 128 KiB blocks: both scripts pass -b 131072 instead of trusting mksquashfs's default."""
+    import bench_read
+    import peers
+
+    command = peers.squashfs_command("mksquashfs", tmp_path / "npy", tmp_path / "img", 3)
+    assert command[command.index("-b") + 1] == str(128 << 10)
+    assert command[command.index("-Xcompression-level") + 1] == "3"
+    assert "-Xcompression-level" not in peers.squashfs_command("mksquashfs", tmp_path, tmp_path / "i", None)
+    seen: list[list[str]] = []
+    monkeypatch.setattr(bench_read.subprocess, "run",
+                        lambda cmd, **_kw: seen.append(cmd) or subprocess.CompletedProcess(cmd, 0, "", ""))
+    bench_read.build_squashfs(tmp_path / "npy", tmp_path / "img", 3)
+    assert seen and seen[0][seen[0].index("-b") + 1] == str(128 << 10), seen
+
+
+def test_fidelity_worst_case_keeps_a_nan_whatever_came_first() -> None:
+    """min/max drop a NaN that comes second: a layer (or checkpoint) whose measure is NaN could pass the
+    target unseen, or fail it, depending on the order. The worst case is NaN (and the target a MISS)."""
+    bench = _load()
+    nan = float("nan")
+    for values in ((0.99, nan), (nan, 0.99)):
+        fid = bench.Fidelity()
+        for value in values:
+            fid.update("fc1", fid.svcca, value, max)
+            fid.update("fc1", fid.knn, value, min)
+        assert fid.svcca["fc1"] != fid.svcca["fc1"] and fid.knn["fc1"] != fid.knn["fc1"], values
+    for layers in ({"a": nan, "b": 0.001}, {"b": 0.001, "a": nan}):
+        fid = bench.Fidelity(knn={k: 1.0 for k in layers}, top=dict(layers), svcca=dict(layers), agree=1.0)
+        assert fid.svcca_max != fid.svcca_max and fid.top_min != fid.top_min, layers
+        result = bench.SchemeResult("kbit:8", stored=100, frozen_stored=10, capture_s=[1.0], read_key=("input",),
+                                    fidelity=fid)
+        targets: list = []
+        bench.report_cnn(bench.parse_args(["--quick"]), [result], ["ckpt"], 10, 0.0, 1.0, 1.0, 1000, 500, 10,
+                         {("input",): (1.0, 1.0)}, {("input",): "kbit:8"},
+                         bench.Prereqs(fuse=False, squashfs=False, cold=False), targets)
+        svcca = next(t for t in targets if "SVCCA" in t.name)
+        assert svcca.ok is False and "NaN" in svcca.measured, svcca
+    fid = bench.Fidelity(knn={"a": 0.97, "b": 0.99}, svcca={"a": 0.002, "b": 0.001})
+    assert (fid.knn_min, fid.svcca_max) == (0.97, 0.002)
+
+
+def test_bench_plan_starts_both_plans_from_a_cold_store(monkeypatch) -> None:
+    """A read sample and a re-run sample each start with the store's files out of the page cache (the
+    re-run's stored input rows included) and the decoded cache empty; not drop_caches before the read only,
+    and not only as root."""
+    from types import SimpleNamespace
+
+    import bench_plan
+
+    events: list[str] = []
+    monkeypatch.setattr(bench_plan, "cold_store", lambda path: events.append(f"cold {path}"))
+    inp = SimpleNamespace(name="input", rows=lambda a, b: np.zeros((b - a, 1)))
+    rec = SimpleNamespace(name="dense", n_rows=10)
+    reader = SimpleNamespace(rows=lambda a, b: events.append("read") or np.zeros((b - a, 1)))
+    repo = SimpleNamespace(root=Path("/store"), cache=SimpleNamespace(clear=lambda: events.append("clear")),
+                           reader=lambda r: reader if r is rec else inp, layers_of=lambda _id: [inp, rec])
+    planner = SimpleNamespace(
+        estimate_rows=lambda r, a, b: SimpleNamespace(best="read", read_seconds=0.1, rerun_seconds=0.2),
+        rerun_span=lambda r, a, b: (0, 10),
+        rerunner=SimpleNamespace(run=lambda *a, **k: events.append("rerun") or np.zeros((10, 1))))
+    bench_plan.measure_case(repo, planner, SimpleNamespace(id=1, name="m"), rec, 0, 10, 2)
+    timed = [i for i, e in enumerate(events) if e in ("read", "rerun")]
+    assert len(timed) == 4
+    for i in timed:
+        assert set(events[i - 2:i]) == {"clear", "cold /store"}, events
+
+
+def test_evict_files_takes_a_store_out_of_the_page_cache(tmp_path: Path) -> None:
+    import benchlib
+
+    if shutil.which("fincore") is None:
+        pytest.skip("no fincore (util-linux) to look at the page cache")
+    file = tmp_path / "packs" / "p0"
+    file.parent.mkdir()
+    file.write_bytes(os.urandom(4 << 20))
+    file.read_bytes()
+    def resident() -> int:
+        command = ["fincore", "--bytes", "--noheadings", "--output", "RES", str(file)]
+        return int(subprocess.run(command, capture_output=True, text=True, check=True).stdout.split()[0])
+
+    if resident() == 0:
+        pytest.skip("this file system keeps no page cache for the file (tmpfs-like)")
+    assert benchlib.evict_files(tmp_path) == 1
+    assert resident() == 0
+
+
+def test_bench_plan_target_not_measured_is_a_skip_and_differing_values_a_miss() -> None:
+    import bench_plan
+
+    summary = {"n": 10, "right": 1.0, "median": 1.0, "worst": 1.2}
+    nan = float("nan")
+    verdicts = {name.split(" ")[0] + " " + name.split(" ")[1]: ok
+                for name, _value, ok in bench_plan.target_checks(summary, nan, True, nan)}
+    assert verdicts["one example"] is None and verdicts["ls +"] is None, verdicts
+    checks = bench_plan.target_checks(summary, 1.1, False, 0.01)
+    rerun = next(c for c in checks if c[0].startswith("one example"))
+    assert rerun[2] is False and "differ" in rerun[1], rerun
+    assert all(ok for _name, _value, ok in bench_plan.target_checks(summary, 1.1, True, 0.01))
+
+
+def test_a_peer_target_passes_only_against_every_peer() -> None:
+    """Without mksquashfs the squashfs peer (the smallest on both workloads) is not written: "best peer /
+    mistiquefs >= 3x" would pass against npz instead. Such a pass is a SKIP naming the missing peer; a MISS
+    stays a MISS."""
+    bench = _load()
+    import peers
+
+    written = {f: object() for f in peers.FORMATS if f != "squashfs"}
+    passed = bench.peer_target("(a)", "best peer", "12.9x (best peer: npz)", True, written)
+    assert passed.ok is None and "squashfs" in passed.measured, passed
+    assert bench.peer_target("(a)", "best peer", "0.5x", False, written).ok is False
+    every = {f: object() for f in peers.FORMATS}
+    assert bench.peer_target("(a)", "best peer", "3.1x", True, every).ok is True
