@@ -75,7 +75,7 @@ def same_bits(a: np.ndarray, b: np.ndarray) -> bool:
 def stage_file_name(name: str) -> str:
     """``name`` made safe as a file name beside the store's own entries (no '/', NUL, leading '.'), and as
     a line of ``ls``: control characters, line and paragraph separators and lone surrogates are '_' (a step
-    "new\nline" listed as two names; a lone surrogate failed the capture in SQLite, unencodable)."""
+    "new\\nline" listed as two names; a lone surrogate failed the capture in SQLite, unencodable)."""
     name = "".join("_" if c == "/" or unicodedata.category(c) in ("Cc", "Zl", "Zp", "Cs") else c
                    for c in name) or "_"
     if name.startswith("."):

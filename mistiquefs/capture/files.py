@@ -200,7 +200,7 @@ def _load_csv(path: Path, model: Any, header: bool | None = None) -> Any:
                                f"{long[3]} ({what} has {long[1]}; a text holding a comma is quoted, as in \"a,b\")"
                                ) from exc
         raise CaptureError(f"{path} is not a readable CSV file: {one_line(exc, typed=False)}") from exc
-    if frame.empty and len(frame.index) == 0:
+    if len(frame.index) == 0:
         raise CaptureError(f"{path} has a header row and no rows of data: there is nothing to capture")
     if header and not isinstance(frame.index, pandas.RangeIndex):
         # every data row one field longer than the header: pandas silently takes the first column for an

@@ -38,8 +38,8 @@ def parse_size(text: str) -> int:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="mistiquefs", description="A model's intermediates as .npy files.",
-        epilog="Exit status: 0 ok; 1 error; 2 not found (a model rm or info names), or a command line it cannot read; 3 not "
-               "a store it can open; 4 capture error (a model or inputs file it cannot use, a --name the store "
+        epilog="Exit status: 0 ok; 1 error; 2 not found (a model rm or info names), or a command line it cannot "
+               "read; 3 not a store it can open; 4 capture error (a model or inputs file it cannot use, a --name the store "
                f"already holds); 5 mount error; 6 fsck found damage; {StoreBusy.exit_code} busy (another capture, gc "
                "or repair holds the store: run it again later).")
     sub = parser.add_subparsers(dest="command", required=True)
