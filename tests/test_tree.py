@@ -530,3 +530,22 @@ def test_a_mount_imports_ahead_the_frameworks_its_re_runs_need(tmp_path: Path, m
         time.sleep(0.05)
     assert "imported sklearn ahead of re-runs" in log_file.read_text()
     np.testing.assert_allclose(np.load(mnt / "none" / "pca" / "all.npy"), pipe.transform(x), rtol=0, atol=1e-12)
+
+
+def test_a_catalog_that_cannot_be_read_serves_the_models_last_listed(tree: Tree, caplog: pytest.LogCaptureFixture,
+                                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    """Each lookup's catalog check raised: every request logged an "internal error" traceback and failed."""
+    import sqlite3
+
+    model = tree.lookup(ROOT, b"net")
+
+    def damaged() -> int:
+        raise sqlite3.DatabaseError("database disk image is malformed")
+
+    monkeypatch.setattr(tree.repo.catalog, "data_version", damaged)
+    tree._checked = 0.0  # (the next lookup checks the catalog)
+    with caplog.at_level(logging.WARNING, logger="mistiquefs"):
+        assert tree.lookup(ROOT, b"net") == model
+        assert tree.lookup(tree.lookup(model, b"conv"), b"0.npy")
+    assert "cannot read the catalog of" in caplog.text and "database disk image is malformed" in caplog.text
+    assert "Traceback" not in caplog.text

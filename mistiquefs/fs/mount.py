@@ -329,6 +329,11 @@ async def _terminate_on_signals(pending: list[int], serving: Any) -> None:
 
 def mount_background(store: Path, mountpoint: Path, *, log_file: Path, extra: list[str]) -> int:
     """Start a daemon serving ``store`` and wait until it is mounted; returns the daemon's pid."""
+    # The daemon runs in / (below): relative paths are made absolute here, against this process's directory
+    # (they were taken relative to /: a relative mount point "mnt" mounted on /mnt). No stat of the mount
+    # point (see _followed), and the store keeps its links as given.
+    store, mountpoint = Path(os.path.abspath(store)), _followed(mountpoint)
+    log_file = Path(os.path.abspath(log_file))
     Repository(store, create=False).close()  # a wrong store path fails here, with its own message
     check_mountpoint(mountpoint)
     command = [sys.executable, "-m", "mistiquefs", "mount", "--foreground", "--log", str(log_file),

@@ -27,6 +27,7 @@ import json
 import logging
 import math
 import re
+import sqlite3
 import stat
 import threading
 import time
@@ -154,6 +155,10 @@ class Tree:
             version = self.repo.catalog.data_version()
             if version != self._version:
                 self._reload(version)
+        except sqlite3.Error as exc:
+            # a catalog that cannot be read now (damaged, its disk gone): the tree serves what it last read,
+            # said once per check (every lookup logged an "internal error" traceback, and failed EIO)
+            log.warning("cannot read the catalog of %s, serving the models it last listed: %s", self.repo.root, exc)
         finally:
             self._refreshing.release()
 

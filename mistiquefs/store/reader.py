@@ -617,14 +617,29 @@ class LayerReader:
             if not fresh or fresh[0][1:] == (cid, loc) or fresh[0][2] is None:
                 if isinstance(exc, CorruptChunk):
                     raise
-                if fresh:  # its row went since the map was loaded
+                if fresh and fresh[0][2] is None:  # its chunk row went since the map was loaded (a repair)
                     raise lost_chunk(fresh[0][1], tile, self.rec.name) from exc
-                raise CorruptChunk(f"chunk {cid.hex()} of {self.rec.name!r}: its pack {loc.pack} is missing "
-                                   "(run mistiquefs fsck)") from exc
+                if not fresh:  # the tile's row went (its model was removed meanwhile)
+                    raise StoreError(f"layer {self.rec.name!r} has no chunk for tile {tile} (removed, or a "
+                                     "damaged catalog: run mistiquefs fsck)") from exc
+                # the catalog still points there: the pack file itself went (deleted by hand, the store moved
+                # or deleted under the mount). This read said the chunk index had no intact copy of it.
+                raise CorruptChunk(f"chunk {cid.hex()} (tile {tile} of {self.rec.name!r}): its pack "
+                                   f"{self._packs.packs_dir / loc.pack} is missing (run mistiquefs fsck)") from exc
+        except OSError as exc:  # (not a missing pack) unreadable: permissions, a disk error
+            raise self._unreadable(loc, exc) from exc
         # the chunk moved since the map was loaded (a gc, a repair): so did others, most likely
         self.forget_chunk_map()
         _t, cid, loc = fresh[0]
-        return self._packs.read(cid, loc)
+        try:
+            return self._packs.read(cid, loc)
+        except OSError as exc:
+            raise self._unreadable(loc, exc) from exc
+
+    def _unreadable(self, loc: ChunkLocation, exc: OSError) -> StoreError:
+        """A pack that cannot be read, said in one line naming it (it was an internal error's traceback)."""
+        return StoreError(f"cannot read pack {self._packs.packs_dir / loc.pack} for {self.rec.name!r}: "
+                          f"{exc.strerror or exc}")
 
     def _advise_tile(self, tile: int) -> None:
         if self.rec.stored:
