@@ -180,6 +180,7 @@ class Store:
                 started = time.perf_counter()  # the capture's time includes the sampling pass
                 if schemes_policy.learns and policy != "none":
                     writer.learn(_sample_outputs(adapter, inputs, n_rows, schemes_policy))
+                    adapter.sampled()
                 return self._capture(adapter, writer, inputs, n_rows, size, progress, keep, budget_bytes, started)
             except BaseException as exc:
                 writer.abort()

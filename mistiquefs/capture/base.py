@@ -165,6 +165,10 @@ class Adapter(ABC):
         (a class the script defined and registered): it loads here, but not in the mount's daemon, which
         loads it to re-run the layers a capture left unstored. Nothing to check by default."""
 
+    def sampled(self) -> None:
+        """The batches run so far were samples (learned codecs' windows: ``api._sample_outputs``), not the
+        capture's own: whatever the adapter learns from a capture's first batch is learned from the next one."""
+
     def describe(self) -> dict[str, Any]:
         """Framework-specific facts for the model's ``info.json`` (class name, versions...)."""
         return {"class": f"{type(self.model).__module__}.{type(self.model).__qualname__}"}

@@ -85,12 +85,14 @@ Fidelity, measured on TF 2.21 CPU (oneDNN on, an AVX-512/AMX Xeon, 2 cores), Ker
   ``LSTM(2)``, ``keras.ops.exp``/``sigmoid`` on 5 values; not Dense/Conv with fused activations, softmax,
   BatchNormalization, MultiHeadAttention, ``LSTM(8)``. So the first batch of two rows or more a capture
   runs is run again in part (``_Graph.batch_dependent``: its first ``PROBE_ROWS`` rows in batches of 2 and
-  of 3, and one row as two copies; 6 calls of a few rows, once per architecture in a process, as the
-  checkpoints of one network run the same kernels on the same shapes): the stages whose
+  of 3, and one row as two copies; 6 calls of a few rows, once per architecture and size of that batch in
+  a process, as the checkpoints of one network run the same kernels on the same shapes): the stages whose
   rows differ, and every stage after them, are ``describe()["batch_dependent"]`` (the model's info), and
   re-runs of those run the capture's own batches that hold the rows asked for, then cut them out (one
   example costs a capture batch). A capture whose batches all had one row lists every stage (nothing to
-  compare; such batches cost no more). A sample, not a proof: it finds the packet tails, which batches of 2
+  compare; such batches cost no more); a capture in batches of two rows re-runs every stage in them too
+  (``planner/rerun.py``: two rows are too few to compare, and cost what a row beside a neighbour does).
+  A sample, not a proof: it finds the packet tails, which batches of 2
   and 3 rows expose unless an example's elements fill whole packets. A stage that mixes the examples of a
   batch (an op over axis 0) is refused, also where its length is the batch's by chance.
 
@@ -121,7 +123,7 @@ import re
 import threading
 import time
 import zipfile
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Collection, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar
@@ -347,13 +349,16 @@ class KerasAdapter(Adapter):
             "input_shape": list(self._input.shape),
             "input_dtype": str(self._input.dtype),
             "execution": "eager" if self.eager else "compiled",
-            "layers": [_describe_layer(layer) for layer in _non_input_layers(self.model)],
+            "layers": [_describe_layer(layer, own) for own in [_own_nodes(self.model)]
+                       for layer in _non_input_layers(self.model)],
             "batch_dependent": self.batch_dependent(),
         }
 
     def _probe_key(self, x: np.ndarray) -> tuple[Any, ...] | None:
         """What ``_Graph.batch_dependent``'s finding depends on: the architecture (the model's config, not
-        its weights), how it runs, and its input's dtype and example shape; None where the config does not
+        its weights), how it runs, its input's dtype and example shape, and the rows of the batch probed
+        (it compares them with batches of 2 and 3 rows: a checkpoint captured in batches of 8 took the finding
+        of batches of 6, which missed a LayerNormalization that 8 rows show); None where the config does not
         serialize (then every capture probes)."""
         try:
             config = json.loads(self.model.to_json())
@@ -362,7 +367,14 @@ class KerasAdapter(Adapter):
             text = json.dumps(config, sort_keys=True)
         except Exception:  # noqa: BLE001 (a model Keras cannot describe: no sharing)
             return None
-        return text, self.eager, str(np.asarray(x).dtype), tuple(np.shape(x)[1:])
+        return text, self.eager, str(np.asarray(x).dtype), tuple(np.shape(x))
+
+    def sampled(self) -> None:
+        # the probe ran on a sampling window, whose size is not the capture's batch, and what it finds depends
+        # on that size (an exact re-run of a LayerNormalization captured in batches of 8, probed on windows of
+        # 6: 14 of 48 rows differed by an ulp): it runs again on the first capture batch
+        self._batch_dependent = None
+        self._lone_rows = False
 
     def batch_dependent(self) -> list[str] | None:
         """The stages whose rows' bits depended on the batch they ran in (module docstring, "Fidelity"), in
@@ -732,8 +744,9 @@ class _Graph:
 #: 16 made fourteen, and with the probe run for every checkpoint a VGG's kbit:8 capture took 2.02X its
 #: predict instead of 1.44X)
 PROBE_ROWS = 6
-#: what the probe found, per architecture (``KerasAdapter._probe_key``), in this process: the checkpoints of
-#: one network run the same kernels on the same shapes, so it runs once for them; kept for this many
+#: what the probe found, per architecture and size of the batch probed (``KerasAdapter._probe_key``), in this
+#: process: the checkpoints of one network run the same kernels on the same shapes, so it runs once for them;
+#: kept for this many
 MAX_PROBED = 64
 _PROBED: dict[tuple[Any, ...], list[str]] = {}
 
@@ -1054,13 +1067,29 @@ def _non_input_layers(model: Any) -> list[Any]:
     return [layer for layer in model.layers if not isinstance(layer, keras.layers.InputLayer)]
 
 
-def _describe_layer(layer: Any) -> dict[str, Any]:
+def _own_nodes(model: Any) -> set[int]:
+    """The ids of the nodes (layer calls) of ``model``'s own graph (a built Sequential keeps it in
+    ``_functional``; PRIVATE API of Keras 3, as ``_nodes_by_depth``)."""
+    graph = getattr(model, "_functional", None) or model
+    return {id(node) for nodes in (getattr(graph, "_nodes_by_depth", None) or {}).values() for node in nodes}
+
+
+def _describe_layer(layer: Any, own: Collection[int] = frozenset()) -> dict[str, Any]:
+    """A layer's name, class, output shape and parameter count. The shape is its first call's IN THIS MODEL
+    (``own``: ``_own_nodes``): ``layer.output`` is its first call ever, which for a layer reused from
+    another model (a feature extractor applied to bigger images) is that model's shape."""
     import keras
 
-    try:
-        shape: Any = keras.tree.map_structure(lambda t: list(t.shape), layer.output)
-    except (AttributeError, ValueError):  # a shared layer has one output per call
-        shape = None
+    nodes = getattr(layer, "_inbound_nodes", None) or []
+    node = next((node for node in nodes if id(node) in own), nodes[0] if nodes else None)
+    outputs = getattr(node, "outputs", None)
+    if outputs:
+        shape: Any = [list(t.shape) for t in outputs] if len(outputs) > 1 else list(outputs[0].shape)
+    else:
+        try:
+            shape = keras.tree.map_structure(lambda t: list(t.shape), layer.output)
+        except (AttributeError, ValueError):  # never called
+            shape = None
     try:
         params: int | None = int(layer.count_params())
     except ValueError:  # an unbuilt layer

@@ -40,7 +40,7 @@ from mistiquefs.errors import MistiqueError, StoreError
 from mistiquefs.npy import npy_header
 from mistiquefs.planner.cost import CostModel, Estimate
 from mistiquefs.planner.materialize import GAMMA_THRESHOLD, Materializer
-from mistiquefs.planner.rerun import ReRunner
+from mistiquefs.planner.rerun import ReRunner, runs_own_batches
 from mistiquefs.store.reader import JOINED, LayerReader, NpyView, Stream
 from mistiquefs.store.records import COLUMNS, IntermediateRecord, ModelRecord
 from mistiquefs.store.repository import Repository
@@ -289,8 +289,9 @@ class Planner:
     def batch_dependent(self, rec: IntermediateRecord) -> bool:
         """Whether ``rec`` is a stage whose rows' bits the capture found to depend on the batch they ran in
         (Keras: the model's info ``batch_dependent``, see capture/keras.py): its re-runs run the capture's own
-        batches that hold the rows asked for (``ReRunner.run``), one example too."""
-        return rec.name in (self.model_and_layers(rec)[0].info.get("batch_dependent") or ())
+        batches that hold the rows asked for (``runs_own_batches``), one example too; so is every stage of a
+        capture whose batches held at most two rows."""
+        return runs_own_batches(self.model_and_layers(rec)[0], rec)
 
     def rerun_span(self, rec: IntermediateRecord, start: int, stop: int) -> tuple[int, int]:
         """The examples a re-run of ``[start, stop)`` computes: the capture's batches that hold them, where a

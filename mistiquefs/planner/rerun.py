@@ -35,6 +35,20 @@ log = logging.getLogger(__name__)
 #: last always stays, however big.
 WARM_MODELS = 4
 WARM_MODEL_BYTES = 2 << 30
+#: a capture whose batches hold at most this many rows re-runs every stage in its own batches (``ReRunner.run``)
+SMALL_CAPTURE_BATCH = 2
+
+
+def runs_own_batches(model: ModelRecord, layer: IntermediateRecord) -> bool:
+    """Whether a re-run of ``layer`` runs the capture's own batches that hold the rows asked for, which are
+    then cut out: the captured bits, however few rows are asked for. A stage whose rows' bits depend on the
+    batch they run in does (a Keras capture lists them: LayerNorm over 5 units, a sigmoid... see
+    capture/keras.py), and so does every stage of a capture whose batches hold at most two rows: its batch
+    costs what a row beside a neighbour does, and its probe had too few rows to find them (a sigmoid after
+    LayerNormalization(5) captured in batches of 2: no stage found, 24 of 64 one-row re-runs beside the next
+    row differed by an ulp)."""
+    batch = int(model.info.get("batch_size") or 256)
+    return layer.name in (model.info.get("batch_dependent") or ()) or min(batch, layer.n_rows) <= SMALL_CAPTURE_BATCH
 
 
 @dataclass
@@ -198,10 +212,7 @@ class ReRunner:
             return np.empty((0, *layer.shape), dtype=layer.dtype)
         warm = self.model(model)
         batch = int(model.info.get("batch_size") or 256)
-        # A stage whose rows' bits depend on the batch they run in (a Keras capture lists them: LayerNorm
-        # over 5 units, a sigmoid... see capture/keras.py) runs in the capture's own batches that hold the
-        # rows, which are then cut out: the captured bits, however few rows are asked for
-        own_batches = layer.name in (model.info.get("batch_dependent") or ())
+        own_batches = runs_own_batches(model, layer)
         span_start = start // batch * batch if own_batches else start
         span_stop = min(-(-stop // batch) * batch, layer.n_rows) if own_batches else stop
         whole: np.ndarray | None = None  # several calls' outputs, joined as they come
